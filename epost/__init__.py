@@ -1,0 +1,1 @@
+"""epost: a mail transfer agent on Twisted."""
