@@ -1,0 +1,420 @@
+"""The ESMTP server protocol (RFC 5321, 1870, 2920, 3207, 6152, 2034).
+
+Written fresh rather than subclassing `twisted.mail.smtp.ESMTP`, whose
+defects (long-line smuggling, STARTTLS injection, out-of-order pipelined
+replies, 550 on storage failure, per-line DATA callbacks) sit in the very
+methods a subclass would have to replace; see docs/architecture.md.
+
+Promises kept here:
+- one command at a time, in order: while a check or a commit is pending the
+  transport is paused and later bytes wait in the buffer;
+- only CRLF ends a command line and only CRLF.CRLF ends DATA; once DATA has
+  started, nothing but CRLF.CRLF leaves it;
+- bytes pipelined behind STARTTLS are dropped and the session restarts;
+- `250` after DATA only once the receiver says the message is durable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITLSTransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from epost.smtp.address import Address
+from epost.smtp.commands import CommandSyntaxError, parse_mail, parse_rcpt, split_command
+from epost.smtp.data import MAX_LINE, DataReader
+from epost.smtp.interfaces import IMessageWriter, IReceiver, Rejected, Reply, Session
+
+log = Logger()
+
+_NO_SENDER = object()  # MAIL not given yet (None means the null sender <>)
+_MAIL_PARAMS = frozenset({"SIZE", "BODY", "AUTH"})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Per-listener knobs, derived from the Config by the factory."""
+
+    hostname: str
+    listener: str = "relay"
+    max_message_size: int = 26214400
+    max_recipients: int = 100
+    command_timeout: float = 300
+    data_timeout: float = 600
+    max_bad_commands: int = 20
+    require_auth: bool = False  # submission / smtps
+
+
+def _reply(code: int, enhanced: str, text: str) -> Reply:
+    return Reply(code, enhanced, text)
+
+
+OK = _reply(250, "2.0.0", "Ok")
+NEED_HELO = _reply(503, "5.5.1", "Error: send HELO/EHLO first")
+LINE_TOO_LONG = _reply(500, "5.5.2", "Error: line too long")
+BARE_NEWLINE_COMMAND = _reply(500, "5.5.2", "Error: bare <CR> or <LF> in command")
+
+
+def tls_version(transport) -> str | None:
+    """"TLSv1.3" etc. for an encrypted transport, else None."""
+    if not ISSLTransport.providedBy(transport):
+        return None
+    try:
+        return transport.getHandle().get_protocol_version_name()
+    except Exception:  # not every TLS transport exposes the OpenSSL object
+        return "TLS"
+
+
+class SMTPServer(Protocol):
+    def __init__(
+        self,
+        receiver: IReceiver,
+        settings: ServerSettings,
+        clock: IReactorTime,
+        tls_context=None,
+        on_close: Callable[[], None] | None = None,
+    ):
+        self.receiver = receiver
+        self.settings = settings
+        self.clock = clock
+        self.tls_context = tls_context
+        self._on_close = on_close
+        self._buffer = b""
+        self._discard_line = False  # inside an over-long command line
+        self._busy = False
+        self._processing = False
+        self._closed = False
+        self._errors = 0
+        self._helo: str | None = None
+        self._esmtp = False
+        self._tls: str | None = None
+        self._user: str | None = None
+        self._idle_timer = None
+        self._data_timer = None
+        self._reader: DataReader | None = None
+        self._writer: IMessageWriter | None = None
+        self._reset_transaction()
+
+    # -- connection ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._tls = tls_version(self.transport)
+        peer = self.transport.getPeer()
+        self._client_ip = getattr(peer, "host", "")
+        self._client_port = getattr(peer, "port", 0)
+        self._idle_timer = self.clock.callLater(self.settings.command_timeout, self._timed_out)
+        self._send(_reply(220, "", f"{self.settings.hostname} ESMTP epost"))
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._closed = True
+        for timer in (self._idle_timer, self._data_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._abort_message()
+        if self._on_close is not None:
+            self._on_close()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self.settings.command_timeout)
+        if self._reader is not None and not self._busy:
+            self._data_received(data)
+        else:
+            self._buffer += data
+            self._process()
+
+    # -- plumbing -----------------------------------------------------------
+
+    def _send(self, reply: Reply) -> None:
+        if not self._closed:
+            self.transport.write(reply.encode())
+
+    def _send_lines(self, code: int, lines: list[str]) -> None:
+        last = len(lines) - 1
+        text = "".join(f"{code}{' ' if i == last else '-'}{line}\r\n" for i, line in enumerate(lines))
+        self.transport.write(text.encode())
+
+    def _close(self, reply: Reply) -> None:
+        self._send(reply)
+        self._closed = True
+        self._abort_message()
+        self.transport.loseConnection()
+
+    def _error(self, reply: Reply) -> None:
+        """Send a failure reply to a command; too many of them ends the session."""
+        self._send(reply)
+        self._errors += 1
+        if self._errors >= self.settings.max_bad_commands:
+            self._close(_reply(421, "4.7.0", f"{self.settings.hostname} Error: too many errors"))
+
+    def _timed_out(self) -> None:
+        self._close(_reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
+
+    def _process(self) -> None:
+        """Run buffered command lines one at a time, stopping while busy."""
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while not (self._busy or self._closed):
+                if self._reader is not None:
+                    if not self._buffer:
+                        break
+                    data, self._buffer = self._buffer, b""
+                    self._data_received(data)
+                    continue
+                end = self._buffer.find(b"\r\n")
+                if end < 0:
+                    if len(self._buffer) > MAX_LINE - 2:
+                        self._buffer = b""
+                        if not self._discard_line:
+                            self._discard_line = True
+                            self._error(LINE_TOO_LONG)
+                    break
+                line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+                if self._discard_line:
+                    self._discard_line = False
+                    continue
+                if len(line) > MAX_LINE - 2:
+                    self._error(LINE_TOO_LONG)
+                    continue
+                result = self._command(line)
+                if isinstance(result, defer.Deferred):
+                    self._wait(result)
+        finally:
+            self._processing = False
+
+    def _wait(self, deferred: defer.Deferred) -> None:
+        """Hold back further commands until `deferred` has sent its reply."""
+        self._busy = True
+        self.transport.pauseProducing()
+        deferred.addErrback(self._internal_error)
+        deferred.addBoth(self._resume)
+
+    def _resume(self, _ignored) -> None:
+        self._busy = False
+        if self._closed:
+            return
+        self.transport.resumeProducing()
+        self._process()
+
+    def _internal_error(self, failure: Failure) -> None:
+        log.failure("internal error in SMTP session", failure)
+        self._send(_reply(451, "4.3.0", "Error: internal error, try again later"))
+
+    def _session(self) -> Session:
+        return Session(
+            listener=self.settings.listener,
+            client_ip=self._client_ip,
+            client_port=self._client_port,
+            client_name=self._helo or "",
+            esmtp=self._esmtp,
+            tls=self._tls and (tls_version(self.transport) or self._tls),
+            user=self._user,
+        )
+
+    def _reset_transaction(self) -> None:
+        self._sender = _NO_SENDER
+        self._mail_params: dict = {}
+        self._recipients: list[tuple[Address, object]] = []
+
+    # -- commands -----------------------------------------------------------
+
+    def _command(self, line: bytes):
+        if b"\r" in line or b"\n" in line:
+            return self._error(BARE_NEWLINE_COMMAND)
+        try:
+            text = line.decode("ascii")
+        except UnicodeDecodeError:
+            return self._error(_reply(500, "5.5.2", "Error: 8-bit characters in command"))
+        verb, argument = split_command(text)
+        handler = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
+        if handler is None:
+            return self._error(_reply(500, "5.5.2", "Error: command not recognized"))
+        try:
+            return handler(argument)
+        except CommandSyntaxError as error:
+            return self._error(_reply(error.code, error.enhanced, error.text))
+
+    def _extensions(self) -> list[str]:
+        extensions = ["PIPELINING", f"SIZE {self.settings.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
+        if self._can_start_tls():
+            extensions.append("STARTTLS")
+        return extensions
+
+    def _can_start_tls(self) -> bool:
+        return self.tls_context is not None and self._tls is None and ITLSTransport.providedBy(self.transport)
+
+    def smtp_EHLO(self, argument: str):
+        if not argument:
+            return self._error(_reply(501, "5.5.4", "Syntax: EHLO hostname"))
+        self._helo, self._esmtp = argument, True
+        self._reset_transaction()
+        self._send_lines(250, [self.settings.hostname, *self._extensions()])
+
+    def smtp_HELO(self, argument: str):
+        if not argument:
+            return self._error(_reply(501, "5.5.4", "Syntax: HELO hostname"))
+        self._helo, self._esmtp = argument, False
+        self._reset_transaction()
+        self._send_lines(250, [self.settings.hostname])
+
+    def smtp_NOOP(self, argument: str):
+        self._send(OK)
+
+    def smtp_RSET(self, argument: str):
+        if argument:
+            return self._error(_reply(501, "5.5.4", "Syntax: RSET"))
+        self._reset_transaction()
+        self._send(OK)
+
+    def smtp_QUIT(self, argument: str):
+        self._close(_reply(221, "2.0.0", "Bye"))
+
+    def smtp_VRFY(self, argument: str):
+        if not argument:
+            return self._error(_reply(501, "5.5.4", "Syntax: VRFY address"))
+        self._send(_reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery"))
+
+    def smtp_HELP(self, argument: str):
+        self._send(_reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS"))
+
+    def smtp_AUTH(self, argument: str):
+        return self._error(_reply(503, "5.5.1", "Error: authentication not enabled"))
+
+    def smtp_STARTTLS(self, argument: str):
+        if argument:
+            return self._error(_reply(501, "5.5.4", "Syntax: STARTTLS"))
+        if self._tls is not None:
+            return self._error(_reply(503, "5.5.1", "Error: TLS already active"))
+        if not self._can_start_tls():
+            return self._error(_reply(454, "4.7.0", "TLS not available"))
+        # RFC 3207 §4.2: forget everything learned in plaintext, including
+        # anything the client pipelined behind STARTTLS (CVE-2011-0411).
+        self._buffer = b""
+        self._send(_reply(220, "2.0.0", "Ready to start TLS"))
+        self.transport.startTLS(self.tls_context)
+        self._tls = "TLS"
+        self._helo, self._esmtp, self._user = None, False, None
+        self._reset_transaction()
+
+    def smtp_MAIL(self, argument: str):
+        if self._helo is None:
+            return self._error(NEED_HELO)
+        if self._sender is not _NO_SENDER:
+            return self._error(_reply(503, "5.5.1", "Error: nested MAIL command"))
+        if self.settings.require_auth and self._user is None:
+            return self._error(_reply(530, "5.7.0", "Authentication required"))
+        command = parse_mail(argument)
+        unknown = set(command.params) - _MAIL_PARAMS
+        if unknown:
+            return self._error(_reply(555, "5.5.4", f"Unsupported option: {sorted(unknown)[0]}"))
+        size = command.params.get("SIZE")
+        if "SIZE" in command.params:
+            if not (size and size.isdigit()):
+                return self._error(_reply(501, "5.5.4", "Bad SIZE parameter"))
+            if int(size) > self.settings.max_message_size:
+                return self._error(_reply(552, "5.3.4", "Message size exceeds fixed limit"))
+        body = command.params.get("BODY")
+        if "BODY" in command.params and (body or "").upper() not in ("7BIT", "8BITMIME"):
+            return self._error(_reply(501, "5.5.4", "Bad BODY parameter"))
+        return self._decide(self.receiver.check_sender, (self._session(), command.address, command.params), self._sender_accepted, command)
+
+    def _decide(self, check, check_args: tuple, accepted, *accepted_args):
+        """Run a receiver check; a Deferred is returned only if it is still pending."""
+        result = defer.maybeDeferred(check, *check_args)
+        result.addCallbacks(accepted, self._refused, callbackArgs=accepted_args)
+        result.addErrback(self._internal_error)
+        return None if result.called else result
+
+    def _sender_accepted(self, _ignored, command) -> None:
+        self._sender, self._mail_params = command.address, command.params
+        self._send(_reply(250, "2.1.0", "Ok"))
+
+    def _refused(self, failure: Failure) -> None:
+        failure.trap(Rejected)
+        reply = failure.value.reply
+        (self._error if reply.code >= 500 else self._send)(reply)
+
+    def smtp_RCPT(self, argument: str):
+        if self._sender is _NO_SENDER:
+            return self._error(_reply(503, "5.5.1", "Error: need MAIL command"))
+        command = parse_rcpt(argument)
+        if command.params:
+            return self._error(_reply(555, "5.5.4", f"Unsupported option: {next(iter(command.params))}"))
+        if len(self._recipients) >= self.settings.max_recipients:
+            return self._send(_reply(452, "4.5.3", "Error: too many recipients"))
+        return self._decide(self.receiver.check_recipient, (self._session(), self._sender, command.address), self._recipient_accepted, command.address)
+
+    def _recipient_accepted(self, decision, address: Address) -> None:
+        self._recipients.append((address, decision))
+        self._send(_reply(250, "2.1.5", "Ok"))
+
+    def smtp_DATA(self, argument: str):
+        if argument:
+            return self._error(_reply(501, "5.5.4", "Syntax: DATA"))
+        if self._sender is _NO_SENDER:
+            return self._error(_reply(503, "5.5.1", "Error: need MAIL command"))
+        if not self._recipients:
+            return self._error(_reply(554, "5.5.1", "Error: no valid recipients"))
+        try:
+            self._writer = self.receiver.open_message(self._session(), self._sender, list(self._recipients), self._mail_params)
+        except Rejected as rejected:
+            return self._send(rejected.reply)
+        self._reader = DataReader(self.settings.max_message_size)
+        self._data_timer = self.clock.callLater(self.settings.data_timeout, self._timed_out)
+        self._send(_reply(354, "", "End data with <CR><LF>.<CR><LF>"))
+
+    # -- DATA ---------------------------------------------------------------
+
+    def _data_received(self, data: bytes) -> None:
+        result = self._reader.feed(data)
+        if result.content:
+            self._writer.write(result.content)
+        if not result.done:
+            return
+        reader, writer = self._reader, self._writer
+        self._reader = self._writer = None
+        if self._data_timer is not None and self._data_timer.active():
+            self._data_timer.cancel()
+        self._buffer = result.rest + self._buffer
+        self._reset_transaction()
+        refusal = self._content_refusal(reader)
+        if refusal is not None:
+            writer.abort()
+            self._send(refusal)
+        else:
+            self._wait(writer.commit().addCallbacks(self._queued, self._commit_failed))
+        self._process()
+
+    @staticmethod
+    def _content_refusal(reader: DataReader) -> Reply | None:
+        if reader.too_big:
+            return _reply(552, "5.3.4", "Error: message file too big")
+        if reader.bare_newline:
+            return _reply(550, "5.6.0", "Error: bare <CR> or <LF> in message data")
+        if reader.line_too_long:
+            return _reply(500, "5.5.2", "Error: message line longer than 1000 octets")
+        return None
+
+    def _queued(self, queue_id: str) -> None:
+        self._send(_reply(250, "2.0.0", f"Ok: queued as {queue_id}"))
+
+    def _commit_failed(self, failure: Failure) -> None:
+        if failure.check(Rejected):
+            self._send(failure.value.reply)
+        else:
+            log.failure("could not store message", failure)
+            self._send(_reply(451, "4.3.0", "Error: queue file write error"))
+
+    def _abort_message(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = self._reader = None
