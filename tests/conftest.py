@@ -1,0 +1,16 @@
+"""Shared test set-up."""
+
+import os
+
+import pytest
+from hypothesis import settings
+
+# CI machines are slow and noisy: no per-example deadline.
+settings.register_profile("ci", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _run_in_a_temporary_folder(tmp_path, monkeypatch):
+    """trial's mktemp() and relative paths land in a throw-away folder."""
+    monkeypatch.chdir(tmp_path)

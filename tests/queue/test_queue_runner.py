@@ -1,0 +1,184 @@
+"""The local delivery runner: one copy per local recipient, other routes left pending, retries after failure."""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from twisted.trial import unittest
+
+import epost.queue.runner as runner_module
+from epost.queue.envelope import Envelope, Recipient
+from epost.queue.runner import LocalDeliveryRunner
+from epost.queue.spool import Spool
+
+CONTENT = b"Subject: hi\r\n\r\nbody\r\n"
+
+
+def local(address: str) -> Recipient:
+    user, domain = address.split("@")
+    return Recipient(address, {"kind": "local", "mailbox": f"{domain}/{user}"})
+
+
+class SynchronousThreadPool:
+    """Runs 'threaded' work at once, so a Clock can drive the whole runner."""
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        try:
+            result = f(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class ClockReactor(Clock):
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
+class RunnerTestCase(unittest.TestCase):
+    def setUp(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="epost-test-"))  # not mktemp(): under pytest it writes into the checkout
+        self.addCleanup(shutil.rmtree, self.root, ignore_errors=True)
+        self.use(*self.reactor_and_pool())
+
+    def reactor_and_pool(self):
+        """Real reactor and real threads; FailureTests swaps in synchronous fakes driven by a Clock."""
+        pool = ThreadPool(minthreads=1, maxthreads=4)
+        pool.start()
+        self.addCleanup(pool.stop)
+        return reactor, pool
+
+    def use(self, a_reactor, pool) -> None:
+        self.spool = Spool(self.root, reactor=a_reactor, threadpool=pool)
+        self.spool.create_folders()
+        self.runner = LocalDeliveryRunner(
+            self.spool, a_reactor, pool, "mx.example.jp", self.root / "mailboxes", concurrency=2
+        )
+
+    def start(self) -> None:
+        self.runner.startService()
+        self.addCleanup(self.runner.stopService)
+
+    def queue(self, *recipients: Recipient):
+        """Commit a message the normal way; fires with its queue id."""
+        writer = self.spool.open_message()
+        writer.write(CONTENT)
+        envelope = Envelope(writer.queue_id, "bob@example.org", recipients, 1.0, len(CONTENT))
+        return writer.commit(envelope)
+
+    def mailbox(self, mailbox: str) -> list[bytes]:
+        new = self.root / "mailboxes" / mailbox / "new"
+        if not new.exists():
+            return []
+        return [(new / name).read_bytes() for name in os.listdir(new)]
+
+    def queued(self) -> list[str]:
+        return sorted(os.listdir(self.root / "incoming"))
+
+
+class DeliveryTests(RunnerTestCase):
+    @inlineCallbacks
+    def test_two_local_recipients_get_one_copy_each_and_the_message_leaves_the_queue(self):
+        self.start()
+        yield self.queue(local("alice@example.jp"), local("carol@example.jp"))
+        yield self.runner.idle()
+        assert self.mailbox("example.jp/alice") == [
+            b"Return-Path: <bob@example.org>\nDelivered-To: alice@example.jp\nSubject: hi\n\nbody\n"
+        ]
+        assert len(self.mailbox("example.jp/carol")) == 1
+        assert self.queued() == []
+
+    @inlineCallbacks
+    def test_message_left_from_a_previous_run_is_delivered_on_start(self):
+        yield self.queue(local("alice@example.jp"))
+        (self.root / "incoming" / "0000000000001FFFF.msg").write_bytes(b"debris")
+        self.start()
+        yield self.runner.idle()
+        assert len(self.mailbox("example.jp/alice")) == 1
+        assert self.queued() == []
+
+    @inlineCallbacks
+    def test_relay_recipient_stays_pending_and_keeps_the_message_queued(self):
+        self.start()
+        relay = Recipient("dave@else.jp", {"kind": "relay", "hosts": ["mx.else.jp:25"]})
+        queue_id = yield self.queue(relay, local("alice@example.jp"))
+        yield self.runner.idle()
+        envelope = self.spool.load(queue_id)
+        assert [r.state for r in envelope.recipients] == ["pending", "delivered"]
+        assert envelope.recipients[1].last_reply == "delivered to maildir"
+        assert envelope.recipients[1].attempts == 1
+        assert self.queued() == [f"{queue_id}.env", f"{queue_id}.msg"]
+        assert len(self.mailbox("example.jp/alice")) == 1
+
+    @inlineCallbacks
+    def test_many_messages_are_all_delivered(self):
+        self.start()
+        for i in range(20):
+            yield self.queue(local(f"u{i % 3}@example.jp"))
+        yield self.runner.idle()
+        assert sum(len(self.mailbox(f"example.jp/u{i}")) for i in range(3)) == 20
+        assert self.queued() == []
+
+
+class FailureTests(RunnerTestCase):
+    def reactor_and_pool(self):
+        self.clock = ClockReactor()
+        return self.clock, SynchronousThreadPool()
+
+    def test_failed_maildir_write_leaves_the_recipient_pending_and_is_retried_after_a_minute(self):
+        real_deliver = runner_module.deliver_to_maildir
+        self.patch(runner_module, "deliver_to_maildir", self.broken_for("alice"))
+        self.start()
+        queue_id = self.successResultOf(self.queue(local("alice@example.jp"), local("carol@example.jp")))
+        self.successResultOf(self.runner.idle())
+
+        envelope = self.spool.load(queue_id)
+        assert [r.state for r in envelope.recipients] == ["pending", "delivered"]
+        assert envelope.recipients[0].attempts == 1
+        assert "disk on fire" in envelope.recipients[0].last_reply
+        assert self.mailbox("example.jp/alice") == []
+        assert len(self.flushLoggedErrors(OSError)) == 1
+
+        self.patch(runner_module, "deliver_to_maildir", real_deliver)
+        self.clock.advance(59)
+        assert self.mailbox("example.jp/alice") == []
+        self.clock.advance(1)
+        assert len(self.mailbox("example.jp/alice")) == 1
+        assert len(self.mailbox("example.jp/carol")) == 1
+        assert self.queued() == []
+
+    def test_stopping_cancels_pending_retries(self):
+        self.patch(runner_module, "deliver_to_maildir", self.broken_for("alice"))
+        self.runner.startService()
+        self.successResultOf(self.queue(local("alice@example.jp")))
+        self.flushLoggedErrors(OSError)
+        assert len(self.clock.getDelayedCalls()) == 1
+        self.successResultOf(self.runner.stopService())
+        assert self.clock.getDelayedCalls() == []
+        assert self.spool.on_commit == []
+
+    def test_a_mailbox_route_cannot_climb_out_of_the_mailbox_root(self):
+        self.start()
+        bad = Recipient("x@example.jp", {"kind": "local", "mailbox": "../../etc"})
+        queue_id = self.successResultOf(self.queue(bad))
+        assert self.spool.load(queue_id).recipients[0].state == "pending"
+        assert len(self.flushLoggedErrors(ValueError)) == 1
+        assert not (self.root.parent / "etc").exists()
+
+    @staticmethod
+    def broken_for(user: str):
+        real_deliver = runner_module.deliver_to_maildir
+
+        def deliver(maildir, content_path, **kwargs):
+            if maildir.name == user:
+                raise OSError(5, "disk on fire")
+            return real_deliver(maildir, content_path, **kwargs)
+
+        return deliver
