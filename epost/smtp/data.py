@@ -4,7 +4,7 @@ Works on whole chunks with bytes operations (find, replace, one regex
 search) instead of a callback per line: this is the receive hot path.
 
 Correctness rests on one invariant: the reader only hands out bytes it can
-fully judge. Every pattern it looks for (`\\r\\n.\\r\\n`, `\\r\\n..`, a bare CR)
+fully judge. Every pattern it looks for (`\\r\\n.\\r\\n`, `\\r\\n.`, a bare CR)
 starts with CR and is at most 5 bytes long, so the reader holds back the
 tail from the first CR among the last four bytes; any pattern crossing a
 chunk boundary is then seen whole in the next call. A virtual CRLF before
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _END = b"\r\n.\r\n"
-_STUFFED = b"\r\n.."
+_LINE_START_DOT = b"\r\n."  # RFC 5321 §4.5.2: drop the first dot of any line
 MAX_LINE = 1000  # octets including CRLF (RFC 5321 §4.5.3.1.6)
 
 
@@ -66,7 +66,7 @@ class DataReader:
             else:
                 ready, self._carry = buffer[:hold], buffer[hold:]
         self._check(ready)
-        content = ready.replace(_STUFFED, b"\r\n.") if b"\r\n." in ready else ready
+        content = ready.replace(_LINE_START_DOT, b"\r\n")
         if not self._started and content:
             content = content[2:]  # drop the virtual CRLF
             self._started = True

@@ -61,13 +61,20 @@ BARE_NEWLINE_COMMAND = _reply(500, "5.5.2", "Error: bare <CR> or <LF> in command
 
 
 def tls_version(transport) -> str | None:
-    """"TLSv1.3" etc. for an encrypted transport, else None."""
+    """"TLSv1.3" etc. for an encrypted transport, else None.
+
+    After STARTTLS the OpenSSL connection belongs to the TLS protocol Twisted
+    inserted under us (`transport.protocol`), not to the TCP transport."""
     if not ISSLTransport.providedBy(transport):
         return None
-    try:
-        return transport.getHandle().get_protocol_version_name()
-    except Exception:  # not every TLS transport exposes the OpenSSL object
-        return "TLS"
+    for holder in (transport, getattr(transport, "protocol", None)):
+        try:
+            version = holder.getHandle().get_protocol_version_name()
+        except Exception:  # not every transport exposes an OpenSSL connection
+            continue
+        if version and version != "Unknown":
+            return version
+    return "TLS"
 
 
 class SMTPServer(Protocol):

@@ -1,0 +1,104 @@
+"""The IReceiver the listeners use: recipient policy in, spool out."""
+
+from __future__ import annotations
+
+from email.utils import format_datetime
+from datetime import datetime, timezone
+from typing import Callable
+
+from zope.interface import implementer
+
+from epost.queue.envelope import Envelope, Recipient
+from epost.queue.spool import Spool, SpoolError
+from epost.smtp.address import Address
+from epost.smtp.interfaces import IMessageWriter, IReceiver, Rejected, Reply, Session
+from epost.smtp.policy import RecipientPolicy
+
+
+def received_header(session: Session, hostname: str, queue_id: str, recipients: list[Address], when: float) -> bytes:
+    """RFC 5321 §4.4 trace header; the protocol name follows RFC 3848."""
+    protocol = "ESMTP" if session.esmtp else "SMTP"
+    if session.tls:
+        protocol += "S"
+    if session.user:
+        protocol += "A"
+    lines = [f"Received: from {session.client_name or 'unknown'} ([{session.client_ip}])"]
+    if session.tls:
+        lines.append(f"(using {session.tls})")
+    if session.user:
+        lines.append(f"(authenticated as {session.user})")
+    lines.append(f"by {hostname} (epost) with {protocol} id {queue_id}")
+    if len(recipients) == 1:
+        lines.append(f"for <{recipients[0]}>")
+    lines[-1] += ";"
+    lines.append(format_datetime(datetime.fromtimestamp(when, timezone.utc)))
+    return "\r\n\t".join(lines).encode("utf-8", "replace") + b"\r\n"
+
+
+def _client_text(session: Session) -> str:
+    return f"{session.client_name or 'unknown'} [{session.client_ip}]"
+
+
+@implementer(IMessageWriter)
+class SpoolMessage:
+    """One message on its way into the spool; knows how to build its envelope."""
+
+    def __init__(self, writer, session: Session, sender: Address | None, recipients, params: dict, now: Callable[[], float]):
+        self._writer = writer
+        self._session = session
+        self._sender = sender
+        self._recipients = recipients
+        self._params = params
+        self._now = now
+        self.queue_id = writer.queue_id
+
+    def write(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+    def commit(self):
+        envelope = Envelope(
+            queue_id=self.queue_id,
+            sender=str(self._sender) if self._sender else "",
+            recipients=tuple(Recipient(str(address), route=route) for address, route in self._recipients),
+            arrival=self._now(),
+            size=self._writer.size,
+            client=_client_text(self._session),
+            listener=self._session.listener,
+            auth=self._session.user,
+            body=(self._params.get("BODY") or "7BIT").upper(),
+        )
+        return self._writer.commit(envelope).addErrback(self._storage_failed)
+
+    @staticmethod
+    def _storage_failed(failure):
+        failure.trap(SpoolError)
+        if failure.value.disk_full:
+            raise Rejected(Reply(452, "4.3.1", "Insufficient system storage"))
+        raise Rejected(Reply(451, "4.3.0", "Error: queue file write error"))
+
+
+@implementer(IReceiver)
+class SpoolingReceiver:
+    def __init__(self, spool: Spool, policy: RecipientPolicy, hostname: str, now: Callable[[], float]):
+        self.spool = spool
+        self.policy = policy
+        self.hostname = hostname
+        self.now = now
+
+    def check_sender(self, session: Session, sender: Address | None, params: dict) -> None:
+        return None
+
+    def check_recipient(self, session: Session, sender: Address | None, recipient: Address):
+        return self.policy.route_for(session, recipient)
+
+    def open_message(self, session: Session, sender: Address | None, recipients: list, params: dict) -> SpoolMessage:
+        try:
+            writer = self.spool.open_message()
+        except OSError as error:
+            raise Rejected(Reply(451, "4.3.0", f"Error: cannot create queue file ({error.strerror})")) from None
+        addresses = [address for address, _ in recipients]
+        writer.write(received_header(session, self.hostname, writer.queue_id, addresses, self.now()))
+        return SpoolMessage(writer, session, sender, recipients, params, self.now)
