@@ -92,12 +92,16 @@ def config_from_options(options: usage.Options | dict[str, Any]) -> Config:
 
 
 def makeService(options: usage.Options):  # noqa: N802 - twistd's IServiceMaker hook
-    """Build the epost service; a config problem ends twistd with one line, exit 1."""
-    try:
-        config = config_from_options(options)
-    except ConfigError as e:
-        sys.stderr.write(f"epost: {e}\n")
-        raise SystemExit(1) from None
+    """Build the epost service; a config, table, TLS or spool problem ends
+    twistd with one line on stderr and exit status 1, never a traceback."""
+    from epost.routing.tables import TableError
     from epost.service import make_service
+    from epost.tls import TLSConfigError
 
-    return make_service(config)
+    try:
+        return make_service(config_from_options(options))
+    except (ConfigError, TableError, TLSConfigError) as e:
+        sys.stderr.write(f"epost: {e}\n")
+    except OSError as e:
+        sys.stderr.write(f"epost: {e.filename or ''}: {e.strerror}\n")
+    raise SystemExit(1)

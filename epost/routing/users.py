@@ -1,0 +1,101 @@
+"""The users table (`etc/users`, SPEC §3.2): local mailboxes and their AUTH password hashes.
+
+One line per mailbox, `user@domain:HASH`, or `user@domain` for a mailbox that
+cannot log in. Lookups ignore case in both parts, so `Alice@Example.JP` and
+`alice@example.jp` are one mailbox and one Maildir folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from epost.routing.tables import TableError, read_table_lines
+from epost.smtp.address import Address, AddressError, parse_mailbox
+
+
+@dataclass(frozen=True)
+class User:
+    address: Address  # canonical: local part and domain lower-case
+    password_hash: str | None  # None: receives mail but cannot log in
+
+    @property
+    def mailbox(self) -> str:
+        """Maildir path under `mailboxes/`: `domain/user`."""
+        return f"{self.address.domain}/{self.address.local}"
+
+
+@dataclass(frozen=True)
+class Users:
+    by_address: dict[Address, User] = field(default_factory=dict)
+
+    def get(self, address: Address) -> User | None:
+        return self.by_address.get(_canonical(address))
+
+    def mailbox(self, address: Address) -> str | None:
+        """`domain/user` (lower-case) for a known mailbox, else None."""
+        user = self.get(address)
+        return user.mailbox if user else None
+
+    def password_hash(self, address: Address) -> str | None:
+        """The stored hash; None for an unknown address or one that cannot log in."""
+        user = self.get(address)
+        return user.password_hash if user else None
+
+    def __len__(self) -> int:
+        return len(self.by_address)
+
+    def __contains__(self, address: Address) -> bool:
+        return self.get(address) is not None
+
+
+def load_users(path: Path) -> Users:
+    """Parse the users file; a missing file is an empty table, a bad line raises TableError."""
+    users: dict[Address, User] = {}
+    for number, text in read_table_lines(path):
+        try:
+            user = parse_user_line(text)
+        except ValueError as error:
+            raise TableError(path, number, str(error)) from None
+        if user.address in users:
+            raise TableError(path, number, f"duplicate address {user.address}")
+        users[user.address] = user
+    return Users(users)
+
+
+def parse_user_line(text: str) -> User:
+    """`user@domain[:HASH]` -> User; AddressError (a ValueError) saying what is wrong."""
+    address_text, password_hash = _split_hash(text)
+    try:
+        address = _canonical(parse_mailbox(address_text.strip()))
+    except AddressError as error:
+        shown = address_text.partition(":")[0].strip()  # never echo a hash into the log
+        raise AddressError(f"bad address {shown!r}: {error}") from None
+    if address.is_literal:
+        raise AddressError(f"mailbox domain must be a name, not {address.domain}")
+    # The local part becomes a folder name under mailboxes/<domain>/.
+    if "/" in address.local or address.local.startswith("."):
+        raise AddressError(f"local part {address.local!r} cannot be a mailbox folder name")
+    if password_hash is not None:
+        password_hash = password_hash.strip()
+        if not password_hash:
+            raise AddressError("empty password hash (omit the ':' for a mailbox that cannot log in)")
+    return User(address, password_hash)
+
+
+def _split_hash(text: str) -> tuple[str, str | None]:
+    """(address, hash or None): the address ends at the first ':' leaving a valid mailbox on its left,
+    since a quoted local part may itself hold ':'."""
+    start = 0
+    while (colon := text.find(":", start)) != -1:
+        try:
+            parse_mailbox(text[:colon].strip())
+        except AddressError:
+            start = colon + 1
+            continue
+        return text[:colon], text[colon + 1 :]
+    return text, None
+
+
+def _canonical(address: Address) -> Address:
+    return Address(address.local.lower(), address.domain)

@@ -1,0 +1,119 @@
+"""make_service(): wires listeners -> receiver -> spool -> runner.
+
+Nothing here decides anything; it only builds the parts from one Config
+and starts and stops them in the right order.
+"""
+
+from __future__ import annotations
+
+import resource
+
+from twisted.application import service, strports
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.threadpool import ThreadPool
+
+from epost.config import Config
+from epost.queue.runner import LocalDeliveryRunner
+from epost.queue.spool import Spool
+from epost.routing.users import load_users
+from epost.smtp.factory import ConnectionLimits, SMTPFactory
+from epost.smtp.policy import RecipientPolicy
+from epost.smtp.receiver import SpoolingReceiver
+from epost.smtp.server import ServerSettings
+from epost.tls import context_for
+
+log = Logger()
+
+
+class ThreadPoolService(service.Service):
+    """Runs the pool that does blocking file work (fsync, Maildir) off the reactor."""
+
+    def __init__(self, pool: ThreadPool):
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class EpostService(service.MultiService):
+    """The daemon; a port that cannot be bound ends start-up with one line."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as error:
+            raise SystemExit(f"epost: cannot listen on {error.interface or '*'}:{error.port}: {error.socketError}") from None
+
+
+def raise_file_limit() -> None:
+    """Idle SMTP clients cost one descriptor each; use all the kernel allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
+
+
+def listener_settings(config: Config, listener: str) -> ServerSettings:
+    server = config.server
+    return ServerSettings(
+        hostname=server.hostname,
+        listener=listener,
+        max_message_size=server.max_message_size,
+        max_recipients=server.max_recipients,
+        command_timeout=server.command_timeout,
+        data_timeout=server.data_timeout,
+        max_bad_commands=server.max_bad_commands,
+        require_auth=listener != "relay",
+    )
+
+
+class Tables:
+    """The current lookup tables; a reload replaces attributes atomically."""
+
+    def __init__(self, config: Config):
+        self.users = load_users(config.routing.users)
+
+
+def make_service(config: Config, reactor=None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    raise_file_limit()
+    top = EpostService()
+
+    pool = ThreadPool(minthreads=2, maxthreads=16, name="epost-io")
+    ThreadPoolService(pool).setServiceParent(top)
+
+    spool = Spool(config.server.spool, reactor=reactor, threadpool=pool)
+    spool.create_folders()
+    tables = Tables(config)
+    policy = RecipientPolicy(config.routing.local_domains, users=lambda: tables.users)
+    receiver = SpoolingReceiver(spool, policy, config.server.hostname, now=reactor.seconds)
+    limits = ConnectionLimits(config.server.max_connections, config.server.max_connections_per_client)
+    tls = context_for(config)
+
+    # The runner goes first: its start-up recovery empties tmp/, which must
+    # happen before any listener could be writing there.
+    runner = LocalDeliveryRunner(
+        spool, reactor, pool, hostname=config.server.hostname, mailbox_root=config.server.spool / "mailboxes"
+    )
+    runner.setServiceParent(top)
+
+    for listener, endpoints in (
+        ("relay", config.server.relay),
+        ("submission", config.server.submission),
+        ("smtps", config.server.smtps),
+    ):
+        for description in endpoints:
+            factory = SMTPFactory(receiver, listener_settings(config, listener), reactor, limits, tls_context=tls)
+            if listener == "smtps" and description.split(":", 1)[0] in ("tcp", "tcp6"):
+                factory = TLSMemoryBIOFactory(tls, False, factory)  # implicit TLS with our certificate
+            strports.service(description, factory, reactor=reactor).setServiceParent(top)
+
+    top.spool, top.runner, top.tables, top.limits = spool, runner, tables, limits
+    return top
