@@ -9,6 +9,7 @@ from __future__ import annotations
 import resource
 
 from twisted.application import service, strports
+from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -43,7 +44,20 @@ class ThreadPoolService(service.Service):
 
 
 class EpostService(service.MultiService):
-    """The daemon; a port that cannot be bound ends start-up with one line."""
+    """The daemon; a port that cannot be bound ends start-up with one line.
+
+    Stopping waits for the listeners and the runner before the thread pool
+    goes: their last steps (fsync, envelope update) run in that pool."""
+
+    pool_service: service.Service | None = None
+
+    def stopService(self):
+        service.Service.stopService(self)
+        others = [child for child in reversed(list(self)) if child is not self.pool_service]
+        stopped = defer.DeferredList([defer.maybeDeferred(child.stopService) for child in others])
+        if self.pool_service is not None:
+            stopped.addCallback(lambda _: self.pool_service.stopService())
+        return stopped
 
     def privilegedStartService(self) -> None:
         try:
@@ -87,7 +101,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     top = EpostService()
 
     pool = ThreadPool(minthreads=2, maxthreads=16, name="epost-io")
-    ThreadPoolService(pool).setServiceParent(top)
+    top.pool_service = ThreadPoolService(pool)
+    top.pool_service.setServiceParent(top)
 
     spool = Spool(config.server.spool, reactor=reactor, threadpool=pool)
     spool.create_folders()

@@ -1,0 +1,149 @@
+"""Helpers for the end-to-end tests: the real daemon (`twistd -n epost`) as a subprocess on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+TWISTD = str(VENV_BIN / "twistd")
+HOSTNAME = "mx.example.test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, message: str = ""):
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message or predicate}")
+        time.sleep(interval)
+
+
+def maildir_messages(spool: Path, mailbox: str) -> list[Path]:
+    """Files in `<spool>/mailboxes/<mailbox>/new/`, oldest name first."""
+    new = Path(spool) / "mailboxes" / mailbox / "new"
+    return sorted(new.iterdir()) if new.is_dir() else []
+
+
+def queued(spool: Path, folder: str = "incoming") -> list[str]:
+    path = Path(spool) / folder
+    return sorted(os.listdir(path)) if path.is_dir() else []
+
+
+def port_answers(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Daemon:
+    folder: Path
+    config: Path
+    relay_port: int
+    submission_port: int
+    args: list[str]
+    env: dict | None = None
+    command: list[str] = field(default_factory=lambda: [TWISTD])
+    proc: subprocess.Popen | None = None
+
+    @property
+    def spool(self) -> Path:
+        return self.folder / "spool"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "daemon.log"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def argv(self) -> list[str]:
+        return [*self.command, "-n", "--pidfile=", "epost", "--config", str(self.config), *self.args]
+
+    def start(self, timeout: float = 10.0) -> Daemon:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv(), cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env
+            )
+        deadline = time.monotonic() + timeout
+        while not port_answers(self.relay_port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"daemon did not start (exit {self.proc.returncode}):\n{self.log.read_text()}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, grace: float = 5.0) -> int | None:
+        """SIGTERM, then SIGKILL after `grace` seconds; the exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait(grace)
+
+    def wait(self, grace: float = 5.0) -> int:
+        """The exit status; SIGKILL if the daemon has not ended within `grace` seconds."""
+        try:
+            return self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def memory_kb(self, field: str = "VmRSS") -> int:
+        """A size from /proc/PID/status: VmRSS (now) or VmHWM (peak)."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise AssertionError(f"no {field} in /proc/{self.pid}/status")
+
+
+def kill9(daemon: Daemon) -> None:
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait()
+
+
+def restart(daemon: Daemon) -> Daemon:
+    daemon.stop()
+    return daemon.start()
+
+
+def write_config(folder: Path, relay_port: int, submission_port: int, server: str = "", toml: str = "") -> Path:
+    (folder / "users").write_text("alice@example.test\nbob@example.test\n")
+    config = folder / "epost.toml"
+    config.write_text(
+        f"""[server]
+hostname = "{HOSTNAME}"
+relay = ["tcp:{relay_port}:interface=127.0.0.1"]
+submission = ["tcp:{submission_port}:interface=127.0.0.1"]
+spool = "spool"
+{server}
+
+[routing]
+local_domains = ["example.test"]
+users = "users"
+
+{toml}
+"""
+    )
+    return config
