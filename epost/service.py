@@ -100,7 +100,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     raise_file_limit()
     top = EpostService()
 
-    pool = ThreadPool(minthreads=2, maxthreads=16, name="epost-io")
+    pool = ThreadPool(minthreads=2, maxthreads=4, name="epost-io")
     top.pool_service = ThreadPoolService(pool)
     top.pool_service.setServiceParent(top)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import time
@@ -17,36 +16,77 @@ CHUNK = 64 * 1024
 _deliveries = itertools.count()
 
 
+class MaildirBatch:
+    """Several Maildir deliveries made durable together.
+
+    `add` writes each message to its Maildir's tmp/; `commit` then fsyncs
+    them all, renames each into new/ and fsyncs each new/ once, so the file
+    system can commit the whole batch in one journal transaction. Blocking:
+    run it in a thread.
+    """
+
+    def __init__(self, hostname: str):
+        self.hostname = hostname
+        self._staged: list[tuple[Path, str, int, int]] = []  # maildir, tmp name, fd, size
+
+    def add(self, maildir: Path, content_path: Path, prefix: bytes = b"") -> int:
+        """Stage one delivery; returns its index for `commit`'s results. Raises on error, leaving nothing."""
+        for sub in ("tmp", "new", "cur"):
+            _make_dir_durably(maildir / sub)
+        name, fd = _create_unique(maildir / "tmp", self.hostname)
+        try:
+            size = 0
+            with open(content_path, "rb") as src:
+                for piece in crlf_to_lf(itertools.chain([prefix], iter(lambda: src.read(CHUNK), b""))):
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    size += len(piece)
+        except BaseException:
+            os.close(fd)
+            (maildir / "tmp" / name).unlink(missing_ok=True)
+            raise
+        self._staged.append((maildir, name, fd, size))
+        return len(self._staged) - 1
+
+    def commit(self) -> list[str | Exception]:
+        """Per staged delivery, its file name in new/ or the error that undid it."""
+        results: list[str | Exception] = []
+        for maildir, name, fd, size in self._staged:
+            try:
+                os.fsync(fd)
+                final = f"{name},S={size}"
+                os.rename(maildir / "tmp" / name, maildir / "new" / final)
+                results.append(final)
+            except OSError as e:
+                (maildir / "tmp" / name).unlink(missing_ok=True)
+                results.append(e)
+            finally:
+                os.close(fd)
+        for maildir in {m for m, *_ in self._staged}:
+            try:
+                fsync_dir(maildir / "new")
+            except OSError as e:
+                # A rename whose folder fsync failed may not survive a crash; undo it so a retry is not a duplicate.
+                for i, (m, *_) in enumerate(self._staged):
+                    if m == maildir and isinstance(results[i], str):
+                        (maildir / "new" / results[i]).unlink(missing_ok=True)
+                        results[i] = e
+        self._staged = []
+        return results
+
+
 def deliver_to_maildir(maildir: Path, content_path: Path, *, hostname: str, prefix: bytes = b"") -> str:
     """Store ``prefix`` + the spooled content in ``maildir/new/`` with LF line endings; return the file name.
 
     Blocking (run it in a thread).  On error nothing is left behind and the error is raised.
     """
-    for sub in ("tmp", "new", "cur"):
-        _make_dir_durably(maildir / sub)
-    name, fd = _create_unique(maildir / "tmp", hostname)
-    tmp_path = maildir / "tmp" / name
-    new_path: Path | None = None
-    try:
-        with open(fd, "wb") as out, open(content_path, "rb") as src:
-            size = 0
-            for piece in crlf_to_lf(itertools.chain([prefix], iter(lambda: src.read(CHUNK), b""))):
-                out.write(piece)
-                size += len(piece)
-            out.flush()
-            os.fsync(out.fileno())
-        name = f"{name},S={size}"
-        new_path = maildir / "new" / name
-        os.rename(tmp_path, new_path)
-        fsync_dir(maildir / "new")
-    except BaseException:
-        # A rename whose folder fsync failed may not survive a crash; undo it so a retry is not a duplicate.
-        for path in (tmp_path, new_path):
-            if path is not None:
-                with contextlib.suppress(OSError):
-                    path.unlink()
-        raise
-    return name
+    batch = MaildirBatch(hostname)
+    batch.add(maildir, content_path, prefix)
+    (result,) = batch.commit()
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def crlf_to_lf(chunks: Iterable[bytes]) -> Iterator[bytes]:

@@ -20,8 +20,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from epost.fsutil import fsync_dir, write_atomically
 from twisted.python.failure import Failure
+
+from epost.fsutil import fsync_dir, write_atomically
 
 from epost.queue.envelope import Envelope
 
@@ -59,36 +60,59 @@ def _unlink(path: Path) -> None:
 
 
 class MessageWriter:
-    """Receives one message's content into ``tmp/``; ``write`` never raises so SMTP can finish reading DATA."""
+    """Receives one message's content; ``write`` never raises so SMTP can finish reading DATA.
 
-    def __init__(self, spool: Spool, queue_id: str, fd: int) -> None:
+    Content stays in memory until it passes ``spill_size``; only bigger
+    messages get their ``tmp/`` file on the reactor thread. Small ones (most
+    mail) are written by the commit thread, so the reactor does no file I/O.
+    """
+
+    spill_size = 256 * 1024
+
+    def __init__(self, spool: Spool, queue_id: str) -> None:
         self.queue_id = queue_id
         self.size = 0
         self.error: OSError | None = None
         self._spool = spool
-        self._fd: int | None = fd
+        self._chunks: list[bytes] = []
+        self._fd: int | None = None
         self._finished = False  # set by commit() or abort()
 
+    @property
+    def path(self) -> Path:
+        return self._spool.tmp / f"{self.queue_id}.msg"
+
     def write(self, data: bytes) -> None:
-        """Append to the page cache; the first error is kept for ``commit`` to report."""
+        """Buffer or append to the page cache; the first error is kept for ``commit`` to report."""
         if self.error is not None or self._finished:
             return
-        view = memoryview(data)
-        try:
+        self.size += len(data)
+        self._chunks.append(data)
+        if self._fd is not None or self.size > self.spill_size:
+            try:
+                self._flush()
+            except OSError as e:
+                self.error = e
+
+    def _flush(self) -> None:
+        """Write buffered chunks to the ``tmp/`` file, creating it on first use."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        chunks, self._chunks = self._chunks, []
+        for chunk in chunks:
+            view = memoryview(chunk)
             while view:
-                written = os.write(self._fd, view)
-                self.size += written
-                view = view[written:]
-        except OSError as e:
-            self.error = e
+                view = view[os.write(self._fd, view) :]
 
     def abort(self) -> None:
         """Forget the message: close and delete the temp file.  Idempotent; a no-op once commit() began."""
         if self._finished:
             return
         self._finished = True
-        self._close()
-        _unlink(self._spool.tmp / f"{self.queue_id}.msg")
+        self._chunks = []
+        if self._fd is not None:
+            self._close()
+            _unlink(self.path)
 
     def commit(self, envelope: Envelope) -> Deferred[str]:
         """Make the message durable in ``incoming/``; fires with the queue id only once it is on disk."""
@@ -156,17 +180,8 @@ class Spool:
     # -- receiving -----------------------------------------------------------
 
     def open_message(self) -> MessageWriter:
-        """Start a new message in ``tmp/``; O_EXCL guards against another process choosing the same ID."""
-        while True:
-            queue_id = self.new_queue_id()
-            path = self.tmp / f"{queue_id}.msg"
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise SpoolError.from_oserror(e, f"cannot create {path}") from e
-            return MessageWriter(self, queue_id, fd)
+        """Start a new message; its ``tmp/`` file is created only when needed (O_EXCL)."""
+        return MessageWriter(self, self.new_queue_id())
 
     def _request_commit(self, writer: MessageWriter, envelope: Envelope) -> Deferred[str]:
         d: Deferred[str] = Deferred()
@@ -203,40 +218,51 @@ class Spool:
                 log.failure("on_commit hook {hook!r} failed for {queue_id}", hook=hook, queue_id=queue_id)
 
     def _commit_batch(self, items: list[tuple[MessageWriter, Envelope]]) -> list[SpoolError | None]:
-        """Runs in a thread: put each message in place, then one fsync of ``incoming/`` for them all."""
-        results: list[SpoolError | None] = []
-        for writer, envelope in items:
+        """Runs in a thread. Writes every file of the batch, then fsyncs them,
+        then renames them into ``incoming/`` and fsyncs that folder once: the
+        file system can make the whole batch durable in one journal commit."""
+        results: list[SpoolError | None] = [None] * len(items)
+        envelope_fds: dict[int, int] = {}
+
+        def fail(i: int, error: OSError, doing: str) -> None:
+            results[i] = SpoolError.from_oserror(error, f"{doing} {items[i][0].queue_id}")
+
+        for i, (writer, envelope) in enumerate(items):
             try:
-                self._place(writer, envelope)
-                results.append(None)
+                if writer.error is not None:
+                    raise writer.error
+                writer._flush()
+                envelope_fds[i] = _write_file(self.tmp / f"{writer.queue_id}.env", envelope.to_bytes())
             except OSError as e:
-                self._discard(writer.queue_id)
-                results.append(SpoolError.from_oserror(e, f"cannot queue {writer.queue_id}"))
+                fail(i, e, "cannot write")
+        for i, (writer, _) in enumerate(items):
+            try:
+                if results[i] is None:
+                    os.fsync(writer._fd)
+                    os.fsync(envelope_fds[i])
+            except OSError as e:
+                fail(i, e, "cannot fsync")
+            finally:
+                writer._close()
+                if i in envelope_fds:
+                    os.close(envelope_fds[i])
+        incoming = self.root / "incoming"
+        for i, (writer, _) in enumerate(items):
+            if results[i] is None:
+                try:
+                    os.rename(self.tmp / f"{writer.queue_id}.msg", incoming / f"{writer.queue_id}.msg")
+                    os.rename(self.tmp / f"{writer.queue_id}.env", incoming / f"{writer.queue_id}.env")
+                except OSError as e:
+                    fail(i, e, "cannot queue")
         if any(r is None for r in results):
             try:
-                fsync_dir(self.root / "incoming")
+                fsync_dir(incoming)
             except OSError as e:
-                error = SpoolError.from_oserror(e, "cannot fsync incoming/")
-                for i, (writer, _) in enumerate(items):
-                    if results[i] is None:
-                        self._discard(writer.queue_id)
-                        results[i] = error
+                results = [r or SpoolError.from_oserror(e, "cannot fsync incoming/") for r in results]
+        for i, (writer, _) in enumerate(items):
+            if results[i] is not None:
+                self._discard(writer.queue_id)
         return results
-
-    def _place(self, writer: MessageWriter, envelope: Envelope) -> None:
-        queue_id = writer.queue_id
-        try:
-            if writer.error is not None:
-                raise writer.error
-            assert writer._fd is not None
-            os.fsync(writer._fd)
-        finally:
-            writer._close()
-        env_tmp = self.tmp / f"{queue_id}.env"
-        _write_synced(env_tmp, envelope.to_bytes())
-        incoming = self.root / "incoming"
-        os.rename(self.tmp / f"{queue_id}.msg", incoming / f"{queue_id}.msg")
-        os.rename(env_tmp, incoming / f"{queue_id}.env")
 
     def _discard(self, queue_id: str) -> None:
         """Remove every trace of a failed commit, envelope first, so no half message stays queued."""
@@ -290,11 +316,13 @@ class Spool:
         return deferToThreadPool(self._reactor, self._threadpool, self.update, envelope, queue)
 
     def remove(self, queue_id: str, queue: str = "incoming") -> None:
-        """Delete a message, envelope first so a crash half-way leaves only sweepable content."""
+        """Delete a message, envelope first so a crash half-way leaves only sweepable content.
+
+        No folder fsync, as in Postfix: if a power cut undoes the unlink, the
+        message is delivered again (a duplicate), never lost."""
         folder = self._folder(queue_id, queue)
         _unlink(folder / f"{queue_id}.env")
         _unlink(folder / f"{queue_id}.msg")
-        fsync_dir(folder)
 
     def _folder(self, queue_id: str, queue: str) -> Path:
         """Checks both names, so an ID from the command line can never reach outside the spool."""
@@ -305,16 +333,15 @@ class Spool:
         return self.root / queue
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    """Create ``path`` with ``data`` on disk (not just in the page cache); remove it on failure."""
+def _write_file(path: Path, data: bytes) -> int:
+    """Create ``path`` holding ``data``; returns the open descriptor for a later fsync."""
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
     except BaseException:
         os.close(fd)
         _unlink(path)
         raise
-    os.close(fd)
+    return fd

@@ -117,13 +117,16 @@ class CommitFailureTests(SpoolTestCase):
 
     def test_write_error_on_a_closed_file_fails_the_commit(self):
         writer = self.spool.open_message()
+        writer.spill_size = 0  # large message: written to tmp/ as it arrives
+        writer.write(b"first")
         os.close(writer._fd)
         writer.write(b"data")  # EBADF, remembered, not raised
         writer._fd = None
         return self.assert_commit_fails(writer, disk_full=False)
 
-    def test_disk_full_while_writing_is_reported_as_disk_full(self):
+    def test_disk_full_while_spilling_a_large_message_is_reported_as_disk_full(self):
         writer = self.spool.open_message()
+        writer.spill_size = 0
         real_write, full = os.write, failing(errno.ENOSPC)
         self.patch(os, "write", full)
         writer.write(b"data")
@@ -131,6 +134,13 @@ class CommitFailureTests(SpoolTestCase):
         self.patch(os, "write", real_write)
         assert full.calls == 1
         assert writer.error.errno == errno.ENOSPC
+        return self.assert_commit_fails(writer, disk_full=True)
+
+    def test_small_message_touches_the_disk_only_at_commit(self):
+        writer = self.spool.open_message()
+        writer.write(b"small")
+        assert self.files("tmp") == []
+        writer._flush = failing(errno.ENOSPC)  # the commit thread's write fails
         return self.assert_commit_fails(writer, disk_full=True)
 
     def test_disk_full_on_fsync_is_reported_as_disk_full(self):
