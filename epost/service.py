@@ -18,6 +18,7 @@ from twisted.python.threadpool import ThreadPool
 from epost.config import Config
 from epost.queue.runner import LocalDeliveryRunner
 from epost.queue.spool import Spool
+from epost.queue.worker_client import SpoolWorkerService
 from epost.routing.users import load_users
 from epost.smtp.factory import ConnectionLimits, SMTPFactory
 from epost.smtp.policy import RecipientPolicy
@@ -49,14 +50,16 @@ class EpostService(service.MultiService):
     Stopping waits for the listeners and the runner before the thread pool
     goes: their last steps (fsync, envelope update) run in that pool."""
 
-    pool_service: service.Service | None = None
+    def __init__(self):
+        super().__init__()
+        self.stop_last: list[service.Service] = []  # in this order, after all others
 
     def stopService(self):
         service.Service.stopService(self)
-        others = [child for child in reversed(list(self)) if child is not self.pool_service]
+        others = [child for child in reversed(list(self)) if child not in self.stop_last]
         stopped = defer.DeferredList([defer.maybeDeferred(child.stopService) for child in others])
-        if self.pool_service is not None:
-            stopped.addCallback(lambda _: self.pool_service.stopService())
+        for child in self.stop_last:
+            stopped.addCallback(lambda _, child=child: child.stopService())
         return stopped
 
     def privilegedStartService(self) -> None:
@@ -101,21 +104,29 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     top = EpostService()
 
     pool = ThreadPool(minthreads=2, maxthreads=4, name="epost-io")
-    top.pool_service = ThreadPoolService(pool)
-    top.pool_service.setServiceParent(top)
+    pool_service = ThreadPoolService(pool)
+    pool_service.setServiceParent(top)
 
     spool = Spool(config.server.spool, reactor=reactor, threadpool=pool)
     spool.create_folders()
+    worker = SpoolWorkerService(spool, config.server.hostname, reactor)
+    worker.setServiceParent(top)
+    top.stop_last = [worker, pool_service]
     tables = Tables(config)
     policy = RecipientPolicy(config.routing.local_domains, users=lambda: tables.users)
-    receiver = SpoolingReceiver(spool, policy, config.server.hostname, now=reactor.seconds)
+    receiver = SpoolingReceiver(worker, policy, config.server.hostname, now=reactor.seconds)
     limits = ConnectionLimits(config.server.max_connections, config.server.max_connections_per_client)
     tls = context_for(config)
 
     # The runner goes first: its start-up recovery empties tmp/, which must
     # happen before any listener could be writing there.
     runner = LocalDeliveryRunner(
-        spool, reactor, pool, hostname=config.server.hostname, mailbox_root=config.server.spool / "mailboxes"
+        spool,
+        reactor,
+        pool,
+        hostname=config.server.hostname,
+        mailbox_root=config.server.spool / "mailboxes",
+        deliver=worker.deliver,
     )
     runner.setServiceParent(top)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -14,6 +15,8 @@ CHUNK = 64 * 1024
 
 # Part of every file name: with the time and pid it keeps names unique within this process.
 _deliveries = itertools.count()
+# Maildirs seen complete in this process: spares three stat calls per delivery.
+_known_maildirs: set[Path] = set()
 
 
 class MaildirBatch:
@@ -29,15 +32,24 @@ class MaildirBatch:
         self.hostname = hostname
         self._staged: list[tuple[Path, str, int, int]] = []  # maildir, tmp name, fd, size
 
-    def add(self, maildir: Path, content_path: Path, prefix: bytes = b"") -> int:
-        """Stage one delivery; returns its index for `commit`'s results. Raises on error, leaving nothing."""
-        for sub in ("tmp", "new", "cur"):
-            _make_dir_durably(maildir / sub)
+    def add(self, maildir: Path, content: Path | bytes, prefix: bytes = b"") -> int:
+        """Stage one delivery of `content` (a spool file, or its bytes when
+        they are at hand); returns its index for `commit`'s results. Raises on
+        error, leaving nothing."""
+        if maildir not in _known_maildirs:
+            for sub in ("tmp", "new", "cur"):
+                _make_dir_durably(maildir / sub)
+            _known_maildirs.add(maildir)
         name, fd = _create_unique(maildir / "tmp", self.hostname)
         try:
             size = 0
-            with open(content_path, "rb") as src:
-                for piece in crlf_to_lf(itertools.chain([prefix], iter(lambda: src.read(CHUNK), b""))):
+            with contextlib.ExitStack() as stack:
+                if isinstance(content, bytes):
+                    chunks = [prefix, content]
+                else:
+                    src = stack.enter_context(open(content, "rb"))
+                    chunks = itertools.chain([prefix], iter(lambda: src.read(CHUNK), b""))
+                for piece in crlf_to_lf(chunks):
                     view = memoryview(piece)
                     while view:
                         view = view[os.write(fd, view) :]

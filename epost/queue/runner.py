@@ -7,6 +7,7 @@ route; a message leaves ``incoming/`` only when no recipient is pending.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,22 @@ class LocalDeliveryRunner(Service):
     retry_delay = 60.0
     max_batch = 256
 
-    def __init__(self, spool: Spool, reactor: Any, threadpool: Any, hostname: str, mailbox_root: Path) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        reactor: Any,
+        threadpool: Any,
+        hostname: str,
+        mailbox_root: Path,
+        deliver: Callable[[list[str]], Deferred[list[str]]] | None = None,
+    ) -> None:
+        """`deliver` runs `deliver_local_batch` somewhere off the reactor and
+        fires with the IDs to retry; by default in `threadpool`."""
         self._spool = spool
         self._reactor = reactor
-        self._threadpool = threadpool
-        self._hostname = hostname
-        self._mailbox_root = Path(mailbox_root)
+        self._deliver = deliver or (
+            lambda ids: deferToThreadPool(reactor, threadpool, deliver_local_batch, spool, ids, hostname, mailbox_root)
+        )
         self._waiting: dict[str, None] = {}  # ordered set: arrival order is delivery order
         self._in_flight: list[str] = []
         self._retries: dict[str, IDelayedCall] = {}
@@ -89,7 +100,7 @@ class LocalDeliveryRunner(Service):
         for queue_id in batch:
             del self._waiting[queue_id]
         self._in_flight = batch
-        d = deferToThreadPool(self._reactor, self._threadpool, self._deliver_batch, batch)
+        d = self._deliver(batch)
         d.addCallbacks(self._batch_done, self._batch_failed)
 
     def _batch_done(self, needs_retry: list[str]) -> None:
@@ -108,63 +119,6 @@ class LocalDeliveryRunner(Service):
             for d in waiters:
                 d.callback(None)
 
-    def _deliver_batch(self, queue_ids: list[str]) -> list[str]:
-        """In a thread: deliver every local recipient of these messages; returns the IDs to retry.
-
-        Progress is saved only for a message that still has pending
-        recipients, so a finished message leaves the queue without an
-        envelope rewrite. A crash after the Maildir commit and before the
-        queue update delivers that batch again (duplicates, never loss).
-        """
-        batch = MaildirBatch(self._hostname)
-        staged: list[tuple[Envelope, list[tuple[int, int | Exception]]]] = []
-        for queue_id in queue_ids:
-            try:
-                envelope = self._spool.load(queue_id)
-            except FileNotFoundError:
-                log.info("{queue_id}: no longer queued", queue_id=queue_id)
-                continue
-            except EnvelopeError:
-                log.failure("{queue_id}: unreadable, left for the operator", queue_id=queue_id)
-                continue
-            content = self._spool.content_path(queue_id)
-            slots: list[tuple[int, int | Exception]] = []
-            for index in envelope.pending():
-                recipient = envelope.recipients[index]
-                if (recipient.route or {}).get("kind") != "local":
-                    continue
-                try:
-                    slots.append((index, batch.add(self._mailbox(recipient), content, _trace_headers(envelope, recipient))))
-                except Exception as e:
-                    slots.append((index, e))
-            staged.append((envelope, slots))
-        results = batch.commit()
-        retry = []
-        for envelope, slots in staged:
-            failed = False
-            for index, slot in slots:
-                outcome = slot if isinstance(slot, Exception) else results[slot]
-                attempts = envelope.recipients[index].attempts + 1
-                if isinstance(outcome, Exception):
-                    failed = True
-                    log.error("{queue_id}: delivery to {address} failed: {error}", queue_id=envelope.queue_id,
-                              address=envelope.recipients[index].address, error=outcome)
-                    envelope = envelope.with_recipient(index, attempts=attempts, last_reply=f"maildir: {outcome}")
-                else:
-                    envelope = envelope.with_recipient(index, state="delivered", attempts=attempts, last_reply="delivered to maildir")
-            try:
-                if envelope.pending():
-                    if slots:
-                        self._spool.update(envelope)
-                else:
-                    self._spool.remove(envelope.queue_id)
-            except OSError:
-                log.failure("{queue_id}: cannot record delivery", queue_id=envelope.queue_id)
-                failed = True
-            if failed:
-                retry.append(envelope.queue_id)
-        return retry
-
     def _schedule_retry(self, queue_id: str) -> None:
         if self.running and queue_id not in self._retries:
             self._retries[queue_id] = self._reactor.callLater(self.retry_delay, self._retry, queue_id)
@@ -173,13 +127,85 @@ class LocalDeliveryRunner(Service):
         del self._retries[queue_id]
         self.enqueue(queue_id)
 
-    def _mailbox(self, recipient: Recipient) -> Path:
-        """``domain/user`` under the mailbox root; anything that could climb out of it is refused."""
-        mailbox = str((recipient.route or {}).get("mailbox", ""))
-        parts = mailbox.split("/")
-        if len(parts) != 2 or any(p in ("", ".", "..") for p in parts):
-            raise ValueError(f"bad mailbox {mailbox!r} for {recipient.address}")
-        return self._mailbox_root.joinpath(*parts)
+
+def deliver_local_batch(
+    spool: Spool,
+    queue_ids: list[str],
+    hostname: str,
+    mailbox_root: Path,
+    known: Mapping[str, tuple[Envelope, bytes]] | None = None,
+) -> list[str]:
+    """Blocking: deliver every local recipient of these messages; returns the IDs to retry.
+
+    `known` holds the envelope and content of messages this process has
+    just queued, which spares reading them back from the spool.
+
+    Progress is saved only for a message that still has pending recipients,
+    so a finished message leaves the queue without an envelope rewrite. A
+    crash after the Maildir commit and before the queue update delivers that
+    batch again (duplicates, never loss).
+    """
+    batch = MaildirBatch(hostname)
+    staged: list[tuple[Envelope, list[tuple[int, int | Exception]]]] = []
+    for queue_id in queue_ids:
+        try:
+            envelope, content = known[queue_id] if known and queue_id in known else (spool.load(queue_id), None)
+        except FileNotFoundError:
+            log.info("{queue_id}: no longer queued", queue_id=queue_id)
+            continue
+        except EnvelopeError:
+            log.failure("{queue_id}: unreadable, left for the operator", queue_id=queue_id)
+            continue
+        if content is None:
+            content = spool.content_path(queue_id)
+        slots: list[tuple[int, int | Exception]] = []
+        for index in envelope.pending():
+            recipient = envelope.recipients[index]
+            if (recipient.route or {}).get("kind") != "local":
+                continue
+            try:
+                mailbox = mailbox_path(mailbox_root, recipient)
+                slots.append((index, batch.add(mailbox, content, _trace_headers(envelope, recipient))))
+            except Exception as e:
+                slots.append((index, e))
+        staged.append((envelope, slots))
+    results = batch.commit()
+    retry = []
+    for envelope, slots in staged:
+        failed = False
+        for index, slot in slots:
+            outcome = slot if isinstance(slot, Exception) else results[slot]
+            attempts = envelope.recipients[index].attempts + 1
+            if isinstance(outcome, Exception):
+                failed = True
+                log.error(
+                    "{queue_id}: delivery to {address} failed: {error}",
+                    queue_id=envelope.queue_id, address=envelope.recipients[index].address, error=outcome,
+                )
+                envelope = envelope.with_recipient(index, attempts=attempts, last_reply=f"maildir: {outcome}")
+            else:
+                envelope = envelope.with_recipient(index, state="delivered", attempts=attempts, last_reply="delivered to maildir")
+        try:
+            if envelope.pending():
+                if slots:
+                    spool.update(envelope)
+            else:
+                spool.remove(envelope.queue_id)
+        except OSError:
+            log.failure("{queue_id}: cannot record delivery", queue_id=envelope.queue_id)
+            failed = True
+        if failed:
+            retry.append(envelope.queue_id)
+    return retry
+
+
+def mailbox_path(mailbox_root: Path, recipient: Recipient) -> Path:
+    """``domain/user`` under the mailbox root; anything that could climb out of it is refused."""
+    mailbox = str((recipient.route or {}).get("mailbox", ""))
+    parts = mailbox.split("/")
+    if len(parts) != 2 or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"bad mailbox {mailbox!r} for {recipient.address}")
+    return Path(mailbox_root).joinpath(*parts)
 
 
 def _trace_headers(envelope: Envelope, recipient: Recipient) -> bytes:

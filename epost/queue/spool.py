@@ -94,6 +94,14 @@ class MessageWriter:
             except OSError as e:
                 self.error = e
 
+    @property
+    def in_memory(self) -> bool:
+        """True while the whole content is still in the buffer."""
+        return self._fd is None and self.error is None
+
+    def content(self) -> bytes:
+        return b"".join(self._chunks)
+
     def _flush(self) -> None:
         """Write buffered chunks to the ``tmp/`` file, creating it on first use."""
         if self._fd is None:
@@ -103,6 +111,12 @@ class MessageWriter:
             view = memoryview(chunk)
             while view:
                 view = view[os.write(self._fd, view) :]
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        """Writes go straight to the page cache here: nothing to throttle."""
+
+    def unregisterProducer(self) -> None:
+        pass
 
     def abort(self) -> None:
         """Forget the message: close and delete the temp file.  Idempotent; a no-op once commit() began."""
@@ -196,7 +210,7 @@ class Spool:
         batch, self._waiting = self._waiting, []
         self._committing = True
         items = [(w, e) for w, e, _ in batch]
-        done = deferToThreadPool(self._reactor, self._threadpool, self._commit_batch, items)
+        done = deferToThreadPool(self._reactor, self._threadpool, self.commit_batch, items)
         done.addBoth(self._batch_done, batch)
 
     def _batch_done(self, results: list[SpoolError | None] | Failure, batch: list[Any]) -> None:
@@ -205,19 +219,19 @@ class Spool:
         for i, (writer, _, d) in enumerate(batch):
             outcome = results if isinstance(results, Failure) else results[i]
             if outcome is None:
-                self._tell_subscribers(writer.queue_id)
+                self.notify_committed(writer.queue_id)
                 d.callback(writer.queue_id)
             else:
                 d.errback(outcome)
 
-    def _tell_subscribers(self, queue_id: str) -> None:
+    def notify_committed(self, queue_id: str) -> None:
         for hook in list(self.on_commit):
             try:
                 hook(queue_id)
             except Exception:
                 log.failure("on_commit hook {hook!r} failed for {queue_id}", hook=hook, queue_id=queue_id)
 
-    def _commit_batch(self, items: list[tuple[MessageWriter, Envelope]]) -> list[SpoolError | None]:
+    def commit_batch(self, items: list[tuple[MessageWriter, Envelope]]) -> list[SpoolError | None]:
         """Runs in a thread. Writes every file of the batch, then fsyncs them,
         then renames them into ``incoming/`` and fsyncs that folder once: the
         file system can make the whole batch durable in one journal commit."""

@@ -67,6 +67,12 @@ class IMessageWriter(Interface):
     def abort() -> None:
         """Forget the message; nothing of it may stay in the queue."""
 
+    def registerProducer(producer, streaming: bool) -> None:
+        """The session's transport, to pause while storage falls behind."""
+
+    def unregisterProducer() -> None:
+        """Storage no longer needs to pause the session."""
+
 
 class IReceiver(Interface):
     """Decides what a listener accepts and stores what it accepted."""

@@ -9,7 +9,7 @@ from typing import Callable
 from zope.interface import implementer
 
 from epost.queue.envelope import Envelope, Recipient
-from epost.queue.spool import Spool, SpoolError
+from epost.queue.spool import SpoolError
 from epost.smtp.address import Address
 from epost.smtp.interfaces import IMessageWriter, IReceiver, Rejected, Reply, Session
 from epost.smtp.policy import RecipientPolicy
@@ -58,6 +58,12 @@ class SpoolMessage:
     def abort(self) -> None:
         self._writer.abort()
 
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self._writer.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._writer.unregisterProducer()
+
     def commit(self):
         envelope = Envelope(
             queue_id=self.queue_id,
@@ -82,8 +88,9 @@ class SpoolMessage:
 
 @implementer(IReceiver)
 class SpoolingReceiver:
-    def __init__(self, spool: Spool, policy: RecipientPolicy, hostname: str, now: Callable[[], float]):
-        self.spool = spool
+    def __init__(self, store, policy: RecipientPolicy, hostname: str, now: Callable[[], float]):
+        """`store` has `open_message()`: the Spool itself, or the spool worker process."""
+        self.store = store
         self.policy = policy
         self.hostname = hostname
         self.now = now
@@ -96,7 +103,7 @@ class SpoolingReceiver:
 
     def open_message(self, session: Session, sender: Address | None, recipients: list, params: dict) -> SpoolMessage:
         try:
-            writer = self.spool.open_message()
+            writer = self.store.open_message()
         except OSError as error:
             raise Rejected(Reply(451, "4.3.0", f"Error: cannot create queue file ({error.strerror})")) from None
         addresses = [address for address, _ in recipients]

@@ -375,6 +375,7 @@ class SMTPServer(Protocol):
             self._writer = self.receiver.open_message(self._session(), self._sender, list(self._recipients), self._mail_params)
         except Rejected as rejected:
             return self._send(rejected.reply)
+        self._writer.registerProducer(self.transport, True)
         self._reader = DataReader(self.settings.max_message_size)
         self._data_timer = self.clock.callLater(self.settings.data_timeout, self._timed_out)
         self._send(_reply(354, "", "End data with <CR><LF>.<CR><LF>"))
@@ -389,6 +390,7 @@ class SMTPServer(Protocol):
             return
         reader, writer = self._reader, self._writer
         self._reader = self._writer = None
+        writer.unregisterProducer()
         if self._data_timer is not None and self._data_timer.active():
             self._data_timer.cancel()
         self._buffer = result.rest + self._buffer
@@ -423,5 +425,6 @@ class SMTPServer(Protocol):
 
     def _abort_message(self) -> None:
         if self._writer is not None:
+            self._writer.unregisterProducer()
             self._writer.abort()
             self._writer = self._reader = None

@@ -32,6 +32,12 @@ class FakeWriter:
     def abort(self):
         self.aborted = True
 
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
 
 class FakeReceiver:
     """Accepts *@example.test except unknown@; 'slow@' answers later."""

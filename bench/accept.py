@@ -1,0 +1,59 @@
+"""Accept-rate benchmark: epost (with local delivery running) beside Postfix.
+
+    .venv/bin/python bench/accept.py [--messages 2000] [--sizes 4096,102400]
+                                     [--concurrency 1,10,50] [--no-postfix]
+
+For each message size and client concurrency, Postfix's smtp-source sends N
+messages to each server in turn; prints messages/s, the server's CPU
+milliseconds per message (epost: the daemon, receiving and delivering into
+a Maildir; Postfix: all its processes, receiving and relaying into
+smtp-sink) and epost's rate as a ratio of Postfix's, measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from common import Epost, Postfix, smtp_source
+
+
+def measure(server, name: str, messages: int, size: int, sessions: int, to: str) -> dict:
+    server.wait_until_drained()
+    cpu_before = server.cpu()
+    seconds = smtp_source(server.port, messages, size, sessions, to)
+    server.wait_until_drained()
+    cpu = server.cpu() - cpu_before
+    return {"name": name, "rate": messages / seconds, "cpu_ms": 1000 * cpu / messages}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--sizes", default="4096,102400")
+    parser.add_argument("--concurrency", default="1,10,50")
+    parser.add_argument("--no-postfix", action="store_true")
+    args = parser.parse_args()
+
+    epost = Epost()
+    postfix = None if args.no_postfix else Postfix()
+    try:
+        # warm-up: imports, first Maildir, page cache
+        measure(epost, "epost", 200, 4096, 10, "sink@bench.test")
+        print(f"{'size':>7} {'C':>3}  {'epost msg/s':>11} {'CPU-ms/msg':>10}  {'postfix msg/s':>13} {'CPU-ms/msg':>10}  {'ratio':>5}")
+        for size in (int(s) for s in args.sizes.split(",")):
+            for sessions in (int(c) for c in args.concurrency.split(",")):
+                ours = measure(epost, "epost", args.messages, size, sessions, "sink@bench.test")
+                line = f"{size:>7} {sessions:>3}  {ours['rate']:>11.0f} {ours['cpu_ms']:>10.2f}"
+                if postfix:
+                    theirs = measure(postfix, "postfix", args.messages, size, sessions, "sink@remote.test")
+                    line += f"  {theirs['rate']:>13.0f} {theirs['cpu_ms']:>10.2f}  {ours['rate'] / theirs['rate']:>5.2f}"
+                print(line, flush=True)
+        print(f"epost resident memory after the run: {epost.rss_kib() / 1024:.0f} MiB")
+    finally:
+        epost.stop()
+        if postfix:
+            postfix.stop()
+
+
+if __name__ == "__main__":
+    main()

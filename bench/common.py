@@ -1,0 +1,163 @@
+"""Helpers shared by the benchmarks: start epost / Postfix, count CPU, drive smtp-source."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TICKS = os.sysconf("SC_CLK_TCK")
+POSTFIX_PROCESSES = {
+    "master", "smtpd", "cleanup", "qmgr", "smtp", "trivial-rewrite", "anvil",
+    "tlsmgr", "scache", "pickup", "proxymap", "bounce", "postdrop", "showq",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.recv(100)
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing answers on 127.0.0.1:{port}")
+
+
+def process_cpu(pid: int) -> float:
+    """User+system CPU seconds of one process (its exited children included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime + cutime + cstime) / TICKS
+
+
+def children(pid: int) -> list[int]:
+    pids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids += [int(p) for p in (task / "children").read_text().split()]
+    return pids
+
+
+def postfix_cpu() -> float:
+    """CPU seconds of every live Postfix process, plus what master reaped."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+            if comm in POSTFIX_PROCESSES:
+                total += process_cpu(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return total
+
+
+class Epost:
+    """A real `twistd -n epost` on loopback with local delivery to one Maildir."""
+
+    def __init__(self, extra_toml: str = ""):
+        self.root = Path(tempfile.mkdtemp(prefix="epost-bench-"))
+        self.port = free_port()
+        (self.root / "users").write_text("sink@bench.test\n")
+        (self.root / "epost.toml").write_text(
+            f'[server]\nhostname = "epost.bench.test"\n'
+            f'relay = ["tcp:{self.port}:interface=127.0.0.1"]\nsubmission = []\n'
+            f'spool = "spool"\nmax_connections_per_client = 1000\n{extra_toml}\n'
+            f'[routing]\nlocal_domains = ["bench.test"]\nusers = "users"\n'
+        )
+        self.log = open(self.root / "epost.log", "wb")
+        twistd = Path(sys.executable).parent / "twistd"
+        self.process = subprocess.Popen(
+            [str(twistd), "-n", "--pidfile=", "epost", "--config", str(self.root / "epost.toml")],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root,
+        )
+        wait_for_port(self.port)
+
+    @property
+    def spool(self) -> Path:
+        return self.root / "spool"
+
+    def cpu(self) -> float:
+        """The daemon and its spool worker process together."""
+        return process_cpu(self.process.pid) + sum(process_cpu(pid) for pid in children(self.process.pid))
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def queued(self) -> int:
+        return sum(1 for p in (self.spool / "incoming").iterdir() if p.suffix == ".env")
+
+    def wait_until_drained(self, timeout: float = 600) -> float:
+        start = time.monotonic()
+        while self.queued():
+            if time.monotonic() - start > timeout:
+                raise RuntimeError("local delivery did not drain the queue")
+            time.sleep(0.05)
+        return time.monotonic() - start
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Postfix:
+    """Debian's Postfix via ../shared/tools/postfix-peer, relaying into smtp-sink."""
+
+    def __init__(self, port: int = 2525, sink_port: int = 2526):
+        self.port = port
+        tool = ROOT.parent / "shared" / "tools" / "postfix-peer"
+        subprocess.run(["bash", str(tool), "start", str(port), str(sink_port)], check=True, stdout=subprocess.DEVNULL)
+        self.sink = subprocess.Popen(["smtp-sink", "-u", "postfix", "-c", f"127.0.0.1:{sink_port}", "1000"], stdout=subprocess.DEVNULL)
+        wait_for_port(port)
+
+    def cpu(self) -> float:
+        return postfix_cpu()
+
+    def queued(self) -> int:
+        out = subprocess.run(["postqueue", "-j"], capture_output=True, text=True).stdout
+        return len([line for line in out.splitlines() if line.strip()])
+
+    def wait_until_drained(self, timeout: float = 600) -> float:
+        start = time.monotonic()
+        while self.queued():
+            if time.monotonic() - start > timeout:
+                raise RuntimeError("postfix did not drain its queue")
+            time.sleep(0.1)
+        return time.monotonic() - start
+
+    def stop(self) -> None:
+        self.sink.terminate()
+        subprocess.run(["postfix", "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def smtp_source(port: int, messages: int, size: int, sessions: int, to: str) -> float:
+    """Wall seconds for Postfix's smtp-source to have every message accepted."""
+    start = time.monotonic()
+    subprocess.run(
+        ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
+         "-f", "bench@client.test", "-t", to, "-M", "client.test", f"127.0.0.1:{port}"],
+        check=True,
+    )
+    return time.monotonic() - start

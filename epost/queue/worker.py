@@ -1,0 +1,146 @@
+"""The spool worker process: every blocking spool write, off the reactor's process.
+
+    python -m epost.queue.worker SPOOL_ROOT HOSTNAME
+
+Why a process and not threads: a worker thread doing file I/O releases and
+re-takes the GIL around every system call, and at a few hundred messages a
+second that hand-off (futex storms) cost more CPU than the work itself. A
+child process shares nothing, uses the second core and keeps the reactor's
+process doing only SMTP. It is Postfix's cleanup/local split inside epost.
+
+Requests arrive on stdin as frames `op(1) queue-id(17) length(4) payload`:
+  W  append payload to the message's content
+  C  commit: payload is the envelope (JSON); group-committed with the others
+  A  abort: forget the message
+  L  deliver the queued message's local recipients into their Maildirs
+Replies go to stdout, one line each:
+  C ID              committed (durable in incoming/)
+  F ID ERRNO TEXT   commit failed, nothing of it is queued
+  D ID              local delivery done
+  R ID              local delivery must be retried later
+Commits always go before deliveries, so new mail is never held up by them.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import struct
+import sys
+from pathlib import Path
+
+from twisted.logger import globalLogBeginner, textFileLogObserver
+
+from epost.queue.envelope import Envelope
+from epost.queue.runner import deliver_local_batch
+from epost.queue.spool import MessageWriter, Spool, SpoolError
+
+FRAME = struct.Struct(">c17sI")
+DELIVERY_BATCH = 8
+RECENT_LIMIT = 1000  # messages of at most MessageWriter.spill_size each
+
+
+class Worker:
+    def __init__(self, root: Path, hostname: str, reply=None):
+        self.spool = Spool(root, reactor=None, threadpool=None)
+        self.hostname = hostname
+        self.mailbox_root = Path(root) / "mailboxes"
+        self.reply = reply or (lambda line: _write_all(1, line))
+        self.writers: dict[str, MessageWriter] = {}
+        self.commits: list[tuple[MessageWriter, Envelope]] = []
+        self.deliveries: dict[str, None] = {}
+        # Envelope and content of small messages just committed, for their
+        # local delivery without reading them back; bounded, oldest dropped.
+        self.recent: dict[str, tuple[Envelope, bytes]] = {}
+
+    def handle(self, op: bytes, queue_id: str, payload: bytes) -> None:
+        if op == b"W":
+            writer = self.writers.get(queue_id)
+            if writer is None:
+                writer = self.writers[queue_id] = MessageWriter(self.spool, queue_id)
+            writer.write(payload)
+        elif op == b"C":
+            writer = self.writers.pop(queue_id, None) or MessageWriter(self.spool, queue_id)
+            try:
+                envelope = Envelope.from_bytes(payload, queue_id)
+            except ValueError as error:
+                writer.abort()
+                self.reply(f"F {queue_id} 22 {error}\n".encode())
+                return
+            self.commits.append((writer, envelope))
+            if writer.in_memory:
+                self.recent[queue_id] = (envelope, writer.content())
+                while len(self.recent) > RECENT_LIMIT:
+                    del self.recent[next(iter(self.recent))]
+        elif op == b"A":
+            writer = self.writers.pop(queue_id, None)
+            if writer is not None:
+                writer.abort()
+        elif op == b"L":
+            self.deliveries[queue_id] = None
+
+    def work(self) -> None:
+        """One step: every pending commit as one batch, else some deliveries."""
+        if self.commits:
+            batch, self.commits = self.commits, []
+            results = self.spool.commit_batch(batch)
+            lines = []
+            for (writer, _), error in zip(batch, results):
+                if error is None:
+                    lines.append(f"C {writer.queue_id}\n")
+                else:
+                    self.recent.pop(writer.queue_id, None)
+                    text = " ".join(str(error.strerror).split())
+                    lines.append(f"F {writer.queue_id} {error.errno} {text}\n")
+            self.reply("".join(lines).encode())
+        elif self.deliveries:
+            batch = list(self.deliveries)[:DELIVERY_BATCH]
+            for queue_id in batch:
+                del self.deliveries[queue_id]
+            retry = set(deliver_local_batch(self.spool, batch, self.hostname, self.mailbox_root, self.recent))
+            for queue_id in batch:
+                self.recent.pop(queue_id, None)
+            self.reply("".join(f"{'R' if q in retry else 'D'} {q}\n" for q in batch).encode())
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.commits or self.deliveries)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def run(root: Path, hostname: str) -> None:
+    # Our log events go to stderr; the daemon relays each line into its own log.
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    worker = Worker(root, hostname)
+    buffer = b""
+    while True:
+        ready, _, _ = select.select([0], [], [], 0 if worker.busy else None)
+        if ready:
+            data = os.read(0, 1 << 20)
+            if not data:
+                break  # the daemon closed our stdin: it is stopping or gone
+            buffer += data
+            position = 0
+            while len(buffer) - position >= FRAME.size:
+                op, raw_id, length = FRAME.unpack_from(buffer, position)
+                end = position + FRAME.size + length
+                if end > len(buffer):
+                    break
+                worker.handle(op, raw_id.decode("ascii"), buffer[position + FRAME.size : end])
+                position = end
+            buffer = buffer[position:]
+        worker.work()
+    while worker.commits:  # finish what was asked; deliveries wait for the next start
+        worker.work()
+
+
+if __name__ == "__main__":
+    try:
+        run(Path(sys.argv[1]), sys.argv[2])
+    except KeyboardInterrupt:
+        pass

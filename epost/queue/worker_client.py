@@ -1,0 +1,244 @@
+"""The daemon's side of the spool worker process (see epost/queue/worker.py).
+
+`SpoolWorkerService` starts the child with the reactor's own process API,
+streams message content to it as SMTP delivers it, and turns its reply
+lines back into Deferreds. It offers the same `open_message()` as `Spool`,
+so the receiver does not care where the writing happens.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from epost.queue.envelope import Envelope
+from epost.queue.spool import Spool, SpoolError
+from epost.queue.worker import FRAME
+
+log = Logger()
+
+
+class RemoteMessageWriter:
+    """One message streaming to the worker; the IMessageWriter of the receiver."""
+
+    def __init__(self, worker: SpoolWorkerService, queue_id: str):
+        self.worker = worker
+        self.queue_id = queue_id
+        self.generation = worker.generation(queue_id)  # the child that holds our content
+        self.size = 0
+        self._finished = False
+        self._producer = None
+
+    def write(self, data: bytes) -> None:
+        if not self._finished and data:
+            self.size += len(data)
+            self.worker.send(b"W", self.queue_id, data)
+
+    def abort(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self.worker.send(b"A", self.queue_id, b"")
+
+    def commit(self, envelope: Envelope) -> defer.Deferred:
+        self._finished = True
+        if self.worker.generation(self.queue_id) != self.generation:
+            # The child that held the content died: committing now would queue an empty message.
+            self.worker.send(b"A", self.queue_id, b"")  # drop what the new child got
+            return defer.fail(SpoolError(errno.EIO, "spool worker restarted while the message arrived"))
+        return self.worker.commit(self.queue_id, envelope)
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        """The SMTP transport, paused while the worker's pipe is full."""
+        self._producer = producer
+        self.worker.throttle(self.queue_id).add(producer)
+
+    def unregisterProducer(self) -> None:
+        if self._producer is not None:
+            self.worker.throttle(self.queue_id).remove(self._producer)
+            self._producer = None
+
+
+@implementer(IPushProducer)
+class _PipeThrottle:
+    """Registered on a worker's stdin: when the pipe backs up, every SMTP
+    session streaming into that worker is paused, so a fast client cannot
+    fill the daemon's memory (memory stays bounded for any message size)."""
+
+    def __init__(self):
+        self.producers: set = set()
+        self.paused = False
+        self._current = None
+
+    def add(self, producer) -> None:
+        self.producers.add(producer)
+        if self.paused:
+            producer.pauseProducing()
+
+    def remove(self, producer) -> None:
+        self.producers.discard(producer)
+        if self.paused:
+            producer.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        for producer in self.producers:
+            producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        for producer in self.producers:
+            producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.producers.clear()
+
+
+class _WorkerProtocol(ProcessProtocol):
+    def __init__(self, service: SpoolWorkerService, index: int):
+        self.service = service
+        self.index = index
+        self._out = b""
+        self._err = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self._out += data
+        *lines, self._out = self._out.split(b"\n")
+        for line in lines:
+            self.service.reply_received(line.decode("utf-8", "replace"))
+
+    def errReceived(self, data: bytes) -> None:
+        self._err += data
+        *lines, self._err = self._err.split(b"\n")
+        for line in lines:
+            log.info("spool worker: {line}", line=line.decode("utf-8", "replace"))
+
+    def processEnded(self, reason) -> None:
+        self.service.worker_ended(self.index, reason)
+
+
+class SpoolWorkerService(Service):
+    """Runs `processes` copies of `python -m epost.queue.worker` for the daemon's lifetime.
+
+    Messages are spread over them by queue ID, so their fsync waits overlap:
+    the accept rate is bound by fsync latency, not by CPU.
+    """
+
+    restart_delay = 1.0
+
+    def __init__(self, spool: Spool, hostname: str, reactor: Any, processes: int = 2):
+        self.spool = spool
+        self.hostname = hostname
+        self.reactor = reactor
+        self._protocols: list[_WorkerProtocol | None] = [None] * processes
+        self._throttles = [_PipeThrottle() for _ in range(processes)]
+        self._generations = [0] * processes
+        self._commits: dict[str, defer.Deferred] = {}
+        self._deliveries: dict[str, tuple[defer.Deferred, set[str], list[str]]] = {}
+        self._stopping: list[defer.Deferred] = []
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        for index in range(len(self._protocols)):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        self._generations[index] += 1
+        protocol = self._protocols[index] = _WorkerProtocol(self, index)
+        args = [sys.executable, "-m", "epost.queue.worker", str(self.spool.root), self.hostname]
+        self.reactor.spawnProcess(protocol, sys.executable, args, env=None)
+        protocol.transport.registerProducer(self._throttles[index], True)
+
+    def stopService(self) -> defer.Deferred:
+        """Closing stdin asks each worker to finish its commits and exit."""
+        super().stopService()
+        for protocol in self._protocols:
+            if protocol is not None:
+                self._stopping.append(defer.Deferred())
+                protocol.transport.closeStdin()
+        return defer.DeferredList(list(self._stopping))
+
+    def generation(self, queue_id: str) -> int:
+        """Changes whenever the child serving `queue_id` is replaced."""
+        return self._generations[self._index(queue_id)]
+
+    def throttle(self, queue_id: str) -> _PipeThrottle:
+        return self._throttles[self._index(queue_id)]
+
+    def _index(self, queue_id: str) -> int:
+        return int(queue_id[-4:], 16) % len(self._protocols)
+
+    def worker_ended(self, index: int, reason) -> None:
+        self._protocols[index] = None
+        failure = SpoolError(errno.EIO, "spool worker process ended")
+        for queue_id in [q for q in self._commits if self._index(q) == index]:
+            self._commits.pop(queue_id).errback(failure)
+        for queue_id in [q for q in self._deliveries if self._index(q) == index]:
+            self.reply_received(f"R {queue_id}")
+        if self._stopping:
+            self._stopping.pop().callback(None)
+        elif self.running:
+            log.error("spool worker ended ({reason}); restarting", reason=reason.value)
+            self.reactor.callLater(self.restart_delay, self._restart, index)
+
+    def _restart(self, index: int) -> None:
+        if self.running and self._protocols[index] is None:
+            self._spawn(index)
+
+    # -- requests ------------------------------------------------------------
+
+    def send(self, op: bytes, queue_id: str, payload: bytes) -> None:
+        protocol = self._protocols[self._index(queue_id)]
+        if protocol is not None:
+            protocol.transport.write(FRAME.pack(op, queue_id.encode("ascii"), len(payload)) + payload)
+
+    def open_message(self) -> RemoteMessageWriter:
+        return RemoteMessageWriter(self, self.spool.new_queue_id())
+
+    def commit(self, queue_id: str, envelope: Envelope) -> defer.Deferred:
+        if self._protocols[self._index(queue_id)] is None:
+            return defer.fail(SpoolError(errno.EIO, "spool worker process not running"))
+        d = self._commits[queue_id] = defer.Deferred()
+        self.send(b"C", queue_id, envelope.to_bytes())
+        return d
+
+    def deliver(self, queue_ids: list[str]) -> defer.Deferred:
+        """Local delivery of these queued messages; fires with the IDs to retry."""
+        d: defer.Deferred = defer.Deferred()
+        live = [q for q in queue_ids if self._protocols[self._index(q)] is not None]
+        retry = [q for q in queue_ids if q not in live]
+        if not live:
+            d.callback(retry)
+            return d
+        entry = (d, set(live), retry)
+        for queue_id in live:
+            self._deliveries[queue_id] = entry
+            self.send(b"L", queue_id, b"")
+        return d
+    def reply_received(self, line: str) -> None:
+        kind, _, rest = line.partition(" ")
+        queue_id, _, detail = rest.partition(" ")
+        if kind == "C" and queue_id in self._commits:
+            self.spool.notify_committed(queue_id)
+            self._commits.pop(queue_id).callback(queue_id)
+        elif kind == "F" and queue_id in self._commits:
+            code, _, text = detail.partition(" ")
+            self._commits.pop(queue_id).errback(SpoolError(int(code) if code.isdigit() else errno.EIO, text))
+        elif kind in ("D", "R") and queue_id in self._deliveries:
+            d, waiting, retry = self._deliveries.pop(queue_id)
+            waiting.discard(queue_id)
+            if kind == "R":
+                retry.append(queue_id)
+            if not waiting:
+                d.callback(retry)
+        else:
+            log.error("spool worker said something unexpected: {line!r}", line=line)

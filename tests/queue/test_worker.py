@@ -1,0 +1,133 @@
+"""The spool worker process: its request loop in-process, and the real child."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import shutil
+from pathlib import Path
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
+from twisted.trial import unittest
+
+from epost.queue.envelope import Envelope, Recipient
+from epost.queue.spool import Spool, SpoolError
+from epost.queue.worker import Worker
+from epost.queue.worker_client import SpoolWorkerService
+
+
+def envelope(queue_id: str, *mailboxes: str) -> Envelope:
+    recipients = tuple(Recipient(f"{m.split('/')[1]}@{m.split('/')[0]}", {"kind": "local", "mailbox": m}) for m in mailboxes)
+    return Envelope(queue_id, "a@example.org", recipients, arrival=0.0, size=0)
+
+
+def make_spool() -> Spool:
+    root = Path(tempfile.mkdtemp(prefix="epost-worker-test-"))
+    spool = Spool(root, reactor=None, threadpool=None)
+    spool.create_folders()
+    return spool
+
+
+def new_mail(root: Path, mailbox: str) -> list[bytes]:
+    folder = root / "mailboxes" / mailbox / "new"
+    return [p.read_bytes() for p in folder.iterdir()] if folder.exists() else []
+
+
+class WorkerLoopTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.spool = make_spool()
+        self.addCleanup(shutil.rmtree, self.spool.root)
+        self.replies: list[bytes] = []
+        self.worker = Worker(self.spool.root, "mx.test", reply=self.replies.append)
+
+    def test_streamed_content_is_committed_then_delivered_from_memory(self):
+        queue_id = self.spool.new_queue_id()
+        self.worker.handle(b"W", queue_id, b"Subject: a\r\n\r\n")
+        self.worker.handle(b"W", queue_id, b"body\r\n")
+        self.worker.handle(b"C", queue_id, envelope(queue_id, "example.test/alice").to_bytes())
+        self.worker.work()
+        assert self.replies == [f"C {queue_id}\n".encode()]
+        assert (self.spool.root / "incoming" / f"{queue_id}.env").exists()
+        assert queue_id in self.worker.recent
+        self.worker.handle(b"L", queue_id, b"")
+        self.worker.work()
+        assert self.replies[-1] == f"D {queue_id}\n".encode()
+        [mail] = new_mail(self.spool.root, "example.test/alice")
+        assert mail.endswith(b"Subject: a\n\nbody\n") and b"Delivered-To: alice@example.test" in mail
+        assert os.listdir(self.spool.root / "incoming") == []
+        assert self.worker.recent == {}
+
+    def test_commits_go_before_waiting_deliveries(self):
+        first, second = self.spool.new_queue_id(), self.spool.new_queue_id()
+        for queue_id in (first,):
+            self.worker.handle(b"C", queue_id, envelope(queue_id, "example.test/bob").to_bytes())
+        self.worker.work()
+        self.worker.handle(b"L", first, b"")
+        self.worker.handle(b"C", second, envelope(second, "example.test/bob").to_bytes())
+        self.worker.work()
+        assert self.replies[-1] == f"C {second}\n".encode()
+
+    def test_abort_leaves_nothing(self):
+        queue_id = self.spool.new_queue_id()
+        self.worker.handle(b"W", queue_id, b"x" * (600 * 1024))  # spills to tmp/
+        assert os.listdir(self.spool.root / "tmp") == [f"{queue_id}.msg"]
+        self.worker.handle(b"A", queue_id, b"")
+        assert os.listdir(self.spool.root / "tmp") == []
+
+    def test_corrupt_envelope_fails_the_commit_cleanly(self):
+        queue_id = self.spool.new_queue_id()
+        self.worker.handle(b"W", queue_id, b"data")
+        self.worker.handle(b"C", queue_id, b"{not json")
+        assert self.replies[0].startswith(f"F {queue_id} 22 ".encode())
+        assert os.listdir(self.spool.root / "incoming") == []
+
+
+class WorkerProcessTests(unittest.TestCase):
+    """The real child process, spawned by the service as the daemon does."""
+
+    def setUp(self):
+        self.spool = make_spool()
+        self.addCleanup(shutil.rmtree, self.spool.root)
+        self.service = SpoolWorkerService(self.spool, "mx.test", reactor)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+
+    @defer.inlineCallbacks
+    def test_message_is_committed_and_delivered_by_the_child(self):
+        committed = []
+        self.spool.on_commit.append(committed.append)
+        writer = self.service.open_message()
+        writer.write(b"Subject: hi\r\n\r\nhello\r\n")
+        queue_id = yield writer.commit(envelope(writer.queue_id, "example.test/carol"))
+        assert committed == [queue_id]
+        assert (self.spool.root / "incoming" / f"{queue_id}.msg").read_bytes() == b"Subject: hi\r\n\r\nhello\r\n"
+        retry = yield self.service.deliver([queue_id])
+        assert retry == []
+        [mail] = new_mail(self.spool.root, "example.test/carol")
+        assert mail.endswith(b"hello\n")
+
+    @defer.inlineCallbacks
+    def test_bad_mailbox_is_reported_for_retry(self):
+        writer = self.service.open_message()
+        writer.write(b"x\r\n")
+        queue_id = yield writer.commit(envelope(writer.queue_id, "example.test/.."))
+        retry = yield self.service.deliver([queue_id])
+        assert retry == [queue_id]
+
+    @defer.inlineCallbacks
+    def test_a_dying_worker_fails_pending_commits_with_a_spool_error_and_is_restarted(self):
+        self.service.restart_delay = 0.1
+        writer = self.service.open_message()
+        writer.write(b"x\r\n")
+        protocol = self.service._protocols[self.service._index(writer.queue_id)]
+        protocol.transport.signalProcess("KILL")
+        yield deferLater(reactor, 0.5, lambda: None)  # it died and came back
+        # its content died with the old child: the commit must fail, never queue an empty message
+        yield self.assertFailure(writer.commit(envelope(writer.queue_id, "example.test/dave")), SpoolError)
+        assert not (self.spool.root / "incoming" / f"{writer.queue_id}.env").exists()
+        assert self.service._protocols[self.service._index(writer.queue_id)] is not None
+        second = self.service.open_message()
+        second.write(b"y\r\n")
+        queue_id = yield second.commit(envelope(second.queue_id, "example.test/dave"))
+        assert (self.spool.root / "incoming" / f"{queue_id}.env").exists()
