@@ -1,0 +1,194 @@
+"""The `epost` admin command (SPEC §8): works on the config and spool files directly, without the daemon.
+
+`--config` and `--spool` are accepted before or after the subcommand, as with
+the daemon's own flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from epost.admin.queue_listing import format_text, read_queue, to_json
+from epost.config import Config, ConfigError, load_config
+from epost.routing.aliases import check_loops, load_aliases
+from epost.routing.dns import DNSError, MXResolver
+from epost.routing.gateway import load_gateway_table
+from epost.routing.resolver import Route
+from epost.routing.tables import TableError
+from epost.routing.users import load_users
+from epost.service import build_routing
+from epost.smtp.address import parse_mailbox
+from epost.tls import TLSConfigError, server_context
+
+# Config key under [routing] -> parser, or None while that table has no parser yet
+# (its file is still checked for existence).
+TABLES: dict[str, Callable[[Path], object]] = {
+    "users": load_users,
+    "aliases": load_aliases,
+    "gateway_table": load_gateway_table,
+}
+
+
+def main(argv: Sequence[str] | None = None, *, now: float | None = None) -> int:
+    """Run one subcommand and return its exit status; `now` (Unix time) is for tests."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as stop:  # --help or a usage error, already printed by argparse
+        return stop.code if isinstance(stop.code, int) else 2
+    try:
+        return args.run(args, time.time() if now is None else now)
+    except BrokenPipeError:  # `epost queue | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    # SUPPRESS keeps a subparser from resetting a value given before the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help="TOML config file (default: built-in defaults)")
+    common.add_argument("--spool", metavar="DIR", default=argparse.SUPPRESS,
+                        help="spool root (overrides the config file)")
+    parser = argparse.ArgumentParser(prog="epost", parents=[common], description="epost mail server administration")
+    commands = parser.add_subparsers(metavar="COMMAND", required=True)
+
+    check = commands.add_parser("check-config", parents=[common], help="validate the config, tables and TLS files")
+    check.set_defaults(run=check_config)
+
+    route = commands.add_parser("route", parents=[common], help="show where mail for an address goes, and why")
+    route.add_argument("address", help="an envelope address, e.g. bob@example.jp")
+    route.add_argument("--no-dns", action="store_true", help="do not look up MX hosts")
+    route.set_defaults(run=show_route)
+
+    queue = commands.add_parser("queue", parents=[common], help="list queued messages")
+    queue.add_argument("--json", action="store_true", help="machine-readable output")
+    queue.set_defaults(run=list_queue)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = getattr(args, "config", None)
+    return load_config(Path(config) if config else None, {"spool": getattr(args, "spool", None)})
+
+
+def check_config(args: argparse.Namespace, now: float) -> int:
+    """Print every problem found, one per line (`file:key: ...`, `path:line: ...`); 1 if any, else `ok: SOURCE`."""
+    try:
+        config = _load(args)
+    except ConfigError as error:  # table paths depend on the config: nothing more to check
+        print(error)
+        return 1
+    problems = 0
+    for is_problem, line in (*_check_tables(config), *_check_tls(config)):
+        print(line)
+        problems += is_problem
+    if problems:
+        return 1
+    print(f"ok: {config.source or 'built-in defaults'}")
+    return 0
+
+
+def _check_tables(config: Config) -> Iterator[tuple[bool, str]]:
+    """(is a problem, line) per table worth mentioning; a missing table is only a note (SPEC §2)."""
+    for key, parse in TABLES.items():
+        path: Path = getattr(config.routing, key)
+        if not path.exists():
+            yield False, f"{path}: not found (empty table)"
+        else:
+            try:
+                table = parse(path)
+            except TableError as error:
+                yield True, str(error)
+                continue
+            except OSError as error:
+                yield True, f"{path}: cannot read: {error.strerror or error}"
+                continue
+            if key == "aliases":
+                for error in check_loops(table, frozenset(config.routing.local_domains)):
+                    yield True, str(error)
+
+
+def _check_tls(config: Config) -> Iterator[tuple[bool, str]]:
+    """The configured certificate and key must load and match; a self-signed pair is made by the daemon."""
+    cert, key = config.server.tls_cert, config.server.tls_key
+    if cert is not None and key is not None:
+        try:
+            server_context(cert, key)
+        except TLSConfigError as error:
+            yield True, str(error)
+
+
+def show_route(args: argparse.Namespace, now: float) -> int:
+    """SPEC §8: one line per alias step, then one per final recipient; 1 when all are rejected."""
+    try:
+        config = _load(args)
+        _, resolver, _ = build_routing(config)
+    except (ConfigError, TableError) as error:
+        print(f"epost: {error}", file=sys.stderr)
+        return 1
+    try:
+        address = parse_mailbox(args.address)
+        resolution = resolver.resolve(address)
+    except ValueError as error:  # bad syntax, or an alias loop
+        print(f"{args.address}: reject via aliases -> {error}")
+        return 1
+    dns = None if args.no_dns else MXResolver(None, None, config.routing.dns_servers, timeout=config.delivery.connect_timeout)
+    for step in resolution.steps:
+        print(f"{step.source}: alias via {step.rule} -> {', '.join(map(str, step.targets))}")
+    rejected = 0
+    for final, route in resolution.finals:
+        kind, text = _describe(route, dns)
+        rejected += kind == "reject"
+        print(f"{final}: {kind} via {route.rule} -> {text}")
+    return 1 if rejected == len(resolution.finals) else 0
+
+
+def _describe(route: Route, dns: MXResolver | None) -> tuple[str, str]:
+    """The route's kind and target; a domain DNS says cannot take mail is a reject."""
+    try:
+        return route.kind, _target(route, dns)
+    except DNSError as error:
+        if error.permanent:
+            return "reject", f"550 {error.enhanced} {error}"
+        return route.kind, f"MX of {route.mx_domain} (temporary failure: {error})"
+
+
+def _target(route: Route, dns: MXResolver | None) -> str:
+    if route.kind == "local":
+        return f"mailbox {route.mailbox}"
+    if route.kind == "reject":
+        return f"{route.reply.code} {route.reply.enhanced} {route.reply.text}"
+    if route.hosts:
+        return ", ".join(map(str, route.hosts))
+    if dns is None:
+        return f"MX of {route.mx_domain}"
+    return ", ".join(f"{host}:25" for host in dns.lookup_mx(route.mx_domain))
+
+
+def list_queue(args: argparse.Namespace, now: float) -> int:
+    """Print the queue as read from the spool folders (text, or JSON with `--json`)."""
+    try:
+        config = _load(args)
+    except ConfigError as error:
+        print(f"epost: {error}", file=sys.stderr)
+        return 1
+    spool = config.server.spool
+    if not spool.is_dir():
+        print(f"epost: {spool}: no spool folder (give --spool or --config)", file=sys.stderr)
+        return 1
+    messages = read_queue(spool)
+    if args.json:
+        print(json.dumps(to_json(messages, now), indent=1))
+    else:
+        print("\n".join(format_text(messages, now)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

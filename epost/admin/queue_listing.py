@@ -1,0 +1,131 @@
+"""A snapshot of the queue read straight from the spool folders, so `epost queue` works without the daemon.
+
+The daemon may move or delete files while we read: a message that vanishes is
+skipped, and a damaged envelope is shown as unreadable rather than stopping the
+listing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from epost.queue.envelope import Envelope, EnvelopeError
+from epost.queue.spool import QUEUE_ID, QUEUES
+
+# Same shape as the spool's queue IDs; anything else in a queue folder is not a message.
+# What a pending recipient is called in each queue folder (SPEC §8).
+PENDING_STATE = {"incoming": "incoming", "deferred": "deferred", "hold": "held"}
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    queue_id: str
+    queue: str  # the spool folder: incoming, deferred or hold
+    envelope: Envelope | None  # None when the envelope could not be read
+    error: str = ""  # why the envelope is unreadable
+
+    def recipient_state(self, state: str) -> str:
+        """`incoming`/`deferred`/`held` for a pending recipient, else its own `delivered`/`failed`."""
+        return PENDING_STATE[self.queue] if state == "pending" else state
+
+
+def read_queue(spool: Path) -> list[QueuedMessage]:
+    """Every message in `incoming/`, `deferred/` and `hold/`, sorted by queue ID.
+
+    A message seen in two folders (moved while we listed) is shown once, from
+    the folder read last. Missing folders count as empty.
+    """
+    found: dict[str, QueuedMessage] = {}
+    for queue in QUEUES:
+        folder = spool / queue
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            stem, _, suffix = name.partition(".")
+            if suffix == "env" and QUEUE_ID.fullmatch(stem):
+                message = _read_message(folder / name, stem, queue)
+                if message is not None:
+                    found[message.queue_id] = message
+    return [found[queue_id] for queue_id in sorted(found)]
+
+
+def _read_message(path: Path, queue_id: str, queue: str) -> QueuedMessage | None:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None  # delivered, deleted or moved since listdir
+    except OSError as error:
+        return QueuedMessage(queue_id, queue, None, f"{path}: {error.strerror or error}")
+    try:
+        return QueuedMessage(queue_id, queue, Envelope.from_bytes(data, str(path)))
+    except EnvelopeError as error:
+        return QueuedMessage(queue_id, queue, None, str(error))
+
+
+def format_age(seconds: float) -> str:
+    """Compact age in the largest whole unit: `45s`, `3m`, `2h`, `5d`."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def format_text(messages: list[QueuedMessage], now: float) -> list[str]:
+    """One line per message, then `N messages` (or `queue is empty`)."""
+    lines = []
+    for message in messages:
+        envelope = message.envelope
+        if envelope is None:
+            lines.append(_printable(f"{message.queue_id}: unreadable envelope ({message.error})"))
+            continue
+        recipients = " ".join(
+            f"{r.address}({message.recipient_state(r.state)})" for r in envelope.recipients
+        )
+        age = format_age(now - envelope.arrival)
+        lines.append(
+            _printable(f"{message.queue_id} {age:>4} {envelope.size:>9} <{envelope.sender}> {recipients}")
+        )
+    if not messages:
+        lines.append("queue is empty")
+    else:
+        lines.append(f"{len(messages)} message{'s' if len(messages) != 1 else ''}")
+    return lines
+
+
+def to_json(messages: list[QueuedMessage], now: float) -> list[dict[str, Any]]:
+    """The listing as JSON-ready objects; an unreadable message has `error` instead of envelope fields."""
+    result: list[dict[str, Any]] = []
+    for message in messages:
+        envelope = message.envelope
+        if envelope is None:
+            result.append({"id": message.queue_id, "queue": message.queue, "error": message.error})
+            continue
+        result.append({
+            "id": message.queue_id,
+            "queue": message.queue,
+            "age_seconds": max(0, int(now - envelope.arrival)),
+            "size": envelope.size,
+            "sender": envelope.sender,
+            "recipients": [
+                {
+                    "address": r.address,
+                    "state": message.recipient_state(r.state),
+                    "attempts": r.attempts,
+                    "last_reply": r.last_reply,
+                    "route": r.route,
+                }
+                for r in envelope.recipients
+            ],
+        })
+    return result
+
+
+def _printable(text: str) -> str:
+    """Escape control characters and surrogate escapes so one message stays one printable line."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)

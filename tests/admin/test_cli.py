@@ -1,0 +1,215 @@
+"""The `epost` admin command: check-config and queue, run through main() and the installed console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from epost.admin import queue_listing
+from epost.admin.cli import main
+from epost.queue.envelope import Envelope, Recipient
+from epost.tls import ensure_self_signed
+
+NOW = 1_800_000_000.0
+FIRST = "0190000000000A000"
+SECOND = "0190000000000B000"
+
+
+def write_config(path: Path, text: str = "") -> Path:
+    path.write_text('[server]\nhostname = "mx.example.test"\n' + text)
+    return path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str], str]:
+    status = main(list(argv), now=NOW)
+    out, err = capsys.readouterr()
+    return status, out.splitlines(), err
+
+
+def queue_message(spool: Path, queue: str, envelope: Envelope) -> None:
+    folder = spool / queue
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{envelope.queue_id}.msg").write_bytes(b"Subject: hi\r\n\r\nhello\r\n")
+    (folder / f"{envelope.queue_id}.env").write_bytes(envelope.to_bytes())
+
+
+# --- check-config -------------------------------------------------------------
+
+
+def test_check_config_good_config_prints_only_ok(tmp_path, capsys):
+    cert, key = ensure_self_signed(tmp_path / "tls", "mx.example.test")
+    for table in ("users", "aliases", "gateway.dat"):
+        (tmp_path / table).write_text("")
+    (tmp_path / "users").write_text("alice@example.test\n")
+    config = write_config(tmp_path / "epost.toml", (
+        f'tls_cert = "{cert}"\ntls_key = "{key}"\n'
+        '[routing]\nusers = "users"\naliases = "aliases"\ngateway_table = "gateway.dat"\n'
+    ))
+
+    assert run(capsys, "check-config", "--config", str(config)) == (0, [f"ok: {config}"], "")
+
+
+def test_check_config_bad_value_names_file_and_key(tmp_path, capsys):
+    config = write_config(tmp_path / "epost.toml", "[retry]\ninterval = -5\n")
+
+    status, out, _ = run(capsys, "--config", str(config), "check-config")
+
+    assert status == 1
+    assert out == [f"{config}:retry.interval: must be a positive integer, got -5"]
+
+
+def test_check_config_reports_bad_users_line_and_keeps_going(tmp_path, capsys):
+    (tmp_path / "users").write_text("alice@example.test\nnot an address\n")
+    config = write_config(tmp_path / "epost.toml", (
+        'tls_cert = "missing.pem"\ntls_key = "missing.key"\n[routing]\nusers = "users"\n'
+    ))
+
+    status, out, _ = run(capsys, "check-config", "--config", str(config))
+
+    assert status == 1
+    assert any(line.startswith(f"{tmp_path / 'users'}:2: bad address") for line in out)
+    assert f"{tmp_path / 'missing.pem'}: cannot read certificate: No such file or directory" in out
+    assert not any(line.startswith("ok:") for line in out)
+
+
+def test_check_config_mentions_missing_users_file_without_failing(tmp_path, capsys):
+    config = write_config(tmp_path / "epost.toml")
+
+    status, out, _ = run(capsys, "check-config", "--config", str(config))
+
+    assert status == 0
+    assert f"{tmp_path / 'etc' / 'users'}: not found (empty table)" in out
+    assert out[-1] == f"ok: {config}"
+
+
+def test_check_config_without_config_uses_built_in_defaults(capsys):
+    status, out, _ = run(capsys, "check-config")
+    assert (status, out[-1]) == (0, "ok: built-in defaults")
+
+
+def test_unknown_subcommand_is_a_usage_error(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+# --- queue ----------------------------------------------------------------------
+
+
+def test_queue_on_an_empty_spool(tmp_path, capsys):
+    (tmp_path / "spool" / "incoming").mkdir(parents=True)
+    assert run(capsys, "queue", "--spool", "spool") == (0, ["queue is empty"], "")
+
+
+def test_queue_without_a_spool_folder_says_so(tmp_path, capsys):
+    status, out, err = run(capsys, "--spool", "nowhere", "queue")
+    assert (status, out) == (1, [])
+    assert err == f"epost: {tmp_path / 'nowhere'}: no spool folder (give --spool or --config)\n"
+
+
+def make_spool(spool: Path) -> None:
+    queue_message(spool, "hold", Envelope(
+        SECOND, "", (Recipient("carol@example.org"),), arrival=NOW - 2 * 3600 - 59, size=2048,
+    ))
+    queue_message(spool, "incoming", Envelope(
+        FIRST, "alice@example.test",
+        (
+            Recipient("bob@example.org", route={"kind": "relay"}, attempts=1, last_reply="451 4.7.1 later"),
+            Recipient("dave@example.test", state="delivered", attempts=1, last_reply="250 ok"),
+        ),
+        arrival=NOW - 3 * 60 - 5, size=1234,
+    ))
+
+
+def test_queue_lists_each_message_with_recipient_states_and_age(tmp_path, capsys):
+    make_spool(tmp_path / "spool")
+
+    status, out, _ = run(capsys, "queue", "--spool", "spool")
+
+    assert status == 0
+    assert [line.split() for line in out] == [
+        [FIRST, "3m", "1234", "<alice@example.test>", "bob@example.org(incoming)", "dave@example.test(delivered)"],
+        [SECOND, "2h", "2048", "<>", "carol@example.org(held)"],
+        ["2", "messages"],
+    ]
+
+
+def test_queue_json_is_machine_readable(tmp_path, capsys):
+    config = write_config(tmp_path / "epost.toml", 'spool = "spool"\n')
+    make_spool(tmp_path / "spool")
+
+    status, out, _ = run(capsys, "queue", "--json", "--config", str(config))
+
+    listing = json.loads("\n".join(out))
+    assert status == 0
+    assert [(m["id"], m["queue"], m["age_seconds"], m["size"], m["sender"]) for m in listing] == [
+        (FIRST, "incoming", 185, 1234, "alice@example.test"),
+        (SECOND, "hold", 7259, 2048, ""),
+    ]
+    assert listing[0]["recipients"][0] == {
+        "address": "bob@example.org", "state": "incoming", "attempts": 1,
+        "last_reply": "451 4.7.1 later", "route": {"kind": "relay"},
+    }
+    assert listing[1]["recipients"][0]["state"] == "held"
+
+
+def test_queue_reports_a_corrupt_envelope_and_lists_the_rest(tmp_path, capsys):
+    spool = tmp_path / "spool"
+    make_spool(spool)
+    (spool / "deferred").mkdir()
+    (spool / "deferred" / "0190000000000C000.env").write_bytes(b"{not json")
+
+    status, out, _ = run(capsys, "queue", "--spool", "spool")
+
+    assert status == 0
+    assert out[2].startswith("0190000000000C000: unreadable envelope (")
+    assert "corrupt envelope" in out[2]
+    assert out[-1] == "3 messages"
+
+
+def test_queue_skips_a_message_that_vanishes_while_listing(tmp_path, capsys, monkeypatch):
+    make_spool(tmp_path / "spool")
+    real_listdir = os.listdir
+    monkeypatch.setattr(
+        queue_listing.os, "listdir", lambda folder: [*real_listdir(folder), "0190000000000D000.env"]
+    )
+
+    status, out, _ = run(capsys, "queue", "--spool", "spool")
+
+    assert status == 0
+    assert [line.split()[0] for line in out] == [FIRST, SECOND, "2"]
+
+
+def test_queue_escapes_control_characters_in_addresses(tmp_path, capsys):
+    queue_message(tmp_path / "spool", "deferred", Envelope(
+        FIRST, "evil\n@example.test", (Recipient("x\udcff@example.org"),), arrival=NOW, size=1,
+    ))
+
+    status, out, _ = run(capsys, "queue", "--spool", "spool")
+
+    assert out == [f"{FIRST}   0s         1 <evil\\n@example.test> x\\udcff@example.org(deferred)", "1 message"]
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [(-5, "0s"), (59, "59s"), (60, "1m"), (7199, "1h"), (86400 * 3, "3d")])
+def test_age_is_shown_in_its_largest_whole_unit(seconds, shown):
+    assert queue_listing.format_age(seconds) == shown
+
+
+# --- the installed console script -----------------------------------------------
+
+
+def test_installed_console_script_runs_check_config(tmp_path):
+    config = write_config(tmp_path / "epost.toml")
+    script = Path(sys.executable).parent / "epost"
+
+    result = subprocess.run(
+        [str(script), "check-config", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.splitlines()[-1] == f"ok: {config}"
