@@ -19,6 +19,10 @@ from epost.config import Config
 from epost.queue.runner import LocalDeliveryRunner
 from epost.queue.spool import Spool
 from epost.queue.worker_client import SpoolWorkerService
+from epost.routing.aliases import load_aliases
+from epost.routing.gateway import load_gateway_table
+from epost.routing.live import LiveTable, TableWatcher
+from epost.routing.resolver import GatewayRouter, LocalRouter, MXRouter, Resolver, SmartHostRouter
 from epost.routing.users import load_users
 from epost.smtp.factory import ConnectionLimits, SMTPFactory
 from epost.smtp.policy import RecipientPolicy
@@ -90,11 +94,31 @@ def listener_settings(config: Config, listener: str) -> ServerSettings:
     )
 
 
-class Tables:
-    """The current lookup tables; a reload replaces attributes atomically."""
+def build_routing(config: Config, reactor=None, threadpool=None):
+    """The live tables, the resolver chain and the recipient policy, from the config.
 
-    def __init__(self, config: Config):
-        self.users = load_users(config.routing.users)
+    Shared by the daemon and `epost route`, so both decide the same way.
+    """
+    routing = config.routing
+    users = LiveTable(routing.users, load_users)
+    aliases = LiveTable(routing.aliases, load_aliases)
+    gateway = LiveTable(routing.gateway_table, load_gateway_table)
+    local_domains = frozenset(routing.local_domains)
+    routers = [] if routing.forward_all_to_gateway else [LocalRouter(local_domains, users)]
+    routers.append(GatewayRouter(gateway))
+    if routing.smtp_gateway is not None:
+        routers.append(SmartHostRouter(routing.smtp_gateway))
+    routers.append(MXRouter())
+    resolver = Resolver(routers, aliases, local_domains)
+    policy = RecipientPolicy(
+        resolver,
+        local_domains=local_domains,
+        relay_domains=routing.relay_domains,
+        relay_networks=config.server.relay_networks,
+        gateway=gateway,
+        aliases=aliases,
+    )
+    return [users, aliases, gateway], resolver, policy
 
 
 def make_service(config: Config, reactor=None) -> service.MultiService:
@@ -112,8 +136,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     worker = SpoolWorkerService(spool, config.server.hostname, reactor)
     worker.setServiceParent(top)
     top.stop_last = [worker, pool_service]
-    tables = Tables(config)
-    policy = RecipientPolicy(config.routing.local_domains, users=lambda: tables.users)
+    tables, resolver, policy = build_routing(config)
+    TableWatcher(tables, reactor, pool).setServiceParent(top)
     receiver = SpoolingReceiver(worker, policy, config.server.hostname, now=reactor.seconds)
     limits = ConnectionLimits(config.server.max_connections, config.server.max_connections_per_client)
     tls = context_for(config)
@@ -141,5 +165,5 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
                 factory = TLSMemoryBIOFactory(tls, False, factory)  # implicit TLS with our certificate
             strports.service(description, factory, reactor=reactor).setServiceParent(top)
 
-    top.spool, top.runner, top.tables, top.limits = spool, runner, tables, limits
+    top.spool, top.runner, top.tables, top.resolver, top.limits = spool, runner, tables, resolver, limits
     return top

@@ -29,7 +29,7 @@ from epost.queue.envelope import Envelope
 QUEUES = ("incoming", "deferred", "hold")
 FOLDERS = (*QUEUES, "tmp", "domains", "mailboxes", "log")
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-_QUEUE_ID = re.compile(r"[0-9A-F]{17}")
+QUEUE_ID = re.compile(r"[0-9A-F]{17}")
 
 log = Logger()
 
@@ -188,7 +188,7 @@ class Spool:
                 names = os.listdir(self.root / folder)
             except FileNotFoundError:
                 continue
-            ids.update(n[:17] for n in names if _QUEUE_ID.fullmatch(n[:17]))
+            ids.update(n[:17] for n in names if QUEUE_ID.fullmatch(n[:17]))
         return ids
 
     # -- receiving -----------------------------------------------------------
@@ -298,7 +298,7 @@ class Spool:
         queued = []
         for name in names:
             stem, _, suffix = name.partition(".")
-            if not _QUEUE_ID.fullmatch(stem):
+            if not QUEUE_ID.fullmatch(stem):
                 continue
             if suffix == "msg" and f"{stem}.env" not in names:
                 _unlink(incoming / name)
@@ -342,7 +342,7 @@ class Spool:
         """Checks both names, so an ID from the command line can never reach outside the spool."""
         if queue not in QUEUES:
             raise ValueError(f"unknown queue {queue!r}")
-        if not _QUEUE_ID.fullmatch(queue_id):
+        if not QUEUE_ID.fullmatch(queue_id):
             raise ValueError(f"bad queue id {queue_id!r}")
         return self.root / queue
 

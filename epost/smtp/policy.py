@@ -1,44 +1,99 @@
-"""Which recipients a listener accepts, and the route each one gets.
+"""Which recipients a listener accepts (SPEC §3.4), and their routes.
 
-The decision is a pure function of the recipient and the tables; the
-`RecipientPolicy` object only fetches the current tables, which a reload
-may swap at any time.
+`may_relay` is a pure function of plain values: it is the open-relay guard,
+property-tested against every address form. `RecipientPolicy` only fetches
+the current tables (a reload may swap them at any time) and asks the
+resolver for the routes of what it accepts.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import ipaddress
+from typing import Callable, Iterable
 
 from epost.smtp.address import Address
 from epost.smtp.interfaces import Rejected, Reply, Session
 
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
-UNKNOWN_USER = Reply(550, "5.1.1", "User unknown in local recipient table")
+ALIAS_LOOP = Reply(550, "5.4.6", "Alias expansion loop")
 
 
-def decide_recipient(
+def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client's IP, with IPv4-mapped IPv6 (dual-stack listeners) unwrapped."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def may_relay(
     recipient: Address,
     *,
-    local_domains: frozenset[str],
-    mailbox_of: Callable[[Address], str | None],
-) -> dict:
-    """The route for an accepted recipient; raises Rejected otherwise.
+    client_ip: str,
+    authenticated: bool,
+    relay_networks: Iterable,
+    open_destination: Callable[[Address], bool],
+) -> bool:
+    """True when this client may send to this recipient.
 
-    Only local mailboxes are accepted until relaying lands; an address
-    literal is never local, whatever IP it names.
+    Anyone may send to an open destination (a local, alias, operated or
+    relay domain); trusted networks and authenticated clients may send
+    anywhere. `open_destination` sees only the canonical domain, so no
+    address form (%, !, source route, quoting, literal, trailing dot, case)
+    can make a foreign domain look local.
     """
-    if recipient.domain in local_domains:
-        mailbox = mailbox_of(recipient)
-        if mailbox is None:
-            raise Rejected(UNKNOWN_USER)
-        return {"kind": "local", "mailbox": mailbox}
-    raise Rejected(RELAY_DENIED)
+    if authenticated or open_destination(recipient):
+        return True
+    ip = client_address(client_ip)
+    return ip is not None and any(ip in network for network in relay_networks)
 
 
 class RecipientPolicy:
-    def __init__(self, local_domains: tuple[str, ...], users: Callable[[], object]):
+    def __init__(
+        self,
+        resolver,
+        *,
+        local_domains: Iterable[str],
+        relay_domains: Iterable[str],
+        relay_networks: Iterable,
+        gateway: Callable[[], object],
+        aliases: Callable[[], object],
+    ):
+        self.resolver = resolver
         self.local_domains = frozenset(local_domains)
-        self.users = users  # returns the current Users table
+        self.relay_domains = frozenset(relay_domains)
+        self.relay_networks = tuple(relay_networks)
+        self.gateway = gateway  # the current GatewayTable
+        self.aliases = aliases  # the current Aliases
 
-    def route_for(self, session: Session, recipient: Address) -> dict:
-        return decide_recipient(recipient, local_domains=self.local_domains, mailbox_of=self.users().mailbox)
+    def open_destination(self, recipient: Address) -> bool:
+        domain = recipient.domain
+        return (
+            domain in self.local_domains
+            or domain in self.relay_domains
+            or self.gateway().is_operated(domain)
+            or self.aliases().lookup(recipient, self.local_domains) is not None
+        )
+
+    def route_for(self, session: Session, recipient: Address) -> list[dict]:
+        """The final recipients with their routes (stored in the envelope);
+        raises Rejected when the client may not relay or nothing can be
+        delivered."""
+        if not may_relay(
+            recipient,
+            client_ip=session.client_ip,
+            authenticated=session.user is not None,
+            relay_networks=self.relay_networks,
+            open_destination=self.open_destination,
+        ):
+            raise Rejected(RELAY_DENIED)
+        try:
+            resolution = self.resolver.resolve(recipient)
+        except ValueError as error:  # AliasError: a loop or too deep
+            raise Rejected(Reply(ALIAS_LOOP.code, ALIAS_LOOP.enhanced, str(error))) from None
+        if resolution.rejected:
+            raise Rejected(resolution.finals[0][1].reply)
+        return [{"address": str(final), "route": route.to_dict()} for final, route in resolution.finals]

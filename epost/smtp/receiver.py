@@ -35,6 +35,25 @@ def received_header(session: Session, hostname: str, queue_id: str, recipients: 
     return "\r\n\t".join(lines).encode("utf-8", "replace") + b"\r\n"
 
 
+def envelope_recipients(accepted: list[tuple[Address, list[dict]]]) -> tuple[Recipient, ...]:
+    """One envelope recipient per final address (after alias expansion),
+    first occurrence kept; a final the routers refused is recorded as
+    failed with its reply, for the bounce."""
+    seen: dict[str, Recipient] = {}
+    for _, finals in accepted:
+        for final in finals:
+            route = final["route"]
+            if final["address"] in seen:
+                continue
+            if route["kind"] == "reject":
+                reply = route["reply"]
+                last = f"{reply['code']} {reply['enhanced']} {reply['text']}"
+                seen[final["address"]] = Recipient(final["address"], route=route, state="failed", last_reply=last)
+            else:
+                seen[final["address"]] = Recipient(final["address"], route=route)
+    return tuple(seen.values())
+
+
 def _client_text(session: Session) -> str:
     return f"{session.client_name or 'unknown'} [{session.client_ip}]"
 
@@ -68,7 +87,7 @@ class SpoolMessage:
         envelope = Envelope(
             queue_id=self.queue_id,
             sender=str(self._sender) if self._sender else "",
-            recipients=tuple(Recipient(str(address), route=route) for address, route in self._recipients),
+            recipients=envelope_recipients(self._recipients),
             arrival=self._now(),
             size=self._writer.size,
             client=_client_text(self._session),

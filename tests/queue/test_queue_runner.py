@@ -7,12 +7,12 @@ from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 import epost.queue.runner as runner_module
+from fakes import ClockReactor, SynchronousThreadPool
+
 from epost.delivery.maildir import MaildirBatch
 from epost.queue.envelope import Envelope, Recipient
 from epost.queue.runner import LocalDeliveryRunner
@@ -24,23 +24,6 @@ CONTENT = b"Subject: hi\r\n\r\nbody\r\n"
 def local(address: str) -> Recipient:
     user, domain = address.split("@")
     return Recipient(address, {"kind": "local", "mailbox": f"{domain}/{user}"})
-
-
-class SynchronousThreadPool:
-    """Runs 'threaded' work at once, so a Clock can drive the whole runner."""
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
-class ClockReactor(Clock):
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
 
 
 class RunnerTestCase(unittest.TestCase):
