@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Sets up everything the tests need on a fresh Debian machine, then runs them.
+# Usage: bash scripts/test.sh [pytest args]     (STRESS=1 also runs the long stress tests)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian tools the end-to-end tests drive (real SMTP client, real DNS server).
+need=()
+command -v swaks >/dev/null || need+=(swaks)
+command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
+  else
+    echo "missing Debian packages: ${need[*]} (run as root or install them)" >&2
+  fi
+fi
+
+# The project and its test extra, editable in compat mode so that twistd
+# finds twisted/plugins/epost_plugin.py through sys.path.
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]' --config-settings editable_mode=compat
+
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
