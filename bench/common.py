@@ -105,12 +105,7 @@ class Epost:
         return sum(1 for p in (self.spool / "incoming").iterdir() if p.suffix == ".env")
 
     def wait_until_drained(self, timeout: float = 600) -> float:
-        start = time.monotonic()
-        while self.queued():
-            if time.monotonic() - start > timeout:
-                raise RuntimeError("local delivery did not drain the queue")
-            time.sleep(0.05)
-        return time.monotonic() - start
+        return wait_until_empty(self.queued, timeout)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -140,16 +135,21 @@ class Postfix:
         return len([line for line in out.splitlines() if line.strip()])
 
     def wait_until_drained(self, timeout: float = 600) -> float:
-        start = time.monotonic()
-        while self.queued():
-            if time.monotonic() - start > timeout:
-                raise RuntimeError("postfix did not drain its queue")
-            time.sleep(0.1)
-        return time.monotonic() - start
+        return wait_until_empty(self.queued, timeout)
 
     def stop(self) -> None:
         self.sink.terminate()
         subprocess.run(["postfix", "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_until_empty(queued, timeout: float) -> float:
+    """Seconds until `queued()` is 0 (the server has delivered everything)."""
+    start = time.monotonic()
+    while queued():
+        if time.monotonic() - start > timeout:
+            raise RuntimeError("the queue did not drain")
+        time.sleep(0.05)
+    return time.monotonic() - start
 
 
 def smtp_source(port: int, messages: int, size: int, sessions: int, to: str) -> float:
