@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import sys
+import zlib
 from typing import Any
 
 from twisted.application.service import Service
@@ -175,7 +176,10 @@ class SpoolWorkerService(Service):
         return self._throttles[self._index(queue_id)]
 
     def _index(self, queue_id: str) -> int:
-        return int(queue_id[-4:], 16) % len(self._protocols)
+        """The worker that owns this message (its content, commit and delivery).
+
+        A hash, not the ID's digits: the counter digits are mostly zero."""
+        return zlib.crc32(queue_id.encode("ascii")) % len(self._protocols)
 
     def worker_ended(self, index: int, reason) -> None:
         self._protocols[index] = None
