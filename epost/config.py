@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.testing import MemoryReactor
 
 from epost.smtp.address import normalize_domain
 
@@ -241,6 +239,10 @@ def _endpoint(value: Any) -> str:
     environment to build (systemd:, plugins) only have to be known types."""
     text = _string(value)
     kind, _, rest = text.partition(":")
+    # Imported here: loading Twisted's endpoint parsers costs the admin command a third of a second.
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
     try:
         serverFromString(MemoryReactor(), text)
     except Exception as e:

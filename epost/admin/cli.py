@@ -17,14 +17,10 @@ from pathlib import Path
 from epost.admin.queue_listing import format_text, read_queue, to_json
 from epost.config import Config, ConfigError, load_config
 from epost.routing.aliases import check_loops, load_aliases
-from epost.routing.dns import DNSError, MXResolver
 from epost.routing.gateway import load_gateway_table
-from epost.routing.resolver import Route
 from epost.routing.tables import TableError
 from epost.routing.users import load_users
-from epost.service import build_routing
 from epost.smtp.address import parse_mailbox
-from epost.tls import TLSConfigError, server_context
 
 # Config key under [routing] -> parser, or None while that table has no parser yet
 # (its file is still checked for existence).
@@ -116,6 +112,8 @@ def _check_tables(config: Config) -> Iterator[tuple[bool, str]]:
 
 def _check_tls(config: Config) -> Iterator[tuple[bool, str]]:
     """The configured certificate and key must load and match; a self-signed pair is made by the daemon."""
+    from epost.tls import TLSConfigError, server_context  # pyOpenSSL: only when there is a certificate
+
     cert, key = config.server.tls_cert, config.server.tls_key
     if cert is not None and key is not None:
         try:
@@ -126,6 +124,8 @@ def _check_tls(config: Config) -> Iterator[tuple[bool, str]]:
 
 def show_route(args: argparse.Namespace, now: float) -> int:
     """SPEC §8: one line per alias step, then one per final recipient; 1 when all are rejected."""
+    from epost.routing.dns import MXResolver
+    from epost.service import build_routing  # the daemon's own chain; heavy imports, only here
     try:
         config = _load(args)
         _, resolver, _ = build_routing(config)
@@ -149,8 +149,10 @@ def show_route(args: argparse.Namespace, now: float) -> int:
     return 1 if rejected == len(resolution.finals) else 0
 
 
-def _describe(route: Route, dns: MXResolver | None) -> tuple[str, str]:
+def _describe(route, dns) -> tuple[str, str]:
     """The route's kind and target; a domain DNS says cannot take mail is a reject."""
+    from epost.routing.dns import DNSError
+
     try:
         return route.kind, _target(route, dns)
     except DNSError as error:
@@ -159,7 +161,7 @@ def _describe(route: Route, dns: MXResolver | None) -> tuple[str, str]:
         return route.kind, f"MX of {route.mx_domain} (temporary failure: {error})"
 
 
-def _target(route: Route, dns: MXResolver | None) -> str:
+def _target(route, dns) -> str:
     if route.kind == "local":
         return f"mailbox {route.mailbox}"
     if route.kind == "reject":
