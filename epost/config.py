@@ -62,6 +62,10 @@ class ServerConfig:
     max_bad_commands: int = 20
     max_connections: int = 2000
     max_connections_per_client: int = 50
+    # Submission: an authenticated user may use only their own address or
+    # an alias of it as MAIL FROM (Postfix: reject_sender_login_mismatch).
+    check_sender_ownership: bool = True
+    auth_failures_before_cutoff: int = 5  # per client IP within 5 minutes; then 421 4.7.0
 
 
 @dataclass(frozen=True)
@@ -289,6 +293,8 @@ SCHEMA: dict[str, dict[str, Converter]] = {
         "max_bad_commands": _POSITIVE,
         "max_connections": _POSITIVE,
         "max_connections_per_client": _POSITIVE,
+        "check_sender_ownership": _boolean,
+        "auth_failures_before_cutoff": _POSITIVE,
     },
     "routing": {
         "local_domains": _list(_domain),

@@ -16,6 +16,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from epost.config import Config
+from epost.auth import UsersChecker, make_portal
 from epost.queue.runner import LocalDeliveryRunner
 from epost.queue.spool import Spool
 from epost.queue.worker_client import SpoolWorkerService
@@ -28,6 +29,7 @@ from epost.smtp.factory import ConnectionLimits, SMTPFactory
 from epost.smtp.policy import RecipientPolicy
 from epost.smtp.receiver import SpoolingReceiver
 from epost.smtp.server import ServerSettings
+from epost.smtp.throttle import AuthThrottle
 from epost.tls import context_for
 
 log = Logger()
@@ -91,6 +93,7 @@ def listener_settings(config: Config, listener: str) -> ServerSettings:
         data_timeout=server.data_timeout,
         max_bad_commands=server.max_bad_commands,
         require_auth=listener != "relay",
+        allow_plaintext_auth=server.allow_plaintext_auth,
     )
 
 
@@ -117,6 +120,7 @@ def build_routing(config: Config, reactor=None, threadpool=None):
         relay_networks=config.server.relay_networks,
         gateway=gateway,
         aliases=aliases,
+        check_sender_ownership=config.server.check_sender_ownership,
     )
     return [users, aliases, gateway], resolver, policy
 
@@ -141,6 +145,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     receiver = SpoolingReceiver(worker, policy, config.server.hostname, now=reactor.seconds)
     limits = ConnectionLimits(config.server.max_connections, config.server.max_connections_per_client)
     tls = context_for(config)
+    portal = make_portal(UsersChecker(tables[0], reactor, pool))
+    throttle = AuthThrottle(reactor, cutoff=config.server.auth_failures_before_cutoff)
 
     # The runner goes first: its start-up recovery empties tmp/, which must
     # happen before any listener could be writing there.
@@ -160,7 +166,9 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
         ("smtps", config.server.smtps),
     ):
         for description in endpoints:
-            factory = SMTPFactory(receiver, listener_settings(config, listener), reactor, limits, tls_context=tls)
+            factory = SMTPFactory(
+                receiver, listener_settings(config, listener), reactor, limits, tls_context=tls, portal=portal, throttle=throttle
+            )
             if listener == "smtps" and description.split(":", 1)[0] in ("tcp", "tcp6"):
                 factory = TLSMemoryBIOFactory(tls, False, factory)  # implicit TLS with our certificate
             strports.service(description, factory, reactor=reactor).setServiceParent(top)

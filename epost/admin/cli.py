@@ -7,8 +7,10 @@ the daemon's own flags.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,11 +18,12 @@ from pathlib import Path
 
 from epost.admin.queue_listing import format_text, read_queue, to_json
 from epost.config import Config, ConfigError, load_config
+from epost.fsutil import write_atomically
 from epost.routing.aliases import check_loops, load_aliases
 from epost.routing.gateway import load_gateway_table
 from epost.routing.tables import TableError
-from epost.routing.users import load_users
-from epost.smtp.address import parse_mailbox
+from epost.routing.users import split_hash, load_users, parse_user_line
+from epost.smtp.address import Address, parse_mailbox
 
 # Config key under [routing] -> parser, or None while that table has no parser yet
 # (its file is still checked for existence).
@@ -65,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     queue = commands.add_parser("queue", parents=[common], help="list queued messages")
     queue.add_argument("--json", action="store_true", help="machine-readable output")
     queue.set_defaults(run=list_queue)
+
+    passwd = commands.add_parser("passwd", parents=[common], help="set a user's password in the users file")
+    passwd.add_argument("address", help="the account, e.g. alice@example.jp (added if new)")
+    passwd.add_argument("--stdin", action="store_true", help="read the password from one line of standard input")
+    passwd.set_defaults(run=set_password)
     return parser
 
 
@@ -190,6 +198,90 @@ def list_queue(args: argparse.Namespace, now: float) -> int:
     else:
         print("\n".join(format_text(messages, now)))
     return 0
+
+
+def set_password(args: argparse.Namespace, now: float) -> int:
+    """SPEC §8: hash a new password into the users file, replacing the account's line or adding one."""
+    from epost.auth import hash_password  # twisted.cred: only here
+
+    try:
+        user = parse_user_line(args.address.strip())
+        if user.password_hash is not None:
+            raise ValueError("give the address alone, without ':'")
+    except ValueError as error:  # AddressError is a ValueError
+        print(f"epost: {args.address}: {error}", file=sys.stderr)
+        return 1
+    try:
+        path: Path = _load(args).routing.users
+    except ConfigError as error:
+        print(f"epost: {error}", file=sys.stderr)
+        return 1
+    try:
+        load_users(path)  # a file with a bad line is refused, never rewritten
+        try:
+            old, mode = path.read_bytes(), stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            old, mode = b"", 0o600
+    except TableError as error:
+        print(f"epost: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"epost: {path}: cannot read: {error.strerror or error}", file=sys.stderr)
+        return 1
+    password = _read_password(args.stdin)
+    if password is None:
+        return 1
+    try:
+        write_atomically(path, _with_hash(old, user.address, hash_password(password)), mode=mode)
+    except OSError as error:
+        print(f"epost: {path}: cannot write: {error.strerror or error}", file=sys.stderr)
+        return 1
+    print(f"password set for {user.address}")
+    return 0
+
+
+def _with_hash(data: bytes, address: Address, password_hash: str) -> bytes:
+    """The users file `data` (already validated) with `address`'s hash replaced, or its line appended.
+
+    Every other byte is kept: comments, other lines, line endings, and the
+    address as the operator wrote it.
+    """
+    lines = data.splitlines(keepends=True)  # the same line split as read_table_lines()
+    for index, raw in enumerate(lines):
+        text = raw.decode("utf-8").strip()
+        if text and not text.startswith("#") and parse_user_line(text).address == address:
+            body = raw.rstrip(b"\r\n")
+            indent = body[: len(body) - len(body.lstrip())]
+            written = split_hash(text)[0].rstrip().encode("utf-8")
+            lines[index] = indent + written + b":" + password_hash.encode("ascii") + raw[len(body) :]
+            return b"".join(lines)
+    if lines and not lines[-1].endswith((b"\n", b"\r")):
+        lines[-1] += b"\n"
+    lines.append(f"{address}:{password_hash}\n".encode("utf-8"))
+    return b"".join(lines)
+
+
+def _read_password(from_stdin: bool) -> str | None:
+    """One line of stdin (line ending removed), or the same password typed twice; None after saying why."""
+    if from_stdin:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    elif not sys.stdin.isatty():
+        print("epost: standard input is not a terminal (use --stdin)", file=sys.stderr)
+        return None
+    else:
+        try:
+            password = getpass.getpass("New password: ")
+            if password and getpass.getpass("Retype new password: ") != password:
+                print("epost: passwords do not match", file=sys.stderr)
+                return None
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            print("epost: no password given", file=sys.stderr)
+            return None
+    if not password:
+        print("epost: empty password refused", file=sys.stderr)
+        return None
+    return password
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def load_users(path: Path) -> Users:
 
 def parse_user_line(text: str) -> User:
     """`user@domain[:HASH]` -> User; AddressError (a ValueError) saying what is wrong."""
-    address_text, password_hash = _split_hash(text)
+    address_text, password_hash = split_hash(text)
     try:
         address = _canonical(parse_mailbox(address_text.strip()))
     except AddressError as error:
@@ -83,7 +83,7 @@ def parse_user_line(text: str) -> User:
     return User(address, password_hash)
 
 
-def _split_hash(text: str) -> tuple[str, str | None]:
+def split_hash(text: str) -> tuple[str, str | None]:
     """(address, hash or None): the address ends at the first ':' leaving a valid mailbox on its left,
     since a quoted local part may itself hold ':'."""
     start = 0

@@ -49,7 +49,18 @@ class ConnectionLimits:
 
 class SMTPFactory(Factory):
     noisy = False  # one log line per listener is enough; twistd logs the port
-    def __init__(self, receiver: IReceiver, settings: ServerSettings, clock: IReactorTime, limits: ConnectionLimits, tls_context=None):
+    def __init__(
+        self,
+        receiver: IReceiver,
+        settings: ServerSettings,
+        clock: IReactorTime,
+        limits: ConnectionLimits,
+        tls_context=None,
+        portal=None,
+        throttle=None,
+    ):
+        self.portal = portal
+        self.throttle = throttle
         self.receiver = receiver
         self.settings = settings
         self.clock = clock
@@ -61,6 +72,14 @@ class SMTPFactory(Factory):
         refusal = self.limits.admit(ip)
         if refusal is not None:
             return _Refuse(Reply(refusal.code, refusal.enhanced, f"{self.settings.hostname} {refusal.text}"))
-        protocol = SMTPServer(self.receiver, self.settings, self.clock, self.tls_context, on_close=lambda: self.limits.release(ip))
+        protocol = SMTPServer(
+            self.receiver,
+            self.settings,
+            self.clock,
+            self.tls_context,
+            on_close=lambda: self.limits.release(ip),
+            portal=self.portal,
+            throttle=self.throttle,
+        )
         protocol.factory = self
         return protocol

@@ -51,6 +51,11 @@ class Session:
     user: str | None  # authenticated account
 
 
+class IAccount(Interface):
+    """What a successful AUTH yields through twisted.cred: the avatar is the
+    account's canonical address (e.g. "alice@example.jp")."""
+
+
 class IMessageWriter(Interface):
     """One message being received; content arrives in chunks."""
 

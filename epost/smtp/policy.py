@@ -51,6 +51,19 @@ def may_relay(
     return ip is not None and any(ip in network for network in relay_networks)
 
 
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by user")
+
+
+def sender_owned(sender: Address, user: str, aliases, local_domains: frozenset[str]) -> bool:
+    """May the account `user` send as `sender`? Its own address, or an alias
+    that delivers to it (Postfix's smtpd_sender_login_maps, from the tables
+    we already have)."""
+    if str(sender).lower() == user.lower():
+        return True
+    entry = aliases.lookup(sender, local_domains)
+    return entry is not None and any(str(target).lower() == user.lower() for target in entry.targets)
+
+
 class RecipientPolicy:
     def __init__(
         self,
@@ -61,6 +74,7 @@ class RecipientPolicy:
         relay_networks: Iterable,
         gateway: Callable[[], object],
         aliases: Callable[[], object],
+        check_sender_ownership: bool = True,
     ):
         self.resolver = resolver
         self.local_domains = frozenset(local_domains)
@@ -68,6 +82,13 @@ class RecipientPolicy:
         self.relay_networks = tuple(relay_networks)
         self.gateway = gateway  # the current GatewayTable
         self.aliases = aliases  # the current Aliases
+        self.check_sender_ownership = check_sender_ownership
+
+    def check_sender(self, session: Session, sender: Address | None) -> None:
+        """Raises Rejected when an authenticated user sends as someone else."""
+        if session.user is not None and sender is not None and self.check_sender_ownership:
+            if not sender_owned(sender, session.user, self.aliases(), self.local_domains):
+                raise Rejected(SENDER_NOT_OWNED)
 
     def open_destination(self, recipient: Address) -> bool:
         domain = recipient.domain

@@ -115,7 +115,7 @@ class SpoolingReceiver:
         self.now = now
 
     def check_sender(self, session: Session, sender: Address | None, params: dict) -> None:
-        return None
+        self.policy.check_sender(session, sender)
 
     def check_recipient(self, session: Session, sender: Address | None, recipient: Address):
         return self.policy.route_for(session, recipient)

@@ -16,10 +16,13 @@ Promises kept here:
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Callable
 
-from twisted.internet import defer
+from twisted.cred import credentials
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITLSTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -28,7 +31,8 @@ from twisted.python.failure import Failure
 from epost.smtp.address import Address
 from epost.smtp.commands import CommandSyntaxError, parse_mail, parse_rcpt, split_command
 from epost.smtp.data import MAX_LINE, DataReader
-from epost.smtp.interfaces import IMessageWriter, IReceiver, Rejected, Reply, Session
+from epost.smtp.interfaces import IAccount, IMessageWriter, IReceiver, Rejected, Reply, Session
+from epost.smtp.throttle import AuthThrottle
 
 log = Logger()
 
@@ -48,6 +52,7 @@ class ServerSettings:
     data_timeout: float = 600
     max_bad_commands: int = 20
     require_auth: bool = False  # submission / smtps
+    allow_plaintext_auth: bool = False  # AUTH before TLS
 
 
 def _reply(code: int, enhanced: str, text: str) -> Reply:
@@ -58,6 +63,8 @@ OK = _reply(250, "2.0.0", "Ok")
 NEED_HELO = _reply(503, "5.5.1", "Error: send HELO/EHLO first")
 LINE_TOO_LONG = _reply(500, "5.5.2", "Error: line too long")
 BARE_NEWLINE_COMMAND = _reply(500, "5.5.2", "Error: bare <CR> or <LF> in command")
+AUTH_INVALID = _reply(535, "5.7.8", "Authentication credentials invalid")
+TOO_MANY_AUTH_FAILURES = _reply(421, "4.7.0", "Too many authentication failures, try later")
 
 
 def tls_version(transport) -> str | None:
@@ -85,12 +92,19 @@ class SMTPServer(Protocol):
         clock: IReactorTime,
         tls_context=None,
         on_close: Callable[[], None] | None = None,
+        portal=None,
+        throttle: AuthThrottle | None = None,
     ):
+        """`portal` (twisted.cred) enables AUTH; `throttle` is shared by
+        every session so that failures count per client IP."""
         self.receiver = receiver
         self.settings = settings
         self.clock = clock
         self.tls_context = tls_context
+        self.portal = portal
+        self.throttle = throttle or AuthThrottle(clock)
         self._on_close = on_close
+        self._auth_next: Callable[[str], object] | None = None  # the next line answers a 334
         self._buffer = b""
         self._discard_line = False  # inside an over-long command line
         self._busy = False
@@ -192,7 +206,7 @@ class SMTPServer(Protocol):
                 if len(line) > MAX_LINE - 2:
                     self._error(LINE_TOO_LONG)
                     continue
-                result = self._command(line)
+                result = self._line(line)
                 if isinstance(result, defer.Deferred):
                     self._wait(result)
         finally:
@@ -200,6 +214,8 @@ class SMTPServer(Protocol):
 
     def _wait(self, deferred: defer.Deferred) -> None:
         """Hold back further commands until `deferred` has sent its reply."""
+        if self._closed:
+            return
         self._busy = True
         self.transport.pauseProducing()
         deferred.addErrback(self._internal_error)
@@ -234,13 +250,22 @@ class SMTPServer(Protocol):
 
     # -- commands -----------------------------------------------------------
 
-    def _command(self, line: bytes):
+    def _line(self, line: bytes):
+        """One complete line: an AUTH response if a 334 is waiting, else a command."""
         if b"\r" in line or b"\n" in line:
+            self._auth_next = None
             return self._error(BARE_NEWLINE_COMMAND)
         try:
             text = line.decode("ascii")
         except UnicodeDecodeError:
+            self._auth_next = None
             return self._error(_reply(500, "5.5.2", "Error: 8-bit characters in command"))
+        if self._auth_next is not None:
+            answer, self._auth_next = self._auth_next, None
+            return answer(text)
+        return self._command(text)
+
+    def _command(self, text: str):
         verb, argument = split_command(text)
         handler = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
         if handler is None:
@@ -254,7 +279,12 @@ class SMTPServer(Protocol):
         extensions = ["PIPELINING", f"SIZE {self.settings.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
         if self._can_start_tls():
             extensions.append("STARTTLS")
+        if self.portal is not None and self._auth_allowed_now():
+            extensions.append("AUTH PLAIN LOGIN")
         return extensions
+
+    def _auth_allowed_now(self) -> bool:
+        return self._tls is not None or self.settings.allow_plaintext_auth
 
     def _can_start_tls(self) -> bool:
         return self.tls_context is not None and self._tls is None and ITLSTransport.providedBy(self.transport)
@@ -293,8 +323,96 @@ class SMTPServer(Protocol):
     def smtp_HELP(self, argument: str):
         self._send(_reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP STARTTLS"))
 
+    # -- AUTH (RFC 4954; PLAIN RFC 4616, LOGIN) ----------------------------
+
     def smtp_AUTH(self, argument: str):
-        return self._error(_reply(503, "5.5.1", "Error: authentication not enabled"))
+        if self.portal is None:
+            return self._error(_reply(503, "5.5.1", "Error: authentication not enabled"))
+        if self._helo is None:
+            return self._error(NEED_HELO)
+        if self._user is not None:
+            return self._error(_reply(503, "5.5.1", "Error: already authenticated"))
+        if self._sender is not _NO_SENDER:
+            return self._error(_reply(503, "5.5.1", "Error: MAIL transaction in progress"))
+        if not self._auth_allowed_now():
+            return self._error(_reply(538, "5.7.11", "Encryption required for requested authentication mechanism"))
+        if self.throttle.blocked(self._client_ip):
+            return self._close(TOO_MANY_AUTH_FAILURES)
+        mechanism, _, initial = argument.partition(" ")
+        mechanism = mechanism.upper()
+        if not mechanism:
+            return self._error(_reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
+        if mechanism == "PLAIN":
+            if initial:
+                return self._auth_plain(initial)
+            return self._challenge("", self._auth_plain)
+        if mechanism == "LOGIN":
+            if initial:
+                return self._auth_login_user(initial)
+            return self._challenge("VXNlcm5hbWU6", self._auth_login_user)  # "Username:"
+        return self._error(_reply(504, "5.5.4", "Unrecognized authentication type"))
+
+    def _challenge(self, text: str, answer: Callable[[str], object]) -> None:
+        self._auth_next = answer
+        self.transport.write(f"334 {text}\r\n".encode())
+
+    def _decode(self, response: str) -> str | None:
+        """A base64 response as text; None (a reply sent) if cancelled or malformed."""
+        if response == "*":
+            self._error(_reply(501, "5.7.0", "Authentication cancelled"))
+            return None
+        try:
+            return base64.b64decode(response, validate=True).decode("utf-8") if response != "=" else ""
+        except (ValueError, UnicodeDecodeError):
+            self._error(_reply(501, "5.5.2", "Cannot decode response"))
+            return None
+
+    def _auth_plain(self, response: str):
+        decoded = self._decode(response)
+        if decoded is None:
+            return None
+        parts = decoded.split("\0")
+        if len(parts) != 3 or not parts[1]:
+            return self._error(_reply(501, "5.5.2", "Malformed PLAIN response"))
+        authzid, user, password = parts
+        if authzid and authzid != user:  # acting for someone else is not offered
+            return self._auth_failed()
+        return self._authenticate(user, password)
+
+    def _auth_login_user(self, response: str):
+        user = self._decode(response)
+        if user is None:
+            return None
+        return self._challenge("UGFzc3dvcmQ6", lambda answer: self._auth_login_password(user, answer))  # "Password:"
+
+    def _auth_login_password(self, user: str, response: str):
+        password = self._decode(response)
+        if password is None:
+            return None
+        return self._authenticate(user, password)
+
+    def _authenticate(self, user: str, password: str) -> defer.Deferred:
+        d = self.portal.login(credentials.UsernamePassword(user, password), None, IAccount)
+        d.addCallbacks(self._authenticated, self._login_failed)
+        return d
+
+    def _authenticated(self, login) -> None:
+        _interface, avatar_id, _logout = login
+        self._user = avatar_id
+        self._send(_reply(235, "2.7.0", "Authentication successful"))
+
+    def _login_failed(self, failure: Failure):
+        if not failure.check(UnauthorizedLogin):
+            log.failure("authentication error", failure)
+            return self._send(_reply(454, "4.7.0", "Temporary authentication failure"))
+        return self._auth_failed()
+
+    def _auth_failed(self):
+        """Answer 535 after a delay that grows with the client's failures."""
+        delay = self.throttle.failed(self._client_ip)
+        if self.throttle.blocked(self._client_ip):
+            return self._close(TOO_MANY_AUTH_FAILURES)
+        return task.deferLater(self.clock, delay, self._error, AUTH_INVALID)
 
     def smtp_STARTTLS(self, argument: str):
         if argument:
@@ -309,7 +427,7 @@ class SMTPServer(Protocol):
         self._send(_reply(220, "2.0.0", "Ready to start TLS"))
         self.transport.startTLS(self.tls_context)
         self._tls = "TLS"
-        self._helo, self._esmtp, self._user = None, False, None
+        self._helo, self._esmtp, self._user, self._auth_next = None, False, None, None
         self._reset_transaction()
 
     def smtp_MAIL(self, argument: str):

@@ -175,3 +175,37 @@ def test_whatever_the_form_an_accepted_recipient_is_an_open_destination(policy, 
         assert policy.open_destination(parse_path(address, allow_null=False)), (address, reply)
     else:
         assert reply[:3] in {"501", "550", "554"}, (address, reply)
+
+
+def authenticated(user: str):
+    from epost.smtp.interfaces import Session
+
+    return Session("submission", "192.0.2.99", 1, "client", True, "TLSv1.3", user)
+
+
+@pytest.mark.parametrize(
+    "sender, owned",
+    [
+        ("<u@victim.test>", True),
+        ("<U@Victim.Test>", True),
+        ("<info@victim.test>", True),  # an alias that delivers to u
+        ("<postmaster@victim.test>", False),
+        ("<u@ext.example>", False),
+        ("<>", True),  # bounces are always allowed
+    ],
+)
+def test_an_authenticated_user_may_only_send_as_themselves_or_their_aliases(policy, sender, owned):
+    from epost.smtp.interfaces import Rejected
+
+    address = parse_path(sender, allow_null=True)
+    if owned:
+        policy.check_sender(authenticated("u@victim.test"), address)
+    else:
+        with pytest.raises(Rejected) as refused:
+            policy.check_sender(authenticated("u@victim.test"), address)
+        assert (refused.value.reply.code, refused.value.reply.enhanced) == (553, "5.7.1")
+
+
+def test_sender_ownership_check_can_be_switched_off(policy):
+    policy.check_sender_ownership = False
+    policy.check_sender(authenticated("u@victim.test"), parse_path("<boss@ext.example>", allow_null=False))
