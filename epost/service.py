@@ -7,16 +7,16 @@ and starts and stops them in the right order.
 from __future__ import annotations
 
 import resource
+from typing import NamedTuple
 
 from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
-from epost.config import Config
 from epost.auth import UsersChecker, make_portal
+from epost.config import Config
 from epost.queue.runner import LocalDeliveryRunner
 from epost.queue.spool import Spool
 from epost.queue.worker_client import SpoolWorkerService
@@ -32,11 +32,10 @@ from epost.smtp.server import ServerSettings
 from epost.smtp.throttle import AuthThrottle
 from epost.tls import context_for
 
-log = Logger()
-
 
 class ThreadPoolService(service.Service):
-    """Runs the pool that does blocking file work (fsync, Maildir) off the reactor."""
+    """Runs the pool for the daemon's own blocking work: table reloads and
+    password checks (spool writes and Maildirs are the workers' job)."""
 
     def __init__(self, pool: ThreadPool):
         self.pool = pool
@@ -53,8 +52,9 @@ class ThreadPoolService(service.Service):
 class EpostService(service.MultiService):
     """The daemon; a port that cannot be bound ends start-up with one line.
 
-    Stopping waits for the listeners and the runner before the thread pool
-    goes: their last steps (fsync, envelope update) run in that pool."""
+    Stopping waits for the listeners and the runner before `stop_last`
+    (the spool workers, then the thread pool): the runner's last batch
+    still needs them."""
 
     def __init__(self):
         super().__init__()
@@ -97,7 +97,19 @@ def listener_settings(config: Config, listener: str) -> ServerSettings:
     )
 
 
-def build_routing(config: Config, reactor=None, threadpool=None):
+class Routing(NamedTuple):
+    users: LiveTable
+    aliases: LiveTable
+    gateway: LiveTable
+    resolver: Resolver
+    policy: RecipientPolicy
+
+    @property
+    def tables(self) -> list[LiveTable]:
+        return [self.users, self.aliases, self.gateway]
+
+
+def build_routing(config: Config) -> Routing:
     """The live tables, the resolver chain and the recipient policy, from the config.
 
     Shared by the daemon and `epost route`, so both decide the same way.
@@ -122,7 +134,7 @@ def build_routing(config: Config, reactor=None, threadpool=None):
         aliases=aliases,
         check_sender_ownership=config.server.check_sender_ownership,
     )
-    return [users, aliases, gateway], resolver, policy
+    return Routing(users, aliases, gateway, resolver, policy)
 
 
 def make_service(config: Config, reactor=None) -> service.MultiService:
@@ -140,12 +152,12 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     worker = SpoolWorkerService(spool, config.server.hostname, reactor)
     worker.setServiceParent(top)
     top.stop_last = [worker, pool_service]
-    tables, resolver, policy = build_routing(config)
-    TableWatcher(tables, reactor, pool).setServiceParent(top)
-    receiver = SpoolingReceiver(worker, policy, config.server.hostname, now=reactor.seconds)
+    routing = build_routing(config)
+    TableWatcher(routing.tables, reactor, pool).setServiceParent(top)
+    receiver = SpoolingReceiver(worker, routing.policy, config.server.hostname, now=reactor.seconds)
     limits = ConnectionLimits(config.server.max_connections, config.server.max_connections_per_client)
     tls = context_for(config)
-    portal = make_portal(UsersChecker(tables[0], reactor, pool))
+    portal = make_portal(UsersChecker(routing.users, reactor, pool))
     throttle = AuthThrottle(reactor, cutoff=config.server.auth_failures_before_cutoff)
 
     # The runner goes first: its start-up recovery empties tmp/, which must
@@ -173,5 +185,5 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
                 factory = TLSMemoryBIOFactory(tls, False, factory)  # implicit TLS with our certificate
             strports.service(description, factory, reactor=reactor).setServiceParent(top)
 
-    top.spool, top.runner, top.tables, top.resolver, top.limits = spool, runner, tables, resolver, limits
+    top.spool, top.runner, top.routing, top.limits = spool, runner, routing, limits
     return top

@@ -136,7 +136,7 @@ def show_route(args: argparse.Namespace, now: float) -> int:
     from epost.service import build_routing  # the daemon's own chain; heavy imports, only here
     try:
         config = _load(args)
-        _, resolver, _ = build_routing(config)
+        resolver = build_routing(config).resolver
     except (ConfigError, TableError) as error:
         print(f"epost: {error}", file=sys.stderr)
         return 1

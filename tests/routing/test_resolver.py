@@ -107,7 +107,8 @@ def test_build_routing_follows_the_config(tmp_path):
             forward_all_to_gateway=True,
         ),
     )
-    tables, resolver, _ = build_routing(config)
-    assert [t.path.name for t in tables] == ["users", "aliases", "gateway.dat"]
+    routing = build_routing(config)
+    resolver = routing.resolver
+    assert [t.path.name for t in routing.tables] == ["users", "aliases", "gateway.dat"]
     assert [r.name for r in resolver.routers] == ["gateway.dat", "mx"]
     assert rules(resolver.resolve(parse_mailbox("alice@example.jp"))) == ["gateway.dat:1"]
