@@ -1,0 +1,141 @@
+"""senderlog and faillog lines follow SPEC §4 exactly; LineLog appends flushed lines and follows rotation."""
+
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from epost.logs import LineLog, faillog_line, parse_senderlog_line, senderlog_line, single_line
+
+WHEN = datetime(2026, 11, 29, 8, 0, 0, tzinfo=timezone.utc).timestamp() + 0.123
+JST = timezone(timedelta(hours=9))
+FAIL_WHEN = datetime(2026, 11, 1, 10, 29, 51, tzinfo=JST).timestamp()
+
+EXAMPLE = dict(
+    when=WHEN,
+    queue_id="QUEUEID",
+    sender="a@b",
+    recipient="c@d",
+    relay="host[ip]:port",
+    delay=1.23,
+    attempt=2,
+    status="sent",
+    dsn="2.0.0",
+    reply="250 2.0.0 Ok",
+)
+EXAMPLE_LINE = (
+    '2026-11-29T08:00:00.123Z QUEUEID from=<a@b> to=<c@d> relay=host[ip]:port '
+    'delay=1.23 attempt=2 status=sent dsn=2.0.0 reply="250 2.0.0 Ok"'
+)
+
+
+def test_senderlog_spec_example():
+    assert senderlog_line(**EXAMPLE) == EXAMPLE_LINE
+
+
+def test_senderlog_example_parses_back():
+    assert parse_senderlog_line(EXAMPLE_LINE + "\n") == EXAMPLE
+
+
+def test_senderlog_null_sender_quotes_and_newlines():
+    line = senderlog_line(**{**EXAMPLE, "sender": "", "reply": '550 5.1.1 "no"\r\nsuch \\ user', "relay": ""})
+    assert ' from=<> ' in line
+    assert ' relay="" ' in line
+    assert line.endswith(r'reply="550 5.1.1 \"no\"  such \\ user"')
+    assert "\n" not in line
+
+
+def test_senderlog_time_is_utc_with_milliseconds():
+    assert senderlog_line(**{**EXAMPLE, "when": 0.0}).startswith("1970-01-01T00:00:00.000Z ")
+    assert senderlog_line(**{**EXAMPLE, "when": 59.9996}).startswith("1970-01-01T00:01:00.000Z ")
+
+
+def test_bad_senderlog_line_raises_value_error():
+    for bad in ("", "garbage", EXAMPLE_LINE.replace("to=", "xx="), EXAMPLE_LINE[:-1], EXAMPLE_LINE.replace("2026-", "20x6-")):
+        with pytest.raises(ValueError):
+            parse_senderlog_line(bad)
+
+
+texts = st.text(st.characters(blacklist_categories=("Cs",)))
+
+
+@given(
+    when=st.integers(min_value=0, max_value=2**35).map(lambda ms: ms / 1000),
+    sender=texts,
+    recipient=texts,
+    relay=texts,
+    delay=st.floats(min_value=0, max_value=1e6),
+    attempt=st.integers(min_value=0, max_value=10**6),
+    status=st.sampled_from(["sent", "deferred", "bounced"]),
+    dsn=texts,
+    reply=texts,
+)
+def test_senderlog_parse_inverts_format(when, sender, recipient, relay, delay, attempt, status, dsn, reply):
+    fields = dict(
+        when=when, queue_id="0123456789ABCDEF0", sender=sender, recipient=recipient, relay=relay,
+        delay=delay, attempt=attempt, status=status, dsn=dsn, reply=reply,
+    )
+    line = senderlog_line(**fields)
+    assert single_line(line) == line
+    expected = {key: single_line(value) if isinstance(value, str) else value for key, value in fields.items()}
+    expected["delay"] = float(f"{delay:.2f}")
+    assert parse_senderlog_line(line) == expected
+
+
+def test_faillog_spec_example_in_local_time():
+    line = faillog_line(FAIL_WHEN, "QUEUEID", "hostname", "a@b", "c@d", "550 5.1.1 User unknown", tz=JST)
+    assert line == "<QUEUEID@hostname> send fail on [01/Nov/2026:10:29:51] from a@b to c@d [550 5.1.1 User unknown]"
+
+
+def test_faillog_uses_the_given_zone():
+    line = faillog_line(FAIL_WHEN, "Q", "h", "a@b", "c@d", "550 x", tz=timezone.utc)
+    assert "[01/Nov/2026:01:29:51]" in line
+
+
+def test_faillog_no_answer_and_null_sender():
+    line = faillog_line(FAIL_WHEN, "Q", "mx.example.jp", "", "c@d", None, tz=JST)
+    assert line == "<Q@mx.example.jp> send fail on [01/Nov/2026:10:29:51] from <> to c@d [Unable to deliver to destination domain]"
+
+
+def test_faillog_flattens_multiline_reply():
+    line = faillog_line(FAIL_WHEN, "Q", "h", "a@b", "c@d", "550-first\r\n550 second", tz=JST)
+    assert line.endswith("[550-first  550 second]")
+
+
+def test_linelog_appends_and_flushes_each_line(tmp_path: Path):
+    path = tmp_path / "senderlog"
+    path.write_text("old\n")
+    log = LineLog(path)
+    log.write("one")
+    assert path.read_text() == "old\none\n"  # readable before close
+    log.write("two\nstill two")
+    assert path.read_text() == "old\none\ntwo still two\n"
+    log.close()
+
+
+def test_linelog_follows_rotation(tmp_path: Path):
+    path = tmp_path / "faillog"
+    log = LineLog(path)
+    log.write("before")
+    os.rename(path, tmp_path / "faillog.1")
+    log.write("after")
+    assert (tmp_path / "faillog.1").read_text() == "before\n"
+    assert path.read_text() == "after\n"
+    path.unlink()
+    log.write("again")
+    assert path.read_text() == "again\n"
+    log.close()
+
+
+def test_linelog_reopen(tmp_path: Path):
+    path = tmp_path / "log"
+    log = LineLog(path)
+    log.write("a")
+    log.reopen()
+    log.write("b")
+    assert path.read_text() == "a\nb\n"
+    log.close()
+    log.close()  # idempotent
