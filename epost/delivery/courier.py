@@ -1,0 +1,200 @@
+"""One delivery attempt of one (message, destination) pair (SPEC §6).
+
+The courier picks hosts (the route's relay hosts, or MX by DNS), connects to
+each address in turn and runs one `SMTPClient` transaction per connection.
+It moves on to the next address or host on connection failure and whenever
+the transaction says `try_next_host`; it retries an address once in
+plaintext when the TLS handshake killed the connection. Retrying later is
+the queue's business, not ours.
+
+Promises kept here:
+- `deliver` fires exactly once with an `Attempt` holding an `Outcome` for
+  every recipient and never errbacks;
+- a final answer (2xx, 5xx, or 4xx at RCPT/DATA) is kept and that recipient
+  is not offered to later hosts;
+- recipients left without a final answer get the last non-final outcome
+  seen (code None when nothing answered).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
+
+from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IReactorTCP
+from twisted.logger import Logger
+
+from epost.config import HostPort
+from epost.delivery.smtp_client import Outcome, SMTPClient, TransactionResult
+from epost.routing.dns import DNSError
+from epost.routing.resolver import Route
+
+log = Logger()
+
+
+class Resolver(Protocol):
+    """What the courier needs of `epost.routing.dns.MXResolver`."""
+
+    def resolve_mx(self, domain: str) -> defer.Deferred[list[str]]: ...
+
+    def resolve_addresses(self, host: str) -> defer.Deferred[list[str]]: ...
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The result of one attempt: an outcome per recipient, the last host
+    tried as `name[ip]:port` (None if no connection was tried) and whether
+    the last session used TLS."""
+
+    outcomes: dict[str, Outcome]
+    host: str | None
+    tls: bool
+
+
+def is_final(outcome: Outcome) -> bool:
+    """True when no other host may be asked: 2xx, 5xx, or 4xx at RCPT/DATA."""
+    if outcome.code is None:
+        return False
+    if outcome.code // 100 == 4:
+        return outcome.stage in ("rcpt", "data")
+    return True
+
+
+def route_hosts(route: Route | dict) -> tuple[list[HostPort], str | None]:
+    """(relay hosts, MX domain) of a `Route` or its `to_dict()` form."""
+    if isinstance(route, Route):
+        return list(route.hosts), route.mx_domain
+    hosts = [HostPort(str(host), int(port)) for host, port in route.get("hosts", ())]
+    return hosts, route.get("mx_domain")
+
+
+class Courier:
+    """Runs delivery attempts over TCP; one instance serves all destinations.
+
+    `smtp_port` is the port of MX hosts (25; tests use another one)."""
+
+    def __init__(
+        self,
+        reactor: IReactorTCP,  # also IReactorTime: SMTPClient's timeouts
+        resolver: Resolver,
+        hostname: str,
+        tls_context: object | None = None,
+        connect_timeout: float = 30,
+        timeouts: dict[str, float] | None = None,
+        smtp_port: int = 25,
+    ) -> None:
+        self.reactor = reactor
+        self.resolver = resolver
+        self.hostname = hostname
+        self.tls_context = tls_context
+        self.connect_timeout = connect_timeout
+        self.timeouts = timeouts
+        self.smtp_port = smtp_port
+
+    def deliver(
+        self,
+        route: Route | dict,
+        sender: str,
+        recipients: Iterable[str],
+        content: Callable[[], Iterable[bytes]],
+        size: int,
+        body_8bit: bool,
+    ) -> defer.Deferred[Attempt]:
+        """One attempt for `recipients` along `route`; never errbacks."""
+        recipients = list(recipients)
+        d = defer.ensureDeferred(self._deliver(route, sender, recipients, content, size, body_8bit))
+
+        def internal_error(failure) -> Attempt:
+            log.failure("courier: unexpected error", failure)
+            text = f"internal error: {failure.getErrorMessage()}"
+            return Attempt({r: Outcome(None, text, "connect") for r in recipients}, None, False)
+
+        return d.addErrback(internal_error)
+
+    async def _deliver(
+        self,
+        route: Route | dict,
+        sender: str,
+        recipients: list[str],
+        content: Callable[[], Iterable[bytes]],
+        size: int,
+        body_8bit: bool,
+    ) -> Attempt:
+        hosts, mx_domain = route_hosts(route)
+        if not hosts and mx_domain:
+            try:
+                names = await self.resolver.resolve_mx(mx_domain)
+            except DNSError as error:
+                code = 550 if error.permanent else None
+                outcome = Outcome(code, f"{error.enhanced} {error}", "dns")
+                return Attempt({r: outcome for r in recipients}, None, False)
+            hosts = [HostPort(name, self.smtp_port) for name in names]
+
+        final: dict[str, Outcome] = {}
+        last = Outcome(None, "no host to deliver to", "connect")
+        last_host: str | None = None
+        tls = False
+        for hostport in hosts:
+            try:
+                addresses = await self.resolver.resolve_addresses(hostport.host)
+            except DNSError as error:
+                last = Outcome(None, f"{error.enhanced} {error}", "dns")
+                continue
+            for ip in addresses:
+                pending = [r for r in recipients if r not in final]
+                last_host = f"{hostport.host}[{ip}]:{hostport.port}"
+                result = await self._session(ip, hostport.port, sender, pending, content, size, body_8bit, True)
+                if result is not None and result.tls_failed:
+                    result = await self._session(ip, hostport.port, sender, pending, content, size, body_8bit, False)
+                if result is None:
+                    last = Outcome(None, f"cannot connect to {last_host}", "connect")
+                    continue
+                tls = result.tls
+                for recipient, outcome in result.recipients.items():
+                    if is_final(outcome):
+                        final[recipient] = outcome
+                    else:
+                        last = outcome
+                if not result.try_next_host or len(final) == len(recipients):
+                    return self._attempt(recipients, final, last, last_host, tls)
+        return self._attempt(recipients, final, last, last_host, tls)
+
+    @staticmethod
+    def _attempt(
+        recipients: list[str], final: dict[str, Outcome], last: Outcome, host: str | None, tls: bool
+    ) -> Attempt:
+        return Attempt({r: final.get(r, last) for r in recipients}, host, tls)
+
+    async def _session(
+        self,
+        ip: str,
+        port: int,
+        sender: str,
+        recipients: list[str],
+        content: Callable[[], Iterable[bytes]],
+        size: int,
+        body_8bit: bool,
+        use_tls: bool,
+    ) -> TransactionResult | None:
+        """One connection and transaction; None when the connection failed."""
+        endpoint_class = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
+        endpoint = endpoint_class(self.reactor, ip, port, timeout=self.connect_timeout)
+        client = SMTPClient(
+            self.hostname,
+            sender,
+            recipients,
+            content,
+            size,
+            body_8bit,
+            self.reactor,
+            self.tls_context if use_tls else None,
+            self.timeouts,
+        )
+        try:
+            await connectProtocol(endpoint, client)
+        except Exception as error:  # refused, timed out, unreachable: all mean "next address"
+            log.debug("courier: connect to {ip}:{port} failed: {error}", ip=ip, port=port, error=error)
+            return None
+        return await client.done
