@@ -326,9 +326,6 @@ class Spool:
         except OSError as e:
             raise SpoolError.from_oserror(e, f"cannot update {envelope.queue_id}") from e
 
-    def update_async(self, envelope: Envelope, queue: str = "incoming") -> Deferred[None]:
-        return deferToThreadPool(self._reactor, self._threadpool, self.update, envelope, queue)
-
     def remove(self, queue_id: str, queue: str = "incoming") -> None:
         """Delete a message, envelope first so a crash half-way leaves only sweepable content.
 

@@ -188,7 +188,7 @@ class QueuedMessageTests(SpoolTestCase):
     def test_update_replaces_the_envelope_and_leaves_no_temp_file(self):
         queue_id = yield self.write_and_commit()
         changed = self.spool.load(queue_id).with_recipient(0, state="delivered", attempts=1)
-        yield self.spool.update_async(changed)
+        self.spool.update(changed)
         assert self.spool.load(queue_id) == changed
         assert self.files("tmp") == []
 
