@@ -144,7 +144,7 @@ class MessageWriter:
 
 
 class Spool:
-    """The spool folder (SPEC §4).  Blocking methods are meant for a thread; ``*_async`` ones use the pool."""
+    """The spool folder (SPEC §4).  Its blocking methods run in the spool worker processes (or a thread)."""
 
     def __init__(
         self,
