@@ -37,7 +37,7 @@ from epost.queue.spool import MessageWriter, Spool, SpoolError
 
 FRAME = struct.Struct(">c17sI")
 DELIVERY_BATCH = 8
-RECENT_LIMIT = 1000  # messages of at most MessageWriter.spill_size each
+RECENT_BYTES = 32 * 1024 * 1024  # content kept for delivery from memory, at most
 
 
 class Worker:
@@ -52,6 +52,7 @@ class Worker:
         # Envelope and content of small messages just committed, for their
         # local delivery without reading them back; bounded, oldest dropped.
         self.recent: dict[str, tuple[Envelope, bytes]] = {}
+        self.recent_bytes = 0
 
     def handle(self, op: bytes, queue_id: str, payload: bytes) -> None:
         if op == b"W":
@@ -69,9 +70,7 @@ class Worker:
                 return
             self.commits.append((writer, envelope))
             if writer.in_memory:
-                self.recent[queue_id] = (envelope, writer.content())
-                while len(self.recent) > RECENT_LIMIT:
-                    del self.recent[next(iter(self.recent))]
+                self._remember(queue_id, envelope, writer.content())
         elif op == b"A":
             writer = self.writers.pop(queue_id, None)
             if writer is not None:
@@ -89,7 +88,7 @@ class Worker:
                 if error is None:
                     lines.append(f"C {writer.queue_id}\n")
                 else:
-                    self.recent.pop(writer.queue_id, None)
+                    self._forget(writer.queue_id)
                     text = " ".join(str(error.strerror).split())
                     lines.append(f"F {writer.queue_id} {error.errno} {text}\n")
             self.reply("".join(lines).encode())
@@ -99,8 +98,22 @@ class Worker:
                 del self.deliveries[queue_id]
             retry = set(deliver_local_batch(self.spool, batch, self.hostname, self.mailbox_root, self.recent))
             for queue_id in batch:
-                self.recent.pop(queue_id, None)
+                self._forget(queue_id)
             self.reply("".join(f"{'R' if q in retry else 'D'} {q}\n" for q in batch).encode())
+
+    def _remember(self, queue_id: str, envelope: Envelope, content: bytes) -> None:
+        """Keep a small message for its delivery; the oldest go when over RECENT_BYTES
+        (they are then read back from the spool)."""
+        self._forget(queue_id)
+        self.recent[queue_id] = (envelope, content)
+        self.recent_bytes += len(content)
+        while self.recent_bytes > RECENT_BYTES:
+            self._forget(next(iter(self.recent)))
+
+    def _forget(self, queue_id: str) -> None:
+        entry = self.recent.pop(queue_id, None)
+        if entry is not None:
+            self.recent_bytes -= len(entry[1])
 
     @property
     def busy(self) -> bool:

@@ -58,6 +58,21 @@ class WorkerLoopTests(unittest.SynchronousTestCase):
         assert os.listdir(self.spool.root / "incoming") == []
         assert self.worker.recent == {}
 
+    def test_content_kept_in_memory_is_bounded_by_bytes(self):
+        import epost.queue.worker as worker_module
+
+        self.patch(worker_module, "RECENT_BYTES", 10)
+        first, second = self.spool.new_queue_id(), self.spool.new_queue_id()
+        for queue_id in (first, second):
+            self.worker.handle(b"W", queue_id, b"123456\r\n")
+            self.worker.handle(b"C", queue_id, envelope(queue_id, "example.test/erin").to_bytes())
+        assert list(self.worker.recent) == [second] and self.worker.recent_bytes == 8
+        self.worker.work()
+        self.worker.handle(b"L", first, b"")  # read back from the spool instead
+        self.worker.work()
+        assert self.replies[-1] == f"D {first}\n".encode()
+        assert len(new_mail(self.spool.root, "example.test/erin")) == 1
+
     def test_commits_go_before_waiting_deliveries(self):
         first, second = self.spool.new_queue_id(), self.spool.new_queue_id()
         for queue_id in (first,):
