@@ -1,0 +1,273 @@
+"""Decides which delivery jobs start and when (SPEC §6); the caller delivers.
+
+A job is one (message, destination) pair. New mail and due retries sit in
+two separate lanes, as Postfix's incoming/deferred split does, so new mail
+never waits behind retries. All timing goes through one `IReactorTime`
+timer armed for the earliest entry of a single heap.
+
+Rules:
+
+- Capacity: at most `max_connections` jobs run in total and at most
+  `max_per_destination` per destination. Deferred (retry) jobs may hold at
+  most `deferred_limit = max(1, max_connections - ceil(new_mail_share *
+  max_connections))` slots; the rest is reserved for new mail (new mail may
+  also use idle deferred slots). With max_connections=1 the reserve is empty
+  so that retries still make progress.
+- Preference: a free slot goes to the oldest startable new job; a
+  deferred-ready job gets one only when no new job can start.
+- A job whose destination has no free slot leaves its lane and waits on that
+  destination; it goes back to the front of its lane when a slot frees.
+- Dead destinations: an outcome ``("retry_noanswer", when)`` marks the
+  destination dead with its next probe at `when`. While dead, a job for it
+  starts only if no job for it is running and the probe time has come: that
+  job is the probe; all others wait on the destination. Any other outcome
+  (``"done"``, ``("retry", when)``) makes it alive again and releases its
+  waiting jobs. Jobs already running when it died are not interrupted.
+- Outcomes: ``"done"`` forgets the job; ``("retry", when)`` and
+  ``("retry_noanswer", when)`` schedule it again at `when`. A failed Deferred
+  (a bug in the caller) is logged and treated as ``("retry", now + 60)``.
+- `flush()` makes every scheduled job due now and every dead destination
+  probe-able now (one probe each), like Postfix's flush of dead sites.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import NamedTuple, Union
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger()
+
+NEW = "new"
+DEFERRED = "deferred"
+
+Outcome = Union[str, tuple[str, float]]
+
+
+class Job(NamedTuple):
+    """One delivery unit: a queued message and one destination (domain or route key)."""
+
+    queue_id: str
+    destination: str
+
+
+class Scheduler:
+    """Starts jobs through `start(job)` within the limits in the module docstring."""
+
+    retry_after_error = 60.0
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        start: Callable[[Job], Deferred[Outcome]],
+        max_connections: int = 100,
+        max_per_destination: int = 10,
+        new_mail_share: float = 0.5,
+    ) -> None:
+        if max_connections < 1 or max_per_destination < 1:
+            raise ValueError("connection limits must be at least 1")
+        if not 0.0 <= new_mail_share <= 1.0:
+            raise ValueError(f"new_mail_share must be in [0, 1], not {new_mail_share!r}")
+        self._clock = clock
+        self._start = start
+        self.max_connections = max_connections
+        self.max_per_destination = max_per_destination
+        self.deferred_limit = max(1, max_connections - math.ceil(new_mail_share * max_connections))
+        self._heap: list[tuple[float, int, Job]] = []
+        self._seq = itertools.count()
+        self._timer: IDelayedCall | None = None
+        self._lanes: dict[str, deque[Job]] = {NEW: deque(), DEFERRED: deque()}
+        self._waiting: dict[str, deque[tuple[str, Job]]] = {}
+        self._running: dict[Job, str] = {}  # job -> lane it started from
+        self._per_destination: dict[str, int] = {}
+        self._running_deferred = 0
+        self._dead: dict[str, float] = {}  # destination -> earliest next probe
+        self._known: set[Job] = set()
+        self._pumping = False
+        self._pump_again = False
+
+    # -- input -----------------------------------------------------------
+
+    def add_new(self, job: Job) -> None:
+        """Queue new mail; it starts at once when capacity allows."""
+        self._admit(job)
+        self._lanes[NEW].append(job)
+        self._pump()
+
+    def add_deferred(self, job: Job, due: float) -> None:
+        """Schedule a retry for `due` (clock seconds)."""
+        self._admit(job)
+        self._schedule(job, due)
+
+    def flush(self) -> None:
+        """Make every scheduled job due now and allow one probe of every dead destination now."""
+        now = self._clock.seconds()
+        for destination in self._dead:
+            self._dead[destination] = min(self._dead[destination], now)
+        entries = sorted(self._heap)
+        self._heap.clear()
+        self._lanes[DEFERRED].extend(job for _, _, job in entries)
+        self._arm()
+        self._pump()
+
+    # -- introspection ---------------------------------------------------
+
+    def running(self) -> frozenset[Job]:
+        return frozenset(self._running)
+
+    def ready_counts(self) -> Mapping[str, int]:
+        """Jobs ready in each lane, and jobs ready but waiting on their destination."""
+        return {
+            NEW: len(self._lanes[NEW]),
+            DEFERRED: len(self._lanes[DEFERRED]),
+            "waiting": sum(len(q) for q in self._waiting.values()),
+        }
+
+    def next_due(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def is_dead(self, destination: str) -> bool:
+        return destination in self._dead
+
+    # -- internals -------------------------------------------------------
+
+    def _admit(self, job: Job) -> None:
+        if job in self._known:
+            raise ValueError(f"job {job!r} is already scheduled")
+        self._known.add(job)
+
+    def _schedule(self, job: Job, due: float) -> None:
+        heapq.heappush(self._heap, (due, next(self._seq), job))
+        if self._heap[0][2] is job:
+            self._arm()
+
+    def _arm(self) -> None:
+        """Point the single timer at the earliest heap entry."""
+        if not self._heap:
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+            return
+        delay = max(0.0, self._heap[0][0] - self._clock.seconds())
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(delay)
+        else:
+            self._timer = self._clock.callLater(delay, self._due)
+
+    def _due(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        while self._heap and self._heap[0][0] <= now:
+            self._lanes[DEFERRED].append(heapq.heappop(self._heap)[2])
+        self._arm()
+        self._pump()
+
+    def _can_start(self, destination: str) -> bool:
+        running = self._per_destination.get(destination, 0)
+        if destination in self._dead:
+            return running == 0 and self._clock.seconds() >= self._dead[destination]
+        return running < self.max_per_destination
+
+    def _pump(self) -> None:
+        """Start every job the rules allow; re-entrant calls just ask for another pass."""
+        if self._pumping:
+            self._pump_again = True
+            return
+        self._pumping = True
+        try:
+            self._pump_again = True
+            while self._pump_again:
+                self._pump_again = False
+                self._fill(NEW)
+                self._fill(DEFERRED)
+        finally:
+            self._pumping = False
+
+    def _fill(self, lane_name: str) -> None:
+        lane = self._lanes[lane_name]
+        while lane and len(self._running) < self.max_connections:
+            if lane_name == DEFERRED:
+                if self._running_deferred >= self.deferred_limit or self._lanes[NEW]:
+                    return
+            job = lane.popleft()
+            if self._can_start(job.destination):
+                self._launch(job, lane_name)
+            else:
+                self._waiting.setdefault(job.destination, deque()).append((lane_name, job))
+
+    def _launch(self, job: Job, lane_name: str) -> None:
+        self._running[job] = lane_name
+        self._per_destination[job.destination] = self._per_destination.get(job.destination, 0) + 1
+        if lane_name == DEFERRED:
+            self._running_deferred += 1
+        d = maybeDeferred(self._start, job)
+        d.addBoth(self._finished, job)
+
+    def _finished(self, outcome: Outcome | Failure, job: Job) -> None:
+        lane_name = self._running.pop(job)
+        destination = job.destination
+        self._per_destination[destination] -= 1
+        if not self._per_destination[destination]:
+            del self._per_destination[destination]
+        if lane_name == DEFERRED:
+            self._running_deferred -= 1
+        now = self._clock.seconds()
+
+        if isinstance(outcome, Failure):
+            log.failure("delivery of {job} failed", outcome, job=job)
+            outcome = ("retry", now + self.retry_after_error)
+        elif not _valid(outcome):
+            log.error("delivery of {job} gave unknown outcome {outcome!r}", job=job, outcome=outcome)
+            outcome = ("retry", now + self.retry_after_error)
+
+        if outcome == "done":
+            self._known.discard(job)
+            self._revive(destination)
+        else:
+            kind, when = outcome
+            if kind == "retry_noanswer":
+                self._dead[destination] = when
+            else:
+                self._revive(destination)
+            self._schedule(job, when)
+        self._release(destination)
+        self._pump()
+
+    def _revive(self, destination: str) -> None:
+        self._dead.pop(destination, None)
+
+    def _release(self, destination: str) -> None:
+        """Return waiting jobs for `destination` to the front of their lanes, as many as may start."""
+        waiting = self._waiting.get(destination)
+        if not waiting:
+            return
+        if destination in self._dead:
+            free = 1 if self._can_start(destination) else 0
+        else:
+            free = self.max_per_destination - self._per_destination.get(destination, 0)
+        back: list[tuple[str, Job]] = []
+        while waiting and len(back) < free:
+            back.append(waiting.popleft())
+        if not waiting:
+            del self._waiting[destination]
+        for lane_name, job in reversed(back):
+            self._lanes[lane_name].appendleft(job)
+
+
+def _valid(outcome: object) -> bool:
+    if outcome == "done":
+        return True
+    return (
+        isinstance(outcome, tuple)
+        and len(outcome) == 2
+        and outcome[0] in ("retry", "retry_noanswer")
+        and isinstance(outcome[1], (int, float))
+    )
