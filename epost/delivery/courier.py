@@ -62,14 +62,6 @@ def is_final(outcome: Outcome) -> bool:
     return True
 
 
-def route_hosts(route: Route | dict) -> tuple[list[HostPort], str | None]:
-    """(relay hosts, MX domain) of a `Route` or its `to_dict()` form."""
-    if isinstance(route, Route):
-        return list(route.hosts), route.mx_domain
-    hosts = [HostPort(str(host), int(port)) for host, port in route.get("hosts", ())]
-    return hosts, route.get("mx_domain")
-
-
 class Courier:
     """Runs delivery attempts over TCP; one instance serves all destinations.
 
@@ -122,7 +114,9 @@ class Courier:
         size: int,
         body_8bit: bool,
     ) -> Attempt:
-        hosts, mx_domain = route_hosts(route)
+        if isinstance(route, dict):
+            route = Route.from_dict(route)
+        hosts, mx_domain = list(route.hosts), route.mx_domain
         if not hosts and mx_domain:
             try:
                 names = await self.resolver.resolve_mx(mx_domain)

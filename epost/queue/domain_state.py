@@ -80,7 +80,7 @@ def parse_mri(text: str, path: Path | str) -> DomainState:
     return DomainState(**values)  # type: ignore[arg-type]
 
 
-def normalise_domain(domain: str) -> str:
+def domain_folder(domain: str) -> str:
     """The folder name for `domain`: lower-case; refuses anything that could leave `root`."""
     name = domain.strip().lower()
     if not name or "/" in name or "\0" in name or name.startswith(".") or single_line(name) != name:
@@ -95,11 +95,11 @@ class DomainStateStore:
         self.root = Path(root)
 
     def _path(self, domain: str) -> Path:
-        return self.root / normalise_domain(domain) / FILE_NAME
+        return self.root / domain_folder(domain) / FILE_NAME
 
     def write(self, state: DomainState) -> None:
         """Atomically replace the domain's Domain.mri (creating its folder); the domain is stored lower-case."""
-        name = normalise_domain(state.domain)
+        name = domain_folder(state.domain)
         path = self.root / name / FILE_NAME
         if not path.parent.is_dir():
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -203,7 +203,8 @@ class SpoolWorkerService(Service):
     def send(self, op: bytes, queue_id: str, payload: bytes) -> None:
         protocol = self._protocols[self._index(queue_id)]
         if protocol is not None:
-            protocol.transport.write(FRAME.pack(op, queue_id.encode("ascii"), len(payload)) + payload)
+            # writeSequence: no copy of the (up to 64 KiB) payload per DATA chunk
+            protocol.transport.writeSequence([FRAME.pack(op, queue_id.encode("ascii"), len(payload)), payload])
 
     def open_message(self) -> RemoteMessageWriter:
         return RemoteMessageWriter(self, self.spool.new_queue_id())

@@ -54,6 +54,19 @@ class Route:
             data["reply"] = asdict(self.reply)
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Route:
+        """The inverse of `to_dict`, for routes read back from an envelope."""
+        reply = data.get("reply")
+        return cls(
+            kind=data["kind"],
+            rule=data["rule"],
+            mailbox=data.get("mailbox"),
+            hosts=tuple(HostPort(str(host), int(port)) for host, port in data.get("hosts", ())),
+            mx_domain=data.get("mx_domain"),
+            reply=Reply(**reply) if reply else None,
+        )
+
 
 class IRouter(Interface):
     """One step of the routing chain."""
@@ -138,9 +151,7 @@ class MXRouter:
 def mx_route(address: Address, rule: str) -> Route:
     """Plain DNS delivery; an address literal names its host directly."""
     if address.is_literal:
-        literal = address.domain[1:-1]
-        host = literal[5:] if literal.lower().startswith("ipv6:") else literal
-        return Route("relay", rule, hosts=(HostPort(host, 25),))
+        return Route("relay", rule, hosts=(HostPort(address.literal_ip, 25),))
     return Route("relay", rule, mx_domain=address.domain)
 
 

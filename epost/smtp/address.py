@@ -43,6 +43,14 @@ class Address:
     def is_literal(self) -> bool:
         return self.domain.startswith("[")
 
+    @property
+    def literal_ip(self) -> str | None:
+        """The IP an address literal names (`[IPv6:...]` prefix dropped), else None."""
+        if not self.is_literal:
+            return None
+        inner = self.domain[1:-1]
+        return inner[5:] if inner[:5].lower() == "ipv6:" else inner
+
 
 def normalize_domain(domain: str) -> str:
     """Lower-case, strip one trailing dot, convert U-labels to A-labels.

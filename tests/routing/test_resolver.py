@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 from epost.config import Config, HostPort, RoutingConfig, ServerConfig
 from epost.routing.aliases import parse_aliases
 from epost.routing.gateway import parse_gateway_table
-from epost.routing.resolver import GatewayRouter, LocalRouter, MXRouter, Resolver, SmartHostRouter
+from epost.routing.resolver import GatewayRouter, LocalRouter, MXRouter, Resolver, Route, SmartHostRouter
 from epost.routing.users import load_users
 from epost.service import build_routing
 from epost.smtp.address import parse_mailbox
@@ -81,18 +81,38 @@ def test_address_literal_is_relayed_to_that_ip(tmp_path):
     assert resolution.finals[0][1].hosts == (HostPort("192.0.2.7", 25),)
 
 
+class NoUsers:
+    def mailbox(self, address):
+        return None
+
+
 @given(st.booleans(), st.sampled_from(["alice", "info", "x"]), st.sampled_from(["example.jp", "else.jp"]))
 def test_aliases_are_consulted_before_every_router(forward_all, local, domain):
     resolver = Resolver(
-        ([] if forward_all else [LocalRouter(LOCAL, lambda: None)]) + [MXRouter()],
+        ([] if forward_all else [LocalRouter(LOCAL, NoUsers)]) + [MXRouter()],
         lambda: parse_aliases(lines("info@example.jp: z@remote.example\nx@else.jp: z@remote.example\n"), "a"),
         LOCAL,
     )
-    address = parse_mailbox(f"{local}@{domain}")
-    is_alias = (local, domain) in {("info", "example.jp"), ("x", "else.jp")}
-    if is_alias:
-        resolution = resolver.resolve(address)
-        assert resolution.steps and rules(resolution) == ["mx"]
+    resolution = resolver.resolve(parse_mailbox(f"{local}@{domain}"))
+    if (local, domain) in {("info", "example.jp"), ("x", "else.jp")}:
+        # an alias wins even over the local step, and even when forward_all drops it
+        assert [s.rule for s in resolution.steps] == ["aliases:1" if local == "info" else "aliases:2"]
+        assert [str(a) for a, _ in resolution.finals] == ["z@remote.example"] and rules(resolution) == ["mx"]
+    else:
+        assert resolution.steps == ()
+        expected = "local" if domain == "example.jp" and not forward_all else "mx"
+        assert rules(resolution) == [expected]
+
+
+@given(st.sampled_from(["alice@example.jp", "eve@example.jp", "x@y.abc.jp", "p@partner.jp", "d@else.jp", "l@[192.0.2.7]", "l@[IPv6:2001:db8::1]"]))
+def test_routes_survive_the_envelope_round_trip(tmp_path_factory, address):
+    resolver = make_resolver(
+        tmp_path_factory.mktemp("r"),
+        smarthost=None,
+        gateway_text="*.abc.jp,smtp01.domain.jp,2525\npartner.jp,mx\n",
+    )
+    for _, route in resolver.resolve(parse_mailbox(address)).finals:
+        assert Route.from_dict(route.to_dict()) == route
 
 
 def test_build_routing_follows_the_config(tmp_path):
