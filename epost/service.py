@@ -17,7 +17,11 @@ from twisted.python.threadpool import ThreadPool
 
 from epost.auth import UsersChecker, make_portal
 from epost.config import Config
+from epost.delivery.courier import Courier
+from epost.queue.bounces import BounceSender
+from epost.queue.manager import DeliveryManager
 from epost.queue.runner import LocalDeliveryRunner
+from epost.routing.dns import MXResolver
 from epost.queue.spool import Spool
 from epost.queue.worker_client import SpoolWorkerService
 from epost.routing.aliases import load_aliases
@@ -30,7 +34,7 @@ from epost.smtp.policy import RecipientPolicy
 from epost.smtp.receiver import SpoolingReceiver
 from epost.smtp.server import ServerSettings
 from epost.smtp.throttle import AuthThrottle
-from epost.tls import context_for
+from epost.tls import client_context, context_for
 
 
 class ThreadPoolService(service.Service):
@@ -151,7 +155,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     spool.create_folders()
     worker = SpoolWorkerService(spool, config.server.hostname, reactor)
     worker.setServiceParent(top)
-    top.stop_last = [worker, pool_service]
+    top.stop_last = [worker, pool_service]  # the DNS pool is added below
     routing = build_routing(config)
     TableWatcher(routing.tables, reactor, pool).setServiceParent(top)
     receiver = SpoolingReceiver(worker, routing.policy, config.server.hostname, now=reactor.seconds)
@@ -160,8 +164,16 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     portal = make_portal(UsersChecker(routing.users, reactor, pool))
     throttle = AuthThrottle(reactor, cutoff=config.server.auth_failures_before_cutoff)
 
-    # The runner goes first: its start-up recovery empties tmp/, which must
-    # happen before any listener could be writing there.
+    # DNS waits on the network, for up to the timeout: its own pool, so slow
+    # lookups never hold up table reloads or password checks.
+    dns_pool = ThreadPool(minthreads=1, maxthreads=16, name="epost-dns")
+    dns_pool_service = ThreadPoolService(dns_pool)
+    dns_pool_service.setServiceParent(top)
+    top.stop_last.append(dns_pool_service)
+    manager = make_delivery_manager(config, reactor, pool, dns_pool, spool, worker, routing)
+    manager.setServiceParent(top)
+    # The runner goes before the listeners: its start-up recovery empties
+    # tmp/, which must happen before any listener could be writing there.
     runner = LocalDeliveryRunner(
         spool,
         reactor,
@@ -169,6 +181,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
         hostname=config.server.hostname,
         mailbox_root=config.server.spool / "mailboxes",
         deliver=worker.deliver,
+        on_passed=manager.enqueue,
     )
     runner.setServiceParent(top)
 
@@ -185,5 +198,33 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
                 factory = TLSMemoryBIOFactory(tls, False, factory)  # implicit TLS with our certificate
             strports.service(description, factory, reactor=reactor).setServiceParent(top)
 
-    top.spool, top.runner, top.routing, top.limits = spool, runner, routing, limits
+    top.spool, top.runner, top.manager, top.routing, top.limits = spool, runner, manager, routing, limits
     return top
+
+
+def make_delivery_manager(config: Config, reactor, pool, dns_pool, spool: Spool, store, routing: Routing) -> DeliveryManager:
+    """Outbound SMTP with its retry books; `store` queues the bounces."""
+    delivery = config.delivery
+    dns = MXResolver(reactor, dns_pool, config.routing.dns_servers, timeout=delivery.connect_timeout)
+    courier = Courier(
+        reactor,
+        dns,
+        config.server.hostname,
+        tls_context=client_context(),
+        connect_timeout=delivery.connect_timeout,
+        timeouts={"greeting": delivery.greeting_timeout},
+    )
+    bounces = BounceSender(store, routing.resolver.resolve, config.server.hostname, reactor.seconds)
+    return DeliveryManager(
+        spool,
+        reactor,
+        pool,
+        courier,
+        bounces,
+        routing.resolver.route_final,
+        config.server.hostname,
+        config.retry,
+        max_connections=delivery.max_connections,
+        max_per_destination=delivery.max_per_destination,
+        handle_signals=True,
+    )

@@ -106,6 +106,12 @@ def context_for(config: Config) -> CertificateOptions:
     return server_context(*ensure_self_signed(server.spool / "tls", server.hostname))
 
 
+def client_context() -> CertificateOptions:
+    """Outbound opportunistic STARTTLS: encrypt when offered, verify nothing
+    (Postfix's `smtp_tls_security_level = may`; MX certificates rarely match)."""
+    return CertificateOptions(verify=False)
+
+
 def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()

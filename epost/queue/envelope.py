@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 FORMAT_VERSION = 1
@@ -26,6 +26,8 @@ class Recipient:
     state: str = "pending"
     attempts: int = 0
     last_reply: str = ""
+    failures_5xx: int = 0  # 5xx replies in the current retry episode (SPEC §6 count_5xx)
+    dsn_sent: bool = False  # a failed recipient's bounce is queued (never twice)
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,9 @@ class Envelope:
     listener: str = "relay"
     auth: str | None = None
     body: str = "7BIT"
+    # Retry state per destination domain: the (message, destination) pair is
+    # the unit of retry (SPEC §6); see epost.queue.outcomes.
+    retries: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def with_recipient(self, index: int, **changes: Any) -> Envelope:
         """A copy with recipient ``index`` changed; envelopes are values, never edited in place."""
@@ -75,6 +80,7 @@ class Envelope:
                 listener=_field(obj, "listener", str),
                 auth=_field(obj, "auth", (str, type(None))),
                 body=_field(obj, "body", str),
+                retries=_optional(obj, "retries", dict, {}),
             )
         except (ValueError, UnicodeDecodeError) as e:
             raise EnvelopeError(f"{name_for_errors}: corrupt envelope: {e}") from None
@@ -90,6 +96,8 @@ def _recipient(obj: Any) -> Recipient:
         state=state,
         attempts=_field(obj, "attempts", int),
         last_reply=_field(obj, "last_reply", str),
+        failures_5xx=_optional(obj, "failures_5xx", int, 0),
+        dsn_sent=bool(_optional(obj, "dsn_sent", (bool, int), False)),
     )
 
 
@@ -98,6 +106,15 @@ def _field(obj: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     value = obj[key]
     # bool is an int to isinstance, but never a valid count or size here.
     _check(isinstance(value, kind) and not isinstance(value, bool), f"bad {key!r}: {value!r}")
+    return value
+
+
+def _optional(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    """A field added after version 1 was written: absent means `default`."""
+    if key not in obj:
+        return default
+    value = obj[key]
+    _check(isinstance(value, kind), f"bad {key!r}: {value!r}")
     return value
 
 

@@ -1,7 +1,9 @@
 """Delivers queued mail to local Maildirs as soon as it is committed (SPEC §6, §7).
 
-Recipients with any other route stay pending for the runner that owns that
-route; a message leaves ``incoming/`` only when no recipient is pending.
+Recipients with any other route stay pending: once the local ones are done,
+such a message is passed on (`on_passed`) to the delivery manager, which
+also owns bounces. A message leaves ``incoming/`` here only when nothing is
+left for anyone.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ from twisted.python.failure import Failure
 
 from epost.delivery.maildir import MaildirBatch
 from epost.queue.envelope import Envelope, EnvelopeError, Recipient
+from epost.queue.outcomes import has_local_pending
 from epost.queue.spool import Spool
 
 log = Logger()
+
+# deliver_local_batch's verdict per message (also the worker's reply letters)
+DONE, RETRY, PASSED = "D", "R", "P"
 
 
 class LocalDeliveryRunner(Service):
@@ -44,15 +50,18 @@ class LocalDeliveryRunner(Service):
         threadpool: Any,
         hostname: str,
         mailbox_root: Path,
-        deliver: Callable[[list[str]], Deferred[list[str]]] | None = None,
+        deliver: Callable[[list[str]], Deferred[dict[str, str]]] | None = None,
+        on_passed: Callable[[str, Envelope | None], None] | None = None,
     ) -> None:
         """`deliver` runs `deliver_local_batch` somewhere off the reactor and
-        fires with the IDs to retry; by default in `threadpool`."""
+        fires with its verdicts; by default in `threadpool`. `on_passed`
+        gets the messages that still need the delivery manager."""
         self._spool = spool
         self._reactor = reactor
         self._deliver = deliver or (
             lambda ids: deferToThreadPool(reactor, threadpool, deliver_local_batch, spool, ids, hostname, mailbox_root)
         )
+        self.on_passed = on_passed or (lambda queue_id, envelope: None)
         self._waiting: dict[str, None] = {}  # ordered set: arrival order is delivery order
         self._in_flight: list[str] = []
         self._retries: dict[str, IDelayedCall] = {}
@@ -85,9 +94,15 @@ class LocalDeliveryRunner(Service):
         self._idle_waiters.append(d)
         return d
 
-    def enqueue(self, queue_id: str) -> None:
-        """Deliver ``queue_id`` soon; a message already waiting or in flight is not doubled."""
+    def enqueue(self, queue_id: str, envelope: Envelope | None = None) -> None:
+        """Deliver ``queue_id`` soon; a message already waiting or in flight is not doubled.
+
+        A just-committed message (`envelope` known) with no local recipient
+        goes straight on to the manager, without a trip to the worker."""
         if not self.running or queue_id in self._waiting or queue_id in self._in_flight:
+            return
+        if envelope is not None and not has_local_pending(envelope):
+            self.on_passed(queue_id, envelope)
             return
         self._waiting[queue_id] = None
         self._next_batch()
@@ -103,15 +118,18 @@ class LocalDeliveryRunner(Service):
         d = self._deliver(batch)
         d.addCallbacks(self._batch_done, self._batch_failed)
 
-    def _batch_done(self, needs_retry: list[str]) -> None:
+    def _batch_done(self, verdicts: dict[str, str]) -> None:
         self._in_flight = []
-        for queue_id in needs_retry:
-            self._schedule_retry(queue_id)
+        for queue_id, verdict in verdicts.items():
+            if verdict == RETRY:
+                self._schedule_retry(queue_id)
+            elif verdict == PASSED:
+                self.on_passed(queue_id, None)
         self._next_batch()
 
     def _batch_failed(self, failure: Failure) -> None:
         log.failure("local delivery batch failed", failure)
-        self._batch_done(list(self._in_flight))
+        self._batch_done(dict.fromkeys(self._in_flight, RETRY))
 
     def _tell_idle(self) -> None:
         if not (self._waiting or self._in_flight):
@@ -134,8 +152,12 @@ def deliver_local_batch(
     hostname: str,
     mailbox_root: Path,
     known: Mapping[str, tuple[Envelope, bytes]] | None = None,
-) -> list[str]:
-    """Blocking: deliver every local recipient of these messages; returns the IDs to retry.
+) -> dict[str, str]:
+    """Blocking: deliver every local recipient of these messages.
+
+    Returns a verdict per ID: DONE (nothing left, removed, or no longer
+    queued), RETRY (a local delivery failed) or PASSED (recipients with
+    other routes, or failures still to bounce, remain for the manager).
 
     `known` holds the envelope and content of messages this process has
     just queued, which spares reading them back from the spool.
@@ -146,6 +168,7 @@ def deliver_local_batch(
     batch again (duplicates, never loss).
     """
     batch = MaildirBatch(hostname)
+    verdicts = dict.fromkeys(queue_ids, DONE)
     staged: list[tuple[Envelope, list[tuple[int, int | Exception]]]] = []
     for queue_id in queue_ids:
         try:
@@ -170,7 +193,6 @@ def deliver_local_batch(
                 slots.append((index, e))
         staged.append((envelope, slots))
     results = batch.commit()
-    retry = []
     for envelope, slots in staged:
         failed = False
         for index, slot in slots:
@@ -185,8 +207,12 @@ def deliver_local_batch(
                 envelope = envelope.with_recipient(index, attempts=attempts, last_reply=f"maildir: {outcome}")
             else:
                 envelope = envelope.with_recipient(index, state="delivered", attempts=attempts, last_reply="delivered to maildir")
+        left_for_manager = any(
+            r.state == "failed" and not r.dsn_sent or r.state == "pending" and (r.route or {}).get("kind") != "local"
+            for r in envelope.recipients
+        )
         try:
-            if envelope.pending():
+            if envelope.pending() or left_for_manager:
                 if slots:
                     spool.update(envelope)
             else:
@@ -194,9 +220,8 @@ def deliver_local_batch(
         except OSError:
             log.failure("{queue_id}: cannot record delivery", queue_id=envelope.queue_id)
             failed = True
-        if failed:
-            retry.append(envelope.queue_id)
-    return retry
+        verdicts[envelope.queue_id] = RETRY if failed else PASSED if left_for_manager else DONE
+    return verdicts
 
 
 def mailbox_path(mailbox_root: Path, recipient: Recipient) -> Path:

@@ -156,7 +156,7 @@ class Spool:
     ) -> None:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
-        self.on_commit: list[Callable[[str], None]] = []
+        self.on_commit: list[Callable[[str, Envelope], None]] = []  # (queue id, its envelope)
         self._reactor = reactor
         self._threadpool = threadpool
         self._clock = clock
@@ -216,18 +216,18 @@ class Spool:
     def _batch_done(self, results: list[SpoolError | None] | Failure, batch: list[Any]) -> None:
         self._committing = False
         self._start_batch()
-        for i, (writer, _, d) in enumerate(batch):
+        for i, (writer, envelope, d) in enumerate(batch):
             outcome = results if isinstance(results, Failure) else results[i]
             if outcome is None:
-                self.notify_committed(writer.queue_id)
+                self.notify_committed(writer.queue_id, envelope)
                 d.callback(writer.queue_id)
             else:
                 d.errback(outcome)
 
-    def notify_committed(self, queue_id: str) -> None:
+    def notify_committed(self, queue_id: str, envelope: Envelope) -> None:
         for hook in list(self.on_commit):
             try:
-                hook(queue_id)
+                hook(queue_id, envelope)
             except Exception:
                 log.failure("on_commit hook {hook!r} failed for {queue_id}", hook=hook, queue_id=queue_id)
 
@@ -290,24 +290,44 @@ class Spool:
     # -- start-up ------------------------------------------------------------
 
     def recover(self) -> list[str]:
-        """Sweep crash debris (``tmp/``, content without envelope); return queued IDs in arrival order."""
+        """Sweep crash debris and finish half-done moves; return the IDs in
+        ``incoming/`` in arrival order (``deferred_ids()`` lists the others).
+
+        A message's ``.msg`` says which queue it is in. An envelope beside it
+        wins; an envelope left in the other queue by an interrupted `move`
+        is brought over; a ``.msg`` with no envelope anywhere is debris.
+        """
         for name in os.listdir(self.tmp):
             _unlink(self.tmp / name)
-        incoming = self.root / "incoming"
-        names = set(os.listdir(incoming))
-        queued = []
-        for name in names:
-            stem, _, suffix = name.partition(".")
-            if not QUEUE_ID.fullmatch(stem):
-                continue
-            if suffix == "msg" and f"{stem}.env" not in names:
-                _unlink(incoming / name)
-            elif suffix == "env":
-                if f"{stem}.msg" in names:
-                    queued.append(stem)
-                else:
-                    log.error("{path} has no content; left for the operator", path=incoming / name)
-        return sorted(queued)
+        names = {queue: set(os.listdir(self.root / queue)) for queue in ("incoming", "deferred")}
+        for queue, other in (("incoming", "deferred"), ("deferred", "incoming")):
+            here, there = self.root / queue, self.root / other
+            for name in sorted(names[queue]):
+                stem, _, suffix = name.partition(".")
+                if not QUEUE_ID.fullmatch(stem):
+                    continue
+                env = f"{stem}.env"
+                if suffix == "msg" and env not in names[queue]:
+                    if env in names[other] and f"{stem}.msg" not in names[other]:
+                        os.rename(there / env, here / env)
+                        names[other].discard(env)
+                        names[queue].add(env)
+                    else:
+                        _unlink(here / name)
+                elif suffix == "env" and f"{stem}.msg" not in names[queue]:
+                    if f"{stem}.msg" in names[other]:
+                        if env in names[other]:
+                            _unlink(here / name)  # the copy beside the content is newer
+                        # else: the pass over `other` brings it over
+                    else:
+                        log.error("{path} has no content; left for the operator", path=here / name)
+        incoming = names["incoming"]
+        return sorted(n[:17] for n in incoming if n.endswith(".env") and f"{n[:17]}.msg" in incoming and QUEUE_ID.fullmatch(n[:17]))
+
+    def queued_ids(self, queue: str) -> list[str]:
+        """IDs with both files in `queue`, in arrival order."""
+        names = set(os.listdir(self.root / queue))
+        return sorted(n[:17] for n in names if n.endswith(".env") and QUEUE_ID.fullmatch(n[:17]) and f"{n[:17]}.msg" in names)
 
     # -- queued messages -----------------------------------------------------
 
@@ -325,6 +345,34 @@ class Spool:
             write_atomically(folder / f"{envelope.queue_id}.env", envelope.to_bytes(), temp_dir=self.tmp)
         except OSError as e:
             raise SpoolError.from_oserror(e, f"cannot update {envelope.queue_id}") from e
+
+    def move(self, envelope: Envelope, source: str, target: str) -> None:
+        """Move a message to another queue, with `envelope` as its new envelope (blocking).
+
+        Order: the new envelope appears in `target`, then the content follows,
+        then the old envelope goes. Whatever the crash point, `recover()` finds
+        the message in one queue with an envelope at least as old as the one
+        it had (a duplicate delivery is possible, a loss is not)."""
+        queue_id = envelope.queue_id
+        here, there = self._folder(queue_id, source), self._folder(queue_id, target)
+        try:
+            write_atomically(there / f"{queue_id}.env", envelope.to_bytes(), temp_dir=self.tmp)
+            os.rename(here / f"{queue_id}.msg", there / f"{queue_id}.msg")
+            fsync_dir(there)
+            _unlink(here / f"{queue_id}.env")
+        except OSError as e:
+            raise SpoolError.from_oserror(e, f"cannot move {queue_id} to {target}/") from e
+
+    def open_content(self, queue_id: str, queue: str) -> int:
+        """A read-only descriptor of the content, following the message if a
+        move (in another thread) just took it to the other queue."""
+        other = "deferred" if queue == "incoming" else "incoming"
+        for folder in (queue, other, queue):
+            try:
+                return os.open(self.content_path(queue_id, folder), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+        raise FileNotFoundError(f"{queue_id}: content is gone")
 
     def remove(self, queue_id: str, queue: str = "incoming") -> None:
         """Delete a message, envelope first so a crash half-way leaves only sweepable content.

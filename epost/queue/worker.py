@@ -16,8 +16,9 @@ Requests arrive on stdin as frames `op(1) queue-id(17) length(4) payload`:
 Replies go to stdout, one line each:
   C ID              committed (durable in incoming/)
   F ID ERRNO TEXT   commit failed, nothing of it is queued
-  D ID              local delivery done
+  D ID              local delivery done, nothing left of the message
   R ID              local delivery must be retried later
+  P ID              local delivery done, the rest is the delivery manager's
 Commits always go before deliveries, so new mail is never held up by them.
 """
 
@@ -96,10 +97,10 @@ class Worker:
             batch = list(self.deliveries)[:DELIVERY_BATCH]
             for queue_id in batch:
                 del self.deliveries[queue_id]
-            retry = set(deliver_local_batch(self.spool, batch, self.hostname, self.mailbox_root, self.recent))
+            verdicts = deliver_local_batch(self.spool, batch, self.hostname, self.mailbox_root, self.recent)
             for queue_id in batch:
                 self._forget(queue_id)
-            self.reply("".join(f"{'R' if q in retry else 'D'} {q}\n" for q in batch).encode())
+            self.reply("".join(f"{verdicts[q]} {q}\n" for q in batch).encode())
 
     def _remember(self, queue_id: str, envelope: Envelope, content: bytes) -> None:
         """Keep a small message for its delivery; the oldest go when over RECENT_BYTES

@@ -141,8 +141,8 @@ class SpoolWorkerService(Service):
         self._protocols: list[_WorkerProtocol | None] = [None] * processes
         self._throttles = [_PipeThrottle() for _ in range(processes)]
         self._generations = [0] * processes
-        self._commits: dict[str, defer.Deferred] = {}
-        self._deliveries: dict[str, tuple[defer.Deferred, set[str], list[str]]] = {}
+        self._commits: dict[str, tuple[defer.Deferred, Envelope]] = {}
+        self._deliveries: dict[str, tuple[defer.Deferred, set[str], dict[str, str]]] = {}
         self._stopping: list[defer.Deferred] = []
 
     # -- lifecycle ---------------------------------------------------------
@@ -185,7 +185,7 @@ class SpoolWorkerService(Service):
         self._protocols[index] = None
         failure = SpoolError(errno.EIO, "spool worker process ended")
         for queue_id in [q for q in self._commits if self._index(q) == index]:
-            self._commits.pop(queue_id).errback(failure)
+            self._commits.pop(queue_id)[0].errback(failure)
         for queue_id in [q for q in self._deliveries if self._index(q) == index]:
             self.reply_received(f"R {queue_id}")
         if self._stopping:
@@ -212,19 +212,20 @@ class SpoolWorkerService(Service):
     def commit(self, queue_id: str, envelope: Envelope) -> defer.Deferred:
         if self._protocols[self._index(queue_id)] is None:
             return defer.fail(SpoolError(errno.EIO, "spool worker process not running"))
-        d = self._commits[queue_id] = defer.Deferred()
+        d: defer.Deferred = defer.Deferred()
+        self._commits[queue_id] = (d, envelope)
         self.send(b"C", queue_id, envelope.to_bytes())
         return d
 
     def deliver(self, queue_ids: list[str]) -> defer.Deferred:
-        """Local delivery of these queued messages; fires with the IDs to retry."""
+        """Local delivery of these queued messages; fires with a verdict per ID (see runner.py)."""
         d: defer.Deferred = defer.Deferred()
         live = [q for q in queue_ids if self._protocols[self._index(q)] is not None]
-        retry = [q for q in queue_ids if q not in live]
+        verdicts = {q: "R" for q in queue_ids if q not in live}
         if not live:
-            d.callback(retry)
+            d.callback(verdicts)
             return d
-        entry = (d, set(live), retry)
+        entry = (d, set(live), verdicts)
         for queue_id in live:
             self._deliveries[queue_id] = entry
             self.send(b"L", queue_id, b"")
@@ -233,17 +234,17 @@ class SpoolWorkerService(Service):
         kind, _, rest = line.partition(" ")
         queue_id, _, detail = rest.partition(" ")
         if kind == "C" and queue_id in self._commits:
-            self.spool.notify_committed(queue_id)
-            self._commits.pop(queue_id).callback(queue_id)
+            d, envelope = self._commits.pop(queue_id)
+            self.spool.notify_committed(queue_id, envelope)
+            d.callback(queue_id)
         elif kind == "F" and queue_id in self._commits:
             code, _, text = detail.partition(" ")
-            self._commits.pop(queue_id).errback(SpoolError(int(code) if code.isdigit() else errno.EIO, text))
-        elif kind in ("D", "R") and queue_id in self._deliveries:
-            d, waiting, retry = self._deliveries.pop(queue_id)
+            self._commits.pop(queue_id)[0].errback(SpoolError(int(code) if code.isdigit() else errno.EIO, text))
+        elif kind in ("D", "R", "P") and queue_id in self._deliveries:
+            d, waiting, verdicts = self._deliveries.pop(queue_id)
             waiting.discard(queue_id)
-            if kind == "R":
-                retry.append(queue_id)
+            verdicts[queue_id] = kind
             if not waiting:
-                d.callback(retry)
+                d.callback(verdicts)
         else:
             log.error("spool worker said something unexpected: {line!r}", line=line)

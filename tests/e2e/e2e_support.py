@@ -131,6 +131,9 @@ def restart(daemon: Daemon) -> Daemon:
 def write_config(folder: Path, relay_port: int, submission_port: int, server: str = "", toml: str = "") -> Path:
     (folder / "users").write_text("alice@example.test\nbob@example.test\n")
     config = folder / "epost.toml"
+    # DNS stays on loopback: nothing listens on port 9, so lookups time out (a
+    # temporary failure) unless the test brings its own dnsmasq.
+    dns = "" if "dns_servers" in toml else 'dns_servers = ["127.0.0.1:9"]'
     config.write_text(
         f"""[server]
 hostname = "{HOSTNAME}"
@@ -142,7 +145,7 @@ spool = "spool"
 [routing]
 local_domains = ["example.test"]
 users = "users"
-
+{dns}
 {toml}
 """
     )

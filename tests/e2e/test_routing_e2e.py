@@ -229,7 +229,7 @@ def test_alias_with_local_and_remote_targets_from_an_untrusted_client(daemon, tm
     assert set(final) == {"alice@example.test", "bob@far.example"}
     pending = [address for address, r in final.items() if r["state"] not in ("delivered", "failed")]
     assert pending == ["bob@far.example"]
-    assert final["bob@far.example"]["state"] == "incoming"
+    assert final["bob@far.example"]["state"] in ("incoming", "deferred")  # its DNS never answers
     assert final["bob@far.example"]["route"]["kind"] == "relay"
     assert final["bob@far.example"]["route"]["rule"] == "mx"
     assert final["alice@example.test"]["route"]["rule"] == "local"

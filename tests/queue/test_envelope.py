@@ -1,5 +1,7 @@
 """Envelope files round-trip exactly, and a damaged one is reported with its file name."""
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -28,6 +30,11 @@ recipients = st.builds(
     state=st.sampled_from(["pending", "delivered", "failed"]),
     attempts=st.integers(min_value=0),
     last_reply=st.text(),
+    failures_5xx=st.integers(0, 20),
+    dsn_sent=st.booleans(),
+)
+retry_state = st.fixed_dictionaries(
+    {"first_failure": st.floats(0, 2e9), "failures": st.integers(0, 99), "next_attempt": st.floats(0, 2e9)}
 )
 envelopes = st.builds(
     Envelope,
@@ -40,6 +47,7 @@ envelopes = st.builds(
     listener=st.sampled_from(["relay", "submission", "smtps"]),
     auth=st.none() | st.text(),
     body=st.sampled_from(["7BIT", "8BITMIME"]),
+    retries=st.dictionaries(st.text(), retry_state, max_size=3),
 )
 
 
@@ -51,6 +59,13 @@ def test_any_envelope_round_trips(envelope):
 def test_surrogate_escaped_address_round_trips():
     envelope = Envelope("Q", "b\udcffad@example.org", (Recipient("a@example.jp"),), 0.0, 0)
     assert Envelope.from_bytes(envelope.to_bytes(), "x.env") == envelope
+
+
+def test_envelope_written_before_retry_state_existed_still_reads():
+    old = {**json.loads(ENVELOPE.to_bytes()), "recipients": [{"address": "a@b", "route": None, "state": "pending", "attempts": 0, "last_reply": ""}]}
+    del old["retries"]
+    envelope = Envelope.from_bytes(json.dumps(old).encode(), "old.env")
+    assert envelope.retries == {} and envelope.recipients[0].dsn_sent is False
 
 
 def test_with_recipient_changes_only_that_recipient():

@@ -82,7 +82,7 @@ class CommitTests(SpoolTestCase):
     @inlineCallbacks
     def test_commit_tells_subscribers_after_the_message_is_stored(self):
         seen = []
-        self.spool.on_commit.append(lambda q: seen.append((q, os.path.exists(self.spool.content_path(q)))))
+        self.spool.on_commit.append(lambda q, envelope: seen.append((q, os.path.exists(self.spool.content_path(q)))))
         queue_id = yield self.write_and_commit()
         assert seen == [(queue_id, True)]
 

@@ -111,14 +111,14 @@ class WorkerProcessTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_message_is_committed_and_delivered_by_the_child(self):
         committed = []
-        self.spool.on_commit.append(committed.append)
+        self.spool.on_commit.append(lambda queue_id, envelope: committed.append(queue_id))
         writer = self.service.open_message()
         writer.write(b"Subject: hi\r\n\r\nhello\r\n")
         queue_id = yield writer.commit(envelope(writer.queue_id, "example.test/carol"))
         assert committed == [queue_id]
         assert (self.spool.root / "incoming" / f"{queue_id}.msg").read_bytes() == b"Subject: hi\r\n\r\nhello\r\n"
-        retry = yield self.service.deliver([queue_id])
-        assert retry == []
+        verdicts = yield self.service.deliver([queue_id])
+        assert verdicts == {queue_id: "D"}
         [mail] = new_mail(self.spool.root, "example.test/carol")
         assert mail.endswith(b"hello\n")
 
@@ -127,8 +127,8 @@ class WorkerProcessTests(unittest.TestCase):
         writer = self.service.open_message()
         writer.write(b"x\r\n")
         queue_id = yield writer.commit(envelope(writer.queue_id, "example.test/.."))
-        retry = yield self.service.deliver([queue_id])
-        assert retry == [queue_id]
+        verdicts = yield self.service.deliver([queue_id])
+        assert verdicts == {queue_id: "R"}
 
     @defer.inlineCallbacks
     def test_a_dying_worker_fails_pending_commits_with_a_spool_error_and_is_restarted(self):

@@ -1,0 +1,456 @@
+"""The delivery manager: relays queued mail by SMTP and keeps the retry books (SPEC §4, §6).
+
+It joins the parts: the `Scheduler` decides which (message, destination)
+job runs when; the `Courier` makes one attempt; `apply_attempt` (pure)
+says what the attempt means; this module records it: the envelope (moved
+from ``incoming/`` to ``deferred/`` on its first deferral), senderlog and
+faillog lines, Domain.mri files and DSN bounces.
+
+It is the only writer of a message's envelope once the local runner has
+passed the message on. File work runs in the thread pool, serialised per
+message by a DeferredLock, so a move never races a read of the content.
+In memory it keeps the envelopes of messages with a job running or just
+arrived, and for the rest of the queue only the scheduler's small entries:
+a restart with a large deferred queue costs little memory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from epost.config import RetryConfig
+from epost.delivery.bounce import FailedRecipient, should_bounce
+from epost.delivery.courier import Attempt
+from epost.delivery.smtp_client import Outcome
+from epost.logs import LineLog, faillog_line, senderlog_line
+from epost.queue.bounces import original_headers
+from epost.queue.domain_state import DomainState, DomainStateStore
+from epost.queue.envelope import Envelope, EnvelopeError
+from epost.queue.outcomes import (
+    Applied,
+    apply_attempt,
+    next_due,
+    relay_groups,
+    reply_text,
+    status_code,
+    unreported_failures,
+)
+from epost.queue.scheduler import Job, Scheduler
+from epost.queue.spool import Spool
+from epost.routing.resolver import Route
+from epost.smtp.address import AddressError, parse_mailbox
+
+log = Logger()
+
+CHUNK = 64 * 1024
+LOAD_BATCH = 500  # envelopes read per thread hop when the deferred queue is loaded at start
+
+
+@dataclass
+class _Message:
+    envelope: Envelope
+    queue: str  # incoming or deferred
+    lock: defer.DeferredLock = field(default_factory=defer.DeferredLock)
+    refs: int = 0  # jobs running or waiting in the new-mail lane: the envelope stays in memory
+    new_jobs: set[str] = field(default_factory=set)  # destinations whose new-lane job holds a ref
+
+
+class DeliveryManager(Service):
+    """Owns every relayed message from the moment the local runner passes it on."""
+
+    error_retry = 60.0
+
+    def __init__(
+        self,
+        spool: Spool,
+        reactor: Any,
+        pool: Any,
+        courier: Any,
+        bounces: Any,
+        route_final: Callable[[Any], Route],
+        hostname: str,
+        retry: RetryConfig,
+        max_connections: int = 100,
+        max_per_destination: int = 10,
+        new_mail_share: float = 0.5,
+        handle_signals: bool = False,
+    ) -> None:
+        self.spool = spool
+        self.reactor = reactor
+        self.pool = pool
+        self.courier = courier
+        self.bounces = bounces
+        self.route_final = route_final
+        self.hostname = hostname
+        self.retry = retry
+        self.handle_signals = handle_signals
+        self.scheduler = Scheduler(reactor, self._run, max_connections, max_per_destination, new_mail_share)
+        self.senderlog = LineLog(spool.root / "log" / "senderlog")
+        self.faillog = LineLog(spool.root / "log" / "faillog")
+        self.domain_store = DomainStateStore(spool.root / "domains")
+        self._messages: dict[str, _Message] = {}
+        self._domains: dict[str, DomainState] = {}
+        self._waiting_by_domain: dict[str, set[str]] = {}  # destination -> IDs with a retry scheduled
+        self._domain_locks: dict[str, defer.DeferredLock] = {}
+        self._jobs_running: dict[Job, defer.Deferred] = {}
+        self.loaded: defer.Deferred[None] = defer.Deferred()  # the deferred queue is scheduled
+
+    # -- lifecycle -------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        for domain in self.domain_store.domains():
+            try:
+                state = self.domain_store.read(domain)
+            except ValueError as error:
+                log.error("{error}; starting that domain afresh", error=error)
+                continue
+            if state is not None:
+                self._domains[domain] = state
+        if self.handle_signals:
+            signal.signal(signal.SIGUSR2, lambda *_: self.reactor.callFromThread(self.flush))
+        # After start-up: the local runner's recover() finishes interrupted moves first.
+        self.reactor.callLater(0, lambda: self._load_deferred().addBoth(self._loaded))
+
+    def stopService(self) -> defer.Deferred:
+        """Starts nothing new; running attempts finish (their outcome is recorded)."""
+        super().stopService()
+        self.senderlog.close()
+        self.faillog.close()
+        running = list(self._jobs_running.values())
+        return defer.DeferredList(running) if running else defer.succeed(None)
+
+    def flush(self) -> None:
+        """Everything waiting is due now (SIGUSR2, `epost flush`)."""
+        log.info("flush: every deferred message is due now")
+        self.scheduler.flush()
+
+    # -- input -----------------------------------------------------------
+
+    def enqueue(self, queue_id: str, envelope: Envelope | None = None) -> None:
+        """A message the local runner passed on: relay it now (the runner's `on_passed`)."""
+        if not self.running:
+            return
+        if envelope is not None:
+            self._accept(queue_id, envelope, "incoming")
+            return
+        d = deferToThreadPool(self.reactor, self.pool, self.spool.load, queue_id)
+        d.addCallbacks(lambda loaded: self._accept(queue_id, loaded, "incoming"), self._unreadable, errbackArgs=(queue_id,))
+
+    def _accept(self, queue_id: str, envelope: Envelope, queue: str) -> None:
+        if queue_id in self._messages:
+            return  # already in hand
+        message = self._messages[queue_id] = _Message(envelope, queue)
+        groups = relay_groups(envelope)
+        for destination in groups:
+            message.refs += 1
+            message.new_jobs.add(destination)
+            try:
+                self.scheduler.add_new(Job(queue_id, destination))
+            except ValueError:  # already scheduled: it will find the envelope on disk
+                message.refs -= 1
+                message.new_jobs.discard(destination)
+        if not groups:
+            self._settle_alone(queue_id)
+        elif message.refs == 0:
+            self._messages.pop(queue_id, None)
+
+    def _unreadable(self, failure, queue_id: str) -> None:
+        if failure.check(FileNotFoundError):
+            return
+        log.failure("{queue_id}: cannot read its envelope; left for the operator", failure, queue_id=queue_id)
+
+    # -- start-up: the deferred queue -------------------------------------
+
+    @defer.inlineCallbacks
+    def _load_deferred(self):
+        """Schedule every deferred message at its saved time, in batches off the reactor."""
+        ids = yield deferToThreadPool(self.reactor, self.pool, self.spool.queued_ids, "deferred")
+        for start in range(0, len(ids), LOAD_BATCH):
+            if not self.running:
+                return
+            batch = ids[start : start + LOAD_BATCH]
+            envelopes = yield deferToThreadPool(self.reactor, self.pool, self._read_envelopes, batch)
+            now = self.reactor.seconds()
+            for envelope in envelopes:
+                for destination in relay_groups(envelope):
+                    try:
+                        self.scheduler.add_deferred(Job(envelope.queue_id, destination), next_due(envelope, destination, now))
+                    except ValueError:
+                        continue
+                    self._waiting_by_domain.setdefault(destination, set()).add(envelope.queue_id)
+                if not relay_groups(envelope):
+                    # Crashed between the last attempt and its bookkeeping: finish it now.
+                    self._messages[envelope.queue_id] = _Message(envelope, "deferred")
+                    self._settle_alone(envelope.queue_id)
+
+    def _read_envelopes(self, ids: list[str]) -> list[Envelope]:
+        envelopes = []
+        for queue_id in ids:
+            try:
+                envelopes.append(self.spool.load(queue_id, "deferred"))
+            except FileNotFoundError:
+                continue
+            except (EnvelopeError, OSError) as error:
+                log.error("{error}; left for the operator", error=error)
+        return envelopes
+
+    def _loaded(self, result) -> None:
+        if isinstance(result, Failure):
+            log.failure("loading the deferred queue failed", result)
+        # Domain.mri files are brought in line with what is actually waiting.
+        for domain in set(self._domains) | set(self._waiting_by_domain):
+            self._save_domain(domain)
+        if not self.loaded.called:
+            self.loaded.callback(None)
+
+    # -- one job ---------------------------------------------------------
+
+    def _run(self, job: Job) -> defer.Deferred:
+        d = defer.ensureDeferred(self._attempt(job))
+        self._jobs_running[job] = d
+
+        def finished(verdict):
+            self._jobs_running.pop(job, None)
+            return verdict
+
+        return d.addBoth(finished)
+
+    async def _attempt(self, job: Job) -> Any:
+        queue_id, destination = job
+        message = self._messages.get(queue_id)
+        if message is not None and destination in message.new_jobs:
+            message.new_jobs.discard(destination)  # its ref was taken when it was queued
+        else:
+            message = message or await self._load(queue_id)
+            if message is None:
+                return "done"
+            message.refs += 1
+        try:
+            return await self._deliver(job, message)
+        except Exception:  # a bug or an unexpected file problem: log it and retry later
+            log.failure("{queue_id}: delivery to {destination} failed", queue_id=queue_id, destination=destination)
+            return ("retry", self.reactor.seconds() + self.error_retry)
+        finally:
+            message.refs -= 1
+            if message.refs <= 0 and self._messages.get(queue_id) is message:
+                del self._messages[queue_id]
+
+    async def _load(self, queue_id: str) -> _Message | None:
+        for queue in ("deferred", "incoming"):
+            try:
+                envelope = await deferToThreadPool(self.reactor, self.pool, self.spool.load, queue_id, queue)
+            except FileNotFoundError:
+                continue
+            message = self._messages.get(queue_id)
+            if message is None:
+                message = self._messages[queue_id] = _Message(envelope, queue)
+            return message
+        log.info("{queue_id}: no longer queued", queue_id=queue_id)
+        return None
+
+    async def _deliver(self, job: Job, message: _Message) -> Any:
+        queue_id, destination = job
+        indexes = relay_groups(message.envelope).get(destination, [])
+        if not indexes:
+            return "done"
+        envelope = message.envelope
+        recipients = [envelope.recipients[i].address for i in indexes]
+        route = self._current_route(envelope.recipients[indexes[0]])
+        fd = await message.lock.run(self._open_content, queue_id, message)
+        try:
+            attempt: Attempt = await self.courier.deliver(
+                route, envelope.sender, recipients, lambda: _chunks(fd), envelope.size, envelope.body == "8BITMIME"
+            )
+        finally:
+            os.close(fd)
+        now = self.reactor.seconds()
+        applied = apply_attempt(message.envelope, destination, attempt.outcomes, attempt.host, now, self.retry)
+        message.envelope = applied.envelope
+        self._log_attempt(message.envelope, applied, attempt, now)
+        self._note_domain(destination, queue_id, applied, attempt, now)
+        await self._settle(queue_id, remote=attempt.host)
+        return applied.verdict
+
+    def _current_route(self, recipient) -> Route:
+        """The route by today's tables (a gateway.dat edit applies to queued mail);
+        the stored one when the address now routes elsewhere than to SMTP."""
+        stored = Route.from_dict(recipient.route)
+        try:
+            route = self.route_final(parse_mailbox(recipient.address))
+        except (AddressError, ValueError):
+            return stored
+        return route if route.kind == "relay" else stored
+
+    def _open_content(self, queue_id: str, message: _Message) -> defer.Deferred:
+        return defer.succeed(self.spool.open_content(queue_id, message.queue))
+
+    # -- recording ---------------------------------------------------------
+
+    def _log_attempt(self, envelope: Envelope, applied: Applied, attempt: Attempt, now: float) -> None:
+        for result in applied.results:
+            outcome = result.outcome
+            self.senderlog.write(
+                senderlog_line(
+                    now,
+                    envelope.queue_id,
+                    envelope.sender,
+                    result.address,
+                    attempt.host or "none",
+                    now - envelope.arrival,
+                    result.attempt,
+                    result.status,
+                    status_code(outcome),
+                    reply_text(outcome),
+                )
+            )
+            if result.status == "bounced":
+                reply = reply_text(outcome) if outcome.code is not None else None
+                self.faillog.write(faillog_line(now, envelope.queue_id, self.hostname, envelope.sender, result.address, reply))
+
+    def _settle_alone(self, queue_id: str) -> None:
+        """Settle a message that has no delivery job, then let it go from memory."""
+
+        def forget(result):
+            message = self._messages.get(queue_id)
+            if message is not None and message.refs <= 0:
+                del self._messages[queue_id]
+            return result
+
+        defer.ensureDeferred(self._settle(queue_id)).addBoth(forget).addErrback(self._log_failure, queue_id)
+
+    async def _settle(self, queue_id: str, remote: str | None = None) -> None:
+        """Bounce what failed, then bring the files in line: remove, move to deferred/ or update."""
+        message = self._messages.get(queue_id)
+        if message is None:
+            return
+        failed = unreported_failures(message.envelope)
+        if failed:
+            await self._bounce(message, failed, remote)
+        await message.lock.run(deferToThreadPool, self.reactor, self.pool, self._save, message)
+
+    def _save(self, message: _Message) -> None:
+        """Runs in a thread, holding the message's lock; writes the newest envelope."""
+        envelope = message.envelope
+        if not envelope.pending() and not unreported_failures(envelope):
+            self.spool.remove(envelope.queue_id, message.queue)
+        elif message.queue == "incoming" and envelope.retries:
+            self.spool.move(envelope, "incoming", "deferred")
+            message.queue = "deferred"
+        else:
+            self.spool.update(envelope, message.queue)
+
+    async def _bounce(self, message: _Message, indexes: list[int], remote: str | None) -> None:
+        envelope = message.envelope
+        if should_bounce(envelope.sender):
+            failed = [self._failed_recipient(envelope.recipients[i], remote) for i in indexes]
+            try:
+                headers = await message.lock.run(deferToThreadPool, self.reactor, self.pool, self._headers, message)
+                bounce_id = await self.bounces.send(envelope, headers, failed)
+            except Exception as error:
+                log.error(
+                    "{queue_id}: cannot queue the bounce to <{sender}>: {error}; it is dropped",
+                    queue_id=envelope.queue_id, sender=envelope.sender, error=error,
+                )
+            else:
+                log.info(
+                    "{queue_id}: bounce {bounce_id} queued to <{sender}>",
+                    queue_id=envelope.queue_id, bounce_id=bounce_id, sender=envelope.sender,
+                )
+        # Other recipients may have changed while we waited: mark only ours.
+        current = message.envelope
+        for i in indexes:
+            current = current.with_recipient(i, dsn_sent=True)
+        message.envelope = current
+
+    @staticmethod
+    def _failed_recipient(recipient, remote: str | None) -> FailedRecipient:
+        text = recipient.last_reply
+        code = int(text[:3]) if text[:3].isdigit() else None
+        outcome = Outcome(code, text[4:] if code is not None else text, "")
+        status = status_code(outcome)
+        if status.startswith("2"):
+            status = "5.0.0"
+        return FailedRecipient(recipient.address, status, remote_mta=remote, diagnostic=text or None)
+
+    def _headers(self, message: _Message) -> bytes:
+        fd = self.spool.open_content(message.envelope.queue_id, message.queue)
+        try:
+            return original_headers(os.pread(fd, 64 * 1024, 0))
+        finally:
+            os.close(fd)
+
+    # -- Domain.mri ----------------------------------------------------------
+
+    def _note_domain(self, destination: str, queue_id: str, applied: Applied, attempt: Attempt, now: float) -> None:
+        waiting = self._waiting_by_domain.setdefault(destination, set())
+        deferred = [r for r in applied.results if r.status == "deferred"]
+        failures = [r for r in applied.results if r.status != "sent"]
+        if deferred:
+            waiting.add(queue_id)
+        else:
+            waiting.discard(queue_id)
+        state = self._domains.get(destination)
+        if failures:
+            worst = failures[0].outcome
+            previous = state if state is not None and state.try_number else None
+            state = DomainState(
+                domain=destination,
+                last_tried=int(now),
+                try_number=(previous.try_number if previous else 0) + 1,
+                err_code=worst.code or 0,
+                err_text=worst.text,
+                next_try=int(applied.verdict[1]) if isinstance(applied.verdict, tuple) else int(now),
+                first_failure=previous.first_failure if previous else int(now),
+                last_host=attempt.host or "",
+            )
+        elif state is not None:
+            # A success ends the domain's failure episode; others may still wait.
+            state = replace(state, last_tried=int(now), try_number=0, err_code=0, err_text="", last_host=attempt.host or "")
+        if state is not None:
+            self._domains[destination] = state
+        self._save_domain(destination)
+
+    def _save_domain(self, destination: str) -> None:
+        waiting = self._waiting_by_domain.get(destination)
+        lock = self._domain_locks.setdefault(destination, defer.DeferredLock())
+        if waiting:
+            state = self._domains.get(destination) or DomainState(destination)
+            self._domains[destination] = state = replace(state, messages=len(waiting))
+            work = (self.domain_store.write, state)
+        else:
+            self._waiting_by_domain.pop(destination, None)
+            self._domains.pop(destination, None)
+            work = (self.domain_store.remove, destination)
+        d = lock.run(deferToThreadPool, self.reactor, self.pool, *work)
+        d.addErrback(self._log_failure, destination)
+
+    @staticmethod
+    def _log_failure(failure, about: str) -> None:
+        log.failure("{about}: bookkeeping failed", failure, about=about)
+
+    # -- for tests and `epost queue` ---------------------------------------
+
+    def domain_state(self, destination: str) -> DomainState | None:
+        return self._domains.get(destination)
+
+
+def _chunks(fd: int) -> Iterator[bytes]:
+    """The content from the start, read in 64 KiB pieces (a fresh pass for every SMTP session)."""
+    offset = 0
+    while True:
+        chunk = os.pread(fd, CHUNK, offset)
+        if not chunk:
+            return
+        offset += len(chunk)
+        yield chunk
