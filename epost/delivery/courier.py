@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.internet.interfaces import IReactorTCP
 from twisted.logger import Logger
 
@@ -187,8 +188,21 @@ class Courier:
             self.timeouts,
         )
         try:
-            await connectProtocol(endpoint, client)
+            await endpoint.connect(_QuietFactory(client))
         except Exception as error:  # refused, timed out, unreachable: all mean "next address"
             log.debug("courier: connect to {ip}:{port} failed: {error}", ip=ip, port=port, error=error)
             return None
         return await client.done
+
+
+class _QuietFactory(Factory):
+    """Hands out one prepared protocol, without a start/stop log line per connection."""
+
+    noisy = False
+
+    def __init__(self, protocol: SMTPClient) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr) -> SMTPClient:
+        self._protocol.factory = self
+        return self._protocol
