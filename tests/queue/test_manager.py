@@ -1,0 +1,341 @@
+"""The delivery manager driven by task.Clock: exact attempt times, the files it
+keeps (envelopes, deferred/, Domain.mri, logs), bounces, and restart."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from twisted.internet import defer
+
+from epost.config import RetryConfig
+from epost.delivery.courier import Attempt
+from epost.delivery.smtp_client import Outcome
+from epost.logs import parse_senderlog_line
+from epost.queue.domain_state import parse_mri
+from epost.queue.envelope import Envelope, Recipient
+from epost.queue.manager import DeliveryManager
+from epost.queue.spool import Spool
+from epost.routing.resolver import Route
+from fakes import ClockReactor, SynchronousThreadPool
+
+T0 = 1_800_000_000.0
+CONTENT = b"Subject: hello\r\nMessage-ID: <m1@example.org>\r\n\r\nbody\r\n"
+HOST = "mx.far.test[127.0.0.2]:25"
+
+
+def relay(address: str) -> Recipient:
+    domain = address.rpartition("@")[2]
+    return Recipient(address, {"kind": "relay", "rule": "mx", "mx_domain": domain})
+
+
+class ScriptedCourier:
+    """Answers each attempt from a script: address -> list of (code, text) per attempt; None = no answer."""
+
+    def __init__(self, script: dict[str, list]):
+        self.script = {k: list(v) for k, v in script.items()}
+        self.calls: list[tuple[float, list[str], bytes]] = []
+        self.clock: ClockReactor | None = None
+        self.hold: defer.Deferred | None = None  # when set, attempts wait on it
+
+    def deliver(self, route, sender, recipients, content, size, body_8bit):
+        body = b"".join(content())
+        self.calls.append((self.clock.seconds(), list(recipients), body))
+        outcomes = {}
+        for r in recipients:
+            answer = self.script[r].pop(0) if len(self.script[r]) > 1 else self.script[r][0]
+            if answer is None:
+                outcomes[r] = Outcome(None, "cannot connect to mx.far.test[127.0.0.2]:25", "connect")
+            else:
+                outcomes[r] = Outcome(answer[0], answer[1], "rcpt")
+        attempt = Attempt(outcomes, HOST, False)
+        if self.hold is not None:
+            return self.hold.addCallback(lambda _: attempt)
+        return defer.succeed(attempt)
+
+
+class RecordingBounces:
+    def __init__(self):
+        self.sent: list[tuple[Envelope, bytes, list]] = []
+
+    def send(self, original, headers, failed):
+        self.sent.append((original, headers, failed))
+        return defer.succeed("BOUNCE")
+
+
+class Harness:
+    def __init__(self, root: Path, script: dict, retry: RetryConfig = RetryConfig(), **limits):
+        self.root = root
+        self.clock = ClockReactor()
+        self.clock.advance(T0)
+        self.spool = Spool(root, reactor=self.clock, threadpool=SynchronousThreadPool())
+        self.spool.create_folders()
+        self.courier = ScriptedCourier(script)
+        self.courier.clock = self.clock
+        self.bounces = RecordingBounces()
+        self.manager = DeliveryManager(
+            self.spool,
+            self.clock,
+            SynchronousThreadPool(),
+            self.courier,
+            self.bounces,
+            route_final=lambda address: Route("relay", "mx", mx_domain=address.domain),
+            hostname="mx.example.jp",
+            retry=retry,
+            **limits,
+        )
+
+    def start(self):
+        self.manager.startService()
+        self.clock.advance(0)  # the deferred queue is loaded after start-up
+
+    def queue(self, *recipients: Recipient, sender: str = "bob@example.org") -> Envelope:
+        """Commit a message into incoming/ and pass it on, as the local runner does."""
+        writer = self.spool.open_message()
+        writer.write(CONTENT)
+        envelope = Envelope(writer.queue_id, sender, recipients, self.clock.seconds(), len(CONTENT))
+        self.spool.commit_batch([(writer, envelope)])
+        self.manager.enqueue(writer.queue_id, envelope)
+        return envelope
+
+    def files(self, queue: str) -> list[str]:
+        return sorted(os.listdir(self.root / queue))
+
+    def attempt_times(self) -> list[float]:
+        return [t - T0 for t, _, _ in self.courier.calls]
+
+    def senderlog(self) -> list[dict]:
+        path = self.root / "log" / "senderlog"
+        return [parse_senderlog_line(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def faillog(self) -> list[str]:
+        path = self.root / "log" / "faillog"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def mri(self, domain: str):
+        path = self.root / "domains" / domain / "Domain.mri"
+        return parse_mri(path.read_text(), path) if path.exists() else None
+
+    def run_until(self, seconds: float, step: float = 1.0):
+        while self.clock.seconds() < T0 + seconds:
+            self.clock.advance(step)
+
+
+def test_accepted_mail_leaves_the_queue_with_one_sent_line_per_recipient(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(250, "2.0.0 ok")], "b@far.test": [(250, "2.0.0 ok")]})
+    h.start()
+    envelope = h.queue(relay("a@far.test"), relay("b@far.test"))
+    assert h.files("incoming") == [] and h.files("deferred") == []
+    (call,) = h.courier.calls
+    assert call[1] == ["a@far.test", "b@far.test"]  # one transaction for the domain
+    assert call[2] == CONTENT
+    lines = h.senderlog()
+    assert [(l["recipient"], l["status"], l["attempt"]) for l in lines] == [("a@far.test", "sent", 1), ("b@far.test", "sent", 1)]
+    assert all(l["queue_id"] == envelope.queue_id and l["relay"] == HOST for l in lines)
+    assert h.faillog() == [] and h.bounces.sent == []
+    assert not (tmp_path / "domains" / "far.test").exists()
+
+
+def test_each_destination_gets_its_own_transaction(tmp_path):
+    h = Harness(tmp_path, {"a@one.test": [(250, "ok")], "b@two.test": [(250, "ok")]})
+    h.start()
+    h.queue(relay("a@one.test"), relay("b@two.test"))
+    assert sorted(tuple(c[1]) for c in h.courier.calls) == [("a@one.test",), ("b@two.test",)]
+    assert h.files("incoming") == []
+
+
+def test_greylisted_mail_moves_to_deferred_keeps_domain_state_and_is_delivered_on_retry(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(451, "4.7.1 greylisted"), (250, "2.0.0 ok")]})
+    h.start()
+    envelope = h.queue(relay("a@far.test"))
+    assert h.files("incoming") == []
+    assert h.files("deferred") == [f"{envelope.queue_id}.env", f"{envelope.queue_id}.msg"]
+    stored = h.spool.load(envelope.queue_id, "deferred")
+    assert stored.retries["far.test"]["next_attempt"] == T0 + 120
+    assert stored.recipients[0].attempts == 1 and stored.recipients[0].last_reply == "451 4.7.1 greylisted"
+    state = h.mri("far.test")
+    assert (state.try_number, state.err_code, state.err_text) == (1, 451, "4.7.1 greylisted")
+    assert (state.first_failure, state.next_try, state.messages, state.last_host) == (T0, T0 + 120, 1, HOST)
+
+    h.clock.advance(119)
+    assert len(h.courier.calls) == 1
+    h.clock.advance(1)
+    assert h.attempt_times() == [0, 120]
+    assert h.files("deferred") == []
+    assert h.mri("far.test") is None and not (tmp_path / "domains" / "far.test").exists()
+    assert [l["status"] for l in h.senderlog()] == ["deferred", "sent"]
+    assert [l["attempt"] for l in h.senderlog()] == [1, 2]
+
+
+def test_5xx_is_retried_count_5xx_times_at_growing_gaps_then_bounced(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(550, "5.1.1 unknown user")]}, RetryConfig(count_5xx=3))
+    h.start()
+    envelope = h.queue(relay("a@far.test"))
+    h.run_until(3600)
+    assert h.attempt_times() == [0, 120, 360, 720]  # 1 + count_5xx attempts: 2, 6, 12 min
+    assert [l["status"] for l in h.senderlog()] == ["deferred"] * 3 + ["bounced"]
+    assert h.senderlog()[-1]["dsn"] == "5.1.1"
+    (line,) = h.faillog()
+    assert line.startswith(f"<{envelope.queue_id}@mx.example.jp> send fail on [")
+    assert line.endswith("from bob@example.org to a@far.test [550 5.1.1 unknown user]")
+    ((original, headers, failed),) = h.bounces.sent
+    assert original.queue_id == envelope.queue_id
+    assert headers.startswith(b"Subject: hello\r\n") and b"body" not in headers
+    assert [(f.address, f.status, f.remote_mta) for f in failed] == [("a@far.test", "5.1.1", HOST)]
+    assert h.files("deferred") == [] and h.files("incoming") == []
+    assert h.mri("far.test") is None
+
+
+def test_count_5xx_zero_bounces_at_once(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(550, "5.1.1 no")]}, RetryConfig(count_5xx=0))
+    h.start()
+    h.queue(relay("a@far.test"))
+    assert h.attempt_times() == [0]
+    assert len(h.bounces.sent) == 1 and h.files("deferred") == []
+
+
+def test_4xx_is_retried_until_period_4xx_with_fixed_gaps(tmp_path):
+    policy = RetryConfig(interval=600, fixed_interval=True, period_4xx=3600)
+    h = Harness(tmp_path, {"a@far.test": [(450, "4.2.0 mailbox busy")]}, policy)
+    h.start()
+    h.queue(relay("a@far.test"))
+    h.run_until(5 * 3600, step=60)
+    assert h.attempt_times() == [0, 600, 1200, 1800, 2400, 3000, 3600]
+    assert [l["status"] for l in h.senderlog()][-1] == "bounced"
+    (failed,) = h.bounces.sent[0][2]
+    assert failed.status == "4.2.0"
+
+
+def test_no_answer_is_retried_until_period_noanswer_and_the_faillog_says_so(tmp_path):
+    policy = RetryConfig(interval=1800, max_interval=1800, period_noanswer=7200)
+    h = Harness(tmp_path, {"a@far.test": [None]}, policy)
+    h.start()
+    h.queue(relay("a@far.test"))
+    h.run_until(5 * 3600, step=60)
+    assert h.attempt_times() == [0, 1800, 3600, 5400, 7200]
+    state_lines = h.senderlog()
+    assert [l["status"] for l in state_lines] == ["deferred"] * 4 + ["bounced"]
+    assert state_lines[0]["dsn"] == "4.4.1"
+    assert h.faillog()[0].endswith("[Unable to deliver to destination domain]")
+
+
+def test_null_sender_failure_is_logged_but_never_bounced(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(550, "5.1.1 no")]}, RetryConfig(count_5xx=0))
+    h.start()
+    h.queue(relay("a@far.test"), sender="")
+    assert h.bounces.sent == []
+    assert " from <> to a@far.test " in h.faillog()[0]
+    assert h.files("incoming") == []
+
+
+def test_recipients_refused_at_receipt_are_bounced_once(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(250, "ok")]})
+    h.start()
+    failed = Recipient("x@nowhere.test", {"kind": "reject"}, "failed", 0, "550 5.1.2 No route to destination")
+    h.queue(relay("a@far.test"), failed)
+    ((_, _, recipients),) = h.bounces.sent
+    assert [(r.address, r.status) for r in recipients] == [("x@nowhere.test", "5.1.2")]
+    assert h.files("incoming") == []
+
+
+def test_mixed_outcomes_in_one_transaction_are_kept_per_recipient(tmp_path):
+    h = Harness(
+        tmp_path,
+        {"ok@far.test": [(250, "ok")], "grey@far.test": [(451, "4.7.1 later"), (250, "ok")], "bad@far.test": [(550, "5.1.1 no")]},
+        RetryConfig(count_5xx=0),
+    )
+    h.start()
+    envelope = h.queue(relay("ok@far.test"), relay("grey@far.test"), relay("bad@far.test"))
+    stored = h.spool.load(envelope.queue_id, "deferred")
+    assert [r.state for r in stored.recipients] == ["delivered", "pending", "failed"]
+    assert stored.recipients[2].dsn_sent
+    assert len(h.bounces.sent) == 1
+    h.clock.advance(120)
+    assert h.courier.calls[1][1] == ["grey@far.test"]  # the delivered one is not sent again
+    assert h.files("deferred") == []
+
+
+def test_a_dead_destination_is_probed_by_one_message_at_a_time(tmp_path):
+    script = {f"u{i}@dead.test": [None] for i in range(5)}
+    h = Harness(tmp_path, script, RetryConfig(interval=60, fixed_interval=True))
+    h.start()
+    h.courier.hold = defer.Deferred()  # the first attempt hangs while the others arrive
+    for i in range(5):
+        h.queue(relay(f"u{i}@dead.test"))
+    assert len(h.courier.calls) == 5  # new mail is tried at once (max_per_destination 10)
+    hold, h.courier.hold = h.courier.hold, None
+    hold.callback(None)
+    assert len(h.files("deferred")) == 10
+    h.courier.calls.clear()
+    h.clock.advance(60)
+    assert len(h.courier.calls) == 1  # one probe, the rest wait in deferred/
+    h.clock.advance(60)
+    assert len(h.courier.calls) == 2
+
+
+def test_new_mail_is_not_delayed_by_a_due_backlog(tmp_path):
+    script = {f"u{i}@slow.test": [(451, "4.7.1 later")] for i in range(20)}
+    script["new@fast.test"] = [(250, "ok")]
+    h = Harness(tmp_path, script, RetryConfig(interval=60, fixed_interval=True), max_connections=4)
+    h.start()
+    for i in range(20):
+        h.queue(relay(f"u{i}@slow.test"))
+    h.courier.hold = defer.Deferred()  # every retry hangs and holds its slot
+    h.clock.advance(60)
+    assert len(h.courier.calls) == 20 + 2  # retries take only their share of the 4 slots
+    h.queue(relay("new@fast.test"))
+    assert h.courier.calls[-1][1] == ["new@fast.test"]
+
+
+def test_restart_resumes_the_schedule_and_attempt_count(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(451, "4.7.1 later")]})
+    h.start()
+    envelope = h.queue(relay("a@far.test"))
+    h.clock.advance(120)
+    assert h.attempt_times() == [0, 120]
+    before = h.mri("far.test")
+    assert before.try_number == 2
+
+    # A new process: same spool, a clock a little later.
+    again = Harness(tmp_path, {"a@far.test": [(250, "ok")]})
+    again.clock.advance(100)
+    again.start()
+    assert again.courier.calls == []
+    assert again.mri("far.test").first_failure == before.first_failure
+    again.run_until(120 + 240 + 1)
+    assert again.attempt_times() == [360]  # 2nd failure at 120 + gap 2 x 120
+    assert again.senderlog()[-1]["attempt"] == 3
+    assert again.files("deferred") == [] and again.mri("far.test") is None
+    assert envelope.queue_id == again.senderlog()[-1]["queue_id"]
+
+
+def test_flush_makes_every_deferred_message_due_now(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(451, "4.7.1 later"), (250, "ok")]}, RetryConfig(interval=3600))
+    h.start()
+    h.queue(relay("a@far.test"))
+    h.clock.advance(10)
+    h.manager.flush()
+    assert h.attempt_times() == [0, 10]
+    assert h.files("deferred") == []
+
+
+@pytest.mark.parametrize("crash_point", ["after_env", "after_content"])
+def test_an_interrupted_move_is_finished_by_recovery(tmp_path, crash_point):
+    h = Harness(tmp_path, {"a@far.test": [(250, "ok")]})
+    writer = h.spool.open_message()
+    writer.write(CONTENT)
+    envelope = Envelope(writer.queue_id, "bob@example.org", (relay("a@far.test"),), T0, len(CONTENT))
+    h.spool.commit_batch([(writer, envelope)])
+    queue_id = envelope.queue_id
+    deferred = envelope.with_recipient(0, attempts=1)
+    (tmp_path / "deferred" / f"{queue_id}.env").write_bytes(deferred.to_bytes())
+    if crash_point == "after_content":
+        os.rename(tmp_path / "incoming" / f"{queue_id}.msg", tmp_path / "deferred" / f"{queue_id}.msg")
+    incoming = h.spool.recover()
+    if crash_point == "after_env":  # the content never moved: the incoming copy stands
+        assert incoming == [queue_id] and h.files("deferred") == []
+    else:  # the content moved: the newer envelope beside it stands
+        assert incoming == [] and h.files("incoming") == []
+        assert h.spool.queued_ids("deferred") == [queue_id]
+        assert h.spool.load(queue_id, "deferred").recipients[0].attempts == 1
