@@ -20,14 +20,17 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITLSTransport
+from twisted.internet.interfaces import IDelayedCall, IPullProducer, IReactorTime, ITLSTransport
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from epost.delivery.stuffing import DotStuffer
+
+STREAM_ABOVE = 256 * 1024  # bytes; bigger messages are sent through a producer
 
 # RFC 5321 §4.5.3.2 timeouts, in seconds, keyed by the reply awaited.
 DEFAULT_TIMEOUTS: dict[str, float] = {
@@ -360,7 +363,13 @@ class SMTPClient(Protocol):
             self._finish()
 
     def _send_content(self) -> None:
+        """Small messages go out in one go; bigger ones through a pull producer,
+        so a 25 MB message never sits whole in the transport's buffer."""
         stuffer = DotStuffer()
+        if self.size > STREAM_ABOVE:
+            self._await("data_end", self._on_data_end)
+            self.transport.registerProducer(_ContentProducer(self, iter(self.content()), stuffer), False)
+            return
         for chunk in self.content():
             if self._closed:
                 return
@@ -378,3 +387,31 @@ class SMTPClient(Protocol):
     def _finish(self) -> None:
         self._fire(self._next_host)
         self._quit()
+
+
+@implementer(IPullProducer)
+class _ContentProducer:
+    """Feeds one chunk per call as the transport drains; each chunk restarts the
+    data_end timer, so a peer that stops reading times out like a silent one."""
+
+    def __init__(self, client: SMTPClient, chunks: Iterator[bytes], stuffer: DotStuffer) -> None:
+        self.client = client
+        self.chunks = chunks
+        self.stuffer = stuffer
+
+    def resumeProducing(self) -> None:
+        transport = self.client.transport
+        if self.client._closed or self.client.done.called:
+            transport.unregisterProducer()
+            return
+        for chunk in self.chunks:
+            stuffed = self.stuffer.feed(chunk)
+            if stuffed:
+                transport.write(stuffed)
+                self.client._rearm()
+                return
+        transport.unregisterProducer()
+        transport.write(self.stuffer.end())
+
+    def stopProducing(self) -> None:
+        self.chunks = iter(())

@@ -295,3 +295,35 @@ def test_pipelined_data_accepted_with_no_recipients_gets_an_empty_message() -> N
     assert s.server(b"250 ok\r\n550 no\r\n354 go\r\n") == b".\r\n"
     assert s.server(b"554 no valid recipients\r\n") == b"QUIT\r\n"
     assert s.result.recipients["a@x"] == Outcome(550, "no", "rcpt")
+
+
+def test_big_content_streams_one_chunk_per_drain_and_a_stalled_peer_times_out() -> None:
+    chunks = tuple(b"line %d\r\n" % i * 4000 for i in range(5))  # ~36 KiB each
+    size = sum(map(len, chunks))
+    s = Session(recipients=("a@x",), chunks=chunks, size=300 * 1024)
+    big_ehlo = b"250-mx.remote\r\n250 PIPELINING\r\n"
+    s.server(b"220 mx\r\n")
+    s.server(big_ehlo)
+    assert s.server(b"250 ok\r\n250 ok\r\n354 go\r\n") == b""  # nothing written before the transport asks
+    producer = s.transport.producer
+    assert producer is not None and not s.transport.streaming
+    sent = []
+    for _ in range(5):
+        s.transport.clear()
+        producer.resumeProducing()
+        sent.append(s.transport.value())
+    assert [len(x) for x in sent] == [len(c) for c in chunks]
+    s.transport.clear()
+    producer.resumeProducing()
+    assert s.transport.value() == b".\r\n" and s.transport.producer is None
+    assert sum(map(len, sent)) == size
+
+    stalled = Session(recipients=("a@x",), chunks=chunks, size=300 * 1024)
+    stalled.server(b"220 mx\r\n")
+    stalled.server(big_ehlo)
+    stalled.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    stalled.transport.producer.resumeProducing()
+    stalled.clock.advance(599)
+    assert stalled.results == []
+    stalled.clock.advance(1)
+    assert stalled.result.recipients["a@x"].code is None
