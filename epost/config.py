@@ -66,6 +66,8 @@ class ServerConfig:
     # an alias of it as MAIL FROM (Postfix: reject_sender_login_mismatch).
     check_sender_ownership: bool = True
     auth_failures_before_cutoff: int = 5  # per client IP within 5 minutes; then 421 4.7.0
+    # Accounts of the users file that may log in to Mail Control (--admin).
+    admin_users: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,9 @@ class DeliveryConfig:
     greeting_timeout: int = 300
     max_connections: int = 100
     max_per_destination: int = 10
+    # A "still trying" DSN (Action: delayed) once per message still queued
+    # after this long; 0 turns it off (Postfix: delay_warning_time).
+    delay_warning: int = 4 * 3600
 
 
 @dataclass(frozen=True)
@@ -295,6 +300,7 @@ SCHEMA: dict[str, dict[str, Converter]] = {
         "max_connections_per_client": _POSITIVE,
         "check_sender_ownership": _boolean,
         "auth_failures_before_cutoff": _POSITIVE,
+        "admin_users": _list(lambda value: _string(value).lower()),
     },
     "routing": {
         "local_domains": _list(_domain),
@@ -311,6 +317,7 @@ SCHEMA: dict[str, dict[str, Converter]] = {
         "greeting_timeout": _POSITIVE,
         "max_connections": _POSITIVE,
         "max_per_destination": _POSITIVE,
+        "delay_warning": _duration,
     },
     "retry": {
         "interval": _POSITIVE,

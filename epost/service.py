@@ -17,6 +17,7 @@ from twisted.python.threadpool import ThreadPool
 
 from epost.auth import UsersChecker, make_portal
 from epost.config import Config
+from epost.control import control_service
 from epost.delivery.courier import Courier
 from epost.queue.bounces import BounceSender
 from epost.queue.manager import DeliveryManager
@@ -184,6 +185,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
         on_passed=manager.enqueue,
     )
     runner.setServiceParent(top)
+    manager.local_enqueue = runner.enqueue
+    control_service(config.server.spool, manager, reactor).setServiceParent(top)
 
     for listener, endpoints in (
         ("relay", config.server.relay),

@@ -93,6 +93,7 @@ relay_networks = ["10.1.2.3/8"]
 allow_plaintext_auth = true
 command_timeout = 60
 max_connections_per_client = 3
+admin_users = ["Root@Example.jp"]
 
 [routing]
 local_domains = ["Example.JP.", "bücher.example"]
@@ -109,6 +110,7 @@ connect_timeout = 5
 greeting_timeout = 6
 max_connections = 7
 max_per_destination = 8
+delay_warning = "30m"
 
 [retry]
 interval = 60
@@ -134,6 +136,7 @@ def test_file_overrides_every_default(tmp_path):
     assert server.relay_networks == (ipaddress.ip_network("10.0.0.0/8"),)
     assert server.allow_plaintext_auth is True
     assert (server.command_timeout, server.max_connections_per_client) == (60, 3)
+    assert server.admin_users == ("root@example.jp",)
     assert routing.local_domains == ("example.jp", "xn--bcher-kva.example")
     assert routing.relay_domains == ("partner.jp",)
     assert (routing.aliases, routing.users) == (tmp_path / "a", tmp_path / "u")
@@ -142,7 +145,7 @@ def test_file_overrides_every_default(tmp_path):
     assert routing.forward_all_to_gateway is True
     assert routing.dns_servers == (HostPort("192.0.2.53", 53), HostPort("2001:db8::53", 5353))
     assert config.delivery.__dict__ == dict(
-        connect_timeout=5, greeting_timeout=6, max_connections=7, max_per_destination=8
+        connect_timeout=5, greeting_timeout=6, max_connections=7, max_per_destination=8, delay_warning=1800
     )
     assert config.retry.__dict__ == dict(
         interval=60, fixed_interval=True, max_interval=600, count_5xx=0,

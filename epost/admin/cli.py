@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from epost.admin.queue_listing import format_text, read_queue, to_json
+from epost.admin.queue_listing import format_text, matches, read_queue, to_json
+from epost.admin.surgery_commands import add_commands, run_action
 from epost.config import Config, ConfigError, load_config
 from epost.fsutil import write_atomically
 from epost.routing.aliases import check_loops, load_aliases
@@ -67,7 +68,12 @@ def _parser() -> argparse.ArgumentParser:
 
     queue = commands.add_parser("queue", parents=[common], help="list queued messages")
     queue.add_argument("--json", action="store_true", help="machine-readable output")
+    queue.add_argument("--domain", help="only messages with a recipient at this domain")
+    queue.add_argument("--state", choices=["incoming", "deferred", "held", "delivered", "failed"],
+                       help="only messages with a recipient in this state")
     queue.set_defaults(run=list_queue)
+
+    add_commands(commands, common, operate_on_queue)
 
     passwd = commands.add_parser("passwd", parents=[common], help="set a user's password in the users file")
     passwd.add_argument("address", help="the account, e.g. alice@example.jp (added if new)")
@@ -192,12 +198,26 @@ def list_queue(args: argparse.Namespace, now: float) -> int:
     if not spool.is_dir():
         print(f"epost: {spool}: no spool folder (give --spool or --config)", file=sys.stderr)
         return 1
-    messages = read_queue(spool)
+    domain = args.domain.strip().rstrip(".").lower() if args.domain else None
+    messages = [m for m in read_queue(spool) if matches(m, domain, args.state)]
     if args.json:
         print(json.dumps(to_json(messages, now), indent=1))
     else:
         print("\n".join(format_text(messages, now)))
     return 0
+
+
+def operate_on_queue(args: argparse.Namespace, now: float) -> int:
+    """flush / hold / release / delete / reroute."""
+    try:
+        config = _load(args)
+    except ConfigError as error:
+        print(f"epost: {error}", file=sys.stderr)
+        return 1
+    if not config.server.spool.is_dir():
+        print(f"epost: {config.server.spool}: no spool folder (give --spool or --config)", file=sys.stderr)
+        return 1
+    return run_action(config, args.action, args.ids, args.domain, now)
 
 
 def set_password(args: argparse.Namespace, now: float) -> int:

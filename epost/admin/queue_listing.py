@@ -8,11 +8,13 @@ listing.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from epost.queue.envelope import Envelope, EnvelopeError
+from epost.queue.envelope import Envelope, EnvelopeError, Recipient
+from epost.queue.outcomes import destination_of
 from epost.queue.spool import QUEUE_ID, QUEUES
 
 # Same shape as the spool's queue IDs; anything else in a queue folder is not a message.
@@ -84,9 +86,7 @@ def format_text(messages: list[QueuedMessage], now: float) -> list[str]:
         if envelope is None:
             lines.append(_printable(f"{message.queue_id}: unreadable envelope ({message.error})"))
             continue
-        recipients = " ".join(
-            f"{r.address}({message.recipient_state(r.state)})" for r in envelope.recipients
-        )
+        recipients = " ".join(_recipient_text(message, r, now) for r in envelope.recipients)
         age = format_age(now - envelope.arrival)
         lines.append(
             _printable(f"{message.queue_id} {age:>4} {envelope.size:>9} <{envelope.sender}> {recipients}")
@@ -117,6 +117,7 @@ def to_json(messages: list[QueuedMessage], now: float) -> list[dict[str, Any]]:
                     "address": r.address,
                     "state": message.recipient_state(r.state),
                     "attempts": r.attempts,
+                    "next_attempt": next_attempt(message, r),
                     "last_reply": r.last_reply,
                     "route": r.route,
                 }
@@ -124,6 +125,49 @@ def to_json(messages: list[QueuedMessage], now: float) -> list[dict[str, Any]]:
             ],
         })
     return result
+
+
+def next_attempt(message: QueuedMessage, recipient: Recipient) -> float | None:
+    """When a deferred recipient is tried next (Unix time); None when not waiting for a retry."""
+    if message.queue != "deferred" or recipient.state != "pending" or message.envelope is None:
+        return None
+    state = message.envelope.retries.get(destination_of(recipient.address)) or {}
+    return state.get("next_attempt")
+
+
+def _recipient_text(message: QueuedMessage, recipient: Recipient, now: float) -> str:
+    """`address(state)`, plus attempts, next try, route rule and last reply once there are any."""
+    parts = [message.recipient_state(recipient.state)]
+    if recipient.attempts:
+        parts.append(f"attempts={recipient.attempts}")
+    when = next_attempt(message, recipient)
+    if when is not None:
+        parts.append(f"next={format_when(when, now)}")
+    if recipient.route and recipient.route.get("rule"):
+        parts.append(f"via={recipient.route['rule']}")
+    if recipient.last_reply and recipient.state != "delivered":
+        parts.append('reply="' + recipient.last_reply.replace('"', "'") + '"')
+    return f"{recipient.address}({' '.join(parts)})"
+
+
+def format_when(when: float, now: float) -> str:
+    """Local `HH:MM:SS` within a day from now, else `YYYY-MM-DDTHH:MM`."""
+    moment = time.localtime(when)
+    if abs(when - now) < 86400:
+        return time.strftime("%H:%M:%S", moment)
+    return time.strftime("%Y-%m-%dT%H:%M", moment)
+
+
+def matches(message: QueuedMessage, domain: str | None, state: str | None) -> bool:
+    """The `--domain` / `--state` filters: some recipient for that domain, some recipient in that state."""
+    envelope = message.envelope
+    if envelope is None:
+        return domain is None and state is None
+    if domain is not None and not any(destination_of(r.address) == domain for r in envelope.recipients):
+        return False
+    if state is not None and not any(message.recipient_state(r.state) == state for r in envelope.recipients):
+        return False
+    return True
 
 
 def _printable(text: str) -> str:

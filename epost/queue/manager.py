@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -45,6 +45,7 @@ from epost.queue.outcomes import (
     status_code,
     unreported_failures,
 )
+from epost.queue import surgery
 from epost.queue.scheduler import Job, Scheduler
 from epost.queue.spool import Spool
 from epost.routing.resolver import Route
@@ -104,6 +105,7 @@ class DeliveryManager(Service):
         self._domain_locks: dict[str, defer.DeferredLock] = {}
         self._jobs_running: dict[Job, defer.Deferred] = {}
         self.loaded: defer.Deferred[None] = defer.Deferred()  # the deferred queue is scheduled
+        self.local_enqueue: Callable[[str], None] | None = None  # the local runner, for released mail
 
     # -- lifecycle -------------------------------------------------------
 
@@ -439,10 +441,145 @@ class DeliveryManager(Service):
     def _log_failure(failure, about: str) -> None:
         log.failure("{about}: bookkeeping failed", failure, about=about)
 
-    # -- for tests and `epost queue` ---------------------------------------
+    # -- operator actions: epost flush / hold / release / delete / reroute ---
+
+    def flush_some(self, ids: Sequence[str] = (), domain: str | None = None) -> OperationResult:
+        """Make the chosen messages (or, with neither, everything) due now."""
+        if not ids and domain is None:
+            self.flush()
+            return OperationResult(["*"], [])
+        wanted = set(ids)
+        picked: set[str] = set()
+
+        def match(job: Job) -> bool:
+            if job.queue_id in wanted or job.destination == domain:
+                picked.add(job.queue_id)
+                return True
+            return False
+
+        self.scheduler.flush(match)
+        errors = [f"{queue_id}: not waiting for a retry" for queue_id in sorted(wanted - picked)]
+        return OperationResult(sorted(picked), errors)
+
+    async def hold(self, ids: Sequence[str] = (), domain: str | None = None) -> OperationResult:
+        return await self._each(self._select(ids, domain), self._hold_one)
+
+    async def delete(self, ids: Sequence[str] = (), domain: str | None = None) -> OperationResult:
+        return await self._each(self._select(ids, domain), self._delete_one)
+
+    async def reroute(self, ids: Sequence[str] = (), domain: str | None = None) -> OperationResult:
+        return await self._each(self._select(ids, domain), self._reroute_one)
+
+    async def release(self, ids: Sequence[str] = (), domain: str | None = None) -> OperationResult:
+        if domain is not None:
+            held = await deferToThreadPool(self.reactor, self.pool, self._held_for, domain)
+            ids = [*ids, *held]
+        return await self._each(list(dict.fromkeys(ids)), self._release_one)
+
+    def _select(self, ids: Sequence[str], domain: str | None) -> list[str]:
+        chosen = list(ids)
+        if domain is not None:
+            chosen += sorted({job.queue_id for job in self.scheduler.jobs() if job.destination == domain})
+        return list(dict.fromkeys(chosen))
+
+    def _held_for(self, domain: str) -> list[str]:
+        found = []
+        for queue_id in self.spool.queued_ids("hold"):
+            try:
+                if domain in relay_groups(self.spool.load(queue_id, "hold")):
+                    found.append(queue_id)
+            except (OSError, EnvelopeError):
+                continue
+        return found
+
+    async def _each(self, ids: list[str], action) -> OperationResult:
+        done, errors = [], []
+        for queue_id in ids:
+            try:
+                note = await action(queue_id)
+            except LookupError as error:
+                errors.append(str(error).strip("'\""))
+            except Exception as error:
+                log.failure("{queue_id}: operator action failed", queue_id=queue_id)
+                errors.append(f"{queue_id}: {error}")
+            else:
+                done.append(queue_id)
+                errors.extend(note or [])
+        return OperationResult(done, errors)
+
+    def _take_out(self, queue_id: str) -> _Message:
+        """Unschedule every job of the message; refuses while one is being delivered."""
+        jobs = [job for job in self.scheduler.jobs() if job.queue_id == queue_id]
+        if any(job in self._jobs_running for job in jobs):
+            raise LookupError(f"{queue_id}: being delivered right now; try again in a moment")
+        for job in jobs:
+            self.scheduler.forget(job)
+            self._forget_waiting(job)
+        message = self._messages.pop(queue_id, None)
+        return message or _Message(Envelope(queue_id, "", (), 0.0, 0), "")
+
+    def _forget_waiting(self, job: Job) -> None:
+        waiting = self._waiting_by_domain.get(job.destination)
+        if waiting is not None and job.queue_id in waiting:
+            waiting.discard(job.queue_id)
+            self._save_domain(job.destination)
+
+    async def _hold_one(self, queue_id: str) -> None:
+        message = self._take_out(queue_id)
+        await message.lock.run(deferToThreadPool, self.reactor, self.pool, surgery.hold, self.spool, queue_id)
+        log.info("{queue_id}: put on hold by the operator", queue_id=queue_id)
+
+    async def _delete_one(self, queue_id: str) -> None:
+        message = self._take_out(queue_id)
+        await message.lock.run(deferToThreadPool, self.reactor, self.pool, surgery.delete, self.spool, queue_id)
+        log.info("{queue_id}: deleted by the operator", queue_id=queue_id)
+
+    async def _release_one(self, queue_id: str) -> None:
+        envelope, target = await deferToThreadPool(
+            self.reactor, self.pool, surgery.release, self.spool, queue_id, self.reactor.seconds()
+        )
+        log.info("{queue_id}: released by the operator", queue_id=queue_id)
+        if target == "incoming":
+            if self.local_enqueue is not None:
+                self.local_enqueue(queue_id)
+            return
+        self._schedule_deferred(envelope, self.reactor.seconds())
+
+    async def _reroute_one(self, queue_id: str) -> list[str]:
+        message = self._take_out(queue_id)
+        envelope, problems = await message.lock.run(
+            deferToThreadPool, self.reactor, self.pool, surgery.reroute, self.spool, queue_id, self.route_final
+        )
+        queue = surgery.locate(self.spool, queue_id)
+        if queue == "deferred":
+            self._schedule_deferred(envelope, self.reactor.seconds())
+        elif queue == "incoming":
+            self._accept(queue_id, envelope, "incoming")
+        return problems
+
+    def _schedule_deferred(self, envelope: Envelope, due: float) -> None:
+        for destination in relay_groups(envelope):
+            job = Job(envelope.queue_id, destination)
+            if not self.scheduler.knows(job):
+                self.scheduler.add_deferred(job, due)
+                self._waiting_by_domain.setdefault(destination, set()).add(envelope.queue_id)
+                self._save_domain(destination)
+
+    # -- for tests and the admin pages ---------------------------------------
 
     def domain_state(self, destination: str) -> DomainState | None:
         return self._domains.get(destination)
+
+    def domain_states(self) -> list[DomainState]:
+        return [self._domains[d] for d in sorted(self._domains)]
+
+
+@dataclass(frozen=True)
+class OperationResult:
+    """What an operator action did: the IDs it handled and one line per problem."""
+
+    done: list[str]
+    errors: list[str]
 
 
 def _chunks(fd: int) -> Iterator[bytes]:

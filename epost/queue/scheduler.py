@@ -107,16 +107,49 @@ class Scheduler:
         self._admit(job)
         self._schedule(job, due)
 
-    def flush(self) -> None:
-        """Make every scheduled job due now and allow one probe of every dead destination now."""
+    def flush(self, match: Callable[[Job], bool] | None = None) -> int:
+        """Make scheduled jobs due now (all, or those `match` picks) and allow
+        one probe of each of their dead destinations now. Returns how many."""
         now = self._clock.seconds()
-        for destination in self._dead:
+        chosen = [entry for entry in self._heap if match is None or match(entry[2])]
+        if match is None:
+            self._heap.clear()
+        else:
+            self._heap[:] = [entry for entry in self._heap if not match(entry[2])]
+            heapq.heapify(self._heap)
+        destinations = set(self._dead) if match is None else {job.destination for _, _, job in chosen}
+        for destination in destinations & set(self._dead):
             self._dead[destination] = min(self._dead[destination], now)
-        entries = sorted(self._heap)
-        self._heap.clear()
-        self._lanes[DEFERRED].extend(job for _, _, job in entries)
+        self._lanes[DEFERRED].extend(job for _, _, job in sorted(chosen))
         self._arm()
         self._pump()
+        return len(chosen)
+
+    def forget(self, job: Job) -> bool:
+        """Drop a job that is not running (held or deleted mail); False if it is running or unknown."""
+        if job in self._running or job not in self._known:
+            return False
+        self._known.discard(job)
+        before = len(self._heap)
+        self._heap[:] = [entry for entry in self._heap if entry[2] != job]
+        if len(self._heap) != before:
+            heapq.heapify(self._heap)
+            self._arm()
+        for lane in self._lanes.values():
+            if job in lane:
+                lane.remove(job)
+        for destination, waiting in list(self._waiting.items()):
+            self._waiting[destination] = deque(entry for entry in waiting if entry[1] != job)
+            if not self._waiting[destination]:
+                del self._waiting[destination]
+        return True
+
+    def knows(self, job: Job) -> bool:
+        return job in self._known
+
+    def jobs(self) -> frozenset[Job]:
+        """Every job scheduled, waiting or running."""
+        return frozenset(self._known)
 
     # -- introspection ---------------------------------------------------
 

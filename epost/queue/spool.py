@@ -291,38 +291,40 @@ class Spool:
 
     def recover(self) -> list[str]:
         """Sweep crash debris and finish half-done moves; return the IDs in
-        ``incoming/`` in arrival order (``deferred_ids()`` lists the others).
+        ``incoming/`` in arrival order (``queued_ids()`` lists the other queues).
 
         A message's ``.msg`` says which queue it is in. An envelope beside it
-        wins; an envelope left in the other queue by an interrupted `move`
+        wins; an envelope left in another queue by an interrupted `move`
         is brought over; a ``.msg`` with no envelope anywhere is debris.
         """
         for name in os.listdir(self.tmp):
             _unlink(self.tmp / name)
-        names = {queue: set(os.listdir(self.root / queue)) for queue in ("incoming", "deferred")}
-        for queue, other in (("incoming", "deferred"), ("deferred", "incoming")):
-            here, there = self.root / queue, self.root / other
+        names = {queue: set(os.listdir(self.root / queue)) for queue in QUEUES}
+        for queue in QUEUES:
+            here = self.root / queue
             for name in sorted(names[queue]):
                 stem, _, suffix = name.partition(".")
                 if not QUEUE_ID.fullmatch(stem):
                     continue
-                env = f"{stem}.env"
+                env, msg = f"{stem}.env", f"{stem}.msg"
+                others = [other for other in QUEUES if other != queue]
                 if suffix == "msg" and env not in names[queue]:
-                    if env in names[other] and f"{stem}.msg" not in names[other]:
-                        os.rename(there / env, here / env)
-                        names[other].discard(env)
-                        names[queue].add(env)
-                    else:
+                    donor = next((o for o in others if env in names[o] and msg not in names[o]), None)
+                    if donor is None:
                         _unlink(here / name)
-                elif suffix == "env" and f"{stem}.msg" not in names[queue]:
-                    if f"{stem}.msg" in names[other]:
-                        if env in names[other]:
-                            _unlink(here / name)  # the copy beside the content is newer
-                        # else: the pass over `other` brings it over
                     else:
+                        os.rename(self.root / donor / env, here / env)
+                        names[donor].discard(env)
+                        names[queue].add(env)
+                elif suffix == "env" and msg not in names[queue]:
+                    home = next((o for o in others if msg in names[o]), None)
+                    if home is None:
                         log.error("{path} has no content; left for the operator", path=here / name)
-        incoming = names["incoming"]
-        return sorted(n[:17] for n in incoming if n.endswith(".env") and f"{n[:17]}.msg" in incoming and QUEUE_ID.fullmatch(n[:17]))
+                    elif env in names[home]:
+                        _unlink(here / name)  # the copy beside the content is newer
+                        names[queue].discard(env)
+                    # else: the pass over `home` brings this envelope over
+        return self.queued_ids("incoming")
 
     def queued_ids(self, queue: str) -> list[str]:
         """IDs with both files in `queue`, in arrival order."""
@@ -366,8 +368,8 @@ class Spool:
     def open_content(self, queue_id: str, queue: str) -> int:
         """A read-only descriptor of the content, following the message if a
         move (in another thread) just took it to the other queue."""
-        other = "deferred" if queue == "incoming" else "incoming"
-        for folder in (queue, other, queue):
+        others = [other for other in QUEUES if other != queue]
+        for folder in (queue, *others, queue):
             try:
                 return os.open(self.content_path(queue_id, folder), os.O_RDONLY)
             except FileNotFoundError:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from epost.tls import ensure_self_signed
 NOW = 1_800_000_000.0
 FIRST = "0190000000000A000"
 SECOND = "0190000000000B000"
+THIRD = "0190000000000C100"
 
 
 def write_config(path: Path, text: str = "") -> Path:
@@ -132,7 +134,8 @@ def test_queue_lists_each_message_with_recipient_states_and_age(tmp_path, capsys
 
     assert status == 0
     assert [line.split() for line in out] == [
-        [FIRST, "3m", "1234", "<alice@example.test>", "bob@example.org(incoming)", "dave@example.test(delivered)"],
+        [FIRST, "3m", "1234", "<alice@example.test>", "bob@example.org(incoming", "attempts=1", 'reply="451', "4.7.1",
+         'later")', "dave@example.test(delivered", "attempts=1)"],
         [SECOND, "2h", "2048", "<>", "carol@example.org(held)"],
         ["2", "messages"],
     ]
@@ -151,7 +154,7 @@ def test_queue_json_is_machine_readable(tmp_path, capsys):
         (SECOND, "hold", 7259, 2048, ""),
     ]
     assert listing[0]["recipients"][0] == {
-        "address": "bob@example.org", "state": "incoming", "attempts": 1,
+        "address": "bob@example.org", "state": "incoming", "attempts": 1, "next_attempt": None,
         "last_reply": "451 4.7.1 later", "route": {"kind": "relay"},
     }
     assert listing[1]["recipients"][0]["state"] == "held"
@@ -192,6 +195,31 @@ def test_queue_escapes_control_characters_in_addresses(tmp_path, capsys):
     status, out, _ = run(capsys, "queue", "--spool", "spool")
 
     assert out == [f"{FIRST}   0s         1 <evil\\n@example.test> x\\udcff@example.org(deferred)", "1 message"]
+
+
+def test_queue_shows_next_attempt_route_and_reply_and_filters_by_domain_and_state(tmp_path, capsys):
+    spool = tmp_path / "spool"
+    make_spool(spool)
+    queue_message(spool, "deferred", Envelope(
+        THIRD, "alice@example.test",
+        (Recipient("eve@slow.example", route={"kind": "relay", "rule": "gateway.dat:2"}, attempts=2,
+                   last_reply="451 4.7.1 greylisted"),),
+        arrival=NOW - 600, size=10,
+        retries={"slow.example": {"first_failure": NOW - 500, "failures": 2, "next_attempt": NOW + 120}},
+    ))
+    next_time = time.strftime("%H:%M:%S", time.localtime(NOW + 120))
+
+    status, out, _ = run(capsys, "queue", "--spool", "spool", "--domain", "SLOW.example.")
+    assert (status, out[-1]) == (0, "1 message")
+    assert out[0] == (f'{THIRD}  10m        10 <alice@example.test> eve@slow.example(deferred attempts=2 '
+                      f'next={next_time} via=gateway.dat:2 reply="451 4.7.1 greylisted")')
+
+    status, out, _ = run(capsys, "queue", "--spool", "spool", "--state", "held")
+    assert [line.split()[0] for line in out] == [SECOND, "1"]
+
+    status, out, _ = run(capsys, "queue", "--spool", "spool", "--json", "--state", "deferred")
+    (listing,) = json.loads("\n".join(out))
+    assert listing["recipients"][0]["next_attempt"] == NOW + 120
 
 
 @pytest.mark.parametrize(("seconds", "shown"), [(-5, "0s"), (59, "59s"), (60, "1m"), (7199, "1h"), (86400 * 3, "3d")])

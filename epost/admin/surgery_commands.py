@@ -1,0 +1,130 @@
+"""`epost flush|hold|release|delete|reroute`: through the running daemon, or on the files when it is down."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from epost.config import Config
+from epost.queue import surgery
+from epost.queue.envelope import EnvelopeError
+from epost.queue.outcomes import relay_groups
+from epost.queue.spool import QUEUES, Spool
+
+HELP = {
+    "flush": "retry deferred mail now (all, some IDs, or one --domain)",
+    "hold": "put messages on hold: nothing is tried until released",
+    "release": "release held messages; they are tried at once",
+    "delete": "delete messages for good (no bounce)",
+    "reroute": "recompute the routes of queued messages after a table edit",
+}
+
+
+def add_commands(commands, common: argparse.ArgumentParser, run) -> None:
+    for action, text in HELP.items():
+        parser = commands.add_parser(action, parents=[common], help=text)
+        parser.add_argument("ids", nargs="*", metavar="ID", help="queue IDs")
+        parser.add_argument("--domain", help="every message waiting for this destination domain")
+        parser.set_defaults(run=run, action=action)
+
+
+def run_action(config: Config, action: str, ids: list[str], domain: str | None, now: float) -> int:
+    """Print one line per handled message and per problem; 1 when anything went wrong."""
+    if action != "flush" and not ids and domain is None:
+        print(f"epost {action}: give queue IDs or --domain", file=sys.stderr)
+        return 2
+    domain = domain.strip().rstrip(".").lower() if domain else None
+    try:
+        result = _through_daemon(config.server.spool, action, ids, domain)
+        how = "daemon"
+    except _NoDaemon:
+        result = on_files(config, action, ids, domain, now)
+        how = "files"
+    for queue_id in result["done"]:
+        print(f"{queue_id}: {_PAST[action]}" if queue_id != "*" else "every deferred message is due now")
+    for problem in result["errors"]:
+        print(f"epost {action}: {problem}", file=sys.stderr)
+    if not result["done"] and not result["errors"]:
+        print(f"nothing to {action} ({how})")
+    return 1 if result["errors"] else 0
+
+
+_PAST = {"flush": "due now", "hold": "on hold", "release": "released", "delete": "deleted", "reroute": "rerouted"}
+
+
+class _NoDaemon(Exception):
+    pass
+
+
+def _through_daemon(spool: Path, action: str, ids: list[str], domain: str | None) -> dict:
+    from twisted.internet import task
+    from twisted.internet.defer import ensureDeferred
+
+    from epost.control import DaemonNotRunning, operate
+
+    outcome: dict = {}
+
+    async def main(reactor) -> None:
+        try:
+            outcome["result"] = await operate(reactor, spool, action, ids, domain)
+        except DaemonNotRunning:
+            outcome["down"] = True
+
+    try:
+        task.react(lambda reactor: ensureDeferred(main(reactor)))
+    except SystemExit as stop:  # react() always exits; only a failure is news
+        if stop.code:
+            raise
+    if outcome.get("down"):
+        raise _NoDaemon()
+    return outcome["result"]
+
+
+def on_files(config: Config, action: str, ids: list[str], domain: str | None, now: float) -> dict:
+    """The same actions with no daemon running: straight on the spool files."""
+    spool = Spool(config.server.spool, reactor=None, threadpool=None)
+    chosen = list(dict.fromkeys([*ids, *(_waiting_for(spool, domain, action) if domain else [])]))
+    if action == "flush" and not chosen and domain is None:
+        chosen = spool.queued_ids("deferred")
+    route_final = None
+    if action == "reroute":
+        from epost.service import build_routing
+
+        route_final = build_routing(config).resolver.route_final
+    done, errors = [], []
+    for queue_id in chosen:
+        try:
+            if action == "flush":
+                surgery.make_due(spool, queue_id, now)
+            elif action == "hold":
+                surgery.hold(spool, queue_id)
+            elif action == "release":
+                surgery.release(spool, queue_id, now)
+            elif action == "delete":
+                surgery.delete(spool, queue_id)
+            else:
+                _, problems = surgery.reroute(spool, queue_id, route_final)
+                errors.extend(problems)
+        except (LookupError, ValueError) as error:
+            errors.append(str(error).strip("'\""))
+            continue
+        except (OSError, EnvelopeError) as error:
+            errors.append(f"{queue_id}: {error}")
+            continue
+        done.append(queue_id)
+    return {"done": done, "errors": errors}
+
+
+def _waiting_for(spool: Spool, domain: str, action: str) -> list[str]:
+    """IDs with pending recipients for `domain` (in hold/ for release, elsewhere for the rest)."""
+    queues = ("hold",) if action == "release" else tuple(q for q in QUEUES if q != "hold")
+    found = []
+    for queue in queues:
+        for queue_id in spool.queued_ids(queue):
+            try:
+                if domain in relay_groups(spool.load(queue_id, queue)):
+                    found.append(queue_id)
+            except (OSError, EnvelopeError):
+                continue
+    return found

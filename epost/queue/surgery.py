@@ -1,0 +1,99 @@
+"""Queue surgery on the spool files (SPEC §8): hold, release, delete, make due, reroute.
+
+Blocking functions over a `Spool`. With the daemon down `epost` calls them
+directly; with the daemon up they run inside the delivery manager, after it
+has taken the message out of its schedule and under the message's lock, so
+nothing races them. Each raises LookupError for a message that is not queued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from epost.queue.envelope import Envelope
+from epost.queue.outcomes import RELAY, has_local_pending
+from epost.queue.spool import QUEUES, Spool
+from epost.routing.resolver import Route
+from epost.smtp.address import AddressError, parse_mailbox
+
+
+def locate(spool: Spool, queue_id: str) -> str:
+    """The queue holding the message; LookupError when it is in none (or the ID is malformed)."""
+    for queue in QUEUES:
+        try:
+            if spool.content_path(queue_id, queue).exists() and (spool.root / queue / f"{queue_id}.env").exists():
+                return queue
+        except ValueError:  # not a queue ID at all
+            break
+    raise LookupError(f"{queue_id}: not queued")
+
+
+def hold(spool: Spool, queue_id: str) -> Envelope:
+    """Move the message to hold/, where nothing is tried until it is released."""
+    queue = locate(spool, queue_id)
+    envelope = spool.load(queue_id, queue)
+    if queue != "hold":
+        spool.move(envelope, queue, "hold")
+    return envelope
+
+
+def release(spool: Spool, queue_id: str, now: float) -> tuple[Envelope, str]:
+    """Move a held message back, due now: to incoming/ when local recipients
+    still wait (the local runner takes them first), else to deferred/."""
+    queue = locate(spool, queue_id)
+    if queue != "hold":
+        raise LookupError(f"{queue_id}: not on hold")
+    envelope = _due_now(spool.load(queue_id, "hold"), now)
+    target = "incoming" if has_local_pending(envelope) else "deferred"
+    spool.move(envelope, "hold", target)
+    return envelope, target
+
+
+def delete(spool: Spool, queue_id: str) -> Envelope:
+    """Remove the message for good: no delivery, no bounce."""
+    queue = locate(spool, queue_id)
+    envelope = spool.load(queue_id, queue)
+    spool.remove(queue_id, queue)
+    return envelope
+
+
+def make_due(spool: Spool, queue_id: str, now: float) -> Envelope:
+    """Every retry of a deferred message due now (what `epost flush` does with the daemon down)."""
+    queue = locate(spool, queue_id)
+    envelope = spool.load(queue_id, queue)
+    if queue == "deferred" and envelope.retries:
+        envelope = _due_now(envelope, now)
+        spool.update(envelope, queue)
+    return envelope
+
+
+def reroute(spool: Spool, queue_id: str, route_final: Callable[[object], Route]) -> tuple[Envelope, list[str]]:
+    """Recompute the routes of pending relay recipients after a table edit.
+
+    A recipient whose new route is no longer SMTP (now local, or refused)
+    keeps its route and is reported: moving it between delivery agents is
+    a job for re-sending, not for surgery. Returns the envelope and the reports."""
+    queue = locate(spool, queue_id)
+    envelope = spool.load(queue_id, queue)
+    problems = []
+    for index in envelope.pending():
+        recipient = envelope.recipients[index]
+        if (recipient.route or {}).get("kind") != RELAY:
+            continue
+        try:
+            route = route_final(parse_mailbox(recipient.address))
+        except (AddressError, ValueError) as error:
+            problems.append(f"{recipient.address}: {error}")
+            continue
+        if route.kind != RELAY:
+            problems.append(f"{recipient.address}: now routes as {route.kind}; route kept")
+            continue
+        envelope = envelope.with_recipient(index, route=route.to_dict())
+    spool.update(envelope, queue)
+    return envelope, problems
+
+
+def _due_now(envelope: Envelope, now: float) -> Envelope:
+    retries = {destination: {**state, "next_attempt": now} for destination, state in envelope.retries.items()}
+    return dataclasses.replace(envelope, retries=retries)
