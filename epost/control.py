@@ -10,12 +10,13 @@ races a delivery. With the daemon down, `epost` works on the files itself
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 from twisted.application import internet
 from twisted.internet import defer
-from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint, connectProtocol
+from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -74,20 +75,48 @@ class DaemonNotRunning(Exception):
     """Nothing listens on the control socket: the caller may work on the files directly."""
 
 
-async def operate(reactor: Any, spool: Path, action: str, ids: list[str], domain: str | None) -> dict:
-    """Ask the daemon; raises DaemonNotRunning when no daemon listens on the spool's socket."""
+def operate(spool: Path, action: str, ids: list[str], domain: str | None, timeout: float = 60) -> dict:
+    """Ask the daemon (blocking: the command line has no reactor to spare);
+    raises DaemonNotRunning when nothing listens on the spool's socket."""
     path = socket_path(spool)
     if not path.exists():
         raise DaemonNotRunning(str(path))
-    endpoint = UNIXClientEndpoint(reactor, str(path), timeout=10)
-    try:
-        protocol = await connectProtocol(endpoint, amp.AMP())
-    except Exception as error:  # ConnectionRefused: a socket file left by a dead daemon
-        raise DaemonNotRunning(f"{path}: {error}") from None
-    try:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(timeout)
+        try:
+            connection.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError) as error:  # left by a dead daemon
+            raise DaemonNotRunning(f"{path}: {error}") from None
         arguments: dict[str, Any] = {"action": action, "ids": ids}
         if domain is not None:
             arguments["domain"] = domain
-        return await protocol.callRemote(Operate, **arguments)
-    finally:
-        protocol.transport.loseConnection()
+        box = Operate.makeArguments(arguments, None)
+        box[b"_command"] = Operate.commandName
+        box[b"_ask"] = b"1"
+        connection.sendall(box.serialize())
+        with connection.makefile("rb") as stream:
+            answer = _read_box(stream)
+    if b"_error" in answer:
+        raise RuntimeError(answer.get(b"_error_description", b"the daemon refused").decode("utf-8", "replace"))
+    return Operate.parseResponse(answer, None)
+
+
+def _read_box(stream) -> amp.AmpBox:
+    """One AMP box: 2-byte-length key and value pairs up to an empty key."""
+    box = amp.AmpBox()
+    while True:
+        key = _read_sized(stream)
+        if not key:
+            return box
+        box[key] = _read_sized(stream)
+
+
+def _read_sized(stream) -> bytes:
+    header = stream.read(2)
+    if len(header) < 2:
+        raise ConnectionError("the daemon closed the control connection")
+    size = int.from_bytes(header, "big")
+    data = stream.read(size)
+    if len(data) < size:
+        raise ConnectionError("the daemon closed the control connection")
+    return data

@@ -58,27 +58,12 @@ class _NoDaemon(Exception):
 
 
 def _through_daemon(spool: Path, action: str, ids: list[str], domain: str | None) -> dict:
-    from twisted.internet import task
-    from twisted.internet.defer import ensureDeferred
-
     from epost.control import DaemonNotRunning, operate
 
-    outcome: dict = {}
-
-    async def main(reactor) -> None:
-        try:
-            outcome["result"] = await operate(reactor, spool, action, ids, domain)
-        except DaemonNotRunning:
-            outcome["down"] = True
-
     try:
-        task.react(lambda reactor: ensureDeferred(main(reactor)))
-    except SystemExit as stop:  # react() always exits; only a failure is news
-        if stop.code:
-            raise
-    if outcome.get("down"):
-        raise _NoDaemon()
-    return outcome["result"]
+        return operate(spool, action, ids, domain)
+    except DaemonNotRunning:
+        raise _NoDaemon() from None
 
 
 def on_files(config: Config, action: str, ids: list[str], domain: str | None, now: float) -> dict:

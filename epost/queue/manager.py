@@ -544,6 +544,7 @@ class DeliveryManager(Service):
                 self.local_enqueue(queue_id)
             return
         self._schedule_deferred(envelope, self.reactor.seconds())
+        self.scheduler.flush(lambda job: job.queue_id == queue_id)  # a dead destination may be probed now
 
     async def _reroute_one(self, queue_id: str) -> list[str]:
         message = self._take_out(queue_id)

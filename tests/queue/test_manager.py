@@ -339,3 +339,60 @@ def test_an_interrupted_move_is_finished_by_recovery(tmp_path, crash_point):
         assert incoming == [] and h.files("incoming") == []
         assert h.spool.queued_ids("deferred") == [queue_id]
         assert h.spool.load(queue_id, "deferred").recipients[0].attempts == 1
+
+
+# --- operator actions ---------------------------------------------------------
+
+
+def test_hold_takes_a_message_out_of_the_schedule_and_release_makes_it_due_now(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(451, "4.7.1 later"), (250, "ok")]})
+    h.start()
+    envelope = h.queue(relay("a@far.test"))
+    d = defer.ensureDeferred(h.manager.hold([envelope.queue_id]))
+    assert d.result.done == [envelope.queue_id]
+    assert h.files("hold") == [f"{envelope.queue_id}.env", f"{envelope.queue_id}.msg"]
+    assert h.files("deferred") == [] and h.mri("far.test") is None
+    h.clock.advance(3600)
+    assert len(h.courier.calls) == 1  # nothing is tried while held
+
+    d = defer.ensureDeferred(h.manager.release(domain="far.test"))
+    assert d.result.done == [envelope.queue_id]
+    h.clock.advance(0)
+    assert len(h.courier.calls) == 2 and h.files("deferred") == [] and h.files("hold") == []
+
+
+def test_delete_refuses_a_message_being_delivered_and_removes_a_waiting_one(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(451, "4.7.1 later")]})
+    h.start()
+    h.courier.hold = defer.Deferred()
+    envelope = h.queue(relay("a@far.test"))
+    busy = defer.ensureDeferred(h.manager.delete([envelope.queue_id])).result
+    assert busy.done == [] and "being delivered" in busy.errors[0]
+    hold, h.courier.hold = h.courier.hold, None
+    hold.callback(None)
+    gone = defer.ensureDeferred(h.manager.delete([envelope.queue_id, "0000000000000000F"])).result
+    assert gone.done == [envelope.queue_id] and gone.errors == ["0000000000000000F: not queued"]
+    assert h.files("deferred") == [] and h.mri("far.test") is None
+    h.clock.advance(3600)
+    assert len(h.courier.calls) == 1 and h.bounces.sent == []
+
+
+def test_flush_of_one_domain_leaves_the_others_waiting(tmp_path):
+    h = Harness(tmp_path, {"a@one.test": [(451, "later")], "b@two.test": [(451, "later")]}, RetryConfig(interval=3600))
+    h.start()
+    h.queue(relay("a@one.test"))
+    h.queue(relay("b@two.test"))
+    result = h.manager.flush_some(domain="two.test")
+    assert len(result.done) == 1 and result.errors == []
+    assert [c[1] for c in h.courier.calls[2:]] == [["b@two.test"]]
+    assert h.manager.flush_some(["0000000000000000F"]).errors == ["0000000000000000F: not waiting for a retry"]
+
+
+def test_reroute_follows_a_table_edit(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(451, "later")]}, RetryConfig(interval=3600))
+    h.start()
+    envelope = h.queue(relay("a@far.test"))
+    h.manager.route_final = lambda address: Route("relay", "gateway.dat:7", hosts=())
+    result = defer.ensureDeferred(h.manager.reroute([envelope.queue_id])).result
+    assert result.done == [envelope.queue_id]
+    assert h.spool.load(envelope.queue_id, "deferred").recipients[0].route["rule"] == "gateway.dat:7"

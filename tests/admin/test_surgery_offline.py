@@ -1,0 +1,89 @@
+"""Queue surgery with the daemon down: `epost hold|release|delete|flush|reroute` work on the files."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+from epost.admin.cli import main
+from epost.queue.envelope import Envelope, Recipient
+
+NOW = 1_800_000_000.0
+SLOW = "0190000000000A000"
+FAST = "0190000000000B000"
+
+
+def queue_message(spool: Path, queue: str, envelope: Envelope) -> None:
+    for folder in ("incoming", "deferred", "hold", "tmp"):
+        (spool / folder).mkdir(parents=True, exist_ok=True)
+    (spool / queue / f"{envelope.queue_id}.msg").write_bytes(b"Subject: hi\r\n\r\nhello\r\n")
+    (spool / queue / f"{envelope.queue_id}.env").write_bytes(envelope.to_bytes())
+
+
+def deferred(queue_id: str, address: str) -> Envelope:
+    domain = address.rpartition("@")[2]
+    return Envelope(
+        queue_id, "a@example.test",
+        (Recipient(address, {"kind": "relay", "rule": "mx", "mx_domain": domain}, attempts=1, last_reply="451 later"),),
+        arrival=NOW - 600, size=20,
+        retries={domain: {"first_failure": NOW - 600, "failures": 1, "next_attempt": NOW + 3000}},
+    )
+
+
+def where(spool: Path) -> dict[str, list[str]]:
+    return {q: sorted(n for n in os.listdir(spool / q) if n.endswith(".env")) for q in ("incoming", "deferred", "hold")}
+
+
+def run(capsys, *argv):
+    status = main(list(argv), now=NOW)
+    out, err = capsys.readouterr()
+    return status, out.splitlines(), err.splitlines()
+
+
+def test_hold_release_flush_delete_on_the_files(tmp_path, capsys):
+    spool = tmp_path / "spool"
+    queue_message(spool, "deferred", deferred(SLOW, "x@slow.test"))
+    queue_message(spool, "deferred", deferred(FAST, "y@fast.test"))
+
+    assert run(capsys, "hold", "--domain", "SLOW.test", "--spool", "spool") == (0, [f"{SLOW}: on hold"], [])
+    assert where(spool)["hold"] == [f"{SLOW}.env"]
+    status, out, _ = run(capsys, "queue", "--spool", "spool", "--state", "held")
+    assert out[0].startswith(SLOW)
+
+    assert run(capsys, "release", SLOW, "--spool", "spool") == (0, [f"{SLOW}: released"], [])
+    assert where(spool)["deferred"] == [f"{SLOW}.env", f"{FAST}.env"]
+    released = json.loads((spool / "deferred" / f"{SLOW}.env").read_text())
+    assert released["retries"]["slow.test"]["next_attempt"] == NOW  # due at once
+
+    assert run(capsys, "flush", "--spool", "spool")[0] == 0
+    flushed = json.loads((spool / "deferred" / f"{FAST}.env").read_text())
+    assert flushed["retries"]["fast.test"]["next_attempt"] == NOW
+
+    status, out, err = run(capsys, "delete", FAST, "0190000000000FFFF", "--spool", "spool")
+    assert (status, out, err) == (1, [f"{FAST}: deleted"], ["epost delete: 0190000000000FFFF: not queued"])
+    assert where(spool) == {"incoming": [], "deferred": [f"{SLOW}.env"], "hold": []}
+
+
+def test_a_malformed_id_is_refused_and_nothing_outside_the_spool_is_touched(tmp_path, capsys):
+    spool = tmp_path / "spool"
+    queue_message(spool, "deferred", deferred(SLOW, "x@slow.test"))
+    status, _, err = run(capsys, "delete", "../../etc/passwd", "--spool", "spool")
+    assert status == 1 and err == ["epost delete: ../../etc/passwd: not queued"]
+    assert where(spool)["deferred"] == [f"{SLOW}.env"]
+
+
+def test_a_stale_socket_from_a_dead_daemon_means_working_on_the_files(tmp_path, capsys):
+    spool = tmp_path / "spool"
+    queue_message(spool, "deferred", deferred(SLOW, "x@slow.test"))
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(spool / "control.sock"))  # bound, never listening: connection refused
+    stale.close()
+    assert run(capsys, "hold", SLOW, "--spool", "spool") == (0, [f"{SLOW}: on hold"], [])
+
+
+def test_an_action_needs_ids_or_a_domain(tmp_path, capsys):
+    (tmp_path / "spool" / "deferred").mkdir(parents=True)
+    status, _, err = run(capsys, "hold", "--spool", "spool")
+    assert status == 2 and err == ["epost hold: give queue IDs or --domain"]
