@@ -14,8 +14,11 @@ from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from epost.auth import UsersChecker, make_portal
+from epost import metrics
 from epost.config import Config
 from epost.control import control_service
 from epost.delivery.courier import Courier
@@ -200,6 +203,13 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
             if listener == "smtps" and description.split(":", 1)[0] in ("tcp", "tcp6"):
                 factory = TLSMemoryBIOFactory(tls, False, factory)  # implicit TLS with our certificate
             strports.service(description, factory, reactor=reactor).setServiceParent(top)
+
+    metrics.watch(config.server.spool, lambda: limits.total_open)
+    if config.server.admin:
+        admin_root = Resource()
+        admin_root.putChild(b"metrics", metrics.metrics_resource())
+        for description in config.server.admin:
+            strports.service(description, Site(admin_root), reactor=reactor).setServiceParent(top)
 
     top.spool, top.runner, top.manager, top.routing, top.limits = spool, runner, manager, routing, limits
     return top

@@ -32,6 +32,7 @@ from epost.config import RetryConfig
 from epost.delivery.bounce import FailedRecipient, should_bounce
 from epost.delivery.courier import Attempt
 from epost.delivery.smtp_client import Outcome
+from epost import metrics
 from epost.logs import LineLog, faillog_line, senderlog_line
 from epost.queue.bounces import original_headers
 from epost.queue.domain_state import DomainState, DomainStateStore
@@ -39,6 +40,7 @@ from epost.queue.envelope import Envelope, EnvelopeError
 from epost.queue.outcomes import (
     Applied,
     apply_attempt,
+    destination_of,
     next_due,
     relay_groups,
     reply_text,
@@ -300,8 +302,15 @@ class DeliveryManager(Service):
     # -- recording ---------------------------------------------------------
 
     def _log_attempt(self, envelope: Envelope, applied: Applied, attempt: Attempt, now: float) -> None:
+        if attempt.host is not None:
+            metrics.outbound_sessions.labels("yes" if attempt.tls else "no").inc()
+        destination = None
         for result in applied.results:
             outcome = result.outcome
+            destination = destination or destination_of(result.address)
+            metrics.deliveries.labels(result.status, destination).inc()
+            if result.status == "sent":
+                metrics.delivery_latency.observe(max(0.0, now - envelope.arrival))
             self.senderlog.write(
                 senderlog_line(
                     now,

@@ -20,6 +20,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from epost import metrics
 from epost.delivery.maildir import MaildirBatch
 from epost.queue.envelope import Envelope, EnvelopeError, Recipient
 from epost.queue.outcomes import has_local_pending
@@ -125,6 +126,8 @@ class LocalDeliveryRunner(Service):
                 self._schedule_retry(queue_id)
             elif verdict == PASSED:
                 self.on_passed(queue_id, None)
+            if verdict != RETRY:
+                metrics.local_deliveries.inc()
         self._next_batch()
 
     def _batch_failed(self, failure: Failure) -> None:

@@ -18,6 +18,7 @@ from twisted.internet import task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from epost import metrics
 from epost.routing.tables import TableError
 
 log = Logger()
@@ -91,11 +92,13 @@ class TableWatcher(Service):
         def loaded(new):
             table.current = new
             table.reloads += 1
+            metrics.table_reloads.labels(table.path.name, "ok").inc()
             log.info("{path}: reloaded", path=table.path)
 
         def failed(failure):
             failure.trap(TableError, OSError, UnicodeDecodeError)
             table.failures += 1
+            metrics.table_reloads.labels(table.path.name, "error").inc()
             log.error("{problem} (the previous table stays in force)", problem=failure.value)
 
         d = deferToThreadPool(self.reactor, self.threadpool, table.loader, table.path)

@@ -8,6 +8,7 @@ from typing import Callable
 
 from zope.interface import implementer
 
+from epost import metrics
 from epost.queue.envelope import Envelope, Recipient
 from epost.queue.spool import SpoolError
 from epost.smtp.address import Address
@@ -95,7 +96,14 @@ class SpoolMessage:
             auth=self._session.user,
             body=(self._params.get("BODY") or "7BIT").upper(),
         )
-        return self._writer.commit(envelope).addErrback(self._storage_failed)
+        d = self._writer.commit(envelope)
+        d.addCallback(self._count, self._session)
+        return d.addErrback(self._storage_failed)
+
+    @staticmethod
+    def _count(queue_id, session: Session):
+        metrics.received.labels(session.listener, "yes" if session.tls else "no").inc()
+        return queue_id
 
     @staticmethod
     def _storage_failed(failure):

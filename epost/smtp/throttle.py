@@ -13,6 +13,8 @@ from collections import defaultdict, deque
 
 from twisted.internet.interfaces import IReactorTime
 
+from epost import metrics
+
 
 class AuthThrottle:
     def __init__(self, clock: IReactorTime, cutoff: int = 5, window: float = 300.0, max_delay: float = 5.0):
@@ -37,6 +39,7 @@ class AuthThrottle:
 
     def failed(self, ip: str) -> float:
         """Record a failure; the seconds to wait before answering it."""
+        metrics.auth_failures.inc()
         failures = self._recent(ip)
         failures.append(self.clock.seconds())
         self._failures[ip] = failures

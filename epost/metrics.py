@@ -1,0 +1,86 @@
+"""Prometheus metrics (SPEC §8), served at /metrics on the --admin listener.
+
+Module-level metrics in epost's own registry, the prometheus-client idiom:
+the code that sees an event counts it in one line. Queue sizes and open
+connections are read when scraped, so they can never drift from the truth.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from epost.queue.spool import QUEUES
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+received = Counter(
+    "epost_messages_received", "Messages accepted (250 after DATA)", ["listener", "tls"], registry=REGISTRY
+)
+deliveries = Counter(
+    "epost_deliveries",
+    "Recipient delivery attempts by outcome (sent, deferred, bounced) and destination domain",
+    ["status", "destination"],
+    registry=REGISTRY,
+)
+local_deliveries = Counter("epost_local_deliveries", "Messages whose local recipients were all delivered", registry=REGISTRY)
+outbound_sessions = Counter(
+    "epost_outbound_sessions", "Outbound SMTP attempts that reached a server, by TLS use", ["tls"], registry=REGISTRY
+)
+delivery_latency = Histogram(
+    "epost_delivery_latency_seconds",
+    "Arrival to successful relay, per recipient",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+    registry=REGISTRY,
+)
+auth_failures = Counter("epost_auth_failures", "Failed SMTP AUTH attempts", registry=REGISTRY)
+table_reloads = Counter("epost_table_reloads", "Table reloads by table file and result", ["table", "result"], registry=REGISTRY)
+
+
+class LiveState:
+    """Collects what is measured at scrape time: messages per queue folder, open SMTP connections."""
+
+    def __init__(self, spool: Path, open_connections: Callable[[], int]) -> None:
+        self.spool = Path(spool)
+        self.open_connections = open_connections
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self):
+        queues = GaugeMetricFamily("epost_queue_messages", "Messages in each queue folder", labels=["queue"])
+        for queue in QUEUES:
+            queues.add_metric([queue], _count_envelopes(self.spool / queue))
+        yield queues
+        yield GaugeMetricFamily("epost_smtp_connections_open", "Inbound SMTP connections open now", value=self.open_connections())
+
+
+_live: LiveState | None = None
+
+
+def watch(spool: Path, open_connections: Callable[[], int]) -> None:
+    """Point the scrape-time gauges at this daemon's spool and connection count (replacing any earlier one)."""
+    global _live
+    if _live is not None:
+        REGISTRY.unregister(_live)
+    _live = LiveState(spool, open_connections)
+    REGISTRY.register(_live)
+
+
+def _count_envelopes(folder: Path) -> int:
+    try:
+        with os.scandir(folder) as entries:
+            return sum(1 for entry in entries if entry.name.endswith(".env"))
+    except FileNotFoundError:
+        return 0
+
+
+def metrics_resource():
+    """The twisted.web resource for /metrics."""
+    from prometheus_client.twisted import MetricsResource
+
+    return MetricsResource(registry=REGISTRY)
