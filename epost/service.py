@@ -240,4 +240,5 @@ def make_delivery_manager(config: Config, reactor, pool, dns_pool, spool: Spool,
         max_connections=delivery.max_connections,
         max_per_destination=delivery.max_per_destination,
         handle_signals=True,
+        delay_warning=delivery.delay_warning,
     )

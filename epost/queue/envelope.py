@@ -44,6 +44,7 @@ class Envelope:
     # Retry state per destination domain: the (message, destination) pair is
     # the unit of retry (SPEC §6); see epost.queue.outcomes.
     retries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    delay_warned: bool = False  # the "still trying" DSN went out (once per message)
 
     def with_recipient(self, index: int, **changes: Any) -> Envelope:
         """A copy with recipient ``index`` changed; envelopes are values, never edited in place."""
@@ -81,6 +82,7 @@ class Envelope:
                 auth=_field(obj, "auth", (str, type(None))),
                 body=_field(obj, "body", str),
                 retries=_optional(obj, "retries", dict, {}),
+                delay_warned=bool(_optional(obj, "delay_warned", (bool, int), False)),
             )
         except (ValueError, UnicodeDecodeError) as e:
             raise EnvelopeError(f"{name_for_errors}: corrupt envelope: {e}") from None

@@ -87,6 +87,7 @@ class DeliveryManager(Service):
         max_per_destination: int = 10,
         new_mail_share: float = 0.5,
         handle_signals: bool = False,
+        delay_warning: float = 0,
     ) -> None:
         self.spool = spool
         self.reactor = reactor
@@ -97,6 +98,7 @@ class DeliveryManager(Service):
         self.hostname = hostname
         self.retry = retry
         self.handle_signals = handle_signals
+        self.delay_warning = delay_warning  # seconds; 0: never
         self.scheduler = Scheduler(reactor, self._run, max_connections, max_per_destination, new_mail_share)
         self.senderlog = LineLog(spool.root / "log" / "senderlog")
         self.faillog = LineLog(spool.root / "log" / "faillog")
@@ -283,6 +285,8 @@ class DeliveryManager(Service):
         message.envelope = applied.envelope
         self._log_attempt(message.envelope, applied, attempt, now)
         self._note_domain(destination, queue_id, applied, attempt, now)
+        if self._warning_due(message.envelope, now):
+            await self._warn_delayed(message, [r for r in applied.results if r.status == "deferred"], attempt.host)
         await self._settle(queue_id, remote=attempt.host)
         return applied.verdict
 
@@ -383,6 +387,35 @@ class DeliveryManager(Service):
         for i in indexes:
             current = current.with_recipient(i, dsn_sent=True)
         message.envelope = current
+
+    def _warning_due(self, envelope: Envelope, now: float) -> bool:
+        return (
+            self.delay_warning > 0
+            and not envelope.delay_warned
+            and bool(envelope.pending())
+            and now - envelope.arrival >= self.delay_warning
+            and should_bounce(envelope.sender)
+        )
+
+    async def _warn_delayed(self, message: _Message, deferred: list, remote: str | None) -> None:
+        """The "still trying" DSN (Action: delayed), once per message (Postfix's delay_warning_time)."""
+        if not deferred:
+            return
+        message.envelope = replace(message.envelope, delay_warned=True)  # once, even if queueing it fails
+        envelope = message.envelope
+        delayed = [
+            FailedRecipient(r.address, status_code(r.outcome), action="delayed", remote_mta=remote,
+                            diagnostic=reply_text(r.outcome))
+            for r in deferred
+        ]
+        try:
+            headers = await message.lock.run(deferToThreadPool, self.reactor, self.pool, self._headers, message)
+            warning_id = await self.bounces.send(envelope, headers, delayed)
+        except Exception as error:
+            log.error("{queue_id}: cannot queue the delay warning: {error}", queue_id=envelope.queue_id, error=error)
+        else:
+            log.info("{queue_id}: delay warning {warning_id} queued to <{sender}>",
+                     queue_id=envelope.queue_id, warning_id=warning_id, sender=envelope.sender)
 
     @staticmethod
     def _failed_recipient(recipient, remote: str | None) -> FailedRecipient:

@@ -48,6 +48,7 @@ envelopes = st.builds(
     auth=st.none() | st.text(),
     body=st.sampled_from(["7BIT", "8BITMIME"]),
     retries=st.dictionaries(st.text(), retry_state, max_size=3),
+    delay_warned=st.booleans(),
 )
 
 

@@ -396,3 +396,30 @@ def test_reroute_follows_a_table_edit(tmp_path):
     result = defer.ensureDeferred(h.manager.reroute([envelope.queue_id])).result
     assert result.done == [envelope.queue_id]
     assert h.spool.load(envelope.queue_id, "deferred").recipients[0].route["rule"] == "gateway.dat:7"
+
+
+def test_a_delay_warning_goes_out_once_after_delay_warning(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(451, "4.7.1 later")]}, RetryConfig(interval=600, fixed_interval=True))
+    h.manager.delay_warning = 1800
+    h.start()
+    envelope = h.queue(relay("a@far.test"))
+    h.run_until(1200, step=60)
+    assert h.bounces.sent == []  # 0, 600 and 1200 s: not yet
+    h.run_until(3600, step=60)
+    ((original, _, delayed),) = h.bounces.sent  # at 1800 s, and never again
+    assert original.queue_id == envelope.queue_id
+    assert [(r.address, r.action, r.status) for r in delayed] == [("a@far.test", "delayed", "4.7.1")]
+    assert h.spool.load(envelope.queue_id, "deferred").delay_warned
+
+
+def test_no_delay_warning_for_the_null_sender_or_when_turned_off(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(451, "4.7.1 later")]}, RetryConfig(interval=600, fixed_interval=True))
+    h.manager.delay_warning = 600
+    h.start()
+    h.queue(relay("a@far.test"), sender="")
+    h.run_until(3600, step=60)
+    assert h.bounces.sent == []
+    h.manager.delay_warning = 0
+    h.queue(relay("a@far.test"))
+    h.run_until(7200, step=60)
+    assert h.bounces.sent == []
