@@ -4,10 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian tools the end-to-end tests drive (real SMTP client, real DNS server).
+# Debian tools the end-to-end tests drive (real SMTP client, real DNS server,
+# and a real headless browser for Mail Control: tests/web/test_browser.py).
 need=()
 command -v swaks >/dev/null || need+=(swaks)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -q >/dev/null

@@ -146,21 +146,31 @@ def show_route(args: argparse.Namespace, now: float) -> int:
     except (ConfigError, TableError) as error:
         print(f"epost: {error}", file=sys.stderr)
         return 1
+    dns = None if args.no_dns else MXResolver(None, None, config.routing.dns_servers, timeout=config.delivery.connect_timeout)
+    lines, status = route_lines(resolver, args.address, dns)
+    for line in lines:
+        print(line)
+    return status
+
+
+def route_lines(resolver, address_text: str, dns=None) -> tuple[list[str], int]:
+    """The `epost route` lines for `address_text` and the exit status (1 when every final recipient is rejected).
+
+    `dns` (blocking MX lookups) or None for `--no-dns`: an MX route is then
+    shown as `MX of DOMAIN`. Mail Control's route box calls this too.
+    """
     try:
-        address = parse_mailbox(args.address)
+        address = parse_mailbox(address_text)
         resolution = resolver.resolve(address)
     except ValueError as error:  # bad syntax, or an alias loop
-        print(f"{args.address}: reject via aliases -> {error}")
-        return 1
-    dns = None if args.no_dns else MXResolver(None, None, config.routing.dns_servers, timeout=config.delivery.connect_timeout)
-    for step in resolution.steps:
-        print(f"{step.source}: alias via {step.rule} -> {', '.join(map(str, step.targets))}")
+        return [f"{address_text}: reject via aliases -> {error}"], 1
+    lines = [f"{step.source}: alias via {step.rule} -> {', '.join(map(str, step.targets))}" for step in resolution.steps]
     rejected = 0
     for final, route in resolution.finals:
         kind, text = _describe(route, dns)
         rejected += kind == "reject"
-        print(f"{final}: {kind} via {route.rule} -> {text}")
-    return 1 if rejected == len(resolution.finals) else 0
+        lines.append(f"{final}: {kind} via {route.rule} -> {text}")
+    return lines, 1 if rejected == len(resolution.finals) else 0
 
 
 def _describe(route, dns) -> tuple[str, str]:

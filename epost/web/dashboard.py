@@ -1,0 +1,82 @@
+"""The dashboard: queue sizes, the domains in retry with their Domain.mri fields, the last log lines."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlencode
+
+from epost.queue.domain_state import format_mri
+from epost.queue.spool import QUEUE_ID, QUEUES
+from epost.web.base import Page
+from epost.web.html import esc, when
+from epost.web.logtail import last_lines
+
+LOG_LINES = 20
+_TIME_KEYS = frozenset({"Last-tried", "Next-try", "First-failure"})
+
+
+def queue_sizes(spool: Path) -> dict[str, int]:
+    """Messages (envelopes) in each queue folder."""
+    sizes = {}
+    for queue in QUEUES:
+        try:
+            names = os.listdir(spool / queue)
+        except FileNotFoundError:
+            names = []
+        sizes[queue] = sum(1 for n in names if n.endswith(".env") and QUEUE_ID.fullmatch(n[:-4]))
+    return sizes
+
+
+def read_dashboard(spool: Path) -> tuple[dict[str, int], list[str], list[str]]:
+    """Blocking: queue sizes, senderlog tail, faillog tail."""
+    log = spool / "log"
+    return queue_sizes(spool), last_lines(log / "senderlog", LOG_LINES), last_lines(log / "faillog", LOG_LINES)
+
+
+def mri_fields(state) -> list[tuple[str, str]]:
+    """(key, value) in Domain.mri's own order and names; times also shown readable."""
+    fields = []
+    for line in format_mri(state).splitlines():
+        key, _, value = line.partition(": ")
+        if key in _TIME_KEYS and value.isdigit() and int(value):
+            value = f"{value} ({when(int(value))})"
+        fields.append((key, value))
+    return fields
+
+
+def render_domains(states) -> str:
+    if not states:
+        return '<p class="muted">No domain is waiting for a retry.</p>'
+    cards = []
+    for state in states:
+        rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in mri_fields(state))
+        cards.append(
+            f'<div class="card domain" id="domain-{esc(state.domain)}"><div class="row"><strong>{esc(state.domain)}</strong>'
+            f'<a href="{esc("/queue?" + urlencode({"domain": state.domain}))}">its messages</a></div><table>{rows}</table></div>'
+        )
+    return "".join(cards)
+
+
+def render_log(name: str, lines: list[str]) -> str:
+    if not lines:
+        return f'<h2>{esc(name)}</h2><p class="muted">empty</p>'
+    return f'<h2>{esc(name)} (last {len(lines)})</h2><pre id="{esc(name)}">' + esc("\n".join(lines)) + "</pre>"
+
+
+class Dashboard(Page):
+    title = "Dashboard"
+    path = "/"
+
+    async def get(self, request, session):
+        sizes, senderlog, faillog = await self.context.in_thread(read_dashboard, self.context.manager.spool.root)
+        cells = "".join(
+            f'<tr><th>{esc(q)}</th><td id="size-{esc(q)}">{n}</td></tr>' for q, n in sizes.items()
+        )
+        states = self.context.manager.domain_states()
+        return (
+            f'<h2>Queues</h2><table class="sizes">{cells}</table>'
+            '<p><a href="/queue">Open the queue</a></p>'
+            f"<h2>Domains in retry ({len(states)})</h2>{render_domains(states)}"
+            f"{render_log('senderlog', senderlog)}{render_log('faillog', faillog)}"
+        )

@@ -1,0 +1,90 @@
+"""Building the Mail Control site and its listeners.
+
+    site = make_admin_site(config, manager, routing, reactor, threadpool, extra={b"metrics": resource})
+
+Pages: `/` dashboard, `/queue`, `/gateway`, `/route`, `/login`, `/logout`.
+`/metrics` is left free: pass it in `extra`, or later
+`site.resource.putChild(b"metrics", resource)`. Resources given in `extra`
+are mounted as they are, without the login check (they decide themselves).
+"""
+
+from __future__ import annotations
+
+from twisted.application import service, strports
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from epost.smtp.throttle import AuthThrottle
+from epost.web.base import Context
+from epost.web.dashboard import Dashboard
+from epost.web.gateway_page import GatewayPage
+from epost.web.login import Login, Logout
+from epost.web.queue_page import QueuePage
+from epost.web.route_page import RoutePage
+from epost.web.sessions import SessionStore
+
+log = Logger()
+
+RESERVED = (b"", b"queue", b"gateway", b"route", b"login", b"logout")
+
+
+class _Quiet(Site):
+    """No access log: it would be one daemon log line per page view (and per /metrics scrape)."""
+
+    def log(self, request) -> None:
+        pass
+
+
+def make_admin_site(config, manager, routing, reactor, threadpool, extra: dict[bytes, Resource] | None = None) -> Site:
+    """The Mail Control site; `extra` maps more top-level path segments to resources (e.g. b"metrics")."""
+    context = Context(
+        config=config,
+        manager=manager,
+        routing=routing,
+        reactor=reactor,
+        threadpool=threadpool,
+        sessions=SessionStore(reactor),
+        throttle=AuthThrottle(reactor, cutoff=config.server.auth_failures_before_cutoff),
+    )
+    root = Resource()
+    root.putChild(b"", Dashboard(context))
+    root.putChild(b"queue", QueuePage(context))
+    root.putChild(b"gateway", GatewayPage(context))
+    root.putChild(b"route", RoutePage(context))
+    root.putChild(b"login", Login(context))
+    root.putChild(b"logout", Logout(context))
+    for name, resource in (extra or {}).items():
+        if name in RESERVED:
+            raise ValueError(f"/{name.decode()} is a Mail Control page")
+        root.putChild(name, resource)
+    site = _Quiet(root, reactor=reactor)
+    site.displayTracebacks = False
+    site.context = context
+    return site
+
+
+def loopback_by_default(description: str) -> str:
+    """`tcp:8025` -> `tcp:8025:interface=127.0.0.1` (`::1` for tcp6); an explicit interface is kept."""
+    kind, _, rest = description.partition(":")
+    if kind in ("tcp", "tcp6", "ssl") and "interface=" not in rest:
+        return f"{description}:interface={'::1' if kind == 'tcp6' else '127.0.0.1'}"
+    return description
+
+
+def attach_admin(parent, config, manager, routing, reactor, threadpool, extra: dict[bytes, Resource] | None = None):
+    """Listen with Mail Control on every `[server] admin` endpoint, as children of `parent`.
+
+    Returns the Site (its `.resource` takes more children), or None when no
+    admin endpoint is configured.
+    """
+    if not config.server.admin:
+        return None
+    site = make_admin_site(config, manager, routing, reactor, threadpool, extra)
+    if not config.server.admin_users:
+        log.warn("Mail Control: no admin_users in [server]: nobody can log in")
+    listeners = service.MultiService()
+    for description in config.server.admin:
+        strports.service(loopback_by_default(description), site, reactor=reactor).setServiceParent(listeners)
+    listeners.setServiceParent(parent)
+    return site
