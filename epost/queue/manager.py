@@ -128,13 +128,25 @@ class DeliveryManager(Service):
         # After start-up: the local runner's recover() finishes interrupted moves first.
         self.reactor.callLater(0, lambda: self._load_deferred().addBoth(self._loaded))
 
+    stop_grace = 10.0  # seconds given to attempts in progress at shutdown
+
     def stopService(self) -> defer.Deferred:
-        """Starts nothing new; running attempts finish (their outcome is recorded)."""
+        """Starts nothing new; attempts in progress get `stop_grace` seconds to
+        finish and be recorded. One cut short leaves its message as it was
+        queued: it is tried again after the restart (at worst a duplicate)."""
         super().stopService()
-        self.senderlog.close()
-        self.faillog.close()
+        self.scheduler.stop()
         running = list(self._jobs_running.values())
-        return defer.DeferredList(running) if running else defer.succeed(None)
+        d = defer.DeferredList(running, consumeErrors=True) if running else defer.succeed(None)
+        d.addTimeout(self.stop_grace, self.reactor)
+
+        def closed(result):
+            if isinstance(result, Failure):
+                log.warn("stopping with {n} deliveries still in progress", n=len(self._jobs_running))
+            self.senderlog.close()
+            self.faillog.close()
+
+        return d.addBoth(closed)
 
     def flush(self) -> None:
         """Everything waiting is due now (SIGUSR2, `epost flush`)."""

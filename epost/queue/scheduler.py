@@ -93,6 +93,7 @@ class Scheduler:
         self._known: set[Job] = set()
         self._pumping = False
         self._pump_again = False
+        self._stopped = False
 
     # -- input -----------------------------------------------------------
 
@@ -144,6 +145,13 @@ class Scheduler:
                 del self._waiting[destination]
         return True
 
+    def stop(self) -> None:
+        """Start nothing more (shutdown); running jobs still report back."""
+        self._stopped = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
     def knows(self, job: Job) -> bool:
         return job in self._known
 
@@ -184,7 +192,7 @@ class Scheduler:
 
     def _arm(self) -> None:
         """Point the single timer at the earliest heap entry."""
-        if not self._heap:
+        if not self._heap or self._stopped:
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
             self._timer = None
@@ -211,6 +219,8 @@ class Scheduler:
 
     def _pump(self) -> None:
         """Start every job the rules allow; re-entrant calls just ask for another pass."""
+        if self._stopped:
+            return
         if self._pumping:
             self._pump_again = True
             return

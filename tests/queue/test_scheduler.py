@@ -302,3 +302,15 @@ def test_limits_hold_and_every_job_eventually_starts(
         raise AssertionError("scheduler did not drain")
     assert set(start.started) == set(added)
     assert scheduler.running() == frozenset()
+
+
+def test_a_stopped_scheduler_starts_nothing_more():
+    clock = Clock()
+    started = []
+    scheduler = Scheduler(clock, lambda job: started.append(job) or Deferred(), max_connections=1)
+    scheduler.add_new(Job("A", "d"))
+    scheduler.add_deferred(Job("B", "d"), 10)
+    scheduler.stop()
+    scheduler.add_new(Job("C", "e"))
+    clock.advance(20)
+    assert started == [Job("A", "d")] and clock.getDelayedCalls() == []
