@@ -14,8 +14,6 @@ from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from epost.auth import UsersChecker, make_portal
 from epost import metrics
@@ -39,6 +37,7 @@ from epost.smtp.receiver import SpoolingReceiver
 from epost.smtp.server import ServerSettings
 from epost.smtp.throttle import AuthThrottle
 from epost.tls import client_context, context_for
+from epost.web import attach_admin
 
 
 class ThreadPoolService(service.Service):
@@ -205,11 +204,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
             strports.service(description, factory, reactor=reactor).setServiceParent(top)
 
     metrics.watch(config.server.spool, lambda: limits.total_open)
-    if config.server.admin:
-        admin_root = Resource()
-        admin_root.putChild(b"metrics", metrics.metrics_resource())
-        for description in config.server.admin:
-            strports.service(description, Site(admin_root), reactor=reactor).setServiceParent(top)
+    # Mail Control and /metrics on --admin (docs/mail-control.md); nothing without admin endpoints.
+    top.admin_site = attach_admin(top, config, manager, routing, reactor, pool, {b"metrics": metrics.metrics_resource()})
 
     top.spool, top.runner, top.manager, top.routing, top.limits = spool, runner, manager, routing, limits
     return top

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 import smtplib
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,6 @@ from e2e_support import Daemon, free_port, wait_for, write_config
 from epost.auth import hash_password
 from smtp_sink import SMTPSink
 
-REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 ADMIN = "admin@example.test"
@@ -86,10 +84,6 @@ def browser(tmp_path):
     driver.quit()
 
 
-def _wired() -> bool:
-    return "attach_admin" in (REPO / "epost" / "service.py").read_text()
-
-
 @pytest.fixture
 def mail_control(tmp_path):
     """The real daemon with --admin on a loopback port and gateway.dat sending *.sink.test to a closed port."""
@@ -105,8 +99,7 @@ def mail_control(tmp_path):
         toml=f'gateway_table = "{gateway}"\n\n[retry]\ninterval = 3600\nfixed_interval = true\n',
     )
     (folder / "users").write_text(f"alice@example.test\n{ADMIN}:{hash_password(PASSWORD)}\n")
-    command = None if _wired() else [sys.executable, str(Path(__file__).with_name("admin_twistd.py"))]
-    daemon = Daemon(folder, config, relay, submission, [], **({"command": command} if command else {}))
+    daemon = Daemon(folder, config, relay, submission, [])
     daemon.start()
     daemon.admin_url = f"http://127.0.0.1:{admin}"
     daemon.first_gateway = first_gateway
