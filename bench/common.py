@@ -69,23 +69,41 @@ def postfix_cpu() -> float:
 class Epost:
     """A real `twistd -n epost` on loopback with local delivery to one Maildir."""
 
-    def __init__(self, extra_toml: str = ""):
-        self.root = Path(tempfile.mkdtemp(prefix="epost-bench-"))
+    def __init__(
+        self,
+        extra_toml: str = "",
+        *,
+        gateway: str | None = None,
+        tail_toml: str = "",
+        root: Path | None = None,
+        wait: bool = True,
+    ):
+        """`extra_toml` goes into [server]; `gateway` is the gateway.dat text;
+        `tail_toml` adds whole sections ([delivery], [retry]); `root` reuses a
+        prepared folder (its spool/ is kept); `wait=False` returns at once."""
+        self.root = root or Path(tempfile.mkdtemp(prefix="epost-bench-"))
         self.port = free_port()
         (self.root / "users").write_text("sink@bench.test\n")
+        if gateway is not None:
+            (self.root / "gateway.dat").write_text(gateway)
         (self.root / "epost.toml").write_text(
             f'[server]\nhostname = "epost.bench.test"\n'
             f'relay = ["tcp:{self.port}:interface=127.0.0.1"]\nsubmission = []\n'
             f'spool = "spool"\nmax_connections_per_client = 1000\n{extra_toml}\n'
             f'[routing]\nlocal_domains = ["bench.test"]\nusers = "users"\n'
+            f'gateway_table = "gateway.dat"\n'
+            f'dns_servers = ["127.0.0.1:9"]\n'  # loopback only: no real DNS, ever
+            f"{tail_toml}\n"
         )
-        self.log = open(self.root / "epost.log", "wb")
+        self.log = open(self.root / "epost.log", "ab")
         twistd = Path(sys.executable).parent / "twistd"
+        self.started = time.monotonic()
         self.process = subprocess.Popen(
             [str(twistd), "-n", "--pidfile=", "epost", "--config", str(self.root / "epost.toml")],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=self.root,
         )
-        wait_for_port(self.port)
+        if wait:
+            wait_for_port(self.port)
 
     @property
     def spool(self) -> Path:
@@ -101,20 +119,26 @@ class Epost:
                 return int(line.split()[1])
         return 0
 
-    def queued(self) -> int:
-        return sum(1 for p in (self.spool / "incoming").iterdir() if p.suffix == ".env")
+    def queued(self, queues: tuple[str, ...] = ("incoming",)) -> int:
+        return sum(1 for q in queues for p in (self.spool / q).iterdir() if p.suffix == ".env")
+
+    def rss_tree_kib(self) -> dict[int, int]:
+        """VmRSS of the daemon and of each child (the spool workers), by pid."""
+        return {pid: rss_kib(pid) for pid in [self.process.pid, *children(self.process.pid)]}
 
     def wait_until_drained(self, timeout: float = 600) -> float:
         return wait_until_empty(self.queued, timeout)
 
-    def stop(self) -> None:
+    def stop(self, keep: bool = False) -> None:
         self.process.terminate()
         try:
-            self.process.wait(10)
+            self.process.wait(30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
         self.log.close()
-        shutil.rmtree(self.root, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 class Postfix:
@@ -124,7 +148,7 @@ class Postfix:
         self.port = port
         tool = ROOT.parent / "shared" / "tools" / "postfix-peer"
         subprocess.run(["bash", str(tool), "start", str(port), str(sink_port)], check=True, stdout=subprocess.DEVNULL)
-        self.sink = subprocess.Popen(["smtp-sink", "-u", "postfix", "-c", f"127.0.0.1:{sink_port}", "1000"], stdout=subprocess.DEVNULL)
+        self.sink = Sink(sink_port)
         wait_for_port(port)
 
     def cpu(self) -> float:
@@ -138,8 +162,65 @@ class Postfix:
         return wait_until_empty(self.queued, timeout)
 
     def stop(self) -> None:
-        self.sink.terminate()
+        self.sink.stop()
         subprocess.run(["postfix", "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class Sink:
+    """Postfix's smtp-sink on 127.0.0.1:port; `received()` counts the messages it took
+    (its -c counters go to a file). `options` e.g. ["-r", "RCPT", "-b", "451 4.7.1 later"]."""
+
+    def __init__(self, port: int | None = None, options: tuple[str, ...] = ()):
+        self.port = port or free_port()
+        self._out = tempfile.NamedTemporaryFile(prefix="smtp-sink-", suffix=".out")
+        self.process = subprocess.Popen(
+            ["smtp-sink", "-u", "postfix", "-c", *options, f"127.0.0.1:{self.port}", "1000"],
+            stdout=self._out, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port(self.port)
+
+    def _counter(self, name: str) -> int:
+        tail = Path(self._out.name).read_bytes()[-200:].decode("ascii", "replace")
+        records = [r for r in tail.split("\r") if f"{name}=" in r]
+        for record in reversed(records):
+            for field in record.split():
+                key, _, value = field.partition("=")
+                if key == name and value.isdigit():
+                    return int(value)
+        return 0
+
+    def received(self) -> int:
+        return self._counter("mesg")
+
+    def sessions(self) -> int:
+        return self._counter("sess")
+
+    def wait_for(self, count: int, timeout: float = 600) -> float:
+        """Monotonic time when `received()` first reached `count` (polled every 10 ms)."""
+        deadline = time.monotonic() + timeout
+        while self.received() < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the sink got {self.received()} of {count} messages")
+            time.sleep(0.01)
+        return time.monotonic()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._out.close()
 
 
 def wait_until_empty(queued, timeout: float) -> float:

@@ -1,0 +1,102 @@
+"""Relay-throughput benchmark: smtp-source -> epost -> smtp-sink beside the same through Postfix.
+
+    .venv/bin/python bench/relay.py [--messages 2000] [--sizes 4096,102400]
+                                    [--sessions 10] [--rounds 1] [--no-postfix]
+
+epost relays every non-local recipient to its own smtp-sink through a
+gateway.dat catch-all (`*,127.0.0.1,PORT`); Postfix (../shared/tools/postfix-peer)
+relays to another smtp-sink through its relayhost. For each size, smtp-source
+sends N messages with `-s SESSIONS` to each server in turn (epost first,
+then Postfix, in the same run) and the clock stops when that server's sink has
+counted all N (smtp-sink -c). Printed per server: messages/s end to end, wall
+seconds, CPU milliseconds per message (all processes of that MTA: epost's
+daemon and its spool workers; every Postfix process, measured once its queue
+is empty again) epost's rate and CPU as ratios of Postfix's, and how many SMTP sessions each
+opened to its sink per message (connection reuse). Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import statistics
+import sys
+import time
+
+from common import Epost, Postfix, Sink, smtp_source
+
+
+def measure(server, sink: Sink, messages: int, size: int, sessions: int, to: str) -> dict:
+    server.wait_until_drained()
+    base, opened = sink.received(), sink.sessions()
+    cpu_before = server.cpu()
+    start = time.monotonic()
+    accept_seconds = smtp_source(server.port, messages, size, sessions, to)
+    arrived = sink.wait_for(base + messages)
+    server.wait_until_drained()
+    cpu = server.cpu() - cpu_before
+    seconds = arrived - start
+    return {
+        "rate": messages / seconds,
+        "seconds": seconds,
+        "accept_rate": messages / accept_seconds,
+        "cpu_ms": 1000 * cpu / messages,
+        "sessions": (sink.sessions() - opened) / messages,  # outbound SMTP sessions per message
+    }
+
+
+class RelayingEpost(Epost):
+    """epost whose every relayed recipient goes to `sink` (delivered there, nothing local)."""
+
+    def __init__(self, sink: Sink):
+        super().__init__(gateway=f"*,127.0.0.1,{sink.port}\n")
+
+    def queued(self, queues=("incoming", "deferred")) -> int:
+        return super().queued(queues)
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a kill still runs the clean-up
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--sizes", default="4096,102400")
+    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat each size; medians are printed")
+    parser.add_argument("--no-postfix", action="store_true")
+    args = parser.parse_args()
+
+    epost_sink = Sink()
+    epost = RelayingEpost(epost_sink)
+    postfix = None
+    try:
+        postfix = None if args.no_postfix else Postfix()
+        # warm-up: imports, first connections, page cache
+        measure(epost, epost_sink, 200, 4096, args.sessions, "sink@remote.test")
+        if postfix:
+            measure(postfix, postfix.sink, 200, 4096, args.sessions, "sink@remote.test")
+        print(f"{args.messages} messages, smtp-source -s {args.sessions}; end to end = until the sink counted all")
+        print(f"{'size':>7}  {'epost msg/s':>11} {'accept/s':>8} {'CPU-ms/msg':>10}  "
+              f"{'postfix msg/s':>13} {'accept/s':>8} {'CPU-ms/msg':>10}  {'rate ratio':>10} {'CPU ratio':>9}  sessions/msg e/p")
+        for size in (int(s) for s in args.sizes.split(",")):
+            ours, theirs = [], []
+            for _ in range(args.rounds):
+                ours.append(measure(epost, epost_sink, args.messages, size, args.sessions, "sink@remote.test"))
+                if postfix:
+                    theirs.append(measure(postfix, postfix.sink, args.messages, size, args.sessions, "sink@remote.test"))
+            o = {k: statistics.median(r[k] for r in ours) for k in ours[0]}
+            line = f"{size:>7}  {o['rate']:>11.0f} {o['accept_rate']:>8.0f} {o['cpu_ms']:>10.2f}"
+            if postfix:
+                t = {k: statistics.median(r[k] for r in theirs) for k in theirs[0]}
+                line += (f"  {t['rate']:>13.0f} {t['accept_rate']:>8.0f} {t['cpu_ms']:>10.2f}"
+                         f"  {o['rate'] / t['rate']:>10.2f} {o['cpu_ms'] / t['cpu_ms']:>9.2f}  {o['sessions']:.2f}/{t['sessions']:.2f}")
+            print(line, flush=True)
+        print(f"epost resident memory after the run: {epost.rss_kib() / 1024:.0f} MiB (daemon)")
+    finally:
+        epost.stop()
+        epost_sink.stop()
+        if postfix:
+            postfix.stop()
+
+
+if __name__ == "__main__":
+    main()
