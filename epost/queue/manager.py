@@ -99,7 +99,10 @@ class DeliveryManager(Service):
         self.retry = retry
         self.handle_signals = handle_signals
         self.delay_warning = delay_warning  # seconds; 0: never
-        self.scheduler = Scheduler(reactor, self._run, max_connections, max_per_destination, new_mail_share)
+        self.scheduler = Scheduler(
+            reactor, self._run, max_connections, max_per_destination, new_mail_share,
+            suspend=lambda job: self._run(job, suspended=True), probe_gap=retry.interval,
+        )
         self.senderlog = LineLog(spool.root / "log" / "senderlog")
         self.faillog = LineLog(spool.root / "log" / "faillog")
         self.domain_store = DomainStateStore(spool.root / "domains")
@@ -234,8 +237,8 @@ class DeliveryManager(Service):
 
     # -- one job ---------------------------------------------------------
 
-    def _run(self, job: Job) -> defer.Deferred:
-        d = defer.ensureDeferred(self._attempt(job))
+    def _run(self, job: Job, suspended: bool = False) -> defer.Deferred:
+        d = defer.ensureDeferred(self._attempt(job, suspended))
         self._jobs_running[job] = d
 
         def finished(verdict):
@@ -244,7 +247,7 @@ class DeliveryManager(Service):
 
         return d.addBoth(finished)
 
-    async def _attempt(self, job: Job) -> Any:
+    async def _attempt(self, job: Job, suspended: bool) -> Any:
         queue_id, destination = job
         message = self._messages.get(queue_id)
         if message is not None and destination in message.new_jobs:
@@ -255,7 +258,7 @@ class DeliveryManager(Service):
                 return "done"
             message.refs += 1
         try:
-            return await self._deliver(job, message)
+            return await self._deliver(job, message, suspended)
         except Exception:  # a bug or an unexpected file problem: log it and retry later
             log.failure("{queue_id}: delivery to {destination} failed", queue_id=queue_id, destination=destination)
             return ("retry", self.reactor.seconds() + self.error_retry)
@@ -277,26 +280,34 @@ class DeliveryManager(Service):
         log.info("{queue_id}: no longer queued", queue_id=queue_id)
         return None
 
-    async def _deliver(self, job: Job, message: _Message) -> Any:
+    async def _deliver(self, job: Job, message: _Message, suspended: bool = False) -> Any:
+        """One attempt; `suspended`: the destination is dead, so the attempt is
+        recorded as a deferral without a connection (Postfix: "delivery
+        temporarily suspended") and counts toward period_noanswer."""
         queue_id, destination = job
         indexes = relay_groups(message.envelope).get(destination, [])
         if not indexes:
             return "done"
         envelope = message.envelope
         recipients = [envelope.recipients[i].address for i in indexes]
-        route = self._current_route(envelope.recipients[indexes[0]])
-        fd = await message.lock.run(self._open_content, queue_id, message)
-        try:
-            attempt: Attempt = await self.courier.deliver(
-                route, envelope.sender, recipients, lambda: _chunks(fd), envelope.size, envelope.body == "8BITMIME"
-            )
-        finally:
-            os.close(fd)
+        if suspended:
+            state = self._domains.get(destination)
+            reason = f"delivery temporarily suspended: {state.err_text if state else 'no answer'}"
+            attempt = Attempt({r: Outcome(None, reason, "connect") for r in recipients}, None, False)
+        else:
+            route = self._current_route(envelope.recipients[indexes[0]])
+            fd = await message.lock.run(self._open_content, queue_id, message)
+            try:
+                attempt = await self.courier.deliver(
+                    route, envelope.sender, recipients, lambda: _chunks(fd), envelope.size, envelope.body == "8BITMIME"
+                )
+            finally:
+                os.close(fd)
         now = self.reactor.seconds()
         applied = apply_attempt(message.envelope, destination, attempt.outcomes, attempt.host, now, self.retry)
         message.envelope = applied.envelope
         self._log_attempt(message.envelope, applied, attempt, now)
-        self._note_domain(destination, queue_id, applied, attempt, now)
+        self._note_domain(destination, queue_id, applied, attempt, now, suspended)
         if self._warning_due(message.envelope, now):
             await self._warn_delayed(message, [r for r in applied.results if r.status == "deferred"], attempt.host)
         await self._settle(queue_id, remote=attempt.host)
@@ -448,16 +459,21 @@ class DeliveryManager(Service):
 
     # -- Domain.mri ----------------------------------------------------------
 
-    def _note_domain(self, destination: str, queue_id: str, applied: Applied, attempt: Attempt, now: float) -> None:
+    def _note_domain(
+        self, destination: str, queue_id: str, applied: Applied, attempt: Attempt, now: float, suspended: bool = False
+    ) -> None:
         waiting = self._waiting_by_domain.setdefault(destination, set())
         deferred = [r for r in applied.results if r.status == "deferred"]
         failures = [r for r in applied.results if r.status != "sent"]
+        had_file = bool(waiting) or destination in self._domains
         if deferred:
             waiting.add(queue_id)
         else:
             waiting.discard(queue_id)
         state = self._domains.get(destination)
-        if failures:
+        if suspended:
+            pass  # no attempt was made: only the message count changes
+        elif failures:
             worst = failures[0].outcome
             previous = state if state is not None and state.try_number else None
             state = DomainState(
@@ -475,7 +491,8 @@ class DeliveryManager(Service):
             state = replace(state, last_tried=int(now), try_number=0, err_code=0, err_text="", last_host=attempt.host or "")
         if state is not None:
             self._domains[destination] = state
-        self._save_domain(destination)
+        if waiting or had_file:  # a healthy domain never had a file: nothing to write or remove
+            self._save_domain(destination)
 
     def _save_domain(self, destination: str) -> None:
         waiting = self._waiting_by_domain.get(destination)

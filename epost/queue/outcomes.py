@@ -88,7 +88,7 @@ class RecipientResult:
 class Applied:
     envelope: Envelope
     results: tuple[RecipientResult, ...]
-    verdict: Any  # the Scheduler outcome: "done", ("retry", t) or ("retry_noanswer", t)
+    verdict: Any  # the Scheduler outcome: "done", "done_noanswer", ("retry", t) or ("retry_noanswer", t)
 
     @property
     def bounced(self) -> list[RecipientResult]:
@@ -154,7 +154,10 @@ def apply_attempt(
         verdict: Any = ("retry_noanswer" if all_silent else "retry", when)
     else:
         retries.pop(destination, None)
-        verdict = "done" if destination not in relay_groups(envelope) else ("retry", now)
+        if destination in relay_groups(envelope):
+            verdict = ("retry", now)
+        else:  # nothing answered: the destination stays dead for the others
+            verdict = "done_noanswer" if all_silent and outcomes else "done"
     return Applied(dataclasses.replace(envelope, retries=retries), tuple(results), verdict)
 
 

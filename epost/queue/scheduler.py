@@ -20,10 +20,16 @@ Rules:
 - Dead destinations: an outcome ``("retry_noanswer", when)`` marks the
   destination dead with its next probe at `when`. While dead, a job for it
   starts only if no job for it is running and the probe time has come: that
-  job is the probe; all others wait on the destination. Any other outcome
-  (``"done"``, ``("retry", when)``) makes it alive again and releases its
-  waiting jobs. Jobs already running when it died are not interrupted.
-- Outcomes: ``"done"`` forgets the job; ``("retry", when)`` and
+  job is the probe. Every other job for it that comes up is handed to
+  `suspend(job)` instead (no connection, no slot): the caller records a
+  deferral and answers with the job's next time, as Postfix defers mail
+  for a dead site without trying it. Without `suspend` such jobs wait on
+  the destination. Any other outcome (``"done"``, ``("retry", when)``)
+  makes it alive again and releases its waiting jobs. Jobs already running
+  when it died are not interrupted.
+- Outcomes: ``"done"`` forgets the job; ``"done_noanswer"`` forgets it too
+  but keeps the destination dead for `probe_gap` more seconds (its
+  recipients expired unanswered; the next probe waits like a retry); ``("retry", when)`` and
   ``("retry_noanswer", when)`` schedule it again at `when`. A failed Deferred
   (a bug in the caller) is logged and treated as ``("retry", now + 60)``.
 - `flush()` makes every scheduled job due now and every dead destination
@@ -71,6 +77,8 @@ class Scheduler:
         max_connections: int = 100,
         max_per_destination: int = 10,
         new_mail_share: float = 0.5,
+        suspend: Callable[[Job], Deferred[Outcome]] | None = None,
+        probe_gap: float = 120.0,
     ) -> None:
         if max_connections < 1 or max_per_destination < 1:
             raise ValueError("connection limits must be at least 1")
@@ -78,6 +86,9 @@ class Scheduler:
             raise ValueError(f"new_mail_share must be in [0, 1], not {new_mail_share!r}")
         self._clock = clock
         self._start = start
+        self._suspend = suspend
+        self.probe_gap = probe_gap
+        self._suspending: set[Job] = set()
         self.max_connections = max_connections
         self.max_per_destination = max_per_destination
         self.deferred_limit = max(1, max_connections - math.ceil(new_mail_share * max_connections))
@@ -128,7 +139,7 @@ class Scheduler:
 
     def forget(self, job: Job) -> bool:
         """Drop a job that is not running (held or deleted mail); False if it is running or unknown."""
-        if job in self._running or job not in self._known:
+        if job in self._running or job in self._suspending or job not in self._known:
             return False
         self._known.discard(job)
         before = len(self._heap)
@@ -243,6 +254,8 @@ class Scheduler:
             job = lane.popleft()
             if self._can_start(job.destination):
                 self._launch(job, lane_name)
+            elif self._suspend is not None and job.destination in self._dead:
+                self._suspend_job(job)
             else:
                 self._waiting.setdefault(job.destination, deque()).append((lane_name, job))
 
@@ -253,6 +266,21 @@ class Scheduler:
             self._running_deferred += 1
         d = maybeDeferred(self._start, job)
         d.addBoth(self._finished, job)
+
+    def _suspend_job(self, job: Job) -> None:
+        self._suspending.add(job)
+        maybeDeferred(self._suspend, job).addBoth(self._suspended, job)
+
+    def _suspended(self, outcome: Outcome | Failure, job: Job) -> None:
+        """A suspended job's next time; it never changes the destination's state."""
+        self._suspending.discard(job)
+        if isinstance(outcome, Failure) or not _valid(outcome):
+            log.error("suspending {job} gave {outcome!r}", job=job, outcome=outcome)
+            outcome = ("retry", self._clock.seconds() + self.retry_after_error)
+        if outcome in ("done", "done_noanswer"):
+            self._known.discard(job)
+        elif not self._stopped:
+            self._schedule(job, outcome[1])
 
     def _finished(self, outcome: Outcome | Failure, job: Job) -> None:
         lane_name = self._running.pop(job)
@@ -274,6 +302,9 @@ class Scheduler:
         if outcome == "done":
             self._known.discard(job)
             self._revive(destination)
+        elif outcome == "done_noanswer":
+            self._known.discard(job)
+            self._dead[destination] = now + self.probe_gap
         else:
             kind, when = outcome
             if kind == "retry_noanswer":
@@ -306,7 +337,7 @@ class Scheduler:
 
 
 def _valid(outcome: object) -> bool:
-    if outcome == "done":
+    if outcome in ("done", "done_noanswer"):
         return True
     return (
         isinstance(outcome, tuple)

@@ -423,3 +423,21 @@ def test_no_delay_warning_for_the_null_sender_or_when_turned_off(tmp_path):
     h.queue(relay("a@far.test"))
     h.run_until(7200, step=60)
     assert h.bounces.sent == []
+
+
+def test_new_mail_for_a_dead_destination_is_deferred_at_once_without_a_connection(tmp_path):
+    script = {f"u{i}@dead.test": [None] for i in range(50)}
+    h = Harness(tmp_path, script, RetryConfig(interval=600, fixed_interval=True, period_noanswer=1800))
+    h.start()
+    h.queue(relay("u0@dead.test"))  # its attempt gets no answer: dead.test is dead
+    for i in range(1, 50):
+        h.queue(relay(f"u{i}@dead.test"))
+    assert len(h.courier.calls) == 1
+    assert h.files("incoming") == [] and len(h.files("deferred")) == 100
+    suspended = [l for l in h.senderlog() if l["relay"] == "none"]
+    assert len(suspended) == 49 and all(l["reply"].startswith("delivery temporarily suspended: ") for l in suspended)
+    assert h.mri("dead.test").messages == 50 and h.mri("dead.test").try_number == 1
+
+    h.run_until(3 * 3600, step=60)
+    assert len(h.bounces.sent) == 50 and h.files("deferred") == []  # every one expired on its own clock
+    assert len(h.courier.calls) <= 4  # one probe per retry time, never one per message

@@ -64,7 +64,9 @@ def test_the_verdict_follows_what_is_left(case, policy):
     applied = apply_attempt(envelope, "a.test", outcomes, None, NOW, policy)
     left = relay_groups(applied.envelope).get("a.test")
     if not left:
-        assert applied.verdict == "done" and "a.test" not in applied.envelope.retries
+        nothing_answered = bool(outcomes) and all(o.code is None for o in outcomes.values())
+        assert applied.verdict == ("done_noanswer" if nothing_answered else "done")
+        assert "a.test" not in applied.envelope.retries
     else:
         kind, when = applied.verdict
         assert when > NOW and applied.envelope.retries["a.test"]["next_attempt"] == when

@@ -314,3 +314,33 @@ def test_a_stopped_scheduler_starts_nothing_more():
     scheduler.add_new(Job("C", "e"))
     clock.advance(20)
     assert started == [Job("A", "d")] and clock.getDelayedCalls() == []
+
+
+def test_jobs_for_a_dead_destination_are_suspended_not_parked_and_expiry_keeps_it_dead():
+    clock = Clock()
+    started, suspended = [], []
+    pending: dict = {}
+
+    def start(job):
+        started.append(job)
+        pending[job] = Deferred()
+        return pending[job]
+
+    def suspend(job):
+        suspended.append(job)
+        return ("retry", clock.seconds() + 100)
+
+    scheduler = Scheduler(clock, start, suspend=suspend, probe_gap=50)
+    scheduler.add_new(Job("A", "dead"))
+    pending.pop(Job("A", "dead")).callback(("retry_noanswer", 30))
+    scheduler.add_new(Job("B", "dead"))  # dead, probe not due: suspended at once, no slot used
+    assert (started, suspended) == ([Job("A", "dead")], [Job("B", "dead")])
+    assert scheduler.ready_counts()["waiting"] == 0
+
+    clock.advance(30)  # A is the probe; its recipients expire unanswered
+    pending.pop(Job("A", "dead")).callback("done_noanswer")
+    assert scheduler.is_dead("dead")  # dead until 30 + probe_gap = 80
+    scheduler.add_new(Job("C", "dead"))
+    assert suspended[-1] == Job("C", "dead")
+    clock.advance(70)  # B, suspended until 100, is due after 80: it is the next probe
+    assert started[-1] == Job("B", "dead")
