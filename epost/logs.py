@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from datetime import datetime, timezone, tzinfo
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 # Every character str.splitlines() breaks on, so no reader ever sees half a record.
 _LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
@@ -148,23 +149,33 @@ def faillog_line(
 class LineLog:
     """An append-only log file, one flushed line per write, reopened when rotated away (renamed or deleted).
 
-    Blocking but cheap (one stat per line); `reopen()` also fits a SIGUSR1 hook.
+    Blocking but cheap: rotation is noticed by a stat at most once a second
+    (`reopen()` also fits a SIGUSR1 hook).
     """
 
-    def __init__(self, path: Path) -> None:
+    check_every = 1.0  # seconds between rotation checks
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = Path(path)
         self._file: IO[str] | None = None
         self._identity: tuple[int, int] | None = None
+        self._clock = clock
+        self._checked = 0.0
 
     def _open(self) -> IO[str]:
         self._file = open(self.path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
         st = os.fstat(self._file.fileno())
         self._identity = (st.st_dev, st.st_ino)
+        self._checked = self._clock()
         return self._file
 
     def _current(self) -> IO[str]:
         if self._file is None:
             return self._open()
+        now = self._clock()
+        if now - self._checked < self.check_every:
+            return self._file
+        self._checked = now
         try:
             st = os.stat(self.path)
             rotated = (st.st_dev, st.st_ino) != self._identity

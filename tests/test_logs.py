@@ -116,15 +116,19 @@ def test_linelog_appends_and_flushes_each_line(tmp_path: Path):
     log.close()
 
 
-def test_linelog_follows_rotation(tmp_path: Path):
+def test_linelog_follows_rotation_within_a_second(tmp_path: Path):
+    now = [100.0]
     path = tmp_path / "faillog"
-    log = LineLog(path)
+    log = LineLog(path, clock=lambda: now[0])
     log.write("before")
     os.rename(path, tmp_path / "faillog.1")
+    log.write("still the old file")  # checked at most once a second
+    now[0] += 1
     log.write("after")
-    assert (tmp_path / "faillog.1").read_text() == "before\n"
+    assert (tmp_path / "faillog.1").read_text() == "before\nstill the old file\n"
     assert path.read_text() == "after\n"
     path.unlink()
+    now[0] += 1
     log.write("again")
     assert path.read_text() == "again\n"
     log.close()

@@ -66,7 +66,13 @@ def is_final(outcome: Outcome) -> bool:
 class Courier:
     """Runs delivery attempts over TCP; one instance serves all destinations.
 
-    `smtp_port` is the port of MX hosts (25; tests use another one)."""
+    `smtp_port` is the port of MX hosts (25; tests use another one).
+    Connections are reused: after a transaction a connection waits idle
+    for a moment (SMTPClient.KEEP_IDLE) and the next job for the same
+    address and port takes it, as Postfix's connection cache does, so a
+    stream of mail to one host does not pay a handshake per message."""
+
+    max_idle_per_address = 10
 
     def __init__(
         self,
@@ -85,6 +91,8 @@ class Courier:
         self.connect_timeout = connect_timeout
         self.timeouts = timeouts
         self.smtp_port = smtp_port
+        self.reuse_connections = True
+        self._idle: dict[tuple[str, int, bool], list[SMTPClient]] = {}
 
     def deliver(
         self,
@@ -173,7 +181,15 @@ class Courier:
         body_8bit: bool,
         use_tls: bool,
     ) -> TransactionResult | None:
-        """One connection and transaction; None when the connection failed."""
+        """One transaction, on an idle connection when there is one; None when the connection failed."""
+        key = (ip, port, use_tls)
+        client = self._checkout(key)
+        if client is not None:
+            result = await client.reuse(sender, recipients, content, size, body_8bit)
+            if any(outcome.code is not None for outcome in result.recipients.values()):
+                self._checkin(key, client, result)
+                return result
+            # The idle connection was gone (closed by the server): a fresh one.
         endpoint_class = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
         endpoint = endpoint_class(self.reactor, ip, port, timeout=self.connect_timeout)
         client = SMTPClient(
@@ -186,13 +202,44 @@ class Courier:
             self.reactor,
             self.tls_context if use_tls else None,
             self.timeouts,
+            keep_open=self.reuse_connections,
         )
         try:
             await endpoint.connect(_QuietFactory(client))
         except Exception as error:  # refused, timed out, unreachable: all mean "next address"
             log.debug("courier: connect to {ip}:{port} failed: {error}", ip=ip, port=port, error=error)
             return None
-        return await client.done
+        result = await client.done
+        self._checkin(key, client, result)
+        return result
+
+    def _checkout(self, key: tuple[str, int, bool]) -> SMTPClient | None:
+        idle = self._idle.get(key)
+        while idle:
+            client = idle.pop()
+            if client.reusable:
+                return client
+        return None
+
+    def _checkin(self, key: tuple[str, int, bool], client: SMTPClient, result: TransactionResult) -> None:
+        if not client.reusable:
+            return
+        idle = [c for c in self._idle.get(key, []) if c.reusable]
+        if result.try_next_host or len(idle) >= self.max_idle_per_address:
+            client.close_idle()
+        else:
+            idle.append(client)
+        if idle:
+            self._idle[key] = idle
+        else:
+            self._idle.pop(key, None)
+
+    def close_idle(self) -> None:
+        """QUIT every idle connection (at shutdown)."""
+        for idle in self._idle.values():
+            for client in idle:
+                client.close_idle()
+        self._idle.clear()
 
 
 class _QuietFactory(Factory):

@@ -41,9 +41,11 @@ DEFAULT_TIMEOUTS: dict[str, float] = {
     "rcpt": 300,
     "data_start": 120,
     "data_end": 600,
+    "rset": 300,
     "quit": 60,
 }
-_OUTCOME_STAGE = {"data_start": "data", "data_end": "data"}
+_OUTCOME_STAGE = {"data_start": "data", "data_end": "data", "rset": "mail"}
+KEEP_IDLE = 2.0  # seconds an idle connection waits for its next transaction (Postfix: 2 s)
 MAX_REPLY_LINE = 65536  # a server that sends more without a line end is not speaking SMTP
 
 Handler = Callable[[int, str], None]
@@ -106,8 +108,14 @@ class SMTPClient(Protocol):
         clock: IReactorTime,
         tls_context: object | None = None,
         timeouts: dict[str, float] | None = None,
+        keep_open: bool = False,
     ) -> None:
+        """`keep_open`: after the transaction the connection stays open, idle,
+        for `reuse` (a connection cache); it QUITs after KEEP_IDLE seconds."""
         self.hostname = hostname
+        self.keep_open = keep_open
+        self.idle = False
+        self._needs_rset = False
         self.sender = sender
         self.recipients = list(recipients)
         self.content = content
@@ -189,6 +197,8 @@ class SMTPClient(Protocol):
             self._rearm()
 
     def _rearm(self) -> None:
+        if self.idle:
+            return  # the idle timer runs
         self._cancel_timer()
         if self._expect and not self._closed:
             key = self._expect[0][0]
@@ -346,21 +356,20 @@ class SMTPClient(Protocol):
         elif self._accepted:
             self._send(("DATA", "data_start", self._on_data))
         else:
-            self._fire(next_host=False)
-            self._quit()
+            self._finish(clean=False)
 
     def _on_data(self, code: int, text: str) -> None:
         if code == 354 and self._accepted:
             self._send_content()
         elif code == 354:  # pipelined, nothing accepted, server erred: send an empty message (RFC 2920 §3.1)
             self.transport.write(b".\r\n")
-            self._await("data_end", lambda code, text: self._finish())
+            self._await("data_end", lambda code, text: self._finish(clean=False))
         elif code // 100 == 2:
             self._abort(f"{code} reply to DATA")
         else:
             for recipient in self._accepted:
                 self._outcomes[recipient] = Outcome(code, text, "data")
-            self._finish()
+            self._finish(clean=False)
 
     def _send_content(self) -> None:
         """Small messages go out in one go; bigger ones through a pull producer,
@@ -384,9 +393,60 @@ class SMTPClient(Protocol):
             self._outcomes[recipient] = Outcome(code, text, "data")
         self._finish()
 
-    def _finish(self) -> None:
-        self._fire(self._next_host)
-        self._quit()
+    def _finish(self, clean: bool = True) -> None:
+        """The transaction is over; `clean`: the server is ready for the next MAIL without RSET."""
+        if self.keep_open and not self._closed:
+            # Idle before `done` fires: its callbacks may reuse us at once.
+            self._needs_rset = not clean
+            self.idle = True
+            self._expect.clear()
+            self._cancel_timer()
+            self._timer = self.clock.callLater(KEEP_IDLE, self._idle_expired)
+            self._fire(self._next_host)
+        else:
+            self._fire(self._next_host)
+            self._quit()
+
+    def _idle_expired(self) -> None:
+        self._timer = None
+        self.close_idle()
+
+    def close_idle(self) -> None:
+        """QUIT an idle connection (expiry, or the cache has no room for it)."""
+        if self.reusable:
+            self._cancel_timer()
+            self.idle = False
+            self._quit()
+
+    @property
+    def reusable(self) -> bool:
+        return self.idle and not self._closed
+
+    def reuse(
+        self, sender: str, recipients: list[str], content: Callable[[], Iterable[bytes]], size: int, body_8bit: bool
+    ) -> defer.Deferred[TransactionResult]:
+        """The next transaction on this idle connection; same promises as the first."""
+        if not self.reusable:
+            raise RuntimeError("connection is not idle")
+        self._cancel_timer()
+        self.idle = False
+        self.sender, self.recipients, self.content = sender, list(recipients), content
+        self.size, self.body_8bit = size, body_8bit
+        self.done = defer.Deferred()
+        self._mail_failed = self._next_host = False
+        self._accepted, self._outcomes = [], {}
+        if self._needs_rset:
+            self._needs_rset = False
+            self._send(("RSET", "rset", self._on_rset))
+        else:
+            self._start_transaction()
+        return self.done
+
+    def _on_rset(self, code: int, text: str) -> None:
+        if code // 100 == 2:
+            self._start_transaction()
+        else:
+            self._fail("mail", code, text)
 
 
 @implementer(IPullProducer)

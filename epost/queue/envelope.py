@@ -58,9 +58,9 @@ class Envelope:
 
     def to_bytes(self) -> bytes:
         """JSON, ASCII-only so any address (even one holding surrogate escapes) round-trips."""
-        data = dataclasses.asdict(self)
-        data["version"] = FORMAT_VERSION
-        return json.dumps(data, sort_keys=True, indent=1).encode("ascii") + b"\n"
+        # vars(), not dataclasses.asdict(): no deep copy, on the per-message path.
+        data = {**vars(self), "recipients": [vars(r) for r in self.recipients], "version": FORMAT_VERSION}
+        return json.dumps(data).encode("ascii") + b"\n"
 
     @classmethod
     def from_bytes(cls, data: bytes, name_for_errors: str) -> Envelope:

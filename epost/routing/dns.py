@@ -20,7 +20,7 @@ import dns.exception
 import dns.name
 import dns.nameserver
 import dns.resolver
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
@@ -149,7 +149,13 @@ class MXResolver:
         return d
 
     def resolve_addresses(self, host: str) -> Deferred[list[str]]:
-        """IPv4 then IPv6 addresses of `host`, hosts file first; fails with DNSError (5.4.4 or 4.4.3)."""
+        """IPv4 then IPv6 addresses of `host`, hosts file first; fails with DNSError (5.4.4 or 4.4.3).
+
+        An IP address (a gateway.dat host, often) is its own answer, without a thread hop."""
+        try:
+            return succeed([str(ipaddress.ip_address(host.rstrip(".")))])
+        except ValueError:
+            pass
         return deferToThreadPool(self._reactor, self._threadpool, self._address_records, host)
 
     def lookup_mx(self, domain: str) -> list[str]:

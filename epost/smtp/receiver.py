@@ -6,6 +6,7 @@ from email.utils import format_datetime
 from datetime import datetime, timezone
 from typing import Callable
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from epost import metrics
@@ -14,6 +15,8 @@ from epost.queue.spool import SpoolError
 from epost.smtp.address import Address
 from epost.smtp.interfaces import IMessageWriter, IReceiver, Rejected, Reply, Session
 from epost.smtp.policy import RecipientPolicy
+
+log = Logger()
 
 
 def received_header(session: Session, hostname: str, queue_id: str, recipients: list[Address], when: float) -> bytes:
@@ -96,13 +99,16 @@ class SpoolMessage:
             auth=self._session.user,
             body=(self._params.get("BODY") or "7BIT").upper(),
         )
-        d = self._writer.commit(envelope)
-        d.addCallback(self._count, self._session)
-        return d.addErrback(self._storage_failed)
+        d = self._writer.commit(envelope).addErrback(self._storage_failed)
+        return d.addCallback(self._count, self._session)
 
     @staticmethod
     def _count(queue_id, session: Session):
-        metrics.received.labels(session.listener, "yes" if session.tls else "no").inc()
+        """After the commit: nothing here may turn a stored message into a 4xx."""
+        try:
+            metrics.received.labels(session.listener, "yes" if session.tls else "no").inc()
+        except Exception:
+            log.failure("counting a received message failed")
         return queue_id
 
     @staticmethod

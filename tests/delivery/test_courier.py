@@ -29,6 +29,7 @@ class FakeSMTP(LineReceiver):
 
     def connectionMade(self) -> None:
         self.factory.connections += 1
+        self.factory.open.add(self)
         self.in_data = False
         self.accepted = 0
         self.lines: list[bytes] = []
@@ -40,6 +41,9 @@ class FakeSMTP(LineReceiver):
             self.transport.loseConnection()
             return
         self.sendLine(b"220 fake ESMTP")
+
+    def connectionLost(self, reason=None) -> None:
+        self.factory.open.discard(self)
 
     def lineReceived(self, line: bytes) -> None:
         if self.in_data:
@@ -77,6 +81,9 @@ class FakeSMTP(LineReceiver):
         elif verb == b"QUIT":
             self.sendLine(b"221 bye")
             self.transport.loseConnection()
+        elif verb == b"RSET":
+            self.factory.rsets += 1
+            self.sendLine(b"250 2.0.0 ok")
         else:
             self.sendLine(b"503 5.5.1 bad sequence")
 
@@ -87,6 +94,8 @@ class FakeServer(Factory):
     def __init__(self, behaviour: str) -> None:
         self.behaviour = behaviour
         self.connections = 0
+        self.rsets = 0
+        self.open: set[FakeSMTP] = set()
         self.messages: list[bytes] = []
 
 
@@ -141,7 +150,9 @@ class CourierTests(TestCase):
         return server, HostPort("127.0.0.1", port.getHost().port)
 
     def courier(self, resolver: FakeResolver | None = None, **kwargs) -> Courier:
-        return Courier(reactor, resolver or FakeResolver(), "epost.test", connect_timeout=2, **kwargs)
+        courier = Courier(reactor, resolver or FakeResolver(), "epost.test", connect_timeout=2, **kwargs)
+        self.addCleanup(courier.close_idle)  # before settle(): the idle connections QUIT
+        return courier
 
     def deliver(self, courier: Courier, route, recipients=("a@x.test",)) -> defer.Deferred[Attempt]:
         return courier.deliver(route, "s@here.test", list(recipients), lambda: iter([CONTENT]), len(CONTENT), False)
@@ -257,6 +268,39 @@ class CourierTests(TestCase):
         resolver = FakeResolver(mx={"x.test": error})
         attempt = yield self.deliver(self.courier(resolver), Route(kind="relay", rule="mx", mx_domain="x.test"))
         self.assertEqual(attempt.outcomes["a@x.test"], Outcome(None, "4.4.3 x.test: timed out", "dns"))
+
+    @defer.inlineCallbacks
+    def test_the_next_message_to_the_same_host_reuses_the_connection(self):
+        server, host = self.listen("accept")
+        courier = self.courier()
+        route = {"kind": "relay", "rule": "gateway.dat:1", "hosts": [[host.host, host.port]]}
+        for _ in range(3):
+            attempt = yield self.deliver(courier, route)
+            assert attempt.outcomes["a@x.test"].code == 250
+        assert server.connections == 1 and len(server.messages) == 3
+
+    @defer.inlineCallbacks
+    def test_after_a_refused_transaction_the_reused_connection_is_reset_first(self):
+        server, host = self.listen("reject")
+        courier = self.courier()
+        route = {"kind": "relay", "rule": "gateway.dat:1", "hosts": [[host.host, host.port]]}
+        first = yield self.deliver(courier, route)
+        second = yield self.deliver(courier, route)
+        assert first.outcomes["a@x.test"].code == second.outcomes["a@x.test"].code == 550
+        assert server.connections == 1 and server.rsets == 1
+
+    @defer.inlineCallbacks
+    def test_an_idle_connection_closed_by_the_server_is_replaced(self):
+        server, host = self.listen("accept")
+        courier = self.courier()
+        route = {"kind": "relay", "rule": "gateway.dat:1", "hosts": [[host.host, host.port]]}
+        yield self.deliver(courier, route)
+        for protocol in list(server.open):
+            protocol.transport.loseConnection()  # the server drops the idle connection
+        yield deferLater(reactor, 0.05)
+        attempt = yield self.deliver(courier, route)
+        assert attempt.outcomes["a@x.test"].code == 250
+        assert server.connections == 2 and len(server.messages) == 2
 
 
 def test_final_outcomes():

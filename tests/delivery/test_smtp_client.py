@@ -327,3 +327,34 @@ def test_big_content_streams_one_chunk_per_drain_and_a_stalled_peer_times_out() 
     assert stalled.results == []
     stalled.clock.advance(1)
     assert stalled.result.recipients["a@x"].code is None
+
+
+def test_a_kept_connection_idles_is_reused_without_ehlo_and_quits_when_idle_too_long() -> None:
+    clock = task.Clock()
+    client = SMTPClient("mx.local", "s@here", ["a@x"], lambda: iter([CONTENT]), 100, False, clock, keep_open=True)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    results = []
+    client.done.addCallback(results.append)
+    client.dataReceived(b"220 mx\r\n" + EHLO_PIPE)
+    client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    transport.clear()
+    client.dataReceived(b"250 2.0.0 queued\r\n")
+    assert transport.value() == b"" and client.reusable and results[0].recipients["a@x"].code == 250
+
+    again = client.reuse("t@here", ["b@x"], lambda: iter([CONTENT]), 100, False)
+    assert transport.value() == b"MAIL FROM:<t@here> SIZE=100\r\nRCPT TO:<b@x>\r\nDATA\r\n"
+    client.dataReceived(b"250 ok\r\n550 5.1.1 no\r\n554 5.5.1 no valid recipients\r\n")
+    assert again.result.recipients["b@x"] == Outcome(550, "5.1.1 no", "rcpt")
+
+    transport.clear()
+    client.reuse("u@here", ["c@x"], lambda: iter([CONTENT]), 100, False)
+    assert transport.value() == b"RSET\r\n"  # after a refused transaction
+    transport.clear()
+    client.dataReceived(b"250 2.0.0 reset\r\n")
+    assert transport.value().startswith(b"MAIL FROM:<u@here>")
+    client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    client.dataReceived(b"250 2.0.0 queued\r\n")
+    transport.clear()
+    clock.advance(2)
+    assert transport.value() == b"QUIT\r\n" and not client.reusable

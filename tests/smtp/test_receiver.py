@@ -1,0 +1,53 @@
+"""SpoolingReceiver: what happens after the spool has the message."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+
+from epost import metrics
+from epost.smtp.address import parse_mailbox
+from epost.smtp.interfaces import Session
+from epost.smtp.receiver import SpoolingReceiver
+
+SESSION = Session("relay", "127.0.0.1", 1025, "client.example", True, None, None)
+
+
+class Writer:
+    queue_id = "0190000000000A000"
+    size = 0
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+
+    def commit(self, envelope):
+        self.envelope = envelope
+        return defer.succeed(self.queue_id)
+
+
+class Store:
+    def open_message(self):
+        self.writer = Writer()
+        return self.writer
+
+
+def test_a_failure_after_the_commit_never_turns_a_stored_message_into_a_4xx(monkeypatch):
+    class Broken:
+        def labels(self, *args):
+            raise RuntimeError("metrics broke")
+
+    monkeypatch.setattr(metrics, "received", Broken())
+    store = Store()
+    receiver = SpoolingReceiver(store, policy=None, hostname="mx.example.jp", now=lambda: 0.0)
+    recipient = parse_mailbox("a@example.jp")
+    message = receiver.open_message(SESSION, None, [(recipient, [])], {})
+    message.write(b"Subject: x\r\n\r\nbody\r\n")
+    assert message.commit().result == "0190000000000A000"
+
+
+def test_a_committed_message_is_counted_by_listener_and_tls():
+    before = metrics.received.labels("relay", "no")._value.get()
+    store = Store()
+    receiver = SpoolingReceiver(store, policy=None, hostname="mx.example.jp", now=lambda: 0.0)
+    message = receiver.open_message(SESSION, None, [(parse_mailbox("a@example.jp"), [])], {})
+    message.commit()
+    assert metrics.received.labels("relay", "no")._value.get() == before + 1
