@@ -14,6 +14,7 @@ _LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _SENDERLOG_TIME = "%Y-%m-%dT%H:%M:%S"
 NO_ANSWER = "Unable to deliver to destination domain"
+_NEEDS_QUOTES = re.compile(r'["\s]')  # str.isspace()'s characters are exactly \s for str patterns
 
 
 def single_line(text: str) -> str:
@@ -24,7 +25,7 @@ def single_line(text: str) -> str:
 def _quote(value: str) -> str:
     """A senderlog value: bare, or double-quoted with `\\"` and `\\\\` when empty or holding space or quotes."""
     value = single_line(value)
-    if value and not any(c == '"' or c.isspace() for c in value):
+    if value and not _NEEDS_QUOTES.search(value):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

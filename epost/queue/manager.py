@@ -377,6 +377,11 @@ class DeliveryManager(Service):
         failed = unreported_failures(message.envelope)
         if failed:
             await self._bounce(message, failed, remote)
+        envelope = message.envelope
+        if not envelope.pending() and not unreported_failures(envelope) and not message.lock.locked:
+            # Two unlinks (~15 us each, no fsync): cheaper here than a thread hop.
+            self.spool.remove(envelope.queue_id, message.queue)
+            return
         await message.lock.run(deferToThreadPool, self.reactor, self.pool, self._save, message)
 
     def _save(self, message: _Message) -> None:
