@@ -490,3 +490,23 @@ def test_sigusr2_makes_a_deferred_message_due_at_once(daemon, tmp_path):
         assert got.recipients == ("bob@a.sink.test",)
         wait_for(lambda: queue_is_empty(d), message="the queue to empty")
         assert attempts(d, "bob@a.sink.test") == [(1, "deferred"), (2, "sent")]
+
+
+# --- 10. the delay warning (issue 6) -----------------------------------------------------
+
+
+def test_a_delay_warning_reaches_the_sender_once_and_the_mail_is_still_delivered(daemon, tmp_path):
+    with Sink(greylist=4) as sink:
+        d = relay_daemon(daemon, tmp_path, sink.port, delivery='delay_warning = "2s"\n')
+        content = message("slow but sure")
+        send(d, ["bob@a.sink.test"], content, sender=ALICE)
+        report = dsn(d, timeout=20)
+        check_dsn_envelope(report)
+        assert "Delayed" in report["Subject"], report["Subject"]
+        _, _, (recipient,), headers = dsn_parts(report)
+        assert recipient["Action"] == "delayed" and recipient["Status"] == "4.7.1", recipient
+        assert "Subject: slow but sure" in headers.get_content()
+        (got,) = sink.wait_for_messages(1, timeout=20)
+        assert got.recipients == ("bob@a.sink.test",)
+        wait_for(lambda: queue_is_empty(d), message="the queue to empty")
+        assert len(maildir_messages(d.spool, "example.test/alice")) == 1  # one warning, never two
