@@ -323,7 +323,9 @@ class Scheduler:
         waiting = self._waiting.get(destination)
         if not waiting:
             return
-        if destination in self._dead:
+        if destination in self._dead and self._suspend is not None:
+            free = len(waiting)  # back to their lanes, where each is suspended (or is the probe)
+        elif destination in self._dead:
             free = 1 if self._can_start(destination) else 0
         else:
             free = self.max_per_destination - self._per_destination.get(destination, 0)

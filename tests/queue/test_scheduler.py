@@ -344,3 +344,23 @@ def test_jobs_for_a_dead_destination_are_suspended_not_parked_and_expiry_keeps_i
     assert suspended[-1] == Job("C", "dead")
     clock.advance(70)  # B, suspended until 100, is due after 80: it is the next probe
     assert started[-1] == Job("B", "dead")
+
+
+def test_jobs_parked_on_a_busy_destination_are_suspended_when_it_dies():
+    clock = Clock()
+    pending, suspended = {}, []
+
+    def start(job):
+        pending[job] = Deferred()
+        return pending[job]
+
+    scheduler = Scheduler(
+        clock, start, max_per_destination=2,
+        suspend=lambda job: suspended.append(job) or ("retry", clock.seconds() + 100),
+    )
+    for name in "ABCDE":
+        scheduler.add_new(Job(name, "slow"))
+    assert sorted(j.queue_id for j in pending) == ["A", "B"] and scheduler.ready_counts()["waiting"] == 3
+    pending.pop(Job("A", "slow")).callback(("retry_noanswer", 60))  # no answer: dead
+    assert sorted(j.queue_id for j in suspended) == ["C", "D", "E"]
+    assert scheduler.ready_counts()["waiting"] == 0
