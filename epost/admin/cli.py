@@ -197,17 +197,25 @@ def _target(route, dns) -> str:
     return ", ".join(f"{host}:25" for host in dns.lookup_mx(route.mx_domain))
 
 
-def list_queue(args: argparse.Namespace, now: float) -> int:
-    """Print the queue as read from the spool folders (text, or JSON with `--json`)."""
+def _load_with_spool(args: argparse.Namespace) -> Config | None:
+    """The config, when it loads and its spool folder exists; else None, the problem said on stderr."""
     try:
         config = _load(args)
     except ConfigError as error:
         print(f"epost: {error}", file=sys.stderr)
+        return None
+    if not config.server.spool.is_dir():
+        print(f"epost: {config.server.spool}: no spool folder (give --spool or --config)", file=sys.stderr)
+        return None
+    return config
+
+
+def list_queue(args: argparse.Namespace, now: float) -> int:
+    """Print the queue as read from the spool folders (text, or JSON with `--json`)."""
+    config = _load_with_spool(args)
+    if config is None:
         return 1
     spool = config.server.spool
-    if not spool.is_dir():
-        print(f"epost: {spool}: no spool folder (give --spool or --config)", file=sys.stderr)
-        return 1
     domain = args.domain.strip().rstrip(".").lower() if args.domain else None
     messages = [m for m in read_queue(spool) if matches(m, domain, args.state)]
     if args.json:
@@ -219,13 +227,8 @@ def list_queue(args: argparse.Namespace, now: float) -> int:
 
 def operate_on_queue(args: argparse.Namespace, now: float) -> int:
     """flush / hold / release / delete / reroute."""
-    try:
-        config = _load(args)
-    except ConfigError as error:
-        print(f"epost: {error}", file=sys.stderr)
-        return 1
-    if not config.server.spool.is_dir():
-        print(f"epost: {config.server.spool}: no spool folder (give --spool or --config)", file=sys.stderr)
+    config = _load_with_spool(args)
+    if config is None:
         return 1
     return run_action(config, args.action, args.ids, args.domain, now)
 

@@ -135,18 +135,32 @@ def next_attempt(message: QueuedMessage, recipient: Recipient) -> float | None:
     return state.get("next_attempt")
 
 
-def _recipient_text(message: QueuedMessage, recipient: Recipient, now: float) -> str:
-    """`address(state)`, plus attempts, next try, route rule and last reply once there are any."""
-    parts = [message.recipient_state(recipient.state)]
+def recipient_details(message: QueuedMessage, recipient: Recipient) -> dict[str, Any]:
+    """What the listing says of a recipient beyond its state, once there is anything:
+    `attempts`, `next` (Unix time), `via` (route rule), `reply` (unless delivered).
+    Shared by `epost queue` and the Mail Control queue page."""
+    details: dict[str, Any] = {}
     if recipient.attempts:
-        parts.append(f"attempts={recipient.attempts}")
+        details["attempts"] = recipient.attempts
     when = next_attempt(message, recipient)
     if when is not None:
-        parts.append(f"next={format_when(when, now)}")
+        details["next"] = when
     if recipient.route and recipient.route.get("rule"):
-        parts.append(f"via={recipient.route['rule']}")
+        details["via"] = recipient.route["rule"]
     if recipient.last_reply and recipient.state != "delivered":
-        parts.append('reply="' + recipient.last_reply.replace('"', "'") + '"')
+        details["reply"] = recipient.last_reply
+    return details
+
+
+def _recipient_text(message: QueuedMessage, recipient: Recipient, now: float) -> str:
+    """`address(state attempts=N next=HH:MM:SS via=rule reply="...")`."""
+    parts = [message.recipient_state(recipient.state)]
+    for key, value in recipient_details(message, recipient).items():
+        if key == "next":
+            value = format_when(value, now)
+        elif key == "reply":
+            value = '"' + value.replace('"', "'") + '"'
+        parts.append(f"{key}={value}")
     return f"{recipient.address}({' '.join(parts)})"
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from urllib.parse import urlencode
 
-from epost.admin.queue_listing import QueuedMessage, format_age, next_attempt, read_queue
+from epost.admin.queue_listing import QueuedMessage, format_age, read_queue, recipient_details
 from epost.queue.outcomes import destination_of
 from epost.queue.spool import QUEUE_ID
 from epost.web.base import Page, Redirect, field
@@ -59,15 +59,9 @@ def render_message(message: QueuedMessage, token: str, now: float, shown_domain:
     recipients = []
     for recipient in envelope.recipients:
         state = message.recipient_state(recipient.state)
-        details = []
-        if recipient.attempts:
-            details.append(f"attempts {recipient.attempts}")
-        due = next_attempt(message, recipient)
-        if due is not None:
-            details.append(f"next {when(due)}")
-        if recipient.route and recipient.route.get("rule"):
-            details.append(f"via {recipient.route['rule']}")
-        reply = recipient.last_reply if recipient.last_reply and recipient.state != "delivered" else ""
+        found = recipient_details(message, recipient)
+        reply = found.pop("reply", "")
+        details = [f"{key} {when(value) if key == 'next' else value}" for key, value in found.items()]
         recipients.append(
             f'<li><span class="rcpt">{esc(recipient.address)}</span> '
             f'<span class="state-{esc(state)}">{esc(state)}</span> '
