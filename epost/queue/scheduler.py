@@ -69,6 +69,7 @@ class Scheduler:
     """Starts jobs through `start(job)` within the limits in the module docstring."""
 
     retry_after_error = 60.0
+    max_suspending = 64  # suspensions in progress at once: a flush of a dead site's backlog stays gentle
 
     def __init__(
         self,
@@ -89,6 +90,7 @@ class Scheduler:
         self._suspend = suspend
         self.probe_gap = probe_gap
         self._suspending: set[Job] = set()
+        self._suspend_queue: deque[Job] = deque()  # over max_suspending, in order
         self.max_connections = max_connections
         self.max_per_destination = max_per_destination
         self.deferred_limit = max(1, max_connections - math.ceil(new_mail_share * max_connections))
@@ -147,7 +149,7 @@ class Scheduler:
         if len(self._heap) != before:
             heapq.heapify(self._heap)
             self._arm()
-        for lane in self._lanes.values():
+        for lane in (*self._lanes.values(), self._suspend_queue):
             if job in lane:
                 lane.remove(job)
         for destination, waiting in list(self._waiting.items()):
@@ -268,6 +270,9 @@ class Scheduler:
         d.addBoth(self._finished, job)
 
     def _suspend_job(self, job: Job) -> None:
+        if len(self._suspending) >= self.max_suspending:
+            self._suspend_queue.append(job)
+            return
         self._suspending.add(job)
         maybeDeferred(self._suspend, job).addBoth(self._suspended, job)
 
@@ -281,6 +286,8 @@ class Scheduler:
             self._known.discard(job)
         elif not self._stopped:
             self._schedule(job, outcome[1])
+        while self._suspend_queue and len(self._suspending) < self.max_suspending and not self._stopped:
+            self._suspend_job(self._suspend_queue.popleft())
 
     def _finished(self, outcome: Outcome | Failure, job: Job) -> None:
         lane_name = self._running.pop(job)

@@ -364,3 +364,30 @@ def test_jobs_parked_on_a_busy_destination_are_suspended_when_it_dies():
     pending.pop(Job("A", "slow")).callback(("retry_noanswer", 60))  # no answer: dead
     assert sorted(j.queue_id for j in suspended) == ["C", "D", "E"]
     assert scheduler.ready_counts()["waiting"] == 0
+
+
+def test_suspensions_run_a_few_at_a_time():
+    clock = Clock()
+    pending, suspensions = {}, []
+
+    def start(job):
+        pending[job] = Deferred()
+        return pending[job]
+
+    def suspend(job):
+        suspensions.append(Deferred())
+        return suspensions[-1]
+
+    scheduler = Scheduler(clock, start, max_per_destination=1, suspend=suspend)
+    scheduler.max_suspending = 2
+    scheduler.add_new(Job("probe", "dead"))
+    for i in range(5):
+        scheduler.add_new(Job(f"m{i}", "dead"))
+    pending.pop(Job("probe", "dead")).callback(("retry_noanswer", 60))
+    assert len(suspensions) == 2
+    suspensions[0].callback(("retry", 100))
+    assert len(suspensions) == 3
+    while not all(d.called for d in suspensions):
+        next(d for d in suspensions if not d.called).callback(("retry", 100))
+        assert sum(not d.called for d in suspensions) <= 2
+    assert len(suspensions) == 5
