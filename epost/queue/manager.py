@@ -35,6 +35,7 @@ from epost.delivery.smtp_client import Outcome
 from epost import metrics
 from epost.logs import LineLog, faillog_line, senderlog_line
 from epost.queue.bounces import original_headers
+from epost.queue.domain_books import DomainBooks
 from epost.queue.domain_state import DomainState, DomainStateStore
 from epost.queue.envelope import Envelope, EnvelopeError
 from epost.queue.outcomes import (
@@ -105,11 +106,8 @@ class DeliveryManager(Service):
         )
         self.senderlog = LineLog(spool.root / "log" / "senderlog")
         self.faillog = LineLog(spool.root / "log" / "faillog")
-        self.domain_store = DomainStateStore(spool.root / "domains")
+        self.domains = DomainBooks(DomainStateStore(spool.root / "domains"), reactor, pool)
         self._messages: dict[str, _Message] = {}
-        self._domains: dict[str, DomainState] = {}
-        self._waiting_by_domain: dict[str, set[str]] = {}  # destination -> IDs with a retry scheduled
-        self._domain_locks: dict[str, defer.DeferredLock] = {}
         self._jobs_running: dict[Job, defer.Deferred] = {}
         self.loaded: defer.Deferred[None] = defer.Deferred()  # the deferred queue is scheduled
         self.local_enqueue: Callable[[str], None] | None = None  # the local runner, for released mail
@@ -118,14 +116,7 @@ class DeliveryManager(Service):
 
     def startService(self) -> None:
         super().startService()
-        for domain in self.domain_store.domains():
-            try:
-                state = self.domain_store.read(domain)
-            except ValueError as error:
-                log.error("{error}; starting that domain afresh", error=error)
-                continue
-            if state is not None:
-                self._domains[domain] = state
+        self.domains.read()
         if self.handle_signals:
             signal.signal(signal.SIGUSR2, lambda *_: self.reactor.callFromThread(self.flush))
         # After start-up: the local runner's recover() finishes interrupted moves first.
@@ -211,7 +202,7 @@ class DeliveryManager(Service):
                         self.scheduler.add_deferred(Job(envelope.queue_id, destination), next_due(envelope, destination, now))
                     except ValueError:
                         continue
-                    self._waiting_by_domain.setdefault(destination, set()).add(envelope.queue_id)
+                    self.domains.waiting(destination, envelope.queue_id)
                 if not relay_groups(envelope):
                     # Crashed between the last attempt and its bookkeeping: finish it now.
                     self._messages[envelope.queue_id] = _Message(envelope, "deferred")
@@ -232,8 +223,7 @@ class DeliveryManager(Service):
         if isinstance(result, Failure):
             log.failure("loading the deferred queue failed", result)
         # Domain.mri files are brought in line with what is actually waiting.
-        for domain in set(self._domains) | set(self._waiting_by_domain):
-            self._save_domain(domain)
+        self.domains.save_all()
         if not self.loaded.called:
             self.loaded.callback(None)
 
@@ -293,7 +283,7 @@ class DeliveryManager(Service):
         envelope = message.envelope
         recipients = [envelope.recipients[i].address for i in indexes]
         if suspended:
-            state = self._domains.get(destination)
+            state = self.domains.state(destination)
             reason = f"delivery temporarily suspended: {state.err_text if state else 'no answer'}"
             attempt = Attempt({r: Outcome(None, reason, "connect") for r in recipients}, None, False)
         else:
@@ -309,7 +299,7 @@ class DeliveryManager(Service):
         applied = apply_attempt(message.envelope, destination, attempt.outcomes, attempt.host, now, self.retry)
         message.envelope = applied.envelope
         self._log_attempt(message.envelope, applied, attempt, now)
-        self._note_domain(destination, queue_id, applied, attempt, now, suspended)
+        self.domains.attempted(destination, queue_id, applied, attempt, now, suspended)
         if self._warning_due(message.envelope, now):
             await self._warn_delayed(message, [r for r in applied.results if r.status == "deferred"], attempt.host)
         await self._settle(queue_id, remote=attempt.host)
@@ -466,55 +456,6 @@ class DeliveryManager(Service):
 
     # -- Domain.mri ----------------------------------------------------------
 
-    def _note_domain(
-        self, destination: str, queue_id: str, applied: Applied, attempt: Attempt, now: float, suspended: bool = False
-    ) -> None:
-        waiting = self._waiting_by_domain.setdefault(destination, set())
-        deferred = [r for r in applied.results if r.status == "deferred"]
-        failures = [r for r in applied.results if r.status != "sent"]
-        had_file = bool(waiting) or destination in self._domains
-        if deferred:
-            waiting.add(queue_id)
-        else:
-            waiting.discard(queue_id)
-        state = self._domains.get(destination)
-        if suspended:
-            pass  # no attempt was made: only the message count changes
-        elif failures:
-            worst = failures[0].outcome
-            previous = state if state is not None and state.try_number else None
-            state = DomainState(
-                domain=destination,
-                last_tried=int(now),
-                try_number=(previous.try_number if previous else 0) + 1,
-                err_code=worst.code or 0,
-                err_text=worst.text,
-                next_try=int(applied.verdict[1]) if isinstance(applied.verdict, tuple) else int(now),
-                first_failure=previous.first_failure if previous else int(now),
-                last_host=attempt.host or "",
-            )
-        elif state is not None:
-            # A success ends the domain's failure episode; others may still wait.
-            state = replace(state, last_tried=int(now), try_number=0, err_code=0, err_text="", last_host=attempt.host or "")
-        if state is not None:
-            self._domains[destination] = state
-        if waiting or had_file:  # a healthy domain never had a file: nothing to write or remove
-            self._save_domain(destination)
-
-    def _save_domain(self, destination: str) -> None:
-        waiting = self._waiting_by_domain.get(destination)
-        lock = self._domain_locks.setdefault(destination, defer.DeferredLock())
-        if waiting:
-            state = self._domains.get(destination) or DomainState(destination)
-            self._domains[destination] = state = replace(state, messages=len(waiting))
-            work = (self.domain_store.write, state)
-        else:
-            self._waiting_by_domain.pop(destination, None)
-            self._domains.pop(destination, None)
-            work = (self.domain_store.remove, destination)
-        d = lock.run(deferToThreadPool, self.reactor, self.pool, *work)
-        d.addErrback(self._log_failure, destination)
-
     @staticmethod
     def _log_failure(failure, about: str) -> None:
         log.failure("{about}: bookkeeping failed", failure, about=about)
@@ -592,15 +533,9 @@ class DeliveryManager(Service):
             raise LookupError(f"{queue_id}: being delivered right now; try again in a moment")
         for job in jobs:
             self.scheduler.forget(job)
-            self._forget_waiting(job)
+            self.domains.not_waiting(job.destination, job.queue_id)
         message = self._messages.pop(queue_id, None)
         return message or _Message(Envelope(queue_id, "", (), 0.0, 0), "")
-
-    def _forget_waiting(self, job: Job) -> None:
-        waiting = self._waiting_by_domain.get(job.destination)
-        if waiting is not None and job.queue_id in waiting:
-            waiting.discard(job.queue_id)
-            self._save_domain(job.destination)
 
     async def _hold_one(self, queue_id: str) -> None:
         message = self._take_out(queue_id)
@@ -641,16 +576,16 @@ class DeliveryManager(Service):
             job = Job(envelope.queue_id, destination)
             if not self.scheduler.knows(job):
                 self.scheduler.add_deferred(job, due)
-                self._waiting_by_domain.setdefault(destination, set()).add(envelope.queue_id)
-                self._save_domain(destination)
+                self.domains.waiting(destination, envelope.queue_id)
+                self.domains.save(destination)
 
     # -- for tests and the admin pages ---------------------------------------
 
     def domain_state(self, destination: str) -> DomainState | None:
-        return self._domains.get(destination)
+        return self.domains.state(destination)
 
     def domain_states(self) -> list[DomainState]:
-        return [self._domains[d] for d in sorted(self._domains)]
+        return self.domains.states()
 
 
 @dataclass(frozen=True)

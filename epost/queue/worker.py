@@ -34,7 +34,7 @@ from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from epost.queue.envelope import Envelope
 from epost.queue.runner import deliver_local_batch
-from epost.queue.spool import MessageWriter, Spool, SpoolError
+from epost.queue.spool import MessageWriter, Spool
 
 FRAME = struct.Struct(">c17sI")
 DELIVERY_BATCH = 8

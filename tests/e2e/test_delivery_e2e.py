@@ -24,7 +24,7 @@ import pytest
 from e2e_support import HOSTNAME, kill9, maildir_messages, queued, wait_for
 from epost.logs import parse_senderlog_line
 from epost.queue.domain_state import DomainState, parse_mri
-from sinks import Received, Sink, closed_port
+from sinks import Sink, closed_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "routing"))
 from dnsmasq import DNSMASQ, Dnsmasq  # noqa: E402
