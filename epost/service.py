@@ -156,7 +156,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
 
     spool = Spool(config.server.spool, reactor=reactor, threadpool=pool)
     spool.create_folders()
-    worker = SpoolWorkerService(spool, config.server.hostname, reactor)
+    worker = SpoolWorkerService(spool, config.server.hostname, reactor, give_up_after=config.retry.period_4xx)
     worker.setServiceParent(top)
     top.stop_last = [worker, pool_service]  # the DNS pool is added below
     routing = build_routing(config)
@@ -187,7 +187,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
         on_passed=manager.enqueue,
     )
     runner.setServiceParent(top)
-    manager.local_enqueue = runner.enqueue
+    manager.local_enqueue, manager.local_claim = runner.enqueue, runner.claim
     control_service(config.server.spool, manager, reactor).setServiceParent(top)
 
     for listener, endpoints in (

@@ -215,11 +215,15 @@ class Courier:
 
     def _checkout(self, key: tuple[str, int, bool]) -> SMTPClient | None:
         idle = self._idle.get(key)
-        while idle:
-            client = idle.pop()
-            if client.reusable:
-                return client
-        return None
+        client = None
+        while idle and client is None:
+            candidate = idle.pop()
+            client = candidate if candidate.reusable else None
+        if not idle:
+            self._idle.pop(key, None)
+        if client is not None:
+            client.idle_ended = None
+        return client
 
     def _checkin(self, key: tuple[str, int, bool], client: SMTPClient, result: TransactionResult) -> None:
         if not client.reusable:
@@ -229,15 +233,23 @@ class Courier:
             client.close_idle()
         else:
             idle.append(client)
+            client.idle_ended = lambda gone: self._forget_idle(key, gone)
         if idle:
             self._idle[key] = idle
         else:
             self._idle.pop(key, None)
 
+    def _forget_idle(self, key: tuple[str, int, bool], client: SMTPClient) -> None:
+        idle = self._idle.get(key)
+        if idle is not None and client in idle:
+            idle.remove(client)
+            if not idle:
+                del self._idle[key]
+
     def close_idle(self) -> None:
         """QUIT every idle connection (at shutdown)."""
-        for idle in self._idle.values():
-            for client in idle:
+        for idle in list(self._idle.values()):
+            for client in list(idle):
                 client.close_idle()
         self._idle.clear()
 

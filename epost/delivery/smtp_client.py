@@ -115,7 +115,9 @@ class SMTPClient(Protocol):
         self.hostname = hostname
         self.keep_open = keep_open
         self.idle = False
+        self.idle_ended: Callable[[SMTPClient], None] | None = None  # told when an idle connection goes
         self._needs_rset = False
+        self._streaming = False  # a content producer is registered
         self.sender = sender
         self.recipients = list(recipients)
         self.content = content
@@ -377,6 +379,7 @@ class SMTPClient(Protocol):
         stuffer = DotStuffer()
         if self.size > STREAM_ABOVE:
             self._await("data_end", self._on_data_end)
+            self._streaming = True
             self.transport.registerProducer(_ContentProducer(self, iter(self.content()), stuffer), False)
             return
         for chunk in self.content():
@@ -395,6 +398,12 @@ class SMTPClient(Protocol):
 
     def _finish(self, clean: bool = True) -> None:
         """The transaction is over; `clean`: the server is ready for the next MAIL without RSET."""
+        if self._streaming:  # the server answered before our final dot: not a state to reuse
+            self._streaming = False
+            self.transport.unregisterProducer()
+            self._fire(self._next_host)
+            self._abort("reply before the end of the data")
+            return
         if self.keep_open and not self._closed:
             # Idle before `done` fires: its callbacks may reuse us at once.
             self._needs_rset = not clean
@@ -417,6 +426,8 @@ class SMTPClient(Protocol):
             self._cancel_timer()
             self.idle = False
             self._quit()
+            if self.idle_ended is not None:
+                self.idle_ended(self)
 
     @property
     def reusable(self) -> bool:
@@ -461,8 +472,7 @@ class _ContentProducer:
 
     def resumeProducing(self) -> None:
         transport = self.client.transport
-        if self.client._closed or self.client.done.called:
-            transport.unregisterProducer()
+        if self.client._closed or not self.client._streaming:
             return
         for chunk in self.chunks:
             stuffed = self.stuffer.feed(chunk)
@@ -470,6 +480,7 @@ class _ContentProducer:
                 transport.write(stuffed)
                 self.client._rearm()
                 return
+        self.client._streaming = False
         transport.unregisterProducer()
         transport.write(self.stuffer.end())
 

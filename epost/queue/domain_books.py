@@ -46,11 +46,12 @@ class DomainBooks:
         """A message waits for `destination` (counted in Messages:); call `save_all` or `save` after."""
         self._waiting.setdefault(destination, set()).add(queue_id)
 
-    def not_waiting(self, destination: str, queue_id: str) -> None:
+    def not_waiting(self, destination: str, queue_id: str, save: bool = True) -> None:
         waiting = self._waiting.get(destination)
         if waiting is not None and queue_id in waiting:
             waiting.discard(queue_id)
-            self.save(destination)
+            if save:
+                self.save(destination)
 
     def attempted(
         self, destination: str, queue_id: str, applied: Applied, attempt: Attempt, now: float, suspended: bool
@@ -86,6 +87,8 @@ class DomainBooks:
             self._states[destination] = state
         if waiting or had_file:  # a healthy domain never had a file: nothing to write or remove
             self.save(destination)
+        elif not waiting:
+            self._waiting.pop(destination, None)
 
     def save_all(self) -> None:
         """Bring every file in line with what waits (after loading the queue at start-up)."""
@@ -105,6 +108,11 @@ class DomainBooks:
             work = (self.store.remove, destination)
         d = lock.run(deferToThreadPool, self.reactor, self.pool, *work)
         d.addErrback(lambda failure: log.failure("{domain}: cannot update Domain.mri", failure, domain=destination))
+        d.addBoth(lambda _: self._forget_lock(destination, lock))
+
+    def _forget_lock(self, destination: str, lock: defer.DeferredLock) -> None:
+        if not lock.locked and destination not in self._states and self._locks.get(destination) is lock:
+            del self._locks[destination]
 
     def state(self, destination: str) -> DomainState | None:
         return self._states.get(destination)

@@ -42,6 +42,7 @@ from epost.queue.outcomes import (
     Applied,
     apply_attempt,
     destination_of,
+    has_local_pending,
     next_due,
     relay_groups,
     reply_text,
@@ -67,6 +68,7 @@ class _Message:
     lock: defer.DeferredLock = field(default_factory=defer.DeferredLock)
     refs: int = 0  # jobs running or waiting in the new-mail lane: the envelope stays in memory
     new_jobs: set[str] = field(default_factory=set)  # destinations whose new-lane job holds a ref
+    bouncing: set[int] = field(default_factory=set)  # failed recipients whose bounce is being queued
 
 
 class DeliveryManager(Service):
@@ -111,6 +113,7 @@ class DeliveryManager(Service):
         self._jobs_running: dict[Job, defer.Deferred] = {}
         self.loaded: defer.Deferred[None] = defer.Deferred()  # the deferred queue is scheduled
         self.local_enqueue: Callable[[str], None] | None = None  # the local runner, for released mail
+        self.local_claim: Callable[[str], bool] | None = None  # False while the local runner is delivering it
 
     # -- lifecycle -------------------------------------------------------
 
@@ -253,7 +256,7 @@ class DeliveryManager(Service):
             return await self._deliver(job, message, suspended)
         except Exception:  # a bug or an unexpected file problem: log it and retry later
             log.failure("{queue_id}: delivery to {destination} failed", queue_id=queue_id, destination=destination)
-            return ("retry", self.reactor.seconds() + self.error_retry)
+            return ("retry_error", self.reactor.seconds() + self.error_retry)
         finally:
             message.refs -= 1
             if message.refs <= 0 and self._messages.get(queue_id) is message:
@@ -364,9 +367,15 @@ class DeliveryManager(Service):
         message = self._messages.get(queue_id)
         if message is None:
             return
-        failed = unreported_failures(message.envelope)
+        failed = [i for i in unreported_failures(message.envelope) if i not in message.bouncing]
         if failed:
-            await self._bounce(message, failed, remote)
+            message.bouncing.update(failed)  # before any wait: another job's settle must not bounce them too
+            try:
+                queued = await self._bounce(message, failed, remote)
+            finally:
+                message.bouncing.difference_update(failed)
+            if not queued:
+                self.reactor.callLater(self.error_retry, self._resettle, queue_id)
         envelope = message.envelope
         if not envelope.pending() and not unreported_failures(envelope) and not message.lock.locked:
             # Two unlinks (~15 us each, no fsync): cheaper here than a thread hop.
@@ -385,14 +394,22 @@ class DeliveryManager(Service):
         else:
             self.spool.update(envelope, message.queue)
 
-    async def _bounce(self, message: _Message, indexes: list[int], remote: str | None) -> None:
+    async def _bounce(self, message: _Message, indexes: list[int], remote: str | None) -> bool:
+        """Queue the DSN and mark the recipients; False when it could not be queued for
+        now (spool trouble): they stay unmarked and are tried again later."""
         envelope = message.envelope
         if should_bounce(envelope.sender):
             failed = [self._failed_recipient(envelope.recipients[i], remote) for i in indexes]
             try:
                 headers = await message.lock.run(deferToThreadPool, self.reactor, self.pool, self._headers, message)
                 bounce_id = await self.bounces.send(envelope, headers, failed)
-            except Exception as error:
+            except OSError as error:  # SpoolError included: a full disk passes
+                log.error(
+                    "{queue_id}: cannot queue the bounce to <{sender}> now: {error}; trying again later",
+                    queue_id=envelope.queue_id, sender=envelope.sender, error=error,
+                )
+                return False
+            except Exception as error:  # no route back to the sender: nobody to tell
                 log.error(
                     "{queue_id}: cannot queue the bounce to <{sender}>: {error}; it is dropped",
                     queue_id=envelope.queue_id, sender=envelope.sender, error=error,
@@ -407,6 +424,18 @@ class DeliveryManager(Service):
         for i in indexes:
             current = current.with_recipient(i, dsn_sent=True)
         message.envelope = current
+        return True
+
+    def _resettle(self, queue_id: str) -> None:
+        """Another go at a bounce that could not be queued."""
+        if not self.running:
+            return
+        if queue_id in self._messages:
+            self._settle_alone(queue_id)
+            return
+        d = defer.ensureDeferred(self._load(queue_id))
+        d.addCallback(lambda message: message is not None and self._settle_alone(queue_id))
+        d.addErrback(self._log_failure, queue_id)
 
     def _warning_due(self, envelope: Envelope, now: float) -> bool:
         return (
@@ -481,13 +510,13 @@ class DeliveryManager(Service):
         return OperationResult(sorted(picked), errors)
 
     async def hold(self, ids: Sequence[str] = (), domain: str | None = None) -> OperationResult:
-        return await self._each(self._select(ids, domain), self._hold_one)
+        return await self._surgery(self._select(ids, domain), self._hold_one)
 
     async def delete(self, ids: Sequence[str] = (), domain: str | None = None) -> OperationResult:
-        return await self._each(self._select(ids, domain), self._delete_one)
+        return await self._surgery(self._select(ids, domain), self._delete_one)
 
     async def reroute(self, ids: Sequence[str] = (), domain: str | None = None) -> OperationResult:
-        return await self._each(self._select(ids, domain), self._reroute_one)
+        return await self._surgery(self._select(ids, domain), self._reroute_one)
 
     async def release(self, ids: Sequence[str] = (), domain: str | None = None) -> OperationResult:
         if domain is not None:
@@ -498,7 +527,7 @@ class DeliveryManager(Service):
     def _select(self, ids: Sequence[str], domain: str | None) -> list[str]:
         chosen = list(ids)
         if domain is not None:
-            chosen += sorted({job.queue_id for job in self.scheduler.jobs() if job.destination == domain})
+            chosen += sorted({job.queue_id for job in self.scheduler.jobs_for(domain)})
         return list(dict.fromkeys(chosen))
 
     def _held_for(self, domain: str) -> list[str]:
@@ -526,24 +555,36 @@ class DeliveryManager(Service):
                 errors.extend(note or [])
         return OperationResult(done, errors)
 
-    def _take_out(self, queue_id: str) -> _Message:
-        """Unschedule every job of the message; refuses while one is being delivered."""
-        jobs = [job for job in self.scheduler.jobs() if job.queue_id == queue_id]
-        if any(job in self._jobs_running for job in jobs):
-            raise LookupError(f"{queue_id}: being delivered right now; try again in a moment")
-        for job in jobs:
-            self.scheduler.forget(job)
-            self.domains.not_waiting(job.destination, job.queue_id)
-        message = self._messages.pop(queue_id, None)
-        return message or _Message(Envelope(queue_id, "", (), 0.0, 0), "")
+    async def _surgery(self, ids: list[str], action) -> OperationResult:
+        taken, refused = self._take_out(ids)
+        result = await self._each(list(taken), lambda queue_id: action(queue_id, taken[queue_id]))
+        return OperationResult(result.done, refused + result.errors)
 
-    async def _hold_one(self, queue_id: str) -> None:
-        message = self._take_out(queue_id)
+    def _take_out(self, ids: list[str]) -> tuple[dict[str, _Message], list[str]]:
+        """Unschedule the messages' jobs, all in one pass; refuses those being delivered."""
+        taken: dict[str, _Message] = {}
+        refused, jobs = [], []
+        for queue_id in ids:
+            mine = self.scheduler.jobs_of(queue_id)
+            busy = any(job in self._jobs_running for job in mine)
+            if busy or (self.local_claim is not None and not self.local_claim(queue_id)):
+                refused.append(f"{queue_id}: being delivered right now; try again in a moment")
+                continue
+            jobs.extend(mine)
+            taken[queue_id] = self._messages.pop(queue_id, None) or _Message(Envelope(queue_id, "", (), 0.0, 0), "")
+        destinations = set()
+        for job in self.scheduler.forget_many(jobs):
+            self.domains.not_waiting(job.destination, job.queue_id, save=False)
+            destinations.add(job.destination)
+        for destination in destinations:
+            self.domains.save(destination)
+        return taken, refused
+
+    async def _hold_one(self, queue_id: str, message: _Message) -> None:
         await message.lock.run(deferToThreadPool, self.reactor, self.pool, surgery.hold, self.spool, queue_id)
         log.info("{queue_id}: put on hold by the operator", queue_id=queue_id)
 
-    async def _delete_one(self, queue_id: str) -> None:
-        message = self._take_out(queue_id)
+    async def _delete_one(self, queue_id: str, message: _Message) -> None:
         await message.lock.run(deferToThreadPool, self.reactor, self.pool, surgery.delete, self.spool, queue_id)
         log.info("{queue_id}: deleted by the operator", queue_id=queue_id)
 
@@ -559,14 +600,16 @@ class DeliveryManager(Service):
         self._schedule_deferred(envelope, self.reactor.seconds())
         self.scheduler.flush(lambda job: job.queue_id == queue_id)  # a dead destination may be probed now
 
-    async def _reroute_one(self, queue_id: str) -> list[str]:
-        message = self._take_out(queue_id)
+    async def _reroute_one(self, queue_id: str, message: _Message) -> list[str]:
         envelope, problems = await message.lock.run(
             deferToThreadPool, self.reactor, self.pool, surgery.reroute, self.spool, queue_id, self.route_final
         )
         queue = surgery.locate(self.spool, queue_id)
         if queue == "deferred":
             self._schedule_deferred(envelope, self.reactor.seconds())
+        elif queue == "incoming" and has_local_pending(envelope):
+            if self.local_enqueue is not None:
+                self.local_enqueue(queue_id)  # the local runner first, as for new mail
         elif queue == "incoming":
             self._accept(queue_id, envelope, "incoming")
         return problems

@@ -9,6 +9,7 @@ left for anyone.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,17 @@ class LocalDeliveryRunner(Service):
             for d in waiters:
                 d.callback(None)
 
+    def claim(self, queue_id: str) -> bool:
+        """For operator surgery: False while the message is in a batch on disk;
+        otherwise it is dropped from this runner (waiting, or its retry timer)."""
+        if queue_id in self._in_flight:
+            return False
+        self._waiting.pop(queue_id, None)
+        retry = self._retries.pop(queue_id, None)
+        if retry is not None and retry.active():
+            retry.cancel()
+        return True
+
     def _schedule_retry(self, queue_id: str) -> None:
         if self.running and queue_id not in self._retries:
             self._retries[queue_id] = self._reactor.callLater(self.retry_delay, self._retry, queue_id)
@@ -155,6 +167,8 @@ def deliver_local_batch(
     hostname: str,
     mailbox_root: Path,
     known: Mapping[str, tuple[Envelope, bytes]] | None = None,
+    give_up_after: float = 8 * 3600,
+    now: Callable[[], float] = time.time,
 ) -> dict[str, str]:
     """Blocking: deliver every local recipient of these messages.
 
@@ -202,12 +216,20 @@ def deliver_local_batch(
             outcome = slot if isinstance(slot, Exception) else results[slot]
             attempts = envelope.recipients[index].attempts + 1
             if isinstance(outcome, Exception):
-                failed = True
-                log.error(
-                    "{queue_id}: delivery to {address} failed: {error}",
-                    queue_id=envelope.queue_id, address=envelope.recipients[index].address, error=outcome,
-                )
-                envelope = envelope.with_recipient(index, attempts=attempts, last_reply=f"maildir: {outcome}")
+                address = envelope.recipients[index].address
+                log.error("{queue_id}: delivery to {address} failed: {error}",
+                          queue_id=envelope.queue_id, address=address, error=outcome)
+                # A bad mailbox route is permanent; a file problem is retried
+                # until give_up_after (E-Post's 4xx period), then bounced.
+                if isinstance(outcome, ValueError):
+                    reply = f"550 5.3.0 maildir: {outcome}"
+                else:
+                    reply = f"451 4.3.0 maildir: {outcome}"
+                if isinstance(outcome, ValueError) or now() - envelope.arrival >= give_up_after:
+                    envelope = envelope.with_recipient(index, state="failed", attempts=attempts, last_reply=reply)
+                else:
+                    failed = True
+                    envelope = envelope.with_recipient(index, attempts=attempts, last_reply=reply)
             else:
                 envelope = envelope.with_recipient(index, state="delivered", attempts=attempts, last_reply="delivered to maildir")
         left_for_manager = any(

@@ -27,7 +27,9 @@ Rules:
   the destination. Any other outcome (``"done"``, ``("retry", when)``)
   makes it alive again and releases its waiting jobs. Jobs already running
   when it died are not interrupted.
-- Outcomes: ``"done"`` forgets the job; ``"done_noanswer"`` forgets it too
+- Outcomes: ``("retry_error", when)`` (our own trouble, e.g. a file
+  problem) reschedules without touching the destination's state;
+  ``"done"`` forgets the job; ``"done_noanswer"`` forgets it too
   but keeps the destination dead for `probe_gap` more seconds (its
   recipients expired unanswered; the next probe waits like a retry); ``("retry", when)`` and
   ``("retry_noanswer", when)`` schedule it again at `when`. A failed Deferred
@@ -42,7 +44,7 @@ import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple, Union
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -104,6 +106,8 @@ class Scheduler:
         self._running_deferred = 0
         self._dead: dict[str, float] = {}  # destination -> earliest next probe
         self._known: set[Job] = set()
+        self._by_queue_id: dict[str, set[Job]] = {}
+        self._known_per_destination: dict[str, int] = {}
         self._pumping = False
         self._pump_again = False
         self._stopped = False
@@ -141,22 +145,32 @@ class Scheduler:
 
     def forget(self, job: Job) -> bool:
         """Drop a job that is not running (held or deleted mail); False if it is running or unknown."""
-        if job in self._running or job in self._suspending or job not in self._known:
-            return False
-        self._known.discard(job)
+        return bool(self.forget_many([job]))
+
+    def forget_many(self, jobs: Iterable[Job]) -> list[Job]:
+        """Drop these jobs (those not running or being suspended) in one pass; returns the ones dropped."""
+        gone = {j for j in jobs if j in self._known and j not in self._running and j not in self._suspending}
+        if not gone:
+            return []
+        for job in gone:
+            self._drop(job)
         before = len(self._heap)
-        self._heap[:] = [entry for entry in self._heap if entry[2] != job]
+        self._heap[:] = [entry for entry in self._heap if entry[2] not in gone]
         if len(self._heap) != before:
             heapq.heapify(self._heap)
             self._arm()
-        for lane in (*self._lanes.values(), self._suspend_queue):
-            if job in lane:
-                lane.remove(job)
-        for destination, waiting in list(self._waiting.items()):
-            self._waiting[destination] = deque(entry for entry in waiting if entry[1] != job)
-            if not self._waiting[destination]:
+        for name, lane in self._lanes.items():
+            if any(job in gone for job in lane):
+                self._lanes[name] = deque(job for job in lane if job not in gone)
+        if any(job in gone for job in self._suspend_queue):
+            self._suspend_queue = deque(job for job in self._suspend_queue if job not in gone)
+        for destination in {job.destination for job in gone} & set(self._waiting):
+            kept = deque(entry for entry in self._waiting[destination] if entry[1] not in gone)
+            if kept:
+                self._waiting[destination] = kept
+            else:
                 del self._waiting[destination]
-        return True
+        return list(gone)
 
     def stop(self) -> None:
         """Start nothing more (shutdown); running jobs still report back."""
@@ -171,6 +185,13 @@ class Scheduler:
     def jobs(self) -> frozenset[Job]:
         """Every job scheduled, waiting or running."""
         return frozenset(self._known)
+
+    def jobs_of(self, queue_id: str) -> frozenset[Job]:
+        """The jobs of one message."""
+        return frozenset(self._by_queue_id.get(queue_id, ()))
+
+    def jobs_for(self, destination: str) -> list[Job]:
+        return [job for job in self._known if job.destination == destination]
 
     # -- introspection ---------------------------------------------------
 
@@ -197,6 +218,23 @@ class Scheduler:
         if job in self._known:
             raise ValueError(f"job {job!r} is already scheduled")
         self._known.add(job)
+        self._by_queue_id.setdefault(job.queue_id, set()).add(job)
+        self._known_per_destination[job.destination] = self._known_per_destination.get(job.destination, 0) + 1
+
+    def _drop(self, job: Job) -> None:
+        """Forget a job for good; a destination nobody waits for any more is forgotten too."""
+        self._known.discard(job)
+        jobs = self._by_queue_id.get(job.queue_id)
+        if jobs is not None:
+            jobs.discard(job)
+            if not jobs:
+                del self._by_queue_id[job.queue_id]
+        left = self._known_per_destination.get(job.destination, 0) - 1
+        if left > 0:
+            self._known_per_destination[job.destination] = left
+        else:
+            self._known_per_destination.pop(job.destination, None)
+            self._dead.pop(job.destination, None)
 
     def _schedule(self, job: Job, due: float) -> None:
         heapq.heappush(self._heap, (due, next(self._seq), job))
@@ -256,8 +294,8 @@ class Scheduler:
             job = lane.popleft()
             if self._can_start(job.destination):
                 self._launch(job, lane_name)
-            elif self._suspend is not None and job.destination in self._dead:
-                self._suspend_job(job)
+            elif self._suspend is not None and job.destination in self._dead and not self._per_destination.get(job.destination):
+                self._suspend_job(job)  # (while a probe runs, jobs wait for its verdict instead)
             else:
                 self._waiting.setdefault(job.destination, deque()).append((lane_name, job))
 
@@ -283,7 +321,7 @@ class Scheduler:
             log.error("suspending {job} gave {outcome!r}", job=job, outcome=outcome)
             outcome = ("retry", self._clock.seconds() + self.retry_after_error)
         if outcome in ("done", "done_noanswer"):
-            self._known.discard(job)
+            self._drop(job)
         elif not self._stopped:
             self._schedule(job, outcome[1])
         while self._suspend_queue and len(self._suspending) < self.max_suspending and not self._stopped:
@@ -301,23 +339,25 @@ class Scheduler:
 
         if isinstance(outcome, Failure):
             log.failure("delivery of {job} failed", outcome, job=job)
-            outcome = ("retry", now + self.retry_after_error)
+            outcome = ("retry_error", now + self.retry_after_error)
         elif not _valid(outcome):
             log.error("delivery of {job} gave unknown outcome {outcome!r}", job=job, outcome=outcome)
-            outcome = ("retry", now + self.retry_after_error)
+            outcome = ("retry_error", now + self.retry_after_error)
 
         if outcome == "done":
-            self._known.discard(job)
             self._revive(destination)
+            self._drop(job)
         elif outcome == "done_noanswer":
-            self._known.discard(job)
-            self._dead[destination] = now + self.probe_gap
+            if destination in self._dead or self._known_per_destination.get(destination, 0) > 1:
+                self._dead[destination] = now + self.probe_gap
+            self._drop(job)
         else:
             kind, when = outcome
             if kind == "retry_noanswer":
                 self._dead[destination] = when
-            else:
+            elif kind == "retry":
                 self._revive(destination)
+            # retry_error: our own trouble says nothing about the destination
             self._schedule(job, when)
         self._release(destination)
         self._pump()
@@ -351,6 +391,6 @@ def _valid(outcome: object) -> bool:
     return (
         isinstance(outcome, tuple)
         and len(outcome) == 2
-        and outcome[0] in ("retry", "retry_noanswer")
+        and outcome[0] in ("retry", "retry_noanswer", "retry_error")
         and isinstance(outcome[1], (int, float))
     )

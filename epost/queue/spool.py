@@ -343,6 +343,8 @@ class Spool:
     def update(self, envelope: Envelope, queue: str = "incoming") -> None:
         """Atomically replace a queued envelope (blocking: call it in a thread)."""
         folder = self._folder(envelope.queue_id, queue)
+        if not (folder / f"{envelope.queue_id}.msg").exists():  # deleted or moved meanwhile: no lone envelope
+            raise FileNotFoundError(f"{envelope.queue_id}: no longer in {queue}/")
         try:
             write_atomically(folder / f"{envelope.queue_id}.env", envelope.to_bytes(), temp_dir=self.tmp)
         except OSError as e:

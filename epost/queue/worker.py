@@ -1,6 +1,6 @@
 """The spool worker process: every blocking spool write, off the reactor's process.
 
-    python -m epost.queue.worker SPOOL_ROOT HOSTNAME
+    python -m epost.queue.worker SPOOL_ROOT HOSTNAME [GIVE_UP_AFTER_SECONDS]
 
 Why a process and not threads: a worker thread doing file I/O releases and
 re-takes the GIL around every system call, and at a few hundred messages a
@@ -42,9 +42,10 @@ RECENT_BYTES = 32 * 1024 * 1024  # content kept for delivery from memory, at mos
 
 
 class Worker:
-    def __init__(self, root: Path, hostname: str, reply=None):
+    def __init__(self, root: Path, hostname: str, reply=None, give_up_after: float = 8 * 3600):
         self.spool = Spool(root, reactor=None, threadpool=None)
         self.hostname = hostname
+        self.give_up_after = give_up_after  # seconds a failing local delivery is retried
         self.mailbox_root = Path(root) / "mailboxes"
         self.reply = reply or (lambda line: _write_all(1, line))
         self.writers: dict[str, MessageWriter] = {}
@@ -97,7 +98,9 @@ class Worker:
             batch = list(self.deliveries)[:DELIVERY_BATCH]
             for queue_id in batch:
                 del self.deliveries[queue_id]
-            verdicts = deliver_local_batch(self.spool, batch, self.hostname, self.mailbox_root, self.recent)
+            verdicts = deliver_local_batch(
+                self.spool, batch, self.hostname, self.mailbox_root, self.recent, give_up_after=self.give_up_after
+            )
             for queue_id in batch:
                 self._forget(queue_id)
             self.reply("".join(f"{verdicts[q]} {q}\n" for q in batch).encode())
@@ -127,10 +130,10 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def run(root: Path, hostname: str) -> None:
+def run(root: Path, hostname: str, give_up_after: float = 8 * 3600) -> None:
     # Our log events go to stderr; the daemon relays each line into its own log.
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
-    worker = Worker(root, hostname)
+    worker = Worker(root, hostname, give_up_after=give_up_after)
     buffer = b""
     while True:
         ready, _, _ = select.select([0], [], [], 0 if worker.busy else None)
@@ -155,6 +158,6 @@ def run(root: Path, hostname: str) -> None:
 
 if __name__ == "__main__":
     try:
-        run(Path(sys.argv[1]), sys.argv[2])
+        run(Path(sys.argv[1]), sys.argv[2], *(float(a) for a in sys.argv[3:4]))
     except KeyboardInterrupt:
         pass

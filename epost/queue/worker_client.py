@@ -134,9 +134,10 @@ class SpoolWorkerService(Service):
 
     restart_delay = 1.0
 
-    def __init__(self, spool: Spool, hostname: str, reactor: Any, processes: int = 2):
+    def __init__(self, spool: Spool, hostname: str, reactor: Any, processes: int = 2, give_up_after: float = 8 * 3600):
         self.spool = spool
         self.hostname = hostname
+        self.give_up_after = give_up_after
         self.reactor = reactor
         self._protocols: list[_WorkerProtocol | None] = [None] * processes
         self._throttles = [_PipeThrottle() for _ in range(processes)]
@@ -155,7 +156,7 @@ class SpoolWorkerService(Service):
     def _spawn(self, index: int) -> None:
         self._generations[index] += 1
         protocol = self._protocols[index] = _WorkerProtocol(self, index)
-        args = [sys.executable, "-m", "epost.queue.worker", str(self.spool.root), self.hostname]
+        args = [sys.executable, "-m", "epost.queue.worker", str(self.spool.root), self.hostname, str(self.give_up_after)]
         self.reactor.spawnProcess(protocol, sys.executable, args, env=None)
         protocol.transport.registerProducer(self._throttles[index], True)
 

@@ -358,3 +358,16 @@ def test_a_kept_connection_idles_is_reused_without_ehlo_and_quits_when_idle_too_
     transport.clear()
     clock.advance(2)
     assert transport.value() == b"QUIT\r\n" and not client.reusable
+
+
+def test_a_reply_before_the_end_of_streamed_data_ends_the_connection_not_reused() -> None:
+    chunks = tuple(b"x" * 60000 + b"\r\n" for _ in range(6))
+    client = SMTPClient("mx.local", "s@here", ["a@x"], lambda: iter(chunks), 400 * 1024, False, task.Clock(), keep_open=True)
+    transport = StringTransport()
+    client.makeConnection(transport)
+    client.dataReceived(b"220 mx\r\n250-mx\r\n250 PIPELINING\r\n")
+    client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+    transport.producer.resumeProducing()  # one chunk out, more to come
+    client.dataReceived(b"552 5.3.4 too much\r\n")  # the server does not wait for our dot
+    assert client.done.result.recipients["a@x"].code == 552
+    assert not client.reusable and transport.producer is None

@@ -441,3 +441,34 @@ def test_new_mail_for_a_dead_destination_is_deferred_at_once_without_a_connectio
     h.run_until(3 * 3600, step=60)
     assert len(h.bounces.sent) == 50 and h.files("deferred") == []  # every one expired on its own clock
     assert len(h.courier.calls) <= 4  # one probe per retry time, never one per message
+
+
+def test_two_destinations_failing_together_bounce_each_recipient_once(tmp_path):
+    h = Harness(tmp_path, {"a@x.test": [(550, "5.1.1 no")], "b@y.test": [(550, "5.1.1 no")]}, RetryConfig(count_5xx=0))
+    slow = []
+    h.bounces.send = lambda original, headers, failed: slow.append((failed, defer.Deferred())) or slow[-1][1]
+    h.start()
+    h.queue(relay("a@x.test"), relay("b@y.test"))
+    assert [[f.address for f in failed] for failed, _ in slow] == [["a@x.test"], ["b@y.test"]]
+    for _, d in slow:
+        d.callback("BOUNCE")
+    assert h.files("incoming") == [] and h.files("deferred") == []
+
+
+def test_a_bounce_that_cannot_be_queued_now_is_tried_again(tmp_path):
+    from epost.queue.spool import SpoolError
+
+    h = Harness(tmp_path, {"a@far.test": [(550, "5.1.1 no")]}, RetryConfig(count_5xx=0))
+    calls = []
+
+    def send(original, headers, failed):
+        calls.append(failed)
+        return defer.fail(SpoolError(28, "No space left on device")) if len(calls) == 1 else defer.succeed("B")
+
+    h.bounces.send = send
+    h.start()
+    envelope = h.queue(relay("a@far.test"))
+    stored = h.spool.load(envelope.queue_id, "incoming")
+    assert stored.recipients[0].state == "failed" and not stored.recipients[0].dsn_sent  # kept for the retry
+    h.clock.advance(60)
+    assert len(calls) == 2 and h.files("incoming") == [] and h.files("deferred") == []

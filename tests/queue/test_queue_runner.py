@@ -1,6 +1,7 @@
 """The local delivery runner: one copy per local recipient, other routes left pending, retries after failure."""
 
 import os
+import time
 import shutil
 import tempfile
 from pathlib import Path
@@ -54,7 +55,7 @@ class RunnerTestCase(unittest.TestCase):
         """Commit a message the normal way; fires with its queue id."""
         writer = self.spool.open_message()
         writer.write(CONTENT)
-        envelope = Envelope(writer.queue_id, "bob@example.org", recipients, 1.0, len(CONTENT))
+        envelope = Envelope(writer.queue_id, "bob@example.org", recipients, time.time(), len(CONTENT))
         return writer.commit(envelope)
 
     def mailbox(self, mailbox: str) -> list[bytes]:
@@ -148,10 +149,27 @@ class FailureTests(RunnerTestCase):
     def test_a_mailbox_route_cannot_climb_out_of_the_mailbox_root(self):
         self.start()
         bad = Recipient("x@example.jp", {"kind": "local", "mailbox": "../../etc"})
+        passed = []
+        self.runner.on_passed = lambda queue_id, envelope: passed.append(queue_id)
         queue_id = self.successResultOf(self.queue(bad))
         recipient = self.spool.load(queue_id).recipients[0]
-        assert recipient.state == "pending" and "bad mailbox" in recipient.last_reply
+        # Permanent: failed at once and passed on to the manager, which bounces it.
+        assert recipient.state == "failed" and recipient.last_reply.startswith("550 5.3.0 maildir: bad mailbox")
+        assert passed == [queue_id]
         assert not (self.root.parent / "etc").exists()
+
+    def test_a_local_failure_is_retried_until_period_4xx_then_failed_and_passed_on(self):
+        self.patch(runner_module, "MaildirBatch", self.broken_for("alice"))
+        passed = []
+        self.runner.on_passed = lambda queue_id, envelope: passed.append(queue_id)
+        self.start()
+        writer = self.spool.open_message()
+        writer.write(CONTENT)
+        old = Envelope(writer.queue_id, "bob@example.org", (local("alice@example.jp"),), time.time() - 8 * 3600, len(CONTENT))
+        queue_id = self.successResultOf(writer.commit(old))
+        recipient = self.spool.load(queue_id).recipients[0]
+        assert recipient.state == "failed" and recipient.last_reply == "451 4.3.0 maildir: [Errno 5] disk on fire"
+        assert passed == [queue_id] and self.clock.getDelayedCalls() == []
 
     @staticmethod
     def broken_for(user: str):

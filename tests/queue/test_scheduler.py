@@ -362,8 +362,47 @@ def test_jobs_parked_on_a_busy_destination_are_suspended_when_it_dies():
         scheduler.add_new(Job(name, "slow"))
     assert sorted(j.queue_id for j in pending) == ["A", "B"] and scheduler.ready_counts()["waiting"] == 3
     pending.pop(Job("A", "slow")).callback(("retry_noanswer", 60))  # no answer: dead
+    assert suspended == []  # B is still trying: they wait for its verdict
+    pending.pop(Job("B", "slow")).callback(("retry_noanswer", 60))
     assert sorted(j.queue_id for j in suspended) == ["C", "D", "E"]
     assert scheduler.ready_counts()["waiting"] == 0
+
+
+def test_jobs_due_while_the_probe_runs_wait_for_its_verdict_and_start_if_it_revives():
+    clock = Clock()
+    pending, suspended = {}, []
+
+    def start(job):
+        pending[job] = Deferred()
+        return pending[job]
+
+    scheduler = Scheduler(clock, start, suspend=lambda job: suspended.append(job) or ("retry", clock.seconds() + 500))
+    scheduler.add_new(Job("A", "site"))
+    pending.pop(Job("A", "site")).callback(("retry_noanswer", 60))
+    scheduler.add_deferred(Job("B", "site"), 61)
+    clock.advance(60)  # A probes
+    clock.advance(1)  # B comes due while the probe runs
+    assert suspended == [] and scheduler.ready_counts()["waiting"] == 1
+    pending.pop(Job("A", "site")).callback("done")  # the site answers
+    assert Job("B", "site") in pending and suspended == []
+
+
+def test_an_error_of_ours_does_not_revive_a_dead_destination_and_forgotten_ones_are_not_kept():
+    clock = Clock()
+    pending = {}
+
+    def start(job):
+        pending[job] = Deferred()
+        return pending[job]
+
+    scheduler = Scheduler(clock, start)
+    scheduler.add_new(Job("A", "site"))
+    scheduler.add_new(Job("B", "site"))
+    pending.pop(Job("A", "site")).callback(("retry_noanswer", 60))
+    pending.pop(Job("B", "site")).callback(("retry_error", 30))
+    assert scheduler.is_dead("site")
+    assert sorted(scheduler.forget_many([Job("A", "site"), Job("B", "site")])) == [Job("A", "site"), Job("B", "site")]
+    assert not scheduler.is_dead("site") and scheduler.jobs_of("A") == frozenset()
 
 
 def test_suspensions_run_a_few_at_a_time():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from epost.queue.worker_client import SpoolWorkerService
 
 def envelope(queue_id: str, *mailboxes: str) -> Envelope:
     recipients = tuple(Recipient(f"{m.split('/')[1]}@{m.split('/')[0]}", {"kind": "local", "mailbox": m}) for m in mailboxes)
-    return Envelope(queue_id, "a@example.org", recipients, arrival=0.0, size=0)
+    return Envelope(queue_id, "a@example.org", recipients, arrival=time.time(), size=0)
 
 
 def make_spool() -> Spool:
@@ -123,12 +124,12 @@ class WorkerProcessTests(unittest.TestCase):
         assert mail.endswith(b"hello\n")
 
     @defer.inlineCallbacks
-    def test_bad_mailbox_is_reported_for_retry(self):
+    def test_bad_mailbox_fails_and_is_passed_on_for_the_bounce(self):
         writer = self.service.open_message()
         writer.write(b"x\r\n")
         queue_id = yield writer.commit(envelope(writer.queue_id, "example.test/.."))
         verdicts = yield self.service.deliver([queue_id])
-        assert verdicts == {queue_id: "R"}
+        assert verdicts == {queue_id: "P"}
 
     @defer.inlineCallbacks
     def test_a_dying_worker_fails_pending_commits_with_a_spool_error_and_is_restarted(self):
