@@ -8,21 +8,13 @@ from epost.config import RetryConfig
 from epost.delivery.smtp_client import Outcome
 from epost.queue.envelope import Envelope, Recipient
 from epost.queue.outcomes import apply_attempt, destination_of, relay_groups, status_code
+from test_retry import policies  # the same random E-Post policies as the retry rules' own tests
 
 NOW = 1_800_000_000.0
 
 replies = st.one_of(
     st.none(),
     st.tuples(st.sampled_from([250, 251, 421, 450, 451, 452, 550, 551, 552, 553, 554]), st.sampled_from(["", "5.1.1 x", "4.7.1 y", "2.0.0 z"])),
-)
-policies = st.builds(
-    RetryConfig,
-    interval=st.integers(1, 600),
-    fixed_interval=st.booleans(),
-    max_interval=st.integers(1, 7200),
-    count_5xx=st.integers(0, 5),
-    period_4xx=st.integers(0, 40000),
-    period_noanswer=st.integers(0, 90000),
 )
 
 
