@@ -133,8 +133,7 @@ class DeliveryManager(Service):
         queued: it is tried again after the restart (at worst a duplicate)."""
         super().stopService()
         self.scheduler.stop()
-        if hasattr(self.courier, "close_idle"):
-            self.courier.close_idle()
+        self.courier.close_idle()
         running = list(self._jobs_running.values())
         d = defer.DeferredList(running, consumeErrors=True) if running else defer.succeed(None)
         d.addTimeout(self.stop_grace, self.reactor)

@@ -54,6 +54,9 @@ class ScriptedCourier:
             return self.hold.addCallback(lambda _: attempt)
         return defer.succeed(attempt)
 
+    def close_idle(self):
+        """No connections to close."""
+
 
 class RecordingBounces:
     def __init__(self):
