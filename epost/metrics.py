@@ -37,7 +37,7 @@ delivery_latency = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
     registry=REGISTRY,
 )
-auth_failures = Counter("epost_auth_failures", "Failed SMTP AUTH attempts", registry=REGISTRY)
+auth_failures = Counter("epost_auth_failures", "Failed SMTP AUTH attempts and Mail Control logins", registry=REGISTRY)
 table_reloads = Counter("epost_table_reloads", "Table reloads by table file and result", ["table", "result"], registry=REGISTRY)
 
 

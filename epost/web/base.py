@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -66,11 +66,13 @@ def add_headers(request) -> None:
 
 
 def form(request) -> dict[str, list[str]]:
-    """The POSTed fields as text (undecodable bytes replaced)."""
-    return {
-        key.decode("utf-8", "replace"): [value.decode("utf-8", "replace") for value in values]
-        for key, values in (request.args or {}).items()
-    }
+    """The POSTed fields as text (undecodable bytes replaced), from the body only:
+    twisted.web's `request.args` also holds the query string, and a token
+    or an action in a URL must never count."""
+    request.content.seek(0)
+    fields = parse_qs(request.content.read().decode("utf-8", "replace"), keep_blank_values=True)
+    request.content.seek(0)
+    return fields
 
 
 def field(fields: dict[str, list[str]], name: str, default: str = "") -> str:

@@ -3,23 +3,41 @@
 Only the accounts listed in `[server] admin_users` may log in, with their
 password from the users file (the same scrypt hashes as SMTP AUTH, checked in
 the thread pool by `UsersChecker`, so an unknown address costs the same time).
-Failed logins are throttled per client IP like AUTH: each one waits a second
-longer, and after `auth_failures_before_cutoff` the IP is refused for 5 minutes.
+Failed logins are throttled per client like AUTH: each one waits a second
+longer, and after `auth_failures_before_cutoff` the client is refused for 5
+minutes. A client is an IPv4 address or an IPv6 /64, and all of loopback is
+one client (any local user can pick a source address in 127.0.0.0/8).
 """
 
 from __future__ import annotations
 
+import ipaddress
+
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
+from epost import metrics
 from epost.auth import UsersChecker
 from epost.web.base import Context, Page, Redirect, Response, answer, field, form, same_origin
 from epost.web.html import esc, page
 
 log = Logger()
+
+
+def client_key(ip: str) -> str:
+    """Who a failed login counts against: loopback as one, IPv6 by /64, IPv4 by address."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if address.is_loopback:
+        return "loopback"
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 def login_form(token: str, user: str = "", error: str = "") -> str:
@@ -49,6 +67,8 @@ class Login(Resource):
         self.context = context
         self.checker = UsersChecker(context.routing.users, context.reactor, context.threadpool)
         self.admins = frozenset(context.config.server.admin_users)
+        self._checking: set[str] = set()  # clients with a password check in progress
+        self._checks = defer.DeferredSemaphore(2)  # scrypt checks at once, in the shared pool
 
     def render_GET(self, request):
         if self.context.sessions.get(request) is not None:
@@ -66,26 +86,35 @@ class Login(Resource):
 
     async def _log_in(self, request, user: str, password: str):
         ip = getattr(request.getClientAddress(), "host", "local")
+        client = client_key(ip)
         throttle = self.context.throttle
-        if throttle.blocked(ip):
+        if throttle.blocked(client) or client in self._checking:
             error = "Too many failed logins; try again in a few minutes."
             body = login_form(self.context.sessions.login_token(request), user, error)
             return Response(429, "Log in", body)
+        # Counted as failed before the check, one check at a time per client and
+        # few at once overall: parallel guesses can neither pass the cutoff nor
+        # fill the thread pool the mail daemon needs.
+        delay = throttle.failed(client, count=False)
+        self._checking.add(client)
         try:
-            credentials = UsernamePassword(user.encode("utf-8"), password.encode("utf-8", "surrogateescape"))
-            account = await self.checker.requestAvatarId(credentials)
-        except UnauthorizedLogin:
-            account = None
-        if account is not None and account.lower() in self.admins:
-            self.context.sessions.start(request, account.lower())
-            log.info("Mail Control: {user} logged in from {ip}", user=account, ip=ip)
-            return Redirect("/")
-        delay = throttle.failed(ip)
-        log.info("Mail Control: failed login for {user!r} from {ip}", user=user[:100], ip=ip)
-        await task.deferLater(self.context.reactor, delay, lambda: None)
+            try:
+                credentials = UsernamePassword(user.encode("utf-8"), password.encode("utf-8", "surrogateescape"))
+                account = await self._checks.run(self.checker.requestAvatarId, credentials)
+            except UnauthorizedLogin:
+                account = None
+            if account is not None and account.lower() in self.admins:
+                throttle.forgive(client)
+                self.context.sessions.start(request, account.lower())
+                log.info("Mail Control: {user} logged in from {ip}", user=account, ip=ip)
+                return Redirect("/")
+            metrics.auth_failures.inc()
+            log.info("Mail Control: failed login for {user!r} from {ip}", user=user[:100], ip=ip)
+            await task.deferLater(self.context.reactor, delay, lambda: None)
+        finally:
+            self._checking.discard(client)  # after the delay: a client's guesses go one by one
         error = "Wrong address or password, or not an admin account."
         return Response(200, "Log in", login_form(self.context.sessions.login_token(request), user, error))
-
 
 class Logout(Page):
     title = "Logged out"

@@ -13,7 +13,8 @@ from __future__ import annotations
 from twisted.application import service, strports
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.protocols.policies import LimitTotalConnectionsFactory
+from twisted.web.server import Request, Site
 
 from epost.smtp.throttle import AuthThrottle
 from epost.web.base import Context
@@ -29,8 +30,38 @@ log = Logger()
 RESERVED = (b"", b"queue", b"gateway", b"route", b"login", b"logout")
 
 
+IPV6_LOOPBACK = r"\:\:1"  # colons escaped: endpoint strings split on ":"
+MAX_BODY = 2 * 1024 * 1024  # bytes: the largest form is the gateway.dat editor
+MAX_CONNECTIONS = 64
+
+
+class _BoundedRequest(Request):
+    """Refuses a request body over MAX_BODY before reading it (twisted.web has
+    no limit and parses the whole body before any page, login included, runs)."""
+
+    def gotLength(self, length) -> None:
+        if length is not None and length > MAX_BODY:
+            self._too_large()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received = getattr(self, "_received", 0) + len(data)
+        if self._received > MAX_BODY:  # chunked bodies carry no length up front
+            self._too_large()
+            return
+        super().handleContentChunk(data)
+
+    def _too_large(self) -> None:
+        transport = self.channel.transport
+        transport.write(b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        transport.loseConnection()
+
+
 class _Quiet(Site):
     """No access log: it would be one daemon log line per page view (and per /metrics scrape)."""
+
+    requestFactory = _BoundedRequest
 
     def log(self, request) -> None:
         pass
@@ -65,10 +96,14 @@ def make_admin_site(config, manager, routing, reactor, threadpool, extra: dict[b
 
 
 def loopback_by_default(description: str) -> str:
-    """`tcp:8025` -> `tcp:8025:interface=127.0.0.1` (`::1` for tcp6); an explicit interface is kept."""
+    """`tcp:8025` -> `tcp:8025:interface=127.0.0.1` (`::1` for tcp6 and tls); an explicit interface is kept.
+
+    Every listening kind that takes an interface gets one; `unix:` and
+    `systemd:` sockets have none to set."""
     kind, _, rest = description.partition(":")
-    if kind in ("tcp", "tcp6", "ssl") and "interface=" not in rest:
-        return f"{description}:interface={'::1' if kind == 'tcp6' else '127.0.0.1'}"
+    if kind in ("tcp", "tcp6", "ssl", "tls") and "interface=" not in rest:
+        loopback = IPV6_LOOPBACK if kind in ("tcp6", "tls") else "127.0.0.1"  # tls: listens with TCP6
+        return f"{description}:interface={loopback}"
     return description
 
 
@@ -84,7 +119,9 @@ def attach_admin(parent, config, manager, routing, reactor, threadpool, extra: d
     if not config.server.admin_users:
         log.warn("Mail Control: no admin_users in [server]: nobody can log in")
     listeners = service.MultiService()
+    bounded = LimitTotalConnectionsFactory(site)
+    bounded.connectionLimit = MAX_CONNECTIONS
     for description in config.server.admin:
-        strports.service(loopback_by_default(description), site, reactor=reactor).setServiceParent(listeners)
+        strports.service(loopback_by_default(description), bounded, reactor=reactor).setServiceParent(listeners)
     listeners.setServiceParent(parent)
     return site

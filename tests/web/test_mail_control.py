@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import time
 
+from urllib.parse import urlencode
+
 import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 
 from epost.queue.domain_state import DomainState
 from epost.queue.envelope import Envelope, Recipient
@@ -294,13 +298,93 @@ def test_last_lines_reads_only_the_end(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "given, used",
+    "given, interface",
     [
-        ("tcp:8025", "tcp:8025:interface=127.0.0.1"),
-        ("tcp6:8025", "tcp6:8025:interface=::1"),
-        ("tcp:8025:interface=0.0.0.0", "tcp:8025:interface=0.0.0.0"),
-        ("unix:/run/epost-admin.sock", "unix:/run/epost-admin.sock"),
+        ("tcp:8025", "127.0.0.1"),
+        ("tcp6:8025", "::1"),
+        ("tcp:8025:interface=0.0.0.0", "0.0.0.0"),
     ],
 )
-def test_admin_listens_on_loopback_unless_told_otherwise(given, used):
-    assert loopback_by_default(given) == used
+def test_admin_listens_on_loopback_unless_told_otherwise(given, interface):
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    assert serverFromString(reactor, loopback_by_default(given))._interface == interface
+
+
+def test_every_listening_kind_with_an_interface_gets_loopback():
+    assert loopback_by_default("tls:/etc/epost/certs:port=8443").endswith(r":interface=\:\:1")  # TCP6 inside
+    assert loopback_by_default("ssl:8443:privateKey=k.pem").endswith(":interface=127.0.0.1")
+    assert loopback_by_default("unix:/run/epost-admin.sock") == "unix:/run/epost-admin.sock"
+
+
+def test_a_token_in_the_query_string_does_not_count(admin):
+    token = admin.get("/queue").csrf()
+    assert admin.post(f"/queue?csrf={token}", {"action": "flush"}).code == 403
+    assert admin.post("/queue", {"csrf": token, "action": "flush"}).code != 403  # the same token, in the body
+
+
+def raw_connection(world, data: bytes, peer: str = "127.0.0.1"):
+    transport = StringTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 8025), peerAddress=IPv4Address("TCP", peer, 40000)
+    )
+    channel = world.site.buildProtocol(transport.getPeer())
+    channel.makeConnection(transport)
+    channel.dataReceived(data)
+    transport.channel = channel
+    return transport
+
+
+def test_a_request_body_over_the_limit_is_refused_before_it_is_read(world):
+    from epost.web.site import MAX_BODY
+
+    head = b"POST /login HTTP/1.1\r\nHost: 127.0.0.1:8025\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1)
+    transport = raw_connection(world, head + b"x" * 1000)
+    assert transport.value().startswith(b"HTTP/1.1 413 ") and transport.disconnecting
+
+    # A chunked body says no length up front: it is cut off once it passes the limit.
+    chunked = raw_connection(world, b"POST /login HTTP/1.1\r\nHost: 127.0.0.1:8025\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b"x" * 65536
+    sent = 0
+    while not chunked.disconnecting and sent <= 2 * MAX_BODY:
+        chunked.channel.dataReceived(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        sent += len(chunk)
+    assert chunked.value().startswith(b"HTTP/1.1 413 ") and MAX_BODY < sent <= MAX_BODY + len(chunk)
+
+
+class HeldPool:
+    """A thread pool whose work waits until `run_all()`: password checks that are still in progress."""
+
+    def __init__(self):
+        self.held = []
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        self.held.append((on_result, f, args, kwargs))
+
+    def run_all(self):
+        while self.held:
+            on_result, f, args, kwargs = self.held.pop(0)
+            on_result(True, f(*args, **kwargs))
+
+
+def test_parallel_login_guesses_cannot_pass_the_cutoff_nor_hide_behind_other_loopback_addresses(tmp_path):
+    from epost.web import make_admin_site
+
+    world = make_world(tmp_path)
+    pool = HeldPool()
+    world.site = make_admin_site(world.config, world.manager, world.routing, world.clock, pool)
+    form = world.client().get("/login")
+    cookie = "; ".join(h.split(";")[0] for h in form.headers.get("set-cookie", []))
+    transports = []
+    for i, password in enumerate(["wrong"] * 9 + [PASSWORD]):  # all at once, the right one last
+        body = urlencode({"csrf": form.csrf(), "user": ADMIN, "password": password}).encode()
+        request = (
+            b"POST /login HTTP/1.0\r\nHost: 127.0.0.1:8025\r\nCookie: %s\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n%s"
+            % (cookie.encode(), len(body), body)
+        )
+        transports.append(raw_connection(world, request, peer=f"127.0.0.{i + 1}"))
+    pool.run_all()
+    world.clock.advance(10)
+    codes = [int(t.value().split(b" ", 2)[1]) for t in transports if t.value()]
+    assert codes.count(429) >= 9 and 303 not in codes, codes  # one check ran; the rest, the right one too, refused
