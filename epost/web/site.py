@@ -13,7 +13,7 @@ from __future__ import annotations
 from twisted.application import service, strports
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.protocols.policies import LimitTotalConnectionsFactory
+from twisted.protocols.policies import WrappingFactory
 from twisted.web.server import Request, Site
 
 from epost.smtp.throttle import AuthThrottle
@@ -56,6 +56,15 @@ class _BoundedRequest(Request):
         transport = self.channel.transport
         transport.write(b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
         transport.loseConnection()
+
+
+class BoundedFactory(WrappingFactory):
+    """At most MAX_CONNECTIONS open connections; more are closed at once."""
+
+    def buildProtocol(self, addr):
+        if len(self.protocols) >= MAX_CONNECTIONS:
+            return None
+        return super().buildProtocol(addr)
 
 
 class _Quiet(Site):
@@ -119,8 +128,7 @@ def attach_admin(parent, config, manager, routing, reactor, threadpool, extra: d
     if not config.server.admin_users:
         log.warn("Mail Control: no admin_users in [server]: nobody can log in")
     listeners = service.MultiService()
-    bounded = LimitTotalConnectionsFactory(site)
-    bounded.connectionLimit = MAX_CONNECTIONS
+    bounded = BoundedFactory(site)
     for description in config.server.admin:
         strports.service(loopback_by_default(description), bounded, reactor=reactor).setServiceParent(listeners)
     listeners.setServiceParent(parent)

@@ -388,3 +388,13 @@ def test_parallel_login_guesses_cannot_pass_the_cutoff_nor_hide_behind_other_loo
     world.clock.advance(10)
     codes = [int(t.value().split(b" ", 2)[1]) for t in transports if t.value()]
     assert codes.count(429) >= 9 and 303 not in codes, codes  # one check ran; the rest, the right one too, refused
+
+
+def test_the_admin_listener_takes_a_bounded_number_of_connections(world):
+    from epost.web.site import MAX_CONNECTIONS, BoundedFactory
+
+    factory = BoundedFactory(world.site)
+    peer = IPv4Address("TCP", "127.0.0.1", 40000)
+    for _ in range(MAX_CONNECTIONS):
+        factory.buildProtocol(peer).makeConnection(StringTransport())
+    assert factory.buildProtocol(peer) is None
