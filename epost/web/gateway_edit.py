@@ -15,6 +15,7 @@ import hashlib
 import os
 import stat
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,9 @@ def check(data: bytes) -> tuple[GatewayTable | None, list[Problem]]:
             return None, [Problem(error.line, error.problem)]
 
 
+_saving = threading.Lock()
+
+
 def save(path: Path, data: bytes, expected_version: str | None) -> tuple[GatewayTable | None, list[Problem], str]:
     """Check `data` and, only if it is good, write it over `path` atomically. Blocking.
 
@@ -81,14 +85,16 @@ def save(path: Path, data: bytes, expected_version: str | None) -> tuple[Gateway
     table, problems = check(data)
     if problems:
         return None, problems, "not saved: the table in force is unchanged"
-    current = read_current(path)
-    if expected_version is not None and version(current) != expected_version:
-        return None, [], "not saved: gateway.dat was changed by someone else since you opened it; review the current file"
-    if current == data:
-        return table, [], "no change"
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        mode = 0o644
-    write_atomically(Path(path), data, mode=mode)
+    with _saving:  # two saves at once: the second sees the first's version, not a lost update
+        current = read_current(path)
+        if expected_version is not None and version(current) != expected_version:
+            return None, [], "not saved: gateway.dat was changed by someone else since you opened it; review the current file"
+        if current == data:
+            return table, [], "no change"
+        target = Path(path).resolve()  # a symlinked gateway.dat stays a symlink
+        try:
+            mode = stat.S_IMODE(os.stat(target).st_mode)
+        except FileNotFoundError:
+            mode = 0o644
+        write_atomically(target, data, mode=mode)
     return table, [], f"saved {len(table)} rule{'s' if len(table) != 1 else ''}; the daemon picks it up within 2 seconds"

@@ -398,3 +398,16 @@ def test_the_admin_listener_takes_a_bounded_number_of_connections(world):
     for _ in range(MAX_CONNECTIONS):
         factory.buildProtocol(peer).makeConnection(StringTransport())
     assert factory.buildProtocol(peer) is None
+
+
+def test_saving_a_symlinked_gateway_dat_keeps_the_link(tmp_path):
+    from epost.web.gateway_edit import save
+
+    real = tmp_path / "tables" / "gateway.dat"
+    real.parent.mkdir()
+    real.write_text("*.old.test,127.0.0.1,2525\n")
+    link = tmp_path / "gateway.dat"
+    link.symlink_to(real)
+    table, problems, _ = save(link, b"*.new.test,127.0.0.1,2526\n", None)
+    assert problems == [] and link.is_symlink()
+    assert real.read_text() == "*.new.test,127.0.0.1,2526\n"
