@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from epost.config import Config
 from epost.queue import surgery
 from epost.queue.envelope import EnvelopeError
-from epost.queue.outcomes import relay_groups
 from epost.queue.spool import QUEUES, Spool
 
 HELP = {
@@ -35,10 +33,12 @@ def run_action(config: Config, action: str, ids: list[str], domain: str | None, 
         print(f"epost {action}: give queue IDs or --domain", file=sys.stderr)
         return 2
     domain = domain.strip().rstrip(".").lower() if domain else None
+    from epost.control import DaemonNotRunning, operate  # here: Twisted's AMP only for these commands
+
     try:
-        result = _through_daemon(config.server.spool, action, ids, domain)
+        result = operate(config.server.spool, action, ids, domain)
         how = "daemon"
-    except _NoDaemon:
+    except DaemonNotRunning:
         result = on_files(config, action, ids, domain, now)
         how = "files"
     for queue_id in result["done"]:
@@ -53,23 +53,11 @@ def run_action(config: Config, action: str, ids: list[str], domain: str | None, 
 _PAST = {"flush": "due now", "hold": "on hold", "release": "released", "delete": "deleted", "reroute": "rerouted"}
 
 
-class _NoDaemon(Exception):
-    pass
-
-
-def _through_daemon(spool: Path, action: str, ids: list[str], domain: str | None) -> dict:
-    from epost.control import DaemonNotRunning, operate
-
-    try:
-        return operate(spool, action, ids, domain)
-    except DaemonNotRunning:
-        raise _NoDaemon() from None
-
-
 def on_files(config: Config, action: str, ids: list[str], domain: str | None, now: float) -> dict:
     """The same actions with no daemon running: straight on the spool files."""
     spool = Spool(config.server.spool, reactor=None, threadpool=None)
-    chosen = list(dict.fromkeys([*ids, *(_waiting_for(spool, domain, action) if domain else [])]))
+    queues = ("hold",) if action == "release" else tuple(q for q in QUEUES if q != "hold")
+    chosen = list(dict.fromkeys([*ids, *(surgery.waiting_for(spool, domain, queues) if domain else [])]))
     if action == "flush" and not chosen and domain is None:
         chosen = spool.queued_ids("deferred")
     route_final = None
@@ -99,17 +87,3 @@ def on_files(config: Config, action: str, ids: list[str], domain: str | None, no
             continue
         done.append(queue_id)
     return {"done": done, "errors": errors}
-
-
-def _waiting_for(spool: Spool, domain: str, action: str) -> list[str]:
-    """IDs with pending recipients for `domain` (in hold/ for release, elsewhere for the rest)."""
-    queues = ("hold",) if action == "release" else tuple(q for q in QUEUES if q != "hold")
-    found = []
-    for queue in queues:
-        for queue_id in spool.queued_ids(queue):
-            try:
-                if domain in relay_groups(spool.load(queue_id, queue)):
-                    found.append(queue_id)
-            except (OSError, EnvelopeError):
-                continue
-    return found

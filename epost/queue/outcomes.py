@@ -49,6 +49,18 @@ def unreported_failures(envelope: Envelope) -> list[int]:
     return [i for i, r in enumerate(envelope.recipients) if r.state == "failed" and not r.dsn_sent]
 
 
+def finished(envelope: Envelope) -> bool:
+    """Nothing left to deliver or to bounce: the message can leave the queue."""
+    return not envelope.pending() and not unreported_failures(envelope)
+
+
+def needs_manager(envelope: Envelope) -> bool:
+    """Work for the delivery manager: recipients that leave by SMTP, or failures to bounce."""
+    return bool(unreported_failures(envelope)) or any(
+        (envelope.recipients[i].route or {}).get("kind") != "local" for i in envelope.pending()
+    )
+
+
 def failure_class(outcome: Outcome) -> str:
     """The retry policy's kind: a DNS answer that the domain cannot get mail is permanent."""
     if outcome.stage == "dns" and outcome.code is not None and outcome.code >= 500:

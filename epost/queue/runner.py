@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from epost import metrics
 from epost.delivery.maildir import MaildirBatch
 from epost.queue.envelope import Envelope, EnvelopeError, Recipient
-from epost.queue.outcomes import has_local_pending
+from epost.queue.outcomes import has_local_pending, needs_manager
 from epost.queue.spool import Spool
 
 log = Logger()
@@ -232,10 +232,7 @@ def deliver_local_batch(
                     envelope = envelope.with_recipient(index, attempts=attempts, last_reply=reply)
             else:
                 envelope = envelope.with_recipient(index, state="delivered", attempts=attempts, last_reply="delivered to maildir")
-        left_for_manager = any(
-            r.state == "failed" and not r.dsn_sent or r.state == "pending" and (r.route or {}).get("kind") != "local"
-            for r in envelope.recipients
-        )
+        left_for_manager = needs_manager(envelope)
         try:
             if envelope.pending() or left_for_manager:
                 if slots:

@@ -107,7 +107,7 @@ class Scheduler:
         self._dead: dict[str, float] = {}  # destination -> earliest next probe
         self._known: set[Job] = set()
         self._by_queue_id: dict[str, set[Job]] = {}
-        self._known_per_destination: dict[str, int] = {}
+        self._by_destination: dict[str, set[Job]] = {}
         self._pumping = False
         self._pump_again = False
         self._stopped = False
@@ -182,16 +182,13 @@ class Scheduler:
     def knows(self, job: Job) -> bool:
         return job in self._known
 
-    def jobs(self) -> frozenset[Job]:
-        """Every job scheduled, waiting or running."""
-        return frozenset(self._known)
-
     def jobs_of(self, queue_id: str) -> frozenset[Job]:
         """The jobs of one message."""
         return frozenset(self._by_queue_id.get(queue_id, ()))
 
-    def jobs_for(self, destination: str) -> list[Job]:
-        return [job for job in self._known if job.destination == destination]
+    def jobs_for(self, destination: str) -> frozenset[Job]:
+        """The jobs for one destination."""
+        return frozenset(self._by_destination.get(destination, ()))
 
     # -- introspection ---------------------------------------------------
 
@@ -219,21 +216,18 @@ class Scheduler:
             raise ValueError(f"job {job!r} is already scheduled")
         self._known.add(job)
         self._by_queue_id.setdefault(job.queue_id, set()).add(job)
-        self._known_per_destination[job.destination] = self._known_per_destination.get(job.destination, 0) + 1
+        self._by_destination.setdefault(job.destination, set()).add(job)
 
     def _drop(self, job: Job) -> None:
         """Forget a job for good; a destination nobody waits for any more is forgotten too."""
         self._known.discard(job)
-        jobs = self._by_queue_id.get(job.queue_id)
-        if jobs is not None:
-            jobs.discard(job)
-            if not jobs:
-                del self._by_queue_id[job.queue_id]
-        left = self._known_per_destination.get(job.destination, 0) - 1
-        if left > 0:
-            self._known_per_destination[job.destination] = left
-        else:
-            self._known_per_destination.pop(job.destination, None)
+        for index, key in ((self._by_queue_id, job.queue_id), (self._by_destination, job.destination)):
+            jobs = index.get(key)
+            if jobs is not None:
+                jobs.discard(job)
+                if not jobs:
+                    del index[key]
+        if job.destination not in self._by_destination:
             self._dead.pop(job.destination, None)
 
     def _schedule(self, job: Job, due: float) -> None:
@@ -348,7 +342,7 @@ class Scheduler:
             self._revive(destination)
             self._drop(job)
         elif outcome == "done_noanswer":
-            if destination in self._dead or self._known_per_destination.get(destination, 0) > 1:
+            if destination in self._dead or len(self._by_destination.get(destination, ())) > 1:
                 self._dead[destination] = now + self.probe_gap
             self._drop(job)
         else:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from epost.queue.envelope import Envelope
-from epost.queue.outcomes import RELAY, has_local_pending
+from epost.queue.envelope import Envelope, EnvelopeError
+from epost.queue.outcomes import RELAY, has_local_pending, relay_groups
 from epost.queue.spool import QUEUES, Spool
 from epost.routing.resolver import Route
 from epost.smtp.address import AddressError, parse_mailbox
@@ -27,6 +27,19 @@ def locate(spool: Spool, queue_id: str) -> str:
         except ValueError:  # not a queue ID at all
             break
     raise LookupError(f"{queue_id}: not queued")
+
+
+def waiting_for(spool: Spool, domain: str, queues: tuple[str, ...]) -> list[str]:
+    """IDs in `queues` with recipients still to deliver to `domain` (what `--domain` picks)."""
+    found = []
+    for queue in queues:
+        for queue_id in spool.queued_ids(queue):
+            try:
+                if domain in relay_groups(spool.load(queue_id, queue)):
+                    found.append(queue_id)
+            except (OSError, EnvelopeError):
+                continue  # gone meanwhile, or unreadable: not ours to pick
+    return found
 
 
 def hold(spool: Spool, queue_id: str) -> Envelope:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -46,6 +48,25 @@ def maildir_messages(spool: Path, mailbox: str) -> list[Path]:
 def queued(spool: Path, folder: str = "incoming") -> list[str]:
     path = Path(spool) / folder
     return sorted(os.listdir(path)) if path.is_dir() else []
+
+
+QUEUED = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-F]+)\Z")
+
+
+def submit(port: int, sender: str, recipients: list[str], content: bytes) -> str:
+    """One message over SMTP on 127.0.0.1:`port`, every step checked; the queue ID from the 250 to DATA."""
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example.org", timeout=30) as client:
+        client.ehlo()
+        code, text = client.mail(sender)
+        assert code == 250, (code, text)
+        for recipient in recipients:
+            code, text = client.rcpt(recipient)
+            assert code == 250, (recipient, code, text)
+        code, text = client.data(content)
+    assert code == 250, (code, text)
+    match = QUEUED.search(text.decode())
+    assert match, text
+    return match.group(1)
 
 
 def port_answers(port: int, host: str = "127.0.0.1") -> bool:

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from e2e_support import REPO, TWISTD, kill9, maildir_messages, queued, restart, wait_for
+from e2e_support import QUEUED, REPO, TWISTD, kill9, maildir_messages, queued, restart, wait_for
 
 ALICE, BOB = "alice@example.test", "bob@example.test"
 SENDER = "x@example.org"
-QUEUED = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-F]+)\Z")
 
 
 # --- helpers -----------------------------------------------------------------

@@ -14,14 +14,13 @@ import email.policy
 import os
 import re
 import signal
-import smtplib
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from e2e_support import HOSTNAME, kill9, maildir_messages, queued, wait_for
+from e2e_support import HOSTNAME, kill9, maildir_messages, queued, submit, wait_for
 from epost.logs import parse_senderlog_line
 from epost.queue.domain_state import DomainState, parse_mri
 from sinks import Sink, closed_port
@@ -31,7 +30,6 @@ from dnsmasq import DNSMASQ, Dnsmasq  # noqa: E402
 
 ALICE = "alice@example.test"
 SENDER = "x@example.org"
-QUEUED = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-F]+)\Z")
 FAILLOG = re.compile(
     r"<(?P<id>[0-9A-F]+)@(?P<host>\S+)> send fail on \[\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d\] "
     r"from (?P<sender>\S+) to (?P<recipient>\S+) \[(?P<reason>.*)\]\Z"
@@ -56,18 +54,7 @@ def message(subject: str = "delivery e2e", body: str = "hello") -> bytes:
 
 def send(d, recipients: list[str], content: bytes, sender: str = SENDER) -> str:
     """One message over the relay port; the queue ID from the 250 to DATA."""
-    with smtplib.SMTP("127.0.0.1", d.relay_port, local_hostname="client.example.org", timeout=30) as client:
-        client.ehlo()
-        code, text = client.mail(sender)
-        assert code == 250, (code, text)
-        for recipient in recipients:
-            code, text = client.rcpt(recipient)
-            assert code == 250, (recipient, code, text)
-        code, text = client.data(content)
-    assert code == 250, (code, text)
-    match = QUEUED.search(text.decode())
-    assert match, text
-    return match.group(1)
+    return submit(d.relay_port, sender, recipients, content)
 
 
 def senderlog(d) -> list[dict]:

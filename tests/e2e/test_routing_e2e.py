@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import smtplib
 import subprocess
@@ -19,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from e2e_support import VENV_BIN, maildir_messages, queued, wait_for
+from e2e_support import VENV_BIN, maildir_messages, queued, submit, wait_for
 
 EPOST = str(VENV_BIN / "epost")
 SENDER = "x@example.org"
-QUEUED = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-F]+)\Z")
 UNTRUSTED = 'relay_networks = ["192.0.2.0/24"]'  # 127.0.0.1 may not relay
 
 
@@ -43,16 +41,7 @@ def queue_json(d) -> list[dict]:
 def send(d, recipient: str, subject: str = "routing e2e") -> str:
     """One message to `recipient` over the relay port; the queue ID from the DATA reply."""
     body = f"From: <{SENDER}>\r\nTo: <{recipient}>\r\nSubject: {subject}\r\n\r\nhello\r\n".encode()
-    with smtplib.SMTP("127.0.0.1", d.relay_port, timeout=10) as client:
-        client.ehlo("client.example.org")
-        assert client.mail(SENDER)[0] == 250
-        code, text = client.rcpt(recipient)
-        assert code == 250, (recipient, code, text)
-        code, text = client.data(body)
-        assert code == 250, (code, text)
-    match = QUEUED.search(text.decode())
-    assert match, text
-    return match.group(1)
+    return submit(d.relay_port, SENDER, [recipient], body)
 
 
 def routes_of(d, queue_id: str) -> list[dict]:

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from e2e_support import VENV_BIN, free_port, port_answers, wait_for
+from e2e_support import QUEUED, VENV_BIN, free_port, port_answers, wait_for
 
 EPOST = str(VENV_BIN / "epost")
 ALICE = "alice@example.test"
@@ -27,7 +27,6 @@ BOB = "bob@example.test"
 REMOTE = "friend@far.example"
 PASSWORD = "c0rrect horse: battery staple"  # a space and a colon: the users file must not split on them
 WRONG = "not-the-password"
-QUEUED = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-F]+)\Z")
 UNTRUSTED = 'relay_networks = ["192.0.2.0/24"]'  # 127.0.0.1 may not relay without AUTH
 
 

@@ -317,14 +317,7 @@ def test_a_stopped_scheduler_starts_nothing_more():
 
 
 def test_jobs_for_a_dead_destination_are_suspended_not_parked_and_expiry_keeps_it_dead():
-    clock = Clock()
-    started, suspended = [], []
-    pending: dict = {}
-
-    def start(job):
-        started.append(job)
-        pending[job] = Deferred()
-        return pending[job]
+    clock, start, suspended = Clock(), FakeStart(), []
 
     def suspend(job):
         suspended.append(job)
@@ -332,86 +325,64 @@ def test_jobs_for_a_dead_destination_are_suspended_not_parked_and_expiry_keeps_i
 
     scheduler = Scheduler(clock, start, suspend=suspend, probe_gap=50)
     scheduler.add_new(Job("A", "dead"))
-    pending.pop(Job("A", "dead")).callback(("retry_noanswer", 30))
+    start.finish(Job("A", "dead"), ("retry_noanswer", 30))
     scheduler.add_new(Job("B", "dead"))  # dead, probe not due: suspended at once, no slot used
-    assert (started, suspended) == ([Job("A", "dead")], [Job("B", "dead")])
+    assert (start.started, suspended) == ([Job("A", "dead")], [Job("B", "dead")])
     assert scheduler.ready_counts()["waiting"] == 0
 
     clock.advance(30)  # A is the probe; its recipients expire unanswered
-    pending.pop(Job("A", "dead")).callback("done_noanswer")
+    start.finish(Job("A", "dead"), "done_noanswer")
     assert scheduler.is_dead("dead")  # dead until 30 + probe_gap = 80
     scheduler.add_new(Job("C", "dead"))
     assert suspended[-1] == Job("C", "dead")
     clock.advance(70)  # B, suspended until 100, is due after 80: it is the next probe
-    assert started[-1] == Job("B", "dead")
+    assert start.started[-1] == Job("B", "dead")
+
+
+def suspend_later(clock: Clock, suspended: list[Job], gap: float):
+    """A suspend callback that records the job and puts it off by `gap`."""
+    return lambda job: suspended.append(job) or ("retry", clock.seconds() + gap)
 
 
 def test_jobs_parked_on_a_busy_destination_are_suspended_when_it_dies():
-    clock = Clock()
-    pending, suspended = {}, []
-
-    def start(job):
-        pending[job] = Deferred()
-        return pending[job]
-
-    scheduler = Scheduler(
-        clock, start, max_per_destination=2,
-        suspend=lambda job: suspended.append(job) or ("retry", clock.seconds() + 100),
-    )
+    clock, start, suspended = Clock(), FakeStart(), []
+    scheduler = Scheduler(clock, start, max_per_destination=2, suspend=suspend_later(clock, suspended, 100))
     for name in "ABCDE":
         scheduler.add_new(Job(name, "slow"))
-    assert sorted(j.queue_id for j in pending) == ["A", "B"] and scheduler.ready_counts()["waiting"] == 3
-    pending.pop(Job("A", "slow")).callback(("retry_noanswer", 60))  # no answer: dead
+    assert sorted(j.queue_id for j in start.pending) == ["A", "B"] and scheduler.ready_counts()["waiting"] == 3
+    start.finish(Job("A", "slow"), ("retry_noanswer", 60))  # no answer: dead
     assert suspended == []  # B is still trying: they wait for its verdict
-    pending.pop(Job("B", "slow")).callback(("retry_noanswer", 60))
+    start.finish(Job("B", "slow"), ("retry_noanswer", 60))
     assert sorted(j.queue_id for j in suspended) == ["C", "D", "E"]
     assert scheduler.ready_counts()["waiting"] == 0
 
 
 def test_jobs_due_while_the_probe_runs_wait_for_its_verdict_and_start_if_it_revives():
-    clock = Clock()
-    pending, suspended = {}, []
-
-    def start(job):
-        pending[job] = Deferred()
-        return pending[job]
-
-    scheduler = Scheduler(clock, start, suspend=lambda job: suspended.append(job) or ("retry", clock.seconds() + 500))
+    clock, start, suspended = Clock(), FakeStart(), []
+    scheduler = Scheduler(clock, start, suspend=suspend_later(clock, suspended, 500))
     scheduler.add_new(Job("A", "site"))
-    pending.pop(Job("A", "site")).callback(("retry_noanswer", 60))
+    start.finish(Job("A", "site"), ("retry_noanswer", 60))
     scheduler.add_deferred(Job("B", "site"), 61)
     clock.advance(60)  # A probes
     clock.advance(1)  # B comes due while the probe runs
     assert suspended == [] and scheduler.ready_counts()["waiting"] == 1
-    pending.pop(Job("A", "site")).callback("done")  # the site answers
-    assert Job("B", "site") in pending and suspended == []
+    start.finish(Job("A", "site"), "done")  # the site answers
+    assert Job("B", "site") in start.pending and suspended == []
 
 
 def test_an_error_of_ours_does_not_revive_a_dead_destination_and_forgotten_ones_are_not_kept():
-    clock = Clock()
-    pending = {}
-
-    def start(job):
-        pending[job] = Deferred()
-        return pending[job]
-
-    scheduler = Scheduler(clock, start)
+    clock, start, scheduler = make()
     scheduler.add_new(Job("A", "site"))
     scheduler.add_new(Job("B", "site"))
-    pending.pop(Job("A", "site")).callback(("retry_noanswer", 60))
-    pending.pop(Job("B", "site")).callback(("retry_error", 30))
+    start.finish(Job("A", "site"), ("retry_noanswer", 60))
+    start.finish(Job("B", "site"), ("retry_error", 30))
     assert scheduler.is_dead("site")
     assert sorted(scheduler.forget_many([Job("A", "site"), Job("B", "site")])) == [Job("A", "site"), Job("B", "site")]
     assert not scheduler.is_dead("site") and scheduler.jobs_of("A") == frozenset()
 
 
 def test_suspensions_run_a_few_at_a_time():
-    clock = Clock()
-    pending, suspensions = {}, []
-
-    def start(job):
-        pending[job] = Deferred()
-        return pending[job]
+    clock, start, suspensions = Clock(), FakeStart(), []
 
     def suspend(job):
         suspensions.append(Deferred())
@@ -422,7 +393,7 @@ def test_suspensions_run_a_few_at_a_time():
     scheduler.add_new(Job("probe", "dead"))
     for i in range(5):
         scheduler.add_new(Job(f"m{i}", "dead"))
-    pending.pop(Job("probe", "dead")).callback(("retry_noanswer", 60))
+    start.finish(Job("probe", "dead"), ("retry_noanswer", 60))
     assert len(suspensions) == 2
     suspensions[0].callback(("retry", 100))
     assert len(suspensions) == 3
