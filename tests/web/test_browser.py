@@ -23,7 +23,7 @@ import pytest
 
 from e2e_support import Daemon, free_port, wait_for, write_config
 from epost.auth import hash_password
-from smtp_sink import SMTPSink
+from sinks import Sink
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -110,6 +110,10 @@ def mail_control(tmp_path):
         daemon.stop()
 
 
+def recipients(sink: Sink) -> list[str]:
+    return [address for message in sink.messages for address in message.recipients]
+
+
 def send(daemon, recipient: str, subject: str) -> None:
     with smtplib.SMTP("127.0.0.1", daemon.relay_port, timeout=30) as client:
         client.sendmail("sender@example.org", [recipient], f"From: <sender@example.org>\r\nSubject: {subject}\r\n\r\nhi\r\n")
@@ -159,10 +163,10 @@ def test_mail_control_in_a_browser(mail_control, browser):
     browser.find_element(By.LINK_TEXT, "Queue").click()
     card = wait.until(EC.presence_of_element_located((By.ID, f"msg-{queue_id}")))
     assert "carol@a.sink.test" in card.text and "deferred" in card.text
-    with SMTPSink(d.first_gateway) as sink:
+    with Sink(port=d.first_gateway) as sink:
         card.find_element(By.XPATH, ".//button[text()='flush']").click()
         wait.until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, ".flash"), f"{queue_id}: due now"))
-        wait_for(lambda: sink.recipients() == ["carol@a.sink.test"], timeout=20, message="the flushed message at the sink")
+        wait_for(lambda: recipients(sink) == ["carol@a.sink.test"], timeout=20, message="the flushed message at the sink")
     wait_for(lambda: not deferred(d), timeout=10, message="an empty deferred queue")
     browser.get(d.admin_url + "/queue")
     assert "0 messages" in text("#count")
@@ -205,9 +209,9 @@ def test_mail_control_in_a_browser(mail_control, browser):
     wait_for(routed_to_second, timeout=10, interval=0.5, message="the route box showing the new gateway")
 
     # ... and a new message goes there.
-    with SMTPSink(second_gateway) as sink:
+    with Sink(port=second_gateway) as sink:
         send(d, "dave@b.sink.test", "second")
-        wait_for(lambda: sink.recipients() == ["dave@b.sink.test"], timeout=20, message="the new message at the new gateway")
+        wait_for(lambda: recipients(sink) == ["dave@b.sink.test"], timeout=20, message="the new message at the new gateway")
     browser.find_element(By.LINK_TEXT, "Dashboard").click()
     wait.until(EC.presence_of_element_located((By.ID, "senderlog")))
     assert "to=<dave@b.sink.test>" in text("#senderlog") and f":{second_gateway} " in text("#senderlog")
