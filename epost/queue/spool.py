@@ -24,10 +24,11 @@ from twisted.python.failure import Failure
 
 from epost.fsutil import fsync_dir, write_atomically
 
+from epost.queue import file_pool
 from epost.queue.envelope import Envelope
 
 QUEUES = ("incoming", "deferred", "hold")
-FOLDERS = (*QUEUES, "tmp", "domains", "mailboxes", "log")
+FOLDERS = (*QUEUES, "tmp", file_pool.FOLDER, "domains", "mailboxes", "log")
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 QUEUE_ID = re.compile(r"[0-9A-F]{17}")
 
@@ -105,7 +106,7 @@ class MessageWriter:
     def _flush(self) -> None:
         """Write buffered chunks to the ``tmp/`` file, creating it on first use."""
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            self._fd = self._spool.pool.create(self.path)
         chunks, self._chunks = self._chunks, []
         for chunk in chunks:
             view = memoryview(chunk)
@@ -126,7 +127,7 @@ class MessageWriter:
         self._chunks = []
         if self._fd is not None:
             self._close()
-            _unlink(self.path)
+            self._spool.pool.release(self.path)
 
     def commit(self, envelope: Envelope) -> Deferred[str]:
         """Make the message durable in ``incoming/``; fires with the queue id only once it is on disk."""
@@ -156,6 +157,7 @@ class Spool:
     ) -> None:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
+        self.pool = file_pool.FilePool(self.root / file_pool.FOLDER)
         self.on_commit: list[Callable[[str, Envelope], None]] = []  # (queue id, its envelope)
         self._reactor = reactor
         self._threadpool = threadpool
@@ -246,7 +248,8 @@ class Spool:
                 if writer.error is not None:
                     raise writer.error
                 writer._flush()
-                envelope_fds[i] = _write_file(self.tmp / f"{writer.queue_id}.env", envelope.to_bytes())
+                file_pool.FilePool.finish(writer._fd)
+                envelope_fds[i] = self._write_file(self.tmp / f"{writer.queue_id}.env", envelope.to_bytes())
             except OSError as e:
                 fail(i, e, "cannot write")
         for i, (writer, _) in enumerate(items):
@@ -363,7 +366,7 @@ class Spool:
             write_atomically(there / f"{queue_id}.env", envelope.to_bytes(), temp_dir=self.tmp)
             os.rename(here / f"{queue_id}.msg", there / f"{queue_id}.msg")
             fsync_dir(there)
-            _unlink(here / f"{queue_id}.env")
+            self.pool.release(here / f"{queue_id}.env")
         except OSError as e:
             raise SpoolError.from_oserror(e, f"cannot move {queue_id} to {target}/") from e
 
@@ -384,8 +387,8 @@ class Spool:
         No folder fsync, as in Postfix: if a power cut undoes the unlink, the
         message is delivered again (a duplicate), never lost."""
         folder = self._folder(queue_id, queue)
-        _unlink(folder / f"{queue_id}.env")
-        _unlink(folder / f"{queue_id}.msg")
+        self.pool.release(folder / f"{queue_id}.env")
+        self.pool.release(folder / f"{queue_id}.msg")
 
     def _folder(self, queue_id: str, queue: str) -> Path:
         """Checks both names, so an ID from the command line can never reach outside the spool."""
@@ -395,16 +398,16 @@ class Spool:
             raise ValueError(f"bad queue id {queue_id!r}")
         return self.root / queue
 
-
-def _write_file(path: Path, data: bytes) -> int:
-    """Create ``path`` holding ``data``; returns the open descriptor for a later fsync."""
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    except BaseException:
-        os.close(fd)
-        _unlink(path)
-        raise
-    return fd
+    def _write_file(self, path: Path, data: bytes) -> int:
+        """Create ``path`` holding ``data``; returns the open descriptor for a later fsync."""
+        fd = self.pool.create(path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            file_pool.FilePool.finish(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink(path)
+            raise
+        return fd

@@ -198,6 +198,21 @@ class QueuedMessageTests(SpoolTestCase):
         self.spool.remove(queue_id)
         assert self.files("incoming") == []
 
+    @inlineCallbacks
+    def test_a_removed_message_s_files_are_reused_holding_only_the_next_message(self):
+        long_body = b"Subject: long\r\n\r\n" + b"old text\r\n" * 500
+        old_id = yield self.write_and_commit(long_body)
+        inodes = {os.stat(self.spool.content_path(old_id)).st_ino,
+                  os.stat(self.root / "incoming" / f"{old_id}.env").st_ino}
+        self.spool.remove(old_id)
+        assert self.files("incoming") == []
+        new_id = yield self.write_and_commit(b"Subject: short\r\n\r\nhi\r\n")
+        assert {os.stat(self.spool.content_path(new_id)).st_ino,
+                os.stat(self.root / "incoming" / f"{new_id}.env").st_ino} == inodes
+        assert self.spool.content_path(new_id).read_bytes() == b"Subject: short\r\n\r\nhi\r\n"
+        assert self.spool.load(new_id) == envelope_for(new_id, 22)
+        assert self.files("free") == []
+
     def test_ids_and_queue_names_cannot_reach_outside_the_spool(self):
         self.assertRaises(ValueError, self.spool.content_path, "../../etc/passwd")
         self.assertRaises(ValueError, self.spool.load, "0006123456789AB00", queue="../tmp")

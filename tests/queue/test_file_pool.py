@@ -1,0 +1,107 @@
+"""Reused spool files: never two owners, never a stale byte, never hoarded."""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from epost.queue.file_pool import FilePool
+
+
+@pytest.fixture
+def root():
+    path = Path(tempfile.mkdtemp(prefix="epost-test-"))
+    for sub in ("free", "queue"):
+        (path / sub).mkdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def write(pool: FilePool, path: Path, data: bytes) -> None:
+    fd = pool.create(path)
+    try:
+        os.write(fd, data)
+        pool.finish(fd)
+    finally:
+        os.close(fd)
+
+
+def test_a_released_file_is_reused_and_holds_only_the_new_bytes(root):
+    pool = FilePool(root / "free")
+    write(pool, root / "queue" / "a.msg", b"x" * 5000)
+    inode = os.stat(root / "queue" / "a.msg").st_ino
+    pool.release(root / "queue" / "a.msg")
+    assert not (root / "queue" / "a.msg").exists()
+    write(pool, root / "queue" / "b.msg", b"short")
+    assert os.stat(root / "queue" / "b.msg").st_ino == inode
+    assert (root / "queue" / "b.msg").read_bytes() == b"short"
+    assert os.listdir(root / "free") == []
+
+
+def test_an_empty_pool_creates_a_new_file_exclusively(root):
+    pool = FilePool(root / "free")
+    write(pool, root / "queue" / "a.msg", b"one")
+    with pytest.raises(FileExistsError):
+        pool.create(root / "queue" / "a.msg")
+
+
+def test_two_processes_never_get_the_same_file(root):
+    """Each pool lists the folder; a name one of them took is skipped by the other."""
+    first, second = FilePool(root / "free", relist_every=0), FilePool(root / "free", relist_every=0)
+    for i in range(4):
+        write(first, root / "queue" / f"{i}.msg", b"old")
+        first.release(root / "queue" / f"{i}.msg")
+    inodes = []
+    for i in range(4):  # both believe all four names are theirs
+        for name, pool in ((f"a{i}", first), (f"b{i}", second)):
+            write(pool, root / "queue" / name, name.encode())
+            inodes.append(os.stat(root / "queue" / name).st_ino)
+    assert len(set(inodes)) == 8  # four reused, four new: no file has two names
+    assert all((root / "queue" / n).read_bytes() == n.encode() for n in os.listdir(root / "queue"))
+
+
+def test_big_files_and_files_beyond_the_limit_are_deleted(root):
+    pool = FilePool(root / "free", limit=2, max_size=100, relist_every=3600)
+    write(pool, root / "queue" / "big", b"x" * 101)
+    pool.release(root / "queue" / "big")
+    assert os.listdir(root / "free") == []
+    for name in ("a", "b", "c"):
+        write(pool, root / "queue" / name, b"small")
+    for name in ("a", "b", "c"):
+        pool.release(root / "queue" / name)
+    assert sorted(os.listdir(root / "free")) == ["a", "b"]
+    assert os.listdir(root / "queue") == []
+
+
+def test_a_full_pool_looks_again_when_another_process_took_files(root):
+    releaser, taker = FilePool(root / "free", limit=2, relist_every=0), FilePool(root / "free", relist_every=0)
+    for name in ("a", "b"):
+        write(releaser, root / "queue" / name, b"1")
+        releaser.release(root / "queue" / name)
+    write(taker, root / "queue" / "c", b"2")  # takes one of them
+    write(taker, root / "queue" / "d", b"3")
+    releaser.release(root / "queue" / "c")
+    assert "c" in os.listdir(root / "free")
+
+
+def test_releasing_a_missing_file_is_not_an_error(root):
+    FilePool(root / "free").release(root / "queue" / "gone")
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.binary(max_size=3000), min_size=1, max_size=12))
+def test_whatever_the_sizes_each_file_holds_exactly_what_was_written_last(sizes):
+    path = Path(tempfile.mkdtemp(prefix="epost-test-"))
+    try:
+        (path / "free").mkdir()
+        pool = FilePool(path / "free", relist_every=0)
+        for i, data in enumerate(sizes):
+            write(pool, path / f"m{i}", data)
+            assert (path / f"m{i}").read_bytes() == data
+            pool.release(path / f"m{i}")
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
