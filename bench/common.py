@@ -66,6 +66,20 @@ def postfix_cpu() -> float:
     return total
 
 
+def bench_base() -> Path:
+    """Where benchmark spools go: a folder flagged as a top of hierarchy (chattr +T).
+
+    ext4 then places each run's folder in a block group of its own, away from
+    the thousands of files the previous run deleted: on ext4 without a journal
+    every new inode skips the free inodes of its group deleted in the last one
+    to six minutes, and that made a run that followed another pay up to 1 ms
+    of CPU per Maildir file. Where the flag cannot be set, nothing changes."""
+    base = Path(tempfile.gettempdir()) / "epost-bench"
+    base.mkdir(exist_ok=True)
+    subprocess.run(["chattr", "+T", str(base)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return base
+
+
 class Epost:
     """A real `twistd -n epost` on loopback with local delivery to one Maildir."""
 
@@ -81,7 +95,7 @@ class Epost:
         """`extra_toml` goes into [server]; `gateway` is the gateway.dat text;
         `tail_toml` adds whole sections ([delivery], [retry]); `root` reuses a
         prepared folder (its spool/ is kept); `wait=False` returns at once."""
-        self.root = root or Path(tempfile.mkdtemp(prefix="epost-bench-"))
+        self.root = root or Path(tempfile.mkdtemp(prefix="epost-bench-", dir=bench_base()))
         self.port = free_port()
         (self.root / "users").write_text("sink@bench.test\n")
         if gateway is not None:

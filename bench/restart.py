@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import Epost, Sink, children, process_cpu, rss_kib  # noqa: E402
+from common import Epost, Sink, bench_base, children, process_cpu, rss_kib  # noqa: E402
 from epost.queue.envelope import Envelope, Recipient  # noqa: E402
 from epost.queue.spool import FOLDERS  # noqa: E402
 
@@ -137,7 +137,7 @@ def report(label: str, greeting: float, samples) -> None:
 
 
 def run_deferred(args) -> None:
-    root = Path(tempfile.mkdtemp(prefix="epost-restart-"))
+    root = Path(tempfile.mkdtemp(prefix="epost-restart-", dir=bench_base()))
     try:
         built = build_spool(root, args.messages, args.domains, "deferred")
         print(f"built {args.messages} deferred messages over {args.domains} domains in {built:.1f} s "
@@ -160,7 +160,7 @@ def run_deferred(args) -> None:
 
 
 def run_incoming(args) -> None:
-    root = Path(tempfile.mkdtemp(prefix="epost-restart-in-"))
+    root = Path(tempfile.mkdtemp(prefix="epost-restart-in-", dir=bench_base()))
     sink = Sink()
     try:
         built = build_spool(root, args.incoming, args.domains, "incoming", sink.port)
