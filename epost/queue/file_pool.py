@@ -30,13 +30,14 @@ FOLDER = "free"
 class FilePool:
     def __init__(self, folder: Path, *, limit: int = 2048, max_size: int = 256 * 1024, relist_every: float = 1.0):
         self.folder = Path(folder)
+        self._prefix = f"{folder}/"  # strings, not Paths: this runs for every message
         self.limit = limit  # files this process keeps; beyond it, released files are deleted
         self.max_size = max_size
         self._relist_every = relist_every
         self._names: list[str] = []  # believed to be in the folder (other processes may take them)
         self._listed_at = float("-inf")
 
-    def create(self, path: Path) -> int:
+    def create(self, path: str | Path) -> int:
         """A descriptor open for writing at `path`: a reused file when there is one, else a new file (O_EXCL).
 
         Call `finish` after the last write: a reused file may be longer."""
@@ -45,7 +46,7 @@ class FilePool:
             if name is None:
                 return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             try:
-                os.rename(self.folder / name, path)
+                os.rename(self._prefix + name, path)
             except FileNotFoundError:
                 continue  # another process took it first
             return os.open(path, os.O_WRONLY)
@@ -55,7 +56,7 @@ class FilePool:
         """Cut the file at the current write offset (what this writer wrote)."""
         os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
 
-    def release(self, path: Path) -> None:
+    def release(self, path: str | Path) -> None:
         """Take `path` out of its folder: into the pool, or deleted when the pool is full or it is big.
 
         Like an unlink, a missing file is not an error."""
@@ -63,9 +64,13 @@ class FilePool:
             self._relist()  # other processes may have taken some
         try:
             if len(self._names) < self.limit and os.stat(path).st_size <= self.max_size:
-                os.rename(path, self.folder / path.name)
-                self._names.append(path.name)
-                return
+                name = os.path.basename(path)
+                try:
+                    os.rename(path, self._prefix + name)
+                    self._names.append(name)
+                    return
+                except FileNotFoundError:
+                    pass  # no pool folder (a spool from before it): delete instead
             os.unlink(path)
         except FileNotFoundError:
             pass

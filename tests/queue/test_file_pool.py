@@ -92,6 +92,14 @@ def test_releasing_a_missing_file_is_not_an_error(root):
     FilePool(root / "free").release(root / "queue" / "gone")
 
 
+def test_without_a_pool_folder_released_files_are_deleted(root):
+    """Offline commands may work on a spool made before the pool existed."""
+    pool = FilePool(root / "no-such-folder")
+    write(pool, root / "queue" / "a", b"data")
+    pool.release(root / "queue" / "a")
+    assert os.listdir(root / "queue") == []
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.binary(max_size=3000), min_size=1, max_size=12))
 def test_whatever_the_sizes_each_file_holds_exactly_what_was_written_last(sizes):
