@@ -15,7 +15,7 @@ from twisted.trial import unittest
 from epost.queue.envelope import Envelope, Recipient
 from epost.queue.spool import Spool, SpoolError
 from epost.queue.worker import Worker
-from epost.queue.worker_client import SpoolWorkerService
+from epost.queue.worker_client import RemoteMessageWriter, SpoolWorkerService
 
 
 def envelope(queue_id: str, *mailboxes: str) -> Envelope:
@@ -97,6 +97,54 @@ class WorkerLoopTests(unittest.SynchronousTestCase):
         self.worker.handle(b"C", queue_id, b"{not json")
         assert self.replies[0].startswith(f"F {queue_id} 22 ".encode())
         assert os.listdir(self.spool.root / "incoming") == []
+
+
+class RecordingService:
+    """Stands in for SpoolWorkerService: records the frames a writer sends."""
+
+    def __init__(self):
+        self.frames: list[tuple[bytes, bytes]] = []
+
+    def generation(self, queue_id):
+        return 1
+
+    def send(self, op, queue_id, payload):
+        self.frames.append((op, payload))
+
+    def commit(self, queue_id, envelope):
+        self.frames.append((b"C", b""))
+        return defer.succeed(queue_id)
+
+
+class RemoteWriterTests(unittest.SynchronousTestCase):
+    QUEUE_ID = "00000000000010000"
+
+    def setUp(self):
+        self.service = RecordingService()
+        self.writer = RemoteMessageWriter(self.service, self.QUEUE_ID)
+
+    def test_a_small_message_reaches_the_worker_in_one_frame_with_its_commit(self):
+        for piece in (b"Received: x\r\n", b"Subject: hi\r\n", b"\r\nbody\r\n"):
+            self.writer.write(piece)
+        assert self.service.frames == []
+        self.writer.commit(envelope(self.QUEUE_ID, "example.test/carol"))
+        assert self.service.frames == [(b"W", b"Received: x\r\nSubject: hi\r\n\r\nbody\r\n"), (b"C", b"")]
+        assert self.writer.size == 34
+
+    def test_big_content_is_streamed_once_enough_gathers(self):
+        chunk = b"x" * (RemoteMessageWriter.HOLD // 2)
+        self.writer.write(chunk)
+        assert self.service.frames == []
+        self.writer.write(chunk)
+        assert self.service.frames == [(b"W", chunk + chunk)]  # memory held per session stays under HOLD
+        self.writer.write(b"tail")
+        self.writer.commit(envelope(self.QUEUE_ID, "example.test/carol"))
+        assert self.service.frames[1:] == [(b"W", b"tail"), (b"C", b"")]
+
+    def test_abort_drops_what_was_held(self):
+        self.writer.write(b"held")
+        self.writer.abort()
+        assert self.service.frames == [(b"A", b"")]
 
 
 class WorkerProcessTests(unittest.TestCase):
