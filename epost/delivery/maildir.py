@@ -40,7 +40,7 @@ class MaildirBatch:
             for sub in ("tmp", "new", "cur"):
                 _make_dir_durably(maildir / sub)
             _known_maildirs.add(maildir)
-        name, fd = _create_unique(maildir / "tmp", self.hostname)
+        name, fd = _create_unique(f"{maildir}/tmp", self.hostname)
         try:
             size = 0
             with contextlib.ExitStack() as stack:
@@ -56,7 +56,7 @@ class MaildirBatch:
                     size += len(piece)
         except BaseException:
             os.close(fd)
-            (maildir / "tmp" / name).unlink(missing_ok=True)
+            _unlink(f"{maildir}/tmp/{name}")
             raise
         self._staged.append((maildir, name, fd, size))
         return len(self._staged) - 1
@@ -68,10 +68,10 @@ class MaildirBatch:
             try:
                 os.fsync(fd)
                 final = f"{name},S={size}"
-                os.rename(maildir / "tmp" / name, maildir / "new" / final)
+                os.rename(f"{maildir}/tmp/{name}", f"{maildir}/new/{final}")
                 results.append(final)
             except OSError as e:
-                (maildir / "tmp" / name).unlink(missing_ok=True)
+                _unlink(f"{maildir}/tmp/{name}")
                 results.append(e)
             finally:
                 os.close(fd)
@@ -115,14 +115,21 @@ def crlf_to_lf(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield carry
 
 
-def _create_unique(folder: Path, hostname: str) -> tuple[str, int]:
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _create_unique(folder: str, hostname: str) -> tuple[str, int]:
     """A name in the Maildir convention, ``<sec>.M<usec>P<pid>Q<n>.<host>``, created with O_EXCL."""
     host = hostname.replace("/", r"\057").replace(":", r"\072")
     while True:
         now = time.time_ns() // 1000
         name = f"{now // 1_000_000}.M{now % 1_000_000}P{os.getpid()}Q{next(_deliveries)}.{host}"
         try:
-            return name, os.open(folder / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            return name, os.open(f"{folder}/{name}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         except FileExistsError:
             continue
 

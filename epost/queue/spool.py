@@ -53,9 +53,9 @@ class SpoolError(OSError):
         return cls(error.errno or errno.EIO, f"{doing}: {error}")
 
 
-def _unlink(path: Path) -> None:
+def _unlink(path: str | Path) -> None:
     try:
-        path.unlink()
+        os.unlink(path)
     except FileNotFoundError:
         pass
 
@@ -72,6 +72,7 @@ class MessageWriter:
 
     def __init__(self, spool: Spool, queue_id: str) -> None:
         self.queue_id = queue_id
+        self.temp_path = f"{spool.tmp}/{queue_id}.msg"
         self.size = 0
         self.error: OSError | None = None
         self._spool = spool
@@ -81,7 +82,7 @@ class MessageWriter:
 
     @property
     def path(self) -> Path:
-        return self._spool.tmp / f"{self.queue_id}.msg"
+        return Path(self.temp_path)
 
     def write(self, data: bytes) -> None:
         """Buffer or append to the page cache; the first error is kept for ``commit`` to report."""
@@ -106,7 +107,7 @@ class MessageWriter:
     def _flush(self) -> None:
         """Write buffered chunks to the ``tmp/`` file, creating it on first use."""
         if self._fd is None:
-            self._fd = self._spool.pool.create(self.path)
+            self._fd = self._spool.pool.create(self.temp_path)
         chunks, self._chunks = self._chunks, []
         for chunk in chunks:
             view = memoryview(chunk)
@@ -127,7 +128,7 @@ class MessageWriter:
         self._chunks = []
         if self._fd is not None:
             self._close()
-            self._spool.pool.release(self.path)
+            self._spool.pool.release(self.temp_path)
 
     def commit(self, envelope: Envelope) -> Deferred[str]:
         """Make the message durable in ``incoming/``; fires with the queue id only once it is on disk."""
@@ -158,6 +159,7 @@ class Spool:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
         self.pool = file_pool.FilePool(self.root / file_pool.FOLDER)
+        self._queue_dirs = {queue: self.root / queue for queue in QUEUES}
         self.on_commit: list[Callable[[str, Envelope], None]] = []  # (queue id, its envelope)
         self._reactor = reactor
         self._threadpool = threadpool
@@ -249,7 +251,7 @@ class Spool:
                     raise writer.error
                 writer._flush()
                 file_pool.FilePool.finish(writer._fd)
-                envelope_fds[i] = self._write_file(self.tmp / f"{writer.queue_id}.env", envelope.to_bytes())
+                envelope_fds[i] = self._write_file(f"{self.tmp}/{writer.queue_id}.env", envelope.to_bytes())
             except OSError as e:
                 fail(i, e, "cannot write")
         for i, (writer, _) in enumerate(items):
@@ -266,9 +268,10 @@ class Spool:
         incoming = self.root / "incoming"
         for i, (writer, _) in enumerate(items):
             if results[i] is None:
+                queue_id = writer.queue_id
                 try:
-                    os.rename(self.tmp / f"{writer.queue_id}.msg", incoming / f"{writer.queue_id}.msg")
-                    os.rename(self.tmp / f"{writer.queue_id}.env", incoming / f"{writer.queue_id}.env")
+                    os.rename(writer.temp_path, f"{incoming}/{queue_id}.msg")
+                    os.rename(f"{self.tmp}/{queue_id}.env", f"{incoming}/{queue_id}.env")
                 except OSError as e:
                     fail(i, e, "cannot queue")
         if any(r is None for r in results):
@@ -387,8 +390,8 @@ class Spool:
         No folder fsync, as in Postfix: if a power cut undoes the unlink, the
         message is delivered again (a duplicate), never lost."""
         folder = self._folder(queue_id, queue)
-        self.pool.release(folder / f"{queue_id}.env")
-        self.pool.release(folder / f"{queue_id}.msg")
+        self.pool.release(f"{folder}/{queue_id}.env")
+        self.pool.release(f"{folder}/{queue_id}.msg")
 
     def _folder(self, queue_id: str, queue: str) -> Path:
         """Checks both names, so an ID from the command line can never reach outside the spool."""
@@ -396,9 +399,9 @@ class Spool:
             raise ValueError(f"unknown queue {queue!r}")
         if not QUEUE_ID.fullmatch(queue_id):
             raise ValueError(f"bad queue id {queue_id!r}")
-        return self.root / queue
+        return self._queue_dirs[queue]
 
-    def _write_file(self, path: Path, data: bytes) -> int:
+    def _write_file(self, path: str, data: bytes) -> int:
         """Create ``path`` holding ``data``; returns the open descriptor for a later fsync."""
         fd = self.pool.create(path)
         try:
