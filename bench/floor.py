@@ -1,0 +1,146 @@
+"""Floor benchmark: what a minimal SMTP server on Twisted does on this machine.
+
+    .venv/bin/python bench/floor.py [--messages 2000] [--concurrency 1,10,50]
+                                    [--size 4096]
+
+Starts two bare servers on stock twisted.mail.smtp.ESMTP, each in a process
+of its own on 127.0.0.1 (this file run with --serve), that accept any sender
+and recipient:
+
+  twisted-minimal  writes each message to tmp/, fsyncs it, renames it into
+                   queue/ and fsyncs queue/ (in a thread, deferToThread),
+                   and only then answers 250;
+  twisted-nofsync  answers 250 at once without writing anything: the cost
+                   of the protocol alone.
+
+For each client concurrency, Postfix's smtp-source sends N messages to each;
+prints messages/s and the server process's CPU milliseconds per message (all
+its threads). epost does more per message, so this is a reference floor for
+it, not a target to match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import bench_base, free_port, process_cpu, smtp_source, wait_for_port
+
+SERVERS = {"twisted-minimal": True, "twisted-nofsync": False}  # name: writes files
+
+
+def store(folder: Path, name: str, data: bytes) -> None:
+    """Write `data` durably as queue/`name`: tmp/ file, fsync, rename, fsync queue/."""
+    tmp = folder / "tmp" / name
+    with open(tmp, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, folder / "queue" / name)
+    fd = os.open(folder / "queue", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def serve(name: str, port: str, folder: str) -> None:
+    """Run one server (in the subprocess) until terminated."""
+    from twisted.internet import defer, reactor, threads
+    from twisted.mail import smtp
+    from zope.interface import implementer
+
+    names = (f"{os.getpid()}.{n}" for n in itertools.count())
+    writes = SERVERS[name]
+    folder = Path(folder)
+
+    @implementer(smtp.IMessage)
+    class Message:
+        def __init__(self):
+            self.lines = []
+
+        def lineReceived(self, line):
+            self.lines.append(line)
+
+        def eomReceived(self):
+            if not writes:
+                return defer.succeed(None)
+            data = b"\n".join(self.lines) + b"\n"
+            return threads.deferToThread(store, folder, next(names), data)
+
+        def connectionLost(self):
+            self.lines = []
+
+    @implementer(smtp.IMessageDelivery)
+    class Delivery:
+        def receivedHeader(self, helo, origin, recipients):
+            return b"Received: from %s by floor.bench.test" % helo[0]
+
+        def validateFrom(self, helo, origin):
+            return origin
+
+        def validateTo(self, user):
+            return Message
+
+    class Factory(smtp.SMTPFactory):
+        protocol = smtp.ESMTP
+        domain = b"floor.bench.test"
+
+        def buildProtocol(self, addr):
+            p = super().buildProtocol(addr)
+            p.delivery = Delivery()
+            return p
+
+    if writes:
+        (folder / "tmp").mkdir()
+        (folder / "queue").mkdir()
+    reactor.listenTCP(int(port), Factory(), backlog=128, interface="127.0.0.1")
+    reactor.run()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--concurrency", default="1,10,50")
+    parser.add_argument("--size", type=int, default=4096)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="floor-", dir=bench_base()))
+    servers = {}
+    try:
+        for name in SERVERS:
+            folder = root / name
+            folder.mkdir()
+            port = free_port()
+            servers[name] = port, subprocess.Popen(
+                [sys.executable, __file__, "--serve", name, str(port), str(folder)])
+            wait_for_port(port)
+            smtp_source(port, min(200, args.messages), args.size, 10, "sink@bench.test")  # warm-up
+
+        print(f"{args.messages} messages of {args.size} bytes")
+        print(f"{'server':<16} {'C':>4} {'msg/s':>8} {'CPU-ms/msg':>11}")
+        for sessions in (int(c) for c in args.concurrency.split(",")):
+            for name, (port, process) in servers.items():
+                cpu_before = process_cpu(process.pid)
+                seconds = smtp_source(port, args.messages, args.size, sessions, "sink@bench.test")
+                cpu = process_cpu(process.pid) - cpu_before
+                print(f"{name:<16} {sessions:>4} {args.messages / seconds:>8.0f}"
+                      f" {1000 * cpu / args.messages:>11.3f}", flush=True)
+    finally:
+        for _, process in servers.values():
+            process.terminate()
+            process.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--serve"]:
+        serve(*sys.argv[2:])
+    else:
+        main()
