@@ -19,11 +19,10 @@ from epost.auth import UsersChecker, make_portal
 from epost import metrics
 from epost.config import Config
 from epost.control import control_service
-from epost.delivery.courier import Courier
+from epost.delivery.remote_courier import RemoteCourier
 from epost.queue.bounces import BounceSender
 from epost.queue.manager import DeliveryManager
 from epost.queue.runner import LocalDeliveryRunner
-from epost.routing.dns import MXResolver
 from epost.queue.spool import Spool
 from epost.queue.worker_client import SpoolWorkerService
 from epost.routing.aliases import load_aliases
@@ -36,7 +35,7 @@ from epost.smtp.policy import RecipientPolicy
 from epost.smtp.receiver import SpoolingReceiver
 from epost.smtp.server import ServerSettings
 from epost.smtp.throttle import AuthThrottle
-from epost.tls import client_context, context_for
+from epost.tls import context_for
 from epost.web import attach_admin
 
 
@@ -167,13 +166,11 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     portal = make_portal(UsersChecker(routing.users, reactor, pool))
     throttle = AuthThrottle(reactor, cutoff=config.server.auth_failures_before_cutoff)
 
-    # DNS waits on the network, for up to the timeout: its own pool, so slow
-    # lookups never hold up table reloads or password checks.
-    dns_pool = ThreadPool(minthreads=1, maxthreads=16, name="epost-dns")
-    dns_pool_service = ThreadPoolService(dns_pool)
-    dns_pool_service.setServiceParent(top)
-    top.stop_last.append(dns_pool_service)
-    manager = make_delivery_manager(config, reactor, pool, dns_pool, spool, worker, routing)
+    # Outbound SMTP (and its DNS lookups) runs in a process of its own: docs/delivery.md.
+    courier = RemoteCourier(reactor, courier_settings(config))
+    courier.setServiceParent(top)
+    top.stop_last.insert(0, courier)  # after the manager: its attempts in progress finish first
+    manager = make_delivery_manager(config, reactor, pool, courier, spool, worker, routing)
     manager.setServiceParent(top)
     # The runner goes before the listeners: its start-up recovery empties
     # tmp/, which must happen before any listener could be writing there.
@@ -211,18 +208,22 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     return top
 
 
-def make_delivery_manager(config: Config, reactor, pool, dns_pool, spool: Spool, store, routing: Routing) -> DeliveryManager:
-    """Outbound SMTP with its retry books; `store` queues the bounces."""
+def courier_settings(config: Config) -> dict:
+    """What the courier process needs to know (epost/delivery/courier_process.py)."""
     delivery = config.delivery
-    dns = MXResolver(reactor, dns_pool, config.routing.dns_servers, timeout=delivery.connect_timeout)
-    courier = Courier(
-        reactor,
-        dns,
-        config.server.hostname,
-        tls_context=client_context(),
-        connect_timeout=delivery.connect_timeout,
-        timeouts={"greeting": delivery.greeting_timeout},
-    )
+    return {
+        "spool": str(config.server.spool),
+        "hostname": config.server.hostname,
+        "dns_servers": [[server.host, server.port] for server in config.routing.dns_servers],
+        "dns_timeout": delivery.connect_timeout,
+        "connect_timeout": delivery.connect_timeout,
+        "timeouts": {"greeting": delivery.greeting_timeout},
+    }
+
+
+def make_delivery_manager(config: Config, reactor, pool, courier, spool: Spool, store, routing: Routing) -> DeliveryManager:
+    """Outbound SMTP with its retry books; `courier` makes the attempts, `store` queues the bounces."""
+    delivery = config.delivery
     bounces = BounceSender(store, routing.resolver.resolve, config.server.hostname, reactor.seconds)
     return DeliveryManager(
         spool,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -52,13 +52,12 @@ from epost.queue.outcomes import (
 )
 from epost.queue import surgery
 from epost.queue.scheduler import Job, Scheduler
-from epost.queue.spool import Spool
+from epost.queue.spool import Spool, SpooledContent
 from epost.routing.resolver import Route
 from epost.smtp.address import AddressError, parse_mailbox
 
 log = Logger()
 
-CHUNK = 64 * 1024
 LOAD_BATCH = 500  # envelopes read per thread hop when the deferred queue is loaded at start
 
 
@@ -292,13 +291,13 @@ class DeliveryManager(Service):
             attempt = Attempt({r: Outcome(None, reason, "connect") for r in recipients}, None, False)
         else:
             route = self._current_route(envelope.recipients[indexes[0]])
-            fd = await message.lock.run(self._open_content, queue_id, message)
+            content = SpooledContent(self.spool, queue_id, message.queue)
             try:
                 attempt = await self.courier.deliver(
-                    route, envelope.sender, recipients, lambda: _chunks(fd), envelope.size, envelope.body == "8BITMIME"
+                    route, envelope.sender, recipients, content, envelope.size, envelope.body == "8BITMIME"
                 )
             finally:
-                os.close(fd)
+                content.close()
         now = self.reactor.seconds()
         applied = apply_attempt(message.envelope, destination, attempt.outcomes, attempt.host, now, self.retry)
         message.envelope = applied.envelope
@@ -318,9 +317,6 @@ class DeliveryManager(Service):
         except (AddressError, ValueError):
             return stored
         return route if route.kind == "relay" else stored
-
-    def _open_content(self, queue_id: str, message: _Message) -> defer.Deferred:
-        return defer.succeed(self.spool.open_content(queue_id, message.queue))
 
     # -- recording ---------------------------------------------------------
 
@@ -629,13 +625,3 @@ class OperationResult:
     done: list[str]
     errors: list[str]
 
-
-def _chunks(fd: int) -> Iterator[bytes]:
-    """The content from the start, read in 64 KiB pieces (a fresh pass for every SMTP session)."""
-    offset = 0
-    while True:
-        chunk = os.pread(fd, CHUNK, offset)
-        if not chunk:
-            return
-        offset += len(chunk)
-        yield chunk

@@ -12,7 +12,7 @@ import errno
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -414,3 +414,36 @@ class Spool:
             _unlink(path)
             raise
         return fd
+
+
+class SpooledContent:
+    """A queued message's content as the courier takes it: callable for its
+    chunks (a fresh pass each time, one per SMTP session), and naming where
+    it is queued, so a courier in another process can open it itself.
+
+    The file is opened at the first pass, following the message if a move
+    took it to another queue meanwhile; `close` releases it."""
+
+    chunk_size = 64 * 1024
+
+    def __init__(self, spool: Spool, queue_id: str, queue: str) -> None:
+        self.spool = spool
+        self.queue_id = queue_id
+        self.queue = queue
+        self._fd: int | None = None
+
+    def __call__(self) -> Iterator[bytes]:
+        if self._fd is None:
+            self._fd = self.spool.open_content(self.queue_id, self.queue)
+        return self._chunks(self._fd)
+
+    def _chunks(self, fd: int) -> Iterator[bytes]:
+        offset = 0
+        while chunk := os.pread(fd, self.chunk_size, offset):
+            offset += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)

@@ -1,0 +1,150 @@
+"""The courier process: outbound SMTP sessions on the second core.
+
+    python -m epost.delivery.courier_process SETTINGS_JSON
+
+Why a process: relaying, one daemon process did inbound SMTP, outbound SMTP
+and the queue's bookkeeping on one core (at 85% of it), while Postfix spreads
+the same work over both. Outbound sessions are the part with the narrowest
+interface (`Courier.deliver`: a route, an envelope, the content's place in
+the spool; back an outcome per recipient), so they run here, in a reactor of
+their own, and every decision (when to try, what a reply means, the files,
+the logs) stays with the delivery manager in the daemon.
+
+One JSON object per line on stdin, one per line back on stdout:
+  {"id": N, "route": {...}, "sender": s, "recipients": [...],
+   "queue_id": q, "queue": "incoming", "size": n, "body_8bit": b}
+      -> {"id": N, "outcomes": {recipient: [code, text, stage]}, "host": h, "tls": b}
+  {"close_idle": true}    QUIT every cached connection
+The content is read from the spool here (following the message if a move
+takes it to another queue): the daemon's manager never lets a message go
+while an attempt for it runs. When stdin closes, the attempts in progress
+finish and are answered, then the process ends. Log lines go to stderr,
+which the daemon relays into its own log.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
+from zope.interface import implementer
+
+from epost.delivery.courier import Attempt
+from epost.queue.spool import Spool, SpooledContent
+
+log = Logger()
+
+
+def attempt_to_json(request_id: int, attempt: Attempt) -> bytes:
+    outcomes = {r: [o.code, o.text, o.stage] for r, o in attempt.outcomes.items()}
+    return json.dumps({"id": request_id, "outcomes": outcomes, "host": attempt.host, "tls": attempt.tls}).encode()
+
+
+@implementer(IHalfCloseableProtocol)
+class CourierServer(LineOnlyReceiver):
+    """Runs each request through `courier`; ends (`on_done`) once stdin is
+    closed and nothing is in progress."""
+
+    delimiter = b"\n"
+    MAX_LENGTH = 64 * 1024 * 1024  # a request with thousands of recipients is still one line
+
+    def __init__(self, courier: Any, spool: Spool, on_done=lambda: None):
+        self.courier = courier
+        self.spool = spool
+        self.on_done = on_done
+        self._in_progress: set[defer.Deferred] = set()
+        self._closing = False
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            log.error("courier process: unreadable request {line!r}", line=line[:200])
+            return
+        if request.get("close_idle"):
+            self.courier.close_idle()
+            return
+        content = SpooledContent(self.spool, request["queue_id"], request["queue"])
+        d = self.courier.deliver(
+            request["route"], request["sender"], request["recipients"], content, request["size"], request["body_8bit"]
+        )
+        self._in_progress.add(d)
+        d.addCallback(self._answer, request["id"], content, d)  # Courier.deliver never errbacks
+
+    def _answer(self, attempt: Attempt, request_id: int, content: SpooledContent, d: defer.Deferred) -> None:
+        content.close()
+        self._in_progress.discard(d)
+        self.sendLine(attempt_to_json(request_id, attempt))
+        self._end_if_done()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        log.error("courier process: request over {n} bytes ignored", n=self.MAX_LENGTH)
+
+    def readConnectionLost(self) -> None:
+        """The daemon closed our stdin: finish what is in progress, then end."""
+        self._closing = True
+        self.courier.close_idle()
+        self._end_if_done()
+
+    def writeConnectionLost(self) -> None:
+        self.on_done()
+
+    def _end_if_done(self) -> None:
+        if self._closing and not self._in_progress:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        self.on_done()
+
+
+def main(settings: dict) -> None:
+    from twisted.internet import reactor
+    from twisted.internet.stdio import StandardIO
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.python.threadpool import ThreadPool
+
+    from epost.config import HostPort
+    from epost.delivery.courier import Courier
+    from epost.routing.dns import MXResolver
+    from epost.tls import client_context
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    # DNS waits on the network: lookups get a pool of their own, as in the daemon.
+    dns_pool = ThreadPool(minthreads=1, maxthreads=16, name="epost-dns")
+    dns_pool.start()
+    reactor.addSystemEventTrigger("after", "shutdown", dns_pool.stop)
+    servers = tuple(HostPort(host, port) for host, port in settings["dns_servers"])
+    courier = Courier(
+        reactor,
+        MXResolver(reactor, dns_pool, servers, timeout=settings["dns_timeout"]),
+        settings["hostname"],
+        tls_context=client_context(),
+        connect_timeout=settings["connect_timeout"],
+        timeouts=settings["timeouts"],
+        smtp_port=settings.get("smtp_port", 25),
+    )
+    spool = Spool(Path(settings["spool"]), reactor=None, threadpool=None)
+
+    def done() -> None:
+        if not ended:
+            ended.append(True)
+            reactor.stop()
+
+    ended: list[bool] = []
+
+    StandardIO(CourierServer(courier, spool, on_done=done))
+    # The daemon decides when we stop (it closes our stdin); a Ctrl-C meant for
+    # it must not cut the attempts in progress short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    reactor.run(installSignalHandlers=False)
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))

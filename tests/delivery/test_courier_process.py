@@ -1,0 +1,99 @@
+"""The courier process's request loop, in-process (tests/e2e/test_courier_process_e2e.py runs the real child)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from twisted.internet import defer
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from epost.delivery.courier import Attempt
+from epost.delivery.courier_process import CourierServer
+from epost.delivery.smtp_client import Outcome
+from epost.queue.spool import Spool
+
+CONTENT = b"Subject: over there\r\n\r\n.leading dot\r\nbody\r\n"
+
+
+def queued_spool(queue_id: str = "0190000000000A000") -> Spool:
+    root = Path(tempfile.mkdtemp(prefix="epost-courier-test-"))
+    spool = Spool(root, reactor=None, threadpool=None)
+    spool.create_folders()
+    (root / "incoming" / f"{queue_id}.msg").write_bytes(CONTENT)
+    return spool
+
+
+class FakeCourier:
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.closed_idle = 0
+        self.answer = defer.Deferred()
+
+    def deliver(self, route, sender, recipients, content, size, body_8bit):
+        self.calls.append((route, sender, list(recipients), content, size, body_8bit, b"".join(content())))
+        return self.answer
+
+    def close_idle(self):
+        self.closed_idle += 1
+
+
+REQUEST = {
+    "id": 7,
+    "route": {"kind": "relay", "rule": "gateway.dat:1", "hosts": [["127.0.0.1", 2525]]},
+    "sender": "a@here.test",
+    "recipients": ["b@there.test", "c@there.test"],
+    "queue_id": "0190000000000A000",
+    "queue": "deferred",  # the message was moved meanwhile: the content is found in incoming/
+    "size": len(CONTENT),
+    "body_8bit": False,
+}
+
+
+class CourierServerTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.spool = queued_spool()
+        self.addCleanup(shutil.rmtree, self.spool.root)
+        self.courier = FakeCourier()
+        self.ended = []
+        self.server = CourierServer(self.courier, self.spool, on_done=lambda: self.ended.append(True))
+        self.transport = StringTransport()
+        self.server.makeConnection(self.transport)
+
+    def test_a_request_runs_the_courier_and_its_attempt_comes_back_as_one_line(self):
+        self.server.dataReceived(json.dumps(REQUEST).encode() + b"\n")
+        [(route, sender, recipients, content, size, body_8bit, body)] = self.courier.calls
+        assert (route, sender, recipients, size, body_8bit) == (
+            REQUEST["route"], "a@here.test", ["b@there.test", "c@there.test"], len(CONTENT), False)
+        assert body == CONTENT
+        assert self.transport.value() == b""
+        self.courier.answer.callback(Attempt(
+            {"b@there.test": Outcome(250, "2.0.0 Ok", "data"), "c@there.test": Outcome(550, "5.1.1 no", "rcpt")},
+            "mx[127.0.0.1]:2525", True))
+        reply = json.loads(self.transport.value())
+        assert reply == {"id": 7, "outcomes": {"b@there.test": [250, "2.0.0 Ok", "data"],
+                                               "c@there.test": [550, "5.1.1 no", "rcpt"]},
+                         "host": "mx[127.0.0.1]:2525", "tls": True}
+        assert content._fd is None  # the content file was closed
+
+    def test_close_idle_is_passed_on(self):
+        self.server.dataReceived(b'{"close_idle": true}\n')
+        assert self.courier.closed_idle == 1
+
+    def test_when_stdin_closes_the_attempt_in_progress_is_still_answered_then_it_ends(self):
+        self.server.dataReceived(json.dumps(REQUEST).encode() + b"\n")
+        self.server.readConnectionLost()
+        assert not self.transport.disconnecting
+        self.courier.answer.callback(Attempt({"b@there.test": Outcome(None, "cannot connect", "connect"),
+                                              "c@there.test": Outcome(None, "cannot connect", "connect")}, None, False))
+        assert json.loads(self.transport.value())["id"] == 7
+        assert self.transport.disconnecting
+
+    def test_junk_is_logged_and_the_loop_goes_on(self):
+        self.server.dataReceived(b"{not json\n")
+        assert len(self.flushLoggedErrors()) == 0
+        self.server.dataReceived(json.dumps(REQUEST).encode() + b"\n")
+        assert len(self.courier.calls) == 1
