@@ -10,6 +10,7 @@ decision is always made on the domain the mail would really go to.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -52,8 +53,11 @@ class Address:
         return inner[5:] if inner[:5].lower() == "ipv6:" else inner
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_domain(domain: str) -> str:
     """Lower-case, strip one trailing dot, convert U-labels to A-labels.
+
+    Cached: the same few domains come by several times per message.
 
     Raises AddressError (a ValueError) for anything that is not a valid
     host name; an all-numeric last label is refused (`u@1.2.3.4` must be
@@ -86,8 +90,9 @@ def _normalize_literal(literal: str) -> str:
         raise AddressError(f"bad address literal {literal!r}") from None
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_mailbox(text: str) -> Address:
-    """Parse `local@domain` (no angle brackets)."""
+    """Parse `local@domain` (no angle brackets); cached (an Address is immutable)."""
     at = text.rfind("@")
     if at <= 0:
         raise AddressError("address must be local@domain")
