@@ -58,9 +58,10 @@ class ThreadPoolService(service.Service):
 class EpostService(service.MultiService):
     """The daemon; a port that cannot be bound ends start-up with one line.
 
-    Stopping waits for the listeners and the runner before `stop_last`
-    (the spool workers, then the thread pool): the runner's last batch
-    still needs them."""
+    Stopping waits for the listeners, the runner and the delivery manager
+    before `stop_last` (the courier process, the spool workers, then the
+    thread pool): the manager's last attempts and the runner's last batch
+    still need them."""
 
     def __init__(self):
         super().__init__()
@@ -157,7 +158,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     spool.create_folders()
     worker = SpoolWorkerService(spool, config.server.hostname, reactor, give_up_after=config.retry.period_4xx)
     worker.setServiceParent(top)
-    top.stop_last = [worker, pool_service]  # the DNS pool is added below
+    top.stop_last = [worker, pool_service]  # the courier process goes first, below
     routing = build_routing(config)
     TableWatcher(routing.tables, reactor, pool).setServiceParent(top)
     receiver = SpoolingReceiver(worker, routing.policy, config.server.hostname, now=reactor.seconds)

@@ -35,6 +35,12 @@ from epost.routing.resolver import Route
 log = Logger()
 
 
+class CourierError(Exception):
+    """The courier could not make the attempt at all (its process died, the
+    content could not be read): our own trouble, which says nothing about
+    the destination. The manager tries the job again later."""
+
+
 class Resolver(Protocol):
     """What the courier needs of `epost.routing.dns.MXResolver`."""
 

@@ -15,8 +15,9 @@ One JSON object per line on stdin, one per line back on stdout:
    "queue_id": q, "queue": "incoming", "size": n, "body_8bit": b}
       -> {"id": N, "outcomes": {recipient: [code, text, stage]}, "host": h, "tls": b}
   {"close_idle": true}    QUIT every cached connection
-The content is read from the spool here (following the message if a move
-takes it to another queue): the daemon's manager never lets a message go
+      -> {"id": N, "error": text}  when no attempt could be made
+The content is opened here before the attempt (following the message if a
+move took it to another queue): the daemon's manager never lets a message go
 while an attempt for it runs. When stdin closes, the attempts in progress
 finish and are answered, then the process ends. Log lines go to stderr,
 which the daemon relays into its own log.
@@ -53,7 +54,10 @@ class CourierServer(LineOnlyReceiver):
     closed and nothing is in progress."""
 
     delimiter = b"\n"
-    MAX_LENGTH = 64 * 1024 * 1024  # a request with thousands of recipients is still one line
+    # A request with thousands of recipients is still one line; a longer one
+    # ends the connection (LineOnlyReceiver's default), so the daemon sees the
+    # process end and its requests fail with CourierError instead of hanging.
+    MAX_LENGTH = 64 * 1024 * 1024
 
     def __init__(self, courier: Any, spool: Spool, on_done=lambda: None):
         self.courier = courier
@@ -63,29 +67,43 @@ class CourierServer(LineOnlyReceiver):
         self._closing = False
 
     def lineReceived(self, line: bytes) -> None:
+        request = None
         try:
             request = json.loads(line)
-        except ValueError:
-            log.error("courier process: unreadable request {line!r}", line=line[:200])
+            if request.get("close_idle"):
+                self.courier.close_idle()
+                return
+            request_id = request["id"]
+            arguments = [request[key] for key in ("route", "sender", "recipients")]
+            content = SpooledContent(self.spool, request["queue_id"], request["queue"])
+            size, body_8bit = request["size"], request["body_8bit"]
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            log.error("courier process: unreadable request ({error}): {line!r}", error=error, line=line[:200])
+            if isinstance(request, dict) and "id" in request:
+                self.sendLine(json.dumps({"id": request["id"], "error": f"unreadable request: {error}"}).encode())
             return
-        if request.get("close_idle"):
-            self.courier.close_idle()
+        try:
+            content()  # opened now: a file problem is ours, not the destination's
+        except (OSError, ValueError) as error:
+            self.sendLine(json.dumps({"id": request_id, "error": f"cannot read {content.queue_id}: {error}"}).encode())
             return
-        content = SpooledContent(self.spool, request["queue_id"], request["queue"])
-        d = self.courier.deliver(
-            request["route"], request["sender"], request["recipients"], content, request["size"], request["body_8bit"]
-        )
+        d = self.courier.deliver(*arguments, content, size, body_8bit)
         self._in_progress.add(d)
-        d.addCallback(self._answer, request["id"], content, d)  # Courier.deliver never errbacks
+        d.addCallbacks(self._answer, self._failed, (request_id, content, d), None, (request_id, content, d))
 
     def _answer(self, attempt: Attempt, request_id: int, content: SpooledContent, d: defer.Deferred) -> None:
+        self._done(d, content, attempt_to_json(request_id, attempt))
+
+    def _failed(self, failure, request_id: int, content: SpooledContent, d: defer.Deferred) -> None:
+        """Courier.deliver is not meant to fail; if it does, the daemon still gets an answer."""
+        log.failure("courier process: attempt {id} failed", failure, id=request_id)
+        self._done(d, content, json.dumps({"id": request_id, "error": failure.getErrorMessage()}).encode())
+
+    def _done(self, d: defer.Deferred, content: SpooledContent, line: bytes) -> None:
         content.close()
         self._in_progress.discard(d)
-        self.sendLine(attempt_to_json(request_id, attempt))
+        self.sendLine(line)
         self._end_if_done()
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        log.error("courier process: request over {n} bytes ignored", n=self.MAX_LENGTH)
 
     def readConnectionLost(self) -> None:
         """The daemon closed our stdin: finish what is in progress, then end."""

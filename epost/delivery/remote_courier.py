@@ -2,10 +2,11 @@
 
 `RemoteCourier` offers the delivery manager the courier's own two calls,
 `deliver` and `close_idle`, and runs them in a child process started with
-the reactor's process API; it restarts the child if it dies. Like
-`Courier.deliver`, `deliver` never errbacks: an attempt the child could
-not answer (it died) comes back without an answer for any recipient, so
-the manager retries it as it would a host that did not answer.
+the reactor's process API; it restarts the child if it dies. `deliver`
+fires with the child's `Attempt`, or fails with `CourierError` when no
+attempt could be made (no child, the child died, the content could not be
+read): the manager then tries the job again later without blaming the
+destination.
 """
 
 from __future__ import annotations
@@ -20,16 +21,12 @@ from twisted.internet import defer
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
-from epost.delivery.courier import Attempt
+from epost.delivery.courier import Attempt, CourierError
 from epost.delivery.smtp_client import Outcome
-from epost.routing.resolver import Route
 from epost.queue.spool import SpooledContent
+from epost.routing.resolver import Route
 
 log = Logger()
-
-
-def unanswered(recipients: Iterable[str], text: str) -> Attempt:
-    return Attempt({r: Outcome(None, text, "connect") for r in recipients}, None, False)
 
 
 def attempt_from_json(reply: dict) -> Attempt:
@@ -61,37 +58,51 @@ class _CourierProtocol(ProcessProtocol):
 
 class RemoteCourier(Service):
     restart_delay = 1.0
-    stop_timeout = 30.0  # the manager gave attempts their grace already; then the child is killed
+    stop_timeout = 5.0  # for the child to end once its stdin is closed, then it is killed
 
     def __init__(self, reactor: Any, settings: dict):
         """`settings`: what courier_process.main needs (spool, hostname, DNS servers and timeouts)."""
         self.reactor = reactor
         self.settings = settings
         self._protocol: _CourierProtocol | None = None
-        self._pending: dict[int, tuple[defer.Deferred, list[str]]] = {}
+        self._pending: dict[int, defer.Deferred[Attempt]] = {}  # waiting for an answer
+        self._in_flight: set[int] = set()  # sent and not answered, including those the manager gave up on
         self._ids = itertools.count(1)
         self._stopped: defer.Deferred | None = None
 
     def startService(self) -> None:
         super().startService()
+        self._stopped = None
         self._spawn()
 
     def _spawn(self) -> None:
         protocol = _CourierProtocol(self)
         args = [sys.executable, "-m", "epost.delivery.courier_process", json.dumps(self.settings)]
-        self.reactor.spawnProcess(protocol, sys.executable, args, env=None)
+        try:
+            self.reactor.spawnProcess(protocol, sys.executable, args, env=None)
+        except OSError as error:  # out of processes or descriptors: try again, never give up for good
+            log.error("cannot start the courier process ({error}); trying again", error=error)
+            self.reactor.callLater(self.restart_delay, self._restart)
+            return
         self._protocol = protocol
 
     def stopService(self) -> defer.Deferred:
-        """Closing its stdin asks the child to answer what is in progress and end."""
+        """The manager has had its attempts finish (or given up on them) before
+        this runs: attempts still in progress are abandoned, and cut short at
+        once, so no late answer goes unrecorded. Otherwise closing its stdin
+        asks the child to end."""
         super().stopService()
         if self._protocol is None:
             return defer.succeed(None)
-        self._stopped = defer.Deferred()
-        self._protocol.transport.closeStdin()
         protocol = self._protocol
+        self._stopped = defer.Deferred()
+        if self._in_flight:
+            log.warn("stopping the courier process with {n} attempts cut short", n=len(self._in_flight))
+            protocol.transport.signalProcess("KILL")
+        else:
+            protocol.transport.closeStdin()
         kill = self.reactor.callLater(self.stop_timeout, self._kill, protocol)
-        return self._stopped.addBoth(lambda result: kill.cancel() if kill.active() else None)
+        return self._stopped.addBoth(lambda _: kill.cancel() if kill.active() else None)
 
     @staticmethod
     def _kill(protocol: _CourierProtocol) -> None:
@@ -101,17 +112,17 @@ class RemoteCourier(Service):
     def deliver(
         self, route: Route | dict, sender: str, recipients: Iterable[str], content: SpooledContent, size: int, body_8bit: bool
     ) -> defer.Deferred[Attempt]:
-        recipients = list(recipients)
         if self._protocol is None:
-            return defer.succeed(unanswered(recipients, "internal error: courier process not running"))
+            return defer.fail(CourierError("the courier process is not running"))
         request_id = next(self._ids)
-        d: defer.Deferred[Attempt] = defer.Deferred()
-        self._pending[request_id] = (d, recipients)
+        d: defer.Deferred[Attempt] = defer.Deferred(lambda _: self._pending.pop(request_id, None))
+        self._pending[request_id] = d
+        self._in_flight.add(request_id)
         request = {
             "id": request_id,
             "route": route.to_dict() if isinstance(route, Route) else route,
             "sender": sender,
-            "recipients": recipients,
+            "recipients": list(recipients),
             "queue_id": content.queue_id,
             "queue": content.queue,
             "size": size,
@@ -127,18 +138,30 @@ class RemoteCourier(Service):
     def reply_received(self, line: bytes) -> None:
         try:
             reply = json.loads(line)
-            d, _ = self._pending.pop(reply["id"])
-            attempt = attempt_from_json(reply)
+            request_id = reply["id"]
         except (ValueError, KeyError, TypeError):
             log.error("courier process said something unexpected: {line!r}", line=line[:200])
+            return
+        self._in_flight.discard(request_id)
+        d = self._pending.pop(request_id, None)
+        if d is None:
+            return  # the manager gave up on it (cancelled)
+        if "error" in reply:
+            d.errback(CourierError(f"courier: {reply['error']}"))
+            return
+        try:
+            attempt = attempt_from_json(reply)
+        except (KeyError, TypeError, ValueError) as error:
+            d.errback(CourierError(f"courier process gave an unreadable answer: {error}"))
             return
         d.callback(attempt)
 
     def process_ended(self, reason) -> None:
         self._protocol = None
+        self._in_flight.clear()
         pending, self._pending = self._pending, {}
-        for d, recipients in pending.values():
-            d.callback(unanswered(recipients, "internal error: courier process ended"))
+        for d in pending.values():
+            d.errback(CourierError("the courier process ended during the attempt"))
         if self._stopped is not None:
             self._stopped.callback(None)
         elif self.running:

@@ -9,33 +9,64 @@ half a millisecond of CPU and dominated the spool's cost. Renaming a used
 file out of the queue and back in later allocates and frees nothing, on any
 file system.
 
-Safe across processes: a file is claimed by renaming it away, which exactly
-one claimant can do; the others get ENOENT and try the next name. A reused
-file is overwritten from offset 0 and cut to the new length (``finish``)
-before its fsync, so stale bytes never reach a queue. Files bigger than
-``max_size`` are deleted instead of kept: the pool never hoards disk, and a
-big message streamed from an open descriptor (the courier's producer) is
-never reused under its reader.
+What keeps it safe:
+- A file is claimed by renaming it away, which exactly one claimant can do;
+  the others get ENOENT and try the next name. So no two processes (or
+  threads) ever write one file.
+- A file is handed out only from a listing of the folder, and only after
+  the folders files are released from were fsynced. So once a file is reused,
+  no crash can bring back its old queue name (which would resurrect the old
+  message holding the new one's bytes). Releases cost no fsync of their own:
+  one round per listing, at most one listing a second, serves them all.
+- A reused file is overwritten from offset 0 and cut to the new length
+  (``finish``) before its fsync, so stale bytes never reach a queue.
+- A message's files are released only when nothing reads them: the manager
+  never lets a message go while an attempt for it runs.
+- Files over ``max_size`` are deleted rather than kept, and the folder holds
+  about ``limit`` files at most: at most ``limit * max_size`` bytes, usually
+  a few MiB. A deleted message's bytes stay in its file until it is reused,
+  as they stay in the blocks of an unlinked file.
+
+Where the pool is empty, or its folder is missing (a spool made before it),
+files are created (O_EXCL) and deleted as before. A reused file does not
+carry O_EXCL's guarantee that `path` is new: that rests on queue IDs being
+unique, which the daemon alone makes.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
+
+from epost.fsutil import fsync_dir
 
 FOLDER = "free"
 
 
 class FilePool:
-    def __init__(self, folder: Path, *, limit: int = 2048, max_size: int = 256 * 1024, relist_every: float = 1.0):
+    def __init__(
+        self,
+        folder: Path,
+        sources: Iterable[Path] = (),
+        *,
+        limit: int = 2048,
+        max_size: int = 128 * 1024,
+        relist_every: float = 1.0,
+    ):
+        """`sources`: the folders files are released from (fsynced before each listing)."""
         self.folder = Path(folder)
+        self.sources = [Path(source) for source in sources]
         self._prefix = f"{folder}/"  # strings, not Paths: this runs for every message
-        self.limit = limit  # files this process keeps; beyond it, released files are deleted
+        self.limit = limit
         self.max_size = max_size
         self._relist_every = relist_every
-        self._names: list[str] = []  # believed to be in the folder (other processes may take them)
+        self._names: list[str] = []  # from the last listing; other processes may take them first
+        self._held = 0  # files in the folder by the last listing and our releases since
         self._listed_at = float("-inf")
+        self._lock = threading.Lock()  # the daemon's Spool is used from the reactor and its threads
 
     def create(self, path: str | Path) -> int:
         """A descriptor open for writing at `path`: a reused file when there is one, else a new file (O_EXCL).
@@ -60,33 +91,48 @@ class FilePool:
         """Take `path` out of its folder: into the pool, or deleted when the pool is full or it is big.
 
         Like an unlink, a missing file is not an error."""
-        if len(self._names) >= self.limit:
-            self._relist()  # other processes may have taken some
         try:
-            if len(self._names) < self.limit and os.stat(path).st_size <= self.max_size:
-                name = os.path.basename(path)
+            if os.stat(path).st_size <= self.max_size and self._make_room():
                 try:
-                    os.rename(path, self._prefix + name)
-                    self._names.append(name)
+                    os.rename(path, self._prefix + os.path.basename(path))
                     return
                 except FileNotFoundError:
-                    pass  # no pool folder (a spool from before it): delete instead
+                    pass  # no pool folder: delete instead
             os.unlink(path)
         except FileNotFoundError:
             pass
 
+    def _make_room(self) -> bool:
+        with self._lock:
+            if self._held >= self.limit:
+                self._relist()  # other processes may have taken some
+            if self._held >= self.limit:
+                return False
+            self._held += 1
+            return True
+
     def _take_name(self) -> str | None:
-        if not self._names:
-            self._relist()
-        return self._names.pop() if self._names else None
+        with self._lock:
+            if not self._names:
+                self._relist()
+            if not self._names:
+                return None
+            self._held -= 1
+            return self._names.pop()
 
     def _relist(self) -> None:
-        """Read the folder again, at most every `relist_every` seconds."""
+        """Read the pool's folder, then fsync it and the source folders, so
+        every name listed is durably gone from where it was released; at
+        most every `relist_every` seconds."""
         now = time.monotonic()
         if now - self._listed_at < self._relist_every:
             return
         self._listed_at = now
         try:
-            self._names = os.listdir(self.folder)
+            names = os.listdir(self.folder)
+            for folder in (*self.sources, self.folder):
+                fsync_dir(folder)
         except FileNotFoundError:
-            self._names = []
+            names = []
+        self._names = names
+        self._held = len(names)

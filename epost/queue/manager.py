@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from epost.config import RetryConfig
 from epost.delivery.bounce import FailedRecipient, should_bounce
-from epost.delivery.courier import Attempt
+from epost.delivery.courier import Attempt, CourierError
 from epost.delivery.smtp_client import Outcome
 from epost import metrics
 from epost.logs import LineLog, faillog_line, senderlog_line
@@ -254,6 +254,10 @@ class DeliveryManager(Service):
             message.refs += 1
         try:
             return await self._deliver(job, message, suspended)
+        except CourierError as error:  # no attempt was made: nothing to record, the destination is not to blame
+            log.warn("{queue_id}: no attempt for {destination}: {error}; trying again later",
+                     queue_id=queue_id, destination=destination, error=error)
+            return ("retry_error", self.reactor.seconds() + self.error_retry)
         except Exception:  # a bug or an unexpected file problem: log it and retry later
             log.failure("{queue_id}: delivery to {destination} failed", queue_id=queue_id, destination=destination)
             return ("retry_error", self.reactor.seconds() + self.error_retry)

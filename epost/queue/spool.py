@@ -158,7 +158,7 @@ class Spool:
     ) -> None:
         self.root = Path(root)
         self.tmp = self.root / "tmp"
-        self.pool = file_pool.FilePool(self.root / file_pool.FOLDER)
+        self.pool = file_pool.FilePool(self.root / file_pool.FOLDER, [self.root / q for q in (*QUEUES, "tmp")])
         self._queue_dirs = {queue: self.root / queue for queue in QUEUES}
         self.on_commit: list[Callable[[str, Envelope], None]] = []  # (queue id, its envelope)
         self._reactor = reactor
@@ -198,7 +198,7 @@ class Spool:
     # -- receiving -----------------------------------------------------------
 
     def open_message(self) -> MessageWriter:
-        """Start a new message; its ``tmp/`` file is created only when needed (O_EXCL)."""
+        """Start a new message; its ``tmp/`` file is made (or reused, see file_pool) only when needed."""
         return MessageWriter(self, self.new_queue_id())
 
     def _request_commit(self, writer: MessageWriter, envelope: Envelope) -> Deferred[str]:

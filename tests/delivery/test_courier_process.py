@@ -9,6 +9,7 @@ from pathlib import Path
 
 from twisted.internet import defer
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, capturedLogs
 from twisted.trial import unittest
 
 from epost.delivery.courier import Attempt
@@ -93,7 +94,23 @@ class CourierServerTests(unittest.SynchronousTestCase):
         assert self.transport.disconnecting
 
     def test_junk_is_logged_and_the_loop_goes_on(self):
-        self.server.dataReceived(b"{not json\n")
-        assert len(self.flushLoggedErrors()) == 0
+        with capturedLogs() as events:
+            self.server.dataReceived(b"{not json\n")
+        assert any(e.get("log_level") == LogLevel.error for e in events)
+        assert self.transport.value() == b""  # no id to answer to
         self.server.dataReceived(json.dumps(REQUEST).encode() + b"\n")
         assert len(self.courier.calls) == 1
+
+    def test_a_request_it_cannot_read_is_answered_with_an_error(self):
+        self.server.dataReceived(json.dumps({"id": 3, "sender": "a@here.test"}).encode() + b"\n")
+        reply = json.loads(self.transport.value())
+        assert reply["id"] == 3 and "unreadable request" in reply["error"]
+        assert self.courier.calls == []
+
+    def test_content_that_cannot_be_opened_is_an_error_not_an_attempt(self):
+        """A file problem must not reach the destination as a dropped connection."""
+        gone = dict(REQUEST, queue_id="0190000000000B000")
+        self.server.dataReceived(json.dumps(gone).encode() + b"\n")
+        reply = json.loads(self.transport.value())
+        assert reply["id"] == 7 and "0190000000000B000" in reply["error"]
+        assert self.courier.calls == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 import tempfile
 import time
@@ -9,9 +10,11 @@ from pathlib import Path
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
+from twisted.logger import capturedLogs
 from twisted.trial import unittest
 
 from epost.config import HostPort
+from epost.delivery.courier import CourierError
 from epost.delivery.remote_courier import RemoteCourier
 from epost.queue.spool import Spool, SpooledContent
 from epost.routing.resolver import Route
@@ -19,6 +22,22 @@ from sinks import Sink
 
 CONTENT = b"Subject: over there\r\n\r\n.leading dot\r\nbody\r\n"
 QUEUE_ID = "0190000000000A000"
+
+
+class FlakyReactor:
+    """The reactor, except that its first `failures` process starts fail (out of processes)."""
+
+    def __init__(self, real, failures: int):
+        self.real, self.failures = real, failures
+
+    def spawnProcess(self, *args, **kwargs):
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return self.real.spawnProcess(*args, **kwargs)
+
+    def callLater(self, *args, **kwargs):
+        return self.real.callLater(*args, **kwargs)
 
 
 class RemoteCourierTests(unittest.TestCase):
@@ -53,27 +72,58 @@ class RemoteCourierTests(unittest.TestCase):
             assert message.recipients == ("b@there.test", "c@there.test")
 
     @defer.inlineCallbacks
-    def test_a_dying_child_leaves_its_attempts_unanswered_and_comes_back(self):
+    def test_a_dying_child_fails_its_attempts_with_courier_error_and_comes_back(self):
         with Sink(greeting=None) as silent:  # the attempt hangs until the child dies
             pending = self.deliver(silent)
             yield deferLater(reactor, 0.5, lambda: None)
             self.service._protocol.transport.signalProcess("KILL")
-            attempt = yield pending
-            assert attempt.host is None
-            assert {o.code for o in attempt.outcomes.values()} == {None}
-            assert "courier process ended" in attempt.outcomes["b@there.test"].text
-        started = time.monotonic()
-        while self.service._protocol is None and time.monotonic() - started < 5:
-            yield deferLater(reactor, 0.05, lambda: None)
+            error = yield self.assertFailure(pending, CourierError)
+            assert "ended during the attempt" in str(error)
+        yield self.wait_for_child()
         with Sink() as sink:
             attempt = yield self.deliver(sink)
             assert attempt.outcomes["b@there.test"].code == 250
 
     @defer.inlineCallbacks
-    def test_stopping_waits_for_the_attempt_in_progress(self):
+    def test_a_failed_start_is_tried_again(self):
+        self.service.stopService()
+        yield deferLater(reactor, 0.3, lambda: None)
+        self.service = RemoteCourier(FlakyReactor(reactor, failures=2), self.service.settings)
+        self.service.restart_delay = 0.1
+        self.service.startService()
         with Sink() as sink:
-            pending = self.deliver(sink)
+            yield self.assertFailure(self.deliver(sink), CourierError)  # not running yet
+            yield self.wait_for_child()
+            attempt = yield self.deliver(sink)
+            assert attempt.outcomes["b@there.test"].code == 250
+
+    @defer.inlineCallbacks
+    def test_stopping_cuts_short_an_attempt_the_manager_gave_up_on(self):
+        with Sink(greeting=None) as silent:
+            pending = self.deliver(silent)
+            yield deferLater(reactor, 0.3, lambda: None)
+            pending.cancel()  # the manager's stop grace ran out
+            yield self.assertFailure(pending, defer.CancelledError)
+            started = time.monotonic()
             yield self.service.stopService()
-            assert pending.called
-            assert pending.result.outcomes["b@there.test"].code == 250
-            assert len(sink.messages) == 1
+            assert time.monotonic() - started < 2  # killed, not left to finish its session
+
+    @defer.inlineCallbacks
+    def wait_for_child(self):
+        started = time.monotonic()
+        while self.service._protocol is None and time.monotonic() - started < 5:
+            yield deferLater(reactor, 0.05, lambda: None)
+        assert self.service._protocol is not None
+
+    @defer.inlineCallbacks
+    def test_with_nothing_in_progress_the_child_ends_by_itself_when_stopped(self):
+        with Sink() as sink:
+            attempt = yield self.deliver(sink)
+            assert attempt.outcomes["b@there.test"].code == 250
+            protocol = self.service._protocol
+            with capturedLogs() as events:
+                started = time.monotonic()
+                yield self.service.stopService()
+            assert time.monotonic() - started < self.service.stop_timeout
+            assert protocol.transport.pid is None  # it ended
+            assert not [e for e in events if "killing" in e.get("log_format", "")]

@@ -31,7 +31,7 @@ def write(pool: FilePool, path: Path, data: bytes) -> None:
 
 
 def test_a_released_file_is_reused_and_holds_only_the_new_bytes(root):
-    pool = FilePool(root / "free")
+    pool = FilePool(root / "free", [root / "queue"], relist_every=0)
     write(pool, root / "queue" / "a.msg", b"x" * 5000)
     inode = os.stat(root / "queue" / "a.msg").st_ino
     pool.release(root / "queue" / "a.msg")
@@ -42,6 +42,22 @@ def test_a_released_file_is_reused_and_holds_only_the_new_bytes(root):
     assert os.listdir(root / "free") == []
 
 
+def test_a_file_is_reused_only_after_its_old_folder_was_fsynced(root, monkeypatch):
+    """Else a crash could bring back the old queue name on an inode that now holds another message."""
+    synced = []
+    monkeypatch.setattr("epost.queue.file_pool.fsync_dir", lambda folder: synced.append(Path(folder).name))
+    pool = FilePool(root / "free", [root / "queue"], relist_every=3600)
+    write(pool, root / "queue" / "a.msg", b"old")  # first listing: the pool is empty
+    synced.clear()
+    pool.release(root / "queue" / "a.msg")
+    write(pool, root / "queue" / "b.msg", b"new")  # no listing allowed yet: a new file
+    assert os.stat(root / "queue" / "b.msg").st_ino != os.stat(root / "free" / "a.msg").st_ino
+    assert synced == []
+    pool._listed_at = float("-inf")  # a second later
+    write(pool, root / "queue" / "c.msg", b"new")
+    assert synced == ["queue", "free"]
+    assert os.listdir(root / "free") == []
+
 def test_an_empty_pool_creates_a_new_file_exclusively(root):
     pool = FilePool(root / "free")
     write(pool, root / "queue" / "a.msg", b"one")
@@ -50,19 +66,19 @@ def test_an_empty_pool_creates_a_new_file_exclusively(root):
 
 
 def test_two_processes_never_get_the_same_file(root):
-    """Each pool lists the folder; a name one of them took is skipped by the other."""
+    """Each pool lists the folder; a name one of them took is skipped by the other (ENOENT)."""
     first, second = FilePool(root / "free", relist_every=0), FilePool(root / "free", relist_every=0)
     for i in range(4):
         write(first, root / "queue" / f"{i}.msg", b"old")
+    for i in range(4):
         first.release(root / "queue" / f"{i}.msg")
     inodes = []
-    for i in range(4):  # both believe all four names are theirs
+    for i in range(4):  # both listed all four names
         for name, pool in ((f"a{i}", first), (f"b{i}", second)):
             write(pool, root / "queue" / name, name.encode())
             inodes.append(os.stat(root / "queue" / name).st_ino)
     assert len(set(inodes)) == 8  # four reused, four new: no file has two names
     assert all((root / "queue" / n).read_bytes() == n.encode() for n in os.listdir(root / "queue"))
-
 
 def test_big_files_and_files_beyond_the_limit_are_deleted(root):
     pool = FilePool(root / "free", limit=2, max_size=100, relist_every=3600)
@@ -78,15 +94,15 @@ def test_big_files_and_files_beyond_the_limit_are_deleted(root):
 
 
 def test_a_full_pool_looks_again_when_another_process_took_files(root):
-    releaser, taker = FilePool(root / "free", limit=2, relist_every=0), FilePool(root / "free", relist_every=0)
-    for name in ("a", "b"):
+    releaser = FilePool(root / "free", limit=2, relist_every=0)
+    taker = FilePool(root / "free", relist_every=0)
+    for name in ("a", "b", "c"):
         write(releaser, root / "queue" / name, b"1")
-        releaser.release(root / "queue" / name)
-    write(taker, root / "queue" / "c", b"2")  # takes one of them
-    write(taker, root / "queue" / "d", b"3")
-    releaser.release(root / "queue" / "c")
+    releaser.release(root / "queue" / "a")
+    releaser.release(root / "queue" / "b")  # full, by its own count
+    write(taker, root / "queue" / "d", b"2")  # takes one of them
+    releaser.release(root / "queue" / "c")  # full? it looks again: there is room
     assert "c" in os.listdir(root / "free")
-
 
 def test_releasing_a_missing_file_is_not_an_error(root):
     FilePool(root / "free").release(root / "queue" / "gone")

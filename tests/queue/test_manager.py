@@ -10,7 +10,7 @@ import pytest
 from twisted.internet import defer
 
 from epost.config import RetryConfig
-from epost.delivery.courier import Attempt
+from epost.delivery.courier import Attempt, CourierError
 from epost.delivery.smtp_client import Outcome
 from epost.logs import parse_senderlog_line
 from epost.queue.domain_state import parse_mri
@@ -38,8 +38,12 @@ class ScriptedCourier:
         self.calls: list[tuple[float, list[str], bytes]] = []
         self.clock: ClockReactor | None = None
         self.hold: defer.Deferred | None = None  # when set, attempts wait on it
+        self.unavailable = 0  # this many attempts fail with CourierError (no attempt made)
 
     def deliver(self, route, sender, recipients, content, size, body_8bit):
+        if self.unavailable:
+            self.unavailable -= 1
+            return defer.fail(CourierError("the courier process ended during the attempt"))
         body = b"".join(content())
         self.calls.append((self.clock.seconds(), list(recipients), body))
         outcomes = {}
@@ -138,6 +142,23 @@ def test_accepted_mail_leaves_the_queue_with_one_sent_line_per_recipient(tmp_pat
     assert all(l["queue_id"] == envelope.queue_id and l["relay"] == HOST for l in lines)
     assert h.faillog() == [] and h.bounces.sent == []
     assert not (tmp_path / "domains" / "far.test").exists()
+
+
+def test_an_attempt_the_courier_could_not_make_is_retried_without_blaming_the_destination(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(250, "2.0.0 ok")], "b@far.test": [(250, "2.0.0 ok")]})
+    h.courier.unavailable = 1
+    h.start()
+    first = h.queue(relay("a@far.test"))
+    assert h.courier.calls == [] and h.senderlog() == []
+    assert h.mri("far.test") is None  # no episode begins: nothing was tried
+    assert h.files("incoming") == [f"{first.queue_id}.env", f"{first.queue_id}.msg"]
+    h.queue(relay("b@far.test"))  # the destination is not taken for dead: tried at once
+    assert [c[1] for c in h.courier.calls] == [["b@far.test"]]
+    h.clock.advance(h.manager.error_retry)
+    assert [c[1] for c in h.courier.calls] == [["b@far.test"], ["a@far.test"]]
+    assert [(l["recipient"], l["status"], l["attempt"]) for l in h.senderlog()] == [
+        ("b@far.test", "sent", 1), ("a@far.test", "sent", 1)]
+    assert h.files("incoming") == []
 
 
 def test_each_destination_gets_its_own_transaction(tmp_path):
