@@ -18,9 +18,9 @@ from typing import Any, Iterable
 
 from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
+from epost.child_process import LineChild
 from epost.delivery.courier import Attempt, CourierError
 from epost.delivery.smtp_client import Outcome
 from epost.queue.spool import SpooledContent
@@ -34,28 +34,6 @@ def attempt_from_json(reply: dict) -> Attempt:
     return Attempt(outcomes, reply["host"], reply["tls"])
 
 
-class _CourierProtocol(ProcessProtocol):
-    def __init__(self, service: RemoteCourier):
-        self.service = service
-        self._out = b""
-        self._err = b""
-
-    def outReceived(self, data: bytes) -> None:
-        self._out += data
-        *lines, self._out = self._out.split(b"\n")
-        for line in lines:
-            self.service.reply_received(line)
-
-    def errReceived(self, data: bytes) -> None:
-        self._err += data
-        *lines, self._err = self._err.split(b"\n")
-        for line in lines:
-            log.info("courier: {line}", line=line.decode("utf-8", "replace"))
-
-    def processEnded(self, reason) -> None:
-        self.service.process_ended(reason)
-
-
 class RemoteCourier(Service):
     restart_delay = 1.0
     stop_timeout = 5.0  # for the child to end once its stdin is closed, then it is killed
@@ -64,7 +42,7 @@ class RemoteCourier(Service):
         """`settings`: what courier_process.main needs (spool, hostname, DNS servers and timeouts)."""
         self.reactor = reactor
         self.settings = settings
-        self._protocol: _CourierProtocol | None = None
+        self._protocol: LineChild | None = None
         self._pending: dict[int, defer.Deferred[Attempt]] = {}  # waiting for an answer
         self._in_flight: set[int] = set()  # sent and not answered, including those the manager gave up on
         self._ids = itertools.count(1)
@@ -76,7 +54,7 @@ class RemoteCourier(Service):
         self._spawn()
 
     def _spawn(self) -> None:
-        protocol = _CourierProtocol(self)
+        protocol = LineChild("courier", self.reply_received, self.process_ended)
         args = [sys.executable, "-m", "epost.delivery.courier_process", json.dumps(self.settings)]
         try:
             self.reactor.spawnProcess(protocol, sys.executable, args, env=None)
@@ -105,7 +83,7 @@ class RemoteCourier(Service):
         return self._stopped.addBoth(lambda _: kill.cancel() if kill.active() else None)
 
     @staticmethod
-    def _kill(protocol: _CourierProtocol) -> None:
+    def _kill(protocol: LineChild) -> None:
         log.warn("courier process did not end; killing it")
         protocol.transport.signalProcess("KILL")
 

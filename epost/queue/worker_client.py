@@ -16,10 +16,10 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
-from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from epost.child_process import LineChild
 from epost.queue.envelope import Envelope
 from epost.queue.spool import Spool, SpoolError
 from epost.queue.worker import FRAME
@@ -123,29 +123,6 @@ class _PipeThrottle:
         self.producers.clear()
 
 
-class _WorkerProtocol(ProcessProtocol):
-    def __init__(self, service: SpoolWorkerService, index: int):
-        self.service = service
-        self.index = index
-        self._out = b""
-        self._err = b""
-
-    def outReceived(self, data: bytes) -> None:
-        self._out += data
-        *lines, self._out = self._out.split(b"\n")
-        for line in lines:
-            self.service.reply_received(line.decode("utf-8", "replace"))
-
-    def errReceived(self, data: bytes) -> None:
-        self._err += data
-        *lines, self._err = self._err.split(b"\n")
-        for line in lines:
-            log.info("spool worker: {line}", line=line.decode("utf-8", "replace"))
-
-    def processEnded(self, reason) -> None:
-        self.service.worker_ended(self.index, reason)
-
-
 class SpoolWorkerService(Service):
     """Runs `processes` copies of `python -m epost.queue.worker` for the daemon's lifetime.
 
@@ -160,7 +137,7 @@ class SpoolWorkerService(Service):
         self.hostname = hostname
         self.give_up_after = give_up_after
         self.reactor = reactor
-        self._protocols: list[_WorkerProtocol | None] = [None] * processes
+        self._protocols: list[LineChild | None] = [None] * processes
         self._throttles = [_PipeThrottle() for _ in range(processes)]
         self._generations = [0] * processes
         self._commits: dict[str, tuple[defer.Deferred, Envelope]] = {}
@@ -176,7 +153,10 @@ class SpoolWorkerService(Service):
 
     def _spawn(self, index: int) -> None:
         self._generations[index] += 1
-        protocol = self._protocols[index] = _WorkerProtocol(self, index)
+        protocol = self._protocols[index] = LineChild(
+            "spool worker", lambda line: self.reply_received(line.decode("utf-8", "replace")),
+            lambda reason: self.worker_ended(index, reason),
+        )
         args = [sys.executable, "-m", "epost.queue.worker", str(self.spool.root), self.hostname, str(self.give_up_after)]
         self.reactor.spawnProcess(protocol, sys.executable, args, env=None)
         protocol.transport.registerProducer(self._throttles[index], True)
