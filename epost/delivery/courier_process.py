@@ -158,9 +158,11 @@ def main(settings: dict) -> None:
     ended: list[bool] = []
 
     StandardIO(CourierServer(courier, spool, on_done=done))
-    # The daemon decides when we stop (it closes our stdin); a Ctrl-C meant for
-    # it must not cut the attempts in progress short.
+    # The daemon decides when we stop (it closes our stdin, and our pipes close
+    # if it dies): a Ctrl-C or a SIGTERM sent to the whole process group
+    # (systemd's default) must not cut the attempts in progress short.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     reactor.run(installSignalHandlers=False)
 
 
