@@ -9,6 +9,7 @@ so the receiver does not care where the writing happens.
 from __future__ import annotations
 
 import errno
+import fcntl
 import sys
 import zlib
 from typing import Any
@@ -25,6 +26,8 @@ from epost.queue.spool import Spool, SpoolError
 from epost.queue.worker import FRAME
 
 log = Logger()
+
+PIPE_SIZE = 1024 * 1024  # Linux's default cap (fs.pipe-max-size): fewer writes and pauses for big messages
 
 
 class RemoteMessageWriter:
@@ -159,6 +162,12 @@ class SpoolWorkerService(Service):
         )
         args = [sys.executable, "-m", "epost.queue.worker", str(self.spool.root), self.hostname, str(self.give_up_after)]
         self.reactor.spawnProcess(protocol, sys.executable, args, env=None)
+        stdin = protocol.transport.pipes[0]
+        try:
+            fcntl.fcntl(stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            stdin.bufferSize = PIPE_SIZE
+        except (OSError, AttributeError):  # not Linux, or a lower fs.pipe-max-size: the default pipe serves
+            pass
         protocol.transport.registerProducer(self._throttles[index], True)
 
     def stopService(self) -> defer.Deferred:
