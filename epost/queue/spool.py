@@ -385,10 +385,12 @@ class Spool:
         raise FileNotFoundError(f"{queue_id}: content is gone")
 
     def remove(self, queue_id: str, queue: str = "incoming") -> None:
-        """Delete a message, envelope first so a crash half-way leaves only sweepable content.
+        """Take a message out of the queue (its files go to the pool), envelope
+        first so a crash half-way leaves only sweepable content.
 
-        No folder fsync, as in Postfix: if a power cut undoes the unlink, the
-        message is delivered again (a duplicate), never lost."""
+        No folder fsync, as in Postfix: if a power cut undoes the removal, the
+        message is delivered again (a duplicate), never lost; the pool reuses
+        a file only once its removal is durable."""
         folder = self._folder(queue_id, queue)
         self.pool.release(f"{folder}/{queue_id}.env")
         self.pool.release(f"{folder}/{queue_id}.msg")
