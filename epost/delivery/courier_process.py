@@ -14,8 +14,8 @@ One JSON object per line on stdin, one per line back on stdout:
   {"id": N, "route": {...}, "sender": s, "recipients": [...],
    "queue_id": q, "queue": "incoming", "size": n, "body_8bit": b}
       -> {"id": N, "outcomes": {recipient: [code, text, stage]}, "host": h, "tls": b}
-  {"close_idle": true}    QUIT every cached connection
-      -> {"id": N, "error": text}  when no attempt could be made
+      or {"id": N, "error": text}  when no attempt could be made
+  {"close_idle": true}    QUIT every cached connection (no answer)
 The content is opened here before the attempt (following the message if a
 move took it to another queue): the daemon's manager never lets a message go
 while an attempt for it runs. When stdin closes, the attempts in progress
