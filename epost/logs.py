@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -30,6 +31,11 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@functools.lru_cache(maxsize=4)  # lines come in bursts within the same second
+def _utc_stamp(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime(_SENDERLOG_TIME)
+
+
 def senderlog_line(
     when: float,
     queue_id: str,
@@ -44,7 +50,7 @@ def senderlog_line(
 ) -> str:
     """One senderlog line (no newline): UTC time with milliseconds, queue ID, then key=value fields."""
     millis = round(when * 1000)
-    stamp = datetime.fromtimestamp(millis // 1000, timezone.utc).strftime(_SENDERLOG_TIME)
+    stamp = _utc_stamp(millis // 1000)
     fields = (
         ("from", f"<{sender}>"),
         ("to", f"<{recipient}>"),

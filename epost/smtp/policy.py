@@ -8,6 +8,7 @@ resolver for the routes of what it accepts.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Callable, Iterable
 
@@ -18,6 +19,7 @@ RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 ALIAS_LOOP = Reply(550, "5.4.6", "Alias expansion loop")
 
 
+@functools.lru_cache(maxsize=1024)  # parsed once per client, not once per RCPT
 def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """The client's IP, with IPv4-mapped IPv6 (dual-stack listeners) unwrapped."""
     try:
