@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import InvalidLogLevelError, Logger, LogLevel
 
 log = Logger()
 
 
+_LEVEL = re.compile(r"^\S+ \[[^\]#]*#(\w+)\]")  # twisted.logger's text format: "time [namespace#level] ..."
+
+
+def level_of(line: str) -> LogLevel:
+    """The level a child logged `line` at, so its errors stay errors in our log; info when unknown."""
+    match = _LEVEL.match(line)
+    try:
+        return LogLevel.levelWithName(match.group(1)) if match else LogLevel.info
+    except InvalidLogLevelError:
+        return LogLevel.info
+
+
 class LineChild(ProcessProtocol):
     """Hands every line the child writes on stdout to `on_line` (bytes, no
-    newline), relays its stderr lines into the daemon's log under `name`,
+    newline), relays its stderr lines into the daemon's log under `name`
+    (at the level the child logged them),
     and tells `on_ended` when the child is gone."""
 
     def __init__(self, name: str, on_line: Callable[[bytes], None], on_ended: Callable[[object], None]):
@@ -32,7 +46,8 @@ class LineChild(ProcessProtocol):
         self._err += data
         *lines, self._err = self._err.split(b"\n")
         for line in lines:
-            log.info("{name}: {line}", name=self.name, line=line.decode("utf-8", "replace"))
+            text = line.decode("utf-8", "replace")
+            log.emit(level_of(text), "{name}: {line}", name=self.name, line=text)
 
     def processEnded(self, reason) -> None:
         self.on_ended(reason)
