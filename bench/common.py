@@ -144,12 +144,7 @@ class Epost:
         return wait_until_empty(self.queued, timeout)
 
     def stop(self, keep: bool = False) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        end_process(self.process, 30)
         self.log.close()
         if not keep:
             shutil.rmtree(self.root, ignore_errors=True)
@@ -229,12 +224,18 @@ class Sink:
         return time.monotonic()
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        end_process(self.process, 5)
         self._out.close()
+
+
+def end_process(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds; reaped either way."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def wait_until_empty(queued, timeout: float) -> float:

@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import bench_base, free_port, process_cpu, smtp_source, wait_for_port
+from common import bench_base, end_process, free_port, process_cpu, smtp_source, wait_for_port
 
 SERVERS = {"twisted-minimal": True, "twisted-nofsync": False}  # name: writes files
 
@@ -134,8 +134,7 @@ def main() -> None:
                       f" {1000 * cpu / args.messages:>11.3f}", flush=True)
     finally:
         for _, process in servers.values():
-            process.terminate()
-            process.wait()
+            end_process(process, 10)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -33,7 +33,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import Epost, Sink, free_port, process_cpu, children, smtp_source, wait_for_port
+from common import Epost, Sink, children, end_process, free_port, process_cpu, smtp_source, wait_for_port
 
 # --- the sinks (run as `isolation.py _sink MODE PORT FILE` in their own process) ---
 
@@ -123,8 +123,7 @@ class PySink:
         return len(self.file.read_text().splitlines())
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(5)
+        end_process(self.process, 5)
         self.file.unlink(missing_ok=True)
 
 

@@ -83,7 +83,7 @@ class CourierServer(LineOnlyReceiver):
                 self.sendLine(json.dumps({"id": request["id"], "error": f"unreadable request: {error}"}).encode())
             return
         try:
-            content()  # opened now: a file problem is ours, not the destination's
+            content.open()  # now: a file problem is ours, not the destination's
         except (OSError, ValueError) as error:
             self.sendLine(json.dumps({"id": request_id, "error": f"cannot read {content.queue_id}: {error}"}).encode())
             return

@@ -80,10 +80,6 @@ class MessageWriter:
         self._fd: int | None = None
         self._finished = False  # set by commit() or abort()
 
-    @property
-    def path(self) -> Path:
-        return Path(self.temp_path)
-
     def write(self, data: bytes) -> None:
         """Buffer or append to the page cache; the first error is kept for ``commit`` to report."""
         if self.error is not None or self._finished:
@@ -434,9 +430,13 @@ class SpooledContent:
         self.queue = queue
         self._fd: int | None = None
 
-    def __call__(self) -> Iterator[bytes]:
+    def open(self) -> None:
+        """Open the file now (idempotent): raises OSError or ValueError when it cannot be."""
         if self._fd is None:
             self._fd = self.spool.open_content(self.queue_id, self.queue)
+
+    def __call__(self) -> Iterator[bytes]:
+        self.open()
         return self._chunks(self._fd)
 
     def _chunks(self, fd: int) -> Iterator[bytes]:

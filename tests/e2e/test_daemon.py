@@ -407,16 +407,21 @@ def greeting(sock: socket.socket) -> bytes:
     return sock.recv(1024)
 
 
+def open_idle(d, count: int, idle: list) -> None:
+    """Open `count` connections that each got their 220 and then say nothing; kept in `idle` to close."""
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", d.relay_port), timeout=10)
+        idle.append(sock)
+        assert greeting(sock).startswith(b"220 "), len(idle)
+
+
 def test_thousand_idle_connections_do_not_block_a_real_client(daemon):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     d = daemon(server="max_connections_per_client = 2000")
     idle = []
     try:
-        for _ in range(1000):
-            sock = socket.create_connection(("127.0.0.1", d.relay_port), timeout=10)
-            idle.append(sock)
-            assert greeting(sock).startswith(b"220 "), len(idle)
+        open_idle(d, 1000, idle)
         started = time.monotonic()
         with smtplib.SMTP("127.0.0.1", d.relay_port, timeout=10) as smtp:
             smtp.sendmail(SENDER, [ALICE], message("despite 1000 idle clients"))
@@ -432,10 +437,7 @@ def test_per_client_limit_refuses_the_51st_but_not_another_client(daemon):
     d = daemon()
     idle = []
     try:
-        for _ in range(50):
-            sock = socket.create_connection(("127.0.0.1", d.relay_port), timeout=10)
-            idle.append(sock)
-            assert greeting(sock).startswith(b"220 "), len(idle)
+        open_idle(d, 50, idle)
         with socket.create_connection(("127.0.0.1", d.relay_port), timeout=10) as extra:
             reply = greeting(extra)
         assert reply.startswith(b"421 "), reply

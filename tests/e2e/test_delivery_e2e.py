@@ -94,6 +94,12 @@ def wait_until_deferred(d, queue_id: str, timeout: float = 10) -> None:
              message=f"{queue_id} to move from incoming/ to deferred/")
 
 
+def deferred_state(d, queue_id: str, domain: str = "a.sink.test"):
+    """Once the message is in deferred/: its destination's Domain.mri."""
+    wait_until_deferred(d, queue_id)
+    return wait_for(lambda: mri(d, domain), message="Domain.mri")
+
+
 def all_maildir_files(d) -> list[Path]:
     root = d.spool / "mailboxes"
     return sorted(root.glob("*/*/new/*")) if root.is_dir() else []
@@ -165,8 +171,7 @@ def test_greylisted_message_waits_in_deferred_with_domain_mri_then_is_delivered(
     with Sink(greylist=1) as sink:
         d = relay_daemon(daemon, tmp_path, sink.port, retry="interval = 2\nfixed_interval = true\n")
         queue_id = send(d, ["bob@a.sink.test"], message("greylisted"))
-        wait_until_deferred(d, queue_id)
-        state = wait_for(lambda: mri(d, "a.sink.test"), message="Domain.mri")
+        state = deferred_state(d, queue_id)
         assert sink.messages == []
         assert state.domain == "a.sink.test"
         assert (state.try_number, state.err_code, state.messages) == (1, 451, 1), state
@@ -412,8 +417,7 @@ def test_kill_9_during_retries_keeps_attempt_numbers_and_first_failure(daemon, t
     with Sink(greylist=2) as sink:
         d = relay_daemon(daemon, tmp_path, sink.port, retry="interval = 3\nfixed_interval = true\n")
         queue_id = send(d, ["bob@a.sink.test"], message("survives kill -9"))
-        wait_until_deferred(d, queue_id)
-        before = wait_for(lambda: mri(d, "a.sink.test"), message="Domain.mri")
+        before = deferred_state(d, queue_id)
         assert before.try_number == 1
         assert attempts(d, "bob@a.sink.test") == [(1, "deferred")]
         kill9(d)
@@ -441,8 +445,7 @@ def test_kill_9_after_a_partial_delivery_does_not_deliver_the_accepted_recipient
         queue_id = send(d, ["ok@a.sink.test", "grey@a.sink.test"], message("half now, half later"))
         (first,) = sink.wait_for_messages(1)
         assert first.recipients == ("ok@a.sink.test",)
-        wait_until_deferred(d, queue_id)
-        wait_for(lambda: mri(d, "a.sink.test"), message="Domain.mri")
+        deferred_state(d, queue_id)
         assert sorted(attempts(d, "ok@a.sink.test") + attempts(d, "grey@a.sink.test")) == [(1, "deferred"), (1, "sent")]
         kill9(d)
         d.start()
@@ -465,8 +468,7 @@ def test_sigusr2_makes_a_deferred_message_due_at_once(daemon, tmp_path):
     with Sink(greylist=1) as sink:
         d = relay_daemon(daemon, tmp_path, sink.port, retry="interval = 3600\n")
         queue_id = send(d, ["bob@a.sink.test"], message("flushed"))
-        wait_until_deferred(d, queue_id)
-        state = wait_for(lambda: mri(d, "a.sink.test"), message="Domain.mri")
+        state = deferred_state(d, queue_id)
         assert state.next_try - state.last_tried == 3600, state
         time.sleep(1)
         assert sink.messages == []
