@@ -36,6 +36,7 @@ unique, which the daemon alone makes.
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from collections.abc import Iterable
@@ -134,5 +135,8 @@ class FilePool:
                 fsync_dir(folder)
         except FileNotFoundError:
             names = []
+        # Shuffled: the workers list the same folder, and taking names in one
+        # order made them race for the same files (a failed rename each).
+        random.shuffle(names)
         self._names = names
         self._held = len(names)

@@ -129,3 +129,14 @@ def test_whatever_the_sizes_each_file_holds_exactly_what_was_written_last(sizes)
             pool.release(path / f"m{i}")
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def test_two_pools_over_one_folder_take_its_names_in_different_orders(root):
+    """Each pool shuffles its listing: taken in one order, every claim of one
+    worker would race the other's for the same file."""
+    for i in range(64):
+        (root / "free" / f"f{i:02d}").write_bytes(b"")
+    first, second = FilePool(root / "free"), FilePool(root / "free")
+    order = [[pool._take_name() for _ in range(64)] for pool in (first, second)]
+    assert sorted(order[0]) == sorted(order[1]) == sorted(os.listdir(root / "free"))
+    assert order[0] != order[1]  # equal by chance once in 64! runs
