@@ -7,23 +7,34 @@ For each message size and client concurrency, Postfix's smtp-source sends N
 messages to each server in turn; prints messages/s, the server's CPU
 milliseconds per message (epost: the daemon, receiving and delivering into
 a Maildir; Postfix: all its processes, receiving and relaying into
-smtp-sink) and epost's rate as a ratio of Postfix's, measured in one run.
+smtp-sink), the disk's write requests and cache flushes per message (the
+disk that holds each server's spool; everything on it counts, so keep the
+machine quiet) and epost's rate as a ratio of Postfix's, measured in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from common import Epost, Postfix, smtp_source
+from pathlib import Path
+
+from common import DiskCounters, Epost, Postfix, smtp_source
+
+POSTFIX_SPOOL = Path("/var/spool/postfix")
 
 
-def measure(server, name: str, messages: int, size: int, sessions: int, to: str) -> dict:
+def measure(server, name: str, messages: int, size: int, sessions: int, to: str, disk: DiskCounters) -> dict:
     server.wait_until_drained()
-    cpu_before = server.cpu()
+    cpu_before, disk_before = server.cpu(), disk.read()
     seconds = smtp_source(server.port, messages, size, sessions, to)
     server.wait_until_drained()
-    cpu = server.cpu() - cpu_before
-    return {"name": name, "rate": messages / seconds, "cpu_ms": 1000 * cpu / messages}
+    cpu, disk_after = server.cpu() - cpu_before, disk.read()
+    if disk_before and disk_after:
+        writes, flushes = ((after - before) / messages for before, after in zip(disk_before, disk_after))
+        device = f"{writes:>6.1f} {flushes:>6.1f}"
+    else:
+        device = f"{'-':>6} {'-':>6}"
+    return {"name": name, "rate": messages / seconds, "cpu_ms": 1000 * cpu / messages, "device": device}
 
 
 def main() -> None:
@@ -36,17 +47,21 @@ def main() -> None:
 
     epost = Epost()
     postfix = None if args.no_postfix else Postfix()
+    ours_disk = DiskCounters(epost.spool)
+    theirs_disk = DiskCounters(POSTFIX_SPOOL) if postfix else None
     try:
         # warm-up: imports, first Maildir, page cache
-        measure(epost, "epost", 200, 4096, 10, "sink@bench.test")
-        print(f"{'size':>7} {'C':>3}  {'epost msg/s':>11} {'CPU-ms/msg':>10}  {'postfix msg/s':>13} {'CPU-ms/msg':>10}  {'ratio':>5}")
+        measure(epost, "epost", 200, 4096, 10, "sink@bench.test", ours_disk)
+        print(f"{'size':>7} {'C':>3}  {'epost msg/s':>11} {'CPU-ms/msg':>10} {'wr/msg':>6} {'fl/msg':>6}"
+              f"  {'postfix msg/s':>13} {'CPU-ms/msg':>10} {'wr/msg':>6} {'fl/msg':>6}  {'ratio':>5}")
         for size in (int(s) for s in args.sizes.split(",")):
             for sessions in (int(c) for c in args.concurrency.split(",")):
-                ours = measure(epost, "epost", args.messages, size, sessions, "sink@bench.test")
-                line = f"{size:>7} {sessions:>3}  {ours['rate']:>11.0f} {ours['cpu_ms']:>10.2f}"
+                ours = measure(epost, "epost", args.messages, size, sessions, "sink@bench.test", ours_disk)
+                line = f"{size:>7} {sessions:>3}  {ours['rate']:>11.0f} {ours['cpu_ms']:>10.2f} {ours['device']}"
                 if postfix:
-                    theirs = measure(postfix, "postfix", args.messages, size, sessions, "sink@remote.test")
-                    line += f"  {theirs['rate']:>13.0f} {theirs['cpu_ms']:>10.2f}  {ours['rate'] / theirs['rate']:>5.2f}"
+                    theirs = measure(postfix, "postfix", args.messages, size, sessions, "sink@remote.test", theirs_disk)
+                    line += (f"  {theirs['rate']:>13.0f} {theirs['cpu_ms']:>10.2f} {theirs['device']}"
+                             f"  {ours['rate'] / theirs['rate']:>5.2f}")
                 print(line, flush=True)
         print(f"epost resident memory after the run: {epost.rss_kib() / 1024:.0f} MiB")
     finally:

@@ -64,7 +64,8 @@ class FilePool:
         self.limit = limit
         self.max_size = max_size
         self._relist_every = relist_every
-        self._names: list[str] = []  # from the last listing; other processes may take them first
+        # From the last listing, by suffix (".env", ".msg"); other processes may take them first.
+        self._names: dict[str, list[str]] = {}
         self._held = 0  # files in the folder by the last listing and our releases since
         self._listed_at = float("-inf")
         self._lock = threading.Lock()  # the daemon's Spool is used from the reactor and its threads
@@ -74,7 +75,7 @@ class FilePool:
 
         Call `finish` after the last write: a reused file may be longer."""
         while True:
-            name = self._take_name()
+            name = self._take_name(os.path.splitext(path)[1])
             if name is None:
                 return os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             try:
@@ -85,8 +86,11 @@ class FilePool:
 
     @staticmethod
     def finish(fd: int) -> None:
-        """Cut the file at the current write offset (what this writer wrote)."""
-        os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
+        """Cut the file at the current write offset (what this writer wrote),
+        if it is longer: a needless truncate costs a metadata write at fsync."""
+        end = os.lseek(fd, 0, os.SEEK_CUR)
+        if os.fstat(fd).st_size > end:
+            os.ftruncate(fd, end)
 
     def release(self, path: str | Path) -> None:
         """Take `path` out of its folder: into the pool, or deleted when the pool is full or it is big.
@@ -112,14 +116,19 @@ class FilePool:
             self._held += 1
             return True
 
-    def _take_name(self) -> str | None:
+    def _take_name(self, suffix: str = "") -> str | None:
+        """A name released with the same suffix if there is one, else any: an
+        envelope reusing an envelope keeps its one block, where a content file
+        cut to an envelope's size would free blocks and an envelope grown into
+        content would allocate them (bitmap writes at each fsync)."""
         with self._lock:
-            if not self._names:
+            if not any(self._names.values()):
                 self._relist()
-            if not self._names:
+            names = self._names.get(suffix) or next((n for n in self._names.values() if n), None)
+            if not names:
                 return None
             self._held -= 1
-            return self._names.pop()
+            return names.pop()
 
     def _relist(self) -> None:
         """Read the pool's folder, then fsync it and the source folders, so
@@ -138,5 +147,7 @@ class FilePool:
         # Shuffled: the workers list the same folder, and taking names in one
         # order made them race for the same files (a failed rename each).
         random.shuffle(names)
-        self._names = names
+        self._names = {}
+        for name in names:
+            self._names.setdefault(os.path.splitext(name)[1], []).append(name)
         self._held = len(names)

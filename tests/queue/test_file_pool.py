@@ -140,3 +140,44 @@ def test_two_pools_over_one_folder_take_its_names_in_different_orders(root):
     order = [[pool._take_name() for _ in range(64)] for pool in (first, second)]
     assert sorted(order[0]) == sorted(order[1]) == sorted(os.listdir(root / "free"))
     assert order[0] != order[1]  # equal by chance once in 64! runs
+
+
+def test_an_envelope_reuses_an_envelope_and_content_reuses_content(root):
+    """Same-suffix reuse keeps a file's block count, so its fsync writes no bitmaps."""
+    pool = FilePool(root / "free", [root / "queue"], relist_every=0)
+    write(pool, root / "queue" / "a.env", b"e" * 400)
+    write(pool, root / "queue" / "a.msg", b"m" * 9000)
+    inodes = {name: os.stat(root / "queue" / name).st_ino for name in ("a.env", "a.msg")}
+    for name in ("a.msg", "a.env"):
+        pool.release(root / "queue" / name)
+    write(pool, root / "queue" / "b.msg", b"M" * 8000)
+    write(pool, root / "queue" / "b.env", b"E" * 300)
+    assert os.stat(root / "queue" / "b.msg").st_ino == inodes["a.msg"]
+    assert os.stat(root / "queue" / "b.env").st_ino == inodes["a.env"]
+    write(pool, root / "queue" / "c.msg", b"new")  # pool empty: a new file
+    assert os.stat(root / "queue" / "c.msg").st_ino not in inodes.values()
+
+
+def test_with_no_file_of_its_suffix_left_any_released_file_serves(root):
+    pool = FilePool(root / "free", [root / "queue"], relist_every=0)
+    write(pool, root / "queue" / "a.env", b"envelope")
+    inode = os.stat(root / "queue" / "a.env").st_ino
+    pool.release(root / "queue" / "a.env")
+    write(pool, root / "queue" / "b.msg", b"content, longer than the envelope was")
+    assert os.stat(root / "queue" / "b.msg").st_ino == inode
+    assert (root / "queue" / "b.msg").read_bytes() == b"content, longer than the envelope was"
+
+
+def test_a_file_is_cut_only_when_it_was_longer(root, monkeypatch):
+    """A needless truncate makes the inode dirty: one more write at its fsync."""
+    pool = FilePool(root / "free", [root / "queue"], relist_every=0)
+    write(pool, root / "queue" / "a.msg", b"x" * 100)
+    pool.release(root / "queue" / "a.msg")
+    cuts = []
+    real = os.ftruncate
+    monkeypatch.setattr(os, "ftruncate", lambda fd, length: (cuts.append(length), real(fd, length)))
+    write(pool, root / "queue" / "b.msg", b"y" * 200)  # longer: overwritten, nothing to cut
+    assert cuts == []
+    pool.release(root / "queue" / "b.msg")
+    write(pool, root / "queue" / "c.msg", b"z" * 50)
+    assert cuts == [50] and (root / "queue" / "c.msg").read_bytes() == b"z" * 50
