@@ -145,17 +145,20 @@ def test_two_pools_over_one_folder_take_its_names_in_different_orders(root):
 def test_an_envelope_reuses_an_envelope_and_content_reuses_content(root):
     """Same-suffix reuse keeps a file's block count, so its fsync writes no bitmaps."""
     pool = FilePool(root / "free", [root / "queue"], relist_every=0)
-    write(pool, root / "queue" / "a.env", b"e" * 400)
-    write(pool, root / "queue" / "a.msg", b"m" * 9000)
-    inodes = {name: os.stat(root / "queue" / name).st_ino for name in ("a.env", "a.msg")}
-    for name in ("a.msg", "a.env"):
+    inodes: dict[str, set[int]] = {".env": set(), ".msg": set()}
+    names = [(f"a{i}{suffix}", suffix, size) for i in range(8) for suffix, size in ((".env", 400), (".msg", 9000))]
+    for name, suffix, size in names:  # eight of each: a pool blind to suffixes pairs them all by chance once in 12,870
+        write(pool, root / "queue" / name, b"x" * size)
+        inodes[suffix].add(os.stat(root / "queue" / name).st_ino)
+    for name, _, _ in names:
         pool.release(root / "queue" / name)
-    write(pool, root / "queue" / "b.msg", b"M" * 8000)
-    write(pool, root / "queue" / "b.env", b"E" * 300)
-    assert os.stat(root / "queue" / "b.msg").st_ino == inodes["a.msg"]
-    assert os.stat(root / "queue" / "b.env").st_ino == inodes["a.env"]
+    for i in range(8):
+        for suffix, size in ((".msg", 8000), (".env", 300)):
+            write(pool, root / "queue" / f"b{i}{suffix}", b"y" * size)
+    for suffix in (".env", ".msg"):
+        assert {os.stat(root / "queue" / f"b{i}{suffix}").st_ino for i in range(8)} == inodes[suffix]
     write(pool, root / "queue" / "c.msg", b"new")  # pool empty: a new file
-    assert os.stat(root / "queue" / "c.msg").st_ino not in inodes.values()
+    assert os.stat(root / "queue" / "c.msg").st_ino not in inodes[".env"] | inodes[".msg"]
 
 
 def test_with_no_file_of_its_suffix_left_any_released_file_serves(root):
