@@ -18,6 +18,15 @@ What keeps it safe:
   no crash can bring back its old queue name (which would resurrect the old
   message holding the new one's bytes). Releases cost no fsync of their own:
   one round per listing, at most one listing a second, serves them all.
+- Every release gets a name of its own in the pool, never the queue name:
+  a message's envelope is released once per move and again at the end, and
+  one name reused would put a file released after a listing under a name
+  the listing holds, reusable before its old folder was fsynced.
+- A claim's rename out of the pool is made durable only with the pool's
+  next listing, so on a file system without a journal a crash can leave a
+  queued file also linked in the pool (fsck counts both links). A file
+  with more than one link is therefore never written: its pool name is
+  dropped and the queued name keeps it.
 - A reused file is overwritten from offset 0 and cut to the new length
   (``finish``) before its fsync, so stale bytes never reach a queue.
 - A message's files are released only when nothing reads them: the manager
@@ -35,6 +44,7 @@ unique, which the daemon alone makes.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import threading
@@ -42,9 +52,14 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from twisted.logger import Logger
+
 from epost.fsutil import fsync_dir
 
 FOLDER = "free"
+
+log = Logger()
+_releases = itertools.count()  # with the time and pid, a name of its own for every release
 
 
 class FilePool:
@@ -67,7 +82,7 @@ class FilePool:
         # From the last listing, by suffix (".env", ".msg"); other processes may take them first.
         self._names: dict[str, list[str]] = {}
         self._held = 0  # files in the folder by the last listing and our releases since
-        self._listed_at = float("-inf")
+        self._listed_at = self._counted_at = float("-inf")
         self._lock = threading.Lock()  # the daemon's Spool is used from the reactor and its threads
 
     def create(self, path: str | Path) -> int:
@@ -82,7 +97,12 @@ class FilePool:
                 os.rename(self._prefix + name, path)
             except FileNotFoundError:
                 continue  # another process took it first
-            return os.open(path, os.O_WRONLY)
+            fd = os.open(path, os.O_WRONLY)
+            if os.fstat(fd).st_nlink == 1:
+                return fd
+            os.close(fd)  # still queued under another name (see above): drop only our link to it
+            os.unlink(path)
+            log.warn("{name}: a spare spool file still queued under another name; left to it", name=name)
 
     @staticmethod
     def finish(fd: int) -> None:
@@ -98,8 +118,9 @@ class FilePool:
         Like an unlink, a missing file is not an error."""
         try:
             if os.stat(path).st_size <= self.max_size and self._make_room():
+                name = f"{time.time_ns()}.{os.getpid()}.{next(_releases)}{os.path.splitext(path)[1]}"
                 try:
-                    os.rename(path, self._prefix + os.path.basename(path))
+                    os.rename(path, self._prefix + name)
                     return
                 except FileNotFoundError:
                     pass  # no pool folder: delete instead
@@ -109,8 +130,16 @@ class FilePool:
 
     def _make_room(self) -> bool:
         with self._lock:
-            if self._held >= self.limit:
-                self._relist()  # other processes may have taken some
+            now = time.monotonic()
+            if self._held >= self.limit and now - self._counted_at >= self._relist_every:
+                # Other processes may have taken some. Counting needs no fsync
+                # (only handing names out does): the daemon, which only
+                # releases, never fsyncs folders on the reactor for this.
+                self._counted_at = now
+                try:
+                    self._held = len(os.listdir(self.folder))
+                except FileNotFoundError:
+                    self._held = 0
             if self._held >= self.limit:
                 return False
             self._held += 1

@@ -21,6 +21,11 @@ def root():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def inodes_in(folder: Path) -> set[int]:
+    """The files in `folder`, by inode: pool names are the pool's own."""
+    return {entry.stat().st_ino for entry in folder.iterdir()}
+
+
 def write(pool: FilePool, path: Path, data: bytes) -> None:
     fd = pool.create(path)
     try:
@@ -49,9 +54,10 @@ def test_a_file_is_reused_only_after_its_old_folder_was_fsynced(root, monkeypatc
     pool = FilePool(root / "free", [root / "queue"], relist_every=3600)
     write(pool, root / "queue" / "a.msg", b"old")  # first listing: the pool is empty
     synced.clear()
+    released = os.stat(root / "queue" / "a.msg").st_ino
     pool.release(root / "queue" / "a.msg")
     write(pool, root / "queue" / "b.msg", b"new")  # no listing allowed yet: a new file
-    assert os.stat(root / "queue" / "b.msg").st_ino != os.stat(root / "free" / "a.msg").st_ino
+    assert os.stat(root / "queue" / "b.msg").st_ino != released and inodes_in(root / "free") == {released}
     assert synced == []
     pool._listed_at = float("-inf")  # a second later
     write(pool, root / "queue" / "c.msg", b"new")
@@ -73,11 +79,11 @@ def test_two_processes_never_get_the_same_file(root):
     for i in range(4):
         first.release(root / "queue" / f"{i}.msg")
     inodes = []
-    for i in range(4):  # both listed all four names
+    for i in range(4):  # both list the pool; whichever renames a name first has it
         for name, pool in ((f"a{i}", first), (f"b{i}", second)):
             write(pool, root / "queue" / name, name.encode())
             inodes.append(os.stat(root / "queue" / name).st_ino)
-    assert len(set(inodes)) == 8  # four reused, four new: no file has two names
+    assert len(set(inodes)) == 8  # no file has two names
     assert all((root / "queue" / n).read_bytes() == n.encode() for n in os.listdir(root / "queue"))
 
 def test_big_files_and_files_beyond_the_limit_are_deleted(root):
@@ -87,9 +93,10 @@ def test_big_files_and_files_beyond_the_limit_are_deleted(root):
     assert os.listdir(root / "free") == []
     for name in ("a", "b", "c"):
         write(pool, root / "queue" / name, b"small")
+    kept = {os.stat(root / "queue" / name).st_ino for name in ("a", "b")}
     for name in ("a", "b", "c"):
         pool.release(root / "queue" / name)
-    assert sorted(os.listdir(root / "free")) == ["a", "b"]
+    assert inodes_in(root / "free") == kept
     assert os.listdir(root / "queue") == []
 
 
@@ -101,8 +108,9 @@ def test_a_full_pool_looks_again_when_another_process_took_files(root):
     releaser.release(root / "queue" / "a")
     releaser.release(root / "queue" / "b")  # full, by its own count
     write(taker, root / "queue" / "d", b"2")  # takes one of them
+    c = os.stat(root / "queue" / "c").st_ino
     releaser.release(root / "queue" / "c")  # full? it looks again: there is room
-    assert "c" in os.listdir(root / "free")
+    assert c in inodes_in(root / "free")
 
 def test_releasing_a_missing_file_is_not_an_error(root):
     FilePool(root / "free").release(root / "queue" / "gone")
@@ -184,3 +192,52 @@ def test_a_file_is_cut_only_when_it_was_longer(root, monkeypatch):
     pool.release(root / "queue" / "b.msg")
     write(pool, root / "queue" / "c.msg", b"z" * 50)
     assert cuts == [50] and (root / "queue" / "c.msg").read_bytes() == b"z" * 50
+
+
+def test_an_envelope_released_twice_under_one_queue_name_is_not_reused_before_its_folder_is_fsynced(root, monkeypatch):
+    """A message's envelope leaves incoming/ when it is deferred and deferred/ when it is
+    done: one pool name for both would let a listing taken between them hand out the
+    second file, whose old folder has not been fsynced."""
+    synced = []
+    monkeypatch.setattr("epost.queue.file_pool.fsync_dir", lambda folder: synced.append(Path(folder).name))
+    (root / "deferred").mkdir()
+    pool = FilePool(root / "free", [root / "queue", root / "deferred"], relist_every=3600)
+    write(pool, root / "queue" / "Q.env", b"first")
+    write(pool, root / "deferred" / "Q.env", b"second")  # a move writes the new copy first
+    first, second = (os.stat(root / q / "Q.env").st_ino for q in ("queue", "deferred"))
+    pool.release(root / "queue" / "Q.env")  # ... then releases the old one
+    pool._listed_at = float("-inf")
+    pool._relist()  # a listing: it holds the first release
+    synced.clear()
+    pool.release(root / "deferred" / "Q.env")  # the message is done
+    assert inodes_in(root / "free") >= {second}
+    write(pool, root / "queue" / "next.env", b"y")
+    assert os.stat(root / "queue" / "next.env").st_ino == first  # the second waits for deferred/'s fsync
+    assert synced == []
+
+
+def test_a_spare_file_still_queued_under_another_name_is_never_written(root):
+    """After a crash on a file system without a journal, a claim's rename out of free/
+    may be lost while the queued name survives: fsck then counts two links."""
+    pool = FilePool(root / "free", [root / "queue"], relist_every=0)
+    write(pool, root / "queue" / "Q.msg", b"acknowledged")
+    queued = os.stat(root / "queue" / "Q.msg").st_ino
+    os.link(root / "queue" / "Q.msg", root / "free" / "stale.msg")  # the state after such a crash
+    write(pool, root / "queue" / "R.msg", b"new message")
+    assert os.stat(root / "queue" / "R.msg").st_ino != queued
+    assert (root / "queue" / "Q.msg").read_bytes() == b"acknowledged"
+    assert os.stat(root / "queue" / "Q.msg").st_nlink == 1 and not (root / "free" / "stale.msg").exists()
+
+
+def test_a_pool_that_only_releases_counts_the_folder_without_fsyncing_it(root, monkeypatch):
+    """The daemon only releases, on the reactor: looking for room must not fsync folders."""
+    synced = []
+    monkeypatch.setattr("epost.queue.file_pool.fsync_dir", lambda folder: synced.append(folder))
+    releaser = FilePool(root / "free", [root / "queue"], limit=1, relist_every=0)
+    for name in ("a", "b"):
+        (root / "queue" / name).write_bytes(b"1")
+    releaser.release(root / "queue" / "a")
+    os.unlink(next((root / "free").iterdir()))  # another process took it
+    b = os.stat(root / "queue" / "b").st_ino
+    releaser.release(root / "queue" / "b")  # full by its own count: it counts again
+    assert inodes_in(root / "free") == {b} and synced == []
