@@ -31,7 +31,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
@@ -50,8 +49,8 @@ def attempt_to_json(request_id: int, attempt: Attempt) -> bytes:
 
 @implementer(IHalfCloseableProtocol)
 class CourierServer(LineOnlyReceiver):
-    """Runs each request through `courier`; ends (`on_done`) once stdin is
-    closed and nothing is in progress."""
+    """Runs each request through `courier`; ends (`on_done`) as soon as
+    stdin closes."""
 
     delimiter = b"\n"
     # A request with thousands of recipients is still one line; a longer one
@@ -63,8 +62,6 @@ class CourierServer(LineOnlyReceiver):
         self.courier = courier
         self.spool = spool
         self.on_done = on_done
-        self._in_progress: set[defer.Deferred] = set()
-        self._closing = False
 
     def lineReceived(self, line: bytes) -> None:
         request = None
@@ -88,35 +85,32 @@ class CourierServer(LineOnlyReceiver):
             self.sendLine(json.dumps({"id": request_id, "error": f"cannot read {content.queue_id}: {error}"}).encode())
             return
         d = self.courier.deliver(*arguments, content, size, body_8bit)
-        self._in_progress.add(d)
-        d.addCallbacks(self._answer, self._failed, (request_id, content, d), None, (request_id, content, d))
+        d.addCallbacks(self._answer, self._failed, (request_id, content), None, (request_id, content))
 
-    def _answer(self, attempt: Attempt, request_id: int, content: SpooledContent, d: defer.Deferred) -> None:
-        self._done(d, content, attempt_to_json(request_id, attempt))
+    def _answer(self, attempt: Attempt, request_id: int, content: SpooledContent) -> None:
+        self._done(content, attempt_to_json(request_id, attempt))
 
-    def _failed(self, failure, request_id: int, content: SpooledContent, d: defer.Deferred) -> None:
+    def _failed(self, failure, request_id: int, content: SpooledContent) -> None:
         """Courier.deliver is not meant to fail; if it does, the daemon still gets an answer."""
         log.failure("courier process: attempt {id} failed", failure, id=request_id)
-        self._done(d, content, json.dumps({"id": request_id, "error": failure.getErrorMessage()}).encode())
+        self._done(content, json.dumps({"id": request_id, "error": failure.getErrorMessage()}).encode())
 
-    def _done(self, d: defer.Deferred, content: SpooledContent, line: bytes) -> None:
+    def _done(self, content: SpooledContent, line: bytes) -> None:
         content.close()
-        self._in_progress.discard(d)
         self.sendLine(line)
-        self._end_if_done()
 
     def readConnectionLost(self) -> None:
-        """The daemon closed our stdin: finish what is in progress, then end."""
-        self._closing = True
+        """The daemon closed our stdin: end now, attempts in progress with us.
+
+        The daemon closes it only when nothing is in flight, or because it
+        died; then no answer has a reader, the next daemon tries the mail
+        again, and sessions left running would send it twice or read a
+        spool file already reused for another message."""
         self.courier.close_idle()
-        self._end_if_done()
+        self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         self.on_done()
-
-    def _end_if_done(self) -> None:
-        if self._closing and not self._in_progress:
-            self.transport.loseConnection()
 
     def connectionLost(self, reason=None) -> None:
         self.on_done()
@@ -160,7 +154,8 @@ def main(settings: dict) -> None:
     StandardIO(CourierServer(courier, spool, on_done=done))
     # The daemon decides when we stop (it closes our stdin, and our pipes close
     # if it dies): a Ctrl-C or a SIGTERM sent to the whole process group
-    # (systemd's default) must not cut the attempts in progress short.
+    # (systemd's default) must not cut the attempts in progress short, while
+    # the daemon still waits for their answers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     reactor.run(installSignalHandlers=False)
