@@ -37,20 +37,9 @@ class AuthThrottle:
     def blocked(self, ip: str) -> bool:
         return len(self._recent(ip)) >= self.cutoff
 
-    def forgive(self, ip: str) -> None:
-        """Take back the latest failure: for callers that record an attempt as
-        failed before checking it, so parallel guesses cannot slip past the cutoff."""
-        failures = self._failures.get(ip)
-        if failures:
-            failures.pop()
-            if not failures:
-                del self._failures[ip]
-
-    def failed(self, ip: str, count: bool = True) -> float:
-        """Record a failure; the seconds to wait before answering it. `count=False`
-        leaves the metric to the caller (it may still `forgive` the attempt)."""
-        if count:
-            metrics.auth_failures.inc()
+    def failed(self, ip: str) -> float:
+        """Record a failure; the seconds to wait before answering it."""
+        metrics.auth_failures.inc()
         failures = self._recent(ip)
         failures.append(self.clock.seconds())
         self._failures[ip] = failures

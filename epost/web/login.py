@@ -3,7 +3,7 @@
 Only the accounts listed in `[server] admin_users` may log in, with their
 password from the users file (the same scrypt hashes as SMTP AUTH, checked in
 the thread pool by `UsersChecker`, so an unknown address costs the same time).
-Failed logins are throttled per client like AUTH: each one waits a second
+Failed logins are throttled per client with AUTH's delays: each one waits a second
 longer, and after `auth_failures_before_cutoff` the client is refused for 5
 minutes. A client is an IPv4 address or an IPv6 /64, and all of loopback is
 one client (any local user can pick a source address in 127.0.0.0/8).
@@ -19,8 +19,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
-from epost import metrics
 from epost.auth import UsersChecker
+from epost.smtp.policy import client_address
 from epost.web.base import Context, Page, Redirect, Response, answer, field, form, same_origin
 from epost.web.html import esc, page
 
@@ -28,10 +28,10 @@ log = Logger()
 
 
 def client_key(ip: str) -> str:
-    """Who a failed login counts against: loopback as one, IPv6 by /64, IPv4 by address."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
+    """Who a failed login counts against: loopback as one, IPv6 by /64, IPv4 by
+    address (also when a dual-stack listener shows it as ::ffff:a.b.c.d)."""
+    address = client_address(ip)
+    if address is None:
         return ip
     if address.is_loopback:
         return "loopback"
@@ -92,10 +92,9 @@ class Login(Resource):
             error = "Too many failed logins; try again in a few minutes."
             body = login_form(self.context.sessions.login_token(request), user, error)
             return Response(429, "Log in", body)
-        # Counted as failed before the check, one check at a time per client and
-        # few at once overall: parallel guesses can neither pass the cutoff nor
-        # fill the thread pool the mail daemon needs.
-        delay = throttle.failed(client, count=False)
+        # One check at a time per client (its failure counted before the next
+        # may start) and few at once overall: parallel guesses can neither pass
+        # the cutoff nor fill the thread pool the mail daemon needs.
         self._checking.add(client)
         try:
             try:
@@ -104,17 +103,17 @@ class Login(Resource):
             except UnauthorizedLogin:
                 account = None
             if account is not None and account.lower() in self.admins:
-                throttle.forgive(client)
                 self.context.sessions.start(request, account.lower())
                 log.info("Mail Control: {user} logged in from {ip}", user=account, ip=ip)
                 return Redirect("/")
-            metrics.auth_failures.inc()
+            delay = throttle.failed(client)
             log.info("Mail Control: failed login for {user!r} from {ip}", user=user[:100], ip=ip)
             await task.deferLater(self.context.reactor, delay, lambda: None)
         finally:
             self._checking.discard(client)  # after the delay: a client's guesses go one by one
         error = "Wrong address or password, or not an admin account."
         return Response(200, "Log in", login_form(self.context.sessions.login_token(request), user, error))
+
 
 class Logout(Page):
     title = "Logged out"

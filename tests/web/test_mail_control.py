@@ -14,6 +14,7 @@ from twisted.internet.testing import StringTransport
 from epost.queue.domain_state import DomainState
 from epost.queue.envelope import Envelope, Recipient
 from epost.web.gateway_edit import check
+from epost.web.login import client_key
 from epost.web.logtail import last_lines
 from epost.web.site import loopback_by_default
 from web_support import ADMIN, PASSWORD, make_world
@@ -387,6 +388,7 @@ def test_parallel_login_guesses_cannot_pass_the_cutoff_nor_hide_behind_other_loo
     pool.run_all()
     world.clock.advance(10)
     codes = [int(t.value().split(b" ", 2)[1]) for t in transports if t.value()]
+    assert len(codes) == 10, codes  # every request answered
     assert codes.count(429) >= 9 and 303 not in codes, codes  # one check ran; the rest, the right one too, refused
 
 
@@ -411,3 +413,18 @@ def test_saving_a_symlinked_gateway_dat_keeps_the_link(tmp_path):
     table, problems, _ = save(link, b"*.new.test,127.0.0.1,2526\n", None)
     assert problems == [] and link.is_symlink()
     assert real.read_text() == "*.new.test,127.0.0.1,2526\n"
+
+
+@pytest.mark.parametrize("ip, key", [
+    ("192.0.2.7", "192.0.2.7"),
+    ("::ffff:192.0.2.7", "192.0.2.7"),  # an IPv4 client on a dual-stack listener is still itself
+    ("::ffff:192.0.2.8", "192.0.2.8"),
+    ("127.0.0.5", "loopback"),
+    ("::ffff:127.0.0.1", "loopback"),
+    ("::1", "loopback"),
+    ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff::9", "2001:db8:1:2::/64"),
+    ("not an ip", "not an ip"),
+])
+def test_failed_logins_count_against_the_address_its_64_or_loopback(ip, key):
+    assert client_key(ip) == key
