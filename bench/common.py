@@ -148,10 +148,7 @@ class Epost:
         return process_cpu(self.process.pid) + sum(process_cpu(pid) for pid in children(self.process.pid))
 
     def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
+        return rss_kib(self.process.pid)
 
     def queued(self, queues: tuple[str, ...] = ("incoming",)) -> int:
         return sum(1 for q in queues for p in (self.spool / q).iterdir() if p.suffix == ".env")

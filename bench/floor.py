@@ -32,22 +32,14 @@ from pathlib import Path
 
 from common import bench_base, end_process, free_port, process_cpu, smtp_source, wait_for_port
 
+from epost.fsutil import write_atomically
+
 SERVERS = {"twisted-minimal": True, "twisted-nofsync": False}  # name: writes files
 
 
 def store(folder: Path, name: str, data: bytes) -> None:
     """Write `data` durably as queue/`name`: tmp/ file, fsync, rename, fsync queue/."""
-    tmp = folder / "tmp" / name
-    with open(tmp, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, folder / "queue" / name)
-    fd = os.open(folder / "queue", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomically(folder / "queue" / name, data, temp_dir=folder / "tmp")
 
 
 def serve(name: str, port: str, folder: str) -> None:

@@ -7,6 +7,14 @@ import tempfile
 from pathlib import Path
 
 
+def unlink_if_present(path: str | Path) -> None:
+    """Remove `path`; a file already gone is what was wanted."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def fsync_dir(path: Path) -> None:
     """Make renames and unlinks in `path` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -216,7 +216,6 @@ def courier_settings(config: Config) -> dict:
         "spool": str(config.server.spool),
         "hostname": config.server.hostname,
         "dns_servers": [[server.host, server.port] for server in config.routing.dns_servers],
-        "dns_timeout": delivery.connect_timeout,
         "connect_timeout": delivery.connect_timeout,
         "timeouts": {"greeting": delivery.greeting_timeout},
     }

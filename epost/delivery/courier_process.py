@@ -135,12 +135,12 @@ def main(settings: dict) -> None:
     servers = tuple(HostPort(host, port) for host, port in settings["dns_servers"])
     courier = Courier(
         reactor,
-        MXResolver(reactor, dns_pool, servers, timeout=settings["dns_timeout"]),
+        # [delivery] has no DNS timeout of its own: lookups get the connect timeout.
+        MXResolver(reactor, dns_pool, servers, timeout=settings["connect_timeout"]),
         settings["hostname"],
         tls_context=client_context(),
         connect_timeout=settings["connect_timeout"],
         timeouts=settings["timeouts"],
-        smtp_port=settings.get("smtp_port", 25),
     )
     spool = Spool(Path(settings["spool"]), reactor=None, threadpool=None)
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from epost.fsutil import fsync_dir
+from epost.fsutil import fsync_dir, unlink_if_present
 
 CHUNK = 64 * 1024
 
@@ -56,7 +56,7 @@ class MaildirBatch:
                     size += len(piece)
         except BaseException:
             os.close(fd)
-            _unlink(f"{maildir}/tmp/{name}")
+            unlink_if_present(f"{maildir}/tmp/{name}")
             raise
         self._staged.append((maildir, name, fd, size))
         return len(self._staged) - 1
@@ -71,7 +71,7 @@ class MaildirBatch:
                 os.rename(f"{maildir}/tmp/{name}", f"{maildir}/new/{final}")
                 results.append(final)
             except OSError as e:
-                _unlink(f"{maildir}/tmp/{name}")
+                unlink_if_present(f"{maildir}/tmp/{name}")
                 results.append(e)
             finally:
                 os.close(fd)
@@ -113,13 +113,6 @@ def crlf_to_lf(chunks: Iterable[bytes]) -> Iterator[bytes]:
             yield data.replace(b"\r\n", b"\n")
     if carry:
         yield carry
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _create_unique(folder: str, hostname: str) -> tuple[str, int]:

@@ -88,7 +88,7 @@ class RemoteCourier(Service):
         protocol.transport.signalProcess("KILL")
 
     def deliver(
-        self, route: Route | dict, sender: str, recipients: Iterable[str], content: SpooledContent, size: int, body_8bit: bool
+        self, route: Route, sender: str, recipients: Iterable[str], content: SpooledContent, size: int, body_8bit: bool
     ) -> defer.Deferred[Attempt]:
         if self._protocol is None:
             return defer.fail(CourierError("the courier process is not running"))
@@ -98,7 +98,7 @@ class RemoteCourier(Service):
         self._in_flight.add(request_id)
         request = {
             "id": request_id,
-            "route": route.to_dict() if isinstance(route, Route) else route,
+            "route": route.to_dict(),
             "sender": sender,
             "recipients": list(recipients),
             "queue_id": content.queue_id,

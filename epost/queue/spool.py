@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from twisted.python.failure import Failure
 
-from epost.fsutil import fsync_dir, write_atomically
+from epost.fsutil import fsync_dir, unlink_if_present, write_atomically
 
 from epost.queue import file_pool
 from epost.queue.envelope import Envelope
@@ -51,13 +51,6 @@ class SpoolError(OSError):
     @classmethod
     def from_oserror(cls, error: OSError, doing: str) -> SpoolError:
         return cls(error.errno or errno.EIO, f"{doing}: {error}")
-
-
-def _unlink(path: str | Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class MessageWriter:
@@ -285,7 +278,7 @@ class Spool:
         for folder in ("incoming", "tmp"):
             for suffix in (".env", ".msg"):
                 try:
-                    _unlink(self.root / folder / f"{queue_id}{suffix}")
+                    unlink_if_present(self.root / folder / f"{queue_id}{suffix}")
                 except OSError:
                     log.failure("cannot remove debris of {queue_id}", queue_id=queue_id)
 
@@ -300,7 +293,7 @@ class Spool:
         is brought over; a ``.msg`` with no envelope anywhere is debris.
         """
         for name in os.listdir(self.tmp):
-            _unlink(self.tmp / name)
+            unlink_if_present(self.tmp / name)
         names = {queue: set(os.listdir(self.root / queue)) for queue in QUEUES}
         for queue in QUEUES:
             here = self.root / queue
@@ -313,7 +306,7 @@ class Spool:
                 if suffix == "msg" and env not in names[queue]:
                     donor = next((o for o in others if env in names[o] and msg not in names[o]), None)
                     if donor is None:
-                        _unlink(here / name)
+                        unlink_if_present(here / name)
                     else:
                         os.rename(self.root / donor / env, here / env)
                         names[donor].discard(env)
@@ -323,7 +316,7 @@ class Spool:
                     if home is None:
                         log.error("{path} has no content; left for the operator", path=here / name)
                     elif env in names[home]:
-                        _unlink(here / name)  # the copy beside the content is newer
+                        unlink_if_present(here / name)  # the copy beside the content is newer
                         names[queue].discard(env)
                     # else: the pass over `home` brings this envelope over
         return self.queued_ids("incoming")
@@ -409,7 +402,7 @@ class Spool:
             file_pool.FilePool.finish(fd)
         except BaseException:
             os.close(fd)
-            _unlink(path)
+            unlink_if_present(path)
             raise
         return fd
 

@@ -51,7 +51,7 @@ class RemoteCourierTests(unittest.TestCase):
         (root / "incoming" / f"{QUEUE_ID}.msg").write_bytes(CONTENT)
         self.service = RemoteCourier(reactor, {
             "spool": str(root), "hostname": "mx.here.test", "dns_servers": [["127.0.0.1", 9]],
-            "dns_timeout": 2, "connect_timeout": 5, "timeouts": {"greeting": 5}})
+            "connect_timeout": 5, "timeouts": {"greeting": 5}})
         self.service.restart_delay = 0.1
         self.service.startService()
         self.addCleanup(lambda: self.service.stopService() if self.service.running else None)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from twisted.internet import defer
+from twisted.logger import LogLevel, globalLogPublisher
 
 from epost.config import RetryConfig
 from epost.delivery.courier import Attempt, CourierError
@@ -148,7 +149,15 @@ def test_an_attempt_the_courier_could_not_make_is_retried_without_blaming_the_de
     h = Harness(tmp_path, {"a@far.test": [(250, "2.0.0 ok")], "b@far.test": [(250, "2.0.0 ok")]})
     h.courier.unavailable = 1
     h.start()
-    first = h.queue(relay("a@far.test"))
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        first = h.queue(relay("a@far.test"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    # one warning, not a traceback: the courier being away is not a bug
+    assert [e["log_level"] for e in events if "no attempt" in e.get("log_format", "")] == [LogLevel.warn]
+    assert not [e for e in events if "log_failure" in e]
     assert h.courier.calls == [] and h.senderlog() == []
     assert h.mri("far.test") is None  # no episode begins: nothing was tried
     assert h.files("incoming") == [f"{first.queue_id}.env", f"{first.queue_id}.msg"]
