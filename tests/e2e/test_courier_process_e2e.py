@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import tempfile
 import time
@@ -15,6 +16,7 @@ from twisted.trial import unittest
 
 from epost.config import HostPort
 from epost.delivery.courier import CourierError
+from epost.delivery.courier_process import NICENESS
 from epost.delivery.remote_courier import RemoteCourier
 from epost.queue.spool import Spool, SpooledContent
 from epost.routing.resolver import Route
@@ -70,6 +72,13 @@ class RemoteCourierTests(unittest.TestCase):
             [message] = sink.messages
             assert message.data == CONTENT
             assert message.recipients == ("b@there.test", "c@there.test")
+
+    @defer.inlineCallbacks
+    def test_the_child_runs_nicer_than_the_daemon(self):
+        with Sink() as sink:
+            yield self.deliver(sink)  # it is up and serving
+        pid = self.service._protocol.transport.pid
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICENESS)
 
     @defer.inlineCallbacks
     def test_a_dying_child_fails_its_attempts_with_courier_error_and_comes_back(self):
