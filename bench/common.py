@@ -144,7 +144,7 @@ class Epost:
         return self.root / "spool"
 
     def cpu(self) -> float:
-        """The daemon and its spool worker process together."""
+        """The daemon and its child processes (spool workers, courier) together."""
         return process_cpu(self.process.pid) + sum(process_cpu(pid) for pid in children(self.process.pid))
 
     def rss_kib(self) -> int:

@@ -10,9 +10,11 @@ sends N messages with `-s SESSIONS` to each server in turn (epost first,
 then Postfix, in the same run) and the clock stops when that server's sink has
 counted all N (smtp-sink -c). Printed per server: messages/s end to end, wall
 seconds, CPU milliseconds per message (all processes of that MTA: epost's
-daemon and its spool workers; every Postfix process, measured once its queue
-is empty again) epost's rate and CPU as ratios of Postfix's, and how many SMTP sessions each
-opened to its sink per message (connection reuse). Needs root.
+daemon, spool workers and courier; every Postfix process, measured once its queue
+is empty again), epost's rate and CPU as ratios of Postfix's (medians over
+the rounds, and with two rounds or more the lowest and highest rate ratio of
+one round), and how many SMTP sessions each opened to its sink per message
+(connection reuse). Needs root.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def main() -> None:
             measure(postfix, postfix.sink, 200, 4096, args.sessions, "sink@remote.test")
         print(f"{args.messages} messages, smtp-source -s {args.sessions}; end to end = until the sink counted all")
         print(f"{'size':>7}  {'epost msg/s':>11} {'accept/s':>8} {'CPU-ms/msg':>10}  "
-              f"{'postfix msg/s':>13} {'accept/s':>8} {'CPU-ms/msg':>10}  {'rate ratio':>10} {'CPU ratio':>9}  sessions/msg e/p")
+              f"{'postfix msg/s':>13} {'accept/s':>8} {'CPU-ms/msg':>10}  {'rate ratio':>10} {'CPU ratio':>9}  sessions/msg e/p"
+              f"  {'rounds':>9}")
         for size in (int(s) for s in args.sizes.split(",")):
             ours, theirs = [], []
             for _ in range(args.rounds):
@@ -89,6 +92,9 @@ def main() -> None:
                 t = {k: statistics.median(r[k] for r in theirs) for k in theirs[0]}
                 line += (f"  {t['rate']:>13.0f} {t['accept_rate']:>8.0f} {t['cpu_ms']:>10.2f}"
                          f"  {o['rate'] / t['rate']:>10.2f} {o['cpu_ms'] / t['cpu_ms']:>9.2f}  {o['sessions']:.2f}/{t['sessions']:.2f}")
+                # each round's ratio (epost's round against Postfix's next to it): the spread of one run
+                ratios = [a["rate"] / b["rate"] for a, b in zip(ours, theirs)]
+                line += f"  {min(ratios):.2f}–{max(ratios):.2f}" if len(ratios) > 1 else ""
             print(line, flush=True)
         print(f"epost resident memory after the run: {epost.rss_kib() / 1024:.0f} MiB (daemon)")
     finally:
