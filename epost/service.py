@@ -153,6 +153,10 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     pool = ThreadPool(minthreads=2, maxthreads=4, name="epost-io")
     pool_service = ThreadPoolService(pool)
     pool_service.setServiceParent(top)
+    # Password checks (scrypt, tens of ms of CPU each) get threads of their
+    # own: a burst of AUTH or logins never holds up the queue's file work.
+    auth_pool = ThreadPool(minthreads=0, maxthreads=2, name="epost-auth")
+    ThreadPoolService(auth_pool).setServiceParent(top)
 
     spool = Spool(config.server.spool, reactor=reactor, threadpool=pool)
     spool.create_folders()
@@ -164,7 +168,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     receiver = SpoolingReceiver(worker, routing.policy, config.server.hostname, now=reactor.seconds)
     limits = ConnectionLimits(config.server.max_connections, config.server.max_connections_per_client)
     tls = context_for(config)
-    portal = make_portal(UsersChecker(routing.users, reactor, pool))
+    portal = make_portal(UsersChecker(routing.users, reactor, auth_pool))
     throttle = AuthThrottle(reactor, cutoff=config.server.auth_failures_before_cutoff)
 
     # Outbound SMTP (and its DNS lookups) runs in a process of its own: docs/delivery.md.
@@ -203,7 +207,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
 
     metrics.watch(config.server.spool, lambda: limits.total_open)
     # Mail Control and /metrics on --admin (docs/mail-control.md); nothing without admin endpoints.
-    top.admin_site = attach_admin(top, config, manager, routing, reactor, pool, {b"metrics": metrics.metrics_resource()})
+    top.admin_site = attach_admin(top, config, manager, routing, reactor, pool, auth_pool, {b"metrics": metrics.metrics_resource()})
+    top.portal = portal
 
     top.spool, top.runner, top.manager, top.routing, top.limits = spool, runner, manager, routing, limits
     return top

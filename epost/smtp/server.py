@@ -32,11 +32,20 @@ from epost.smtp.address import Address
 from epost.smtp.commands import CommandSyntaxError, parse_mail, parse_rcpt, split_command
 from epost.smtp.data import MAX_LINE, DataReader
 from epost.smtp.interfaces import IAccount, IMessageWriter, IReceiver, Rejected, Reply, Session
-from epost.smtp.throttle import AuthThrottle
+from epost.smtp.throttle import AuthThrottle, client_key
 
 log = Logger()
 
 _NO_SENDER = object()  # MAIL not given yet (None means the null sender <>)
+# How a client's turn at a password check ended, besides a login:
+_GONE = object()  # the connection closed while it waited: no check
+_SHUT_OUT = object()  # its failures reached the cutoff while it waited: no check
+_CHECK_BROKE = object()  # the check itself failed (not a wrong password)
+
+
+@dataclass(frozen=True)
+class _Refused:
+    delay: float  # seconds before the 535
 _MAIL_PARAMS = frozenset({"SIZE", "BODY", "AUTH"})
 
 
@@ -127,6 +136,7 @@ class SMTPServer(Protocol):
         self._tls = tls_version(self.transport)
         peer = self.transport.getPeer()
         self._client_ip = getattr(peer, "host", "")
+        self._auth_client = client_key(self._client_ip)  # whom AUTH failures count against
         self._client_port = getattr(peer, "port", 0)
         self._idle_timer = self.clock.callLater(self.settings.command_timeout, self._timed_out)
         self._send(_reply(220, "", f"{self.settings.hostname} ESMTP epost"))
@@ -336,7 +346,7 @@ class SMTPServer(Protocol):
             return self._error(_reply(503, "5.5.1", "Error: MAIL transaction in progress"))
         if not self._auth_allowed_now():
             return self._error(_reply(538, "5.7.11", "Encryption required for requested authentication mechanism"))
-        if self.throttle.blocked(self._client_ip):
+        if self.throttle.blocked(self._auth_client):
             return self._close(TOO_MANY_AUTH_FAILURES)
         mechanism, _, initial = argument.partition(" ")
         mechanism = mechanism.upper()
@@ -392,25 +402,46 @@ class SMTPServer(Protocol):
         return self._authenticate(user, password)
 
     def _authenticate(self, user: str, password: str) -> defer.Deferred:
-        d = self.portal.login(credentials.UsernamePassword(user, password), None, IAccount)
-        d.addCallbacks(self._authenticated, self._login_failed)
-        return d
+        client = self._auth_client
 
-    def _authenticated(self, login) -> None:
-        _interface, avatar_id, _logout = login
+        def check():
+            """The client's turn: its earlier checks are over and counted."""
+            if self._closed:
+                return _GONE
+            if self.throttle.blocked(client):
+                return _SHUT_OUT
+            d = self.portal.login(credentials.UsernamePassword(user, password), None, IAccount)
+            return d.addErrback(self._count_failure)
+
+        return self.throttle.in_turn(client, check).addCallback(self._answer_login)
+
+    def _count_failure(self, failure: Failure):
+        """Within the client's turn: a refused password is counted before its next check."""
+        if not failure.check(UnauthorizedLogin):
+            log.failure("authentication error", failure)
+            return _CHECK_BROKE
+        return _Refused(self.throttle.failed(self._auth_client))
+
+    def _answer_login(self, result):
+        if result is _GONE:
+            return None
+        if result is _SHUT_OUT:
+            return self._close(TOO_MANY_AUTH_FAILURES)
+        if result is _CHECK_BROKE:
+            return self._send(_reply(454, "4.7.0", "Temporary authentication failure"))
+        if isinstance(result, _Refused):
+            return self._answer_failure(result.delay)
+        _interface, avatar_id, _logout = result
         self._user = avatar_id
         self._send(_reply(235, "2.7.0", "Authentication successful"))
 
-    def _login_failed(self, failure: Failure):
-        if not failure.check(UnauthorizedLogin):
-            log.failure("authentication error", failure)
-            return self._send(_reply(454, "4.7.0", "Temporary authentication failure"))
-        return self._auth_failed()
-
     def _auth_failed(self):
-        """Answer 535 after a delay that grows with the client's failures."""
-        delay = self.throttle.failed(self._client_ip)
-        if self.throttle.blocked(self._client_ip):
+        """A refusal decided without a password check (e.g. a foreign authzid)."""
+        return self._answer_failure(self.throttle.failed(self._auth_client))
+
+    def _answer_failure(self, delay: float):
+        """Answer 535 after a delay that grows with the client's failures, or shut it out."""
+        if self.throttle.blocked(self._auth_client):
             return self._close(TOO_MANY_AUTH_FAILURES)
         return task.deferLater(self.clock, delay, self._error, AUTH_INVALID)
 

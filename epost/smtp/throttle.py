@@ -1,19 +1,45 @@
 """AUTH failure throttling: slow a guessing client down, then shut it out.
 
-Each failed AUTH from an IP within `window` seconds makes the next `535`
+Each failed AUTH from a client within `window` seconds makes the next `535`
 reply wait one second more (capped at `max_delay`); the `cutoff`-th failure
-gets `421 4.7.0` and the connection is closed, and every AUTH from that IP
-gets the same until the window has passed. Time comes from an injected
+gets `421 4.7.0` and the connection is closed, and every AUTH from that
+client gets the same until the window has passed. A client is what
+`client_key` makes of its IP address. Time comes from an injected
 IReactorTime, so tests are exact.
+
+A client's password checks run one at a time (`in_turn`), each failure
+counted before the next check starts: a client with many connections cannot
+have more guesses in flight than the cutoff allows, and its checks queue
+behind each other instead of filling the password-check threads.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections import defaultdict, deque
+from collections.abc import Callable
+from typing import Any
 
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 
 from epost import metrics
+from epost.smtp.policy import client_address
+
+
+def client_key(ip: str) -> str:
+    """Who a failed login counts against: loopback as one (any local user can
+    pick a source address in 127.0.0.0/8), IPv6 by /64 (one host holds a
+    whole /64), IPv4 by address (also when a dual-stack listener shows it as
+    ::ffff:a.b.c.d)."""
+    address = client_address(ip)
+    if address is None:
+        return ip
+    if address.is_loopback:
+        return "loopback"
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 class AuthThrottle:
@@ -23,6 +49,7 @@ class AuthThrottle:
         self.window = window
         self.max_delay = max_delay
         self._failures: dict[str, deque[float]] = defaultdict(deque)
+        self._turns: dict[str, DeferredLock] = {}  # clients with a check running or waiting
 
     def _recent(self, ip: str) -> deque[float]:
         failures = self._failures[ip]
@@ -44,3 +71,17 @@ class AuthThrottle:
         failures.append(self.clock.seconds())
         self._failures[ip] = failures
         return min(float(len(failures)), self.max_delay)
+
+    def in_turn(self, ip: str, check: Callable[[], Any]) -> Deferred:
+        """Run `check` (which may return a Deferred) once every earlier check of
+        this client has finished, with what it recorded; fires with its result."""
+        turn = self._turns.get(ip)
+        if turn is None:
+            turn = self._turns[ip] = DeferredLock()
+
+        def finished(result):
+            if not turn.locked:  # nobody waits: the client has no turn to keep
+                self._turns.pop(ip, None)
+            return result
+
+        return turn.run(check).addBoth(finished)

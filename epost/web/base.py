@@ -36,7 +36,8 @@ class Context:
     manager: Any  # epost.queue.manager.DeliveryManager
     routing: Any  # epost.service.Routing (live tables)
     reactor: Any
-    threadpool: Any  # blocking file reads and password checks
+    threadpool: Any  # blocking file reads
+    auth_threadpool: Any  # password checks (scrypt), apart from the file reads
     sessions: SessionStore
     throttle: Any  # epost.smtp.throttle.AuthThrottle for failed logins
 

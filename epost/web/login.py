@@ -11,33 +11,18 @@ one client (any local user can pick a source address in 127.0.0.0/8).
 
 from __future__ import annotations
 
-import ipaddress
-
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 
 from epost.auth import UsersChecker
-from epost.smtp.policy import client_address
+from epost.smtp.throttle import client_key
 from epost.web.base import Context, Page, Redirect, Response, answer, field, form, same_origin
 from epost.web.html import esc, page
 
 log = Logger()
-
-
-def client_key(ip: str) -> str:
-    """Who a failed login counts against: loopback as one, IPv6 by /64, IPv4 by
-    address (also when a dual-stack listener shows it as ::ffff:a.b.c.d)."""
-    address = client_address(ip)
-    if address is None:
-        return ip
-    if address.is_loopback:
-        return "loopback"
-    if address.version == 6:
-        return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return str(address)
 
 
 def login_form(token: str, user: str = "", error: str = "") -> str:
@@ -65,10 +50,9 @@ class Login(Resource):
     def __init__(self, context: Context) -> None:
         super().__init__()
         self.context = context
-        self.checker = UsersChecker(context.routing.users, context.reactor, context.threadpool)
+        self.checker = UsersChecker(context.routing.users, context.reactor, context.auth_threadpool)
         self.admins = frozenset(context.config.server.admin_users)
         self._checking: set[str] = set()  # clients with a password check in progress
-        self._checks = defer.DeferredSemaphore(2)  # scrypt checks at once, in the shared pool
 
     def render_GET(self, request):
         if self.context.sessions.get(request) is not None:
@@ -93,13 +77,13 @@ class Login(Resource):
             body = login_form(self.context.sessions.login_token(request), user, error)
             return Response(429, "Log in", body)
         # One check at a time per client (its failure counted before the next
-        # may start) and few at once overall: parallel guesses can neither pass
-        # the cutoff nor fill the thread pool the mail daemon needs.
+        # may start): parallel guesses cannot pass the cutoff. Few run at once
+        # overall: the checks have the daemon's password-check threads (two).
         self._checking.add(client)
         try:
             try:
                 credentials = UsernamePassword(user.encode("utf-8"), password.encode("utf-8", "surrogateescape"))
-                account = await self._checks.run(self.checker.requestAvatarId, credentials)
+                account = await self.checker.requestAvatarId(credentials)
             except UnauthorizedLogin:
                 account = None
             if account is not None and account.lower() in self.admins:

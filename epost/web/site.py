@@ -1,6 +1,6 @@
 """Building the Mail Control site and its listeners.
 
-    site = make_admin_site(config, manager, routing, reactor, threadpool, extra={b"metrics": resource})
+    site = make_admin_site(config, manager, routing, reactor, threadpool, auth_threadpool, extra={b"metrics": resource})
 
 Pages: `/` dashboard, `/queue`, `/gateway`, `/route`, `/login`, `/logout`.
 `/metrics` is left free: pass it in `extra`, or later
@@ -76,14 +76,18 @@ class _Quiet(Site):
         pass
 
 
-def make_admin_site(config, manager, routing, reactor, threadpool, extra: dict[bytes, Resource] | None = None) -> Site:
-    """The Mail Control site; `extra` maps more top-level path segments to resources (e.g. b"metrics")."""
+def make_admin_site(
+    config, manager, routing, reactor, threadpool, auth_threadpool, extra: dict[bytes, Resource] | None = None
+) -> Site:
+    """The Mail Control site; file reads run in `threadpool`, password checks in
+    `auth_threadpool`; `extra` maps more top-level path segments to resources (e.g. b"metrics")."""
     context = Context(
         config=config,
         manager=manager,
         routing=routing,
         reactor=reactor,
         threadpool=threadpool,
+        auth_threadpool=auth_threadpool,
         sessions=SessionStore(reactor),
         throttle=AuthThrottle(reactor, cutoff=config.server.auth_failures_before_cutoff),
     )
@@ -116,7 +120,9 @@ def loopback_by_default(description: str) -> str:
     return description
 
 
-def attach_admin(parent, config, manager, routing, reactor, threadpool, extra: dict[bytes, Resource] | None = None):
+def attach_admin(
+    parent, config, manager, routing, reactor, threadpool, auth_threadpool, extra: dict[bytes, Resource] | None = None
+):
     """Listen with Mail Control on every `[server] admin` endpoint, as children of `parent`.
 
     Returns the Site (its `.resource` takes more children), or None when no
@@ -124,7 +130,7 @@ def attach_admin(parent, config, manager, routing, reactor, threadpool, extra: d
     """
     if not config.server.admin:
         return None
-    site = make_admin_site(config, manager, routing, reactor, threadpool, extra)
+    site = make_admin_site(config, manager, routing, reactor, threadpool, auth_threadpool, extra)
     if not config.server.admin_users:
         log.warn("Mail Control: no admin_users in [server]: nobody can log in")
     listeners = service.MultiService()

@@ -344,7 +344,23 @@ def test_swaks_submits_with_starttls_and_auth_plain(daemon):
 # --- 8. AUTH failure throttling -----------------------------------------------------
 
 
-def test_repeated_auth_failures_cut_the_client_ip_off_with_421(daemon):
+def test_parallel_guesses_from_one_client_are_checked_in_turn_and_none_passes_the_cutoff(daemon):
+    """Three connections send AUTH at once, the right password last: checked
+    side by side, the third would pass after two failures had reached the
+    cut-off; checked in turn, it is shut out without a check."""
+    d = started_with_alice(daemon, server="auth_failures_before_cutoff = 2")
+    clients = [submission(d) for _ in range(3)]
+    try:
+        for client, password in zip(clients, (WRONG, WRONG, PASSWORD)):
+            client.putcmd("AUTH", "PLAIN " + plain_b64(ALICE, password))
+        replies = [client.getreply() for client in clients]
+    finally:
+        for client in clients:
+            client.close()
+    assert [(code, text[:5]) for code, text in replies] == [(535, b"5.7.8"), (421, b"4.7.0"), (421, b"4.7.0")], replies
+
+
+def test_repeated_auth_failures_cut_the_client_off_with_421(daemon):
     d = started_with_alice(daemon, server="auth_failures_before_cutoff = 3")
 
     with submission(d) as client:
@@ -365,6 +381,9 @@ def test_repeated_auth_failures_cut_the_client_ip_off_with_421(daemon):
         code, text = client.docmd("AUTH", "PLAIN " + plain_b64(ALICE, PASSWORD))
         assert (code, text[:5]) == (421, b"4.7.0"), (code, text)
 
-    # Throttling is per client IP: another loopback address still logs in.
+    # All of loopback is one client (any local user could pick another
+    # 127.0.0.0/8 source address): 127.0.0.2 is shut out too. Other clients
+    # stay unaffected: tests/smtp/test_auth_protocol.py.
     with submission(d, source="127.0.0.2") as client:
-        assert auth(client, "PLAIN", ALICE, PASSWORD)[0] == 235
+        code, text = client.docmd("AUTH", "PLAIN " + plain_b64(ALICE, PASSWORD))
+        assert (code, text[:5]) == (421, b"4.7.0"), (code, text)

@@ -7,7 +7,7 @@ import base64
 from hypothesis import given, strategies as st
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 
 from test_server import FakeReceiver, TLSStringTransport
 
@@ -34,14 +34,32 @@ def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-def session(*, tls=True, plaintext_ok=False, listener="submission", clock=None, throttle=None, ip="192.0.2.5"):
+class PendingPortal:
+    """Every login waits until the test answers it: `answer(i, ok)`."""
+
+    def __init__(self):
+        self.attempts: list[defer.Deferred] = []
+
+    def login(self, credentials, mind, *interfaces):
+        self.attempts.append(defer.Deferred())
+        return self.attempts[-1]
+
+    def answer(self, index: int, ok: bool) -> None:
+        if ok:
+            self.attempts[index].callback((IAccount, "alice@example.test", lambda: None))
+        else:
+            self.attempts[index].errback(UnauthorizedLogin())
+
+
+def session(*, tls=True, plaintext_ok=False, listener="submission", clock=None, throttle=None, ip="192.0.2.5", portal=None):
     clock = clock or task.Clock()
-    portal = FakePortal()
+    portal = portal or FakePortal()
     settings = ServerSettings(
         hostname="mx.example.test", listener=listener, require_auth=listener != "relay", allow_plaintext_auth=plaintext_ok
     )
     server = SMTPServer(FakeReceiver(), settings, clock, tls_context="ctx", portal=portal, throttle=throttle or AuthThrottle(clock))
-    transport = TLSStringTransport(peerAddress=IPv4Address("TCP", ip, 1234))
+    address = IPv6Address("TCP", ip, 1234) if ":" in ip else IPv4Address("TCP", ip, 1234)
+    transport = TLSStringTransport(peerAddress=address)
     server.makeConnection(transport)
     if tls:
         server.dataReceived(b"EHLO c\r\nSTARTTLS\r\n")
@@ -187,3 +205,79 @@ def test_second_auth_and_auth_inside_a_transaction_get_503():
     send(server, transport, "RSET")
     send(server, transport, "AUTH PLAIN " + b64("\0alice@example.test\0secret"))
     assert send(server, transport, "AUTH PLAIN " + b64("\0alice@example.test\0secret")) == ["503 5.5.1 Error: already authenticated"]
+
+
+BAD = "AUTH PLAIN " + b64("\0alice@example.test\0wrong")
+
+
+def test_a_clients_parallel_checks_run_one_at_a_time_each_failure_counted_before_the_next():
+    clock, portal = task.Clock(), PendingPortal()
+    throttle = AuthThrottle(clock, cutoff=1)
+    first, transport1, _, _ = session(clock=clock, throttle=throttle, portal=portal)
+    second, transport2, _, _ = session(clock=clock, throttle=throttle, portal=portal)
+    assert send(first, transport1, BAD) == []
+    assert send(second, transport2, BAD) == []
+    assert len(portal.attempts) == 1  # the second connection's check waits for the first
+    portal.answer(0, ok=False)
+    assert said(transport1) == ["421 4.7.0 Too many authentication failures, try later"]
+    # the first failure reached the cutoff before the second check could start: no guess for it
+    assert said(transport2) == ["421 4.7.0 Too many authentication failures, try later"]
+    assert len(portal.attempts) == 1
+    assert throttle._turns == {}
+
+
+def test_after_a_clients_check_its_next_one_starts_and_can_succeed():
+    clock, portal = task.Clock(), PendingPortal()
+    throttle = AuthThrottle(clock, cutoff=5)
+    first, transport1, _, _ = session(clock=clock, throttle=throttle, portal=portal)
+    second, transport2, _, _ = session(clock=clock, throttle=throttle, portal=portal)
+    send(first, transport1, BAD)
+    send(second, transport2, "AUTH PLAIN " + b64("\0alice@example.test\0secret"))
+    assert len(portal.attempts) == 1
+    portal.answer(0, ok=False)
+    assert len(portal.attempts) == 2  # started as soon as the first was counted, not after its 535 delay
+    portal.answer(1, ok=True)
+    assert said(transport2) == ["235 2.7.0 Authentication successful"]
+    clock.advance(1)
+    assert said(transport1) == ["535 5.7.8 Authentication credentials invalid"]
+    assert throttle._turns == {}
+
+
+def test_different_clients_are_checked_side_by_side():
+    clock, portal = task.Clock(), PendingPortal()
+    throttle = AuthThrottle(clock)
+    one, transport1, _, _ = session(clock=clock, throttle=throttle, portal=portal, ip="192.0.2.5")
+    other, transport2, _, _ = session(clock=clock, throttle=throttle, portal=portal, ip="192.0.2.6")
+    send(one, transport1, BAD)
+    send(other, transport2, BAD)
+    assert len(portal.attempts) == 2
+
+
+def test_a_connection_that_closes_while_waiting_for_its_turn_costs_no_check():
+    clock, portal = task.Clock(), PendingPortal()
+    throttle = AuthThrottle(clock)
+    first, transport1, _, _ = session(clock=clock, throttle=throttle, portal=portal)
+    second, transport2, _, _ = session(clock=clock, throttle=throttle, portal=portal)
+    send(first, transport1, BAD)
+    send(second, transport2, "AUTH PLAIN " + b64("\0alice@example.test\0secret"))
+    second.connectionLost(None)
+    portal.answer(0, ok=True)
+    assert len(portal.attempts) == 1
+    assert said(transport2) == []
+    assert throttle._turns == {}
+
+
+def test_failures_count_against_a_whole_ipv6_64_and_all_of_loopback():
+    clock = task.Clock()
+    throttle = AuthThrottle(clock, cutoff=1)
+    for guesser, neighbour, stranger in (
+        ("2001:db8:1:2::10", "2001:db8:1:2:ffff::99", "2001:db8:1:3::10"),
+        ("127.0.0.1", "127.0.0.2", "192.0.2.9"),
+    ):
+        server, transport, _, _ = session(clock=clock, throttle=throttle, ip=guesser)
+        assert send(server, transport, BAD) == ["421 4.7.0 Too many authentication failures, try later"]
+        server, transport, portal, _ = session(clock=clock, throttle=throttle, ip=neighbour)
+        assert send(server, transport, "AUTH PLAIN " + b64("\0alice@example.test\0secret"))[0].startswith("421")
+        assert portal.attempts == []
+        server, transport, _, _ = session(clock=clock, throttle=throttle, ip=stranger)
+        assert send(server, transport, "AUTH PLAIN " + b64("\0alice@example.test\0secret")) == ["235 2.7.0 Authentication successful"]

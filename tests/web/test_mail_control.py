@@ -14,7 +14,7 @@ from twisted.internet.testing import StringTransport
 from epost.queue.domain_state import DomainState
 from epost.queue.envelope import Envelope, Recipient
 from epost.web.gateway_edit import check
-from epost.web.login import client_key
+from epost.smtp.throttle import client_key
 from epost.web.logtail import last_lines
 from epost.web.site import loopback_by_default
 from web_support import ADMIN, PASSWORD, make_world
@@ -373,7 +373,7 @@ def test_parallel_login_guesses_cannot_pass_the_cutoff_nor_hide_behind_other_loo
 
     world = make_world(tmp_path)
     pool = HeldPool()
-    world.site = make_admin_site(world.config, world.manager, world.routing, world.clock, pool)
+    world.site = make_admin_site(world.config, world.manager, world.routing, world.clock, pool, pool)
     form = world.client().get("/login")
     cookie = "; ".join(h.split(";")[0] for h in form.headers.get("set-cookie", []))
     transports = []

@@ -159,5 +159,5 @@ def make_world(folder: Path, gateway: str = "*.partner.test,127.0.0.1,2525\n") -
     clock = ClockReactor()
     manager = FakeManager(config.server.spool)
     routing = build_routing(config)
-    site = make_admin_site(config, manager, routing, clock, SynchronousThreadPool())
+    site = make_admin_site(config, manager, routing, clock, SynchronousThreadPool(), SynchronousThreadPool())
     return World(folder, config, manager, routing, clock, site)

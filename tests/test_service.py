@@ -1,0 +1,23 @@
+"""How make_service wires the daemon's parts together."""
+
+from __future__ import annotations
+
+from twisted.cred.credentials import IUsernamePassword
+from twisted.internet.testing import MemoryReactorClock
+
+from epost.config import Config, ServerConfig
+from epost.service import make_service
+
+
+def test_password_checks_have_threads_of_their_own(tmp_path):
+    """A burst of AUTH or Mail Control logins (scrypt) must not hold up the queue's file work."""
+    config = Config(server=ServerConfig(
+        hostname="mx.example.test", spool=tmp_path / "spool", relay=("tcp:0:interface=127.0.0.1",), submission=(),
+        admin=("tcp:0:interface=127.0.0.1",),
+    ))
+    top = make_service(config, reactor=MemoryReactorClock())
+    smtp_pool = top.portal.checkers[IUsernamePassword]._threadpool
+    web_pool = top.admin_site.context.auth_threadpool
+    assert smtp_pool is web_pool
+    assert smtp_pool.name == "epost-auth" and smtp_pool.max == 2
+    assert smtp_pool is not top.spool._threadpool and smtp_pool is not top.admin_site.context.threadpool
