@@ -65,7 +65,7 @@ class ServerConfig:
     # Submission: an authenticated user may use only their own address or
     # an alias of it as MAIL FROM (Postfix: reject_sender_login_mismatch).
     check_sender_ownership: bool = True
-    auth_failures_before_cutoff: int = 5  # per client IP within 5 minutes; then 421 4.7.0
+    auth_failures_before_cutoff: int = 5  # per client (throttle.client_key) within 5 minutes; then 421 4.7.0
     # Accounts of the users file that may log in to Mail Control (--admin).
     admin_users: tuple[str, ...] = ()
 

@@ -40,8 +40,9 @@ from epost.web import attach_admin
 
 
 class ThreadPoolService(service.Service):
-    """Runs the pool for the daemon's own blocking work: table reloads and
-    password checks (spool writes and Maildirs are the workers' job)."""
+    """Runs a pool for the daemon's own blocking work: `epost-io` for table
+    reloads and the queue's file work, `epost-auth` for password checks
+    (spool writes and Maildirs are the workers' job)."""
 
     def __init__(self, pool: ThreadPool):
         self.pool = pool
@@ -60,8 +61,9 @@ class EpostService(service.MultiService):
 
     Stopping waits for the listeners, the runner and the delivery manager
     before `stop_last` (the courier process, the spool workers, then the
-    thread pool): the manager's last attempts and the runner's last batch
-    still need them."""
+    thread pools): the manager's last attempts and the runner's last batch
+    still need them, and a login on a connection still open its checker (a
+    stopped pool drops work without a word)."""
 
     def __init__(self):
         super().__init__()
@@ -156,13 +158,14 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     # Password checks (scrypt, tens of ms of CPU each) get threads of their
     # own: a burst of AUTH or logins never holds up the queue's file work.
     auth_pool = ThreadPool(minthreads=0, maxthreads=2, name="epost-auth")
-    ThreadPoolService(auth_pool).setServiceParent(top)
+    auth_pool_service = ThreadPoolService(auth_pool)
+    auth_pool_service.setServiceParent(top)
 
     spool = Spool(config.server.spool, reactor=reactor, threadpool=pool)
     spool.create_folders()
     worker = SpoolWorkerService(spool, config.server.hostname, reactor, give_up_after=config.retry.period_4xx)
     worker.setServiceParent(top)
-    top.stop_last = [worker, pool_service]  # the courier process goes first, below
+    top.stop_last = [worker, pool_service, auth_pool_service]  # the courier process goes first, below
     routing = build_routing(config)
     TableWatcher(routing.tables, reactor, pool).setServiceParent(top)
     receiver = SpoolingReceiver(worker, routing.policy, config.server.hostname, now=reactor.seconds)

@@ -21,3 +21,12 @@ def test_password_checks_have_threads_of_their_own(tmp_path):
     assert smtp_pool is web_pool
     assert smtp_pool.name == "epost-auth" and smtp_pool.max == 2
     assert smtp_pool is not top.spool._threadpool and smtp_pool is not top.admin_site.context.threadpool
+
+
+def test_the_password_check_threads_stop_after_the_listeners(tmp_path):
+    """A stopped pool drops work without a word: a login on a connection still
+    open while the daemon stops would never be answered."""
+    config = Config(server=ServerConfig(hostname="mx.example.test", spool=tmp_path / "spool", relay=(), submission=()))
+    top = make_service(config, reactor=MemoryReactorClock())
+    auth_pool = top.portal.checkers[IUsernamePassword]._threadpool
+    assert [s.pool for s in top.stop_last if hasattr(s, "pool")][-1] is auth_pool

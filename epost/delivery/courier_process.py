@@ -28,7 +28,7 @@ the courier has slack. At equal priority the courier woke for almost every
 attempt and the daemon received one outcome per read; nicer, it yields to the
 daemon, takes up several requests per wake-up and answers them together, and
 both processes spend less CPU per message (bench/relay.py: daemon 2.15 → 1.87
-ms, courier 0.79 → 0.66, relay rate +10–20%; docs/architecture.md).
+ms, courier 0.79 → 0.66, relay rate +12–18%; docs/delivery.md).
 """
 
 from __future__ import annotations
@@ -138,6 +138,7 @@ def main(settings: dict) -> None:
     from epost.routing.dns import MXResolver
     from epost.tls import client_context
 
+    os.nice(NICENESS)  # first: a thread started before keeps the old niceness (Linux sets it per thread)
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     # DNS waits on the network: lookups get a pool of their own, as in the daemon.
     dns_pool = ThreadPool(minthreads=1, maxthreads=16, name="epost-dns")
@@ -169,7 +170,6 @@ def main(settings: dict) -> None:
     # the daemon still waits for their answers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    os.nice(NICENESS)
     reactor.run(installSignalHandlers=False)
 
 

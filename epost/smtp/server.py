@@ -105,7 +105,7 @@ class SMTPServer(Protocol):
         throttle: AuthThrottle | None = None,
     ):
         """`portal` (twisted.cred) enables AUTH; `throttle` is shared by
-        every session so that failures count per client IP."""
+        every session so that failures count, and checks queue, per client."""
         self.receiver = receiver
         self.settings = settings
         self.clock = clock

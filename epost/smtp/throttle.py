@@ -20,8 +20,9 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from epost import metrics
 from epost.smtp.policy import client_address
@@ -49,7 +50,7 @@ class AuthThrottle:
         self.window = window
         self.max_delay = max_delay
         self._failures: dict[str, deque[float]] = defaultdict(deque)
-        self._turns: dict[str, DeferredLock] = {}  # clients with a check running or waiting
+        self._turns: dict[str, deque[tuple[Callable[[], Any], Deferred]]] = {}  # clients with checks running or waiting
 
     def _recent(self, ip: str) -> deque[float]:
         failures = self._failures[ip]
@@ -75,13 +76,33 @@ class AuthThrottle:
     def in_turn(self, ip: str, check: Callable[[], Any]) -> Deferred:
         """Run `check` (which may return a Deferred) once every earlier check of
         this client has finished, with what it recorded; fires with its result."""
-        turn = self._turns.get(ip)
-        if turn is None:
-            turn = self._turns[ip] = DeferredLock()
+        done = Deferred()
+        waiting = self._turns.setdefault(ip, deque())
+        waiting.append((check, done))
+        if len(waiting) == 1:  # no turn of this client's is running: this one starts
+            self._take_turns(ip, waiting)
+        return done
 
-        def finished(result):
-            if not turn.locked:  # nobody waits: the client has no turn to keep
-                self._turns.pop(ip, None)
-            return result
+    def _take_turns(self, ip: str, waiting: deque) -> None:
+        """Run the client's checks in order until none waits. A loop, not a chain
+        of callbacks: the checks of a client already shut out end at once, and
+        hundreds of them must not deepen the stack."""
+        while waiting:
+            check, done = waiting[0]
+            state = {"in_loop": True, "ended": False}
 
-        return turn.run(check).addBoth(finished)
+            def ended(result, done=done, state=state):
+                state["ended"] = True
+                # Answered while still first in line: a check the answer starts
+                # for this client queues behind, and does not start a second loop.
+                done.errback(result) if isinstance(result, Failure) else done.callback(result)
+                waiting.popleft()
+                if not state["in_loop"]:
+                    self._take_turns(ip, waiting)  # a fresh stack: the check ended later
+
+            maybeDeferred(check).addBoth(ended)
+            if not state["ended"]:
+                state["in_loop"] = False
+                return
+        if self._turns.get(ip) is waiting:
+            del self._turns[ip]

@@ -7,7 +7,7 @@ Plain server-rendered HTML over twisted.web, no JavaScript. One module per job:
 | `site.py` | `make_admin_site()` builds the resource tree; `attach_admin()` listens on the `admin` endpoints |
 | `sessions.py` | session cookie, CSRF tokens, the login form's token |
 | `base.py` | the login check and CSRF check for every page, answering with Deferreds |
-| `login.py` | log in (admin_users, scrypt in the thread pool, throttled) and out |
+| `login.py` | log in (admin_users, scrypt in the password-check threads, throttled) and out |
 | `html.py` | escaping, the page frame, inline CSS, security headers |
 | `dashboard.py`, `logtail.py` | queue sizes, Domain.mri of the domains in retry, senderlog/faillog tails |
 | `queue_page.py` | the queue with flush / hold / release / delete per message and per domain |

@@ -2,7 +2,8 @@
 
 Only the accounts listed in `[server] admin_users` may log in, with their
 password from the users file (the same scrypt hashes as SMTP AUTH, checked in
-the thread pool by `UsersChecker`, so an unknown address costs the same time).
+the daemon's password-check threads by `UsersChecker`, so an unknown address
+costs the same time).
 Failed logins are throttled per client with AUTH's delays: each one waits a second
 longer, and after `auth_failures_before_cutoff` the client is refused for 5
 minutes. A client is an IPv4 address or an IPv6 /64, and all of loopback is

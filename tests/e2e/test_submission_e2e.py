@@ -353,6 +353,7 @@ def test_parallel_guesses_from_one_client_are_checked_in_turn_and_none_passes_th
     try:
         for client, password in zip(clients, (WRONG, WRONG, PASSWORD)):
             client.putcmd("AUTH", "PLAIN " + plain_b64(ALICE, password))
+            time.sleep(0.01)  # read in this order, all within the first check (scrypt, ~0.1 s)
         replies = [client.getreply() for client in clients]
     finally:
         for client in clients:

@@ -281,3 +281,27 @@ def test_failures_count_against_a_whole_ipv6_64_and_all_of_loopback():
         assert portal.attempts == []
         server, transport, _, _ = session(clock=clock, throttle=throttle, ip=stranger)
         assert send(server, transport, "AUTH PLAIN " + b64("\0alice@example.test\0secret")) == ["235 2.7.0 Authentication successful"]
+
+
+def test_a_thousand_waiting_checks_of_a_shut_out_client_end_in_order_without_deepening_the_stack():
+    """Each ends at once (no check is made): handing the turn on by callbacks
+    would recurse once per waiter and strand the rest behind a RecursionError."""
+    throttle = AuthThrottle(task.Clock(), cutoff=1)
+    first, answers = defer.Deferred(), []
+    throttle.in_turn("client", lambda: first).addCallback(answers.append)
+    for n in range(1000):
+        throttle.in_turn("client", lambda n=n: ("shut out", n) if throttle.blocked("client") else ("checked", n)).addCallback(
+            answers.append)
+    throttle.failed("client")
+    first.callback("failed")
+    assert answers == ["failed"] + [("shut out", n) for n in range(1000)]
+    assert throttle._turns == {}
+
+
+def test_a_check_that_raises_fails_its_own_turn_and_the_next_goes_on():
+    throttle = AuthThrottle(task.Clock())
+    failures, answers = [], []
+    throttle.in_turn("client", lambda: 1 / 0).addErrback(failures.append)
+    throttle.in_turn("client", lambda: "next").addCallback(answers.append)
+    assert failures[0].check(ZeroDivisionError) and answers == ["next"]
+    assert throttle._turns == {}
