@@ -62,7 +62,7 @@ class EpostService(service.MultiService):
     Stopping waits for the listeners, the runner and the delivery manager
     before `stop_last` (the courier process, the spool workers, then the
     thread pools): the manager's last attempts and the runner's last batch
-    still need them, and a login on a connection still open its checker (a
+    still need them, and so does a login on a connection still open (a
     stopped pool drops work without a word)."""
 
     def __init__(self):

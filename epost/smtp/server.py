@@ -37,6 +37,7 @@ from epost.smtp.throttle import AuthThrottle, client_key
 log = Logger()
 
 _NO_SENDER = object()  # MAIL not given yet (None means the null sender <>)
+_MAIL_PARAMS = frozenset({"SIZE", "BODY", "AUTH"})
 # How a client's turn at a password check ended, besides a login:
 _GONE = object()  # the connection closed while it waited: no check
 _SHUT_OUT = object()  # its failures reached the cutoff while it waited: no check
@@ -46,7 +47,6 @@ _CHECK_BROKE = object()  # the check itself failed (not a wrong password)
 @dataclass(frozen=True)
 class _Refused:
     delay: float  # seconds before the 535
-_MAIL_PARAMS = frozenset({"SIZE", "BODY", "AUTH"})
 
 
 @dataclass(frozen=True)

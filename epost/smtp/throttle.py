@@ -95,7 +95,10 @@ class AuthThrottle:
                 state["ended"] = True
                 # Answered while still first in line: a check the answer starts
                 # for this client queues behind, and does not start a second loop.
-                done.errback(result) if isinstance(result, Failure) else done.callback(result)
+                if isinstance(result, Failure):
+                    done.errback(result)
+                else:
+                    done.callback(result)
                 waiting.popleft()
                 if not state["in_loop"]:
                     self._take_turns(ip, waiting)  # a fresh stack: the check ended later

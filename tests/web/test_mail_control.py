@@ -428,3 +428,37 @@ def test_saving_a_symlinked_gateway_dat_keeps_the_link(tmp_path):
 ])
 def test_failed_logins_count_against_the_address_its_64_or_loopback(ip, key):
     assert client_key(ip) == key
+
+
+def test_two_saves_from_one_opened_version_at_once_save_one_and_refuse_the_other(tmp_path, monkeypatch):
+    """Two admins save at the same moment: the second must see the first's file, not overwrite it unseen."""
+    import threading
+
+    from epost.web import gateway_edit
+
+    path = tmp_path / "gateway.dat"
+    path.write_bytes(b"*,mx.old.test\n")
+    opened = gateway_edit.version(path.read_bytes())
+    writing, go_on = threading.Event(), threading.Event()
+    real_write = gateway_edit.write_atomically
+
+    def held_write(*args, **kwargs):  # the first save pauses in the middle of writing
+        writing.set()
+        go_on.wait(10)
+        real_write(*args, **kwargs)
+
+    results = {}
+    monkeypatch.setattr(gateway_edit, "write_atomically", held_write)
+    first = threading.Thread(target=lambda: results.setdefault("first", gateway_edit.save(path, b"*,mx.a.test\n", opened)))
+    first.start()
+    assert writing.wait(10)
+    monkeypatch.setattr(gateway_edit, "write_atomically", real_write)
+    second = threading.Thread(target=lambda: results.setdefault("second", gateway_edit.save(path, b"*,mx.b.test\n", opened)))
+    second.start()
+    second.join(0.3)  # it waits for the first rather than reading the old file
+    go_on.set()
+    first.join(10)
+    second.join(10)
+    assert results["first"][2].startswith("saved 1 rule")
+    assert results["second"][2].startswith("not saved: gateway.dat was changed by someone else")
+    assert path.read_bytes() == b"*,mx.a.test\n"
