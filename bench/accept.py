@@ -15,7 +15,6 @@ machine quiet) and epost's rate as a ratio of Postfix's, measured in one run.
 from __future__ import annotations
 
 import argparse
-
 from pathlib import Path
 
 from common import DiskCounters, Epost, Postfix, smtp_source
@@ -23,12 +22,13 @@ from common import DiskCounters, Epost, Postfix, smtp_source
 POSTFIX_SPOOL = Path("/var/spool/postfix")
 
 
-def measure(server, name: str, messages: int, size: int, sessions: int, to: str, disk: DiskCounters) -> dict:
+def measure(server, name: str, messages: int, size: int, sessions: int, to: str, disk: DiskCounters | None = None) -> dict:
+    """Accept rate (until smtp-source is done) and CPU per message (until the queue is empty again)."""
     server.wait_until_drained()
-    cpu_before, disk_before = server.cpu(), disk.read()
+    cpu_before, disk_before = server.cpu(), disk and disk.read()
     seconds = smtp_source(server.port, messages, size, sessions, to)
     server.wait_until_drained()
-    cpu, disk_after = server.cpu() - cpu_before, disk.read()
+    cpu, disk_after = server.cpu() - cpu_before, disk and disk.read()
     if disk_before and disk_after:
         writes, flushes = ((after - before) / messages for before, after in zip(disk_before, disk_after))
         device = f"{writes:>6.1f} {flushes:>6.1f}"
