@@ -171,3 +171,22 @@ users = "users"
 """
     )
     return config
+
+
+def daemons(tmp_path: Path):
+    """The body of the `daemon` fixture (tests/e2e and tests/stress): yields a
+    maker of started daemons, each in a folder of its own, and stops them all."""
+    started: list[Daemon] = []
+
+    def make(server: str = "", toml: str = "", args: list[str] = (), start: bool = True, **kwargs) -> Daemon:
+        folder = tmp_path / f"d{len(started)}" if started else tmp_path
+        folder.mkdir(exist_ok=True)
+        relay, submission = free_port(), free_port()
+        config = write_config(folder, relay, submission, server, toml)
+        d = Daemon(folder, config, relay, submission, list(args), **kwargs)
+        started.append(d)
+        return d.start() if start else d
+
+    yield make
+    for d in started:
+        d.stop()

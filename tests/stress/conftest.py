@@ -1,0 +1,32 @@
+"""Stress scenarios: every test here is marked `stress`. CI runs the short
+form; `STRESS=1 bash scripts/test.sh tests/stress` runs the full one."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+
+from e2e_support import daemons  # noqa: E402
+
+FULL = os.environ.get("STRESS") == "1"
+
+
+def scale(short, full):
+    """`full` under STRESS=1, else `short`: one test, two sizes."""
+    return full if FULL else short
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.stress)
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """As in tests/e2e: daemon(server=..., toml=..., args=[...]) -> a started Daemon."""
+    yield from daemons(tmp_path)
