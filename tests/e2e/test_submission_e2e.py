@@ -371,7 +371,9 @@ def test_repeated_auth_failures_cut_the_client_off_with_421(daemon):
             code, text = client.docmd("AUTH", "PLAIN " + plain_b64(ALICE, WRONG))
             timings.append(time.monotonic() - started)
             assert (code, text[:5]) == (535, b"5.7.8"), (code, text)
-        assert timings[1] > timings[0] + 0.5, timings  # each failure is answered more slowly
+        # Each failure is answered more slowly: the n-th after at least n seconds
+        # (lower bounds only: a loaded machine makes the password check itself slow).
+        assert timings[0] >= 1.0 and timings[1] >= 2.0, timings
         code, text = client.docmd("AUTH", "PLAIN " + plain_b64(ALICE, WRONG))  # the 3rd: cut off
         assert (code, text[:5]) == (421, b"4.7.0"), (code, text)
         with pytest.raises(smtplib.SMTPServerDisconnected):
