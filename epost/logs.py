@@ -203,10 +203,12 @@ class LineLog:
         self._checked = 0.0
 
     def _open(self) -> IO[str]:
-        self._file = open(self.path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+        self._file = open(self.path, "a+", buffering=1, encoding="utf-8", errors="backslashreplace")
         st = os.fstat(self._file.fileno())
         self._identity = (st.st_dev, st.st_ino)
         self._checked = self._clock()
+        if st.st_size and os.pread(self._file.fileno(), 1, st.st_size - 1) != b"\n":
+            self._file.write("\n")  # a line cut short (a full disk, a crash) stays apart from the next
         return self._file
 
     def _current(self) -> IO[str]:
@@ -227,8 +229,23 @@ class LineLog:
         return self._file
 
     def write(self, line: str) -> None:
-        """Append `line` (line breaks inside it flattened) and flush it."""
-        self._current().write(single_line(line) + "\n")
+        """Append `line` (line breaks inside it flattened) and flush it.
+
+        Raises OSError (a full disk): the line is not written, and the file is
+        reopened at the next write, so no buffered remnant of it follows."""
+        try:
+            self._current().write(single_line(line) + "\n")
+        except OSError:
+            self._drop()
+            raise
+
+    def _drop(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()  # flushes what is buffered: fails again, and the descriptor closes
+            except OSError:
+                pass
+            self._file = None
 
     def reopen(self) -> None:
         """Close and reopen the path, e.g. after logrotate moved the file."""

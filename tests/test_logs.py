@@ -1,5 +1,6 @@
 """senderlog and faillog lines follow SPEC §4 exactly; LineLog appends flushed lines and follows rotation."""
 
+import errno
 import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -199,3 +200,21 @@ def test_any_bytes_from_a_peer_make_one_printable_faillog_line_of_bounded_length
     assert line.isprintable() and len(line.splitlines()) == 1
     assert line.startswith("<Q@h> send fail on [01/Nov/2026:10:29:51] from a@b to c@d [")
     assert line.endswith("]") and len(line) <= 80 + REPLY_LIMIT
+
+
+def test_linelog_on_a_full_disk_raises_and_reopens_at_the_next_write(tmp_path: Path):
+    log = LineLog(Path("/dev/full"))  # every write: ENOSPC
+    with pytest.raises(OSError) as raised:
+        log.write("lost")
+    assert raised.value.errno == errno.ENOSPC
+    assert log._file is None  # nothing of "lost" waits in a buffer for the next write
+    log.path = tmp_path / "senderlog"
+    log.write("next")
+    assert log.path.read_text() == "next\n"
+
+
+def test_linelog_keeps_a_line_cut_short_apart_from_the_next(tmp_path: Path):
+    path = tmp_path / "senderlog"
+    path.write_text("whole\ncut sh")
+    LineLog(path).write("next")
+    assert path.read_text() == "whole\ncut sh\nnext\n"

@@ -25,7 +25,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from epost.config import RetryConfig
@@ -52,7 +52,7 @@ from epost.queue.outcomes import (
 )
 from epost.queue import surgery
 from epost.queue.scheduler import Job, Scheduler
-from epost.queue.spool import Spool, SpooledContent
+from epost.queue.spool import DISK_FULL_ERRNOS, Spool, SpooledContent
 from epost.routing.resolver import Route
 from epost.smtp.address import AddressError, parse_mailbox
 
@@ -258,7 +258,16 @@ class DeliveryManager(Service):
             log.warn("{queue_id}: no attempt for {destination}: {error}; trying again later",
                      queue_id=queue_id, destination=destination, error=error)
             return ("retry_error", self.reactor.seconds() + self.error_retry)
-        except Exception:  # a bug or an unexpected file problem: log it and retry later
+        except OSError as error:
+            if error.errno not in DISK_FULL_ERRNOS:
+                log.failure("{queue_id}: delivery to {destination} failed", queue_id=queue_id, destination=destination)
+            else:  # expected on a bad day: the message stays as it was queued and the attempt is made again
+                log.warn(
+                    "{queue_id}: cannot record the attempt for {destination} ({error}); trying again in {retry:.0f} s",
+                    queue_id=queue_id, destination=destination, error=error, retry=self.error_retry,
+                )
+            return ("retry_error", self.reactor.seconds() + self.error_retry)
+        except Exception:  # a bug: log it and retry later
             log.failure("{queue_id}: delivery to {destination} failed", queue_id=queue_id, destination=destination)
             return ("retry_error", self.reactor.seconds() + self.error_retry)
         finally:
@@ -334,23 +343,32 @@ class DeliveryManager(Service):
             metrics.deliveries.labels(result.status, destination).inc()
             if result.status == "sent":
                 metrics.delivery_latency.observe(max(0.0, now - envelope.arrival))
-            self.senderlog.write(
-                senderlog_line(
-                    now,
-                    envelope.queue_id,
-                    envelope.sender,
-                    result.address,
-                    attempt.host or "none",
-                    now - envelope.arrival,
-                    result.attempt,
-                    result.status,
-                    status_code(outcome),
-                    reply_text(outcome),
-                )
+            line = senderlog_line(
+                now,
+                envelope.queue_id,
+                envelope.sender,
+                result.address,
+                attempt.host or "none",
+                now - envelope.arrival,
+                result.attempt,
+                result.status,
+                status_code(outcome),
+                reply_text(outcome),
             )
+            self._write_log(self.senderlog, "senderlog", line)
             if result.status == "bounced":
                 reply = reply_text(outcome) if outcome.code is not None else None
-                self.faillog.write(faillog_line(now, envelope.queue_id, self.hostname, envelope.sender, result.address, reply))
+                line = faillog_line(now, envelope.queue_id, self.hostname, envelope.sender, result.address, reply)
+                self._write_log(self.faillog, "faillog", line)
+
+    @staticmethod
+    def _write_log(target: LineLog, name: str, line: str) -> None:
+        """A log line that cannot be written (a full disk) goes into our own log
+        instead, in one warning line; the attempt is recorded all the same."""
+        try:
+            target.write(line)
+        except OSError as error:
+            log.warn("cannot write {name} ({error}); the line: {line}", name=name, error=error, line=line)
 
     def _settle_alone(self, queue_id: str) -> None:
         """Settle a message that has no delivery job, then let it go from memory."""
@@ -405,7 +423,8 @@ class DeliveryManager(Service):
                 headers = await message.lock.run(deferToThreadPool, self.reactor, self.pool, self._headers, message)
                 bounce_id = await self.bounces.send(envelope, headers, failed)
             except OSError as error:  # SpoolError included: a full disk passes
-                log.error(
+                log.emit(
+                    LogLevel.warn if error.errno in DISK_FULL_ERRNOS else LogLevel.error,
                     "{queue_id}: cannot queue the bounce to <{sender}> now: {error}; trying again later",
                     queue_id=envelope.queue_id, sender=envelope.sender, error=error,
                 )
