@@ -271,6 +271,12 @@ class HostileSink(Sink):
         self._rcpts = {}
         self._connections = 0
         self._open = set()
+        self.most_at_once = 0  # the most connections open together
         self._server = _HostileServer((host, port), self)
         self.host, self.port = self._server.server_address[:2]
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def _connected(self, sock: socket.socket) -> None:
+        super()._connected(sock)
+        with self._lock:
+            self.most_at_once = max(self.most_at_once, len(self._open))
