@@ -67,7 +67,8 @@ class _Message:
     queue: str  # incoming or deferred
     lock: defer.DeferredLock = field(default_factory=defer.DeferredLock)
     refs: int = 0  # jobs running or waiting in the new-mail lane: the envelope stays in memory
-    new_jobs: set[str] = field(default_factory=set)  # destinations whose new-lane job holds a ref
+    new_jobs: set[str] = field(default_factory=set)  # destinations whose waiting job holds a ref
+    unsaved: bool = False  # the envelope in memory is newer than the file (a full disk)
     bouncing: set[int] = field(default_factory=set)  # failed recipients whose bounce is being queued
 
 
@@ -261,11 +262,17 @@ class DeliveryManager(Service):
         except OSError as error:
             if error.errno not in DISK_FULL_ERRNOS:
                 log.failure("{queue_id}: delivery to {destination} failed", queue_id=queue_id, destination=destination)
-            else:  # expected on a bad day: the message stays as it was queued and the attempt is made again
+            else:  # expected on a bad day: one line, and the files are brought in line later
                 log.warn(
                     "{queue_id}: cannot record the attempt for {destination} ({error}); trying again in {retry:.0f} s",
                     queue_id=queue_id, destination=destination, error=error, retry=self.error_retry,
                 )
+                # What the attempt settled stays in memory until a save succeeds, so
+                # the retry neither sends an accepted recipient again nor bounces twice.
+                message.unsaved = True
+                if destination not in message.new_jobs:
+                    message.new_jobs.add(destination)  # the retry's _attempt takes this ref
+                    message.refs += 1
             return ("retry_error", self.reactor.seconds() + self.error_retry)
         except Exception:  # a bug: log it and retry later
             log.failure("{queue_id}: delivery to {destination} failed", queue_id=queue_id, destination=destination)
@@ -295,6 +302,8 @@ class DeliveryManager(Service):
         queue_id, destination = job
         indexes = relay_groups(message.envelope).get(destination, [])
         if not indexes:
+            if message.unsaved:  # settled before a full disk stopped its save: save it now
+                await self._settle(queue_id)
             return "done"
         envelope = message.envelope
         recipients = [envelope.recipients[i].address for i in indexes]
@@ -399,6 +408,7 @@ class DeliveryManager(Service):
         if finished(envelope) and not message.lock.locked:
             # Two renames into the file pool (no fsync): cheaper here than a thread hop.
             self.spool.remove(envelope.queue_id, message.queue)
+            message.unsaved = False
             return
         await message.lock.run(deferToThreadPool, self.reactor, self.pool, self._save, message)
 
@@ -412,6 +422,8 @@ class DeliveryManager(Service):
             message.queue = "deferred"
         else:
             self.spool.update(envelope, message.queue)
+        if message.envelope is envelope:
+            message.unsaved = False
 
     async def _bounce(self, message: _Message, indexes: list[int], remote: str | None) -> bool:
         """Queue the DSN and mark the recipients; False when it could not be queued for

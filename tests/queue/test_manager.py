@@ -570,23 +570,42 @@ def test_a_full_disk_under_faillog_is_one_warning_with_the_line(tmp_path):
     assert len(h.bounces.sent) == 1 and h.files("incoming") == []
 
 
-def test_a_full_disk_when_saving_the_envelope_is_one_warning_and_the_attempt_is_made_again(tmp_path):
-    h = Harness(tmp_path, {"a@far.test": [(451, "4.7.1 greylisted")]}, RetryConfig(interval=600, fixed_interval=True))
+def test_a_full_disk_when_saving_the_envelope_is_one_warning_and_what_was_settled_is_not_done_twice(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(250, "2.0.0 ok")], "b@far.test": [(451, "4.7.1 greylisted"), (250, "2.0.0 ok")]},
+                RetryConfig(interval=600, fixed_interval=True))
     h.start()
     move = h.spool.move
     h.spool.move = full_disk
     with Captured() as log:
-        envelope = h.queue(relay("a@far.test"))
+        envelope = h.queue(relay("a@far.test"), relay("b@far.test"))
     (warning,) = log.at_least(LogLevel.warn)
     assert warning["log_level"] == LogLevel.warn and "log_failure" not in warning
     text = log.text(warning)
     assert envelope.queue_id in text and "No space left on device" in text and "far.test" in text
-    # Nothing lost: the message stays in incoming/ as it was, and is tried again.
+    # Nothing lost: the message stays in incoming/ as it was queued...
     assert h.files("incoming") == [f"{envelope.queue_id}.env", f"{envelope.queue_id}.msg"]
+    assert h.spool.load(envelope.queue_id, "incoming").recipients[0].state == "pending"
     h.spool.move = move
     h.clock.advance(h.manager.error_retry)
-    assert len(h.courier.calls) == 2
-    assert h.files("deferred") == [f"{envelope.queue_id}.env", f"{envelope.queue_id}.msg"]
+    # ... and a minute later only b@ is tried again: a@'s 250 was kept in memory.
+    assert [c[1] for c in h.courier.calls] == [["a@far.test", "b@far.test"], ["b@far.test"]]
+    assert [(l["recipient"], l["attempt"], l["status"]) for l in h.senderlog()] == [
+        ("a@far.test", 1, "sent"), ("b@far.test", 1, "deferred"), ("b@far.test", 2, "sent")]
+    assert h.files("incoming") == [] and h.files("deferred") == []
+
+
+def test_after_a_full_disk_a_settled_destination_is_saved_at_its_retry_without_a_new_attempt(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(250, "2.0.0 ok")], "c@near.test": [(250, "2.0.0 ok")]})
+    h.start()
+    update = h.spool.update
+    h.spool.update = full_disk
+    h.manager.scheduler.add_new = lambda job, add=h.manager.scheduler.add_new: add(job) if job.destination == "far.test" else None
+    envelope = h.queue(relay("a@far.test"), relay("c@near.test"))  # near.test's job is left out for now
+    assert h.spool.load(envelope.queue_id, "incoming").recipients[0].state == "pending"
+    h.spool.update = update
+    h.clock.advance(h.manager.error_retry)
+    assert [c[1] for c in h.courier.calls] == [["a@far.test"]]  # saved, not sent again
+    assert h.spool.load(envelope.queue_id, "incoming").recipients[0].state == "delivered"
 
 
 def test_a_full_disk_under_domain_mri_is_one_warning_and_the_file_is_written_later(tmp_path):
