@@ -66,7 +66,7 @@ class _Message:
     envelope: Envelope
     queue: str  # incoming or deferred
     lock: defer.DeferredLock = field(default_factory=defer.DeferredLock)
-    refs: int = 0  # jobs running or waiting in the new-mail lane: the envelope stays in memory
+    refs: int = 0  # jobs running, waiting in the new-mail lane or to save after a full disk: kept in memory
     new_jobs: set[str] = field(default_factory=set)  # destinations whose waiting job holds a ref
     unsaved: bool = False  # the envelope in memory is newer than the file (a full disk)
     bouncing: set[int] = field(default_factory=set)  # failed recipients whose bounce is being queued
