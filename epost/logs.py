@@ -23,9 +23,38 @@ def single_line(text: str) -> str:
     return _LINE_BREAKS.sub(" ", text)
 
 
+REPLY_LIMIT = 512  # characters of a peer's reply kept in a senderlog, faillog or Domain.mri line
+LINE_JOINER = " | "  # between the lines of a multi-line reply, where the reply had CR LF
+ELLIPSIS = "…"  # ends a text cut at its limit
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """Text from a peer made safe for a one-line log record: line breaks
+    (CR LF, LF, a lone CR) become LINE_JOINER, every other character
+    `str.isprintable()` refuses (controls such as ESC, DEL, C1, bidi
+    overrides, unassigned code points) becomes `\\xNN`/`\\uNNNN`, and past
+    `limit` characters the text is cut and ends with ELLIPSIS.
+
+    Idempotent (its output passes through unchanged), so every writer may
+    apply it again; quoting for key=value stays the writer's business."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "\n" in text:
+        text = LINE_JOINER.join(part.strip(" \t") for part in text.split("\n"))
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else _escape(c) for c in text)
+    if limit is not None and len(text) > limit:
+        text = text[: limit - len(ELLIPSIS)] + ELLIPSIS
+    return text
+
+
 def _quote(value: str) -> str:
     """A senderlog value: bare, or double-quoted with `\\"` and `\\\\` when empty or holding space or quotes."""
-    value = single_line(value)
+    value = printable(value)
     if value and not _NEEDS_QUOTES.search(value):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -48,7 +77,10 @@ def senderlog_line(
     dsn: str,
     reply: str,
 ) -> str:
-    """One senderlog line (no newline): UTC time with milliseconds, queue ID, then key=value fields."""
+    """One senderlog line (no newline): UTC time with milliseconds, queue ID, then key=value fields.
+
+    Always one line of printable characters: every value goes through
+    `printable`, the peer's `reply` cut at REPLY_LIMIT characters too."""
     millis = round(when * 1000)
     stamp = _utc_stamp(millis // 1000)
     fields = (
@@ -59,10 +91,10 @@ def senderlog_line(
         ("attempt", str(attempt)),
         ("status", status),
         ("dsn", dsn),
-        ("reply", reply),
+        ("reply", printable(reply, REPLY_LIMIT)),
     )
     pairs = " ".join(f"{key}={_quote(value)}" for key, value in fields)
-    return f"{stamp}.{millis % 1000:03d}Z {single_line(queue_id)} {pairs}"
+    return f"{stamp}.{millis % 1000:03d}Z {printable(queue_id)} {pairs}"
 
 
 def _split_pairs(text: str) -> dict[str, str]:
@@ -144,11 +176,12 @@ def faillog_line(
     reply: str | None,
     tz: tzinfo | None = None,
 ) -> str:
-    """One faillog line (no newline) in E-Post's format, local time (or `tz`), English month names."""
+    """One faillog line (no newline) in E-Post's format, local time (or `tz`), English month names;
+    printable, the bracketed reply cut at REPLY_LIMIT characters."""
     moment = datetime.fromtimestamp(when, tz)
     stamp = f"{moment.day:02d}/{_MONTHS[moment.month - 1]}/{moment.year:04d}:{moment:%H:%M:%S}"
-    text = NO_ANSWER if reply is None else reply
-    return single_line(
+    text = NO_ANSWER if reply is None else printable(reply, REPLY_LIMIT)
+    return printable(
         f"<{queue_id}@{hostname}> send fail on [{stamp}] from {sender or '<>'} to {recipient} [{text}]"
     )
 
@@ -170,10 +203,12 @@ class LineLog:
         self._checked = 0.0
 
     def _open(self) -> IO[str]:
-        self._file = open(self.path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+        self._file = open(self.path, "a+", buffering=1, encoding="utf-8", errors="backslashreplace")
         st = os.fstat(self._file.fileno())
         self._identity = (st.st_dev, st.st_ino)
         self._checked = self._clock()
+        if st.st_size and os.pread(self._file.fileno(), 1, st.st_size - 1) != b"\n":
+            self._file.write("\n")  # a line cut short (a full disk, a crash) stays apart from the next
         return self._file
 
     def _current(self) -> IO[str]:
@@ -194,8 +229,23 @@ class LineLog:
         return self._file
 
     def write(self, line: str) -> None:
-        """Append `line` (line breaks inside it flattened) and flush it."""
-        self._current().write(single_line(line) + "\n")
+        """Append `line` (line breaks inside it flattened) and flush it.
+
+        Raises OSError (a full disk): the line is not written, and the file is
+        reopened at the next write, so no buffered remnant of it follows."""
+        try:
+            self._current().write(single_line(line) + "\n")
+        except OSError:
+            self._drop()
+            raise
+
+    def _drop(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()  # flushes what is buffered: fails again, and the descriptor closes
+            except OSError:
+                pass
+            self._file = None
 
     def reopen(self) -> None:
         """Close and reopen the path, e.g. after logrotate moved the file."""

@@ -1,5 +1,6 @@
 """senderlog and faillog lines follow SPEC §4 exactly; LineLog appends flushed lines and follows rotation."""
 
+import errno
 import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -8,7 +9,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from epost.logs import LineLog, faillog_line, parse_senderlog_line, senderlog_line, single_line
+from epost.logs import (
+    ELLIPSIS,
+    REPLY_LIMIT,
+    LineLog,
+    faillog_line,
+    parse_senderlog_line,
+    printable,
+    senderlog_line,
+    single_line,
+)
 
 WHEN = datetime(2026, 11, 29, 8, 0, 0, tzinfo=timezone.utc).timestamp() + 0.123
 JST = timezone(timedelta(hours=9))
@@ -44,7 +54,7 @@ def test_senderlog_null_sender_quotes_and_newlines():
     line = senderlog_line(**{**EXAMPLE, "sender": "", "reply": '550 5.1.1 "no"\r\nsuch \\ user', "relay": ""})
     assert ' from=<> ' in line
     assert ' relay="" ' in line
-    assert line.endswith(r'reply="550 5.1.1 \"no\"  such \\ user"')
+    assert line.endswith(r'reply="550 5.1.1 \"no\" | such \\ user"')
     assert "\n" not in line
 
 
@@ -80,7 +90,8 @@ def test_senderlog_parse_inverts_format(when, sender, recipient, relay, delay, a
     )
     line = senderlog_line(**fields)
     assert single_line(line) == line
-    expected = {key: single_line(value) if isinstance(value, str) else value for key, value in fields.items()}
+    expected = {key: printable(value) if isinstance(value, str) else value for key, value in fields.items()}
+    expected["reply"] = printable(reply, REPLY_LIMIT)
     expected["delay"] = float(f"{delay:.2f}")
     assert parse_senderlog_line(line) == expected
 
@@ -102,7 +113,7 @@ def test_faillog_no_answer_and_null_sender():
 
 def test_faillog_flattens_multiline_reply():
     line = faillog_line(FAIL_WHEN, "Q", "h", "a@b", "c@d", "550-first\r\n550 second", tz=JST)
-    assert line.endswith("[550-first  550 second]")
+    assert line.endswith("[550-first | 550 second]")
 
 
 def test_linelog_appends_and_flushes_each_line(tmp_path: Path):
@@ -143,3 +154,67 @@ def test_linelog_reopen(tmp_path: Path):
     assert path.read_text() == "a\nb\n"
     log.close()
     log.close()  # idempotent
+
+
+# --- text from peers: printable, one line, capped (issue 18) -------------------
+
+
+def test_printable_escapes_controls_and_joins_reply_lines_visibly():
+    assert printable("250 ok\x1b[2J\x7f\x85\u202e") == "250 ok\\x1b[2J\\x7f\\x85\\u202e"
+    assert printable("550-5.7.1 first\r\n550 5.7.1 second\n") == "550-5.7.1 first | 550 5.7.1 second | "
+    assert printable("a\u2028b\x0bc\rd") == "a\\u2028b\\x0bc | d"
+    assert printable("x" * 600, 512) == "x" * 511 + ELLIPSIS
+    assert printable("x" * 512, 512) == "x" * 512
+
+
+@given(st.text())
+def test_printable_is_idempotent_and_printable(text):
+    once = printable(text, 100)
+    assert once.isprintable() and len(once) <= 100
+    assert printable(once, 100) == once
+
+
+def peer_text(data: bytes) -> str:
+    """What the client makes of a reply's bytes (SMTPClient decodes with 'replace')."""
+    return data.decode("utf-8", "replace")
+
+
+@given(reply=st.binary(max_size=5000), code=st.sampled_from([None, 250, 451, 550]))
+def test_any_bytes_from_a_peer_make_one_printable_senderlog_line_of_bounded_length(reply, code):
+    text = peer_text(reply)
+    shown = text if code is None else f"{code} {text}"
+    line = senderlog_line(**{**EXAMPLE, "reply": shown})
+    assert line.isprintable() and len(line.splitlines()) == 1
+    head = senderlog_line(**{**EXAMPLE, "reply": ""})
+    assert len(line) <= len(head) + 2 * REPLY_LIMIT  # each character at most doubled by quoting
+    parsed = parse_senderlog_line(line)
+    assert parsed["reply"] == printable(shown, REPLY_LIMIT)
+    assert {k: v for k, v in parsed.items() if k != "reply"} == {
+        k: v for k, v in parse_senderlog_line(head).items() if k != "reply"
+    }
+
+
+@given(reply=st.binary(max_size=5000))
+def test_any_bytes_from_a_peer_make_one_printable_faillog_line_of_bounded_length(reply):
+    line = faillog_line(FAIL_WHEN, "Q", "h", "a@b", "c@d", peer_text(reply), tz=JST)
+    assert line.isprintable() and len(line.splitlines()) == 1
+    assert line.startswith("<Q@h> send fail on [01/Nov/2026:10:29:51] from a@b to c@d [")
+    assert line.endswith("]") and len(line) <= 80 + REPLY_LIMIT
+
+
+def test_linelog_on_a_full_disk_raises_and_reopens_at_the_next_write(tmp_path: Path):
+    log = LineLog(Path("/dev/full"))  # every write: ENOSPC
+    with pytest.raises(OSError) as raised:
+        log.write("lost")
+    assert raised.value.errno == errno.ENOSPC
+    assert log._file is None  # nothing of "lost" waits in a buffer for the next write
+    log.path = tmp_path / "senderlog"
+    log.write("next")
+    assert log.path.read_text() == "next\n"
+
+
+def test_linelog_keeps_a_line_cut_short_apart_from_the_next(tmp_path: Path):
+    path = tmp_path / "senderlog"
+    path.write_text("whole\ncut sh")
+    LineLog(path).write("next")
+    assert path.read_text() == "whole\ncut sh\nnext\n"

@@ -11,12 +11,18 @@ Promises kept here:
 - code None means no answer (timeout, dropped connection, protocol error);
 - replies are matched to commands strictly in order, pipelined or not; bytes
   that arrive behind the 220 to STARTTLS are dropped (response injection);
+- what a peer can make us hold is bounded: a reply of more than
+  MAX_REPLY_LINES lines or MAX_REPLY_BYTES bytes (the line not yet ended
+  included) ends the attempt as no answer and aborts the connection, of a
+  reply's text only MAX_REPLY_TEXT characters are kept, and each awaited
+  reply has a deadline that bytes arriving do not push back;
 - content goes out through `DotStuffer` only after a 354 and only when at
   least one recipient was accepted.
 """
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
@@ -25,10 +31,14 @@ from typing import Callable, Iterable, Iterator
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IPullProducer, IReactorTime, ITLSTransport
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from epost.delivery.stuffing import DotStuffer
+from epost.logs import printable
+
+log = Logger()
 
 STREAM_ABOVE = 256 * 1024  # bytes; bigger messages are sent through a producer
 
@@ -46,7 +56,16 @@ DEFAULT_TIMEOUTS: dict[str, float] = {
 }
 _OUTCOME_STAGE = {"data_start": "data", "data_end": "data", "rset": "mail"}
 KEEP_IDLE = 2.0  # seconds an idle connection waits for its next transaction (Postfix: 2 s)
-MAX_REPLY_LINE = 65536  # a server that sends more without a line end is not speaking SMTP
+# What a peer may send as one reply before we hang up. RFC 5321 §4.5.3.1.5
+# allows 512 octets a line; real multi-line replies (EHLO, a rejection with a
+# help URL) are 5-20 lines of under 100 octets. 100 lines of 512 octets fit in
+# 64 KiB with room to spare; more is not a mail server's reply.
+MAX_REPLY_LINES = 100
+MAX_REPLY_BYTES = 64 * 1024  # line ends and the line not yet ended included
+# Of a reply's text we keep this much, as Postfix keeps `line_length_limit`
+# (2048) bytes of it: enough for any real reply, EHLO's extensions included.
+MAX_REPLY_TEXT = 2048
+_SIZE_VALUE = re.compile(r"[0-9]{1,18}")
 
 Handler = Callable[[int, str], None]
 
@@ -91,7 +110,7 @@ def parse_extensions(text: str) -> dict[str, str]:
 def size_limit(extensions: dict[str, str]) -> int | None:
     """The server's fixed SIZE limit; None when absent or 0 (no limit)."""
     value = extensions.get("SIZE", "")
-    return int(value) if value.isdigit() and int(value) > 0 else None
+    return int(value) if _SIZE_VALUE.fullmatch(value) and int(value) > 0 else None
 
 
 class SMTPClient(Protocol):
@@ -127,8 +146,12 @@ class SMTPClient(Protocol):
         self.tls_context = tls_context
         self.timeouts = {**DEFAULT_TIMEOUTS, **(timeouts or {})}
         self.done: defer.Deferred[TransactionResult] = defer.Deferred()
-        self._buffer = b""
-        self._lines: list[str] = []
+        self._buffer = b""  # received, not yet a whole line
+        self._lines: list[str] = []  # the reply so far, MAX_REPLY_TEXT characters at most
+        self._kept = 0  # characters in _lines
+        self._reply_lines = 0  # lines of the reply so far, kept or not
+        self._reply_bytes = 0
+        self._drop_buffered = False  # set by a handler: what was received behind its reply is void
         self._expect: deque[tuple[str, Handler]] = deque()
         self._timer: IDelayedCall | None = None
         self._closed = False
@@ -149,39 +172,65 @@ class SMTPClient(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        self._buffer += data
+        buffer = self._buffer + data if self._buffer else data
+        start = 0
         while not self._closed:
-            line, sep, rest = self._buffer.partition(b"\n")
-            if not sep:
-                if len(self._buffer) > MAX_REPLY_LINE:
-                    self._abort("reply line too long")
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            line = buffer[start:end]
+            start = end + 1
+            self._reply_lines += 1
+            self._reply_bytes += len(line) + 1
+            if self._reply_lines > MAX_REPLY_LINES:
+                self._abort(f"peer sent an over-long reply (more than {MAX_REPLY_LINES} lines)", peer_fault=True)
                 return
-            self._buffer = rest
-            text = line.rstrip(b"\r").decode("utf-8", "replace")
-            code, mark = text[:3], text[3:4]
-            if not (len(code) == 3 and code.isdigit() and mark in ("", " ", "-")):
-                self._abort(f"malformed reply: {text[:100]!r}")
+            if self._reply_bytes > MAX_REPLY_BYTES:
+                self._abort(f"peer sent an over-long reply (more than {MAX_REPLY_BYTES} bytes)", peer_fault=True)
                 return
-            self._lines.append(text[4:])
-            if mark != "-":
-                reply, self._lines = "\n".join(self._lines), []
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            code, mark = line[:3], line[3:4]
+            if not (len(code) == 3 and code.isdigit() and mark in (b"", b" ", b"-")):  # ASCII digits only
+                shown = printable(line[:100].decode("utf-8", "replace"))
+                self._abort(f"peer sent a malformed reply: {shown}", peer_fault=True)
+                return
+            if self._kept < MAX_REPLY_TEXT:
+                text = line[4 : 4 + MAX_REPLY_TEXT - self._kept].decode("utf-8", "replace")
+                self._lines.append(text)
+                self._kept += len(text) + 1
+            if mark != b"-":
+                reply = "\n".join(self._lines)
+                self._lines, self._kept, self._reply_lines, self._reply_bytes = [], 0, 0, 0
                 self._on_reply(int(code), reply)
+                if self._drop_buffered:
+                    self._drop_buffered = False
+                    buffer, start = b"", 0
+        if self._closed:
+            return
+        self._buffer = buffer[start:]
+        if self._reply_bytes + len(self._buffer) > MAX_REPLY_BYTES:
+            self._abort(f"peer sent an over-long reply (more than {MAX_REPLY_BYTES} bytes)", peer_fault=True)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self._closed:
             self._closed = True
             self._give_up(self._stage(), None, "connection lost", next_host=True)
         self._cancel_timer()
+        self._forget_input()
+
+    def _forget_input(self) -> None:
+        self._buffer, self._lines, self._kept, self._reply_lines, self._reply_bytes = b"", [], 0, 0, 0
 
     # --- reply plumbing ------------------------------------------------
 
     def _on_reply(self, code: int, text: str) -> None:
         if not self._expect:
-            self._abort(f"unexpected reply {code}")
+            self._abort(f"peer sent an unexpected reply {code}", peer_fault=True)
             return
         key, handler = self._expect[0]
         if code // 100 not in (2, 4, 5) and not (code == 354 and key == "data_start"):
-            self._abort(f"unexpected reply {code} to {key}")
+            self._abort(f"peer sent an unexpected reply {code} to {key}", peer_fault=True)
             return
         self._expect.popleft()
         handler(code, text)
@@ -250,13 +299,22 @@ class SMTPClient(Protocol):
         self._closed = True
         self.transport.loseConnection()
 
-    def _abort(self, text: str) -> None:
-        """No usable answer: drop the connection, report no answer."""
+    def _abort(self, text: str, peer_fault: bool = False) -> None:
+        """No usable answer: drop the connection, report no answer.
+        `peer_fault`: the peer broke the protocol, which is worth one warning line."""
+        if peer_fault and not self._closed:
+            log.warn("SMTP peer {peer}: {text}; connection aborted", peer=self._peer(), text=text)
         self._give_up(self._stage(), None, text, next_host=True)
         self._closed = True
         self._expect.clear()
         self._cancel_timer()
+        self._forget_input()
         self.transport.abortConnection()
+
+    def _peer(self) -> str:
+        address = self.transport.getPeer()
+        host, port = getattr(address, "host", None), getattr(address, "port", None)
+        return f"[{host}]:{port}" if host is not None else str(address)
 
     # --- the dialogue ----------------------------------------------------
 
@@ -304,7 +362,8 @@ class SMTPClient(Protocol):
         if code != 220:  # refused: carry on in plaintext on this connection
             self._start_transaction()
             return
-        self._buffer, self._lines = b"", []  # anything sent before the handshake is injected
+        self._forget_input()  # anything sent before the handshake is injected
+        self._drop_buffered = True
         self.transport.startTLS(self.tls_context)
         self._tls_pending = True
         self._send((f"EHLO {self.hostname}", "ehlo", self._on_ehlo))
@@ -367,7 +426,7 @@ class SMTPClient(Protocol):
             self.transport.write(b".\r\n")
             self._await("data_end", lambda code, text: self._finish(clean=False))
         elif code // 100 == 2:
-            self._abort(f"{code} reply to DATA")
+            self._abort(f"peer sent a {code} reply to DATA", peer_fault=True)
         else:
             for recipient in self._accepted:
                 self._outcomes[recipient] = Outcome(code, text, "data")

@@ -18,11 +18,14 @@ from twisted.logger import Logger
 from epost.delivery.courier import Attempt
 from epost.queue.domain_state import DomainState, DomainStateStore
 from epost.queue.outcomes import Applied
+from epost.queue.spool import DISK_FULL_ERRNOS
 
 log = Logger()
 
 
 class DomainBooks:
+    retry_after = 60.0  # seconds before a Domain.mri that met a full disk is written again
+
     def __init__(self, store: DomainStateStore, reactor: Any, pool: Any) -> None:
         self.store = store
         self.reactor = reactor
@@ -30,6 +33,7 @@ class DomainBooks:
         self._states: dict[str, DomainState] = {}
         self._waiting: dict[str, set[str]] = {}  # destination -> IDs with a retry scheduled
         self._locks: dict[str, defer.DeferredLock] = {}
+        self._retrying: set[str] = set()  # a save failed on a full disk: another is due
 
     def read(self) -> None:
         """Start from the files a previous run left (blocking, at start-up: a few small files)."""
@@ -107,8 +111,24 @@ class DomainBooks:
             self._states.pop(destination, None)
             work = (self.store.remove, destination)
         d = lock.run(deferToThreadPool, self.reactor, self.pool, *work)
-        d.addErrback(lambda failure: log.failure("{domain}: cannot update Domain.mri", failure, domain=destination))
+        d.addErrback(self._save_failed, destination)
         d.addBoth(lambda _: self._forget_lock(destination, lock))
+
+    def _save_failed(self, failure, destination: str) -> None:
+        """A full disk is one warning, and the file is brought in line again later
+        (the state is in memory); anything else is a bug, with its traceback."""
+        if not (failure.check(OSError) and failure.value.errno in DISK_FULL_ERRNOS):
+            log.failure("{domain}: cannot update Domain.mri", failure, domain=destination)
+            return
+        log.warn("{domain}: cannot update Domain.mri ({error}); trying again in {retry:.0f} s",
+                 domain=destination, error=failure.value, retry=self.retry_after)
+        if destination not in self._retrying:
+            self._retrying.add(destination)
+            self.reactor.callLater(self.retry_after, self._save_again, destination)
+
+    def _save_again(self, destination: str) -> None:
+        self._retrying.discard(destination)
+        self.save(destination)
 
     def _forget_lock(self, destination: str, lock: defer.DeferredLock) -> None:
         if not lock.locked and destination not in self._states and self._locks.get(destination) is lock:

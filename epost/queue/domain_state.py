@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from epost.fsutil import fsync_dir, write_atomically
-from epost.logs import single_line
+from epost.logs import REPLY_LIMIT, printable, single_line
 
 FILE_NAME = "Domain.mri"
 
@@ -47,8 +47,13 @@ _INT_FIELDS = frozenset(f.name for f in dataclasses.fields(DomainState) if f.typ
 
 
 def format_mri(state: DomainState) -> str:
-    """The file text: one `Key: value` line per field, in SPEC order, every value flattened to one line."""
-    return "".join(f"{key}: {single_line(str(getattr(state, field)))}\n" for key, field in _KEYS)
+    """The file text: one `Key: value` line per field, in SPEC order, every value
+    printable on one line (`epost.logs.printable`), the peer's Err-text cut at REPLY_LIMIT."""
+    return "".join(f"{key}: {_value(field, getattr(state, field))}\n" for key, field in _KEYS)
+
+
+def _value(field: str, value: object) -> str:
+    return printable(str(value), REPLY_LIMIT if field == "err_text" else None)
 
 
 def parse_mri(text: str, path: Path | str) -> DomainState:

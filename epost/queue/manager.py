@@ -25,7 +25,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from epost.config import RetryConfig
@@ -52,7 +52,7 @@ from epost.queue.outcomes import (
 )
 from epost.queue import surgery
 from epost.queue.scheduler import Job, Scheduler
-from epost.queue.spool import Spool, SpooledContent
+from epost.queue.spool import DISK_FULL_ERRNOS, Spool, SpooledContent
 from epost.routing.resolver import Route
 from epost.smtp.address import AddressError, parse_mailbox
 
@@ -66,8 +66,9 @@ class _Message:
     envelope: Envelope
     queue: str  # incoming or deferred
     lock: defer.DeferredLock = field(default_factory=defer.DeferredLock)
-    refs: int = 0  # jobs running or waiting in the new-mail lane: the envelope stays in memory
-    new_jobs: set[str] = field(default_factory=set)  # destinations whose new-lane job holds a ref
+    refs: int = 0  # jobs running, waiting in the new-mail lane or to save after a full disk: kept in memory
+    new_jobs: set[str] = field(default_factory=set)  # destinations whose waiting job holds a ref
+    unsaved: bool = False  # the envelope in memory is newer than the file (a full disk)
     bouncing: set[int] = field(default_factory=set)  # failed recipients whose bounce is being queued
 
 
@@ -258,7 +259,22 @@ class DeliveryManager(Service):
             log.warn("{queue_id}: no attempt for {destination}: {error}; trying again later",
                      queue_id=queue_id, destination=destination, error=error)
             return ("retry_error", self.reactor.seconds() + self.error_retry)
-        except Exception:  # a bug or an unexpected file problem: log it and retry later
+        except OSError as error:
+            if error.errno not in DISK_FULL_ERRNOS:
+                log.failure("{queue_id}: delivery to {destination} failed", queue_id=queue_id, destination=destination)
+            else:  # expected on a bad day: one line, and the files are brought in line later
+                log.warn(
+                    "{queue_id}: cannot record the attempt for {destination} ({error}); trying again in {retry:.0f} s",
+                    queue_id=queue_id, destination=destination, error=error, retry=self.error_retry,
+                )
+                # What the attempt settled stays in memory until a save succeeds, so
+                # the retry neither sends an accepted recipient again nor bounces twice.
+                message.unsaved = True
+                if destination not in message.new_jobs:
+                    message.new_jobs.add(destination)  # the retry's _attempt takes this ref
+                    message.refs += 1
+            return ("retry_error", self.reactor.seconds() + self.error_retry)
+        except Exception:  # a bug: log it and retry later
             log.failure("{queue_id}: delivery to {destination} failed", queue_id=queue_id, destination=destination)
             return ("retry_error", self.reactor.seconds() + self.error_retry)
         finally:
@@ -286,6 +302,8 @@ class DeliveryManager(Service):
         queue_id, destination = job
         indexes = relay_groups(message.envelope).get(destination, [])
         if not indexes:
+            if message.unsaved:  # settled before a full disk stopped its save: save it now
+                await self._settle(queue_id)
             return "done"
         envelope = message.envelope
         recipients = [envelope.recipients[i].address for i in indexes]
@@ -334,23 +352,32 @@ class DeliveryManager(Service):
             metrics.deliveries.labels(result.status, destination).inc()
             if result.status == "sent":
                 metrics.delivery_latency.observe(max(0.0, now - envelope.arrival))
-            self.senderlog.write(
-                senderlog_line(
-                    now,
-                    envelope.queue_id,
-                    envelope.sender,
-                    result.address,
-                    attempt.host or "none",
-                    now - envelope.arrival,
-                    result.attempt,
-                    result.status,
-                    status_code(outcome),
-                    reply_text(outcome),
-                )
+            line = senderlog_line(
+                now,
+                envelope.queue_id,
+                envelope.sender,
+                result.address,
+                attempt.host or "none",
+                now - envelope.arrival,
+                result.attempt,
+                result.status,
+                status_code(outcome),
+                reply_text(outcome),
             )
+            self._write_log(self.senderlog, "senderlog", line)
             if result.status == "bounced":
                 reply = reply_text(outcome) if outcome.code is not None else None
-                self.faillog.write(faillog_line(now, envelope.queue_id, self.hostname, envelope.sender, result.address, reply))
+                line = faillog_line(now, envelope.queue_id, self.hostname, envelope.sender, result.address, reply)
+                self._write_log(self.faillog, "faillog", line)
+
+    @staticmethod
+    def _write_log(target: LineLog, name: str, line: str) -> None:
+        """A log line that cannot be written (a full disk) goes into our own log
+        instead, in one warning line; the attempt is recorded all the same."""
+        try:
+            target.write(line)
+        except OSError as error:
+            log.warn("cannot write {name} ({error}); the line: {line}", name=name, error=error, line=line)
 
     def _settle_alone(self, queue_id: str) -> None:
         """Settle a message that has no delivery job, then let it go from memory."""
@@ -381,6 +408,7 @@ class DeliveryManager(Service):
         if finished(envelope) and not message.lock.locked:
             # Two renames into the file pool (no fsync): cheaper here than a thread hop.
             self.spool.remove(envelope.queue_id, message.queue)
+            message.unsaved = False
             return
         await message.lock.run(deferToThreadPool, self.reactor, self.pool, self._save, message)
 
@@ -394,6 +422,8 @@ class DeliveryManager(Service):
             message.queue = "deferred"
         else:
             self.spool.update(envelope, message.queue)
+        if message.envelope is envelope:
+            message.unsaved = False
 
     async def _bounce(self, message: _Message, indexes: list[int], remote: str | None) -> bool:
         """Queue the DSN and mark the recipients; False when it could not be queued for
@@ -405,7 +435,8 @@ class DeliveryManager(Service):
                 headers = await message.lock.run(deferToThreadPool, self.reactor, self.pool, self._headers, message)
                 bounce_id = await self.bounces.send(envelope, headers, failed)
             except OSError as error:  # SpoolError included: a full disk passes
-                log.error(
+                log.emit(
+                    LogLevel.warn if error.errno in DISK_FULL_ERRNOS else LogLevel.error,
                     "{queue_id}: cannot queue the bounce to <{sender}> now: {error}; trying again later",
                     queue_id=envelope.queue_id, sender=envelope.sender, error=error,
                 )

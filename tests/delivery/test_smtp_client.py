@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import task
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from epost.delivery.smtp_client import DEFAULT_TIMEOUTS, Outcome, SMTPClient, TransactionResult
+from twisted.logger import LogLevel, capturedLogs
+
+from epost.delivery.smtp_client import (
+    DEFAULT_TIMEOUTS,
+    MAX_REPLY_BYTES,
+    MAX_REPLY_LINES,
+    MAX_REPLY_TEXT,
+    Outcome,
+    SMTPClient,
+    TransactionResult,
+)
 from epost.delivery.stuffing import failure_kind
 
 CONTENT = b"Subject: hi\r\n\r\nbody\r\n"
@@ -284,7 +296,7 @@ def test_quit_timeout_just_closes() -> None:
 def test_malformed_reply_is_no_answer() -> None:
     s = Session(recipients=("a@x",))
     s.server(b"hello there\r\n")
-    assert s.result.recipients["a@x"] == Outcome(None, "malformed reply: 'hello there'", "greeting")
+    assert s.result.recipients["a@x"] == Outcome(None, "peer sent a malformed reply: hello there", "greeting")
     assert s.transport.disconnected
 
 
@@ -371,3 +383,143 @@ def test_a_reply_before_the_end_of_streamed_data_ends_the_connection_not_reused(
     client.dataReceived(b"552 5.3.4 too much\r\n")  # the server does not wait for our dot
     assert client.done.result.recipients["a@x"].code == 552
     assert not client.reusable and transport.producer is None
+
+
+# --- hostile peers: what a peer can make us hold is bounded (issue 18) --------
+
+
+def held(client: SMTPClient) -> int:
+    """Bytes and characters of peer input the client holds right now."""
+    return len(client._buffer) + sum(len(line) for line in client._lines)
+
+
+def test_endless_continuation_lines_end_the_attempt_after_max_reply_lines() -> None:
+    s = Session(recipients=("a@x",))
+    line = b"220-" + b"x" * 100 + b"\r\n"
+    for _ in range(MAX_REPLY_LINES):
+        s.server(line)
+    assert s.results == [] and not s.transport.disconnected
+    s.server(line)
+    text = f"peer sent an over-long reply (more than {MAX_REPLY_LINES} lines)"
+    assert s.result == TransactionResult({"a@x": Outcome(None, text, "greeting")}, tls=False, try_next_host=True)
+    assert s.transport.disconnected  # abortConnection: no QUIT, no waiting for the peer to read
+    assert held(s.client) == 0
+    assert s.clock.getDelayedCalls() == []
+
+
+def test_megabytes_of_ehlo_lines_end_the_attempt_at_the_byte_limit() -> None:
+    s = Session(recipients=("a@x",))
+    s.server(b"220 mx\r\n")
+    s.server(b"250-" + b"y" * 2000 + b"\r\n")  # lines of 2 KB: the bytes give out before the lines
+    assert s.results == []
+    s.server((b"250-" + b"y" * 2000 + b"\r\n") * 500)  # 1 MB in one read
+    text = f"peer sent an over-long reply (more than {MAX_REPLY_BYTES} bytes)"
+    assert s.result.recipients["a@x"] == Outcome(None, text, "ehlo")
+    assert s.transport.disconnected
+    assert held(s.client) == 0
+
+
+def test_a_line_without_end_is_cut_off_at_the_byte_limit_counting_the_reply_so_far() -> None:
+    s = Session(recipients=("a@x",))
+    s.server(b"220-" + b"z" * 30000 + b"\r\n")
+    s.server(b"220-" + b"z" * 30000)  # no line end yet: within the limit together
+    assert s.results == []
+    s.server(b"z" * 6000)
+    assert s.result.recipients["a@x"].text == f"peer sent an over-long reply (more than {MAX_REPLY_BYTES} bytes)"
+    assert s.transport.disconnected
+
+
+def test_a_long_legitimate_reply_keeps_max_reply_text_characters() -> None:
+    s = Session(recipients=("a@x",))
+    s.server(b"220 mx\r\n")
+    s.server(EHLO_PLAIN)
+    s.server(b"250 ok\r\n")
+    reply = b"".join(b"550-5.7.1 " + b"%02d" % i + b" " + b"w" * 500 + b"\r\n" for i in range(60))
+    s.server(reply + b"550 5.7.1 last\r\n")
+    outcome = s.result.recipients["a@x"]
+    assert outcome.code == 550 and outcome.text.startswith("5.7.1 00 www")
+    assert len(outcome.text) <= MAX_REPLY_TEXT
+    assert held(s.client) == 0
+
+
+def test_the_caps_count_per_reply_so_a_pipelined_burst_of_short_replies_passes() -> None:
+    s = Session(recipients=tuple(f"r{i}@x" for i in range(150)))
+    s.server(b"220 mx\r\n")
+    s.server(EHLO_PIPE)
+    written = s.server(b"250 ok\r\n" + b"250 ok\r\n" * 150 + b"354 go\r\n")
+    assert written == CONTENT + b".\r\n"
+
+
+@pytest.mark.parametrize("garbage", [b"\x1b[31mred\r\n", b"\xb2\xb2\xb2 hi\r\n", "²²² hi\r\n".encode(), b"\x00\xff\r\n"])
+def test_garbage_is_a_malformed_reply_shown_printable(garbage: bytes) -> None:
+    s = Session(recipients=("a@x",))
+    s.server(garbage)
+    text = s.result.recipients["a@x"].text
+    assert text.startswith("peer sent a malformed reply: ")
+    assert text.isprintable()
+    assert s.transport.disconnected
+
+
+def test_a_peer_fault_is_one_warning_line_and_a_timeout_is_none() -> None:
+    with capturedLogs() as events:
+        s = Session(recipients=("a@x",))
+        s.server(b"220-\x1b[2J" + b"x" * 10 + b"\r\n")
+        s.server(b"220-x\r\n" * MAX_REPLY_LINES)
+    warnings = [e for e in events if e["log_level"] >= LogLevel.warn]
+    assert len(warnings) == 1 and "log_failure" not in warnings[0]
+    assert warnings[0]["text"] == f"peer sent an over-long reply (more than {MAX_REPLY_LINES} lines)"
+    with capturedLogs() as events:
+        s = Session(recipients=("a@x",))
+        s.clock.advance(DEFAULT_TIMEOUTS["greeting"])
+        assert s.result.recipients["a@x"].text == "timed out waiting for the greeting reply"
+    assert [e for e in events if e["log_level"] >= LogLevel.warn] == []
+
+
+def test_an_unsized_or_absurd_size_extension_is_ignored() -> None:
+    for value in ("\u00b2", "9" * 5000, "-1", "１２"):
+        s = Session(recipients=("a@x",))
+        s.server(b"220 mx\r\n")
+        written = s.server(f"250-mx\r\n250 SIZE {value}\r\n".encode())
+        assert written == b"MAIL FROM:<s@here> SIZE=100\r\n", value
+
+
+@pytest.mark.parametrize("step, chunk", [(1.0, b"2"), (10.0, b"220-slow\r\n")])
+def test_the_reply_timeout_is_a_deadline_that_trickled_bytes_do_not_push_back(step: float, chunk: bytes) -> None:
+    """A peer that sends a byte a second, or a continuation line every 10 s,
+    within every cap, still loses the attempt at the greeting timeout."""
+    s = Session(recipients=("a@x",))
+    elapsed = 0.0
+    while not s.results:
+        s.server(chunk)
+        s.clock.advance(step)
+        elapsed += step
+        assert elapsed <= DEFAULT_TIMEOUTS["greeting"]
+    assert elapsed == DEFAULT_TIMEOUTS["greeting"]
+    assert s.result.recipients["a@x"].text == "timed out waiting for the greeting reply"
+
+
+replies = st.lists(
+    st.one_of(
+        st.binary(max_size=3000),
+        st.sampled_from([b"220 mx\r\n", b"250-PIPELINING\r\n", b"250 ok\r\n", b"354 go\r\n", b"\r\n", b"550-x\n"]),
+        st.integers(1, 300).map(lambda n: (b"250-" + b"e" * 996 + b"\r\n") * n),
+        st.integers(1, 150).map(lambda n: b"220-a\r\n" * n),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=replies)
+def test_any_bytes_from_a_peer_hold_bounded_memory_and_fire_done_once(chunks: list[bytes]) -> None:
+    s = Session(recipients=("a@x", "b@x"))
+    for chunk in chunks:
+        s.client.dataReceived(chunk)
+        assert len(s.client._buffer) + s.client._reply_bytes <= MAX_REPLY_BYTES
+        assert s.client._reply_lines <= MAX_REPLY_LINES
+        assert sum(len(line) + 1 for line in s.client._lines) <= MAX_REPLY_TEXT + 1
+    s.client.connectionLost()
+    assert len(s.results) == 1
+    assert set(s.result.recipients) == {"a@x", "b@x"}
+    for outcome in s.result.recipients.values():
+        assert len(outcome.text) <= max(MAX_REPLY_TEXT, 200)

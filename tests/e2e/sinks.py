@@ -9,6 +9,8 @@ A `Sink` runs a small threaded SMTP server and records what it is sent:
     with Sink(greeting=None) as sink:           # accepts the connection, never greets
     with Sink(greeting="421 4.3.2 busy"):       # refuses at the greeting
     closed_port()                               # a port where nothing listens (connection refused)
+    with HostileSink("greeting") as peer:       # endless `220-` continuation lines, never a last line
+    with HostileSink("ehlo", megabytes=10):     # a normal 220, then 10 MB of `250-` lines to EHLO
 
 Each received message is a `Received(sender, recipients, data)`, `data` being
 the DATA bytes un-dot-stuffed, CRLF line ends kept, without the final `.` line.
@@ -213,3 +215,68 @@ class Sink:
                     raise AssertionError(f"sink got {len(self._messages)} of {count} messages within {timeout}s")
                 self._lock.wait(left)
             return list(self._messages)
+
+
+class _HostileHandler(socketserver.BaseRequestHandler):
+    server: _HostileServer
+
+    def handle(self) -> None:
+        peer = self.server.peer
+        peer._connected(self.request)
+        try:
+            if peer.mode == "ehlo":
+                self.request.sendall(b"220 hostile.test ESMTP\r\n")
+                if not self.request.recv(4096):
+                    return
+            code = b"220-" if peer.mode == "greeting" else b"250-"
+            chunk = (code + b"x" * (peer.line_length - 6) + b"\r\n") * 64
+            budget = peer.megabytes * 1024 * 1024 if peer.megabytes else None
+            while not peer._stopping.is_set() and (budget is None or budget > 0):
+                self.request.sendall(chunk)  # blocks while the client does not read
+                if budget is not None:
+                    budget -= len(chunk)
+            if budget is not None:
+                self.request.sendall(b"250 PIPELINING\r\n")
+                while self.request.recv(4096):
+                    pass
+        except OSError:
+            pass
+        finally:
+            peer._disconnected(self.request)
+
+
+class _HostileServer(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], peer: HostileSink) -> None:
+        self.peer = peer
+        super().__init__(address, _HostileHandler)
+
+
+class HostileSink(Sink):
+    """A peer that never ends its reply: `greeting` streams `220-` lines of
+    `line_length` bytes until the client goes; `ehlo` greets normally, then
+    answers EHLO with `megabytes` of `250-` lines (endless when 0) and a
+    last `250` line. It counts connections like a Sink; it receives nothing."""
+
+    def __init__(self, mode: str = "greeting", host: str = "127.0.0.1", port: int = 0,
+                 line_length: int = 1000, megabytes: int = 0) -> None:
+        if mode not in ("greeting", "ehlo"):
+            raise ValueError(mode)
+        self.mode, self.line_length, self.megabytes = mode, line_length, megabytes
+        self._lock = threading.Condition()
+        self._stopping = threading.Event()
+        self._messages = []
+        self._rcpts = {}
+        self._connections = 0
+        self._open = set()
+        self.most_at_once = 0  # the most connections open together
+        self._server = _HostileServer((host, port), self)
+        self.host, self.port = self._server.server_address[:2]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def _connected(self, sock: socket.socket) -> None:
+        super()._connected(sock)
+        with self._lock:
+            self.most_at_once = max(self.most_at_once, len(self._open))

@@ -23,7 +23,7 @@ import pytest
 from e2e_support import HOSTNAME, kill9, maildir_messages, queued, submit, wait_for
 from epost.logs import parse_senderlog_line
 from epost.queue.domain_state import DomainState, parse_mri
-from sinks import Sink, closed_port
+from sinks import HostileSink, Sink, closed_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "routing"))
 from dnsmasq import DNSMASQ, Dnsmasq  # noqa: E402
@@ -499,3 +499,33 @@ def test_a_delay_warning_reaches_the_sender_once_and_the_mail_is_still_delivered
         assert got.recipients == ("bob@a.sink.test",)
         wait_for(lambda: queue_is_empty(d), message="the queue to empty")
         assert len(maildir_messages(d.spool, "example.test/alice")) == 1  # one warning, never two
+
+
+# --- 11. hostile peers (issue 18) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode, line_length, megabytes, text", [
+    ("greeting", 100, 0, "peer sent an over-long reply (more than 100 lines)"),
+    ("ehlo", 1000, 10, "peer sent an over-long reply (more than 65536 bytes)"),
+])
+def test_a_peer_whose_reply_never_ends_leaves_the_mail_deferred_with_a_clear_senderlog_line(
+    daemon, tmp_path, mode, line_length, megabytes, text
+):
+    """Endless `220-` lines, or 10 MB of `250-` lines to EHLO: the attempt ends
+    at the reply caps as no answer, the mail waits for its retry (not bounced,
+    not lost), and the operator reads why in senderlog, Domain.mri and one
+    warning line of the daemon's log."""
+    with HostileSink(mode, line_length=line_length, megabytes=megabytes) as peer:
+        d = relay_daemon(daemon, tmp_path, peer.port, retry="interval = 600\n")
+        queue_id = send(d, ["bob@a.sink.test"], message("hostile"), sender=ALICE)
+        state = deferred_state(d, queue_id)
+        (line,) = wait_for(lambda: senderlog(d), message="a senderlog line")
+    assert (line["queue_id"], line["status"], line["attempt"], line["dsn"]) == (queue_id, "deferred", 1, "4.4.1"), line
+    assert line["reply"] == text and line["relay"] == f"127.0.0.1[127.0.0.1]:{peer.port}", line
+    raw = (d.spool / "log" / "senderlog").read_text()
+    assert raw.count("\n") == 1 and f'reply="{text}"' in raw
+    assert (state.err_code, state.err_text, state.try_number) == (0, text, 1), state
+    assert faillog(d) == [] and maildir_messages(d.spool, "example.test/alice") == []
+    log = d.log.read_text()
+    assert log.count(f"SMTP peer [127.0.0.1]:{peer.port}: {text}; connection aborted") == 1, log
+    assert "Traceback" not in log

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from epost.logs import single_line
+from epost.logs import REPLY_LIMIT, printable
 from epost.queue.domain_state import DomainState, DomainStateStore, format_mri, parse_mri
 
 SPEC_EXAMPLE = (
@@ -51,12 +51,21 @@ def test_round_trip_flattens_line_breaks(err_text, last_host, numbers):
 
     text = format_mri(state(err_text, last_host))
     assert text.count("\n") == 9 and "\r" not in text
-    assert parse_mri(text, "x") == state(single_line(err_text), single_line(last_host))
+    assert parse_mri(text, "x") == state(printable(err_text, REPLY_LIMIT), printable(last_host))
 
 
-def test_newlines_in_err_text_become_spaces():
+def test_newlines_in_err_text_become_a_visible_separator():
     state = DomainState("a.jp", err_text="451 first\r\nsecond\nthird")
-    assert "Err-text: 451 first  second third\n" in format_mri(state)
+    assert "Err-text: 451 first | second | third\n" in format_mri(state)
+
+
+@given(st.binary(max_size=5000))
+def test_any_bytes_from_a_peer_make_one_printable_capped_err_text_line(reply):
+    text = format_mri(DomainState("a.jp", err_code=550, err_text=reply.decode("utf-8", "replace")))
+    lines = text.split("\n")
+    assert len(lines) == 10 and lines[-1] == ""
+    (err,) = [line for line in lines if line.startswith("Err-text: ")]
+    assert err.isprintable() and len(err) <= len("Err-text: ") + REPLY_LIMIT
 
 
 def test_unknown_keys_ignored_and_missing_keys_default():

@@ -3,6 +3,7 @@ keeps (envelopes, deferred/, Domain.mri, logs), bounces, and restart."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -505,3 +506,119 @@ def test_a_bounce_that_cannot_be_queued_now_is_tried_again(tmp_path):
     assert stored.recipients[0].state == "failed" and not stored.recipients[0].dsn_sent  # kept for the retry
     h.clock.advance(60)
     assert len(calls) == 2 and h.files("incoming") == [] and h.files("deferred") == []
+
+
+# --- a full disk while recording is an expected condition (issue 18) ----------------
+
+
+def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class Captured:
+    """Every log event while in the `with` block."""
+
+    def __enter__(self):
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        return self
+
+    def __exit__(self, *exc):
+        globalLogPublisher.removeObserver(self.events.append)
+
+    def at_least(self, level: LogLevel) -> list[dict]:
+        return [e for e in self.events if e["log_level"] >= level]
+
+    def text(self, event: dict) -> str:
+        from twisted.logger import formatEvent
+
+        return formatEvent(event)
+
+
+def test_a_full_disk_under_senderlog_is_one_warning_with_the_line_and_the_mail_is_still_recorded(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(451, "4.7.1 greylisted"), (250, "2.0.0 ok")]},
+                RetryConfig(interval=60, fixed_interval=True))
+    h.start()
+    h.manager.senderlog.write = full_disk
+    with Captured() as log:
+        envelope = h.queue(relay("a@far.test"))
+    (warning,) = log.at_least(LogLevel.warn)
+    assert warning["log_level"] == LogLevel.warn and "log_failure" not in warning
+    text = log.text(warning)
+    assert "senderlog" in text and "No space left on device" in text
+    assert f"{envelope.queue_id} from=<bob@example.org> to=<a@far.test>" in text  # the line is not lost
+    assert "status=deferred" in text and "\n" not in text
+    # The attempt is recorded all the same: deferred/, the envelope, Domain.mri.
+    assert h.files("deferred") == [f"{envelope.queue_id}.env", f"{envelope.queue_id}.msg"]
+    assert h.spool.load(envelope.queue_id, "deferred").recipients[0].attempts == 1
+    assert h.mri("far.test").err_code == 451
+    del h.manager.senderlog.write  # space again
+    h.clock.advance(60)
+    assert [(l["attempt"], l["status"]) for l in h.senderlog()] == [(2, "sent")]
+    assert h.files("deferred") == []
+
+
+def test_a_full_disk_under_faillog_is_one_warning_with_the_line(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(550, "5.1.1 no such user")]}, RetryConfig(count_5xx=0))
+    h.start()
+    h.manager.faillog.write = full_disk
+    with Captured() as log:
+        envelope = h.queue(relay("a@far.test"))
+    (warning,) = log.at_least(LogLevel.warn)
+    assert warning["log_level"] == LogLevel.warn and "log_failure" not in warning
+    assert f"<{envelope.queue_id}@mx.example.jp> send fail on" in log.text(warning)
+    assert len(h.bounces.sent) == 1 and h.files("incoming") == []
+
+
+def test_a_full_disk_when_saving_the_envelope_is_one_warning_and_what_was_settled_is_not_done_twice(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(250, "2.0.0 ok")], "b@far.test": [(451, "4.7.1 greylisted"), (250, "2.0.0 ok")]},
+                RetryConfig(interval=600, fixed_interval=True))
+    h.start()
+    move = h.spool.move
+    h.spool.move = full_disk
+    with Captured() as log:
+        envelope = h.queue(relay("a@far.test"), relay("b@far.test"))
+    (warning,) = log.at_least(LogLevel.warn)
+    assert warning["log_level"] == LogLevel.warn and "log_failure" not in warning
+    text = log.text(warning)
+    assert envelope.queue_id in text and "No space left on device" in text and "far.test" in text
+    # Nothing lost: the message stays in incoming/ as it was queued...
+    assert h.files("incoming") == [f"{envelope.queue_id}.env", f"{envelope.queue_id}.msg"]
+    assert h.spool.load(envelope.queue_id, "incoming").recipients[0].state == "pending"
+    h.spool.move = move
+    h.clock.advance(h.manager.error_retry)
+    # ... and a minute later only b@ is tried again: a@'s 250 was kept in memory.
+    assert [c[1] for c in h.courier.calls] == [["a@far.test", "b@far.test"], ["b@far.test"]]
+    assert [(l["recipient"], l["attempt"], l["status"]) for l in h.senderlog()] == [
+        ("a@far.test", 1, "sent"), ("b@far.test", 1, "deferred"), ("b@far.test", 2, "sent")]
+    assert h.files("incoming") == [] and h.files("deferred") == []
+
+
+def test_after_a_full_disk_a_settled_destination_is_saved_at_its_retry_without_a_new_attempt(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(250, "2.0.0 ok")], "c@near.test": [(250, "2.0.0 ok")]})
+    h.start()
+    update = h.spool.update
+    h.spool.update = full_disk
+    h.manager.scheduler.add_new = lambda job, add=h.manager.scheduler.add_new: add(job) if job.destination == "far.test" else None
+    envelope = h.queue(relay("a@far.test"), relay("c@near.test"))  # near.test's job is left out for now
+    assert h.spool.load(envelope.queue_id, "incoming").recipients[0].state == "pending"
+    h.spool.update = update
+    h.clock.advance(h.manager.error_retry)
+    assert [c[1] for c in h.courier.calls] == [["a@far.test"]]  # saved, not sent again
+    assert h.spool.load(envelope.queue_id, "incoming").recipients[0].state == "delivered"
+
+
+def test_a_full_disk_under_domain_mri_is_one_warning_and_the_file_is_written_later(tmp_path):
+    h = Harness(tmp_path, {"a@far.test": [(451, "4.7.1 greylisted")]}, RetryConfig(interval=600, fixed_interval=True))
+    h.start()
+    write = h.manager.domains.store.write
+    h.manager.domains.store.write = full_disk
+    with Captured() as log:
+        h.queue(relay("a@far.test"))
+    (warning,) = log.at_least(LogLevel.warn)
+    assert warning["log_level"] == LogLevel.warn and "log_failure" not in warning
+    assert "far.test" in log.text(warning) and "Domain.mri" in log.text(warning)
+    assert h.mri("far.test") is None
+    h.manager.domains.store.write = write
+    h.clock.advance(h.manager.error_retry)
+    assert h.mri("far.test").err_code == 451
