@@ -20,6 +20,7 @@ from typing import Any
 
 
 from epost.smtp.address import normalize_domain
+from epost.smtp.dnsbl import DnsblSite, parse_dnsbl_site
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -68,6 +69,11 @@ class ServerConfig:
     auth_failures_before_cutoff: int = 5  # per client (throttle.client_key) within 5 minutes; then 421 4.7.0
     # Accounts of the users file that may log in to Mail Control (--admin).
     admin_users: tuple[str, ...] = ()
+    # Screening on the relay port (SPEC §5, epost/smtp/screen.py), off by default:
+    # postscreen_greet_wait, postscreen_dnsbl_sites, postscreen_dnsbl_threshold.
+    greet_wait: int = 0
+    dnsbl: tuple[DnsblSite, ...] = ()
+    dnsbl_threshold: int = 1
 
 
 @dataclass(frozen=True)
@@ -301,6 +307,9 @@ SCHEMA: dict[str, dict[str, Converter]] = {
         "check_sender_ownership": _boolean,
         "auth_failures_before_cutoff": _POSITIVE,
         "admin_users": _list(lambda value: _string(value).lower()),
+        "greet_wait": _duration,
+        "dnsbl": _list(parse_dnsbl_site),
+        "dnsbl_threshold": _POSITIVE,
     },
     "routing": {
         "local_domains": _list(_domain),
