@@ -38,6 +38,12 @@ delivery_latency = Histogram(
     registry=REGISTRY,
 )
 auth_failures = Counter("epost_auth_failures", "Failed SMTP AUTH attempts and Mail Control logins", registry=REGISTRY)
+dnsbl_lookups = Counter(
+    "epost_dnsbl_lookups",
+    "DNSBL queries of the relay port's screening by zone and result (listed, clean, error); cached answers not counted",
+    ["zone", "result"],
+    registry=REGISTRY,
+)
 table_reloads = Counter("epost_table_reloads", "Table reloads by table file and result", ["table", "result"], registry=REGISTRY)
 
 
