@@ -21,6 +21,7 @@ from epost.config import Config
 from epost.control import control_service
 from epost.delivery.remote_courier import RemoteCourier
 from epost.queue.bounces import BounceSender
+from epost.queue.lock import SpoolLock
 from epost.queue.manager import DeliveryManager
 from epost.queue.runner import LocalDeliveryRunner
 from epost.queue.spool import Spool
@@ -68,6 +69,12 @@ class EpostService(service.MultiService):
     def __init__(self):
         super().__init__()
         self.stop_last: list[service.Service] = []  # in this order, after all others
+        self.spool_lock: SpoolLock | None = None
+
+    def startService(self) -> None:
+        if self.spool_lock is not None:
+            self.spool_lock.record_pid()  # twistd may have forked since make_service took it
+        super().startService()
 
     def stopService(self):
         service.Service.stopService(self)
@@ -151,6 +158,9 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
         from twisted.internet import reactor
     raise_file_limit()
     top = EpostService()
+    # One daemon per spool, decided before anything touches it (tmp/ is
+    # cleared at start): SpoolBusy ends start-up with one line (epost/tap.py).
+    top.spool_lock = SpoolLock.acquire(config.server.spool, create_spool=True)
 
     pool = ThreadPool(minthreads=2, maxthreads=4, name="epost-io")
     pool_service = ThreadPoolService(pool)
