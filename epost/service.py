@@ -6,6 +6,7 @@ and starts and stops them in the right order.
 
 from __future__ import annotations
 
+import os
 import resource
 from typing import NamedTuple
 
@@ -125,7 +126,11 @@ class EpostService(service.MultiService):
         try:
             super().privilegedStartService()
         except CannotListenError as error:
-            raise SystemExit(f"epost: cannot listen on {error.interface or '*'}:{error.port}: {error.socketError}") from None
+            if isinstance(error.port, bytes):  # a UNIX socket (the control socket): its path
+                where = os.fsdecode(error.port)
+            else:
+                where = f"{error.interface or '*'}:{error.port}"
+            raise SystemExit(f"epost: cannot listen on {where}: {error.socketError}") from None
 
 
 def _within(d: defer.Deferred, seconds: float, clock, late) -> defer.Deferred:

@@ -91,3 +91,18 @@ def test_stopping_waits_for_the_sessions_only_so_long():
     done = top.stopService()
     top.reactor.advance(top.session_bound)
     assert events[-2:] == ["stop runner", "stop worker"] and done.called
+
+
+def test_a_control_socket_that_cannot_be_served_stops_start_up_with_one_line_naming_its_path():
+    import pytest
+    from twisted.internet.error import CannotListenError
+
+    class Unservable(service.Service):
+        def privilegedStartService(self):
+            raise CannotListenError(None, b"/var/spool/epost/control.sock", OSError(98, "Address already in use"))
+
+    top = EpostService()
+    Unservable().setServiceParent(top)
+    with pytest.raises(SystemExit) as stopped:
+        top.privilegedStartService()
+    assert str(stopped.value) == "epost: cannot listen on /var/spool/epost/control.sock: [Errno 98] Address already in use"
