@@ -587,6 +587,7 @@ class SMTPServer(Protocol):
     shutting_down = False  # shut_down() was called
     _shutdown_expired = False  # and its grace period is over
     _shutdown_timer = None
+    _shutdown_ended: defer.Deferred | None = None
 
     @property
     def closed(self) -> bool:
@@ -600,24 +601,29 @@ class SMTPServer(Protocol):
         `grace` seconds to finish; a check or a commit in flight is always
         answered first (a commit's `250` included), then the `421`. Each
         `421` is logged with the client and what it was doing."""
-        ended: defer.Deferred = defer.Deferred()
-        if self._closed:
-            ended.callback(None)
-            return ended
+        if self._closed or self.shutting_down:
+            return defer.succeed(None)
+        self.shutting_down = True
+        self._shutdown_ended = defer.Deferred()
         previous = self._on_close
 
         def closed() -> None:
-            if self._shutdown_timer is not None and self._shutdown_timer.active():
-                self._shutdown_timer.cancel()
             if previous is not None:
                 previous()
-            ended.callback(None)
+            self._shutdown_over()
 
         self._on_close = closed
-        self.shutting_down = True
         self._shutdown_timer = self.clock.callLater(grace, self._grace_over)
+        ended = self._shutdown_ended
         self._close_if_done()
         return ended
+
+    def _shutdown_over(self) -> None:
+        """Our 421 is written (or the connection is gone): nothing of ours runs in this session any more."""
+        if self._shutdown_timer is not None and self._shutdown_timer.active():
+            self._shutdown_timer.cancel()
+        if self._shutdown_ended is not None and not self._shutdown_ended.called:
+            self._shutdown_ended.callback(None)
 
     def _grace_over(self) -> None:
         self._shutdown_expired = True
@@ -647,3 +653,4 @@ class SMTPServer(Protocol):
             ip=self._client_ip, port=self._client_port, doing=doing,
         )
         self._close(_reply(421, "4.3.2", f"{self.settings.hostname} Service shutting down"))
+        self._shutdown_over()  # a client that does not read must not hold up the stop until loseConnection ends

@@ -39,9 +39,8 @@ def test_a_session_between_transactions_gets_421_at_once_and_a_log_line():
         ended = server.shut_down(5)
     assert replies(transport)[-1] == SHUTTING
     assert [line for line in log if "421 4.3.2" in line and "between transactions" in line]
-    assert not ended.called
+    assert ended.called and server.closed  # once the 421 is written: a client that does not read holds up nothing
     lose(server, transport)
-    assert ended.called and server.closed
 
 
 def test_a_session_in_data_that_finishes_within_the_grace_gets_250_then_421():
@@ -49,11 +48,10 @@ def test_a_session_in_data_that_finishes_within_the_grace_gets_250_then_421():
     send(server, HELLO, ENVELOPE, b"DATA\r\n", b"Subject: hi\r\n\r\nfirst half\r\n")
     ended = server.shut_down(5)
     clock.advance(4)
-    assert not transport.disconnecting and codes(transport)[-1] == "354"
+    assert not transport.disconnecting and codes(transport)[-1] == "354" and not ended.called
     send(server, b"second half\r\n.\r\n")
     assert replies(transport)[-2:] == ["250 2.0.0 Ok: queued as Q1", SHUTTING]
     assert [w.content for w in receiver.committed] == [b"Subject: hi\r\n\r\nfirst half\r\nsecond half\r\n"]
-    lose(server, transport)
     assert ended.called
 
 
@@ -87,11 +85,12 @@ def test_a_commit_in_flight_is_answered_250_even_after_the_grace():
         "registerProducer": lambda s, p, st: None, "unregisterProducer": lambda s: None,
     })()
     send(server, HELLO, ENVELOPE, b"DATA\r\n", b"hi\r\n.\r\n")
-    server.shut_down(5)
+    ended = server.shut_down(5)
     clock.advance(60)
-    assert codes(transport)[-1] == "354" and not transport.disconnecting
+    assert codes(transport)[-1] == "354" and not transport.disconnecting and not ended.called
     pending.callback("Q9")
     assert replies(transport)[-2:] == ["250 2.0.0 Ok: queued as Q9", SHUTTING] and transport.disconnecting
+    assert ended.called
 
 
 def test_a_commit_refused_because_the_spool_stops_is_421_and_logged_never_451():
@@ -109,3 +108,15 @@ def test_shut_down_of_a_closed_session_fires_at_once():
     send(server, b"QUIT\r\n")
     lose(server, transport)
     assert server.shut_down(5).called
+
+
+def test_a_session_that_closes_itself_meanwhile_ends_its_shut_down_when_the_connection_is_lost():
+    server, transport, _, clock = connect()
+    send(server, HELLO, ENVELOPE)
+    ended = server.shut_down(5)
+    send(server, b"QUIT\r\n")
+    assert replies(transport)[-1] == "221 2.0.0 Bye" and not ended.called
+    lose(server, transport)
+    assert ended.called
+    clock.advance(5)  # the grace timer was cancelled: no 421 after the 221
+    assert replies(transport)[-1] == "221 2.0.0 Bye"
