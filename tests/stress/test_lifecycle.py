@@ -93,6 +93,8 @@ def test_a_stale_control_socket_lock_naming_a_live_process_does_not_cost_the_con
 
 def test_a_second_daemon_on_the_same_spool_refuses_with_one_line_and_touches_nothing(daemon):
     first = daemon()
+    with smtplib.SMTP("127.0.0.1", first.relay_port, timeout=10) as client:  # a greeting: its own start-up
+        assert client.noop()[0] == 250  # (which clears tmp/) is over; the port listens before that
     marker = first.spool / "tmp" / "being-received"
     marker.write_bytes(b"a message the first daemon is receiving")
     second = daemon(start=False)
