@@ -48,13 +48,13 @@ class SpoolError(OSError):
     def disk_full(self) -> bool:
         return self.errno in DISK_FULL_ERRNOS
 
-
-class SpoolStopping(SpoolError):
-    """The spool workers stopped (the daemon is stopping) before this commit reached them: SMTP says 421."""
-
     @classmethod
     def from_oserror(cls, error: OSError, doing: str) -> SpoolError:
         return cls(error.errno or errno.EIO, f"{doing}: {error}")
+
+
+class SpoolStopping(SpoolError):
+    """The spool workers stopped (the daemon is stopping) before this commit reached them: SMTP says 421."""
 
 
 class MessageWriter:
