@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import scale
+from stress_support import scale
 from e2e_support import TWISTD, free_port, maildir_messages, port_answers, queued, wait_for
 from epost.queue.lock import try_lock
 
