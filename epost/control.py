@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +62,20 @@ def socket_path(spool: Path) -> Path:
 
 
 def control_service(spool: Path, manager: Any, reactor: Any) -> internet.StreamServerEndpointService:
-    """Listens on the spool's control socket; a socket left by a dead daemon is replaced."""
+    """Listens on the spool's control socket; a socket left by a dead daemon is replaced.
+
+    No PID lock beside the socket (`wantPID`): a dead daemon's PID, still a
+    zombie or reused after a reboot, kept the socket from being served. The
+    daemon holds the spool's lock (epost.queue.lock) before this starts, so
+    whatever sits at the path is a leftover; and a socket that cannot be
+    served stops start-up, so `epost` never meets a live daemon without one."""
     path = socket_path(spool)
     if len(os.fsencode(path)) > 100:
         log.warn("control socket path {path} is long; UNIX sockets allow about 107 bytes", path=path)
-    endpoint = UNIXServerEndpoint(reactor, str(path), mode=0o600, wantPID=True)
+    endpoint = UNIXServerEndpoint(reactor, str(path), mode=0o600, wantPID=False)
     factory = Factory.forProtocol(lambda: ControlProtocol(manager))
     factory.noisy = False
-    return internet.StreamServerEndpointService(endpoint, factory)
+    return _ControlService(endpoint, factory, path)
 
 
 class DaemonNotRunning(Exception):
@@ -120,3 +127,29 @@ def _read_sized(stream) -> bytes:
     if len(data) < size:
         raise ConnectionError("the daemon closed the control connection")
     return data
+
+
+class _ControlService(internet.StreamServerEndpointService):
+    """Removes what a dead daemon left at the socket's path before listening; a listening failure is raised."""
+
+    _raiseSynchronously = True
+
+    def __init__(self, endpoint, factory, path: Path):
+        super().__init__(endpoint, factory)
+        self.path = Path(path)
+
+    def privilegedStartService(self) -> None:
+        remove_leftovers(self.path)
+        super().privilegedStartService()
+
+
+def remove_leftovers(path: Path) -> None:
+    """The socket and the `.lock` link (Twisted's wantPID, older epost) a dead daemon left.
+
+    Only call this while holding the spool's lock; anything else at the path is left for bind() to refuse."""
+    for leftover, is_ours in ((path, stat.S_ISSOCK), (Path(f"{path}.lock"), stat.S_ISLNK)):
+        try:
+            if is_ours(os.lstat(leftover).st_mode):
+                os.unlink(leftover)
+        except FileNotFoundError:
+            pass

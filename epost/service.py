@@ -6,12 +6,14 @@ and starts and stops them in the right order.
 
 from __future__ import annotations
 
+import os
 import resource
 from typing import NamedTuple
 
 from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
@@ -21,6 +23,7 @@ from epost.config import Config
 from epost.control import control_service
 from epost.delivery.remote_courier import RemoteCourier
 from epost.queue.bounces import BounceSender
+from epost.queue.lock import SpoolLock
 from epost.queue.manager import DeliveryManager
 from epost.queue.runner import LocalDeliveryRunner
 from epost.queue.spool import Spool
@@ -37,6 +40,8 @@ from epost.smtp.server import ServerSettings
 from epost.smtp.throttle import AuthThrottle
 from epost.tls import context_for
 from epost.web import attach_admin
+
+log = Logger()
 
 
 class ThreadPoolService(service.Service):
@@ -59,29 +64,95 @@ class ThreadPoolService(service.Service):
 class EpostService(service.MultiService):
     """The daemon; a port that cannot be bound ends start-up with one line.
 
-    Stopping waits for the listeners, the runner and the delivery manager
-    before `stop_last` (the courier process, the spool workers, then the
-    thread pools): the manager's last attempts and the runner's last batch
-    still need them, and so does a login on a connection still open (a
-    stopped pool drops work without a word)."""
+    Stopping closes the listeners first, then asks every open SMTP session
+    to end (`SMTPServer.shut_down`: a transaction under way gets
+    `session_grace` seconds, a commit in flight is always answered, the rest
+    get `421 4.3.2`), waiting at most `session_bound` seconds for them. Then
+    it waits for the runner and the delivery manager before `stop_last` (the
+    courier process, the spool workers, then the thread pools): the
+    manager's last attempts and the runner's last batch still need them, and
+    so does a login on a connection still open (a stopped pool drops work
+    without a word)."""
+
+    session_grace = 5.0  # seconds a transaction under way may take to finish at stop
+    session_bound = 30.0  # at most this long, then the workers stop anyway (a commit sent after is answered 421)
 
     def __init__(self):
         super().__init__()
         self.stop_last: list[service.Service] = []  # in this order, after all others
+        self.listeners: list[service.Service] = []  # stopped first
+        self.limits: ConnectionLimits | None = None  # its `sessions` are asked to end after the listeners stop
+        self.spool_lock: SpoolLock | None = None
+        self.reactor = None
+
+    def startService(self) -> None:
+        if self.spool_lock is not None:
+            self.spool_lock.record_pid()  # twistd may have forked since make_service took it
+        super().startService()
 
     def stopService(self):
         service.Service.stopService(self)
-        others = [child for child in reversed(list(self)) if child not in self.stop_last]
+        listeners = [child for child in self if child in self.listeners]
+        stopped = defer.DeferredList([defer.maybeDeferred(child.stopService) for child in listeners])
+        stopped.addCallback(lambda _: self._shut_down_sessions())
+        stopped.addCallback(lambda _: self._stop_the_others())
+        return stopped
+
+    def _stop_the_others(self):
+        others = [
+            child for child in reversed(list(self)) if child not in self.stop_last and child not in self.listeners
+        ]
         stopped = defer.DeferredList([defer.maybeDeferred(child.stopService) for child in others])
         for child in self.stop_last:
             stopped.addCallback(lambda _, child=child: child.stopService())
         return stopped
 
+    def _shut_down_sessions(self) -> defer.Deferred | None:
+        """Every open SMTP session ends (see SMTPServer.shut_down), within `session_bound` seconds."""
+        sessions = [s for s in (self.limits.sessions if self.limits is not None else ()) if not s.closed]
+        if not sessions:
+            return None
+        log.info(
+            "stopping: {count} SMTP session(s) open; a transaction under way gets {grace} s, then 421 4.3.2",
+            count=len(sessions), grace=self.session_grace,
+        )
+        ended = defer.DeferredList([s.shut_down(self.session_grace) for s in sessions])
+        return _within(ended, self.session_bound, self.reactor, lambda: log.warn(
+            "stopping: {count} SMTP session(s) still open after {bound} s; stopping the spool workers anyway",
+            count=sum(not s.closed for s in sessions), bound=self.session_bound,
+        ))
+
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
         except CannotListenError as error:
-            raise SystemExit(f"epost: cannot listen on {error.interface or '*'}:{error.port}: {error.socketError}") from None
+            if isinstance(error.port, bytes):  # a UNIX socket (the control socket): its path
+                where = os.fsdecode(error.port)
+            else:
+                where = f"{error.interface or '*'}:{error.port}"
+            raise SystemExit(f"epost: cannot listen on {where}: {error.socketError}") from None
+
+
+def _within(d: defer.Deferred, seconds: float, clock, late) -> defer.Deferred:
+    """Fires when `d` does or after `seconds` (calling `late()` then), whichever comes first; never fails."""
+    result: defer.Deferred = defer.Deferred()
+
+    def timed_out() -> None:
+        if not result.called:
+            late()
+            result.callback(None)
+
+    timer = clock.callLater(seconds, timed_out)
+
+    def finished(outcome):
+        if timer.active():
+            timer.cancel()
+        if not result.called:
+            result.callback(None)
+        return None  # a failure here is already logged by the session
+
+    d.addBoth(finished)
+    return result
 
 
 def raise_file_limit() -> None:
@@ -151,6 +222,10 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
         from twisted.internet import reactor
     raise_file_limit()
     top = EpostService()
+    # One daemon per spool, decided before anything touches it (tmp/ is
+    # cleared at start): SpoolBusy ends start-up with one line (epost/tap.py).
+    top.spool_lock = SpoolLock.acquire(config.server.spool, create_spool=True)
+    top.reactor = reactor
 
     pool = ThreadPool(minthreads=2, maxthreads=4, name="epost-io")
     pool_service = ThreadPoolService(pool)
@@ -206,7 +281,9 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
             )
             if listener == "smtps" and description.split(":", 1)[0] in ("tcp", "tcp6"):
                 factory = TLSMemoryBIOFactory(tls, False, factory)  # implicit TLS with our certificate
-            strports.service(description, factory, reactor=reactor).setServiceParent(top)
+            port = strports.service(description, factory, reactor=reactor)
+            port.setServiceParent(top)
+            top.listeners.append(port)
 
     metrics.watch(config.server.spool, lambda: limits.total_open)
     # Mail Control and /metrics on --admin (docs/mail-control.md); nothing without admin endpoints.
