@@ -283,3 +283,16 @@ def system_dns_servers() -> list[tuple[str, int]]:
         return [(server, 53) for server in dns.resolver.Resolver(configure=True).nameservers]
     except dns.resolver.NoResolverConfiguration:
         return [("127.0.0.1", 53)]
+
+
+def build_screening(config, reactor) -> Screening | None:
+    """The relay listener's screening from `[server]` (greet_wait, dnsbl, dnsbl_threshold,
+    relay_networks) and `[routing] dns_servers`; None when both tests are off."""
+    server = config.server
+    if not server.greet_wait and not server.dnsbl:
+        return None
+    checker = None
+    if server.dnsbl:
+        servers = [(s.host, s.port) for s in config.routing.dns_servers] or system_dns_servers()
+        checker = DnsblChecker(server.dnsbl, server.dnsbl_threshold, names_lookup(reactor, servers), reactor)
+    return Screening(reactor, server.greet_wait, server.relay_networks, checker)
