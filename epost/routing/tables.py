@@ -6,7 +6,12 @@ A missing file is an empty table (SPEC §2); a bad line is reported as
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Iterator
+
+# One line with its ending, as bytes.splitlines() splits: LF, CR or CRLF; the last may have none.
+_LINE = re.compile(rb"[^\r\n]*(?:\r\n|[\r\n])|[^\r\n]+\Z")
 
 
 class TableError(ValueError):
@@ -28,16 +33,27 @@ def read_table_lines(path: Path) -> list[tuple[int, str]]:
     A missing file gives []. Undecodable bytes are a TableError on their line
     rather than a crash, so check-config can name them.
     """
+    return list(iter_table_lines(path))
+
+
+def iter_table_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """As `read_table_lines`, one line at a time.
+
+    A loader that consumes lines as they come keeps only the file's bytes
+    and its own entries alive, not a list of every line beside them: a
+    smaller peak, and its entries packed together in memory, so a replaced
+    table's memory can go back to the system (docs/routing.md, "Memory").
+    """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return []
-    lines = []
-    for number, raw in enumerate(data.splitlines(), start=1):
+        return
+    for number, match in enumerate(_LINE.finditer(data), start=1):
+        raw = match.group().rstrip(b"\r\n")
         try:
             text = raw.decode("utf-8").strip()
         except UnicodeDecodeError:
             raise TableError(path, number, "not valid UTF-8") from None
         if text and not text.startswith("#"):
-            lines.append((number, text))
-    return lines
+            yield number, text
+
