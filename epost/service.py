@@ -195,9 +195,10 @@ def build_routing(config: Config) -> Routing:
     Shared by the daemon and `epost route`, so both decide the same way.
     """
     routing = config.routing
-    users = LiveTable(routing.users, load_users)
-    aliases = LiveTable(routing.aliases, load_aliases)
-    gateway = LiveTable(routing.gateway_table, load_gateway_table)
+    refuse_empty = not routing.allow_empty_tables  # an emptied table waits for SIGHUP (docs/routing.md)
+    users = LiveTable(routing.users, load_users, refuse_empty)
+    aliases = LiveTable(routing.aliases, load_aliases, refuse_empty)
+    gateway = LiveTable(routing.gateway_table, load_gateway_table, refuse_empty)
     local_domains = frozenset(routing.local_domains)
     routers = [] if routing.forward_all_to_gateway else [LocalRouter(local_domains, users)]
     routers.append(GatewayRouter(gateway))
