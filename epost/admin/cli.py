@@ -264,11 +264,16 @@ def set_password(args: argparse.Namespace, now: float) -> int:
     password = _read_password(args.stdin)
     if password is None:
         return 1
+    created = not path.exists()
     try:
+        if created:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new users file's folder: private
         write_atomically(path, _with_hash(old, user.address, hash_password(password)), mode=mode)
     except OSError as error:
         print(f"epost: {path}: cannot write: {error.strerror or error}", file=sys.stderr)
         return 1
+    if created:
+        print(f"created {_shown(path)}")
     print(f"password set for {user.address}")
     return 0
 
@@ -315,6 +320,14 @@ def _read_password(from_stdin: bool) -> str | None:
         print("epost: empty password refused", file=sys.stderr)
         return None
     return password
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working folder when it is below it (`etc/users`), else as it is."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 if __name__ == "__main__":
