@@ -20,7 +20,7 @@ from twisted.python.threadpool import ThreadPool
 from epost.auth import UsersChecker, make_portal
 from epost import metrics
 from epost.config import Config
-from epost.control import control_service
+from epost.control import RouteAnswers, control_service
 from epost.delivery.remote_courier import RemoteCourier
 from epost.queue.bounces import BounceSender
 from epost.queue.lock import SpoolLock
@@ -269,7 +269,9 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     )
     runner.setServiceParent(top)
     manager.local_enqueue, manager.local_claim = runner.enqueue, runner.claim
-    control_service(config.server.spool, manager, reactor).setServiceParent(top)
+    control = control_service(config.server.spool, manager, reactor)
+    control.factory.answer_route = RouteAnswers(routing, config.routing.dns_servers, reactor, pool)  # `epost route`
+    control.setServiceParent(top)
 
     for listener, endpoints in (
         ("relay", config.server.relay),

@@ -142,8 +142,18 @@ def show_route(args: argparse.Namespace, now: float) -> int:
     from epost.service import build_routing  # the daemon's own chain; heavy imports, only here
     try:
         config = _load(args)
+    except ConfigError as error:
+        print(f"epost: {error}", file=sys.stderr)
+        return 1
+    answer = _route_from_daemon(config, args.address, not args.no_dns)
+    if answer is not None:
+        print("\n".join(answer["lines"]))
+        for note in answer["notes"]:  # stderr: the route lines on stdout keep SPEC §8's format
+            print(note, file=sys.stderr)
+        return answer["status"]
+    try:
         resolver = build_routing(config).resolver
-    except (ConfigError, TableError) as error:
+    except TableError as error:
         print(f"epost: {error}", file=sys.stderr)
         return 1
     dns = None if args.no_dns else MXResolver(None, None, config.routing.dns_servers, timeout=config.delivery.connect_timeout)
@@ -320,6 +330,21 @@ def _read_password(from_stdin: bool) -> str | None:
         print("epost: empty password refused", file=sys.stderr)
         return None
     return password
+
+
+def _route_from_daemon(config: Config, address: str, dns: bool) -> dict | None:
+    """The daemon's answer (the tables it has in force), or None after one line on stderr saying
+    that the files on disk are used instead."""
+    from epost.control import DaemonNotRunning, ask_route
+
+    try:
+        return ask_route(config.server.spool, address, dns)
+    except DaemonNotRunning:
+        why = "no daemon is running"
+    except (OSError, RuntimeError) as error:  # timeout, connection dropped, an older daemon
+        why = f"the daemon did not answer ({error})"
+    print(f"epost: {why} (spool {config.server.spool}): routing from the files on disk", file=sys.stderr)
+    return None
 
 
 def _shown(path: Path) -> str:
