@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from epost.routing.tables import TableError, iter_table_lines
+from epost.routing.tables import PackedMap, TableError, iter_table_lines
 from epost.smtp.address import Address, AddressError, parse_mailbox
 
 
@@ -27,26 +27,25 @@ class User:
 
 
 class Users:
-    """The table, kept compact: one `local@domain` string -> hash string (or None) per mailbox.
-
-    A 10 MB file holds about 95,000 mailboxes; a User object per line cost
-    three times the memory (docs/routing.md, "Memory"). Users are made on lookup.
+    """The table, kept compact: `local@domain` -> hash ("" for a mailbox that cannot log in)
+    in a PackedMap, so a replaced table's memory goes back to the system (docs/routing.md,
+    "Memory"). Users are made on lookup.
     """
 
     __slots__ = ("_hashes",)
 
     def __init__(self, hashes: dict[str, str | None] | None = None) -> None:
-        self._hashes: dict[str, str | None] = hashes if hashes is not None else {}
+        self._hashes = PackedMap({key: value or "" for key, value in (hashes or {}).items()})
 
     @classmethod
     def of(cls, users: Iterable[User]) -> Users:
         return cls({_key(user.address): user.password_hash for user in users})
 
     def get(self, address: Address) -> User | None:
-        key = _key(address)
-        if key not in self._hashes:
+        stored = self._hashes.get(_key(address))
+        if stored is None:
             return None
-        return User(_canonical(address), self._hashes[key])
+        return User(_canonical(address), stored or None)
 
     def mailbox(self, address: Address) -> str | None:
         """`domain/user` (lower-case) for a known mailbox, else None."""
@@ -54,7 +53,7 @@ class Users:
 
     def password_hash(self, address: Address) -> str | None:
         """The stored hash; None for an unknown address or one that cannot log in."""
-        return self._hashes.get(_key(address))
+        return self._hashes.get(_key(address)) or None
 
     def __len__(self) -> int:
         return len(self._hashes)
