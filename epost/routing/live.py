@@ -68,6 +68,18 @@ def load_unchanged(path: Path, loader: Callable[[Path], Any], stamp) -> Any:
     return table
 
 
+def _first_load(path: Path, loader: Callable[[Path], Any], tries: int = 50) -> tuple[Any, Any]:
+    """(stamp, table) at start-up, read again (up to `tries` times, 0.1 s apart) while the file
+    changes during the read; after that the last read is used. Blocking."""
+    for _ in range(tries - 1):
+        stamp = file_stamp(path)
+        try:
+            return stamp, load_unchanged(path, loader, stamp)
+        except FileChanged:
+            time.sleep(0.1)
+    return file_stamp(path), loader(path)
+
+
 def release_memory() -> None:
     """Free what the replaced table left in reference cycles, then give freed heap pages back
     to the system (glibc's malloc_trim; skipped elsewhere). Blocking.
@@ -101,8 +113,7 @@ class LiveTable:
         self.path = Path(path)
         self.loader = loader
         self.refuse_empty = refuse_empty
-        self.stamp = file_stamp(self.path)  # the version of the file last dealt with (in force or refused)
-        self.current = loader(self.path)  # a bad file at start-up stops the daemon
+        self.stamp, self.current = _first_load(self.path, loader)  # a bad file at start-up stops the daemon
         self.loaded_stamp = self.stamp  # the version in force
         self.loaded_at = time.time()  # Unix time it was read
         self.refused: str | None = None  # why the file at `stamp` is not in force

@@ -190,3 +190,57 @@ def test_a_reload_gives_freed_memory_back(tmp_path, monkeypatch):
 
 def test_release_memory_runs_here():
     live.release_memory()  # glibc: malloc_trim; elsewhere nothing, and no error
+
+
+class HeldThreadPool:
+    """Runs 'threaded' work only when the test says so, to have a read in progress."""
+
+    def __init__(self):
+        self.calls = []
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        self.calls.append((on_result, f, args, kwargs))
+
+    def run_all(self):
+        while self.calls:
+            on_result, f, args, kwargs = self.calls.pop(0)
+            try:
+                result = f(*args, **kwargs)
+            except BaseException:
+                from twisted.python.failure import Failure
+
+                on_result(False, Failure())
+            else:
+                on_result(True, result)
+
+
+def test_sighup_during_a_read_reads_the_file_again_and_applies_it(tmp_path):
+    path = tmp_path / "users"
+    write(path, "alice@example.test\n", 1)
+    table = LiveTable(path, load_users, refuse_empty=True)
+    clock, pool = ClockReactor(), HeldThreadPool()
+    watcher = TableWatcher([table], clock, pool, handle_sighup=False)
+    watcher.startService()
+    write(path, "bob@example.test\n", 2)
+    polls(clock, 3)  # the read starts, and is held
+    assert len(pool.calls) == 1
+    write(path, "", 3)  # emptied meanwhile, then SIGHUP: the operator means it
+    watcher.reload_all()
+    pool.run_all()  # the held read saw the file change under it; the forced one applies the empty file
+    assert len(table()) == 0 and table.failures == 0
+    watcher.stopService()
+
+
+def test_at_start_up_a_file_changing_during_the_read_is_read_again(tmp_path):
+    path = tmp_path / "users"
+    write(path, "alice@example.test\n", 1)
+    reads = []
+
+    def reader(p):
+        reads.append(1)
+        if len(reads) == 1:
+            write(path, "alice@example.test\nbob@example.test\n", 2)
+        return load_users(p)
+
+    table = LiveTable(path, reader)
+    assert len(reads) == 2 and len(table()) == 2 and table.stamp == live.file_stamp(path)
