@@ -80,6 +80,9 @@ class RoutingConfig:
     smtp_gateway: HostPort | None = None
     forward_all_to_gateway: bool = False
     dns_servers: tuple[HostPort, ...] = ()
+    # A users, aliases or gateway.dat file that had entries and now has none is
+    # refused until SIGHUP (docs/routing.md); true applies it like any edit.
+    allow_empty_tables: bool = False
 
 
 @dataclass(frozen=True)
@@ -311,6 +314,7 @@ SCHEMA: dict[str, dict[str, Converter]] = {
         "smtp_gateway": _host_port(25),
         "forward_all_to_gateway": _boolean,
         "dns_servers": _list(_host_port(53, ip_only=True)),
+        "allow_empty_tables": _boolean,
     },
     "delivery": {
         "connect_timeout": _POSITIVE,

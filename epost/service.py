@@ -20,7 +20,7 @@ from twisted.python.threadpool import ThreadPool
 from epost.auth import UsersChecker, make_portal
 from epost import metrics
 from epost.config import Config
-from epost.control import control_service
+from epost.control import RouteAnswers, control_service
 from epost.delivery.remote_courier import RemoteCourier
 from epost.queue.bounces import BounceSender
 from epost.queue.lock import SpoolLock
@@ -195,9 +195,10 @@ def build_routing(config: Config) -> Routing:
     Shared by the daemon and `epost route`, so both decide the same way.
     """
     routing = config.routing
-    users = LiveTable(routing.users, load_users)
-    aliases = LiveTable(routing.aliases, load_aliases)
-    gateway = LiveTable(routing.gateway_table, load_gateway_table)
+    refuse_empty = not routing.allow_empty_tables  # an emptied table waits for SIGHUP (docs/routing.md)
+    users = LiveTable(routing.users, load_users, refuse_empty)
+    aliases = LiveTable(routing.aliases, load_aliases, refuse_empty)
+    gateway = LiveTable(routing.gateway_table, load_gateway_table, refuse_empty)
     local_domains = frozenset(routing.local_domains)
     routers = [] if routing.forward_all_to_gateway else [LocalRouter(local_domains, users)]
     routers.append(GatewayRouter(gateway))
@@ -268,7 +269,9 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     )
     runner.setServiceParent(top)
     manager.local_enqueue, manager.local_claim = runner.enqueue, runner.claim
-    control_service(config.server.spool, manager, reactor).setServiceParent(top)
+    control = control_service(config.server.spool, manager, reactor)
+    control.factory.answer_route = RouteAnswers(routing, config.routing.dns_servers, reactor, pool)  # `epost route`
+    control.setServiceParent(top)
 
     for listener, endpoints in (
         ("relay", config.server.relay),
