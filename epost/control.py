@@ -101,27 +101,10 @@ class DaemonNotRunning(Exception):
 def operate(spool: Path, action: str, ids: list[str], domain: str | None, timeout: float = 60) -> dict:
     """Ask the daemon (blocking: the command line has no reactor to spare);
     raises DaemonNotRunning when nothing listens on the spool's socket."""
-    path = socket_path(spool)
-    if not path.exists():
-        raise DaemonNotRunning(str(path))
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-        connection.settimeout(timeout)
-        try:
-            connection.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError) as error:  # left by a dead daemon
-            raise DaemonNotRunning(f"{path}: {error}") from None
-        arguments: dict[str, Any] = {"action": action, "ids": ids}
-        if domain is not None:
-            arguments["domain"] = domain
-        box = Operate.makeArguments(arguments, None)
-        box[b"_command"] = Operate.commandName
-        box[b"_ask"] = b"1"
-        connection.sendall(box.serialize())
-        with connection.makefile("rb") as stream:
-            answer = _read_box(stream)
-    if b"_error" in answer:
-        raise RuntimeError(answer.get(b"_error_description", b"the daemon refused").decode("utf-8", "replace"))
-    return Operate.parseResponse(answer, None)
+    arguments: dict[str, Any] = {"action": action, "ids": ids}
+    if domain is not None:
+        arguments["domain"] = domain
+    return ask(spool, Operate, arguments, timeout)
 
 
 def _read_box(stream) -> amp.AmpBox:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 from typing import NamedTuple
 
 from twisted.application import service, strports
@@ -123,6 +124,13 @@ class EpostService(service.MultiService):
         ))
 
     def privilegedStartService(self) -> None:
+        # From here the ports are bound and the PID may be known, but the
+        # handlers for SIGHUP (tables) and SIGUSR2 (flush) come with
+        # startService: until then a signal must not end the daemon (the
+        # default action of both).
+        for number in (signal.SIGHUP, signal.SIGUSR2):
+            if signal.getsignal(number) == signal.SIG_DFL:
+                signal.signal(number, signal.SIG_IGN)
         try:
             super().privilegedStartService()
         except CannotListenError as error:

@@ -106,3 +106,18 @@ def test_a_control_socket_that_cannot_be_served_stops_start_up_with_one_line_nam
     with pytest.raises(SystemExit) as stopped:
         top.privilegedStartService()
     assert str(stopped.value) == "epost: cannot listen on /var/spool/epost/control.sock: [Errno 98] Address already in use"
+
+
+def test_a_sighup_or_sigusr2_between_binding_and_starting_does_not_end_the_daemon():
+    """The handlers come with startService; before that, the default action
+    of both signals would end the process (seen with a SIGHUP at start-up)."""
+    import signal
+
+    numbers = (signal.SIGHUP, signal.SIGUSR2)
+    before = {number: signal.signal(number, signal.SIG_DFL) for number in numbers}
+    try:
+        EpostService().privilegedStartService()
+        assert [signal.getsignal(number) for number in numbers] == [signal.SIG_IGN, signal.SIG_IGN]
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)

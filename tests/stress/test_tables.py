@@ -9,7 +9,7 @@ import smtplib
 import threading
 import time
 
-from conftest import scale
+from stress_support import scale
 from e2e_support import wait_for
 
 
