@@ -80,6 +80,9 @@ class RoutingConfig:
     smtp_gateway: HostPort | None = None
     forward_all_to_gateway: bool = False
     dns_servers: tuple[HostPort, ...] = ()
+    # SPEC §3.5: valid addresses of operated domains (a missing file: verify by probe).
+    relay_recipients: Path = Path("etc/relay_recipients")
+    verify_recipients: bool = True
 
 
 @dataclass(frozen=True)
@@ -311,6 +314,8 @@ SCHEMA: dict[str, dict[str, Converter]] = {
         "smtp_gateway": _host_port(25),
         "forward_all_to_gateway": _boolean,
         "dns_servers": _list(_host_port(53, ip_only=True)),
+        "relay_recipients": _path,
+        "verify_recipients": _boolean,
     },
     "delivery": {
         "connect_timeout": _POSITIVE,

@@ -39,6 +39,19 @@ class Operate(amp.Command):
     errors = {ValueError: b"BAD_REQUEST"}
 
 
+class Verify(amp.Command):
+    """`epost verify ADDRESS`: probe the address now (SPEC §3.5); the verdict is cached."""
+
+    arguments = [(b"address", amp.Unicode())]
+    response = [
+        (b"status", amp.Unicode()),
+        (b"text", amp.Unicode()),
+        (b"host", amp.Unicode(optional=True)),
+        (b"expires", amp.Float()),
+    ]
+    errors = {ValueError: b"BAD_REQUEST"}
+
+
 class ControlProtocol(amp.AMP):
     def __init__(self, manager: Any) -> None:
         super().__init__()
@@ -54,6 +67,16 @@ class ControlProtocol(amp.AMP):
         method = getattr(self.manager, action)
         d = defer.ensureDeferred(method(ids, domain))
         return d.addCallback(lambda result: {"done": result.done, "errors": result.errors})
+
+    @Verify.responder
+    def verify(self, address: str):
+        from epost.delivery.verify import verify_now
+
+        verifier = getattr(self.manager, "verifier", None)
+        if verifier is None:
+            raise ValueError("recipient verification is off ([routing] verify_recipients = false)")
+        d = verify_now(verifier, self.manager.route_final, address)
+        return d.addCallback(lambda v: {"status": v.status, "text": v.text, "host": v.host, "expires": v.expires})
 
 
 def socket_path(spool: Path) -> Path:
@@ -120,3 +143,25 @@ def _read_sized(stream) -> bytes:
     if len(data) < size:
         raise ConnectionError("the daemon closed the control connection")
     return data
+
+
+def ask_verify(spool: Path, address: str, timeout: float = 30) -> dict:
+    """`epost verify` through the running daemon (blocking); DaemonNotRunning when none listens."""
+    path = socket_path(spool)
+    if not path.exists():
+        raise DaemonNotRunning(str(path))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(timeout)
+        try:
+            connection.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError) as error:
+            raise DaemonNotRunning(f"{path}: {error}") from None
+        box = Verify.makeArguments({"address": address}, None)
+        box[b"_command"] = Verify.commandName
+        box[b"_ask"] = b"1"
+        connection.sendall(box.serialize())
+        with connection.makefile("rb") as stream:
+            answer = _read_box(stream)
+    if b"_error" in answer:
+        raise RuntimeError(answer.get(b"_error_description", b"the daemon refused").decode("utf-8", "replace"))
+    return Verify.parseResponse(answer, None)
