@@ -20,10 +20,11 @@ restart story for a session that must answer within 8 s.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Iterable
 
 from twisted.internet import defer
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 
 from epost.delivery.courier import Attempt, Courier
 from epost.delivery.smtp_client import Outcome, SMTPClient
@@ -42,6 +43,17 @@ class ProbeClient(SMTPClient):
     def __init__(self, *args, deadline: float, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.deadline = deadline
+        self.connected = False
+        self.closed: defer.Deferred[None] = defer.Deferred()  # fires when the connection is gone
+
+    def connectionMade(self) -> None:
+        self.connected = True
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        if not self.closed.called:
+            self.closed.callback(None)
 
     def _start_transaction(self) -> None:
         self._pipelining = "PIPELINING" in self._extensions
@@ -81,7 +93,17 @@ class ProbeCourier(Courier):
         super().__init__(reactor, resolver, hostname, tls_context, smtp_port=smtp_port)
         self.deadline = deadline
         self.reuse_connections = False
-        self.client_class = partial(ProbeClient, deadline=deadline)
+        self.clients: list[ProbeClient] = []
+        self.client_class = self._make_client
+
+    def _make_client(self, *args, **kwargs) -> ProbeClient:
+        client = ProbeClient(*args, deadline=self.deadline, **kwargs)
+        self.clients.append(client)
+        return client
+
+    def all_closed(self) -> defer.Deferred:
+        """Fires once every connection this probe opened is gone (by the deadline at the latest)."""
+        return defer.DeferredList([c.closed for c in self.clients if c.connected])
 
     @property
     def connect_timeout(self) -> float:
@@ -109,6 +131,19 @@ class Prober:
         self.smtp_port = smtp_port
 
     def probe(self, route: Route | dict, addresses: list[str]) -> defer.Deferred[Attempt]:
+        """The Deferred fires with the verdicts as soon as they are known; its
+        `closed` attribute fires when the probe's connections are gone too
+        (after QUIT), which is when the probe stops counting against the
+        per-destination connection limit."""
         deadline = self.reactor.seconds() + self.budget
         courier = ProbeCourier(self.reactor, self.resolver, self.hostname, self.tls_context, deadline, self.smtp_port)
-        return courier.deliver(route, "", addresses, _no_content, 0, False)
+        d = courier.deliver(route, "", addresses, _no_content, 0, False)
+        closed: defer.Deferred[None] = defer.Deferred()
+
+        def ended(result):
+            courier.all_closed().addBoth(lambda _: closed.callback(None))
+            return result
+
+        d.addBoth(ended)
+        d.closed = closed
+        return d

@@ -275,12 +275,10 @@ class Verifier:
         started = self.reactor.seconds()
         self.probes += 1
         self.probed += len(addresses)
-        try:
-            d = defer.maybeDeferred(self.probe, route, addresses)
-        except Exception:  # maybeDeferred does not raise; kept for clarity
-            d = defer.fail()
+        d = defer.maybeDeferred(self.probe, route, addresses)
+        closed = getattr(d, "closed", None)  # Prober: the connections are gone too
         d.addCallbacks(self._answered, self._probe_failed, (addresses, started), None, (addresses,))
-        d.addBoth(self._session_over, destination)
+        (closed if closed is not None else d).addBoth(self._session_over, destination)
 
     def _answered(self, attempt: Attempt, addresses: list[str], started: float) -> None:
         metrics.verify_probe_seconds.observe(max(0.0, self.reactor.seconds() - started))

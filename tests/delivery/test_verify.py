@@ -214,3 +214,23 @@ def test_cache_size_is_bounded_oldest_first() -> None:
     for n in range(5):
         cache.put(f"u{n}@op.test", Verdict(REFUSED, "550", HOST))
     assert len(cache) == 3 and cache.get("u0@op.test") is None and cache.get("u4@op.test") is not None
+
+
+def test_a_probe_holds_its_connection_slot_until_its_connections_are_gone() -> None:
+    clock = task.Clock()
+    sessions: list = []
+
+    def probe(route, addresses):
+        d = defer.Deferred()
+        d.closed = defer.Deferred()
+        sessions.append((addresses, d))
+        return d
+
+    verifier = Verifier(clock, VerdictCache(None, clock.seconds), probe, max_per_destination=1)
+    first = results(verifier.verdict("a@op.test", ROUTE))
+    verifier.verdict("b@op.test", ROUTE)
+    sessions[0][1].callback(Attempt({"a@op.test": Outcome(250, "ok", "rcpt")}, HOST, False))
+    assert first[0].status == ACCEPTED  # the verdict does not wait for QUIT
+    assert len(sessions) == 1  # but the next session waits for the connection to go
+    sessions[0][1].closed.callback(None)
+    assert len(sessions) == 2
