@@ -307,6 +307,8 @@ class _UserHandler(_Handler):
                 self.reply("250-inside.test\r\n250-PIPELINING\r\n250 8BITMIME" if verb == b"EHLO" else "250 inside.test")
             elif verb == b"MAIL":
                 sender, recipients = _address(argument), []
+                if sender == "":
+                    sink._probe_session(self.request)
                 self.reply("250 2.1.0 Ok")
             elif verb == b"RCPT":
                 recipient = _address(argument)
@@ -376,6 +378,8 @@ class UserSink(Sink):
         self._connections = 0
         self._open = set()
         self.most_at_once = 0
+        self._probing: set[socket.socket] = set()
+        self.most_probes_at_once = 0  # sessions that sent MAIL FROM:<>, open together
         self._server = _UserServer((host, port), self)
         self.host, self.port = self._server.server_address[:2]
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -384,6 +388,16 @@ class UserSink(Sink):
         super()._connected(sock)
         with self._lock:
             self.most_at_once = max(self.most_at_once, len(self._open))
+
+    def _probe_session(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._probing.add(sock)
+            self.most_probes_at_once = max(self.most_probes_at_once, len(self._probing))
+
+    def _disconnected(self, sock: socket.socket) -> None:
+        super()._disconnected(sock)
+        with self._lock:
+            self._probing.discard(sock)
 
     def _count_rcpt(self, recipient: str, probe: bool) -> None:
         with self._lock:
