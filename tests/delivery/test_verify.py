@@ -234,3 +234,18 @@ def test_a_probe_holds_its_connection_slot_until_its_connections_are_gone() -> N
     assert len(sessions) == 1  # but the next session waits for the connection to go
     sessions[0][1].closed.callback(None)
     assert len(sessions) == 2
+
+
+def test_cache_hits_and_misses_and_probe_time_are_counted() -> None:
+    from epost import metrics
+
+    hits, misses = metrics.verify_cache.labels("hit"), metrics.verify_cache.labels("miss")
+    before = (hits._value.get(), misses._value.get(), metrics.verify_probe_seconds._sum.get())
+    clock, probes, verifier = make()
+    verifier.verdict("a@op.test", ROUTE)
+    clock.advance(0.5)
+    probes.answer(0, {"a@op.test": 250})
+    verifier.verdict("a@op.test", ROUTE)
+    after = (hits._value.get(), misses._value.get(), metrics.verify_probe_seconds._sum.get())
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+    assert after[2] - before[2] == pytest.approx(0.5)

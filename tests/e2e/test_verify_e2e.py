@@ -184,3 +184,18 @@ def test_flood_of_random_addresses_costs_one_probe_each_within_the_connection_li
         assert set(codes) == {550} and len(codes) == 120
         assert sink.probe_rcpts == {a: 1 for a in addresses}
         assert sink.most_at_once <= 3
+
+
+def test_epost_verify_with_the_daemon_down_probes_from_the_command(daemon) -> None:
+    with UserSink({ALICE}) as sink:
+        d = gateway_daemon(daemon, sink.port)
+        d.spool.mkdir()
+        ok = epost(d, "verify", ALICE)
+        assert ok.returncode == 0 and ok.stdout.startswith(f"{ALICE}: accepted: 127.0.0.1[127.0.0.1]:") and "not cached" in ok.stdout, ok
+        refused = epost(d, "verify", "nobody@verify.test")
+        assert refused.returncode == 1 and "refused" in refused.stdout and "5.1.1" in refused.stdout, refused
+        assert sink.probe_rcpts == {ALICE: 1, "nobody@verify.test": 1}
+    down = epost(d, "verify", ALICE)
+    assert down.returncode == 2 and "temporary" in down.stdout, down
+    local = epost(d, "verify", "alice@example.test")
+    assert local.returncode == 1 and "not verified" in local.stderr, local

@@ -219,3 +219,20 @@ def test_an_alias_of_an_operated_domain_is_not_probed(tmp_path: Path) -> None:
     verifier = FakeVerifier(Verdict("refused", "550", "gw"))
     assert ask(make_policy(tmp_path, verifier), "sales@op.test")[0] == "accepted"
     assert verifier.asked == []
+
+
+def _count(verdict: str, source: str) -> float:
+    from epost import metrics
+
+    return metrics.verify_verdicts.labels(verdict, source)._value.get()
+
+
+def test_verdicts_are_counted_by_verdict_and_source(tmp_path: Path) -> None:
+    before = {k: _count(*k) for k in (("refused", "probe"), ("refused", "cache"), ("refused", "table"), ("accepted", "table"))}
+    rcpt_reply(make_policy(tmp_path, FakeVerifier(Verdict("refused", "550", "gw"))), "a@op.test")
+    rcpt_reply(make_policy(tmp_path, FakeVerifier(Verdict("refused", "550", "gw"), cached=True)), "a@op.test")
+    table = make_policy(tmp_path, FakeVerifier(), table="ok@op.test\n")
+    rcpt_reply(table, "no@op.test")
+    rcpt_reply(table, "ok@op.test")
+    after = {k: _count(*k) for k in before}
+    assert {k: after[k] - before[k] for k in before} == {k: 1 for k in before}
