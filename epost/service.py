@@ -266,7 +266,7 @@ def add_verifier(top: service.MultiService, config: Config, reactor, routing: Ro
     dns_pool = ThreadPool(minthreads=0, maxthreads=4, name="epost-verify")
     pool_service = ThreadPoolService(dns_pool)
     pool_service.setServiceParent(top)
-    top.stop_last.append(pool_service)
+    top.stop_last.insert(0, pool_service)  # with the other pools, after the verifier has stopped
     verifier = make_verifier(config, reactor, dns_pool)
     VerifierService(verifier, dns_pool).setServiceParent(top)
     routing.policy.verifier = verifier
