@@ -199,3 +199,30 @@ def test_epost_verify_with_the_daemon_down_probes_from_the_command(daemon) -> No
     assert down.returncode == 2 and "temporary" in down.stdout, down
     local = epost(d, "verify", "alice@example.test")
     assert local.returncode == 1 and "not verified" in local.stderr, local
+
+
+def test_mx_routed_operated_domain_is_verified_at_its_mx_hosts(daemon) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "routing"))
+    from dnsmasq import DNSMASQ, Dnsmasq
+
+    if DNSMASQ is None:
+        pytest.skip("dnsmasq is not installed")
+    dns = Dnsmasq([  # the first MX refuses connections: the probe moves on to the second
+        "--mx-host=mxop.test,mx1.mxop.test,10",
+        "--mx-host=mxop.test,mx2.mxop.test,20",
+        "--host-record=mx1.mxop.test,127.0.13.2",
+        "--host-record=mx2.mxop.test,127.0.13.3",
+    ])
+    dns.start()
+    try:
+        with UserSink({"carol@mxop.test"}, host="127.0.13.3", port=25) as sink:
+            d = daemon(server='relay_networks = ["192.0.2.0/24"]', start=False,
+                       toml=f'gateway_table = "gateway.dat"\ndns_servers = ["127.0.0.1:{dns.port}"]\n')
+            (d.folder / "gateway.dat").write_text("mxop.test,mx\n*,127.0.0.1,9\n")
+            d.start()
+            code, text = rcpt(d, "nobody@mxop.test")
+            assert code == 550 and "mx2.mxop.test[127.0.13.3]:25 said: 550 5.1.1" in text, text
+            assert rcpt(d, "carol@mxop.test")[0] == 250
+            assert sink.probe_rcpts == {"nobody@mxop.test": 1, "carol@mxop.test": 1}
+    finally:
+        dns.cleanup()
