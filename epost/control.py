@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,15 @@ class Operate(amp.Command):
         (b"domain", amp.Unicode(optional=True)),
     ]
     response = [(b"done", amp.ListOf(amp.Unicode())), (b"errors", amp.ListOf(amp.Unicode()))]
+    errors = {ValueError: b"BAD_REQUEST"}
+
+
+class Route(amp.Command):
+    """`epost route ADDRESS`: the route lines from the tables the daemon has in force (SPEC §8 format),
+    the exit status, and a note per table whose file on disk is not the one in force."""
+
+    arguments = [(b"address", amp.Unicode()), (b"dns", amp.Boolean())]
+    response = [(b"lines", amp.ListOf(amp.Unicode())), (b"status", amp.Integer()), (b"notes", amp.ListOf(amp.Unicode()))]
     errors = {ValueError: b"BAD_REQUEST"}
 
 
@@ -68,6 +78,13 @@ class ControlProtocol(amp.AMP):
         d = defer.ensureDeferred(method(ids, domain))
         return d.addCallback(lambda result: {"done": result.done, "errors": result.errors})
 
+    @Route.responder
+    def route(self, address: str, dns: bool):
+        answer = getattr(self.factory, "answer_route", None)  # set by make_service
+        if answer is None:
+            raise ValueError("this daemon does not answer routes")
+        return answer(address, dns)
+
     @Verify.responder
     def verify(self, address: str):
         from epost.delivery.verify import verify_now
@@ -84,14 +101,20 @@ def socket_path(spool: Path) -> Path:
 
 
 def control_service(spool: Path, manager: Any, reactor: Any) -> internet.StreamServerEndpointService:
-    """Listens on the spool's control socket; a socket left by a dead daemon is replaced."""
+    """Listens on the spool's control socket; a socket left by a dead daemon is replaced.
+
+    No PID lock beside the socket (`wantPID`): a dead daemon's PID, still a
+    zombie or reused after a reboot, kept the socket from being served. The
+    daemon holds the spool's lock (epost.queue.lock) before this starts, so
+    whatever sits at the path is a leftover; and a socket that cannot be
+    served stops start-up, so `epost` never meets a live daemon without one."""
     path = socket_path(spool)
     if len(os.fsencode(path)) > 100:
         log.warn("control socket path {path} is long; UNIX sockets allow about 107 bytes", path=path)
-    endpoint = UNIXServerEndpoint(reactor, str(path), mode=0o600, wantPID=True)
+    endpoint = UNIXServerEndpoint(reactor, str(path), mode=0o600, wantPID=False)
     factory = Factory.forProtocol(lambda: ControlProtocol(manager))
     factory.noisy = False
-    return internet.StreamServerEndpointService(endpoint, factory)
+    return _ControlService(endpoint, factory, path)
 
 
 class DaemonNotRunning(Exception):
@@ -101,27 +124,10 @@ class DaemonNotRunning(Exception):
 def operate(spool: Path, action: str, ids: list[str], domain: str | None, timeout: float = 60) -> dict:
     """Ask the daemon (blocking: the command line has no reactor to spare);
     raises DaemonNotRunning when nothing listens on the spool's socket."""
-    path = socket_path(spool)
-    if not path.exists():
-        raise DaemonNotRunning(str(path))
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-        connection.settimeout(timeout)
-        try:
-            connection.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError) as error:  # left by a dead daemon
-            raise DaemonNotRunning(f"{path}: {error}") from None
-        arguments: dict[str, Any] = {"action": action, "ids": ids}
-        if domain is not None:
-            arguments["domain"] = domain
-        box = Operate.makeArguments(arguments, None)
-        box[b"_command"] = Operate.commandName
-        box[b"_ask"] = b"1"
-        connection.sendall(box.serialize())
-        with connection.makefile("rb") as stream:
-            answer = _read_box(stream)
-    if b"_error" in answer:
-        raise RuntimeError(answer.get(b"_error_description", b"the daemon refused").decode("utf-8", "replace"))
-    return Operate.parseResponse(answer, None)
+    arguments: dict[str, Any] = {"action": action, "ids": ids}
+    if domain is not None:
+        arguments["domain"] = domain
+    return ask(spool, Operate, arguments, timeout)
 
 
 def _read_box(stream) -> amp.AmpBox:
@@ -145,8 +151,68 @@ def _read_sized(stream) -> bytes:
     return data
 
 
-def ask_verify(spool: Path, address: str, timeout: float = 30) -> dict:
-    """`epost verify` through the running daemon (blocking); DaemonNotRunning when none listens."""
+class _ControlService(internet.StreamServerEndpointService):
+    """Removes what a dead daemon left at the socket's path before listening; a listening failure is raised."""
+
+    _raiseSynchronously = True
+
+    def __init__(self, endpoint, factory, path: Path):
+        super().__init__(endpoint, factory)
+        self.path = Path(path)
+
+    def privilegedStartService(self) -> None:
+        remove_leftovers(self.path)
+        super().privilegedStartService()
+
+
+def remove_leftovers(path: Path) -> None:
+    """The socket and the `.lock` link (Twisted's wantPID, older epost) a dead daemon left.
+
+    Only call this while holding the spool's lock; anything else at the path is left for bind() to refuse."""
+    for leftover, is_ours in ((path, stat.S_ISSOCK), (Path(f"{path}.lock"), stat.S_ISLNK)):
+        try:
+            if is_ours(os.lstat(leftover).st_mode):
+                os.unlink(leftover)
+        except FileNotFoundError:
+            pass
+
+
+class RouteAnswers:
+    """Answers Route in the daemon with the resolver `build_routing` gave it; the work (MX
+    lookups included) runs in `threadpool`, never on the reactor."""
+
+    dns_timeout = 8.0  # seconds; one of the daemon's worker threads waits this long at most
+
+    def __init__(self, routing: Any, dns_servers: tuple, reactor: Any, threadpool: Any) -> None:
+        self.routing = routing
+        self.dns_servers = dns_servers
+        self.reactor = reactor
+        self.threadpool = threadpool
+
+    def __call__(self, address: str, dns: bool) -> defer.Deferred:
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self.reactor, self.threadpool, self.answer, address, dns)
+
+    def answer(self, address: str, dns: bool) -> dict:
+        """Blocking: {"lines", "status", "notes"}."""
+        from epost.admin.cli import route_lines  # the command's own formatting
+        from epost.routing.dns import MXResolver
+
+        resolver = MXResolver(None, None, self.dns_servers, timeout=self.dns_timeout) if dns else None
+        lines, status = route_lines(self.routing.resolver, address, resolver)
+        notes = [note for table in self.routing.tables if (note := table.disk_note()) is not None]
+        return {"lines": lines, "status": status, "notes": notes}
+
+
+def ask_route(spool: Path, address: str, dns: bool, timeout: float = 60) -> dict:
+    """Route through the running daemon (blocking); DaemonNotRunning when nothing listens,
+    RuntimeError when it refuses (a daemon older than the Route command, say)."""
+    return ask(spool, Route, {"address": address, "dns": dns}, timeout)
+
+
+def ask(spool: Path, command: type[amp.Command], arguments: dict[str, Any], timeout: float = 60) -> dict:
+    """Send one AMP `command` to the daemon on the spool's socket and return its parsed answer (blocking)."""
     path = socket_path(spool)
     if not path.exists():
         raise DaemonNotRunning(str(path))
@@ -154,14 +220,19 @@ def ask_verify(spool: Path, address: str, timeout: float = 30) -> dict:
         connection.settimeout(timeout)
         try:
             connection.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError) as error:
+        except (ConnectionRefusedError, FileNotFoundError) as error:  # left by a dead daemon
             raise DaemonNotRunning(f"{path}: {error}") from None
-        box = Verify.makeArguments({"address": address}, None)
-        box[b"_command"] = Verify.commandName
+        box = command.makeArguments(arguments, None)
+        box[b"_command"] = command.commandName
         box[b"_ask"] = b"1"
         connection.sendall(box.serialize())
         with connection.makefile("rb") as stream:
             answer = _read_box(stream)
     if b"_error" in answer:
         raise RuntimeError(answer.get(b"_error_description", b"the daemon refused").decode("utf-8", "replace"))
-    return Verify.parseResponse(answer, None)
+    return command.parseResponse(answer, None)
+
+
+def ask_verify(spool: Path, address: str, timeout: float = 30) -> dict:
+    """`epost verify` through the running daemon (blocking); DaemonNotRunning when none listens."""
+    return ask(spool, Verify, {"address": address}, timeout)

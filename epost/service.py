@@ -6,21 +6,25 @@ and starts and stops them in the right order.
 
 from __future__ import annotations
 
+import os
 import resource
+import signal
 from typing import NamedTuple
 
 from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from epost.auth import UsersChecker, make_portal
 from epost import metrics
 from epost.config import Config
-from epost.control import control_service
+from epost.control import RouteAnswers, control_service
 from epost.delivery.remote_courier import RemoteCourier
 from epost.queue.bounces import BounceSender
+from epost.queue.lock import SpoolLock
 from epost.queue.manager import DeliveryManager
 from epost.queue.runner import LocalDeliveryRunner
 from epost.queue.spool import Spool
@@ -38,6 +42,8 @@ from epost.smtp.server import ServerSettings
 from epost.smtp.throttle import AuthThrottle
 from epost.tls import context_for
 from epost.web import attach_admin
+
+log = Logger()
 
 
 class ThreadPoolService(service.Service):
@@ -60,29 +66,102 @@ class ThreadPoolService(service.Service):
 class EpostService(service.MultiService):
     """The daemon; a port that cannot be bound ends start-up with one line.
 
-    Stopping waits for the listeners, the runner and the delivery manager
-    before `stop_last` (the courier process, the spool workers, then the
-    thread pools): the manager's last attempts and the runner's last batch
-    still need them, and so does a login on a connection still open (a
-    stopped pool drops work without a word)."""
+    Stopping closes the listeners first, then asks every open SMTP session
+    to end (`SMTPServer.shut_down`: a transaction under way gets
+    `session_grace` seconds, a commit in flight is always answered, the rest
+    get `421 4.3.2`), waiting at most `session_bound` seconds for them. Then
+    it waits for the runner and the delivery manager before `stop_last` (the
+    courier process, the spool workers, then the thread pools): the
+    manager's last attempts and the runner's last batch still need them, and
+    so does a login on a connection still open (a stopped pool drops work
+    without a word)."""
+
+    session_grace = 5.0  # seconds a transaction under way may take to finish at stop
+    session_bound = 30.0  # at most this long, then the workers stop anyway (a commit sent after is answered 421)
 
     def __init__(self):
         super().__init__()
         self.stop_last: list[service.Service] = []  # in this order, after all others
+        self.listeners: list[service.Service] = []  # stopped first
+        self.limits: ConnectionLimits | None = None  # its `sessions` are asked to end after the listeners stop
+        self.spool_lock: SpoolLock | None = None
+        self.reactor = None
+
+    def startService(self) -> None:
+        if self.spool_lock is not None:
+            self.spool_lock.record_pid()  # twistd may have forked since make_service took it
+        super().startService()
 
     def stopService(self):
         service.Service.stopService(self)
-        others = [child for child in reversed(list(self)) if child not in self.stop_last]
+        listeners = [child for child in self if child in self.listeners]
+        stopped = defer.DeferredList([defer.maybeDeferred(child.stopService) for child in listeners])
+        stopped.addCallback(lambda _: self._shut_down_sessions())
+        stopped.addCallback(lambda _: self._stop_the_others())
+        return stopped
+
+    def _stop_the_others(self):
+        others = [
+            child for child in reversed(list(self)) if child not in self.stop_last and child not in self.listeners
+        ]
         stopped = defer.DeferredList([defer.maybeDeferred(child.stopService) for child in others])
         for child in self.stop_last:
             stopped.addCallback(lambda _, child=child: child.stopService())
         return stopped
 
+    def _shut_down_sessions(self) -> defer.Deferred | None:
+        """Every open SMTP session ends (see SMTPServer.shut_down), within `session_bound` seconds."""
+        sessions = [s for s in (self.limits.sessions if self.limits is not None else ()) if not s.closed]
+        if not sessions:
+            return None
+        log.info(
+            "stopping: {count} SMTP session(s) open; a transaction under way gets {grace} s, then 421 4.3.2",
+            count=len(sessions), grace=self.session_grace,
+        )
+        ended = defer.DeferredList([s.shut_down(self.session_grace) for s in sessions])
+        return _within(ended, self.session_bound, self.reactor, lambda: log.warn(
+            "stopping: {count} SMTP session(s) still open after {bound} s; stopping the spool workers anyway",
+            count=sum(not s.closed for s in sessions), bound=self.session_bound,
+        ))
+
     def privilegedStartService(self) -> None:
+        # From here the ports are bound and the PID may be known, but the
+        # handlers for SIGHUP (tables) and SIGUSR2 (flush) come with
+        # startService: until then a signal must not end the daemon (the
+        # default action of both).
+        for number in (signal.SIGHUP, signal.SIGUSR2):
+            if signal.getsignal(number) == signal.SIG_DFL:
+                signal.signal(number, signal.SIG_IGN)
         try:
             super().privilegedStartService()
         except CannotListenError as error:
-            raise SystemExit(f"epost: cannot listen on {error.interface or '*'}:{error.port}: {error.socketError}") from None
+            if isinstance(error.port, bytes):  # a UNIX socket (the control socket): its path
+                where = os.fsdecode(error.port)
+            else:
+                where = f"{error.interface or '*'}:{error.port}"
+            raise SystemExit(f"epost: cannot listen on {where}: {error.socketError}") from None
+
+
+def _within(d: defer.Deferred, seconds: float, clock, late) -> defer.Deferred:
+    """Fires when `d` does or after `seconds` (calling `late()` then), whichever comes first; never fails."""
+    result: defer.Deferred = defer.Deferred()
+
+    def timed_out() -> None:
+        if not result.called:
+            late()
+            result.callback(None)
+
+    timer = clock.callLater(seconds, timed_out)
+
+    def finished(outcome):
+        if timer.active():
+            timer.cancel()
+        if not result.called:
+            result.callback(None)
+        return None  # a failure here is already logged by the session
+
+    d.addBoth(finished)
+    return result
 
 
 def raise_file_limit() -> None:
@@ -126,9 +205,10 @@ def build_routing(config: Config) -> Routing:
     Shared by the daemon and `epost route`, so both decide the same way.
     """
     routing = config.routing
-    users = LiveTable(routing.users, load_users)
-    aliases = LiveTable(routing.aliases, load_aliases)
-    gateway = LiveTable(routing.gateway_table, load_gateway_table)
+    refuse_empty = not routing.allow_empty_tables  # an emptied table waits for SIGHUP (docs/routing.md)
+    users = LiveTable(routing.users, load_users, refuse_empty)
+    aliases = LiveTable(routing.aliases, load_aliases, refuse_empty)
+    gateway = LiveTable(routing.gateway_table, load_gateway_table, refuse_empty)
     local_domains = frozenset(routing.local_domains)
     routers = [] if routing.forward_all_to_gateway else [LocalRouter(local_domains, users)]
     routers.append(GatewayRouter(gateway))
@@ -145,7 +225,7 @@ def build_routing(config: Config) -> Routing:
         aliases=aliases,
         check_sender_ownership=config.server.check_sender_ownership,
     )
-    relay_recipients = LiveTable(routing.relay_recipients, load_relay_recipients)
+    relay_recipients = LiveTable(routing.relay_recipients, load_relay_recipients, refuse_empty)
     policy.relay_recipients, policy.users = relay_recipients, users
     policy.verify_recipients = routing.verify_recipients  # probes need a verifier: make_service sets it
     return Routing(users, aliases, gateway, resolver, policy, relay_recipients)
@@ -156,6 +236,10 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
         from twisted.internet import reactor
     raise_file_limit()
     top = EpostService()
+    # One daemon per spool, decided before anything touches it (tmp/ is
+    # cleared at start): SpoolBusy ends start-up with one line (epost/tap.py).
+    top.spool_lock = SpoolLock.acquire(config.server.spool, create_spool=True)
+    top.reactor = reactor
 
     pool = ThreadPool(minthreads=2, maxthreads=4, name="epost-io")
     pool_service = ThreadPoolService(pool)
@@ -200,7 +284,9 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     runner.setServiceParent(top)
     manager.local_enqueue, manager.local_claim = runner.enqueue, runner.claim
     manager.verifier = getattr(top, "verifier", None)  # `epost verify` over the control socket
-    control_service(config.server.spool, manager, reactor).setServiceParent(top)
+    control = control_service(config.server.spool, manager, reactor)
+    control.factory.answer_route = RouteAnswers(routing, config.routing.dns_servers, reactor, pool)  # `epost route`
+    control.setServiceParent(top)
 
     for listener, endpoints in (
         ("relay", config.server.relay),
@@ -213,7 +299,9 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
             )
             if listener == "smtps" and description.split(":", 1)[0] in ("tcp", "tcp6"):
                 factory = TLSMemoryBIOFactory(tls, False, factory)  # implicit TLS with our certificate
-            strports.service(description, factory, reactor=reactor).setServiceParent(top)
+            port = strports.service(description, factory, reactor=reactor)
+            port.setServiceParent(top)
+            top.listeners.append(port)
 
     metrics.watch(config.server.spool, lambda: limits.total_open)
     # Mail Control and /metrics on --admin (docs/mail-control.md); nothing without admin endpoints.

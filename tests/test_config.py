@@ -485,3 +485,13 @@ def test_sample_config_loads(tmp_path, monkeypatch):
     assert config.routing.gateway_table == ROOT / "etc/gateway.dat"
     for table in (config.routing.aliases, config.routing.users, config.routing.gateway_table):
         assert table.is_file()
+
+
+def test_allow_empty_tables_is_off_unless_the_routing_section_says_so(tmp_path):
+    from epost.config import load_config
+
+    path = tmp_path / "epost.toml"
+    path.write_text('[server]\nhostname = "mx.example.test"\n')
+    assert load_config(path, {}).routing.allow_empty_tables is False
+    path.write_text('[server]\nhostname = "mx.example.test"\n[routing]\nallow_empty_tables = true\n')
+    assert load_config(path, {}).routing.allow_empty_tables is True

@@ -149,8 +149,20 @@ def show_route(args: argparse.Namespace, now: float) -> int:
     from epost.service import build_routing  # the daemon's own chain; heavy imports, only here
     try:
         config = _load(args)
+    except ConfigError as error:
+        print(f"epost: {error}", file=sys.stderr)
+        return 1
+    answer = _route_from_daemon(config, args.address, not args.no_dns)
+    if answer is not None:
+        print("\n".join(answer["lines"]))
+        for line in verification_lines(config, args.address, now):  # the daemon saves its cache every 5 s
+            print(line)
+        for note in answer["notes"]:  # stderr: the route lines on stdout keep SPEC §8's format
+            print(note, file=sys.stderr)
+        return answer["status"]
+    try:
         resolver = build_routing(config).resolver
-    except (ConfigError, TableError) as error:
+    except TableError as error:
         print(f"epost: {error}", file=sys.stderr)
         return 1
     dns = None if args.no_dns else MXResolver(None, None, config.routing.dns_servers, timeout=config.delivery.connect_timeout)
@@ -273,11 +285,16 @@ def set_password(args: argparse.Namespace, now: float) -> int:
     password = _read_password(args.stdin)
     if password is None:
         return 1
+    created = not path.exists()
     try:
+        if created:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new users file's folder: private
         write_atomically(path, _with_hash(old, user.address, hash_password(password)), mode=mode)
     except OSError as error:
         print(f"epost: {path}: cannot write: {error.strerror or error}", file=sys.stderr)
         return 1
+    if created:
+        print(f"created {_shown(path)}")
     print(f"password set for {user.address}")
     return 0
 
@@ -326,6 +343,27 @@ def _read_password(from_stdin: bool) -> str | None:
     return password
 
 
+def _route_from_daemon(config: Config, address: str, dns: bool) -> dict | None:
+    """The daemon's answer (the tables it has in force), or None after one line on stderr saying
+    that the files on disk are used instead."""
+    from epost.control import DaemonNotRunning, ask_route
+
+    try:
+        return ask_route(config.server.spool, address, dns)
+    except DaemonNotRunning:
+        why = "no daemon is running"
+    except (OSError, RuntimeError) as error:  # timeout, connection dropped, an older daemon
+        why = f"the daemon did not answer ({error})"
+    print(f"epost: {why} (spool {config.server.spool}): routing from the files on disk", file=sys.stderr)
+    return None
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working folder when it is below it (`etc/users`), else as it is."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 def verification_lines(config: Config, address_text: str, now: float) -> list[str]:
     """`epost route`'s line about recipient verification (SPEC §3.5), for an
     address it applies to: the relay_recipients line, or the cached verdict;

@@ -1,4 +1,8 @@
-"""`epost flush|hold|release|delete|reroute`: through the running daemon, or on the files when it is down."""
+"""`epost flush|hold|release|delete|reroute`: through the running daemon, or on the files when it is down.
+
+"Down" means nobody holds the spool's lock (epost.queue.lock): a daemon that
+holds it but does not answer (starting, stopping, stuck) is never worked
+around behind its back."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import sys
 from epost.config import Config
 from epost.queue import surgery
 from epost.queue.envelope import EnvelopeError
+from epost.queue.lock import lock_path, try_lock
 from epost.queue.spool import QUEUES, Spool
 
 HELP = {
@@ -38,8 +43,10 @@ def run_action(config: Config, action: str, ids: list[str], domain: str | None, 
     try:
         result = operate(config.server.spool, action, ids, domain)
         how = "daemon"
-    except DaemonNotRunning:
-        result = on_files(config, action, ids, domain, now)
+    except DaemonNotRunning as unreachable:
+        result = _on_files_if_no_daemon(config, action, ids, domain, now, unreachable)
+        if result is None:
+            return 1
         how = "files"
     for queue_id in result["done"]:
         print(f"{queue_id}: {_PAST[action]}" if queue_id != "*" else "every deferred message is due now")
@@ -51,6 +58,29 @@ def run_action(config: Config, action: str, ids: list[str], domain: str | None, 
 
 
 _PAST = {"flush": "due now", "hold": "on hold", "release": "released", "delete": "deleted", "reroute": "rerouted"}
+
+
+def _on_files_if_no_daemon(config: Config, action: str, ids, domain, now: float, unreachable) -> dict | None:
+    """`on_files` while holding the spool's lock, so no daemon runs meanwhile (and none can start);
+    None, said in one line, when a daemon holds the lock but did not answer on its socket."""
+    spool = config.server.spool
+    try:
+        lock = try_lock(spool)
+    except OSError as error:
+        print(f"epost {action}: {lock_path(spool)}: {error.strerror or error}; nothing changed", file=sys.stderr)
+        return None
+    if lock is None:
+        print(
+            f"epost {action}: {lock_path(spool)} is held (a daemon, or another epost command) but nothing"
+            f" answers on the control socket ({unreachable}); nothing changed, try again in a moment",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        print(f"epost {action}: no daemon is running on {spool}: working on the spool files", file=sys.stderr)
+        return on_files(config, action, ids, domain, now)
+    finally:
+        lock.release()
 
 
 def on_files(config: Config, action: str, ids: list[str], domain: str | None, now: float) -> dict:

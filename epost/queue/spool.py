@@ -53,6 +53,10 @@ class SpoolError(OSError):
         return cls(error.errno or errno.EIO, f"{doing}: {error}")
 
 
+class SpoolStopping(SpoolError):
+    """The spool workers stopped (the daemon is stopping) before this commit reached them: SMTP says 421."""
+
+
 class MessageWriter:
     """Receives one message's content; ``write`` never raises so SMTP can finish reading DATA.
 

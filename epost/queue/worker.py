@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import struct
 import sys
 from pathlib import Path
@@ -131,6 +132,12 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def run(root: Path, hostname: str, give_up_after: float = 8 * 3600) -> None:
+    # The daemon decides when we stop: it closes our stdin (and it closes if
+    # the daemon dies), and we finish the commits we were sent first. A
+    # Ctrl-C or SIGTERM sent to the whole process group (systemd's default)
+    # must not cut a commit short that the daemon will still answer 250.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Our log events go to stderr; the daemon relays each line into its own log.
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     worker = Worker(root, hostname, give_up_after=give_up_after)

@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from epost.child_process import LineChild
 from epost.queue.envelope import Envelope
-from epost.queue.spool import Spool, SpoolError
+from epost.queue.spool import Spool, SpoolError, SpoolStopping
 from epost.queue.worker import FRAME
 
 log = Logger()
@@ -195,6 +195,8 @@ class SpoolWorkerService(Service):
     def worker_ended(self, index: int, reason) -> None:
         self._protocols[index] = None
         failure = SpoolError(errno.EIO, "spool worker process ended")
+        if not self.running:
+            failure = SpoolStopping(errno.ESHUTDOWN, "spool worker process ended while the daemon was stopping")
         for queue_id in [q for q in self._commits if self._index(q) == index]:
             self._commits.pop(queue_id)[0].errback(failure)
         for queue_id in [q for q in self._deliveries if self._index(q) == index]:
@@ -221,6 +223,8 @@ class SpoolWorkerService(Service):
         return RemoteMessageWriter(self, self.spool.new_queue_id())
 
     def commit(self, queue_id: str, envelope: Envelope) -> defer.Deferred:
+        if not self.running:  # the workers' stdin is closed: the frame would be lost, never answered
+            return defer.fail(SpoolStopping(errno.ESHUTDOWN, "spool workers stopped (the daemon is stopping)"))
         if self._protocols[self._index(queue_id)] is None:
             return defer.fail(SpoolError(errno.EIO, "spool worker process not running"))
         d: defer.Deferred = defer.Deferred()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from weakref import WeakSet
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -29,6 +30,7 @@ class ConnectionLimits:
         self.total, self.per_client = total, per_client
         self.open = Counter()
         self.total_open = 0
+        self.sessions: WeakSet = WeakSet()  # open SMTPServers, asked to end when the daemon stops (closed ones drop out)
 
     def admit(self, ip: str) -> Reply | None:
         """None when admitted (and counted), else the reply to refuse with."""
@@ -82,4 +84,5 @@ class SMTPFactory(Factory):
             throttle=self.throttle,
         )
         protocol.factory = self
+        self.limits.sessions.add(protocol)
         return protocol

@@ -11,7 +11,7 @@ from zope.interface import implementer
 
 from epost import metrics
 from epost.queue.envelope import Envelope, Recipient
-from epost.queue.spool import SpoolError
+from epost.queue.spool import SpoolError, SpoolStopping
 from epost.smtp.address import Address
 from epost.smtp.interfaces import IMessageWriter, IReceiver, Rejected, Reply, Session
 from epost.smtp.policy import RecipientPolicy
@@ -111,9 +111,13 @@ class SpoolMessage:
             log.failure("counting a received message failed")
         return queue_id
 
-    @staticmethod
-    def _storage_failed(failure):
+    def _storage_failed(self, failure):
+        """Said in the log, then a 4xx: 452 for a full disk, 421 when the daemon is stopping, else 451."""
         failure.trap(SpoolError)
+        log.error("message {queue_id} from {client} not queued: {error}", queue_id=self.queue_id,
+                  client=_client_text(self._session), error=failure.value)
+        if isinstance(failure.value, SpoolStopping):
+            raise Rejected(Reply(421, "4.3.2", "Service shutting down"))
         if failure.value.disk_full:
             raise Rejected(Reply(452, "4.3.1", "Insufficient system storage"))
         raise Rejected(Reply(451, "4.3.0", "Error: queue file write error"))

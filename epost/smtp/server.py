@@ -195,6 +195,8 @@ class SMTPServer(Protocol):
         self._processing = True
         try:
             while not (self._busy or self._closed):
+                if self.shutting_down and self._close_if_done():
+                    break  # the daemon is stopping and this session's transaction is over
                 if self._reader is not None:
                     if not self._buffer:
                         break
@@ -566,6 +568,8 @@ class SMTPServer(Protocol):
         self._send(_reply(250, "2.0.0", f"Ok: queued as {queue_id}"))
 
     def _commit_failed(self, failure: Failure) -> None:
+        if failure.check(Rejected) and failure.value.reply.code == 421:  # the spool workers had stopped
+            return self._shut_now("the spool was stopping: message not queued")
         if failure.check(Rejected):
             self._send(failure.value.reply)
         else:
@@ -577,3 +581,76 @@ class SMTPServer(Protocol):
             self._writer.unregisterProducer()
             self._writer.abort()
             self._writer = self._reader = None
+
+    # -- daemon stop (EpostService.stopService) -------------------------------
+
+    shutting_down = False  # shut_down() was called
+    _shutdown_expired = False  # and its grace period is over
+    _shutdown_timer = None
+    _shutdown_ended: defer.Deferred | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def shut_down(self, grace: float) -> defer.Deferred:
+        """End the session because the daemon stops; fires once it is closed.
+
+        Between transactions: `421 4.3.2 <hostname> Service shutting down`
+        at once. A transaction under way (MAIL given, DATA streaming) gets
+        `grace` seconds to finish; a check or a commit in flight is always
+        answered first (a commit's `250` included), then the `421`. Each
+        `421` is logged with the client and what it was doing."""
+        if self._closed or self.shutting_down:
+            return defer.succeed(None)
+        self.shutting_down = True
+        self._shutdown_ended = defer.Deferred()
+        previous = self._on_close
+
+        def closed() -> None:
+            if previous is not None:
+                previous()
+            self._shutdown_over()
+
+        self._on_close = closed
+        self._shutdown_timer = self.clock.callLater(grace, self._grace_over)
+        ended = self._shutdown_ended
+        self._close_if_done()
+        return ended
+
+    def _shutdown_over(self) -> None:
+        """Our 421 is written (or the connection is gone): nothing of ours runs in this session any more."""
+        if self._shutdown_timer is not None and self._shutdown_timer.active():
+            self._shutdown_timer.cancel()
+        if self._shutdown_ended is not None and not self._shutdown_ended.called:
+            self._shutdown_ended.callback(None)
+
+    def _grace_over(self) -> None:
+        self._shutdown_expired = True
+        self._close_if_done()
+
+    def _close_if_done(self) -> bool:
+        """Closes the session with 421 unless its transaction may still finish; True once closed."""
+        if self._closed:
+            return True
+        if self._busy:
+            return False  # a check or commit in flight: its answer comes first, then _process calls back
+        if self._reader is not None:
+            if not self._shutdown_expired:
+                return False
+            self._shut_now("in DATA: message not queued")
+        elif self._sender is not _NO_SENDER:
+            if not self._shutdown_expired:
+                return False
+            self._shut_now("in a transaction before DATA")
+        else:
+            self._shut_now("between transactions")
+        return True
+
+    def _shut_now(self, doing: str) -> None:
+        log.info(
+            "SMTP session from [{ip}]:{port} closed with 421 4.3.2, the daemon is stopping ({doing})",
+            ip=self._client_ip, port=self._client_port, doing=doing,
+        )
+        self._close(_reply(421, "4.3.2", f"{self.settings.hostname} Service shutting down"))
+        self._shutdown_over()  # a client that does not read must not hold up the stop until loseConnection ends

@@ -195,3 +195,38 @@ class WorkerProcessTests(unittest.TestCase):
         second.write(b"y\r\n")
         queue_id = yield second.commit(envelope(second.queue_id, "example.test/dave"))
         assert (self.spool.root / "incoming" / f"{queue_id}.env").exists()
+
+    @defer.inlineCallbacks
+    def test_a_commit_sent_before_the_stop_is_answered_and_one_after_it_is_spool_stopping(self):
+        """The daemon's stop closes the workers' stdin: what they were sent is still committed."""
+        from epost.queue.spool import SpoolStopping
+
+        writer = self.service.open_message()
+        writer.write(b"Subject: in flight\r\n\r\nx\r\n")
+        committed = writer.commit(envelope(writer.queue_id, "example.test/dave"))
+        late = self.service.open_message()
+        late.write(b"y\r\n")
+        stopped = self.service.stopService()
+        queue_id = yield committed
+        assert (self.spool.root / "incoming" / f"{queue_id}.env").exists()
+        yield self.assertFailure(late.commit(envelope(late.queue_id, "example.test/dave")), SpoolStopping)
+        yield stopped
+
+    @defer.inlineCallbacks
+    def test_a_sigterm_to_the_process_group_does_not_end_a_worker(self):
+        """systemd's KillMode=control-group signals the workers too; the daemon decides when they end."""
+        answered: set[int] = set()
+        while len(answered) < len(self.service._protocols):  # every worker is up and past its imports
+            writer = self.service.open_message()
+            writer.write(b"x\r\n")
+            yield writer.commit(envelope(writer.queue_id, "example.test/dave"))
+            answered.add(self.service._index(writer.queue_id))
+        for protocol in self.service._protocols:
+            protocol.transport.signalProcess("TERM")
+        yield deferLater(reactor, 0.3, lambda: None)
+        assert all(protocol is not None for protocol in self.service._protocols)
+        for _ in range(4):
+            writer = self.service.open_message()
+            writer.write(b"x\r\n")
+            queue_id = yield writer.commit(envelope(writer.queue_id, "example.test/dave"))
+            assert (self.spool.root / "incoming" / f"{queue_id}.env").exists()

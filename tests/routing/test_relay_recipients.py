@@ -10,6 +10,7 @@ import os
 
 from fakes import ClockReactor, SynchronousThreadPool
 
+from epost.routing import live
 from epost.routing.live import LiveTable, TableWatcher
 from epost.routing.relay_recipients import load_relay_recipients, parse_relay_recipient
 from epost.routing.tables import TableError
@@ -81,21 +82,28 @@ def test_parser_never_crashes_on_junk(text: str) -> None:
 
 def test_live_table_appears_with_its_file_and_keeps_the_previous_on_a_bad_line(tmp_path: Path) -> None:
     path = tmp_path / "relay_recipients"
-    live = LiveTable(path, load_relay_recipients)
-    assert not live().present
+    live_table = LiveTable(path, load_relay_recipients, refuse_empty=True)
+    assert not live_table().present
     clock = ClockReactor()
-    watcher = TableWatcher([live], clock, SynchronousThreadPool(), interval=1.0, handle_sighup=False)
+    watcher = TableWatcher([live_table], clock, SynchronousThreadPool(), handle_sighup=False)
     watcher.startService()
+
+    def settle() -> None:  # an edit is read once its stamp has held for a second
+        for _ in range(5):
+            clock.advance(live.POLL_INTERVAL)
+
     path.write_text("a@op.test\n")
     os.utime(path, ns=(10**9, 10**9))
-    clock.advance(1)
-    assert live().present and live().lookup(parse_mailbox("a@op.test")) == 1
+    settle()
+    assert live_table().present and live_table().lookup(parse_mailbox("a@op.test")) == 1
     path.write_text("a@op.test\nnot an address\n")
     os.utime(path, ns=(2 * 10**9, 2 * 10**9))
-    clock.advance(1)
-    assert live.failures == 1
-    assert live().lookup(parse_mailbox("a@op.test")) == 1  # the previous table stays in force
+    settle()
+    assert live_table.failures == 1
+    assert live_table().lookup(parse_mailbox("a@op.test")) == 1  # the previous table stays in force
     path.unlink()
-    clock.advance(1)
-    assert not live().present  # file gone: back to verification by probe
+    settle()
+    assert live_table().present  # a table with entries is not dropped by deleting its file ...
+    watcher.reload_all()
+    assert not live_table().present  # ... until SIGHUP: then verification by probe again
     watcher.stopService()

@@ -51,3 +51,41 @@ def test_a_committed_message_is_counted_by_listener_and_tls():
     message = receiver.open_message(SESSION, None, [(parse_mailbox("a@example.jp"), [])], {})
     message.commit()
     assert metrics.received.labels("relay", "no")._value.get() == before + 1
+
+
+def _failing_commit(error):
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    store = Store()
+    receiver = SpoolingReceiver(store, policy=None, hostname="mx.example.jp", now=lambda: 0.0)
+    message = receiver.open_message(SESSION, None, [(parse_mailbox("a@example.jp"), [])], {})
+    store.writer.commit = lambda envelope: defer.fail(error)
+    logged: list[str] = []
+    observer = lambda event: logged.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        failure = []
+        message.commit().addErrback(failure.append)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    return failure[0].value.reply, logged
+
+
+def test_a_storage_failure_is_logged_before_its_451():
+    import errno
+
+    from epost.queue.spool import SpoolError
+
+    reply, logged = _failing_commit(SpoolError(errno.EIO, "spool worker process ended"))
+    assert (reply.code, reply.enhanced) == (451, "4.3.0")
+    assert [line for line in logged if "0190000000000A000" in line and "spool worker process ended" in line]
+
+
+def test_a_commit_after_the_spool_workers_stopped_is_421_not_451():
+    import errno
+
+    from epost.queue.spool import SpoolStopping
+
+    reply, logged = _failing_commit(SpoolStopping(errno.ESHUTDOWN, "spool workers stopped"))
+    assert (reply.code, reply.enhanced) == (421, "4.3.2")
+    assert [line for line in logged if "0190000000000A000" in line and "not queued" in line]

@@ -1,7 +1,6 @@
 """Stress scenarios: every test here is marked `stress`. CI runs the short
 form; `STRESS=1 bash scripts/test.sh tests/stress` runs the full one."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -10,13 +9,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
 from e2e_support import daemons  # noqa: E402
-
-FULL = os.environ.get("STRESS") == "1"
-
-
-def scale(short, full):
-    """`full` under STRESS=1, else `short`: one test, two sizes."""
-    return full if FULL else short
 
 
 def pytest_collection_modifyitems(config, items):

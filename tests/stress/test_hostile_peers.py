@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from conftest import scale
+from stress_support import scale
 from e2e_support import queued, submit, wait_for
 from epost.logs import parse_senderlog_line
 from sinks import HostileSink
