@@ -20,7 +20,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -115,10 +115,6 @@ class VerdictCache:
         while len(self.entries) > self.max_entries:
             self.entries.popitem(last=False)  # the oldest verdict goes first
         return verdict
-
-    def forget(self, address: str) -> None:
-        if self.entries.pop(cache_key(address), None) is not None:
-            self.dirty = True
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -347,10 +343,6 @@ def read_cached(spool: Path, address: str, now: float) -> Verdict | None:
     except (OSError, ValueError):
         return None
     return entries.get(cache_key(address))
-
-
-def describe(verdict: Verdict | None) -> dict[str, Any]:
-    return {} if verdict is None else {"status": verdict.status, "text": verdict.text, "host": verdict.host, "expires": verdict.expires}
 
 
 class VerifierService(Service):
