@@ -83,6 +83,9 @@ class RoutingConfig:
     # A users, aliases or gateway.dat file that had entries and now has none is
     # refused until SIGHUP (docs/routing.md); true applies it like any edit.
     allow_empty_tables: bool = False
+    # SPEC §3.5: valid addresses of operated domains (a missing file: verify by probe).
+    relay_recipients: Path = Path("etc/relay_recipients")
+    verify_recipients: bool = True
 
 
 @dataclass(frozen=True)
@@ -315,6 +318,8 @@ SCHEMA: dict[str, dict[str, Converter]] = {
         "forward_all_to_gateway": _boolean,
         "dns_servers": _list(_host_port(53, ip_only=True)),
         "allow_empty_tables": _boolean,
+        "relay_recipients": _path,
+        "verify_recipients": _boolean,
     },
     "delivery": {
         "connect_timeout": _POSITIVE,

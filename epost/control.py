@@ -49,6 +49,19 @@ class Route(amp.Command):
     errors = {ValueError: b"BAD_REQUEST"}
 
 
+class Verify(amp.Command):
+    """`epost verify ADDRESS`: probe the address now (SPEC §3.5); the verdict is cached."""
+
+    arguments = [(b"address", amp.Unicode())]
+    response = [
+        (b"status", amp.Unicode()),
+        (b"text", amp.Unicode()),
+        (b"host", amp.Unicode(optional=True)),
+        (b"expires", amp.Float()),
+    ]
+    errors = {ValueError: b"BAD_REQUEST"}
+
+
 class ControlProtocol(amp.AMP):
     def __init__(self, manager: Any) -> None:
         super().__init__()
@@ -71,6 +84,16 @@ class ControlProtocol(amp.AMP):
         if answer is None:
             raise ValueError("this daemon does not answer routes")
         return answer(address, dns)
+
+    @Verify.responder
+    def verify(self, address: str):
+        from epost.delivery.verify import verify_now
+
+        verifier = getattr(self.manager, "verifier", None)
+        if verifier is None:
+            raise ValueError("recipient verification is off ([routing] verify_recipients = false)")
+        d = verify_now(verifier, self.manager.route_final, address)
+        return d.addCallback(lambda v: {"status": v.status, "text": v.text, "host": v.host, "expires": v.expires})
 
 
 def socket_path(spool: Path) -> Path:
@@ -208,3 +231,8 @@ def ask(spool: Path, command: type[amp.Command], arguments: dict[str, Any], time
     if b"_error" in answer:
         raise RuntimeError(answer.get(b"_error_description", b"the daemon refused").decode("utf-8", "replace"))
     return command.parseResponse(answer, None)
+
+
+def ask_verify(spool: Path, address: str, timeout: float = 30) -> dict:
+    """`epost verify` through the running daemon (blocking); DaemonNotRunning when none listens."""
+    return ask(spool, Verify, {"address": address}, timeout)

@@ -31,6 +31,7 @@ from epost.queue.spool import Spool
 from epost.queue.worker_client import SpoolWorkerService
 from epost.routing.aliases import load_aliases
 from epost.routing.gateway import load_gateway_table
+from epost.routing.relay_recipients import load_relay_recipients
 from epost.routing.live import LiveTable, TableWatcher
 from epost.routing.resolver import GatewayRouter, LocalRouter, MXRouter, Resolver, SmartHostRouter
 from epost.routing.users import load_users
@@ -191,10 +192,11 @@ class Routing(NamedTuple):
     gateway: LiveTable
     resolver: Resolver
     policy: RecipientPolicy
+    relay_recipients: LiveTable | None = None
 
     @property
     def tables(self) -> list[LiveTable]:
-        return [self.users, self.aliases, self.gateway]
+        return [self.users, self.aliases, self.gateway, *([self.relay_recipients] if self.relay_recipients else [])]
 
 
 def build_routing(config: Config) -> Routing:
@@ -223,7 +225,10 @@ def build_routing(config: Config) -> Routing:
         aliases=aliases,
         check_sender_ownership=config.server.check_sender_ownership,
     )
-    return Routing(users, aliases, gateway, resolver, policy)
+    relay_recipients = LiveTable(routing.relay_recipients, load_relay_recipients, refuse_empty)
+    policy.relay_recipients, policy.users = relay_recipients, users
+    policy.verify_recipients = routing.verify_recipients  # probes need a verifier: make_service sets it
+    return Routing(users, aliases, gateway, resolver, policy, relay_recipients)
 
 
 def make_service(config: Config, reactor=None) -> service.MultiService:
@@ -252,6 +257,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     top.stop_last = [worker, pool_service, auth_pool_service]  # the courier process goes first, below
     routing = build_routing(config)
     TableWatcher(routing.tables, reactor, pool).setServiceParent(top)
+    add_verifier(top, config, reactor, routing)
     receiver = SpoolingReceiver(worker, routing.policy, config.server.hostname, now=reactor.seconds)
     limits = ConnectionLimits(config.server.max_connections, config.server.max_connections_per_client)
     tls = context_for(config)
@@ -277,6 +283,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     )
     runner.setServiceParent(top)
     manager.local_enqueue, manager.local_claim = runner.enqueue, runner.claim
+    manager.verifier = getattr(top, "verifier", None)  # `epost verify` over the control socket
     control = control_service(config.server.spool, manager, reactor)
     control.factory.answer_route = RouteAnswers(routing, config.routing.dns_servers, reactor, pool)  # `epost route`
     control.setServiceParent(top)
@@ -335,3 +342,20 @@ def make_delivery_manager(config: Config, reactor, pool, courier, spool: Spool, 
         handle_signals=True,
         delay_warning=delivery.delay_warning,
     )
+
+
+def add_verifier(top: service.MultiService, config: Config, reactor, routing: Routing) -> None:
+    """Recipient verification by probe (SPEC §3.5), when `verify_recipients` is on:
+    the verifier with its cache, and a small pool for the MX lookups of probes."""
+    if not config.routing.verify_recipients:
+        return
+    from epost.delivery.verify import VerifierService, make_verifier
+
+    dns_pool = ThreadPool(minthreads=0, maxthreads=4, name="epost-verify")
+    pool_service = ThreadPoolService(dns_pool)
+    pool_service.setServiceParent(top)
+    top.stop_last.insert(0, pool_service)  # with the other pools, after the verifier has stopped
+    verifier = make_verifier(config, reactor, dns_pool)
+    VerifierService(verifier, dns_pool).setServiceParent(top)
+    routing.policy.verifier = verifier
+    top.verifier = verifier
