@@ -18,6 +18,7 @@ from twisted.python.threadpool import ThreadPool
 from epost.auth import UsersChecker, make_portal
 from epost import metrics
 from epost.config import Config
+from epost.listening import default_backlog, with_backlog
 from epost.control import control_service
 from epost.delivery.remote_courier import RemoteCourier
 from epost.queue.bounces import BounceSender
@@ -30,6 +31,7 @@ from epost.routing.gateway import load_gateway_table
 from epost.routing.live import LiveTable, TableWatcher
 from epost.routing.resolver import GatewayRouter, LocalRouter, MXRouter, Resolver, SmartHostRouter
 from epost.routing.users import load_users
+from epost.smtp.events import SessionEvents
 from epost.smtp.factory import ConnectionLimits, SMTPFactory
 from epost.smtp.policy import RecipientPolicy
 from epost.smtp.receiver import SpoolingReceiver
@@ -99,6 +101,7 @@ def listener_settings(config: Config, listener: str) -> ServerSettings:
         max_message_size=server.max_message_size,
         max_recipients=server.max_recipients,
         command_timeout=server.command_timeout,
+        session_deadline=server.session_deadline,
         data_timeout=server.data_timeout,
         max_bad_commands=server.max_bad_commands,
         require_auth=listener != "relay",
@@ -173,6 +176,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     tls = context_for(config)
     portal = make_portal(UsersChecker(routing.users, reactor, auth_pool))
     throttle = AuthThrottle(reactor, cutoff=config.server.auth_failures_before_cutoff)
+    events = SessionEvents(reactor)  # one log rate limit for all listeners
+    backlog = default_backlog()
 
     # Outbound SMTP (and its DNS lookups) runs in a process of its own: docs/delivery.md.
     courier = RemoteCourier(reactor, courier_settings(config))
@@ -202,10 +207,12 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     ):
         for description in endpoints:
             factory = SMTPFactory(
-                receiver, listener_settings(config, listener), reactor, limits, tls_context=tls, portal=portal, throttle=throttle
+                receiver, listener_settings(config, listener), reactor, limits, tls_context=tls, portal=portal, throttle=throttle,
+                events=events,
             )
             if listener == "smtps" and description.split(":", 1)[0] in ("tcp", "tcp6"):
                 factory = TLSMemoryBIOFactory(tls, False, factory)  # implicit TLS with our certificate
+            description = with_backlog(description, backlog)
             strports.service(description, factory, reactor=reactor).setServiceParent(top)
 
     metrics.watch(config.server.spool, lambda: limits.total_open)

@@ -7,6 +7,8 @@ from collections import Counter
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 
+from epost.smtp import events as reasons
+from epost.smtp.events import SessionEvents
 from epost.smtp.interfaces import IReceiver, Reply
 from epost.smtp.server import ServerSettings, SMTPServer
 
@@ -30,12 +32,12 @@ class ConnectionLimits:
         self.open = Counter()
         self.total_open = 0
 
-    def admit(self, ip: str) -> Reply | None:
-        """None when admitted (and counted), else the reply to refuse with."""
+    def admit(self, ip: str) -> tuple[str, Reply] | None:
+        """None when admitted (and counted), else why and the reply to refuse with."""
         if self.total_open >= self.total:
-            return Reply(421, "4.3.2", "Too many connections, try again later")
+            return reasons.REFUSED_TOO_MANY, Reply(421, "4.3.2", "Too many connections, try again later")
         if self.open[ip] >= self.per_client:
-            return Reply(421, "4.7.0", "Too many connections from your address")
+            return reasons.REFUSED_PER_CLIENT, Reply(421, "4.7.0", "Too many connections from your address")
         self.open[ip] += 1
         self.total_open += 1
         return None
@@ -58,7 +60,10 @@ class SMTPFactory(Factory):
         tls_context=None,
         portal=None,
         throttle=None,
+        events: SessionEvents | None = None,
     ):
+        """`events` is shared by every listener of a daemon (one rate limit per reason)."""
+        self.events = events or SessionEvents(clock)
         self.portal = portal
         self.throttle = throttle
         self.receiver = receiver
@@ -71,7 +76,10 @@ class SMTPFactory(Factory):
         ip = getattr(addr, "host", "")
         refusal = self.limits.admit(ip)
         if refusal is not None:
-            return _Refuse(Reply(refusal.code, refusal.enhanced, f"{self.settings.hostname} {refusal.text}"))
+            reason, reply = refusal
+            reply = Reply(reply.code, reply.enhanced, f"{self.settings.hostname} {reply.text}")
+            self.events.refused(self.settings.listener, ip, getattr(addr, "port", 0), reason, reply.encode().decode().strip())
+            return _Refuse(reply)
         protocol = SMTPServer(
             self.receiver,
             self.settings,
@@ -80,6 +88,7 @@ class SMTPFactory(Factory):
             on_close=lambda: self.limits.release(ip),
             portal=self.portal,
             throttle=self.throttle,
+            events=self.events,
         )
         protocol.factory = self
         return protocol
