@@ -10,8 +10,9 @@ Promises kept here:
   transport is paused and later bytes wait in the buffer;
 - bounded output: the session is its transport's streaming producer; while
   the client leaves replies unread (the transport's buffer is full) no more
-  commands are read or run, and a session stuck that way past
-  `command_timeout` is aborted, not closed politely;
+  commands are run, and past INPUT_BOUND of waiting commands none are read;
+  a session stuck that way past `command_timeout` is aborted, not closed
+  politely;
 - deadlines a trickle cannot reset: a whole command line within
   `command_timeout` of the previous reply, and MAIL within `session_deadline`
   of the connection or of the end of the previous message;
@@ -57,7 +58,12 @@ _CHECK_BROKE = object()  # the check itself failed (not a wrong password)
 # Why the session is not reading from its transport (any of them pauses it):
 _BUSY = "busy"  # a check or a commit is pending: the server is waiting
 _WRITER = "writer"  # the spool cannot take the message as fast as it comes
-_OUTPUT = "output"  # the client leaves our replies unread
+_UNREAD = "unread"  # the client leaves our replies unread and more than INPUT_BOUND of commands wait
+# Commands read but not run while the client leaves replies unread. Reading
+# stops only past this, not at once: Twisted's TLS layer also "pauses" its
+# producer while it holds writes until the handshake is done, and a session
+# that stopped reading then would never see the rest of the handshake.
+INPUT_BOUND = 16 * 1024
 CLOSE_GRACE = 15.0  # seconds a closing session may take to send its last replies before it is aborted
 
 
@@ -152,6 +158,7 @@ class SMTPServer(Protocol):
         self._deadline_at: float | None = None
         self._abort_timer = None  # a closing session that does not go away in CLOSE_GRACE
         self._pauses: set[str] = set()
+        self._output_full = False  # the transport paused us: replies wait unsent
         self._last_command = "CONNECT"
         self._reader: DataReader | None = None
         self._writer: IMessageWriter | None = None
@@ -262,7 +269,7 @@ class SMTPServer(Protocol):
             else:
                 self._idle_timer = call
             return
-        if _OUTPUT in self._pauses:
+        if self._output_full:
             # The client reads nothing: a polite close would wait forever for the buffer to drain.
             self._closed = True
             self._abort_message()
@@ -289,10 +296,13 @@ class SMTPServer(Protocol):
 
     # IPushProducer, registered on the transport: its write buffer is full / drained.
     def pauseProducing(self) -> None:
-        self._hold(_OUTPUT)
+        self._output_full = True
 
     def resumeProducing(self) -> None:
-        self._release(_OUTPUT)
+        self._output_full = False
+        self._release(_UNREAD)
+        if not self._pauses:
+            self._process()
 
     def stopProducing(self) -> None:
         pass  # the connection is going away; connectionLost cleans up
@@ -303,7 +313,7 @@ class SMTPServer(Protocol):
             return
         self._processing = True
         try:
-            while not (self._busy or self._closed or _OUTPUT in self._pauses):
+            while not (self._busy or self._closed or self._output_full):
                 if self._reader is not None:
                     if not self._buffer:
                         break
@@ -331,6 +341,8 @@ class SMTPServer(Protocol):
                     self._wait(result)
         finally:
             self._processing = False
+        if self._output_full and len(self._buffer) > INPUT_BOUND and not self._closed:
+            self._hold(_UNREAD)
 
     def _wait(self, deferred: defer.Deferred) -> None:
         """Hold back further commands until `deferred` has sent its reply."""
@@ -656,6 +668,7 @@ class SMTPServer(Protocol):
         reader, writer = self._reader, self._writer
         self._reader = self._writer = None
         writer.unregisterProducer()
+        self._release(_WRITER)  # an unregistered writer cannot hold reading
         if self._data_timer is not None and self._data_timer.active():
             self._data_timer.cancel()
         self._buffer = result.rest + self._buffer
@@ -695,6 +708,7 @@ class SMTPServer(Protocol):
     def _abort_message(self) -> None:
         if self._writer is not None:
             self._writer.unregisterProducer()
+            self._pauses.discard(_WRITER)
             self._writer.abort()
             self._writer = self._reader = None
 

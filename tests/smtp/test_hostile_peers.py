@@ -90,46 +90,62 @@ def test_unread_replies_stop_reading_and_running_commands():
     assert transport.producerState == "paused"
     assert len(transport.value()) < BOUND + 200  # one reply past the bound, not 10,000 replies
     answered = len(codes(transport))
-    while transport.producerState == "paused":
+    while transport.producer_paused:
         transport.drain()
+    assert transport.producerState == "producing"
     assert len(codes(transport)) == 10_001  # greeting + every HELP, once the client read
     assert answered < 100
+
+
+def test_a_producer_pause_alone_does_not_stop_reading():
+    """Twisted's TLS layer pauses its producer while it holds the greeting
+    until the handshake is done: reading must go on, or the handshake never ends."""
+    server, transport, *_ = connect()
+    server.pauseProducing()
+    assert transport.producerState == "producing"
+    server.dataReceived(b"NOOP\r\n")
+    assert codes(transport) == ["220"]  # but nothing is run while replies are unread
+    transport.producer_paused = True
+    transport.drain()
+    assert codes(transport) == ["220", "250"]
 
 
 def test_a_check_finishing_does_not_resume_reading_while_replies_are_unread():
     server, transport, receiver, *_ = connect()
     server.dataReceived(HELLO + b"MAIL FROM:<slow@example.org>\r\n")
     assert transport.producerState == "paused"  # the check is pending
-    server.pauseProducing()  # and now the client stops reading too
+    server.pauseProducing()  # and the client stops reading
+    transport.producer_paused = True
+    server.dataReceived(b"NOOP\r\n" * 5000)  # already read when the check began
     receiver.pending.pop().callback(None)
     assert transport.producerState == "paused"
-    transport.producer_paused = True
-    transport.drain()
+    assert codes(transport)[-1] == "250" and codes(transport).count("250") == 2  # EHLO, MAIL: no NOOP yet
+    while transport.producer_paused:
+        transport.drain()
     assert transport.producerState == "producing"
+    assert codes(transport).count("250") == 5002
 
 
 def test_drained_output_does_not_resume_reading_while_a_check_is_pending():
     server, transport, receiver, *_ = connect()
     server.pauseProducing()
     transport.producer_paused = True
-    server.dataReceived(HELLO + b"MAIL FROM:<slow@example.org>\r\n")
+    server.dataReceived(HELLO + b"MAIL FROM:<slow@example.org>\r\n" + b"NOOP\r\n" * 5000)
     assert codes(transport) == ["220"]  # nothing run while the output is stuck
+    assert transport.producerState == "paused"  # and past INPUT_BOUND nothing more is read
     transport.drain()
     assert transport.producerState == "paused"  # MAIL's check is pending now
     receiver.pending.pop().callback(None)
-    assert transport.producerState == "producing"
-    assert codes(transport)[-1] == "250"
+    assert codes(transport)[:3] == ["220", "250", "250"]
 
 
-def test_the_spool_writer_resuming_does_not_override_unread_replies():
+def test_reading_resumes_when_the_message_ends_even_if_the_spool_writer_never_said_so():
     server, transport, *_ = connect()
     server.dataReceived(HELLO + ENVELOPE + b"DATA\r\n")
-    writer_side = server._writer.producer
-    writer_side.pauseProducing()  # the spool is behind
-    server.pauseProducing()  # and the client reads nothing
-    writer_side.resumeProducing()
+    server._writer.producer.pauseProducing()  # the spool is behind
     assert transport.producerState == "paused"
-    server.resumeProducing()
+    server.dataReceived(b"hi\r\n.\r\n")  # bytes already read still arrive
+    assert codes(transport)[-1] == "250"
     assert transport.producerState == "producing"
 
 
