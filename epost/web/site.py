@@ -35,9 +35,10 @@ IPV6_LOOPBACK = r"\:\:1"  # colons escaped: endpoint strings split on ":"
 MAX_BODY = 2 * 1024 * 1024  # bytes: the largest form is the gateway.dat editor
 MAX_CONNECTIONS = 64
 # twisted.web's HTTPChannel already stops reading while its replies are unread
-# (tests/web/test_admin_hostile.py), but only its idle timeout ends such a
-# connection, and Site's default is 12 hours: 64 stuck clients would hold every
-# slot for half a day. After this, the channel closes; 15 s later it aborts.
+# (tests/web/test_admin_hostile.py); only its idle timeout ends such a
+# connection: it closes, and aborts 15 s later (HTTPChannel.abortTimeout).
+# Set here rather than trusting the default, which has been 12 hours in some
+# Twisted releases: 64 stuck clients would hold every slot for half a day.
 IDLE_TIMEOUT = 60
 
 

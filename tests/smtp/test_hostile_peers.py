@@ -45,8 +45,8 @@ class BufferedTransport(StringTransport):
 
     def drain(self):
         self.unsent = 0
-        if self.producer is not None and self.producer_paused:
-            self.producer_paused = False
+        was_paused, self.producer_paused = self.producer_paused, False
+        if self.producer is not None and was_paused:
             self.producer.resumeProducing()
 
     def abortConnection(self):
@@ -147,6 +147,19 @@ def test_reading_resumes_when_the_message_ends_even_if_the_spool_writer_never_sa
     server.dataReceived(b"hi\r\n.\r\n")  # bytes already read still arrive
     assert codes(transport)[-1] == "250"
     assert transport.producerState == "producing"
+
+
+def test_a_slow_spool_does_not_time_the_client_out():
+    """While the spool writer holds reading, it is the server that waits."""
+    server, transport, _, clock, events = connect(command_timeout=30, data_timeout=600)
+    server.dataReceived(HELLO + ENVELOPE + b"DATA\r\n")
+    writer_side = server._writer.producer
+    writer_side.pauseProducing()
+    clock.advance(100)
+    assert not transport.disconnecting and events.seen == []
+    writer_side.resumeProducing()
+    clock.advance(30)
+    assert transport.disconnecting and events.seen == [("ended", reasons.COMMAND_TIMEOUT)]
 
 
 def test_a_session_stuck_on_unread_replies_is_aborted_at_command_timeout():
