@@ -30,3 +30,21 @@ def test_the_password_check_threads_stop_after_the_listeners(tmp_path):
     top = make_service(config, reactor=MemoryReactorClock())
     auth_pool = top.portal.checkers[IUsernamePassword]._threadpool
     assert [s.pool for s in top.stop_last if hasattr(s, "pool")][-1] is auth_pool
+
+
+def test_every_listener_gets_the_default_backlog_unless_its_endpoint_sets_one(tmp_path):
+    """Twisted's backlog of 50 drops bursts of connections (issue 18)."""
+    from epost.listening import default_backlog
+    from epost.service import listener_settings
+
+    config = Config(server=ServerConfig(
+        hostname="mx.example.test", spool=tmp_path / "spool", relay=("tcp:0:interface=127.0.0.1",),
+        submission=("tcp:0:interface=127.0.0.1:backlog=7",), smtps=("tcp:0:interface=127.0.0.1",),
+        admin=("tcp:0:interface=127.0.0.1",), session_deadline=42,
+    ))
+    reactor = MemoryReactorClock()
+    top = make_service(config, reactor=reactor)
+    top.privilegedStartService()
+    backlogs = sorted(backlog for _port, _factory, backlog, _interface in reactor.tcpServers)
+    assert backlogs == sorted([default_backlog()] * 3 + [7])
+    assert listener_settings(config, "relay").session_deadline == 42
