@@ -11,6 +11,7 @@ import selectors
 import socket
 import ssl
 import time
+import urllib.request
 
 import pytest
 from hypothesis import HealthCheck, settings, strategies as st
@@ -158,7 +159,8 @@ def test_a_thousand_simultaneous_connections_are_all_greeted_within_2_seconds(da
 
 
 def test_a_byte_trickler_is_cut_by_the_command_deadline(daemon):
-    d = daemon(server=f"command_timeout = {COMMAND_TIMEOUT}")
+    admin = free_port()
+    d = daemon(server=f'command_timeout = {COMMAND_TIMEOUT}\nadmin = ["tcp:{admin}:interface=127.0.0.1"]')
     with socket.create_connection(("127.0.0.1", d.relay_port), timeout=10) as sock:
         assert sock.recv(512).startswith(b"220")
         start = time.monotonic()
@@ -178,6 +180,9 @@ def test_a_byte_trickler_is_cut_by_the_command_deadline(daemon):
     assert closed.startswith(b"421 4.4.2"), closed
     assert COMMAND_TIMEOUT - 0.5 <= elapsed <= COMMAND_TIMEOUT + 1.5
     wait_for(lambda: log_has(d, r"smtp ended: client=\[127\.0\.0\.1\]:\d+ listener=relay reason=command_timeout"), timeout=5)
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as response:
+        scraped = response.read().decode()
+    assert 'epost_smtp_sessions_ended_total{listener="relay",reason="command_timeout"} 1.0' in scraped
 
 
 def test_a_whole_line_trickler_is_cut_by_the_session_deadline(daemon):
