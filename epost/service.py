@@ -177,6 +177,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     portal = make_portal(UsersChecker(routing.users, reactor, auth_pool))
     throttle = AuthThrottle(reactor, cutoff=config.server.auth_failures_before_cutoff)
     events = SessionEvents(reactor)  # one log rate limit for all listeners
+    reactor.addSystemEventTrigger("before", "shutdown", events.flush)  # say what was suppressed
     backlog = default_backlog()
 
     # Outbound SMTP (and its DNS lookups) runs in a process of its own: docs/delivery.md.

@@ -330,6 +330,16 @@ def test_a_flood_of_events_logs_a_burst_then_one_summary_per_interval():
     assert not clock.getDelayedCalls()  # nothing suppressed: no summary pending
 
 
+def test_flush_says_what_is_still_suppressed_and_leaves_no_timer():
+    clock, captured = task.Clock(), Captured()
+    events = SessionEvents(clock, burst=1, interval=60, logger=captured.logger)
+    for _ in range(3):
+        events.ended("relay", "192.0.2.9", 1, reasons.DEADLINE, "421")
+    events.flush()
+    assert captured.lines[-1] == "smtp: suppressed 2 similar lines (reason=deadline) in the last 60 s"
+    assert not clock.getDelayedCalls()
+
+
 # --- listen backlog ------------------------------------------------------------
 
 
