@@ -380,8 +380,7 @@ class SMTPServer(Protocol):
         self._sender = _NO_SENDER
         self._mail_params: dict = {}
         self._recipients: list[tuple[Address, object]] = []
-        if self._deadline_timer is None:
-            self._arm_deadline()
+        self._arm_deadline()  # back on, at the same moment: giving up a transaction buys no time
 
     # -- commands -----------------------------------------------------------
 
@@ -674,8 +673,6 @@ class SMTPServer(Protocol):
         self._buffer = result.rest + self._buffer
         self._last_command = "END-OF-MESSAGE"
         self._deadline_at = self.clock.seconds() + self.settings.session_deadline  # a message done earns a new one
-        self._sender = _NO_SENDER
-        self._arm_deadline()
         self._reset_transaction()
         refusal = self._content_refusal(reader)
         if refusal is not None:
