@@ -248,7 +248,10 @@ class SMTPServer(Protocol):
         """Runs while no transaction is open; a transaction given up (RSET) does not buy more time."""
         if self._closed or self._deadline_at is None:
             return
-        if self._deadline_timer is not None and self._deadline_timer.active():
+        running = self._deadline_timer is not None and self._deadline_timer.active()
+        if running and self._sender is _NO_SENDER:
+            return  # already set for _deadline_at, which changes only while it is stopped
+        if running:
             self._deadline_timer.cancel()
         self._deadline_timer = None
         if self._sender is _NO_SENDER:
