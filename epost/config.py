@@ -58,6 +58,9 @@ class ServerConfig:
     # Not in E-Post; Postfix-like defaults (smtpd_timeout, smtpd_hard_error_limit,
     # smtpd_client_connection_count_limit).
     command_timeout: int = 300
+    # MAIL within this of the connection or of the end of the previous message
+    # (a trickle of NOOPs cannot hold a session open forever).
+    session_deadline: int = 300
     data_timeout: int = 600
     max_bad_commands: int = 20
     max_connections: int = 2000
@@ -300,6 +303,7 @@ SCHEMA: dict[str, dict[str, Converter]] = {
         "relay_networks": _list(_network),
         "allow_plaintext_auth": _boolean,
         "command_timeout": _POSITIVE,
+        "session_deadline": _POSITIVE,
         "data_timeout": _POSITIVE,
         "max_bad_commands": _POSITIVE,
         "max_connections": _POSITIVE,

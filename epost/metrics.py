@@ -39,6 +39,18 @@ delivery_latency = Histogram(
 )
 auth_failures = Counter("epost_auth_failures", "Failed SMTP AUTH attempts and Mail Control logins", registry=REGISTRY)
 table_reloads = Counter("epost_table_reloads", "Table reloads by table file and result", ["table", "result"], registry=REGISTRY)
+connections_refused = Counter(
+    "epost_smtp_connections_refused",
+    "Inbound SMTP connections answered 421 at once, by listener and reason (too_many_connections, per_client_limit)",
+    ["listener", "reason"],
+    registry=REGISTRY,
+)
+sessions_ended = Counter(
+    "epost_smtp_sessions_ended",
+    "Inbound SMTP sessions the server ended, by listener and reason (timeouts, deadline, errors, stuck output, AUTH cutoff)",
+    ["listener", "reason"],
+    registry=REGISTRY,
+)
 
 
 class LiveState:

@@ -21,6 +21,7 @@ from twisted.python.threadpool import ThreadPool
 from epost.auth import UsersChecker, make_portal
 from epost import metrics
 from epost.config import Config
+from epost.listening import default_backlog, with_backlog
 from epost.control import RouteAnswers, control_service
 from epost.delivery.remote_courier import RemoteCourier
 from epost.queue.bounces import BounceSender
@@ -35,6 +36,7 @@ from epost.routing.relay_recipients import load_relay_recipients
 from epost.routing.live import LiveTable, TableWatcher
 from epost.routing.resolver import GatewayRouter, LocalRouter, MXRouter, Resolver, SmartHostRouter
 from epost.routing.users import load_users
+from epost.smtp.events import SessionEvents
 from epost.smtp.factory import ConnectionLimits, SMTPFactory
 from epost.smtp.policy import RecipientPolicy
 from epost.smtp.receiver import SpoolingReceiver
@@ -179,6 +181,7 @@ def listener_settings(config: Config, listener: str) -> ServerSettings:
         max_message_size=server.max_message_size,
         max_recipients=server.max_recipients,
         command_timeout=server.command_timeout,
+        session_deadline=server.session_deadline,
         data_timeout=server.data_timeout,
         max_bad_commands=server.max_bad_commands,
         require_auth=listener != "relay",
@@ -263,6 +266,9 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     tls = context_for(config)
     portal = make_portal(UsersChecker(routing.users, reactor, auth_pool))
     throttle = AuthThrottle(reactor, cutoff=config.server.auth_failures_before_cutoff)
+    events = SessionEvents(reactor)  # one log rate limit for all listeners
+    reactor.addSystemEventTrigger("before", "shutdown", events.flush)  # say what was suppressed
+    backlog = default_backlog()
 
     # Outbound SMTP (and its DNS lookups) runs in a process of its own: docs/delivery.md.
     courier = RemoteCourier(reactor, courier_settings(config))
@@ -295,11 +301,12 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     ):
         for description in endpoints:
             factory = SMTPFactory(
-                receiver, listener_settings(config, listener), reactor, limits, tls_context=tls, portal=portal, throttle=throttle
+                receiver, listener_settings(config, listener), reactor, limits, tls_context=tls, portal=portal, throttle=throttle,
+                events=events,
             )
             if listener == "smtps" and description.split(":", 1)[0] in ("tcp", "tcp6"):
                 factory = TLSMemoryBIOFactory(tls, False, factory)  # implicit TLS with our certificate
-            port = strports.service(description, factory, reactor=reactor)
+            port = strports.service(with_backlog(description, backlog), factory, reactor=reactor)
             port.setServiceParent(top)
             top.listeners.append(port)
 

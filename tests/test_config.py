@@ -92,6 +92,7 @@ max_recipients = 5
 relay_networks = ["10.1.2.3/8"]
 allow_plaintext_auth = true
 command_timeout = 60
+session_deadline = 120
 max_connections_per_client = 3
 admin_users = ["Root@Example.jp"]
 
@@ -136,6 +137,7 @@ def test_file_overrides_every_default(tmp_path):
     assert server.relay_networks == (ipaddress.ip_network("10.0.0.0/8"),)
     assert server.allow_plaintext_auth is True
     assert (server.command_timeout, server.max_connections_per_client) == (60, 3)
+    assert server.session_deadline == 120
     assert server.admin_users == ("root@example.jp",)
     assert routing.local_domains == ("example.jp", "xn--bcher-kva.example")
     assert routing.relay_domains == ("partner.jp",)
@@ -269,6 +271,8 @@ BAD_FILE_VALUES = [
     ("server", "allow_plaintext_auth", '"yes"'),
     ("server", "allow_plaintext_auth", "1"),
     ("server", "command_timeout", "-1"),
+    ("server", "session_deadline", "0"),
+    ("server", "session_deadline", '"5m"'),
     ("routing", "local_domains", '["a..b"]'),
     ("routing", "local_domains", '["user@example.jp"]'),
     ("routing", "relay_domains", "[1]"),
