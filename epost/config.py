@@ -59,6 +59,9 @@ class ServerConfig:
     # Not in E-Post; Postfix-like defaults (smtpd_timeout, smtpd_hard_error_limit,
     # smtpd_client_connection_count_limit).
     command_timeout: int = 300
+    # MAIL within this of the connection or of the end of the previous message
+    # (a trickle of NOOPs cannot hold a session open forever).
+    session_deadline: int = 300
     data_timeout: int = 600
     max_bad_commands: int = 20
     max_connections: int = 2000
@@ -86,6 +89,12 @@ class RoutingConfig:
     smtp_gateway: HostPort | None = None
     forward_all_to_gateway: bool = False
     dns_servers: tuple[HostPort, ...] = ()
+    # A users, aliases or gateway.dat file that had entries and now has none is
+    # refused until SIGHUP (docs/routing.md); true applies it like any edit.
+    allow_empty_tables: bool = False
+    # SPEC §3.5: valid addresses of operated domains (a missing file: verify by probe).
+    relay_recipients: Path = Path("etc/relay_recipients")
+    verify_recipients: bool = True
 
 
 @dataclass(frozen=True)
@@ -300,6 +309,7 @@ SCHEMA: dict[str, dict[str, Converter]] = {
         "relay_networks": _list(_network),
         "allow_plaintext_auth": _boolean,
         "command_timeout": _POSITIVE,
+        "session_deadline": _POSITIVE,
         "data_timeout": _POSITIVE,
         "max_bad_commands": _POSITIVE,
         "max_connections": _POSITIVE,
@@ -320,6 +330,9 @@ SCHEMA: dict[str, dict[str, Converter]] = {
         "smtp_gateway": _host_port(25),
         "forward_all_to_gateway": _boolean,
         "dns_servers": _list(_host_port(53, ip_only=True)),
+        "allow_empty_tables": _boolean,
+        "relay_recipients": _path,
+        "verify_recipients": _boolean,
     },
     "delivery": {
         "connect_timeout": _POSITIVE,

@@ -40,6 +40,28 @@ class Operate(amp.Command):
     errors = {ValueError: b"BAD_REQUEST"}
 
 
+class Route(amp.Command):
+    """`epost route ADDRESS`: the route lines from the tables the daemon has in force (SPEC §8 format),
+    the exit status, and a note per table whose file on disk is not the one in force."""
+
+    arguments = [(b"address", amp.Unicode()), (b"dns", amp.Boolean())]
+    response = [(b"lines", amp.ListOf(amp.Unicode())), (b"status", amp.Integer()), (b"notes", amp.ListOf(amp.Unicode()))]
+    errors = {ValueError: b"BAD_REQUEST"}
+
+
+class Verify(amp.Command):
+    """`epost verify ADDRESS`: probe the address now (SPEC §3.5); the verdict is cached."""
+
+    arguments = [(b"address", amp.Unicode())]
+    response = [
+        (b"status", amp.Unicode()),
+        (b"text", amp.Unicode()),
+        (b"host", amp.Unicode(optional=True)),
+        (b"expires", amp.Float()),
+    ]
+    errors = {ValueError: b"BAD_REQUEST"}
+
+
 class ControlProtocol(amp.AMP):
     def __init__(self, manager: Any) -> None:
         super().__init__()
@@ -55,6 +77,23 @@ class ControlProtocol(amp.AMP):
         method = getattr(self.manager, action)
         d = defer.ensureDeferred(method(ids, domain))
         return d.addCallback(lambda result: {"done": result.done, "errors": result.errors})
+
+    @Route.responder
+    def route(self, address: str, dns: bool):
+        answer = getattr(self.factory, "answer_route", None)  # set by make_service
+        if answer is None:
+            raise ValueError("this daemon does not answer routes")
+        return answer(address, dns)
+
+    @Verify.responder
+    def verify(self, address: str):
+        from epost.delivery.verify import verify_now
+
+        verifier = getattr(self.manager, "verifier", None)
+        if verifier is None:
+            raise ValueError("recipient verification is off ([routing] verify_recipients = false)")
+        d = verify_now(verifier, self.manager.route_final, address)
+        return d.addCallback(lambda v: {"status": v.status, "text": v.text, "host": v.host, "expires": v.expires})
 
 
 def socket_path(spool: Path) -> Path:
@@ -85,27 +124,10 @@ class DaemonNotRunning(Exception):
 def operate(spool: Path, action: str, ids: list[str], domain: str | None, timeout: float = 60) -> dict:
     """Ask the daemon (blocking: the command line has no reactor to spare);
     raises DaemonNotRunning when nothing listens on the spool's socket."""
-    path = socket_path(spool)
-    if not path.exists():
-        raise DaemonNotRunning(str(path))
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-        connection.settimeout(timeout)
-        try:
-            connection.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError) as error:  # left by a dead daemon
-            raise DaemonNotRunning(f"{path}: {error}") from None
-        arguments: dict[str, Any] = {"action": action, "ids": ids}
-        if domain is not None:
-            arguments["domain"] = domain
-        box = Operate.makeArguments(arguments, None)
-        box[b"_command"] = Operate.commandName
-        box[b"_ask"] = b"1"
-        connection.sendall(box.serialize())
-        with connection.makefile("rb") as stream:
-            answer = _read_box(stream)
-    if b"_error" in answer:
-        raise RuntimeError(answer.get(b"_error_description", b"the daemon refused").decode("utf-8", "replace"))
-    return Operate.parseResponse(answer, None)
+    arguments: dict[str, Any] = {"action": action, "ids": ids}
+    if domain is not None:
+        arguments["domain"] = domain
+    return ask(spool, Operate, arguments, timeout)
 
 
 def _read_box(stream) -> amp.AmpBox:
@@ -153,3 +175,64 @@ def remove_leftovers(path: Path) -> None:
                 os.unlink(leftover)
         except FileNotFoundError:
             pass
+
+
+class RouteAnswers:
+    """Answers Route in the daemon with the resolver `build_routing` gave it; the work (MX
+    lookups included) runs in `threadpool`, never on the reactor."""
+
+    dns_timeout = 8.0  # seconds; one of the daemon's worker threads waits this long at most
+
+    def __init__(self, routing: Any, dns_servers: tuple, reactor: Any, threadpool: Any) -> None:
+        self.routing = routing
+        self.dns_servers = dns_servers
+        self.reactor = reactor
+        self.threadpool = threadpool
+
+    def __call__(self, address: str, dns: bool) -> defer.Deferred:
+        from twisted.internet.threads import deferToThreadPool
+
+        return deferToThreadPool(self.reactor, self.threadpool, self.answer, address, dns)
+
+    def answer(self, address: str, dns: bool) -> dict:
+        """Blocking: {"lines", "status", "notes"}."""
+        from epost.admin.cli import route_lines  # the command's own formatting
+        from epost.routing.dns import MXResolver
+
+        resolver = MXResolver(None, None, self.dns_servers, timeout=self.dns_timeout) if dns else None
+        lines, status = route_lines(self.routing.resolver, address, resolver)
+        notes = [note for table in self.routing.tables if (note := table.disk_note()) is not None]
+        return {"lines": lines, "status": status, "notes": notes}
+
+
+def ask_route(spool: Path, address: str, dns: bool, timeout: float = 60) -> dict:
+    """Route through the running daemon (blocking); DaemonNotRunning when nothing listens,
+    RuntimeError when it refuses (a daemon older than the Route command, say)."""
+    return ask(spool, Route, {"address": address, "dns": dns}, timeout)
+
+
+def ask(spool: Path, command: type[amp.Command], arguments: dict[str, Any], timeout: float = 60) -> dict:
+    """Send one AMP `command` to the daemon on the spool's socket and return its parsed answer (blocking)."""
+    path = socket_path(spool)
+    if not path.exists():
+        raise DaemonNotRunning(str(path))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(timeout)
+        try:
+            connection.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError) as error:  # left by a dead daemon
+            raise DaemonNotRunning(f"{path}: {error}") from None
+        box = command.makeArguments(arguments, None)
+        box[b"_command"] = command.commandName
+        box[b"_ask"] = b"1"
+        connection.sendall(box.serialize())
+        with connection.makefile("rb") as stream:
+            answer = _read_box(stream)
+    if b"_error" in answer:
+        raise RuntimeError(answer.get(b"_error_description", b"the daemon refused").decode("utf-8", "replace"))
+    return command.parseResponse(answer, None)
+
+
+def ask_verify(spool: Path, address: str, timeout: float = 30) -> dict:
+    """`epost verify` through the running daemon (blocking); DaemonNotRunning when none listens."""
+    return ask(spool, Verify, {"address": address}, timeout)

@@ -45,6 +45,18 @@ dnsbl_lookups = Counter(
     registry=REGISTRY,
 )
 table_reloads = Counter("epost_table_reloads", "Table reloads by table file and result", ["table", "result"], registry=REGISTRY)
+connections_refused = Counter(
+    "epost_smtp_connections_refused",
+    "Inbound SMTP connections answered 421 at once, by listener and reason (too_many_connections, per_client_limit)",
+    ["listener", "reason"],
+    registry=REGISTRY,
+)
+sessions_ended = Counter(
+    "epost_smtp_sessions_ended",
+    "Inbound SMTP sessions the server ended, by listener and reason (timeouts, deadline, errors, stuck output, AUTH cutoff)",
+    ["listener", "reason"],
+    registry=REGISTRY,
+)
 
 
 class LiveState:
@@ -90,3 +102,19 @@ def metrics_resource():
     from prometheus_client.twisted import MetricsResource
 
     return MetricsResource(registry=REGISTRY)
+
+
+# Recipient verification (SPEC §3.5, docs/routing.md "Recipient verification").
+verify_verdicts = Counter(
+    "epost_verify_verdicts",
+    "RCPT answers decided by recipient verification, by verdict (accepted, refused, temporary) and source (cache, probe, table)",
+    ["verdict", "source"],
+    registry=REGISTRY,
+)
+verify_cache = Counter("epost_verify_cache_lookups", "Verification cache lookups by result (hit, miss)", ["result"], registry=REGISTRY)
+verify_probe_seconds = Histogram(
+    "epost_verify_probe_seconds",
+    "Time of one verification probe session, start to verdict",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
+    registry=REGISTRY,
+)

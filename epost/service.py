@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 from typing import NamedTuple
 
 from twisted.application import service, strports
@@ -20,7 +21,8 @@ from twisted.python.threadpool import ThreadPool
 from epost.auth import UsersChecker, make_portal
 from epost import metrics
 from epost.config import Config
-from epost.control import control_service
+from epost.listening import default_backlog, with_backlog
+from epost.control import RouteAnswers, control_service
 from epost.delivery.remote_courier import RemoteCourier
 from epost.queue.bounces import BounceSender
 from epost.queue.lock import SpoolLock
@@ -30,9 +32,11 @@ from epost.queue.spool import Spool
 from epost.queue.worker_client import SpoolWorkerService
 from epost.routing.aliases import load_aliases
 from epost.routing.gateway import load_gateway_table
+from epost.routing.relay_recipients import load_relay_recipients
 from epost.routing.live import LiveTable, TableWatcher
 from epost.routing.resolver import GatewayRouter, LocalRouter, MXRouter, Resolver, SmartHostRouter
 from epost.routing.users import load_users
+from epost.smtp.events import SessionEvents
 from epost.smtp.factory import ConnectionLimits, SMTPFactory
 from epost.smtp.policy import RecipientPolicy
 from epost.smtp.receiver import SpoolingReceiver
@@ -123,6 +127,13 @@ class EpostService(service.MultiService):
         ))
 
     def privilegedStartService(self) -> None:
+        # From here the ports are bound and the PID may be known, but the
+        # handlers for SIGHUP (tables) and SIGUSR2 (flush) come with
+        # startService: until then a signal must not end the daemon (the
+        # default action of both).
+        for number in (signal.SIGHUP, signal.SIGUSR2):
+            if signal.getsignal(number) == signal.SIG_DFL:
+                signal.signal(number, signal.SIG_IGN)
         try:
             super().privilegedStartService()
         except CannotListenError as error:
@@ -170,6 +181,7 @@ def listener_settings(config: Config, listener: str) -> ServerSettings:
         max_message_size=server.max_message_size,
         max_recipients=server.max_recipients,
         command_timeout=server.command_timeout,
+        session_deadline=server.session_deadline,
         data_timeout=server.data_timeout,
         max_bad_commands=server.max_bad_commands,
         require_auth=listener != "relay",
@@ -183,10 +195,11 @@ class Routing(NamedTuple):
     gateway: LiveTable
     resolver: Resolver
     policy: RecipientPolicy
+    relay_recipients: LiveTable | None = None
 
     @property
     def tables(self) -> list[LiveTable]:
-        return [self.users, self.aliases, self.gateway]
+        return [self.users, self.aliases, self.gateway, *([self.relay_recipients] if self.relay_recipients else [])]
 
 
 def build_routing(config: Config) -> Routing:
@@ -195,9 +208,10 @@ def build_routing(config: Config) -> Routing:
     Shared by the daemon and `epost route`, so both decide the same way.
     """
     routing = config.routing
-    users = LiveTable(routing.users, load_users)
-    aliases = LiveTable(routing.aliases, load_aliases)
-    gateway = LiveTable(routing.gateway_table, load_gateway_table)
+    refuse_empty = not routing.allow_empty_tables  # an emptied table waits for SIGHUP (docs/routing.md)
+    users = LiveTable(routing.users, load_users, refuse_empty)
+    aliases = LiveTable(routing.aliases, load_aliases, refuse_empty)
+    gateway = LiveTable(routing.gateway_table, load_gateway_table, refuse_empty)
     local_domains = frozenset(routing.local_domains)
     routers = [] if routing.forward_all_to_gateway else [LocalRouter(local_domains, users)]
     routers.append(GatewayRouter(gateway))
@@ -214,7 +228,10 @@ def build_routing(config: Config) -> Routing:
         aliases=aliases,
         check_sender_ownership=config.server.check_sender_ownership,
     )
-    return Routing(users, aliases, gateway, resolver, policy)
+    relay_recipients = LiveTable(routing.relay_recipients, load_relay_recipients, refuse_empty)
+    policy.relay_recipients, policy.users = relay_recipients, users
+    policy.verify_recipients = routing.verify_recipients  # probes need a verifier: make_service sets it
+    return Routing(users, aliases, gateway, resolver, policy, relay_recipients)
 
 
 def make_service(config: Config, reactor=None) -> service.MultiService:
@@ -243,11 +260,15 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     top.stop_last = [worker, pool_service, auth_pool_service]  # the courier process goes first, below
     routing = build_routing(config)
     TableWatcher(routing.tables, reactor, pool).setServiceParent(top)
+    add_verifier(top, config, reactor, routing)
     receiver = SpoolingReceiver(worker, routing.policy, config.server.hostname, now=reactor.seconds)
     limits = ConnectionLimits(config.server.max_connections, config.server.max_connections_per_client)
     tls = context_for(config)
     portal = make_portal(UsersChecker(routing.users, reactor, auth_pool))
     throttle = AuthThrottle(reactor, cutoff=config.server.auth_failures_before_cutoff)
+    events = SessionEvents(reactor)  # one log rate limit for all listeners
+    reactor.addSystemEventTrigger("before", "shutdown", events.flush)  # say what was suppressed
+    backlog = default_backlog()
 
     # Outbound SMTP (and its DNS lookups) runs in a process of its own: docs/delivery.md.
     courier = RemoteCourier(reactor, courier_settings(config))
@@ -268,7 +289,10 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     )
     runner.setServiceParent(top)
     manager.local_enqueue, manager.local_claim = runner.enqueue, runner.claim
-    control_service(config.server.spool, manager, reactor).setServiceParent(top)
+    manager.verifier = getattr(top, "verifier", None)  # `epost verify` over the control socket
+    control = control_service(config.server.spool, manager, reactor)
+    control.factory.answer_route = RouteAnswers(routing, config.routing.dns_servers, reactor, pool)  # `epost route`
+    control.setServiceParent(top)
 
     for listener, endpoints in (
         ("relay", config.server.relay),
@@ -277,11 +301,12 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     ):
         for description in endpoints:
             factory = SMTPFactory(
-                receiver, listener_settings(config, listener), reactor, limits, tls_context=tls, portal=portal, throttle=throttle
+                receiver, listener_settings(config, listener), reactor, limits, tls_context=tls, portal=portal, throttle=throttle,
+                events=events,
             )
             if listener == "smtps" and description.split(":", 1)[0] in ("tcp", "tcp6"):
                 factory = TLSMemoryBIOFactory(tls, False, factory)  # implicit TLS with our certificate
-            port = strports.service(description, factory, reactor=reactor)
+            port = strports.service(with_backlog(description, backlog), factory, reactor=reactor)
             port.setServiceParent(top)
             top.listeners.append(port)
 
@@ -324,3 +349,20 @@ def make_delivery_manager(config: Config, reactor, pool, courier, spool: Spool, 
         handle_signals=True,
         delay_warning=delivery.delay_warning,
     )
+
+
+def add_verifier(top: service.MultiService, config: Config, reactor, routing: Routing) -> None:
+    """Recipient verification by probe (SPEC §3.5), when `verify_recipients` is on:
+    the verifier with its cache, and a small pool for the MX lookups of probes."""
+    if not config.routing.verify_recipients:
+        return
+    from epost.delivery.verify import VerifierService, make_verifier
+
+    dns_pool = ThreadPool(minthreads=0, maxthreads=4, name="epost-verify")
+    pool_service = ThreadPoolService(dns_pool)
+    pool_service.setServiceParent(top)
+    top.stop_last.insert(0, pool_service)  # with the other pools, after the verifier has stopped
+    verifier = make_verifier(config, reactor, dns_pool)
+    VerifierService(verifier, dns_pool).setServiceParent(top)
+    routing.policy.verifier = verifier
+    top.verifier = verifier

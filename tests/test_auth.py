@@ -99,10 +99,10 @@ class UsersCheckerTests(unittest.TestCase):
         self.pool = ThreadPool(minthreads=1, maxthreads=2, name="test-auth")
         self.pool.start()
         self.addCleanup(self.pool.stop)
-        self.users = Users({
-            Address("alice", "example.test"): User(Address("alice", "example.test"), hash_password("s3cret")),
-            Address("bob", "example.test"): User(Address("bob", "example.test"), None),
-        })
+        self.users = Users.of([
+            User(Address("alice", "example.test"), hash_password("s3cret")),
+            User(Address("bob", "example.test"), None),
+        ])
         self.checker = UsersChecker(lambda: self.users, reactor, self.pool)
 
     def login(self, username, password):

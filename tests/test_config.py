@@ -92,6 +92,7 @@ max_recipients = 5
 relay_networks = ["10.1.2.3/8"]
 allow_plaintext_auth = true
 command_timeout = 60
+session_deadline = 120
 max_connections_per_client = 3
 admin_users = ["Root@Example.jp"]
 
@@ -136,6 +137,7 @@ def test_file_overrides_every_default(tmp_path):
     assert server.relay_networks == (ipaddress.ip_network("10.0.0.0/8"),)
     assert server.allow_plaintext_auth is True
     assert (server.command_timeout, server.max_connections_per_client) == (60, 3)
+    assert server.session_deadline == 120
     assert server.admin_users == ("root@example.jp",)
     assert routing.local_domains == ("example.jp", "xn--bcher-kva.example")
     assert routing.relay_domains == ("partner.jp",)
@@ -269,6 +271,8 @@ BAD_FILE_VALUES = [
     ("server", "allow_plaintext_auth", '"yes"'),
     ("server", "allow_plaintext_auth", "1"),
     ("server", "command_timeout", "-1"),
+    ("server", "session_deadline", "0"),
+    ("server", "session_deadline", '"5m"'),
     ("routing", "local_domains", '["a..b"]'),
     ("routing", "local_domains", '["user@example.jp"]'),
     ("routing", "relay_domains", "[1]"),
@@ -485,3 +489,13 @@ def test_sample_config_loads(tmp_path, monkeypatch):
     assert config.routing.gateway_table == ROOT / "etc/gateway.dat"
     for table in (config.routing.aliases, config.routing.users, config.routing.gateway_table):
         assert table.is_file()
+
+
+def test_allow_empty_tables_is_off_unless_the_routing_section_says_so(tmp_path):
+    from epost.config import load_config
+
+    path = tmp_path / "epost.toml"
+    path.write_text('[server]\nhostname = "mx.example.test"\n')
+    assert load_config(path, {}).routing.allow_empty_tables is False
+    path.write_text('[server]\nhostname = "mx.example.test"\n[routing]\nallow_empty_tables = true\n')
+    assert load_config(path, {}).routing.allow_empty_tables is True

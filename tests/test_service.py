@@ -106,3 +106,35 @@ def test_a_control_socket_that_cannot_be_served_stops_start_up_with_one_line_nam
     with pytest.raises(SystemExit) as stopped:
         top.privilegedStartService()
     assert str(stopped.value) == "epost: cannot listen on /var/spool/epost/control.sock: [Errno 98] Address already in use"
+
+
+def test_a_sighup_or_sigusr2_between_binding_and_starting_does_not_end_the_daemon():
+    """The handlers come with startService; before that, the default action
+    of both signals would end the process (seen with a SIGHUP at start-up)."""
+    import signal
+
+    numbers = (signal.SIGHUP, signal.SIGUSR2)
+    before = {number: signal.signal(number, signal.SIG_DFL) for number in numbers}
+    try:
+        EpostService().privilegedStartService()
+        assert [signal.getsignal(number) for number in numbers] == [signal.SIG_IGN, signal.SIG_IGN]
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
+
+def test_every_listener_gets_the_default_backlog_unless_its_endpoint_sets_one(tmp_path):
+    """Twisted's backlog of 50 drops bursts of connections (issue 18)."""
+    from epost.listening import default_backlog
+    from epost.service import listener_settings
+
+    config = Config(server=ServerConfig(
+        hostname="mx.example.test", spool=tmp_path / "spool", relay=("tcp:0:interface=127.0.0.1",),
+        submission=("tcp:0:interface=127.0.0.1:backlog=7",), smtps=("tcp:0:interface=127.0.0.1",),
+        admin=("tcp:0:interface=127.0.0.1",), session_deadline=42,
+    ))
+    reactor = MemoryReactorClock()
+    top = make_service(config, reactor=reactor)
+    top.privilegedStartService()
+    backlogs = sorted(backlog for _port, _factory, backlog, _interface in reactor.tcpServers)
+    assert backlogs == sorted([default_backlog()] * 3 + [7])
+    assert listener_settings(config, "relay").session_deadline == 42

@@ -22,6 +22,7 @@ from epost.config import Config, ConfigError, load_config
 from epost.fsutil import write_atomically
 from epost.routing.aliases import check_loops, load_aliases
 from epost.routing.gateway import load_gateway_table
+from epost.routing.relay_recipients import load_relay_recipients
 from epost.routing.tables import TableError
 from epost.routing.users import split_hash, load_users, parse_user_line
 from epost.smtp.address import Address, parse_mailbox
@@ -32,6 +33,7 @@ TABLES: dict[str, Callable[[Path], object]] = {
     "users": load_users,
     "aliases": load_aliases,
     "gateway_table": load_gateway_table,
+    "relay_recipients": load_relay_recipients,
 }
 
 
@@ -79,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     passwd.add_argument("address", help="the account, e.g. alice@example.jp (added if new)")
     passwd.add_argument("--stdin", action="store_true", help="read the password from one line of standard input")
     passwd.set_defaults(run=set_password)
+
+    verify = commands.add_parser("verify", parents=[common], help="ask an operated domain's next hop about an address now")
+    verify.add_argument("address", help="an address of an operated domain, e.g. bob@example.jp")
+    verify.set_defaults(run=verify_address)
     return parser
 
 
@@ -109,7 +115,8 @@ def _check_tables(config: Config) -> Iterator[tuple[bool, str]]:
     for key, parse in TABLES.items():
         path: Path = getattr(config.routing, key)
         if not path.exists():
-            yield False, f"{path}: not found (empty table)"
+            if key != "relay_recipients":  # no file is its usual state: recipients are verified by probe
+                yield False, f"{path}: not found (empty table)"
         else:
             try:
                 table = parse(path)
@@ -142,13 +149,27 @@ def show_route(args: argparse.Namespace, now: float) -> int:
     from epost.service import build_routing  # the daemon's own chain; heavy imports, only here
     try:
         config = _load(args)
+    except ConfigError as error:
+        print(f"epost: {error}", file=sys.stderr)
+        return 1
+    answer = _route_from_daemon(config, args.address, not args.no_dns)
+    if answer is not None:
+        print("\n".join(answer["lines"]))
+        for line in verification_lines(config, args.address, now):  # the daemon saves its cache every 5 s
+            print(line)
+        for note in answer["notes"]:  # stderr: the route lines on stdout keep SPEC §8's format
+            print(note, file=sys.stderr)
+        return answer["status"]
+    try:
         resolver = build_routing(config).resolver
-    except (ConfigError, TableError) as error:
+    except TableError as error:
         print(f"epost: {error}", file=sys.stderr)
         return 1
     dns = None if args.no_dns else MXResolver(None, None, config.routing.dns_servers, timeout=config.delivery.connect_timeout)
     lines, status = route_lines(resolver, args.address, dns)
     for line in lines:
+        print(line)
+    for line in verification_lines(config, args.address, now):
         print(line)
     return status
 
@@ -264,11 +285,16 @@ def set_password(args: argparse.Namespace, now: float) -> int:
     password = _read_password(args.stdin)
     if password is None:
         return 1
+    created = not path.exists()
     try:
+        if created:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new users file's folder: private
         write_atomically(path, _with_hash(old, user.address, hash_password(password)), mode=mode)
     except OSError as error:
         print(f"epost: {path}: cannot write: {error.strerror or error}", file=sys.stderr)
         return 1
+    if created:
+        print(f"created {_shown(path)}")
     print(f"password set for {user.address}")
     return 0
 
@@ -315,6 +341,116 @@ def _read_password(from_stdin: bool) -> str | None:
         print("epost: empty password refused", file=sys.stderr)
         return None
     return password
+
+
+def _route_from_daemon(config: Config, address: str, dns: bool) -> dict | None:
+    """The daemon's answer (the tables it has in force), or None after one line on stderr saying
+    that the files on disk are used instead."""
+    from epost.control import DaemonNotRunning, ask_route
+
+    try:
+        return ask_route(config.server.spool, address, dns)
+    except DaemonNotRunning:
+        why = "no daemon is running"
+    except (OSError, RuntimeError) as error:  # timeout, connection dropped, an older daemon
+        why = f"the daemon did not answer ({error})"
+    print(f"epost: {why} (spool {config.server.spool}): routing from the files on disk", file=sys.stderr)
+    return None
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working folder when it is below it (`etc/users`), else as it is."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+def verification_lines(config: Config, address_text: str, now: float) -> list[str]:
+    """`epost route`'s line about recipient verification (SPEC §3.5), for an
+    address it applies to: the relay_recipients line, or the cached verdict;
+    nothing when no verdict is cached (so the §8 lines stay as they were)."""
+    from datetime import datetime, timezone
+
+    from epost.delivery.verify import read_cached
+    from epost.service import build_routing
+    from epost.smtp.interfaces import Rejected, Session
+
+    try:
+        address = parse_mailbox(address_text)
+        policy = build_routing(config).policy
+        outsider = Session("relay", "192.0.2.0", 0, "", True, None, None)  # neither trusted nor authenticated
+        facts = policy.verification_facts(outsider, address, policy.route_for(outsider, address))
+    except (ValueError, TableError, Rejected):
+        return []
+    if facts is None or facts["local"]:
+        return []
+    if facts["listed"] is not None:
+        line = policy.relay_recipients().lookup(address)
+        if line is None:
+            return [f"{address}: verify via relay_recipients -> 550 5.1.1 not listed"]
+        return [f"{address}: verify via {config.routing.relay_recipients.name}:{line} -> listed"]
+    verdict = read_cached(config.server.spool, str(address), now) if config.routing.verify_recipients else None
+    if verdict is None:  # nothing known yet: the next RCPT, or `epost verify`, probes it
+        return []
+    until = datetime.fromtimestamp(verdict.expires, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    said = f" ({verdict.host} said: {verdict.text})" if verdict.host else f" ({verdict.text})"
+    return [f"{address}: verify via cache -> {verdict.status} until {until}{said}"]
+
+
+def verify_address(args: argparse.Namespace, now: float) -> int:
+    """`epost verify ADDRESS`: probe now through the running daemon (which caches
+    the verdict), or from here when no daemon runs. Exit 0 accepted, 1 refused
+    or not verifiable, 2 temporary."""
+    from epost.control import DaemonNotRunning, ask_verify
+
+    config = _load_with_spool(args)
+    if config is None:
+        return 1
+    try:
+        answer = ask_verify(config.server.spool, args.address)
+        note = ""
+    except DaemonNotRunning:
+        try:
+            answer = _verify_here(config, args.address)
+        except ValueError as error:
+            print(f"epost: {error}", file=sys.stderr)
+            return 1
+        note = " (daemon not running: verdict not cached)"
+    except (RuntimeError, OSError) as error:
+        print(f"epost: {error}", file=sys.stderr)
+        return 1
+    said = f"{answer['host']} said: " if answer.get("host") else ""
+    print(f"{args.address}: {answer['status']}: {said}{answer['text']}{note}")
+    return {"accepted": 0, "refused": 1}.get(answer["status"], 2)
+
+
+def _verify_here(config: Config, address_text: str) -> dict:
+    """One probe from this process, with a reactor of its own; no cache."""
+    from twisted.internet import reactor
+    from twisted.python.failure import Failure
+    from twisted.python.threadpool import ThreadPool
+
+    from epost.delivery.verify import VerdictCache, make_verifier, verify_now
+    from epost.service import build_routing
+
+    resolver = build_routing(config).resolver
+    pool = ThreadPool(minthreads=0, maxthreads=2, name="epost-verify")
+    pool.start()
+    verifier = make_verifier(config, reactor, pool)
+    verifier.cache = VerdictCache(None, reactor.seconds)
+    result: list = []
+    try:
+        d = verify_now(verifier, resolver.route_final, address_text)
+    except ValueError:
+        pool.stop()
+        raise
+    d.addBoth(result.append).addBoth(lambda _: reactor.stop())
+    if not result:
+        reactor.run(installSignalHandlers=False)
+    pool.stop()
+    verdict = result[0]
+    if isinstance(verdict, Failure):
+        verdict.raiseException()
+    return {"status": verdict.status, "text": verdict.text, "host": verdict.host}
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ class Courier:
     stream of mail to one host does not pay a handshake per message."""
 
     max_idle_per_address = 10
+    client_class = SMTPClient  # address verification (epost/delivery/probe.py) plugs in its own
 
     def __init__(
         self,
@@ -198,7 +199,7 @@ class Courier:
             # The idle connection was gone (closed by the server): a fresh one.
         endpoint_class = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
         endpoint = endpoint_class(self.reactor, ip, port, timeout=self.connect_timeout)
-        client = SMTPClient(
+        client = self.client_class(
             self.hostname,
             sender,
             recipients,

@@ -13,42 +13,74 @@ than `max_depth` refused. An alias may name itself among other targets
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator
 
-from epost.routing.tables import TableError, read_table_lines
+from epost.routing.tables import PackedMap, TableError, iter_table_lines
 from epost.smtp.address import Address, AddressError, parse_mailbox
 
 DEFAULT_MAX_DEPTH = 10
 _BARE_DOMAIN = "invalid"  # stands in for the domain when checking a bare name's syntax
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AliasEntry:
     line: int
     name: str  # canonical: "bob" (every local domain) or "bob@example.jp"
     targets: tuple[Address, ...]  # as written, domains canonical
 
 
-@dataclass(frozen=True)
 class Aliases:
-    """A parsed aliases file; `path` is only used to name it in errors."""
+    """A parsed aliases file; `path` is only used to name it in errors.
 
-    path: Path | str = ""
-    exact: Mapping[Address, AliasEntry] = field(default_factory=dict)  # key: the name, local part lower-cased
-    bare: Mapping[str, AliasEntry] = field(default_factory=dict)  # key: lower-case local part
+    Kept compact: per alias its key and a string holding its line number
+    and its targets as written, in a PackedMap; the AliasEntry is made on
+    lookup. A 10 MB file holds about 180,000 aliases; as objects they took
+    107 MiB and their memory stayed with the daemon after a reload
+    (docs/routing.md, "Memory").
+    """
+
+    __slots__ = ("path", "_exact", "_bare")
+
+    def __init__(self, path: Path | str = "", exact: dict[str, str] | None = None, bare: dict[str, str] | None = None):
+        self.path = path
+        self._exact = PackedMap(exact)  # "name@domain", local part lower-cased -> packed entry
+        self._bare = PackedMap(bare)  # lower-case local part -> packed entry
 
     def lookup(self, address: Address, local_domains: frozenset[str]) -> AliasEntry | None:
         """The entry for `address`: `name@domain` wins; a bare `name` only in a local domain."""
         key = _key(address)
-        entry = self.exact.get(key)
-        if entry is None and address.domain in local_domains:
-            entry = self.bare.get(key.local)
-        return entry
+        packed = self._exact.get(f"{key.local}@{key.domain}")
+        if packed is not None:
+            return _unpack(str(key), packed)
+        if address.domain in local_domains:
+            packed = self._bare.get(key.local)
+            if packed is not None:
+                return _unpack(str(Address(key.local, _BARE_DOMAIN)).rpartition("@")[0], packed)
+        return None
+
+    def entries(self) -> Iterator[tuple[Address | str, AliasEntry]]:
+        """(name, entry) for every alias, in no set order: an Address, or a bare lower-case local part."""
+        for text, packed in self._exact.items():
+            local, _, domain = text.rpartition("@")
+            address = Address(local, domain)
+            yield address, _unpack(str(address), packed)
+        for local, packed in self._bare.items():
+            yield local, _unpack(str(Address(local, _BARE_DOMAIN)).rpartition("@")[0], packed)
 
     def __len__(self) -> int:
-        return len(self.exact) + len(self.bare)
+        return len(self._exact) + len(self._bare)
+
+
+def _pack(line: int, target_texts: list[str]) -> str:
+    """One string for an entry: its line number, then each target as written, LF-separated (no line holds LF)."""
+    return "\n".join([str(line), *target_texts])
+
+
+def _unpack(name: str, packed: str) -> AliasEntry:
+    line, *targets = packed.split("\n")
+    return AliasEntry(int(line), name, tuple(parse_mailbox(target) for target in targets))
 
 
 def load_aliases(path: Path) -> Aliases:
@@ -56,27 +88,29 @@ def load_aliases(path: Path) -> Aliases:
 
     Loops are not checked here (they depend on the local domains): see `check_loops`.
     """
-    return parse_aliases(read_table_lines(path), path)
+    return parse_aliases(iter_table_lines(path), path)
 
 
 def parse_aliases(lines: Iterable[tuple[int, str]], path: Path | str) -> Aliases:
     """Build the table from (line number, text) pairs as given by `read_table_lines`."""
-    exact: dict[Address, AliasEntry] = {}
-    bare: dict[str, AliasEntry] = {}
+    exact: dict[str, str] = {}
+    bare: dict[str, str] = {}
     for number, text in lines:
         try:
-            key, entry = _parse_line(number, text)
+            key, name, target_texts = _parse_line(text)
         except AddressError as error:
             raise TableError(path, number, str(error)) from None
-        table: dict = exact if isinstance(key, Address) else bare
-        if key in table:
-            raise TableError(path, number, f"duplicate alias {entry.name!r} (first on line {table[key].line})")
-        table[key] = entry
+        table, text_key = (exact, f"{key.local}@{key.domain}") if isinstance(key, Address) else (bare, key)
+        if text_key in table:
+            first = table[text_key].partition("\n")[0]
+            raise TableError(path, number, f"duplicate alias {name!r} (first on line {first})")
+        table[text_key] = _pack(number, target_texts)
     return Aliases(path, exact, bare)
 
 
-def _parse_line(number: int, text: str) -> tuple[Address | str, AliasEntry]:
-    """(lookup key, entry) for one line; AddressError (a ValueError) saying what is wrong."""
+def _parse_line(text: str) -> tuple[Address | str, str, list[str]]:
+    """(lookup key, canonical name, target texts) for one line, every target checked;
+    AddressError (a ValueError) saying what is wrong."""
     key, name, targets_text = _split_name(text)
     targets = []
     for target_text in _split_targets(targets_text):
@@ -85,10 +119,11 @@ def _parse_line(number: int, text: str) -> tuple[Address | str, AliasEntry]:
         if _is_bare(target_text):
             raise AddressError(f"alias {name!r}: target {target_text!r} is not a full address (write user@domain)")
         try:
-            targets.append(parse_mailbox(target_text))
+            parse_mailbox(target_text)
         except AddressError as error:
             raise AddressError(f"alias {name!r}: bad target {target_text!r}: {error}") from None
-    return key, AliasEntry(number, name, tuple(targets))
+        targets.append(target_text)
+    return key, name, targets
 
 
 def _split_name(text: str) -> tuple[Address | str, str, str]:
@@ -258,9 +293,12 @@ def check_loops(
     line. A bare name is tried in every local domain. Promise: the list is
     empty exactly when every alias expands without an AliasError.
     """
-    starts: list[tuple[int, Address]] = [(entry.line, name) for name, entry in aliases.exact.items()]
-    for local, entry in aliases.bare.items():
-        starts += [(entry.line, Address(local, domain)) for domain in sorted(local_domains)]
+    starts: list[tuple[int, Address]] = []
+    for name, entry in aliases.entries():
+        if isinstance(name, Address):
+            starts.append((entry.line, name))
+        else:
+            starts += [(entry.line, Address(name, domain)) for domain in sorted(local_domains)]
     errors: list[TableError] = []
     loops: set[frozenset[Address]] = set()
     too_deep_lines: set[int] = set()

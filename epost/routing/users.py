@@ -7,14 +7,15 @@ cannot log in. Lookups ignore case in both parts, so `Alice@Example.JP` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
-from epost.routing.tables import TableError, read_table_lines
+from epost.routing.tables import PackedMap, TableError, iter_table_lines
 from epost.smtp.address import Address, AddressError, parse_mailbox
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class User:
     address: Address  # canonical: local part and domain lower-case
     password_hash: str | None  # None: receives mail but cannot log in
@@ -25,42 +26,55 @@ class User:
         return f"{self.address.domain}/{self.address.local}"
 
 
-@dataclass(frozen=True)
 class Users:
-    by_address: dict[Address, User] = field(default_factory=dict)
+    """The table, kept compact: `local@domain` -> hash ("" for a mailbox that cannot log in)
+    in a PackedMap, so a replaced table's memory goes back to the system (docs/routing.md,
+    "Memory"). Users are made on lookup.
+    """
+
+    __slots__ = ("_hashes",)
+
+    def __init__(self, hashes: dict[str, str | None] | None = None) -> None:
+        self._hashes = PackedMap({key: value or "" for key, value in (hashes or {}).items()})
+
+    @classmethod
+    def of(cls, users: Iterable[User]) -> Users:
+        return cls({_key(user.address): user.password_hash for user in users})
 
     def get(self, address: Address) -> User | None:
-        return self.by_address.get(_canonical(address))
+        stored = self._hashes.get(_key(address))
+        if stored is None:
+            return None
+        return User(_canonical(address), stored or None)
 
     def mailbox(self, address: Address) -> str | None:
         """`domain/user` (lower-case) for a known mailbox, else None."""
-        user = self.get(address)
-        return user.mailbox if user else None
+        return f"{address.domain}/{address.local.lower()}" if _key(address) in self._hashes else None
 
     def password_hash(self, address: Address) -> str | None:
         """The stored hash; None for an unknown address or one that cannot log in."""
-        user = self.get(address)
-        return user.password_hash if user else None
+        return self._hashes.get(_key(address)) or None
 
     def __len__(self) -> int:
-        return len(self.by_address)
+        return len(self._hashes)
 
     def __contains__(self, address: Address) -> bool:
-        return self.get(address) is not None
+        return _key(address) in self._hashes
 
 
 def load_users(path: Path) -> Users:
     """Parse the users file; a missing file is an empty table, a bad line raises TableError."""
-    users: dict[Address, User] = {}
-    for number, text in read_table_lines(path):
+    hashes: dict[str, str | None] = {}
+    for number, text in iter_table_lines(path):
         try:
             user = parse_user_line(text)
         except ValueError as error:
             raise TableError(path, number, str(error)) from None
-        if user.address in users:
+        key = _key(user.address)
+        if key in hashes:
             raise TableError(path, number, f"duplicate address {user.address}")
-        users[user.address] = user
-    return Users(users)
+        hashes[key] = user.password_hash
+    return Users(hashes)
 
 
 def parse_user_line(text: str) -> User:
@@ -99,3 +113,8 @@ def split_hash(text: str) -> tuple[str, str | None]:
 
 def _canonical(address: Address) -> Address:
     return Address(address.local.lower(), address.domain)
+
+
+def _key(address: Address) -> str:
+    """The lookup key: `local@domain`, local part lower-cased (the domain can hold no `@`)."""
+    return f"{address.local.lower()}@{address.domain}"

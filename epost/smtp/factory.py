@@ -8,6 +8,8 @@ from weakref import WeakSet
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 
+from epost.smtp import events as reasons
+from epost.smtp.events import SessionEvents
 from epost.smtp.interfaces import IReceiver, Reply
 from epost.smtp.server import ServerSettings, SMTPServer
 
@@ -32,12 +34,12 @@ class ConnectionLimits:
         self.total_open = 0
         self.sessions: WeakSet = WeakSet()  # open SMTPServers, asked to end when the daemon stops (closed ones drop out)
 
-    def admit(self, ip: str) -> Reply | None:
-        """None when admitted (and counted), else the reply to refuse with."""
+    def admit(self, ip: str) -> tuple[str, Reply] | None:
+        """None when admitted (and counted), else why and the reply to refuse with."""
         if self.total_open >= self.total:
-            return Reply(421, "4.3.2", "Too many connections, try again later")
+            return reasons.REFUSED_TOO_MANY, Reply(421, "4.3.2", "Too many connections, try again later")
         if self.open[ip] >= self.per_client:
-            return Reply(421, "4.7.0", "Too many connections from your address")
+            return reasons.REFUSED_PER_CLIENT, Reply(421, "4.7.0", "Too many connections from your address")
         self.open[ip] += 1
         self.total_open += 1
         return None
@@ -60,7 +62,10 @@ class SMTPFactory(Factory):
         tls_context=None,
         portal=None,
         throttle=None,
+        events: SessionEvents | None = None,
     ):
+        """`events` is shared by every listener of a daemon (one rate limit per reason)."""
+        self.events = events or SessionEvents(clock)
         self.portal = portal
         self.throttle = throttle
         self.receiver = receiver
@@ -73,7 +78,10 @@ class SMTPFactory(Factory):
         ip = getattr(addr, "host", "")
         refusal = self.limits.admit(ip)
         if refusal is not None:
-            return _Refuse(Reply(refusal.code, refusal.enhanced, f"{self.settings.hostname} {refusal.text}"))
+            reason, reply = refusal
+            reply = Reply(reply.code, reply.enhanced, f"{self.settings.hostname} {reply.text}")
+            self.events.refused(self.settings.listener, ip, getattr(addr, "port", 0), reason, reply.encode().decode().strip())
+            return _Refuse(reply)
         protocol = SMTPServer(
             self.receiver,
             self.settings,
@@ -82,6 +90,7 @@ class SMTPFactory(Factory):
             on_close=lambda: self.limits.release(ip),
             portal=self.portal,
             throttle=self.throttle,
+            events=self.events,
         )
         protocol.factory = self
         self.limits.sessions.add(protocol)

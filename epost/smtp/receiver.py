@@ -136,7 +136,7 @@ class SpoolingReceiver:
         self.policy.check_sender(session, sender)
 
     def check_recipient(self, session: Session, sender: Address | None, recipient: Address):
-        return self.policy.route_for(session, recipient)
+        return self.policy.check_recipient(session, sender, recipient)
 
     def open_message(self, session: Session, sender: Address | None, recipients: list, params: dict) -> SpoolMessage:
         try:

@@ -8,6 +8,16 @@ methods a subclass would have to replace; see docs/architecture.md.
 Promises kept here:
 - one command at a time, in order: while a check or a commit is pending the
   transport is paused and later bytes wait in the buffer;
+- bounded output: the session is its transport's streaming producer; while
+  the client leaves replies unread (the transport's buffer is full) no more
+  commands are run, and past INPUT_BOUND of waiting commands none are read;
+  a session stuck that way past `command_timeout` is aborted, not closed
+  politely;
+- deadlines a trickle cannot reset: a whole command line within
+  `command_timeout` of the previous reply, and MAIL within `session_deadline`
+  of the connection or of the end of the previous message;
+- every connection the server ends is reported once to `SessionEvents`
+  (a rate-limited log line and a metric);
 - only CRLF ends a command line and only CRLF.CRLF ends DATA; once DATA has
   started, nothing but CRLF.CRLF leaves it;
 - bytes pipelined behind STARTTLS are dropped and the session restarts;
@@ -23,14 +33,17 @@ from typing import Callable
 from twisted.cred import credentials
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITLSTransport
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ISSLTransport, ITLSTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from epost.smtp import events as reasons
 from epost.smtp.address import Address
 from epost.smtp.commands import CommandSyntaxError, parse_mail, parse_rcpt, split_command
 from epost.smtp.data import MAX_LINE, DataReader
+from epost.smtp.events import SessionEvents
 from epost.smtp.interfaces import IAccount, IMessageWriter, IReceiver, Rejected, Reply, Session
 from epost.smtp.throttle import AuthThrottle, client_key
 
@@ -42,6 +55,16 @@ _MAIL_PARAMS = frozenset({"SIZE", "BODY", "AUTH"})
 _GONE = object()  # the connection closed while it waited: no check
 _SHUT_OUT = object()  # its failures reached the cutoff while it waited: no check
 _CHECK_BROKE = object()  # the check itself failed (not a wrong password)
+# Why the session is not reading from its transport (any of them pauses it):
+_BUSY = "busy"  # a check or a commit is pending: the server is waiting
+_WRITER = "writer"  # the spool cannot take the message as fast as it comes
+_UNREAD = "unread"  # the client leaves our replies unread and more than INPUT_BOUND of commands wait
+# Commands read but not run while the client leaves replies unread. Reading
+# stops only past this, not at once: Twisted's TLS layer also "pauses" its
+# producer while it holds writes until the handshake is done, and a session
+# that stopped reading then would never see the rest of the handshake.
+INPUT_BOUND = 16 * 1024
+CLOSE_GRACE = 15.0  # seconds a closing session may take to send its last replies before it is aborted
 
 
 @dataclass(frozen=True)
@@ -57,7 +80,8 @@ class ServerSettings:
     listener: str = "relay"
     max_message_size: int = 26214400
     max_recipients: int = 100
-    command_timeout: float = 300
+    command_timeout: float = 300  # a whole command line within this of the previous reply
+    session_deadline: float = 300  # MAIL within this of the connection or the previous message's end
     data_timeout: float = 600
     max_bad_commands: int = 20
     require_auth: bool = False  # submission / smtps
@@ -93,6 +117,7 @@ def tls_version(transport) -> str | None:
     return "TLS"
 
 
+@implementer(IPushProducer)
 class SMTPServer(Protocol):
     def __init__(
         self,
@@ -103,15 +128,18 @@ class SMTPServer(Protocol):
         on_close: Callable[[], None] | None = None,
         portal=None,
         throttle: AuthThrottle | None = None,
+        events: SessionEvents | None = None,
     ):
         """`portal` (twisted.cred) enables AUTH; `throttle` is shared by
-        every session so that failures count, and checks queue, per client."""
+        every session so that failures count, and checks queue, per client;
+        `events` (shared too) hears why the server ended a session."""
         self.receiver = receiver
         self.settings = settings
         self.clock = clock
         self.tls_context = tls_context
         self.portal = portal
         self.throttle = throttle or AuthThrottle(clock)
+        self.events = events or SessionEvents(clock)
         self._on_close = on_close
         self._auth_next: Callable[[str], object] | None = None  # the next line answers a 334
         self._buffer = b""
@@ -124,8 +152,14 @@ class SMTPServer(Protocol):
         self._esmtp = False
         self._tls: str | None = None
         self._user: str | None = None
-        self._idle_timer = None
+        self._idle_timer = None  # a whole command line (or, in DATA, some bytes) within command_timeout
         self._data_timer = None
+        self._deadline_timer = None  # MAIL within session_deadline
+        self._deadline_at: float | None = None
+        self._abort_timer = None  # a closing session that does not go away in CLOSE_GRACE
+        self._pauses: set[str] = set()
+        self._output_full = False  # the transport paused us: replies wait unsent
+        self._last_command = "CONNECT"
         self._reader: DataReader | None = None
         self._writer: IMessageWriter | None = None
         self._reset_transaction()
@@ -138,12 +172,15 @@ class SMTPServer(Protocol):
         self._client_ip = getattr(peer, "host", "")
         self._auth_client = client_key(self._client_ip)  # whom AUTH failures count against
         self._client_port = getattr(peer, "port", 0)
-        self._idle_timer = self.clock.callLater(self.settings.command_timeout, self._timed_out)
+        self.transport.registerProducer(self, True)
+        self._arm_command_timer()
+        self._deadline_at = self.clock.seconds() + self.settings.session_deadline
+        self._arm_deadline()
         self._send(_reply(220, "", f"{self.settings.hostname} ESMTP epost"))
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._closed = True
-        for timer in (self._idle_timer, self._data_timer):
+        for timer in (self._idle_timer, self._data_timer, self._deadline_timer, self._abort_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         self._abort_message()
@@ -153,8 +190,6 @@ class SMTPServer(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.reset(self.settings.command_timeout)
         if self._reader is not None and not self._busy:
             self._data_received(data)
         else:
@@ -173,20 +208,107 @@ class SMTPServer(Protocol):
         self.transport.write(text.encode())
 
     def _close(self, reply: Reply) -> None:
+        """Send the last reply and hang up once it is out (aborting if it never goes)."""
         self._send(reply)
         self._closed = True
         self._abort_message()
+        # A registered producer would keep the transport open after its buffer drains.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
+        self._abort_timer = self.clock.callLater(CLOSE_GRACE, self._abort_closing)
+
+    def _end(self, reason: str, reply: Reply) -> None:
+        """The server ends the session: say why to the client and to SessionEvents."""
+        self.events.ended(self.settings.listener, self._client_ip, self._client_port, reason, reply.encode().decode().strip(), self._last_command)
+        self._close(reply)
+
+    def _abort_closing(self) -> None:
+        self.events.ended(self.settings.listener, self._client_ip, self._client_port, reasons.OUTPUT_STUCK, "closing: last replies unread", self._last_command)
+        self.transport.abortConnection()
 
     def _error(self, reply: Reply) -> None:
         """Send a failure reply to a command; too many of them ends the session."""
         self._send(reply)
         self._errors += 1
-        if self._errors >= self.settings.max_bad_commands:
-            self._close(_reply(421, "4.7.0", f"{self.settings.hostname} Error: too many errors"))
+        if self._errors >= self.settings.max_bad_commands and not self._closed:
+            self._end(reasons.TOO_MANY_ERRORS, _reply(421, "4.7.0", f"{self.settings.hostname} Error: too many errors"))
 
-    def _timed_out(self) -> None:
-        self._close(_reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
+    # -- timers -------------------------------------------------------------
+
+    def _arm_command_timer(self) -> None:
+        """The client has command_timeout from now for its next whole line (in DATA: its next bytes)."""
+        if self._closed:
+            return
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self.settings.command_timeout)
+        else:
+            self._idle_timer = self.clock.callLater(self.settings.command_timeout, self._expired, reasons.COMMAND_TIMEOUT)
+
+    def _arm_deadline(self) -> None:
+        """Runs while no transaction is open; a transaction given up (RSET) does not buy more time."""
+        if self._closed or self._deadline_at is None:
+            return
+        running = self._deadline_timer is not None and self._deadline_timer.active()
+        if running and self._sender is _NO_SENDER:
+            return  # already set for _deadline_at, which changes only while it is stopped
+        if running:
+            self._deadline_timer.cancel()
+        self._deadline_timer = None
+        if self._sender is _NO_SENDER:
+            delay = max(0.0, self._deadline_at - self.clock.seconds())
+            self._deadline_timer = self.clock.callLater(delay, self._expired, reasons.DEADLINE)
+
+    def _expired(self, reason: str) -> None:
+        """A timer ran out. Never while the server itself is the one waiting
+        (a check, a commit, a slow spool): then the client gets a second more."""
+        if self._closed or (reason == reasons.DEADLINE and self._sender is not _NO_SENDER):
+            return
+        if self._pauses & {_BUSY, _WRITER}:
+            call = self.clock.callLater(1.0, self._expired, reason)
+            if reason == reasons.DEADLINE:
+                self._deadline_timer = call
+            elif reason == reasons.DATA_TIMEOUT:
+                self._data_timer = call
+            else:
+                self._idle_timer = call
+            return
+        if self._output_full:
+            # The client reads nothing: a polite close would wait forever for the buffer to drain.
+            self._closed = True
+            self._abort_message()
+            self.events.ended(self.settings.listener, self._client_ip, self._client_port, reasons.OUTPUT_STUCK, f"aborted: {reason}, replies unread", self._last_command)
+            self.transport.abortConnection()
+            return
+        text = "Error: session deadline exceeded" if reason == reasons.DEADLINE else "Error: timeout exceeded"
+        self._end(reason, _reply(421, "4.4.2", f"{self.settings.hostname} {text}"))
+
+    # -- reading: paused while any reason holds -----------------------------
+
+    def _hold(self, reason: str) -> None:
+        if not self._pauses and not self._closed:
+            self.transport.pauseProducing()
+        self._pauses.add(reason)
+
+    def _release(self, reason: str) -> None:
+        if reason not in self._pauses:
+            return
+        self._pauses.discard(reason)
+        if not self._pauses and not self._closed:
+            self.transport.resumeProducing()
+            self._process()
+
+    # IPushProducer, registered on the transport: its write buffer is full / drained.
+    def pauseProducing(self) -> None:
+        self._output_full = True
+
+    def resumeProducing(self) -> None:
+        self._output_full = False
+        self._release(_UNREAD)
+        if not self._pauses:
+            self._process()
+
+    def stopProducing(self) -> None:
+        pass  # the connection is going away; connectionLost cleans up
 
     def _process(self) -> None:
         """Run buffered command lines one at a time, stopping while busy."""
@@ -194,7 +316,7 @@ class SMTPServer(Protocol):
             return
         self._processing = True
         try:
-            while not (self._busy or self._closed):
+            while not (self._busy or self._closed or self._output_full):
                 if self.shutting_down and self._close_if_done():
                     break  # the daemon is stopping and this session's transaction is over
                 if self._reader is not None:
@@ -212,6 +334,7 @@ class SMTPServer(Protocol):
                             self._error(LINE_TOO_LONG)
                     break
                 line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+                self._arm_command_timer()  # a whole line arrived: the next one has command_timeout from here
                 if self._discard_line:
                     self._discard_line = False
                     continue
@@ -223,13 +346,15 @@ class SMTPServer(Protocol):
                     self._wait(result)
         finally:
             self._processing = False
+        if self._output_full and len(self._buffer) > INPUT_BOUND and not self._closed:
+            self._hold(_UNREAD)
 
     def _wait(self, deferred: defer.Deferred) -> None:
         """Hold back further commands until `deferred` has sent its reply."""
         if self._closed:
             return
         self._busy = True
-        self.transport.pauseProducing()
+        self._hold(_BUSY)
         deferred.addErrback(self._internal_error)
         deferred.addBoth(self._resume)
 
@@ -237,7 +362,8 @@ class SMTPServer(Protocol):
         self._busy = False
         if self._closed:
             return
-        self.transport.resumeProducing()
+        self._arm_command_timer()  # the client's time starts at our reply
+        self._release(_BUSY)
         self._process()
 
     def _internal_error(self, failure: Failure) -> None:
@@ -259,6 +385,7 @@ class SMTPServer(Protocol):
         self._sender = _NO_SENDER
         self._mail_params: dict = {}
         self._recipients: list[tuple[Address, object]] = []
+        self._arm_deadline()  # back on, at the same moment: giving up a transaction buys no time
 
     # -- commands -----------------------------------------------------------
 
@@ -280,6 +407,7 @@ class SMTPServer(Protocol):
     def _command(self, text: str):
         verb, argument = split_command(text)
         handler = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
+        self._last_command = verb if handler is not None else "UNKNOWN"
         if handler is None:
             return self._error(_reply(500, "5.5.2", "Error: command not recognized"))
         try:
@@ -349,7 +477,7 @@ class SMTPServer(Protocol):
         if not self._auth_allowed_now():
             return self._error(_reply(538, "5.7.11", "Encryption required for requested authentication mechanism"))
         if self.throttle.blocked(self._auth_client):
-            return self._close(TOO_MANY_AUTH_FAILURES)
+            return self._end(reasons.AUTH_CUTOFF, TOO_MANY_AUTH_FAILURES)
         mechanism, _, initial = argument.partition(" ")
         mechanism = mechanism.upper()
         if not mechanism:
@@ -428,7 +556,7 @@ class SMTPServer(Protocol):
         if result is _GONE:
             return None
         if result is _SHUT_OUT:
-            return self._close(TOO_MANY_AUTH_FAILURES)
+            return self._end(reasons.AUTH_CUTOFF, TOO_MANY_AUTH_FAILURES)
         if result is _CHECK_BROKE:
             return self._send(_reply(454, "4.7.0", "Temporary authentication failure"))
         if isinstance(result, _Refused):
@@ -444,7 +572,7 @@ class SMTPServer(Protocol):
     def _answer_failure(self, delay: float):
         """Answer 535 after a delay that grows with the client's failures, or shut it out."""
         if self.throttle.blocked(self._auth_client):
-            return self._close(TOO_MANY_AUTH_FAILURES)
+            return self._end(reasons.AUTH_CUTOFF, TOO_MANY_AUTH_FAILURES)
         return task.deferLater(self.clock, delay, self._error, AUTH_INVALID)
 
     def smtp_STARTTLS(self, argument: str):
@@ -494,6 +622,7 @@ class SMTPServer(Protocol):
 
     def _sender_accepted(self, _ignored, command) -> None:
         self._sender, self._mail_params = command.address, command.params
+        self._arm_deadline()  # stops it: the client is doing what it came for
         self._send(_reply(250, "2.1.0", "Ok"))
 
     def _refused(self, failure: Failure) -> None:
@@ -526,14 +655,15 @@ class SMTPServer(Protocol):
             self._writer = self.receiver.open_message(self._session(), self._sender, list(self._recipients), self._mail_params)
         except Rejected as rejected:
             return self._send(rejected.reply)
-        self._writer.registerProducer(self.transport, True)
+        self._writer.registerProducer(_PauseFor(self, _WRITER), True)
         self._reader = DataReader(self.settings.max_message_size)
-        self._data_timer = self.clock.callLater(self.settings.data_timeout, self._timed_out)
+        self._data_timer = self.clock.callLater(self.settings.data_timeout, self._expired, reasons.DATA_TIMEOUT)
         self._send(_reply(354, "", "End data with <CR><LF>.<CR><LF>"))
 
     # -- DATA ---------------------------------------------------------------
 
     def _data_received(self, data: bytes) -> None:
+        self._arm_command_timer()
         result = self._reader.feed(data)
         if result.content:
             self._writer.write(result.content)
@@ -542,9 +672,12 @@ class SMTPServer(Protocol):
         reader, writer = self._reader, self._writer
         self._reader = self._writer = None
         writer.unregisterProducer()
+        self._release(_WRITER)  # an unregistered writer cannot hold reading
         if self._data_timer is not None and self._data_timer.active():
             self._data_timer.cancel()
         self._buffer = result.rest + self._buffer
+        self._last_command = "END-OF-MESSAGE"
+        self._deadline_at = self.clock.seconds() + self.settings.session_deadline  # a message done earns a new one
         self._reset_transaction()
         refusal = self._content_refusal(reader)
         if refusal is not None:
@@ -579,6 +712,7 @@ class SMTPServer(Protocol):
     def _abort_message(self) -> None:
         if self._writer is not None:
             self._writer.unregisterProducer()
+            self._pauses.discard(_WRITER)
             self._writer.abort()
             self._writer = self._reader = None
 
@@ -654,3 +788,20 @@ class SMTPServer(Protocol):
         )
         self._close(_reply(421, "4.3.2", f"{self.settings.hostname} Service shutting down"))
         self._shutdown_over()  # a client that does not read must not hold up the stop until loseConnection ends
+
+@implementer(IPushProducer)
+class _PauseFor:
+    """What the DATA writer pauses: one reason among the session's, so the
+    writer's resume never restarts reading that another reason still stops."""
+
+    def __init__(self, session: SMTPServer, reason: str):
+        self.session, self.reason = session, reason
+
+    def pauseProducing(self) -> None:
+        self.session._hold(self.reason)
+
+    def resumeProducing(self) -> None:
+        self.session._release(self.reason)
+
+    def stopProducing(self) -> None:
+        pass

@@ -6,7 +6,7 @@ on a private temporary copy of the new text, collecting every bad line
 rather than stopping at the first; then `load_gateway_table` itself reads
 the copy, so what passes here is what the live reload will accept.
 `save()` writes with `write_atomically` (temp file, fsync, rename), so the
-daemon's one-second poll sees the old table or the whole new one.
+daemon's poll sees the old table or the whole new one.
 """
 
 from __future__ import annotations

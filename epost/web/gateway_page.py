@@ -43,6 +43,8 @@ class GatewayPage(Page):
         rules = live.current.rules
         pending = file_stamp(live.path) != live.stamp
         state = "a change on disk is being loaded" if pending else "the file on disk is in force"
+        if live.refused and not pending:
+            state = f"the file on disk is not in force: {live.refused}"
         if live.failures:
             state += f"; {live.failures} reload{'s' if live.failures != 1 else ''} refused since start (see the daemon log)"
         listing = "".join(f"<li><code>{esc(rule)}</code> <span class=\"muted\">line {rule.line}</span></li>" for rule in rules)
@@ -73,6 +75,9 @@ class GatewayPage(Page):
         expected = field(fields, "version") or None
         table, problems, note = await self.context.in_thread(save, self.file, data, expected)
         if table is not None:
+            live = self.context.routing.gateway
+            if len(table) == 0 and len(live.current) > 0 and live.refuse_empty:
+                note += f"; with no rules it is refused, the {len(live.current)} in force stay until SIGHUP (docs/routing.md)"
             session.flash.append(("ok", f"gateway.dat: {note}"))
             return Redirect("/gateway")
         current = await self.context.in_thread(read_current, self.file)

@@ -16,6 +16,7 @@ from twisted.web.resource import Resource
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.server import Request, Site
 
+from epost.listening import default_backlog, with_backlog
 from epost.smtp.throttle import AuthThrottle
 from epost.web.base import Context
 from epost.web.dashboard import Dashboard
@@ -33,6 +34,12 @@ RESERVED = (b"", b"queue", b"gateway", b"route", b"login", b"logout")
 IPV6_LOOPBACK = r"\:\:1"  # colons escaped: endpoint strings split on ":"
 MAX_BODY = 2 * 1024 * 1024  # bytes: the largest form is the gateway.dat editor
 MAX_CONNECTIONS = 64
+# twisted.web's HTTPChannel already stops reading while its replies are unread
+# (tests/web/test_admin_hostile.py); only its idle timeout ends such a
+# connection: it closes, and aborts 15 s later (HTTPChannel.abortTimeout).
+# Set here rather than trusting the default, which has been 12 hours in some
+# Twisted releases: 64 stuck clients would hold every slot for half a day.
+IDLE_TIMEOUT = 60
 
 
 class _BoundedRequest(Request):
@@ -102,7 +109,7 @@ def make_admin_site(
         if name in RESERVED:
             raise ValueError(f"/{name.decode()} is a Mail Control page")
         root.putChild(name, resource)
-    site = _Quiet(root, reactor=reactor)
+    site = _Quiet(root, reactor=reactor, timeout=IDLE_TIMEOUT)
     site.displayTracebacks = False
     site.context = context
     return site
@@ -136,6 +143,7 @@ def attach_admin(
     listeners = service.MultiService()
     bounded = BoundedFactory(site)
     for description in config.server.admin:
-        strports.service(loopback_by_default(description), bounded, reactor=reactor).setServiceParent(listeners)
+        description = with_backlog(loopback_by_default(description), default_backlog())
+        strports.service(description, bounded, reactor=reactor).setServiceParent(listeners)
     listeners.setServiceParent(parent)
     return site

@@ -194,3 +194,23 @@ def test_installed_command_reads_stdin(users):
 
     assert (done.returncode, done.stdout, done.stderr) == (0, b"password set for frank@example.test\n", b"")
     assert verify_password("pw", hash_of(users, "frank@example.test"))
+
+
+def test_without_config_in_a_bare_folder_the_users_file_and_its_folder_are_created(tmp_path, monkeypatch, capsys):
+    """Issue 18 #10: a new user's first command; it used to fail with `cannot write: No such file or directory`."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first pw\n"))
+
+    status = main(["passwd", "newbie@example.test", "--stdin"])
+
+    out, err = capsys.readouterr()
+    assert (status, out, err) == (0, "created etc/users\npassword set for newbie@example.test\n", "")
+    users = tmp_path / "etc" / "users"
+    assert stat.S_IMODE(users.stat().st_mode) == 0o600
+    assert stat.S_IMODE(users.parent.stat().st_mode) & 0o077 == 0  # 0700 less the umask
+    assert verify_password("first pw", hash_of(users, "newbie@example.test"))
+    assert sorted(os.listdir(users.parent)) == ["users"]
+
+
+def test_an_existing_users_file_is_not_announced_as_created(users, monkeypatch, capsys):
+    assert passwd(monkeypatch, capsys, "bob@example.test", "--stdin", stdin="pw\n")[1] == "password set for bob@example.test\n"

@@ -280,3 +280,132 @@ class HostileSink(Sink):
         super()._connected(sock)
         with self._lock:
             self.most_at_once = max(self.most_at_once, len(self._open))
+
+
+class _UserHandler(_Handler):
+    """An internal mail server that knows its users; `sink.rcpt_mode` says how it answers RCPT."""
+
+    server: _Server
+
+    def handle(self) -> None:
+        sink = self.server.sink
+        sink._connected(self.request)
+        try:
+            self.reply(sink.greeting)
+            self.session(sink)
+        except OSError:
+            pass
+        finally:
+            sink._disconnected(self.request)
+
+    def session(self, sink: UserSink) -> None:
+        sender, recipients = None, []
+        while line := self.rfile.readline():
+            verb, _, argument = line.rstrip(b"\r\n").partition(b" ")
+            verb = verb.upper()
+            if verb in (b"EHLO", b"HELO"):
+                self.reply("250-inside.test\r\n250-PIPELINING\r\n250 8BITMIME" if verb == b"EHLO" else "250 inside.test")
+            elif verb == b"MAIL":
+                sender, recipients = _address(argument), []
+                if sender == "":
+                    sink._probe_session(self.request)
+                self.reply("250 2.1.0 Ok")
+            elif verb == b"RCPT":
+                recipient = _address(argument)
+                sink._count_rcpt(recipient, probe=sender == "")
+                mode = sink.rcpt_mode
+                if mode == "mute":  # greets, then never answers RCPT
+                    while not sink._stopping.is_set() and self.request.recv(4096):
+                        pass
+                    return
+                if mode == "garbage":
+                    self.wfile.write(b"HELLO? \x00\xff garbage\r\n")
+                    continue
+                if mode == "close":
+                    return
+                if mode == "slow":
+                    time.sleep(sink.delay)
+                if recipient.lower() in sink.users:
+                    recipients.append(recipient)
+                    self.reply("250 2.1.5 Ok")
+                else:
+                    self.reply(f"550 5.1.1 <{recipient}>: Recipient address rejected: User unknown in local recipient table")
+            elif verb == b"DATA":
+                if sender is None or not recipients:
+                    self.reply("554 5.5.1 No valid recipients")
+                    continue
+                self.reply("354 End data with <CR><LF>.<CR><LF>")
+                data = self.read_data()
+                if data is None:
+                    return
+                sink._received(Received(sender, tuple(recipients), data))
+                self.reply("250 2.0.0 Ok: queued")
+                sender, recipients = None, []
+            elif verb == b"RSET":
+                sender, recipients = None, []
+                self.reply("250 2.0.0 Ok")
+            elif verb == b"QUIT":
+                self.reply("221 2.0.0 Bye")
+                return
+            else:
+                self.reply("502 5.5.2 Command not recognised")
+
+
+class _UserServer(_Server):
+    def __init__(self, address: tuple[str, int], sink: Sink) -> None:
+        self.sink = sink
+        socketserver.ThreadingTCPServer.__init__(self, address, _UserHandler)
+
+
+class UserSink(Sink):
+    """An internal server for recipient verification tests: RCPT to one of
+    `users` gets 250, anything else `550 5.1.1`. `rcpt_mode`: "answer"
+    (normal), "slow" (answers after `delay` seconds), "mute" (never answers
+    RCPT), "garbage" (a line that is not a reply), "close" (hangs up).
+    `probe_rcpts` counts RCPTs sent with `MAIL FROM:<>`; `most_at_once`
+    the most connections open together."""
+
+    def __init__(self, users: set[str], host: str = "127.0.0.1", port: int = 0, rcpt_mode: str = "answer",
+                 delay: float = 0.0, greeting: str = "220 inside.test ESMTP") -> None:
+        self.users = {u.lower() for u in users}
+        self.rcpt_mode, self.delay, self.greeting = rcpt_mode, delay, greeting
+        self.greylist, self.only, self.reject = 0, None, False
+        self._lock = threading.Condition()
+        self._stopping = threading.Event()
+        self._messages = []
+        self._rcpts = {}
+        self.probe_rcpts: dict[str, int] = {}
+        self._connections = 0
+        self._open = set()
+        self.most_at_once = 0
+        self._probing: set[socket.socket] = set()
+        self.most_probes_at_once = 0  # sessions that sent MAIL FROM:<>, open together
+        self._server = _UserServer((host, port), self)
+        self.host, self.port = self._server.server_address[:2]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def _connected(self, sock: socket.socket) -> None:
+        super()._connected(sock)
+        with self._lock:
+            self.most_at_once = max(self.most_at_once, len(self._open))
+
+    def _probe_session(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._probing.add(sock)
+            self.most_probes_at_once = max(self.most_probes_at_once, len(self._probing))
+
+    def _disconnected(self, sock: socket.socket) -> None:
+        super()._disconnected(sock)
+        with self._lock:
+            self._probing.discard(sock)
+
+    def _count_rcpt(self, recipient: str, probe: bool) -> None:
+        with self._lock:
+            self._rcpts[recipient] = self._rcpts.get(recipient, 0) + 1
+            if probe:
+                self.probe_rcpts[recipient] = self.probe_rcpts.get(recipient, 0) + 1
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._open)

@@ -129,6 +129,6 @@ def test_build_routing_follows_the_config(tmp_path):
     )
     routing = build_routing(config)
     resolver = routing.resolver
-    assert [t.path.name for t in routing.tables] == ["users", "aliases", "gateway.dat"]
+    assert [t.path.name for t in routing.tables] == ["users", "aliases", "gateway.dat", "relay_recipients"]
     assert [r.name for r in resolver.routers] == ["gateway.dat", "mx"]
     assert rules(resolver.resolve(parse_mailbox("alice@example.jp"))) == ["gateway.dat:1"]

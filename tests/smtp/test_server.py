@@ -330,7 +330,7 @@ def test_too_many_errors_closes_with_421():
 
 
 def test_idle_timeout_closes_with_421():
-    server, transport, _, clock = connect(command_timeout=300)
+    server, transport, _, clock = connect(command_timeout=300, session_deadline=10_000)
     clock.advance(299)
     send(server, HELLO)
     clock.advance(299)

@@ -462,3 +462,22 @@ def test_two_saves_from_one_opened_version_at_once_save_one_and_refuse_the_other
     assert results["first"][2].startswith("saved 1 rule")
     assert results["second"][2].startswith("not saved: gateway.dat was changed by someone else")
     assert path.read_bytes() == b"*,mx.a.test\n"
+
+
+def test_saving_an_empty_gateway_dat_says_it_waits_for_sighup_and_the_page_says_why(world, admin):
+    from fakes import SynchronousThreadPool
+
+    from epost.routing.live import TableWatcher
+
+    watcher = TableWatcher([world.routing.gateway], world.clock, SynchronousThreadPool(), handle_sighup=False)
+    watcher.startService()
+    page = admin.get("/gateway")
+    reply = admin.post("/gateway", {"csrf": page.csrf(), "text": "# no rules\n", "version": _version(page.body)})
+    assert reply.code == 303
+    for _ in range(4):
+        world.clock.advance(0.5)
+    body = admin.get("/gateway").body
+    assert "saved 0 rules" in body and "with no rules it is refused, the 1 in force stay until SIGHUP" in body
+    assert "Rules in force (1)" in body
+    assert "the file on disk is not in force:" in body and "no entries, while the table in force has 1" in body
+    watcher.stopService()

@@ -5,7 +5,7 @@ reply. On the code before the reply caps the courier kept every line and grew
 by hundreds of MB a second; now each attempt ends after MAX_REPLY_LINES lines
 and the courier stays within a few MB of where it started.
 
-    .venv/bin/python -m pytest -q -p no:cacheprovider tests/stress/test_hostile_peers.py -s
+    .venv/bin/python -m pytest -q -p no:cacheprovider tests/stress/test_hostile_peers_stress.py -s
 prints the figures (baseline, peak, after, connections); STRESS=1 runs it 45 s.
 """
 
