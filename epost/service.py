@@ -37,6 +37,7 @@ from epost.routing.live import LiveTable, TableWatcher
 from epost.routing.resolver import GatewayRouter, LocalRouter, MXRouter, Resolver, SmartHostRouter
 from epost.routing.users import load_users
 from epost.smtp.events import SessionEvents
+from epost.smtp.screen import build_screening
 from epost.smtp.factory import ConnectionLimits, SMTPFactory
 from epost.smtp.policy import RecipientPolicy
 from epost.smtp.receiver import SpoolingReceiver
@@ -267,6 +268,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     portal = make_portal(UsersChecker(routing.users, reactor, auth_pool))
     throttle = AuthThrottle(reactor, cutoff=config.server.auth_failures_before_cutoff)
     events = SessionEvents(reactor)  # one log rate limit for all listeners
+    screening = build_screening(config, reactor)  # the relay port's pregreet and DNSBL tests, or None
     reactor.addSystemEventTrigger("before", "shutdown", events.flush)  # say what was suppressed
     backlog = default_backlog()
 
@@ -302,7 +304,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
         for description in endpoints:
             factory = SMTPFactory(
                 receiver, listener_settings(config, listener), reactor, limits, tls_context=tls, portal=portal, throttle=throttle,
-                events=events,
+                events=events, screening=screening if listener == "relay" else None,
             )
             if listener == "smtps" and description.split(":", 1)[0] in ("tcp", "tcp6"):
                 factory = TLSMemoryBIOFactory(tls, False, factory)  # implicit TLS with our certificate

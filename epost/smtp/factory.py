@@ -63,9 +63,11 @@ class SMTPFactory(Factory):
         portal=None,
         throttle=None,
         events: SessionEvents | None = None,
+        screening=None,
     ):
         """`events` is shared by every listener of a daemon (one rate limit per reason)."""
         self.events = events or SessionEvents(clock)
+        self.screening = screening  # epost/smtp/screen.py: the relay listener's only
         self.portal = portal
         self.throttle = throttle
         self.receiver = receiver
@@ -91,6 +93,7 @@ class SMTPFactory(Factory):
             portal=self.portal,
             throttle=self.throttle,
             events=self.events,
+            screening=self.screening,
         )
         protocol.factory = self
         self.limits.sessions.add(protocol)

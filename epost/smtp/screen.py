@@ -51,6 +51,7 @@ CACHE_SIZE = 50_000  # query names; a few MB
 # "query via public resolver", .255 "excessive queries", .252 "typo in the zone"): a failed lookup.
 REFUSED_PREFIX = "127.255.255."
 REFUSED_WARNING_INTERVAL = 600.0
+PREGREET_REASON, DNSBL_REASON = "pregreet", "dnsbl"  # SessionEvents reasons: log lines, metric labels
 PREGREET = Reply(554, "5.5.1", "Error: SMTP protocol violation (talking before the greeting)")
 
 

@@ -44,6 +44,7 @@ from epost.smtp.address import Address
 from epost.smtp.commands import CommandSyntaxError, parse_mail, parse_rcpt, split_command
 from epost.smtp.data import MAX_LINE, DataReader
 from epost.smtp.events import SessionEvents
+from epost.smtp.screen import DNSBL_REASON, PREGREET, PREGREET_REASON, ClientScreen, Screening
 from epost.smtp.interfaces import IAccount, IMessageWriter, IReceiver, Rejected, Reply, Session
 from epost.smtp.throttle import AuthThrottle, client_key
 
@@ -129,6 +130,7 @@ class SMTPServer(Protocol):
         portal=None,
         throttle: AuthThrottle | None = None,
         events: SessionEvents | None = None,
+        screening: Screening | None = None,
     ):
         """`portal` (twisted.cred) enables AUTH; `throttle` is shared by
         every session so that failures count, and checks queue, per client;
@@ -140,6 +142,9 @@ class SMTPServer(Protocol):
         self.portal = portal
         self.throttle = throttle or AuthThrottle(clock)
         self.events = events or SessionEvents(clock)
+        self.screening = screening  # the relay port's pregreet and DNSBL tests (epost/smtp/screen.py)
+        self._screen: ClientScreen | None = None  # until the first command: its DNSBL verdict is pending
+        self._greet_timer = None  # the 220 waits greet_wait
         self._on_close = on_close
         self._auth_next: Callable[[str], object] | None = None  # the next line answers a 334
         self._buffer = b""
@@ -176,11 +181,22 @@ class SMTPServer(Protocol):
         self._arm_command_timer()
         self._deadline_at = self.clock.seconds() + self.settings.session_deadline
         self._arm_deadline()
+        if self.screening is not None:
+            self._screen = self.screening.for_client(self._client_ip)
+        if self._screen is not None and self._screen.greet_wait > 0:
+            self._greet_timer = self.clock.callLater(self._screen.greet_wait, self._greet)
+        else:
+            self._greet()
+
+    def _greet(self) -> None:
+        self._greet_timer = None
         self._send(_reply(220, "", f"{self.settings.hostname} ESMTP epost"))
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._closed = True
-        for timer in (self._idle_timer, self._data_timer, self._deadline_timer, self._abort_timer):
+        if self._screen is not None:
+            self._screen.close()
+        for timer in (self._idle_timer, self._data_timer, self._deadline_timer, self._abort_timer, self._greet_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         self._abort_message()
@@ -190,6 +206,10 @@ class SMTPServer(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
+        if self._greet_timer is not None:  # it talks before its turn: a bot (SPEC §5)
+            self._greet_timer.cancel()
+            self._greet_timer = None
+            return self._end(PREGREET_REASON, PREGREET)
         if self._reader is not None and not self._busy:
             self._data_received(data)
         else:
@@ -408,12 +428,32 @@ class SMTPServer(Protocol):
         verb, argument = split_command(text)
         handler = getattr(self, "smtp_" + verb, None) if verb.isalpha() else None
         self._last_command = verb if handler is not None else "UNKNOWN"
+        if self._screen is not None and verb != "QUIT":
+            return self._first_command(text)
         if handler is None:
             return self._error(_reply(500, "5.5.2", "Error: command not recognized"))
         try:
             return handler(argument)
         except CommandSyntaxError as error:
             return self._error(_reply(error.code, error.enhanced, error.text))
+
+    def _first_command(self, text: str):
+        """The DNSBL verdict applies before the client's first command runs; it may wait
+        for lookups still outstanding, at most until the screen's deadline."""
+        screen, self._screen = self._screen, None
+        verdict = screen.verdict()
+        settled: list = []
+        verdict.addCallback(settled.append)
+        if settled:
+            return self._after_verdict(settled[0], text)
+        return verdict.addCallback(lambda _: self._after_verdict(settled[0], text))
+
+    def _after_verdict(self, refusal: Reply | None, text: str):
+        if self._closed:
+            return None
+        if refusal is not None:
+            return self._end(DNSBL_REASON, refusal)
+        return self._command(text)
 
     def _extensions(self) -> list[str]:
         extensions = ["PIPELINING", f"SIZE {self.settings.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES"]
