@@ -24,6 +24,7 @@ from dnsmasq import DNSMASQ, Dnsmasq  # noqa: E402
 
 LISTED, CLEAN, TRUSTED = "127.0.0.2", "127.0.0.1", "127.0.0.5"
 ZONE = "zen.example.test"
+HELLO = b"EHLO client.example\r\n"
 
 
 @pytest.fixture
@@ -112,6 +113,13 @@ admin = ["tcp:{admin}:interface=127.0.0.1"]""",
     # relay_networks are neither delayed nor looked up, though listed.
     greeted, reply = send_mail(d.relay_port, TRUSTED)
     assert greeted < 0.5 and reply.startswith("250 "), (greeted, reply)
+    # The submission port is never screened: greeted at once, EHLO answered though listed.
+    sock = connect(d.submission_port, LISTED)
+    started = time.monotonic()
+    assert read_reply(sock).startswith(b"220 ") and time.monotonic() - started < 0.5
+    sock.sendall(HELLO)
+    assert read_reply(sock).startswith(b"250-")
+    sock.close()
     wait_for(lambda: len(maildir_messages(d.spool, "example.test/alice")) == 2, message="both messages delivered")
     assert f"5.0.0.127.{ZONE}" not in blocklist.log()
 
