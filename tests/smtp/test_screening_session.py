@@ -198,3 +198,12 @@ def test_only_the_first_command_is_screened():
     server.dataReceived(b"NOOP\r\nNOOP\r\n")
     assert codes(transport) == ["220", "250", "250", "250"]
     assert len(h.dns.asked) == 1
+
+
+def test_a_daemon_stop_during_the_greet_wait_says_421_and_never_greets():
+    h = Harness(greet_wait=6, dnsbl=False)
+    server, transport = h.connect()
+    server.shut_down(5)
+    h.clock.advance(6)
+    assert codes(transport) == ["421"]
+    assert transport.disconnecting
