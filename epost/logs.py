@@ -52,7 +52,7 @@ def printable(text: str, limit: int | None = None) -> str:
     return text
 
 
-def _quote(value: str) -> str:
+def quote_value(value: str) -> str:
     """A senderlog value: bare, or double-quoted with `\\"` and `\\\\` when empty or holding space or quotes."""
     value = printable(value)
     if value and not _NEEDS_QUOTES.search(value):
@@ -93,7 +93,7 @@ def senderlog_line(
         ("dsn", dsn),
         ("reply", printable(reply, REPLY_LIMIT)),
     )
-    pairs = " ".join(f"{key}={_quote(value)}" for key, value in fields)
+    pairs = " ".join(f"{key}={quote_value(value)}" for key, value in fields)
     return f"{stamp}.{millis % 1000:03d}Z {printable(queue_id)} {pairs}"
 
 

@@ -15,6 +15,8 @@ from typing import Callable, Iterable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from epost import metrics
+from epost.logs import quote_value
 from epost.smtp.address import Address
 from epost.smtp.interfaces import Rejected, Reply, Session
 
@@ -228,8 +230,6 @@ def verification_answer(
 
 def refusal_line(session: Session, sender: Address | None, recipient: Address, reply: Reply, source: str) -> str:
     """The daemon log's line for a recipient refused by verification, senderlog-style key=value."""
-    from epost.logs import _quote
-
     fields = (
         ("from", f"<{sender or ''}>"),
         ("to", f"<{recipient}>"),
@@ -239,11 +239,9 @@ def refusal_line(session: Session, sender: Address | None, recipient: Address, r
         ("dsn", reply.enhanced),
         ("reply", f"{reply.code} {reply.enhanced} {reply.text}"),
     )
-    return "verify: " + " ".join(f"{key}={_quote(value)}" for key, value in fields)
+    return "verify: " + " ".join(f"{key}={quote_value(value)}" for key, value in fields)
 
 
 def metrics_verdict(verdict: str, source: str) -> None:
-    from epost import metrics
-
     metrics.verify_verdicts.labels(verdict, source).inc()
 
