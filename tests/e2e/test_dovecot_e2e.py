@@ -1,0 +1,181 @@
+"""End to end (issue 17): real Dovecot IMAP and POP3 on epost's Maildirs, one password for all three.
+
+The daemon (`twistd -n epost`) delivers into `<spool>/mailboxes`; a private
+Dovecot (`dovecot -F -c`, config from `epost dovecot-conf`) serves the same
+Maildirs on loopback ports. Passwords come from `epost passwd` only.
+Needs root (Dovecot drops to the Maildirs' owner, `nobody` here) and
+Debian's dovecot-imapd/pop3d (scripts/test.sh installs them).
+"""
+
+from __future__ import annotations
+
+import imaplib
+import os
+import poplib
+import pwd
+import shutil
+import smtplib
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from e2e_support import daemons, free_port, maildir_messages, port_answers, submit, wait_for
+from test_submission_e2e import auth, epost, set_password, submission
+
+DOVECOT = shutil.which("dovecot") or "/usr/sbin/dovecot"
+ALICE = "alice@example.test"
+SENDER = "x@example.org"
+
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists(DOVECOT), reason="dovecot not installed (scripts/test.sh installs it)"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="Dovecot needs root to drop to the Maildirs' owner"),
+]
+
+
+class Dovecot:
+    def __init__(self, folder: Path, config_text: str, imap: int, pop3: int):
+        self.folder, self.imap, self.pop3 = folder, imap, pop3
+        self.config = folder / "dovecot.conf"
+        self.log = folder / "dovecot.log"
+        self.config.write_text(config_text + f"log_path = {self.log}\n")
+        self.proc = subprocess.Popen([DOVECOT, "-F", "-c", str(self.config)], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_for(lambda: port_answers(imap) and port_answers(pop3) or self.proc.poll() is not None, 15,
+                 message="dovecot listening")
+        assert self.proc.poll() is None, self.log.read_text()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def world():
+    """(daemon, dovecot): both on one spool in a folder `nobody` can traverse (tmp_path is root-only)."""
+    folder = Path(tempfile.mkdtemp(prefix="epost-dovecot-"))
+    os.chmod(folder, 0o711)
+    nobody = pwd.getpwnam("nobody")
+    make = daemons(folder)
+    started = []
+    try:
+        d = next(make)(server="allow_plaintext_auth = true", start=False)
+        (d.spool / "mailboxes").mkdir(parents=True)
+        os.chmod(d.spool, 0o711)
+        os.chown(d.spool / "mailboxes", nobody.pw_uid, nobody.pw_gid)
+        d.start()
+        set_password(d, ALICE, "first-pass")
+        imap, pop3 = free_port(), free_port()
+        result = epost("dovecot-conf", "--config", str(d.config), "--imap", f"127.0.0.1:{imap}",
+                       "--pop3", f"127.0.0.1:{pop3}", "--base-dir", str(d.folder / "dovecot-run"))
+        assert result.returncode == 0, result.stderr
+        dovecot = Dovecot(d.folder, result.stdout, imap, pop3)
+        started.append(dovecot)
+        yield d, dovecot
+    finally:
+        for dovecot in started:
+            dovecot.stop()
+        next(make, None)  # stops the daemon
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def imap_login(dovecot: Dovecot, password: str) -> imaplib.IMAP4:
+    client = imaplib.IMAP4("127.0.0.1", dovecot.imap, timeout=15)
+    client.login(ALICE, password)
+    return client
+
+
+def pop3_count(dovecot: Dovecot, password: str) -> int:
+    client = poplib.POP3("127.0.0.1", dovecot.pop3, timeout=15)
+    try:
+        client.user(ALICE)
+        client.pass_(password)
+        return client.stat()[0]
+    finally:
+        client.quit()
+
+
+def deliver(d, subject: str, count: int) -> None:
+    """Submit one message to alice and wait until her INBOX (new/ and cur/) holds `count` files."""
+    submit(d.relay_port, SENDER, [ALICE], f"From: <{SENDER}>\r\nSubject: {subject}\r\n\r\nbody\r\n".encode())
+    inbox = d.spool / "mailboxes" / "example.test" / "alice"
+    wait_for(lambda: sum(len(os.listdir(inbox / sub)) for sub in ("new", "cur") if (inbox / sub).is_dir()) >= count,
+             15, message=f"{subject} delivered")
+
+
+def subjects(client: imaplib.IMAP4, folder: str) -> list[str]:
+    typ, _ = client.select(folder)
+    assert typ == "OK"
+    typ, data = client.search(None, "ALL")
+    found = []
+    for number in data[0].split():
+        typ, parts = client.fetch(number, "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+        found.append(parts[0][1].decode().strip().removeprefix("Subject: "))
+    return sorted(found)
+
+
+def test_mail_delivered_by_epost_is_read_flagged_and_moved_over_imap_and_pop3(world):
+    d, dovecot = world
+    deliver(d, "first", 1)
+    client = imap_login(dovecot, "first-pass")
+    assert subjects(client, "INBOX") == ["first"]
+    client.select("INBOX")
+    typ, _ = client.store("1", "+FLAGS", "(\\Flagged)")
+    assert typ == "OK"
+    typ, _ = client._simple_command("MOVE", "1", "Sent")
+    assert typ == "OK"
+    assert subjects(client, "Sent") == ["first"]
+    typ, data = client.fetch("1", "(FLAGS)")
+    assert b"\\Flagged" in data[0]
+
+    # epost keeps delivering beside Dovecot's index files, flags in names and subfolders.
+    deliver(d, "second", 1)
+    deliver(d, "third", 2)
+    assert subjects(client, "INBOX") == ["second", "third"]
+    client.logout()
+    alice = d.spool / "mailboxes" / "example.test" / "alice"
+    (moved,) = (alice / ".Sent" / "cur").iterdir()
+    assert moved.name.endswith(":2,FS") or ":2,F" in moved.name, moved.name
+    assert (alice / "dovecot.index.log").exists()
+    assert all(p.stat().st_uid == pwd.getpwnam("nobody").pw_uid for p in alice.rglob("*")), "owner kept"
+    assert pop3_count(dovecot, "first-pass") == 2
+
+
+def test_epost_passwd_changes_the_password_for_smtp_imap_and_pop3_at_once(world):
+    d, dovecot = world
+    imap_login(dovecot, "first-pass").logout()
+    set_password(d, ALICE, "second-pass")  # no restart of either daemon
+
+    def old_refused_everywhere() -> bool:
+        try:
+            imap_login(dovecot, "first-pass").logout()
+            return False
+        except imaplib.IMAP4.error:
+            pass
+        with pytest.raises(poplib.error_proto):
+            pop3_count(dovecot, "first-pass")
+        with submission(d) as client, pytest.raises(smtplib.SMTPAuthenticationError):
+            auth(client, "PLAIN", ALICE, "first-pass")
+        return True
+
+    wait_for(old_refused_everywhere, 15, message="old password refused")
+    imap_login(dovecot, "second-pass").logout()
+    assert pop3_count(dovecot, "second-pass") == 0
+    with submission(d) as client:
+        assert auth(client, "PLAIN", ALICE, "second-pass")[0] == 235
+
+
+def test_dovecot_conf_refuses_root_owned_maildirs(tmp_path):
+    (tmp_path / "spool" / "mailboxes").mkdir(parents=True)
+    config = tmp_path / "epost.toml"
+    config.write_text(f'[server]\nhostname = "mx.example.test"\nspool = "{tmp_path / "spool"}"\n')
+    result = epost("dovecot-conf", "--config", str(config))
+    assert result.returncode == 1
+    assert "owned by root" in result.stderr and "chown" in result.stderr
+    assert result.stdout == ""
+
