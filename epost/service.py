@@ -284,7 +284,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
         pool,
         hostname=config.server.hostname,
         mailbox_root=config.server.spool / "mailboxes",
-        deliver=worker.deliver,
+        deliver=worker.deliver if config.delivery.local_transport == "maildir" else lmtp_deliver(config, spool, reactor, pool),
         on_passed=manager.enqueue,
     )
     runner.setServiceParent(top)
@@ -366,3 +366,12 @@ def add_verifier(top: service.MultiService, config: Config, reactor, routing: Ro
     VerifierService(verifier, dns_pool).setServiceParent(top)
     routing.policy.verifier = verifier
     top.verifier = verifier
+
+
+def lmtp_deliver(config: Config, spool: Spool, reactor: Any, pool: Any) -> Callable[[list[str]], Any]:
+    """The local runner's `deliver` for `[delivery] local_transport = "lmtp:..."` (docs/mailboxes.md)."""
+    from epost.delivery.lmtp import deliver_lmtp_batch, lmtp_endpoint
+
+    endpoint = lmtp_endpoint(reactor, config.delivery.local_transport)
+    return lambda ids: deliver_lmtp_batch(spool, ids, reactor=reactor, threadpool=pool, endpoint=endpoint,
+                                          hostname=config.server.hostname)

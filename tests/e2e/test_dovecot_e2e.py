@@ -179,3 +179,73 @@ def test_dovecot_conf_refuses_root_owned_maildirs(tmp_path):
     assert "owned by root" in result.stderr and "chown" in result.stderr
     assert result.stdout == ""
 
+
+
+# --- LMTP as the local transport ------------------------------------------------
+
+SIEVE = b'require ["fileinto", "mailbox"];\nif header :contains "subject" "invoice" { fileinto :create "Invoices"; }\n'
+
+
+@pytest.fixture
+def lmtp_world():
+    """(daemon with local_transport = lmtp:tcp:..., a function starting Dovecot with LMTP on that port)."""
+    folder = Path(tempfile.mkdtemp(prefix="epost-lmtp-e2e-"))
+    os.chmod(folder, 0o711)
+    nobody = pwd.getpwnam("nobody")
+    lmtp = free_port()
+    make = daemons(folder)
+    started = []
+    try:
+        d = next(make)(toml=f'[delivery]\nlocal_transport = "lmtp:tcp:127.0.0.1:{lmtp}"\n', start=False)
+        alice = d.spool / "mailboxes" / "example.test" / "alice"
+        alice.mkdir(parents=True)
+        (alice / ".dovecot.sieve").write_bytes(SIEVE)
+        os.chmod(d.spool, 0o711)
+        for path in (d.spool / "mailboxes", alice.parent, alice, alice / ".dovecot.sieve"):
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        d.start()
+        set_password(d, ALICE, "first-pass")
+        imap = free_port()
+
+        def start_dovecot() -> Dovecot:
+            result = epost("dovecot-conf", "--config", str(d.config), "--imap", f"127.0.0.1:{imap}", "--pop3", "off",
+                           "--lmtp", f"tcp:127.0.0.1:{lmtp}", "--base-dir", str(d.folder / "dovecot-run"))
+            assert result.returncode == 0, result.stderr
+            dovecot = Dovecot(d.folder, result.stdout, imap, lmtp)
+            started.append(dovecot)
+            return dovecot
+
+        yield d, start_dovecot
+    finally:
+        for dovecot in started:
+            dovecot.stop()
+        next(make, None)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_lmtp_transport_hands_mail_to_dovecot_where_sieve_files_it(lmtp_world):
+    d, start_dovecot = lmtp_world
+    dovecot = start_dovecot()
+    submit(d.relay_port, SENDER, [ALICE], f"From: <{SENDER}>\r\nSubject: invoice 7\r\n\r\nbody\r\n".encode())
+    submit(d.relay_port, SENDER, [ALICE], f"From: <{SENDER}>\r\nSubject: hello\r\n\r\nbody\r\n".encode())
+    alice = d.spool / "mailboxes" / "example.test" / "alice"
+    wait_for(lambda: (alice / ".Invoices").is_dir() and os.listdir(alice / ".Invoices" / "new"), 15,
+             message="Sieve filed the invoice")
+    client = imap_login(dovecot, "first-pass")
+    wait_for(lambda: subjects(client, "INBOX") == ["hello"], 15, message="hello in INBOX")
+    assert subjects(client, "Invoices") == ["invoice 7"]
+    client.logout()
+
+
+def test_lmtp_transport_with_dovecot_down_keeps_the_mail_queued(lmtp_world):
+    d, start_dovecot = lmtp_world
+    submit(d.relay_port, SENDER, [ALICE], f"From: <{SENDER}>\r\nSubject: later\r\n\r\nbody\r\n".encode())
+
+    def deferred_in_queue() -> bool:
+        result = epost("queue", "--json", "--config", str(d.config))
+        messages = __import__("json").loads(result.stdout) if result.returncode == 0 else []
+        return any(r["attempts"] >= 1 and "LMTP connection failed" in (r.get("last_reply") or "")
+                   for m in messages for r in m["recipients"])
+
+    wait_for(deferred_in_queue, 15, message="recipient deferred with the LMTP failure")
+    assert maildir_messages(d.spool, "example.test/alice") == []
