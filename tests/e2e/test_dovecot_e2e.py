@@ -207,11 +207,15 @@ def lmtp_world():
         set_password(d, ALICE, "first-pass")
         imap = free_port()
 
-        def start_dovecot() -> Dovecot:
+        def start_dovecot(quota: str = "") -> Dovecot:
             result = epost("dovecot-conf", "--config", str(d.config), "--imap", f"127.0.0.1:{imap}", "--pop3", "off",
                            "--lmtp", f"tcp:127.0.0.1:{lmtp}", "--base-dir", str(d.folder / "dovecot-run"))
             assert result.returncode == 0, result.stderr
-            dovecot = Dovecot(d.folder, result.stdout, imap, lmtp)
+            text = result.stdout
+            if quota:  # e.g. "20K" for everyone
+                text = text.replace("mail_plugins = $mail_plugins sieve", "mail_plugins = $mail_plugins sieve quota")
+                text += f"plugin {{\n  quota = maildir:User quota\n  quota_rule = *:storage={quota}\n}}\n"
+            dovecot = Dovecot(d.folder, text, imap, lmtp)
             started.append(dovecot)
             return dovecot
 
@@ -248,4 +252,21 @@ def test_lmtp_transport_with_dovecot_down_keeps_the_mail_queued(lmtp_world):
                    for m in messages for r in m["recipients"])
 
     wait_for(deferred_in_queue, 15, message="recipient deferred with the LMTP failure")
+    assert maildir_messages(d.spool, "example.test/alice") == []
+
+
+def test_lmtp_transport_bounces_mail_for_a_user_over_quota(lmtp_world):
+    d, start_dovecot = lmtp_world
+    start_dovecot(quota="20K")
+    bob = "bob@example.test"
+    big = f"From: <{bob}>\r\nSubject: too big\r\n\r\n".encode() + (b"x" * 70 + b"\r\n") * 450
+    submit(d.relay_port, bob, [ALICE], big)
+    inbox = d.spool / "mailboxes" / "example.test" / "bob"
+
+    def bounce() -> bytes | None:
+        files = [p for sub in ("new", "cur") if (inbox / sub).is_dir() for p in (inbox / sub).iterdir()]
+        return files[0].read_bytes() if files else None
+
+    wait_for(bounce, 20, message="bounce delivered to bob")
+    assert b"5.2.2" in bounce()
     assert maildir_messages(d.spool, "example.test/alice") == []
