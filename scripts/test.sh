@@ -17,6 +17,8 @@ if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
+    # Installing Dovecot starts the system service; the tests run private instances only.
+    if [[ " ${need[*]} " == *" dovecot-"* ]]; then service dovecot stop >/dev/null 2>&1 || true; fi
   else
     echo "missing Debian packages: ${need[*]} (run as root or install them)" >&2
   fi
