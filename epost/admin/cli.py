@@ -460,10 +460,6 @@ def _verify_here(config: Config, address_text: str) -> dict:
     return {"status": verdict.status, "text": verdict.text, "host": verdict.host}
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def print_dovecot_conf(args: argparse.Namespace, now: float) -> int:
     """Issue 17: a complete Dovecot configuration on stdout; 1 after saying why not."""
     from epost.admin.dovecot import DovecotConfError, dovecot_conf, parse_listener, parse_lmtp_endpoint
@@ -485,3 +481,7 @@ def print_dovecot_conf(args: argparse.Namespace, now: float) -> int:
         return 1
     sys.stdout.write(text)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
