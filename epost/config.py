@@ -297,6 +297,7 @@ def _local_transport(value: Any) -> str:
         return text
     raise ValueError(f'must be "maildir", "lmtp:unix:/PATH" or "lmtp:tcp:HOST:PORT", got {value!r}')
 
+
 SCHEMA: dict[str, dict[str, Converter]] = {
     "server": {
         "hostname": _domain,

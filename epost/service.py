@@ -10,6 +10,7 @@ import os
 import resource
 import signal
 from typing import NamedTuple
+from typing import Any, Callable
 
 from twisted.application import service, strports
 from twisted.internet import defer
