@@ -113,8 +113,11 @@ class UsersChecker:
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, users: Callable[[], Users], reactor: Any, threadpool: Any) -> None:
+    def __init__(self, users: Callable[[], Users], reactor: Any, threadpool: Any,
+                 on_old_hash: Callable[[str, Any, str], object] | None = None) -> None:
         self._users = users  # called per login, so a LiveTable's reloads apply at once
+        # Told (address, password, stored hash) after a login whose hash Dovecot cannot check.
+        self._on_old_hash = on_old_hash
         self._reactor = reactor
         self._threadpool = threadpool
 
@@ -128,6 +131,8 @@ class UsersChecker:
 
         def decide(ok: bool) -> str:
             if ok and stored is not None:
+                if self._on_old_hash is not None and needs_upgrade(stored):
+                    self._on_old_hash(str(address), credentials.password, stored)
                 return str(address)
             raise UnauthorizedLogin()
 

@@ -265,7 +265,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     receiver = SpoolingReceiver(worker, routing.policy, config.server.hostname, now=reactor.seconds)
     limits = ConnectionLimits(config.server.max_connections, config.server.max_connections_per_client)
     tls = context_for(config)
-    portal = make_portal(UsersChecker(routing.users, reactor, auth_pool))
+    portal = make_portal(UsersChecker(routing.users, reactor, auth_pool,
+                                      on_old_hash=hash_upgrader(config.routing.users, reactor, auth_pool)))
     throttle = AuthThrottle(reactor, cutoff=config.server.auth_failures_before_cutoff)
     events = SessionEvents(reactor)  # one log rate limit for all listeners
     reactor.addSystemEventTrigger("before", "shutdown", events.flush)  # say what was suppressed
@@ -376,3 +377,20 @@ def lmtp_deliver(config: Config, spool: Spool, reactor: Any, pool: Any) -> Calla
     endpoint = lmtp_endpoint(reactor, config.delivery.local_transport)
     return lambda ids: deliver_lmtp_batch(spool, ids, reactor=reactor, threadpool=pool, endpoint=endpoint,
                                           hostname=config.server.hostname)
+
+
+def hash_upgrader(path: Any, reactor: Any, pool: Any) -> Callable[[str, Any, str], Any]:
+    """After a successful SMTP AUTH with an old scrypt hash: rewrite it as Argon2id, which Dovecot
+    checks too (docs/mailboxes.md). In `pool`; a failure is logged, the login stands."""
+    from twisted.internet.threads import deferToThreadPool
+
+    from epost.smtp.address import parse_mailbox
+    from epost.users_file import upgrade_hash
+
+    def upgrade(address: str, password: Any, old_hash: str) -> Any:
+        d = deferToThreadPool(reactor, pool, upgrade_hash, path, parse_mailbox(address), password, old_hash)
+        d.addCallback(lambda done: done and log.info("{address}: password hash upgraded to Argon2id", address=address))
+        d.addErrback(lambda failure: log.failure("{address}: cannot upgrade the password hash", failure, address=address))
+        return d
+
+    return upgrade

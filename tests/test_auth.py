@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
@@ -184,3 +184,37 @@ def test_portal_speaks_the_smtp_servers_interface():
     from epost.smtp import interfaces
 
     assert IAccount is interfaces.IAccount
+
+
+class OldHashUpgradeTests(unittest.TestCase):
+    """UsersChecker tells its on_old_hash hook about a successful login with a scrypt hash only."""
+
+    def setUp(self):
+        self.patch(auth, "SCRYPT_LOG2_N", 4)
+        self.patch(auth, "ARGON2_TIME_COST", 1)
+        self.patch(auth, "ARGON2_MEMORY_KIB", 64)
+        self.pool = ThreadPool(minthreads=1, maxthreads=2, name="test-auth-upgrade")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+
+    def _checker(self, told):
+        from twisted.internet import reactor
+        old, new = auth.hash_password_scrypt("pw"), hash_password("pw")
+        users = Users({"alice@example.test": old, "bob@example.test": new})
+        return UsersChecker(lambda: users, reactor, self.pool, on_old_hash=lambda *args: told.append(args)), old
+
+    @defer.inlineCallbacks
+    def test_scrypt_login_is_reported_with_its_password_and_argon2_login_is_not(self):
+        told = []
+        checker, old = self._checker(told)
+        yield checker.requestAvatarId(UsernamePassword(b"alice@example.test", b"pw"))
+        yield checker.requestAvatarId(UsernamePassword(b"bob@example.test", b"pw"))
+        self.assertEqual(told, [("alice@example.test", b"pw", old)])
+
+    @defer.inlineCallbacks
+    def test_failed_login_is_not_reported(self):
+        told = []
+        checker, _ = self._checker(told)
+        with self.assertRaises(UnauthorizedLogin):
+            yield checker.requestAvatarId(UsernamePassword(b"alice@example.test", b"wrong"))
+        self.assertEqual(told, [])

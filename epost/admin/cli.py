@@ -264,6 +264,7 @@ def operate_on_queue(args: argparse.Namespace, now: float) -> int:
 def set_password(args: argparse.Namespace, now: float) -> int:
     """SPEC §8: hash a new password into the users file, replacing the account's line or adding one."""
     from epost.auth import hash_password  # twisted.cred: only here
+    from epost.users_file import users_file_lock
 
     try:
         user = parse_user_line(args.address.strip())
@@ -296,7 +297,10 @@ def set_password(args: argparse.Namespace, now: float) -> int:
     try:
         if created:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new users file's folder: private
-        write_atomically(path, _with_hash(old, user.address, hash_password(password)), mode=mode)
+        new_hash = hash_password(password)
+        with users_file_lock(path):  # the daemon may have upgraded a hash since we read the file
+            old = path.read_bytes() if path.exists() else old
+            write_atomically(path, _with_hash(old, user.address, new_hash), mode=mode)
     except OSError as error:
         print(f"epost: {path}: cannot write: {error.strerror or error}", file=sys.stderr)
         return 1

@@ -177,6 +177,37 @@ def test_epost_passwd_changes_the_password_for_smtp_imap_and_pop3_at_once(world)
         assert auth(client, "PLAIN", ALICE, "second-pass")[0] == 235
 
 
+def test_an_old_scrypt_hash_is_upgraded_at_the_next_smtp_login_and_then_imap_works(world):
+    d, dovecot = world
+    from epost.auth import hash_password_scrypt
+
+    users = d.folder / "users"
+    users.write_text(users.read_text().replace(
+        users.read_text().split("\n")[0].partition(":")[2], hash_password_scrypt("old-pass")))
+    wait_for(lambda: not _imap_works(dovecot, "first-pass"), 15, message="Dovecot re-read the users file")
+    assert not _imap_works(dovecot, "old-pass")  # Dovecot cannot check scrypt
+    # epost can (it picks the file up within 1.5 s), and then rewrites the hash as Argon2id.
+    wait_for(lambda: _smtp_auth_works(d, "old-pass"), 15, message="SMTP AUTH with the scrypt hash")
+    wait_for(lambda: "{ARGON2ID}" in users.read_text(), 15, message="hash upgraded")
+    assert _imap_works(dovecot, "old-pass")
+    assert pop3_count(dovecot, "old-pass") == 0
+
+
+def _imap_works(dovecot: Dovecot, password: str) -> bool:
+    try:
+        imap_login(dovecot, password).logout()
+        return True
+    except imaplib.IMAP4.error:
+        return False
+
+
+def _smtp_auth_works(d, password: str) -> bool:
+    with submission(d) as client:
+        try:
+            return auth(client, "PLAIN", ALICE, password)[0] == 235
+        except smtplib.SMTPAuthenticationError:
+            return False
+
 def test_dovecot_conf_refuses_root_owned_maildirs(tmp_path):
     (tmp_path / "spool" / "mailboxes").mkdir(parents=True)
     config = tmp_path / "epost.toml"
