@@ -41,7 +41,13 @@ _HASH = re.compile(r"\$scrypt\$ln=([0-9]{1,2}),r=([0-9]{1,3}),p=([0-9]{1,2})\$([
 
 
 def hash_password(password: str | bytes) -> str:
-    """A new salted scrypt hash of `password` for the users file."""
+    """A new hash of `password` for the users file: `{ARGON2ID}$argon2id$...`, which Dovecot
+    verifies too (docs/mailboxes.md), so one users file serves SMTP AUTH, IMAP and POP3."""
+    return hash_password_argon2id(password)
+
+
+def hash_password_scrypt(password: str | bytes) -> str:
+    """A salted scrypt hash, as epost wrote before Dovecot shared the users file (still verified)."""
     salt = os.urandom(SALT_BYTES)
     key = _scrypt(_as_bytes(password), salt, SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P, KEY_BYTES)
     return _encode(salt, key, SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P)
@@ -49,6 +55,8 @@ def hash_password(password: str | bytes) -> str:
 
 def verify_password(password: str | bytes, encoded: str) -> bool:
     """True only if `encoded` is a well-formed hash of `password`; never raises on bad input."""
+    if isinstance(encoded, str) and encoded.startswith(ARGON2ID_PREFIX):
+        return verify_password_argon2id(password, encoded)
     try:
         match = _HASH.match(encoded)
         if not match:
@@ -105,8 +113,11 @@ class UsersChecker:
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, users: Callable[[], Users], reactor: Any, threadpool: Any) -> None:
+    def __init__(self, users: Callable[[], Users], reactor: Any, threadpool: Any,
+                 on_old_hash: Callable[[str, Any, str], object] | None = None) -> None:
         self._users = users  # called per login, so a LiveTable's reloads apply at once
+        # Told (address, password, stored hash) after a login whose hash Dovecot cannot check.
+        self._on_old_hash = on_old_hash
         self._reactor = reactor
         self._threadpool = threadpool
 
@@ -120,6 +131,8 @@ class UsersChecker:
 
         def decide(ok: bool) -> str:
             if ok and stored is not None:
+                if self._on_old_hash is not None and needs_upgrade(stored):
+                    self._on_old_hash(str(address), credentials.password, stored)
                 return str(address)
             raise UnauthorizedLogin()
 
@@ -137,3 +150,37 @@ class _AccountRealm:
 def make_portal(checker: ICredentialsChecker) -> Portal:
     """A Portal whose login(credentials, None, IAccount) gives (IAccount, "user@domain", logout)."""
     return Portal(_AccountRealm(), [checker])
+
+
+# Dovecot 2.3 cannot check scrypt; it checks {ARGON2ID} (libsodium, which supports only
+# parallelism 1). Costs are read at call time so tests may lower them.
+ARGON2ID_PREFIX = "{ARGON2ID}"
+ARGON2_TIME_COST = 3
+ARGON2_MEMORY_KIB = 65536  # within Dovecot's default auth vsz_limit (256 MiB)
+
+
+def hash_password_argon2id(password: str | bytes) -> str:
+    """`{ARGON2ID}` + the PHC string argon2-cffi makes: no `:` or whitespace, so a users-file field."""
+    from argon2 import PasswordHasher
+
+    hasher = PasswordHasher(time_cost=ARGON2_TIME_COST, memory_cost=ARGON2_MEMORY_KIB, parallelism=1)
+    return ARGON2ID_PREFIX + hasher.hash(_as_bytes(password))
+
+
+def verify_password_argon2id(password: str | bytes, encoded: str) -> bool:
+    """True only if `encoded` is `{ARGON2ID}$argon2id$...` of `password`; never raises on bad input."""
+    from argon2 import PasswordHasher
+    from argon2.exceptions import Argon2Error
+
+    phc = encoded[len(ARGON2ID_PREFIX):]
+    if not phc.startswith("$argon2id$"):
+        return False
+    try:
+        return PasswordHasher().verify(phc, _as_bytes(password))
+    except (Argon2Error, ValueError, TypeError, MemoryError):
+        return False
+
+
+def needs_upgrade(encoded: str) -> bool:
+    """True for a hash Dovecot cannot check (scrypt): `epost passwd` replaces it."""
+    return not encoded.startswith(ARGON2ID_PREFIX)

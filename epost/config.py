@@ -106,6 +106,8 @@ class DeliveryConfig:
     # A "still trying" DSN (Action: delayed) once per message still queued
     # after this long; 0 turns it off (Postfix: delay_warning_time).
     delay_warning: int = 4 * 3600
+    # "maildir" (epost writes the Maildirs) or "lmtp:unix:/PATH" / "lmtp:tcp:HOST:PORT" (Dovecot LMTP).
+    local_transport: str = "maildir"
 
 
 @dataclass(frozen=True)
@@ -294,6 +296,14 @@ def _list(item: Converter) -> Converter:
 
 _POSITIVE = _integer(1)
 
+
+def _local_transport(value: Any) -> str:
+    text = _string(value)
+    if text == "maildir" or text.startswith(("lmtp:unix:/", "lmtp:tcp:")):
+        return text
+    raise ValueError(f'must be "maildir", "lmtp:unix:/PATH" or "lmtp:tcp:HOST:PORT", got {value!r}')
+
+
 SCHEMA: dict[str, dict[str, Converter]] = {
     "server": {
         "hostname": _domain,
@@ -340,6 +350,7 @@ SCHEMA: dict[str, dict[str, Converter]] = {
         "max_connections": _POSITIVE,
         "max_per_destination": _POSITIVE,
         "delay_warning": _duration,
+        "local_transport": _local_transport,
     },
     "retry": {
         "interval": _POSITIVE,

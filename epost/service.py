@@ -10,6 +10,7 @@ import os
 import resource
 import signal
 from typing import NamedTuple
+from typing import Any, Callable
 
 from twisted.application import service, strports
 from twisted.internet import defer
@@ -265,7 +266,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     receiver = SpoolingReceiver(worker, routing.policy, config.server.hostname, now=reactor.seconds)
     limits = ConnectionLimits(config.server.max_connections, config.server.max_connections_per_client)
     tls = context_for(config)
-    portal = make_portal(UsersChecker(routing.users, reactor, auth_pool))
+    portal = make_portal(UsersChecker(routing.users, reactor, auth_pool,
+                                      on_old_hash=hash_upgrader(config.routing.users, reactor, auth_pool)))
     throttle = AuthThrottle(reactor, cutoff=config.server.auth_failures_before_cutoff)
     events = SessionEvents(reactor)  # one log rate limit for all listeners
     screening = build_screening(config, reactor)  # the relay port's pregreet and DNSBL tests, or None
@@ -286,7 +288,7 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
         pool,
         hostname=config.server.hostname,
         mailbox_root=config.server.spool / "mailboxes",
-        deliver=worker.deliver,
+        deliver=worker.deliver if config.delivery.local_transport == "maildir" else lmtp_deliver(config, spool, reactor, pool),
         on_passed=manager.enqueue,
     )
     runner.setServiceParent(top)
@@ -368,3 +370,29 @@ def add_verifier(top: service.MultiService, config: Config, reactor, routing: Ro
     VerifierService(verifier, dns_pool).setServiceParent(top)
     routing.policy.verifier = verifier
     top.verifier = verifier
+
+
+def lmtp_deliver(config: Config, spool: Spool, reactor: Any, pool: Any) -> Callable[[list[str]], Any]:
+    """The local runner's `deliver` for `[delivery] local_transport = "lmtp:..."` (docs/mailboxes.md)."""
+    from epost.delivery.lmtp import deliver_lmtp_batch, lmtp_endpoint
+
+    endpoint = lmtp_endpoint(reactor, config.delivery.local_transport)
+    return lambda ids: deliver_lmtp_batch(spool, ids, reactor=reactor, threadpool=pool, endpoint=endpoint,
+                                          hostname=config.server.hostname)
+
+
+def hash_upgrader(path: Any, reactor: Any, pool: Any) -> Callable[[str, Any, str], Any]:
+    """After a successful SMTP AUTH with an old scrypt hash: rewrite it as Argon2id, which Dovecot
+    checks too (docs/mailboxes.md). In `pool`; a failure is logged, the login stands."""
+    from twisted.internet.threads import deferToThreadPool
+
+    from epost.smtp.address import parse_mailbox
+    from epost.users_file import upgrade_hash
+
+    def upgrade(address: str, password: Any, old_hash: str) -> Any:
+        d = deferToThreadPool(reactor, pool, upgrade_hash, path, parse_mailbox(address), password, old_hash)
+        d.addCallback(lambda done: done and log.info("{address}: password hash upgraded to Argon2id", address=address))
+        d.addErrback(lambda failure: log.failure("{address}: cannot upgrade the password hash", failure, address=address))
+        return d
+
+    return upgrade

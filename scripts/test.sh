@@ -11,10 +11,14 @@ command -v swaks >/dev/null || need+=(swaks)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+# Dovecot for the mailbox tests (tests/e2e/test_dovecot_e2e.py); its own service stays stopped.
+for p in dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-sieve; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
+    # Installing Dovecot starts the system service; the tests run private instances only.
+    if [[ " ${need[*]} " == *" dovecot-"* ]]; then service dovecot stop >/dev/null 2>&1 || true; fi
   else
     echo "missing Debian packages: ${need[*]} (run as root or install them)" >&2
   fi

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
@@ -23,6 +23,8 @@ from epost.smtp.address import Address
 def _cheap_scrypt(monkeypatch):
     """n=2**4 keeps the suite fast; the format and code path are the production ones."""
     monkeypatch.setattr(auth, "SCRYPT_LOG2_N", 4)
+    monkeypatch.setattr(auth, "ARGON2_TIME_COST", 1)
+    monkeypatch.setattr(auth, "ARGON2_MEMORY_KIB", 64)
 
 
 # --- hash_password / verify_password --------------------------------------------
@@ -44,8 +46,25 @@ def test_same_password_hashes_differently_each_time():
     assert hash_password("secret") != hash_password("secret")
 
 
-def test_hash_describes_its_parameters():
-    assert hash_password("secret").startswith("$scrypt$ln=4,r=8,p=1$")
+def test_new_hash_is_argon2id_that_dovecot_reads():
+    assert hash_password("secret").startswith("{ARGON2ID}$argon2id$v=19$m=64,t=1,p=1$")
+
+
+def test_scrypt_hash_describes_its_parameters_and_still_verifies():
+    encoded = auth.hash_password_scrypt("secret")
+    assert encoded.startswith("$scrypt$ln=4,r=8,p=1$")
+    assert verify_password("secret", encoded) and not verify_password("secrets", encoded)
+    assert auth.needs_upgrade(encoded) and not auth.needs_upgrade(hash_password("secret"))
+
+
+@pytest.mark.parametrize("encoded", [
+    "{ARGON2ID}",
+    "{ARGON2ID}$argon2i$v=19$m=64,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo",
+    "{ARGON2ID}$argon2id$v=19$m=64,t=1,p=1$c2FsdHNhbHQ$!!",
+    "{ARGON2ID}$argon2id$v=19$m=99999999999,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo",
+])
+def test_nasty_argon2_hashes_are_false(encoded):
+    assert verify_password("secret", encoded) is False
 
 
 def test_production_cost_is_the_default():
@@ -96,6 +115,8 @@ def test_hash_with_trailing_newline_is_refused():
 class UsersCheckerTests(unittest.TestCase):
     def setUp(self):
         self.patch(auth, "SCRYPT_LOG2_N", 4)
+        self.patch(auth, "ARGON2_TIME_COST", 1)
+        self.patch(auth, "ARGON2_MEMORY_KIB", 64)
         self.pool = ThreadPool(minthreads=1, maxthreads=2, name="test-auth")
         self.pool.start()
         self.addCleanup(self.pool.stop)
@@ -163,3 +184,37 @@ def test_portal_speaks_the_smtp_servers_interface():
     from epost.smtp import interfaces
 
     assert IAccount is interfaces.IAccount
+
+
+class OldHashUpgradeTests(unittest.TestCase):
+    """UsersChecker tells its on_old_hash hook about a successful login with a scrypt hash only."""
+
+    def setUp(self):
+        self.patch(auth, "SCRYPT_LOG2_N", 4)
+        self.patch(auth, "ARGON2_TIME_COST", 1)
+        self.patch(auth, "ARGON2_MEMORY_KIB", 64)
+        self.pool = ThreadPool(minthreads=1, maxthreads=2, name="test-auth-upgrade")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+
+    def _checker(self, told):
+        from twisted.internet import reactor
+        old, new = auth.hash_password_scrypt("pw"), hash_password("pw")
+        users = Users({"alice@example.test": old, "bob@example.test": new})
+        return UsersChecker(lambda: users, reactor, self.pool, on_old_hash=lambda *args: told.append(args)), old
+
+    @defer.inlineCallbacks
+    def test_scrypt_login_is_reported_with_its_password_and_argon2_login_is_not(self):
+        told = []
+        checker, old = self._checker(told)
+        yield checker.requestAvatarId(UsernamePassword(b"alice@example.test", b"pw"))
+        yield checker.requestAvatarId(UsernamePassword(b"bob@example.test", b"pw"))
+        self.assertEqual(told, [("alice@example.test", b"pw", old)])
+
+    @defer.inlineCallbacks
+    def test_failed_login_is_not_reported(self):
+        told = []
+        checker, _ = self._checker(told)
+        with self.assertRaises(UnauthorizedLogin):
+            yield checker.requestAvatarId(UsernamePassword(b"alice@example.test", b"wrong"))
+        self.assertEqual(told, [])

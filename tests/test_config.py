@@ -112,6 +112,7 @@ greeting_timeout = 6
 max_connections = 7
 max_per_destination = 8
 delay_warning = "30m"
+local_transport = "lmtp:unix:/run/dovecot/lmtp"
 
 [retry]
 interval = 60
@@ -147,7 +148,8 @@ def test_file_overrides_every_default(tmp_path):
     assert routing.forward_all_to_gateway is True
     assert routing.dns_servers == (HostPort("192.0.2.53", 53), HostPort("2001:db8::53", 5353))
     assert config.delivery.__dict__ == dict(
-        connect_timeout=5, greeting_timeout=6, max_connections=7, max_per_destination=8, delay_warning=1800
+        connect_timeout=5, greeting_timeout=6, max_connections=7, max_per_destination=8, delay_warning=1800,
+        local_transport="lmtp:unix:/run/dovecot/lmtp",
     )
     assert config.retry.__dict__ == dict(
         interval=60, fixed_interval=True, max_interval=600, count_5xx=0,
@@ -499,3 +501,11 @@ def test_allow_empty_tables_is_off_unless_the_routing_section_says_so(tmp_path):
     assert load_config(path, {}).routing.allow_empty_tables is False
     path.write_text('[server]\nhostname = "mx.example.test"\n[routing]\nallow_empty_tables = true\n')
     assert load_config(path, {}).routing.allow_empty_tables is True
+
+
+@pytest.mark.parametrize("value", ["lmtp", "lmtp:/run/dovecot/lmtp", "smtp:tcp:localhost:25", "", 1])
+def test_local_transport_must_be_maildir_or_an_lmtp_endpoint(tmp_path, value):
+    path = tmp_path / "epost.toml"
+    path.write_text(f"[delivery]\nlocal_transport = {value!r}\n".replace("'", '"'))
+    with pytest.raises(ConfigError, match="local_transport"):
+        load_config(path, {})

@@ -85,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", parents=[common], help="ask an operated domain's next hop about an address now")
     verify.add_argument("address", help="an address of an operated domain, e.g. bob@example.jp")
     verify.set_defaults(run=verify_address)
+
+    dovecot = commands.add_parser("dovecot-conf", parents=[common], help="print a Dovecot 2.3 config for IMAP/POP3/LMTP on the Maildirs")
+    dovecot.add_argument("--imap", metavar="[ADDR:]PORT", default="143", help="IMAP (STARTTLS) listener; 'off' for none")
+    dovecot.add_argument("--pop3", metavar="[ADDR:]PORT", default="110", help="POP3 (STARTTLS) listener; 'off' for none")
+    dovecot.add_argument("--lmtp", metavar="ENDPOINT", help="LMTP listener for local_transport, unix:/PATH or tcp:[HOST:]PORT")
+    dovecot.add_argument("--base-dir", metavar="DIR", help="Dovecot base_dir (and state_dir under it) for a private instance")
+    dovecot.set_defaults(run=print_dovecot_conf)
     return parser
 
 
@@ -257,6 +264,7 @@ def operate_on_queue(args: argparse.Namespace, now: float) -> int:
 def set_password(args: argparse.Namespace, now: float) -> int:
     """SPEC §8: hash a new password into the users file, replacing the account's line or adding one."""
     from epost.auth import hash_password  # twisted.cred: only here
+    from epost.users_file import users_file_lock
 
     try:
         user = parse_user_line(args.address.strip())
@@ -289,7 +297,10 @@ def set_password(args: argparse.Namespace, now: float) -> int:
     try:
         if created:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new users file's folder: private
-        write_atomically(path, _with_hash(old, user.address, hash_password(password)), mode=mode)
+        new_hash = hash_password(password)
+        with users_file_lock(path):  # the daemon may have upgraded a hash since we read the file
+            old = path.read_bytes() if path.exists() else old
+            write_atomically(path, _with_hash(old, user.address, new_hash), mode=mode)
     except OSError as error:
         print(f"epost: {path}: cannot write: {error.strerror or error}", file=sys.stderr)
         return 1
@@ -451,6 +462,29 @@ def _verify_here(config: Config, address_text: str) -> dict:
     if isinstance(verdict, Failure):
         verdict.raiseException()
     return {"status": verdict.status, "text": verdict.text, "host": verdict.host}
+
+
+def print_dovecot_conf(args: argparse.Namespace, now: float) -> int:
+    """Issue 17: a complete Dovecot configuration on stdout; 1 after saying why not."""
+    from epost.admin.dovecot import DovecotConfError, dovecot_conf, parse_listener, parse_lmtp_endpoint
+    from epost.tls import ensure_self_signed
+
+    try:
+        config = _load(args)
+        imap = None if args.imap == "off" else parse_listener(args.imap, 143)
+        pop3 = None if args.pop3 == "off" else parse_listener(args.pop3, 110)
+        lmtp = parse_lmtp_endpoint(args.lmtp) if args.lmtp else None
+        if config.server.tls_cert is not None and config.server.tls_key is not None:
+            cert, key = config.server.tls_cert, config.server.tls_key
+        else:  # the self-signed pair the daemon uses, made now if it is not yet
+            cert, key = ensure_self_signed(config.server.spool / "tls", config.server.hostname)
+        text = dovecot_conf(config, cert=cert, key=key, imap=imap, pop3=pop3, lmtp=lmtp,
+                            base_dir=Path(args.base_dir) if args.base_dir else None)
+    except (ConfigError, DovecotConfError, ValueError, OSError) as error:
+        print(f"epost: {error}", file=sys.stderr)
+        return 1
+    sys.stdout.write(text)
+    return 0
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ class MaildirBatch:
             _known_maildirs.add(maildir)
         name, fd = _create_unique(f"{maildir}/tmp", self.hostname)
         try:
+            if os.geteuid() == 0:
+                _take_owner_of(f"{maildir}/tmp", fd)
             size = 0
             with contextlib.ExitStack() as stack:
                 if isinstance(content, bytes):
@@ -136,4 +138,20 @@ def _make_dir_durably(path: Path) -> None:
         path.mkdir(mode=0o700)
     except FileExistsError:
         return
+    if os.geteuid() == 0:
+        _take_owner_of(path.parent, path)
     fsync_dir(path.parent)
+
+
+def _take_owner_of(folder: str | Path, target: int | Path) -> None:
+    """Run as root, give a new Maildir file or folder the owner and group of the folder it is in.
+
+    Dovecot refuses uid 0 for mail, so the Maildirs belong to whoever owns
+    `<spool>/mailboxes` (docs/mailboxes.md); a daemon still running as root
+    (tests, twistd before -u) keeps them that way.
+    """
+    st = os.stat(folder)
+    if isinstance(target, int):
+        os.fchown(target, st.st_uid, st.st_gid)
+    else:
+        os.chown(target, st.st_uid, st.st_gid)

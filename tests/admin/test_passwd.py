@@ -31,6 +31,8 @@ USERS = (
 @pytest.fixture(autouse=True)
 def _cheap_scrypt(monkeypatch):
     monkeypatch.setattr(auth, "SCRYPT_LOG2_N", 4)
+    monkeypatch.setattr(auth, "ARGON2_TIME_COST", 1)
+    monkeypatch.setattr(auth, "ARGON2_MEMORY_KIB", 64)
 
 
 @pytest.fixture
@@ -62,7 +64,7 @@ def test_stdin_sets_a_new_user_by_appending_a_line(users, monkeypatch, capsys):
     data = users.read_bytes()
     assert data.startswith(USERS + b"\n")  # the last line got its missing newline, nothing else changed
     last = data[len(USERS) + 1 :]
-    assert last.startswith(b"dave@example.test:$scrypt$") and last.endswith(b"\n") and last.count(b"\n") == 1
+    assert last.startswith(b"dave@example.test:{ARGON2ID}$argon2id$") and last.endswith(b"\n") and last.count(b"\n") == 1
     assert verify_password("pw of dave", hash_of(users, "dave@example.test"))
 
 
@@ -72,7 +74,7 @@ def test_stdin_updates_an_existing_user_and_keeps_every_other_byte(users, monkey
     assert (status, out) == (0, "password set for alice@example.test\n")
     before, after = USERS.split(b"\r\n"), users.read_bytes().split(b"\r\n")
     assert len(after) == len(before) and after[0] == before[0] and after[2:] == before[2:]
-    assert after[1].startswith(b"\nAlice@Example.TEST:$scrypt$ln=4,r=8,p=1$")  # spelling kept, CRLF kept
+    assert after[1].startswith(b"\nAlice@Example.TEST:{ARGON2ID}$argon2id$")  # spelling kept, CRLF kept
     assert verify_password("new pw", hash_of(users, "alice@example.test"))
     assert not verify_password("new pw", hash_of(users, "carol@example.test"))
     assert stat.S_IMODE(users.stat().st_mode) == 0o640
@@ -81,7 +83,7 @@ def test_stdin_updates_an_existing_user_and_keeps_every_other_byte(users, monkey
 def test_mailbox_without_hash_gets_one(users, monkeypatch, capsys):
     assert passwd(monkeypatch, capsys, "bob@example.test", "--stdin", stdin="bob pw")[0] == 0
 
-    assert b"\nbob@example.test:$scrypt$" in users.read_bytes()
+    assert b"\nbob@example.test:{ARGON2ID}$argon2id$" in users.read_bytes()
     assert verify_password("bob pw", hash_of(users, "bob@example.test"))
 
 

@@ -1,0 +1,164 @@
+"""LMTP (RFC 2033) to Dovecot for local recipients (SPEC §10, docs/mailboxes.md): the small part
+Twisted lacks, on our outbound SMTP client.
+
+LMTP is SMTP with LHLO for EHLO and, after the final dot, one reply per
+accepted recipient in RCPT order, so Sieve and quotas can answer each one
+(over quota: 552 5.2.2). The caller treats each Outcome like an SMTP reply:
+2xx delivered, 4xx retried, 5xx bounced, no answer (Dovecot down) deferred.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable
+
+from twisted.internet import defer
+from twisted.internet.endpoints import clientFromString, connectProtocol
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from epost.delivery.smtp_client import Outcome, SMTPClient, TransactionResult
+
+__all__ = ["LMTPClient", "deliver_lmtp", "deliver_lmtp_batch", "lmtp_endpoint"]
+
+log = Logger()
+
+
+class LMTPClient(SMTPClient):
+    """SMTPClient speaking LMTP: LHLO, no HELO fallback, no STARTTLS (a local socket), per-recipient DATA replies."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("tls_context", None)
+        super().__init__(*args, **kwargs)
+        self._data_replies = 0
+
+    def _on_greeting(self, code: int, text: str) -> None:
+        if code == 220:
+            self._send((f"LHLO {self.hostname}", "ehlo", self._on_ehlo))
+        else:
+            self._fail("greeting", code, text)
+
+    def _on_ehlo(self, code: int, text: str) -> None:
+        if code // 100 == 5:  # no HELO in LMTP
+            self._fail("ehlo", code, text)
+        else:
+            super()._on_ehlo(code, text)
+
+    def _can_starttls(self) -> bool:
+        return False
+
+    def _on_data_end(self, code: int, text: str) -> None:
+        recipient = self._accepted[self._data_replies]
+        self._outcomes[recipient] = Outcome(code, text, "data")
+        self._data_replies += 1
+        if self._data_replies < len(self._accepted):
+            self._await("data_end", self._on_data_end)
+        else:
+            self._finish()
+
+
+def lmtp_endpoint(reactor: Any, transport: str) -> Any:
+    """`lmtp:unix:/run/dovecot/lmtp` or `lmtp:tcp:HOST:PORT` -> a client endpoint; ValueError otherwise."""
+    kind, _, where = transport.partition(":")
+    if kind != "lmtp" or not where.startswith(("unix:", "tcp:")):
+        raise ValueError(f"local_transport must be lmtp:unix:/PATH or lmtp:tcp:HOST:PORT, not {transport!r}")
+    return clientFromString(reactor, where)
+
+
+def deliver_lmtp(
+    reactor: Any, endpoint: Any, hostname: str, sender: str, recipients: list[str], content: bytes,
+    timeouts: dict[str, float] | None = None,
+) -> defer.Deferred[TransactionResult]:
+    """One LMTP transaction; fires with every recipient's Outcome. Never fails: a refused
+    connection is an Outcome with code None for everyone (deferred, nothing lost)."""
+
+    def chunks() -> Iterable[bytes]:
+        return [content]
+
+    client = LMTPClient(hostname, sender, recipients, chunks, len(content), True, reactor, timeouts=timeouts)
+
+    def not_connected(failure: Any) -> TransactionResult:
+        text = f"4.4.1 LMTP connection failed: {failure.getErrorMessage()}"
+        return TransactionResult({r: Outcome(None, text, "connect") for r in recipients}, False, False)
+
+    d = connectProtocol(endpoint, client)
+    d.addCallbacks(lambda _: client.done, not_connected)
+    return d
+
+
+def deliver_lmtp_batch(
+    spool: Any,
+    queue_ids: list[str],
+    *,
+    reactor: Any,
+    threadpool: Any,
+    endpoint: Any,
+    hostname: str,
+    give_up_after: float = 8 * 3600,
+    now: Callable[[], float] = time.time,
+) -> defer.Deferred[dict[str, str]]:
+    """LocalDeliveryRunner's `deliver` for `local_transport = "lmtp:..."`: the same verdicts as
+    deliver_local_batch (DONE, RETRY, PASSED), one LMTP transaction per message.
+
+    2xx: delivered. 5xx: failed (the manager bounces it). 4xx or no answer
+    (Dovecot down): pending, retried by the runner until `give_up_after`
+    (E-Post's 4xx period), then failed. Spool reads and writes run in `threadpool`.
+    """
+    return defer.ensureDeferred(_lmtp_batch(spool, queue_ids, reactor, threadpool, endpoint, hostname,
+                                            give_up_after, now))
+
+
+async def _lmtp_batch(spool, queue_ids, reactor, threadpool, endpoint, hostname, give_up_after, now):
+    from epost.queue.envelope import EnvelopeError
+    from epost.queue.outcomes import needs_manager
+    from epost.queue.runner import DONE, PASSED, RETRY
+
+    def in_thread(f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        return deferToThreadPool(reactor, threadpool, f, *args)
+
+    verdicts = dict.fromkeys(queue_ids, DONE)
+    for queue_id in queue_ids:
+        try:
+            envelope = await in_thread(spool.load, queue_id)
+        except FileNotFoundError:
+            continue
+        except EnvelopeError:
+            log.failure("{queue_id}: unreadable, left for the operator", queue_id=queue_id)
+            continue
+        local = [i for i in envelope.pending() if (envelope.recipients[i].route or {}).get("kind") == "local"]
+        failed = False
+        if local:
+            rcpt = {i: _lmtp_address(envelope.recipients[i]) for i in local}
+            content = await in_thread(spool.content_path(queue_id).read_bytes)
+            result = await deliver_lmtp(reactor, endpoint, hostname, envelope.sender,
+                                        sorted(set(rcpt.values())), content)
+            for index in local:
+                outcome = result.recipients[rcpt[index]]
+                attempts = envelope.recipients[index].attempts + 1
+                reply = f"{outcome.code} {outcome.text}" if outcome.code else outcome.text
+                if outcome.code is not None and outcome.code // 100 == 2:
+                    envelope = envelope.with_recipient(index, state="delivered", attempts=attempts,
+                                                       last_reply=f"lmtp: {reply}")
+                elif (outcome.code is not None and outcome.code // 100 == 5) or now() - envelope.arrival >= give_up_after:
+                    envelope = envelope.with_recipient(index, state="failed", attempts=attempts, last_reply=f"lmtp: {reply}")
+                else:
+                    failed = True
+                    envelope = envelope.with_recipient(index, attempts=attempts, last_reply=f"lmtp: {reply}")
+        left_for_manager = needs_manager(envelope)
+        try:
+            if envelope.pending() or left_for_manager:
+                if local:
+                    await in_thread(spool.update, envelope)
+            else:
+                await in_thread(spool.remove, envelope.queue_id)
+        except OSError:
+            log.failure("{queue_id}: cannot record delivery", queue_id=envelope.queue_id)
+            failed = True
+        verdicts[envelope.queue_id] = RETRY if failed else PASSED if left_for_manager else DONE
+    return verdicts
+
+
+def _lmtp_address(recipient: Any) -> str:
+    """The mailbox the router chose (`domain/user`, after aliases) as Dovecot's user name `user@domain`."""
+    domain, _, user = str((recipient.route or {}).get("mailbox", "")).partition("/")
+    return f"{user}@{domain}" if user and domain else recipient.address

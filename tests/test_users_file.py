@@ -1,0 +1,42 @@
+"""Upgrading an old scrypt hash in the users file (issue 17, docs/mailboxes.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from epost import auth
+from epost.smtp.address import parse_mailbox
+from epost.users_file import upgrade_hash
+
+
+@pytest.fixture(autouse=True)
+def _cheap(monkeypatch):
+    monkeypatch.setattr(auth, "SCRYPT_LOG2_N", 4)
+    monkeypatch.setattr(auth, "ARGON2_TIME_COST", 1)
+    monkeypatch.setattr(auth, "ARGON2_MEMORY_KIB", 64)
+
+
+def test_old_hash_is_replaced_by_argon2id_and_everything_else_is_kept(tmp_path: Path):
+    old = auth.hash_password_scrypt("pw")
+    users = tmp_path / "users"
+    users.write_bytes(f"# accounts\r\nAlice@Example.TEST:{old}\r\nbob@example.test\r\n".encode())
+    users.chmod(0o640)
+
+    assert upgrade_hash(users, parse_mailbox("alice@example.test"), "pw", old)
+
+    lines = users.read_bytes().split(b"\r\n")
+    assert lines[0] == b"# accounts" and lines[2] == b"bob@example.test"
+    address, _, new = lines[1].decode().partition(":")
+    assert address == "Alice@Example.TEST" and new.startswith("{ARGON2ID}") and auth.verify_password("pw", new)
+    assert users.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_hash_changed_meanwhile_is_left_alone(tmp_path: Path):
+    users = tmp_path / "users"
+    newer = auth.hash_password("set by epost passwd")
+    users.write_text(f"alice@example.test:{newer}\n")
+
+    assert not upgrade_hash(users, parse_mailbox("alice@example.test"), "pw", auth.hash_password_scrypt("pw"))
+    assert users.read_text() == f"alice@example.test:{newer}\n"
