@@ -9,6 +9,7 @@ safely after the address in `user@domain:HASH`. Hashing is slow on purpose
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import os
@@ -92,9 +93,20 @@ def _as_bytes(password: str | bytes) -> bytes:
     return password if isinstance(password, bytes) else password.encode("utf-8", "surrogateescape")
 
 
+@functools.cache
 def _dummy_hash() -> str:
-    """A well-formed hash at today's cost that no password is known to match: unknown users pay the same time."""
-    return _encode(bytes(SALT_BYTES), bytes(KEY_BYTES), SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P)
+    """A hash of today's kind and cost (Argon2id) of a password nobody knows:
+    an unknown user's login costs what a real account's does, so timing does
+    not tell which accounts exist. Made once, in the check's thread."""
+    return hash_password(os.urandom(32))
+
+
+def _verify_or_waste(password: str | bytes, stored: str | None) -> bool:
+    """verify_password, or the same work against the dummy hash (and False) for an unknown account."""
+    if stored is None:
+        verify_password(password, _dummy_hash())
+        return False
+    return verify_password(password, stored)
 
 
 def _account(username: str | bytes) -> Address | None:
@@ -126,7 +138,7 @@ class UsersChecker:
         address = _account(credentials.username)
         stored = self._users().password_hash(address) if address is not None else None
         d = deferToThreadPool(
-            self._reactor, self._threadpool, verify_password, credentials.password, stored or _dummy_hash()
+            self._reactor, self._threadpool, _verify_or_waste, credentials.password, stored or None
         )
 
         def decide(ok: bool) -> str:
