@@ -151,17 +151,21 @@ def test_epost_passwd_changes_the_password_for_smtp_imap_and_pop3_at_once(world)
     imap_login(dovecot, "first-pass").logout()
     set_password(d, ALICE, "second-pass")  # no restart of either daemon
 
-    def old_refused_everywhere() -> bool:
+    def imap_refuses_old() -> bool:
         try:
             imap_login(dovecot, "first-pass").logout()
             return False
         except imaplib.IMAP4.error:
-            pass
+            return True
+
+    def pop3_refuses_old() -> bool:
         try:
             pop3_count(dovecot, "first-pass")
             return False
         except poplib.error_proto:
-            pass
+            return True
+
+    def smtp_refuses_old() -> bool:
         with submission(d) as client:
             try:
                 auth(client, "PLAIN", ALICE, "first-pass")
@@ -169,8 +173,10 @@ def test_epost_passwd_changes_the_password_for_smtp_imap_and_pop3_at_once(world)
             except smtplib.SMTPAuthenticationError:
                 return True
 
-    # Each refusal costs Dovecot's auth_failure_delay (2 s): allow several rounds.
-    wait_for(old_refused_everywhere, 45, message="old password refused")
+    # Each refusal costs Dovecot's auth_failure_delay (2 s); each is waited for on its own,
+    # so a failure names the service that still took the old password.
+    for service_name, refuses_old in (("IMAP", imap_refuses_old), ("POP3", pop3_refuses_old), ("SMTP", smtp_refuses_old)):
+        wait_for(refuses_old, 45, interval=0.5, message=f"{service_name} to refuse the old password")
     imap_login(dovecot, "second-pass").logout()
     assert pop3_count(dovecot, "second-pass") == 0
     with submission(d) as client:
