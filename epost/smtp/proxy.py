@@ -14,7 +14,7 @@ import ipaddress
 from typing import Iterable
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITLSTransport
 from twisted.logger import Logger
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v1parser import V1Parser
@@ -131,8 +131,11 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             self.transport.loseConnection()
             return
         self.wrappedProtocol = session
-        if ISSLTransport.providedBy(self.transport):
-            alsoProvides(self, ISSLTransport)
+        # The session offers STARTTLS and reports TLS by what its transport
+        # provides: this wrapper provides what the connection under it does.
+        for interface in (ITLSTransport, ISSLTransport):
+            if interface.providedBy(self.transport):
+                alsoProvides(self, interface)
         session.makeConnection(self)
         if rest:
             self.wrappedProtocol.dataReceived(rest)

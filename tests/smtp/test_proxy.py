@@ -140,3 +140,20 @@ def test_trusted_sources_and_header_kinds():
     assert is_trusted("::ffff:127.0.0.1", TRUSTED) and not is_trusted("", TRUSTED)
     assert header_kind(b"\r\n") is None and header_kind(b"PRO") is None
     assert header_kind(b"PROXY ") == "v1" and header_kind(V2_SIG) == "v2" and header_kind(b"EHLO") == ""
+
+
+def test_starttls_is_offered_and_started_under_the_header():
+    from test_server import TLSStringTransport
+
+    clock = task.Clock()
+    events = RecordingEvents()
+    inner = SMTPFactory(FakeReceiver(), ServerSettings(hostname="mx.example.test"), clock, ConnectionLimits(10, 10), tls_context="ctx", events=events)
+    factory = ProxyFactory(inner, TRUSTED, clock, events, "submission")
+    address = IPv4Address("TCP", BALANCER, 50000)
+    protocol = factory.buildProtocol(address)
+    transport = TLSStringTransport(peerAddress=address)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(v2() + b"EHLO c.example\r\n")
+    assert b"250-STARTTLS" in transport.value() or b"250 STARTTLS" in transport.value()
+    protocol.dataReceived(b"STARTTLS\r\n")
+    assert transport.tls_started_with == "ctx"
