@@ -56,6 +56,11 @@ class ServerConfig:
         ipaddress.ip_network("::1/128"),
     )
     allow_plaintext_auth: bool = False
+    # Balancers allowed to send a PROXY header to a `haproxy:` listener (SPEC §1).
+    proxy_networks: tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
     # Not in E-Post; Postfix-like defaults (smtpd_timeout, smtpd_hard_error_limit,
     # smtpd_client_connection_count_limit).
     command_timeout: int = 300
@@ -317,6 +322,7 @@ SCHEMA: dict[str, dict[str, Converter]] = {
         "max_message_size": _POSITIVE,
         "max_recipients": _POSITIVE,
         "relay_networks": _list(_network),
+        "proxy_networks": _list(_network),
         "allow_plaintext_auth": _boolean,
         "command_timeout": _POSITIVE,
         "session_deadline": _POSITIVE,

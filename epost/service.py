@@ -23,6 +23,7 @@ from epost.auth import UsersChecker, make_portal
 from epost import metrics
 from epost.config import Config
 from epost.listening import default_backlog, with_backlog
+from epost.smtp.proxy import ProxyFactory
 from epost.control import RouteAnswers, control_service
 from epost.delivery.remote_courier import RemoteCourier
 from epost.queue.bounces import BounceSender
@@ -308,8 +309,13 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
                 receiver, listener_settings(config, listener), reactor, limits, tls_context=tls, portal=portal, throttle=throttle,
                 events=events, screening=screening if listener == "relay" else None,
             )
+            proxied = description.startswith("haproxy:")
+            if proxied:  # PROXY protocol: our wrapper, not Twisted's haproxy: (epost/smtp/proxy.py)
+                description = description[len("haproxy:"):]
             if listener == "smtps" and description.split(":", 1)[0] in ("tcp", "tcp6"):
                 factory = TLSMemoryBIOFactory(tls, False, factory)  # implicit TLS with our certificate
+            if proxied:
+                factory = ProxyFactory(factory, config.server.proxy_networks, reactor, events, listener)
             port = strports.service(with_backlog(description, backlog), factory, reactor=reactor)
             port.setServiceParent(top)
             top.listeners.append(port)

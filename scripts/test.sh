@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v swaks >/dev/null || need+=(swaks)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+command -v haproxy >/dev/null || need+=(haproxy)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 # Dovecot for the mailbox tests (tests/e2e/test_dovecot_e2e.py); its own service stays stopped.

@@ -509,3 +509,10 @@ def test_local_transport_must_be_maildir_or_an_lmtp_endpoint(tmp_path, value):
     path.write_text(f"[delivery]\nlocal_transport = {value!r}\n".replace("'", '"'))
     with pytest.raises(ConfigError, match="local_transport"):
         load_config(path, {})
+
+
+def test_proxy_networks_default_to_loopback_and_are_read_as_networks(tmp_path):
+    assert load(tmp_path).server.proxy_networks == (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    server = load(tmp_path, '[server]\nhostname = "mx.example.test"\nproxy_networks = ["10.0.0.5/24"]\n').server
+    assert server.proxy_networks == (ipaddress.ip_network("10.0.0.0/24"),)
+    assert "proxy_networks" in config_error(tmp_path, '[server]\nhostname = "mx.example.test"\nproxy_networks = ["nonsense"]\n')
