@@ -47,7 +47,7 @@ dnsbl_lookups = Counter(
 table_reloads = Counter("epost_table_reloads", "Table reloads by table file and result", ["table", "result"], registry=REGISTRY)
 connections_refused = Counter(
     "epost_smtp_connections_refused",
-    "Inbound SMTP connections answered 421 at once, by listener and reason (too_many_connections, per_client_limit)",
+    "Inbound SMTP connections refused before any session: 421 at once (too_many_connections, per_client_limit) or closed without a greeting (proxy_untrusted, proxy_bad_header, proxy_timeout)",
     ["listener", "reason"],
     registry=REGISTRY,
 )
