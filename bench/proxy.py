@@ -1,4 +1,6 @@
-"""Accept rate direct vs through HAProxy (send-proxy-v2) to one and two epost nodes.
+"""Accept rate direct vs through HAProxy (send-proxy-v2) to one and two epost nodes,
+and through the same HAProxy relaying plain TCP to a node without PROXY (what the
+extra TCP hop costs on its own, apart from epost's header handling).
 
     .venv/bin/python bench/proxy.py [--clients 10] [--seconds 5] [--rounds 1]
 
@@ -70,25 +72,34 @@ def main() -> None:
             a, b = node(tmp / "a", True), node(tmp / "b", True)
             nodes += [a, b]
             ports = {}
-            for name, members in (("one", [a]), ("two", [a, b])):
+            for name, members, proxy in (("plain", [direct], False), ("one", [a], True), ("two", [a, b], True)):
                 folder = tmp / f"haproxy-{name}"
                 folder.mkdir()
                 port = free_port()
-                config = haproxy_config(folder, port, members)
+                config = haproxy_config(folder, port, members, proxy=proxy)
                 proxies.append(subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 wait_for(lambda: port_answers(port))
                 ports[name] = port
             time.sleep(1)
-            hops, spreads = [], []
+            hops, plains, spreads = [], [], []
             for round_number in range(1, args.rounds + 1):
                 rates = {}
-                for label, port in (("direct", direct.relay_port), ("haproxy->1 node", ports["one"]), ("haproxy->2 nodes", ports["two"])):
+                phases = (
+                    ("direct", direct.relay_port),
+                    ("haproxy, no PROXY", ports["plain"]),
+                    ("haproxy->1 node", ports["one"]),
+                    ("haproxy->2 nodes", ports["two"]),
+                )
+                for label, port in phases:
                     rates[label] = load(port, args.clients, args.seconds)
                     print(f"round {round_number} {label:18} C={args.clients}: {rates[label]:7.1f} msg/s", flush=True)
                 hops.append(rates["haproxy->1 node"] / rates["direct"])
+                plains.append(rates["haproxy->1 node"] / rates["haproxy, no PROXY"])
                 spreads.append(rates["haproxy->2 nodes"] / rates["haproxy->1 node"])
             print(
-                f"PROXY hop: {100 * (statistics.median(hops) - 1):+.1f}% vs direct (rounds {min(hops):.2f}-{max(hops):.2f}); "
+                f"PROXY hop: {100 * (statistics.median(hops) - 1):+.1f}% vs direct (rounds {min(hops):.2f}-{max(hops):.2f}), "
+                f"{100 * (statistics.median(plains) - 1):+.1f}% vs the same HAProxy relaying plain TCP "
+                f"(rounds {min(plains):.2f}-{max(plains):.2f}); "
                 f"two nodes: {statistics.median(spreads):.2f}x one (rounds {min(spreads):.2f}-{max(spreads):.2f})"
             )
         finally:

@@ -28,9 +28,11 @@ def proxied_node(daemon):
     return node.start()
 
 
-def haproxy_config(folder: Path, port: int, nodes) -> Path:
+def haproxy_config(folder: Path, port: int, nodes, proxy: bool = True) -> Path:
+    """A private HAProxy in front of `nodes`; `proxy=False` relays plain TCP (no PROXY header), for comparison."""
+    header = "send-proxy-v2 check check-send-proxy" if proxy else "check"
     servers = "\n".join(
-        f"    server n{i} 127.0.0.1:{node.relay_port} send-proxy-v2 check check-send-proxy inter 200ms fall 1 rise 1"
+        f"    server n{i} 127.0.0.1:{node.relay_port} {header} inter 200ms fall 1 rise 1"
         for i, node in enumerate(nodes)
     )
     config = folder / "haproxy.cfg"
