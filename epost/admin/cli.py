@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     dovecot.add_argument("--lmtp", metavar="ENDPOINT", help="LMTP listener for local_transport, unix:/PATH or tcp:[HOST:]PORT")
     dovecot.add_argument("--base-dir", metavar="DIR", help="Dovecot base_dir (and state_dir under it) for a private instance")
     dovecot.set_defaults(run=print_dovecot_conf)
+    dkim = commands.add_parser("dkim", parents=[common], help="DKIM keys").add_subparsers(metavar="ACTION", required=True)
+    keygen = dkim.add_parser("keygen", parents=[common], help="make a DKIM key under <config dir>/dkim/ and print the TXT record")
+    keygen.add_argument("domain")
+    keygen.add_argument("--selector", help="default: the month, e.g. e202612")
+    keygen.add_argument("--type", choices=("rsa", "ed25519"), default="rsa", help="rsa (2048 bits, default) or ed25519")
+    keygen.set_defaults(run=dkim_keygen)
     return parser
 
 
@@ -489,3 +495,24 @@ def print_dovecot_conf(args: argparse.Namespace, now: float) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def dkim_keygen(args: argparse.Namespace, now: float) -> int:
+    """Issue 15: write a 0600 key under <config dir>/dkim/ and print the record to publish and the config lines."""
+    import datetime
+
+    from epost.delivery.signing import default_selector, keygen, txt_record
+
+    config = getattr(args, "config", None)
+    directory = (Path(config).resolve().parent if config else Path.cwd()) / "dkim"
+    selector = args.selector or default_selector(datetime.datetime.fromtimestamp(now, datetime.timezone.utc).date())
+    try:
+        path, key = keygen(args.domain, directory, selector, args.type)
+    except (OSError, ValueError) as error:
+        print(f"epost: {error}", file=sys.stderr)
+        return 1
+    print(f"# key: {path} (mode 0600); add to the config:")
+    print(f'# [[dkim.keys]]\n# domain = "{key.domain}"\n# selector = "{key.selector}"\n# key = "{path}"')
+    print("# publish:")
+    print(txt_record(key))
+    return 0
