@@ -114,7 +114,7 @@ def check_config(args: argparse.Namespace, now: float) -> int:
         print(error)
         return 1
     problems = 0
-    for is_problem, line in (*_check_tables(config), *_check_tls(config)):
+    for is_problem, line in (*_check_tables(config), *_check_tls(config), *_check_dkim(config)):
         print(line)
         problems += is_problem
     if problems:
@@ -516,3 +516,14 @@ def dkim_keygen(args: argparse.Namespace, now: float) -> int:
     print("# publish:")
     print(txt_record(key))
     return 0
+
+
+def _check_dkim(config: Config) -> Iterator[tuple[bool, str]]:
+    """Issue 15: each [[dkim.keys]] file must be readable and a usable private key."""
+    from epost.delivery.signing import DkimKeyError, load_key
+
+    for spec in config.dkim.keys:
+        try:
+            load_key(spec.domain, spec.selector, spec.key)
+        except DkimKeyError as error:
+            yield True, str(error)

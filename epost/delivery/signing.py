@@ -151,3 +151,8 @@ def sign(message: bytes, keys: tuple[DkimKey, ...], signing_domain: str | None =
         )
         out.append(sig)
     return b"".join(out)
+
+
+def load_keys(specs) -> tuple[DkimKey, ...]:
+    """Every configured key (config.dkim.keys), read and checked; DkimKeyError on the first bad one."""
+    return tuple(load_key(spec.domain, spec.selector, spec.key) for spec in specs)

@@ -26,3 +26,18 @@ def test_keygen_ed25519_with_selector(tmp_path, capsys):
     assert main(["--config", str(config), "dkim", "keygen", "example.test", "--selector", "s1", "--type", "ed25519"]) == 0
     assert 's1._domainkey.example.test. IN TXT "v=DKIM1; k=ed25519; p=' in capsys.readouterr().out
     assert (tmp_path / "dkim" / "example.test.s1.ed25519.pem").exists()
+
+
+def test_check_config_names_a_bad_dkim_key(tmp_path, capsys):
+    config = tmp_path / "epost.toml"
+    assert main(["--config", str(config), "dkim", "keygen", "example.test", "--selector", "s1"]) == 0
+    (tmp_path / "dkim" / "broken.pem").write_text("garbage")
+    config.write_text(
+        '[[dkim.keys]]\ndomain = "example.test"\nselector = "s1"\nkey = "dkim/example.test.s1.rsa.pem"\n'
+        '[[dkim.keys]]\ndomain = "example.test"\nselector = "s2"\nkey = "dkim/broken.pem"\n'
+    )
+    capsys.readouterr()
+    assert main(["--config", str(config), "check-config"]) == 1
+    out = capsys.readouterr().out
+    assert "dkim key example.test/s2:" in out and "broken.pem" in out
+    assert "s1" not in out
