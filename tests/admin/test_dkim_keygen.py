@@ -41,3 +41,23 @@ def test_check_config_names_a_bad_dkim_key(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dkim key example.test/s2:" in out and "broken.pem" in out
     assert "s1" not in out
+
+
+def test_a_missing_dkim_key_stops_start_up_with_one_line(tmp_path, capsys):
+    import pytest
+
+    from epost.tap import Options, makeService
+
+    config = tmp_path / "epost.toml"
+    config.write_text(
+        f'[server]\nspool = "{tmp_path}/spool"\n'
+        '[[dkim.keys]]\ndomain = "example.test"\nselector = "s1"\nkey = "dkim/nope.pem"\n'
+    )
+    options = Options()
+    options.parseOptions(["--config", str(config)])
+    with pytest.raises(SystemExit) as info:
+        makeService(options)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("epost: dkim key example.test/s1: cannot read ") and "nope.pem" in err
+    assert err.count("\n") == 1
