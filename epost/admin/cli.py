@@ -551,6 +551,29 @@ def check_dns_records(args: argparse.Namespace, now: float) -> int:
     resolver.lifetime = 5.0
     domain = args.domain.lower().rstrip(".")
     failed = False
+
+    def txt(name: str) -> list[str] | None:
+        try:
+            return ["".join(p.decode() for p in r.strings) for r in resolver.resolve(name, "TXT")]
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except dns.exception.DNSException:
+            return None
+
+    for kind, name, prefix, fix in (
+        ("spf", domain, "v=spf1", f'{domain}. IN TXT "v=spf1 mx -all"'),
+        ("dmarc", f"_dmarc.{domain}", "v=DMARC1", f'_dmarc.{domain}. IN TXT "v=DMARC1; p=none; rua=mailto:postmaster@{domain}"'),
+    ):
+        records = txt(name)
+        if records is None:
+            print(f"warn {kind} {name}: lookup failed; try again")
+            continue
+        found = [r for r in records if r.split(";")[0].split(" ")[0].lower() == prefix.lower()]
+        if len(found) == 1:
+            print(f"ok   {kind} {name}: {found[0]}")  # the SPF policy is not evaluated per address yet
+        else:
+            print(f"fail {kind} {name}: {'several records' if found else 'no record'}; fix: publish {fix}")
+            failed = True
     specs = [s for s in config.dkim.keys if s.domain == domain]
     if not specs:
         print(f"warn dkim: no [[dkim.keys]] for {domain}; fix: epost dkim keygen {domain}")

@@ -13,6 +13,7 @@ def test_dkim_selector_publishing_our_key_is_ok_and_a_stale_one_fails(tmp_path, 
     _, other = keygen("example.test", tmp_path / "other", "s2", "ed25519")
     dns = Dnsmasq([
         f"--txt-record=s1._domainkey.example.test,v=DKIM1; k=ed25519; p={good.public_b64}",
+        "--txt-record=example.test,v=spf1 -all",
         f"--txt-record=s2._domainkey.example.test,v=DKIM1; k=ed25519; p={other.public_b64}",
     ])
     dns.start()
@@ -30,3 +31,5 @@ def test_dkim_selector_publishing_our_key_is_ok_and_a_stale_one_fails(tmp_path, 
     assert status == 1, out
     assert "ok   dkim s1._domainkey.example.test" in out
     assert "fail dkim s2._domainkey.example.test" in out and stale.public_b64 in out
+    assert "ok   spf example.test: v=spf1 -all" in out
+    assert 'fail dmarc _dmarc.example.test: no record; fix: publish _dmarc.example.test. IN TXT "v=DMARC1; p=none;' in out
