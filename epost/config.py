@@ -126,12 +126,27 @@ class RetryConfig:
 
 
 @dataclass(frozen=True)
+class DkimKeySpec:
+    """One [[dkim.keys]] entry (issue 15); the key file is read by epost.delivery.signing.load_keys."""
+
+    domain: str
+    selector: str
+    key: Path
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    keys: tuple[DkimKeySpec, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     source: Path | None = None  # the TOML file, if any
+    dkim: DkimConfig = field(default_factory=DkimConfig)
 
 
 # --- value parsers ---------------------------------------------------------
@@ -366,6 +381,9 @@ SCHEMA: dict[str, dict[str, Converter]] = {
         "period_4xx": _duration,
         "period_noanswer": _duration,
     },
+    "dkim": {
+        "keys": lambda value: _list(_dkim_key_spec)(value),
+    },
 }
 
 # flag name (SPEC §1, dashes as underscores) -> (section, key)
@@ -396,6 +414,7 @@ _SECTIONS = {
     "routing": RoutingConfig,
     "delivery": DeliveryConfig,
     "retry": RetryConfig,
+    "dkim": DkimConfig,
 }
 
 
@@ -497,6 +516,7 @@ def load_config(
         name: _with_absolute_defaults(cls(**values[name]), base)
         for name, cls in _SECTIONS.items()
     }
+    sections["dkim"] = DkimConfig(tuple(dataclasses.replace(k, key=_absolute(k.key, base)) for k in sections["dkim"].keys))
     return Config(**sections, source=path.absolute() if path is not None else None)
 
 
@@ -508,3 +528,12 @@ def _with_absolute_defaults(section: Any, base: Path) -> Any:
         if isinstance(value := getattr(section, f.name), Path) and not value.is_absolute()
     }
     return dataclasses.replace(section, **changes)
+
+
+def _dkim_key_spec(value: Any) -> DkimKeySpec:
+    if not isinstance(value, dict) or set(value) != {"domain", "selector", "key"}:
+        raise ValueError(f"each [[dkim.keys]] needs exactly domain, selector and key, got {value!r}")
+    selector = _string(value["selector"])
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*", selector):
+        raise ValueError(f"bad selector {selector!r}")
+    return DkimKeySpec(_domain(value["domain"]), selector, _path(value["key"]))

@@ -241,7 +241,11 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor
     raise_file_limit()
+    from epost.delivery.signing import load_keys  # issue 15: a bad DKIM key stops start-up (DkimKeyError)
+
+    dkim_keys = load_keys(config.dkim.keys)
     top = EpostService()
+    top.dkim_keys = dkim_keys
     # One daemon per spool, decided before anything touches it (tmp/ is
     # cleared at start): SpoolBusy ends start-up with one line (epost/tap.py).
     top.spool_lock = SpoolLock.acquire(config.server.spool, create_spool=True)

@@ -99,10 +99,11 @@ def makeService(options: usage.Options):  # noqa: N802 - twistd's IServiceMaker 
     from epost.routing.tables import TableError
     from epost.service import make_service
     from epost.tls import TLSConfigError
+    from epost.delivery.signing import DkimKeyError
 
     try:
         return make_service(config_from_options(options))
-    except (ConfigError, TableError, TLSConfigError, SpoolBusy) as e:
+    except (ConfigError, TableError, TLSConfigError, SpoolBusy, DkimKeyError) as e:
         sys.stderr.write(f"epost: {e}\n")
     except OSError as e:
         sys.stderr.write(f"epost: {e.filename or ''}: {e.strerror}\n")

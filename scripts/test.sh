@@ -10,6 +10,7 @@ need=()
 command -v swaks >/dev/null || need+=(swaks)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v haproxy >/dev/null || need+=(haproxy)
+command -v opendkim >/dev/null || [ -x /usr/sbin/opendkim ] || need+=(opendkim opendkim-tools)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 # Dovecot for the mailbox tests (tests/e2e/test_dovecot_e2e.py); its own service stays stopped.

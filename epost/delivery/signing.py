@@ -1,0 +1,180 @@
+"""DKIM signing (RFC 6376, Ed25519 per RFC 8463) through dkimpy.
+
+Pure-ish helpers: load and check keys, pick the keys of the closest matching
+domain, sign a message's bytes once (every key of that domain: RSA + Ed25519
+gives two signatures), make a key and the TXT record to publish. The caller
+decides *where* signing runs (off the reactor, once, where the message is final).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import dkim
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+def _openssl_rsa_sign(hash, private_key, _cache={}):
+    """dkimpy's RSA is pure Python (~6 ms for 2048 bits); the same PKCS#1 v1.5
+    signature (deterministic, so byte-identical) from OpenSSL costs ~0.3 ms."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, utils
+
+    n = private_key["modulus"]
+    key = _cache.get(n)
+    if key is None:
+        key = rsa.RSAPrivateNumbers(
+            p=private_key["prime1"], q=private_key["prime2"], d=private_key["privateExponent"],
+            dmp1=private_key["exponent1"], dmq1=private_key["exponent2"], iqmp=private_key["coefficient"],
+            public_numbers=rsa.RSAPublicNumbers(private_key["publicExponent"], n),
+        ).private_key()
+        _cache[n] = key
+    algorithm = {"sha256": hashes.SHA256(), "sha1": hashes.SHA1()}[hash.name]
+    return key.sign(hash.digest(), padding.PKCS1v15(), utils.Prehashed(algorithm))
+
+
+# dkim/__init__.py calls the name it imported from dkim.crypto.
+dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsa_sign
+
+# RFC 6376 §5.4.1 plus the headers Gmail/Yahoo bulk-sender rules name.
+SIGNED_HEADERS = (
+    b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to",
+    b"mime-version", b"content-type", b"content-transfer-encoding",
+    b"list-unsubscribe", b"list-unsubscribe-post",
+)
+
+
+class DkimKeyError(ValueError):
+    """A key that cannot sign: missing, unreadable, or not what it claims; one line naming it."""
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    domain: str
+    selector: str
+    algorithm: str  # "rsa" | "ed25519"
+    private: bytes  # what dkimpy takes: PEM for RSA, base64 seed for Ed25519
+    public_b64: str  # the p= value
+
+
+def _public_b64(private_key) -> str:
+    if isinstance(private_key, ed25519.Ed25519PrivateKey):
+        raw = private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return base64.b64encode(raw).decode()
+    der = private_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(der).decode()
+
+
+def load_key(domain: str, selector: str, path: str | os.PathLike) -> DkimKey:
+    """Read a PEM private key (RSA or Ed25519); DkimKeyError naming the file otherwise."""
+    path = Path(path)
+    try:
+        pem = path.read_bytes()
+    except OSError as e:
+        raise DkimKeyError(f"dkim key {domain}/{selector}: cannot read {path}: {e.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise DkimKeyError(f"dkim key {domain}/{selector}: {path} is not a PEM private key ({e})") from None
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                 serialization.NoEncryption())
+        return DkimKey(domain.lower(), selector, "ed25519", base64.b64encode(seed), _public_b64(key))
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < 1024:
+            raise DkimKeyError(f"dkim key {domain}/{selector}: {path} is RSA-{key.key_size}, need >= 1024")
+        pkcs1 = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                  serialization.NoEncryption())
+        return DkimKey(domain.lower(), selector, "rsa", pkcs1, _public_b64(key))
+    raise DkimKeyError(f"dkim key {domain}/{selector}: {path} is neither RSA nor Ed25519")
+
+
+def txt_record(key: DkimKey) -> str:
+    """The record to publish, in zone-file form."""
+    value = f"v=DKIM1; k={key.algorithm}; p={key.public_b64}"
+    # TXT strings are at most 255 octets; split long RSA keys.
+    chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+    return f"{key.selector}._domainkey.{key.domain}. IN TXT {chunks}"
+
+
+def default_selector(today: datetime.date | None = None) -> str:
+    """Names the month, e.g. e202612 (a new selector per rotation)."""
+    today = today or datetime.date.today()
+    return f"e{today:%Y%m}"
+
+
+def keygen(domain: str, directory: str | os.PathLike, selector: str | None = None,
+           key_type: str = "rsa") -> tuple[Path, DkimKey]:
+    """Write a new private key, mode 0600, to <directory>/<domain>.<selector>.<type>.pem."""
+    selector = selector or default_selector()
+    if key_type == "rsa":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    elif key_type == "ed25519":
+        key = ed25519.Ed25519PrivateKey.generate()
+    else:
+        raise ValueError(f"unknown key type {key_type!r} (rsa|ed25519)")
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    directory = Path(directory)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / f"{domain.lower()}.{selector}.{key_type}.pem"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    return path, load_key(domain, selector, path)
+
+
+def keys_for(domain: str, keys: tuple[DkimKey, ...]) -> tuple[DkimKey, ...]:
+    """Every key of the closest matching domain: exact, else the nearest parent."""
+    domain = domain.lower().rstrip(".")
+    labels = domain.split(".")
+    for i in range(len(labels)):
+        candidate = ".".join(labels[i:])
+        found = tuple(k for k in keys if k.domain == candidate)
+        if found:
+            return found
+    return ()
+
+
+def _from_domain(message: bytes) -> str | None:
+    import email.parser
+    import email.utils
+    headers = email.parser.BytesHeaderParser().parsebytes(message)
+    addr = email.utils.parseaddr(str(headers.get("From", "")))[1]
+    return addr.rpartition("@")[2] or None
+
+
+def sign(message: bytes, keys: tuple[DkimKey, ...], signing_domain: str | None = None) -> bytes:
+    """The DKIM-Signature header lines (CRLF-ended) to prepend; b'' if no key matches.
+
+    Domain: the From: domain (DMARC alignment), unless given. relaxed/relaxed,
+    From oversigned, only headers present are signed (dkimpy drops absent ones).
+    """
+    domain = signing_domain or _from_domain(message)
+    if not domain:
+        return b""
+    import email.parser
+    names = {k.lower().encode() for k in email.parser.BytesHeaderParser().parsebytes(message).keys()}
+    out = []
+    for key in keys_for(domain, keys):
+        present = [h for h in SIGNED_HEADERS if h in names] + [b"from"]  # From oversigned
+        sig = dkim.sign(
+            message, key.selector.encode(), key.domain.encode(), key.private,
+            canonicalize=(b"relaxed", b"relaxed"),
+            include_headers=present,
+            signature_algorithm=b"ed25519-sha256" if key.algorithm == "ed25519" else b"rsa-sha256",
+            linesep=b"\r\n",
+        )
+        out.append(sig)
+    return b"".join(out)
+
+
+def load_keys(specs) -> tuple[DkimKey, ...]:
+    """Every configured key (config.dkim.keys), read and checked; DkimKeyError on the first bad one."""
+    return tuple(load_key(spec.domain, spec.selector, spec.key) for spec in specs)
