@@ -40,3 +40,23 @@ def test_a_hash_changed_meanwhile_is_left_alone(tmp_path: Path):
 
     assert not upgrade_hash(users, parse_mailbox("alice@example.test"), "pw", auth.hash_password_scrypt("pw"))
     assert users.read_text() == f"alice@example.test:{newer}\n"
+
+
+def test_a_rewrite_within_the_same_second_still_moves_the_mtime_to_a_later_second(tmp_path):
+    """Dovecot's passwd-file notices a change only by mtime seconds or size; a new
+    hash of the same kind has the same size."""
+    import os
+
+    from epost.users_file import replace_users_file
+
+    path = tmp_path / "users"
+    path.write_bytes(b"alice@example.test:{ARGON2ID}aaaa\n")
+    first = os.stat(path).st_mtime_ns // 1_000_000_000
+    replace_users_file(path, b"alice@example.test:{ARGON2ID}bbbb\n", 0o600)
+    second = os.stat(path).st_mtime_ns // 1_000_000_000
+    replace_users_file(path, b"alice@example.test:{ARGON2ID}cccc\n", 0o600)
+    third = os.stat(path).st_mtime_ns // 1_000_000_000
+
+    assert first < second < third
+    assert path.read_bytes() == b"alice@example.test:{ARGON2ID}cccc\n"
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o600)

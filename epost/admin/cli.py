@@ -19,7 +19,6 @@ from pathlib import Path
 from epost.admin.queue_listing import format_text, matches, read_queue, to_json
 from epost.admin.surgery_commands import add_commands, run_action
 from epost.config import Config, ConfigError, load_config
-from epost.fsutil import write_atomically
 from epost.routing.aliases import check_loops, load_aliases
 from epost.routing.gateway import load_gateway_table
 from epost.routing.relay_recipients import load_relay_recipients
@@ -273,7 +272,7 @@ def operate_on_queue(args: argparse.Namespace, now: float) -> int:
 def set_password(args: argparse.Namespace, now: float) -> int:
     """SPEC §8: hash a new password into the users file, replacing the account's line or adding one."""
     from epost.auth import hash_password  # twisted.cred: only here
-    from epost.users_file import users_file_lock
+    from epost.users_file import replace_users_file, users_file_lock
 
     try:
         user = parse_user_line(args.address.strip())
@@ -309,7 +308,7 @@ def set_password(args: argparse.Namespace, now: float) -> int:
         new_hash = hash_password(password)
         with users_file_lock(path):  # the daemon may have upgraded a hash since we read the file
             old = path.read_bytes() if path.exists() else old
-            write_atomically(path, _with_hash(old, user.address, new_hash), mode=mode)
+            replace_users_file(path, _with_hash(old, user.address, new_hash), mode)
     except OSError as error:
         print(f"epost: {path}: cannot write: {error.strerror or error}", file=sys.stderr)
         return 1
@@ -496,9 +495,6 @@ def print_dovecot_conf(args: argparse.Namespace, now: float) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
 
 def dkim_keygen(args: argparse.Namespace, now: float) -> int:
     """Issue 15: write a 0600 key under <config dir>/dkim/ and print the record to publish and the config lines."""
@@ -601,3 +597,7 @@ def check_dns_records(args: argparse.Namespace, now: float) -> int:
             print(f"fail dkim {name}: {what}; fix: publish {txt_record(key)}")
             failed = True
     return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
