@@ -318,10 +318,19 @@ _POSITIVE = _integer(1)
 
 
 def _local_transport(value: Any) -> str:
+    """Checked by parsing it as the daemon will (a bad endpoint is one line here, not a traceback at start)."""
+    from epost.delivery.lmtp import lmtp_endpoint  # twisted's endpoint parser; imported when used
+
     text = _string(value)
-    if text == "maildir" or text.startswith(("lmtp:unix:/", "lmtp:tcp:")):
+    if text == "maildir":
         return text
-    raise ValueError(f'must be "maildir", "lmtp:unix:/PATH" or "lmtp:tcp:HOST:PORT", got {value!r}')
+    try:
+        if not text.startswith(("lmtp:unix:/", "lmtp:tcp:")):
+            raise ValueError(text)
+        lmtp_endpoint(None, text)  # parses only: no reactor is touched before connecting
+    except (ValueError, TypeError, KeyError):
+        raise ValueError(f'must be "maildir", "lmtp:unix:/PATH" or "lmtp:tcp:HOST:PORT", got {value!r}') from None
+    return text
 
 
 SCHEMA: dict[str, dict[str, Converter]] = {

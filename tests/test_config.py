@@ -503,7 +503,7 @@ def test_allow_empty_tables_is_off_unless_the_routing_section_says_so(tmp_path):
     assert load_config(path, {}).routing.allow_empty_tables is True
 
 
-@pytest.mark.parametrize("value", ["lmtp", "lmtp:/run/dovecot/lmtp", "smtp:tcp:localhost:25", "", 1])
+@pytest.mark.parametrize("value", ["lmtp", "lmtp:/run/dovecot/lmtp", "smtp:tcp:localhost:25", "", 1, "lmtp:tcp:", "lmtp:tcp:dovecot.example"])
 def test_local_transport_must_be_maildir_or_an_lmtp_endpoint(tmp_path, value):
     path = tmp_path / "epost.toml"
     path.write_text(f"[delivery]\nlocal_transport = {value!r}\n".replace("'", '"'))

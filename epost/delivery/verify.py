@@ -42,6 +42,10 @@ REFUSED_TTL = 3600  # seconds a negative one is
 CACHE_FILE = "verify.cache"
 MAX_ENTRIES = 200_000  # a flood of random addresses cannot grow the cache without bound
 MAX_BATCH = 20  # addresses asked in one probe session
+# Addresses waiting for a probe session, per next hop: past it a new address is
+# answered temporary at once (450), so a flood of random RCPTs while the
+# sessions are busy cannot grow the queue without bound.
+MAX_QUEUED = 1000
 SAVE_INTERVAL = 5.0  # seconds between saves of a changed cache
 TEXT_LIMIT = 300  # characters of the next hop's reply carried in ours
 
@@ -224,6 +228,9 @@ class Verifier:
         if isinstance(route, dict):
             route = Route.from_dict(route)
         key = cache_key(address)
+        destination = destination_key(route)
+        if key not in self._waiting and len(self._queued.get(destination, ())) >= MAX_QUEUED:
+            return Verdict(TEMPORARY, "too many addresses waiting for verification at the next hop")
         waiter: defer.Deferred[Verdict] = defer.Deferred(lambda d: self._drop_waiter(key, d))
         timer = self.reactor.callLater(self.budget, self._too_late, key, waiter)
         waiter.addBoth(self._stop_timer, timer)
@@ -231,7 +238,6 @@ class Verifier:
             self._waiting[key].append(waiter)
             return waiter
         self._waiting[key] = [waiter]
-        destination = destination_key(route)
         self._routes.setdefault(destination, route)
         self._queued.setdefault(destination, []).append(key)
         self._pump(destination)

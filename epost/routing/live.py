@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import os
 import signal
@@ -89,13 +90,19 @@ def release_memory() -> None:
     stayed in the daemon's RSS (docs/routing.md, "Memory").
     """
     gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
-        return
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None; looked up once (find_library runs ldconfig)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return None
 
 
 def _utc(seconds: float) -> str:
@@ -121,6 +128,10 @@ class LiveTable:
         self.failures = 0
         self.seen: tuple | None = None  # a new stamp waiting to settle, and when it was first seen
         self.seen_since = 0.0
+
+    def would_refuse(self, new: Any) -> bool:
+        """True if `new`, read from an edited file, would be refused as an emptied table."""
+        return self.refuse_empty and len(new) == 0 and len(self.current) > 0
 
     def __call__(self) -> Any:
         return self.current
@@ -200,7 +211,7 @@ class TableWatcher(Service):
 
         def loaded(new):
             table.stamp, table.seen = stamp, None
-            if table.refuse_empty and not forced and len(new) == 0 and len(table.current) > 0:
+            if not forced and table.would_refuse(new):
                 refuse(
                     f"{table.path}: no entries, while the table in force has {len(table.current)}; "
                     "send SIGHUP to apply an empty table (or set [routing] allow_empty_tables = true)"

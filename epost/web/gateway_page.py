@@ -76,7 +76,7 @@ class GatewayPage(Page):
         table, problems, note = await self.context.in_thread(save, self.file, data, expected)
         if table is not None:
             live = self.context.routing.gateway
-            if len(table) == 0 and len(live.current) > 0 and live.refuse_empty:
+            if live.would_refuse(table):
                 note += f"; with no rules it is refused, the {len(live.current)} in force stay until SIGHUP (docs/routing.md)"
             session.flash.append(("ok", f"gateway.dat: {note}"))
             return Redirect("/gateway")

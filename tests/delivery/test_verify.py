@@ -249,3 +249,17 @@ def test_cache_hits_and_misses_and_probe_time_are_counted() -> None:
     after = (hits._value.get(), misses._value.get(), metrics.verify_probe_seconds._sum.get())
     assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
     assert after[2] - before[2] == pytest.approx(0.5)
+
+
+def test_addresses_waiting_for_a_busy_next_hop_are_bounded_and_past_it_answered_temporary(monkeypatch) -> None:
+    from epost.delivery import verify
+
+    monkeypatch.setattr(verify, "MAX_QUEUED", 5)
+    clock, probes, verifier = make(max_per_destination=1)
+    for n in range(6):  # one in the running session, five waiting
+        verifier.verdict(f"u{n}@op.test", ROUTE)
+    past = verifier.verdict("u6@op.test", ROUTE)
+    assert isinstance(past, Verdict) and past.status == TEMPORARY
+    again = verifier.verdict("u1@op.test", ROUTE)  # already waiting: joins its probe
+    assert not isinstance(again, Verdict)
+    assert [len(s[1]) for s in probes.sessions] == [1]

@@ -204,14 +204,7 @@ class HeldThreadPool:
     def run_all(self):
         while self.calls:
             on_result, f, args, kwargs = self.calls.pop(0)
-            try:
-                result = f(*args, **kwargs)
-            except BaseException:
-                from twisted.python.failure import Failure
-
-                on_result(False, Failure())
-            else:
-                on_result(True, result)
+            SynchronousThreadPool().callInThreadWithCallback(on_result, f, *args, **kwargs)
 
 
 def test_sighup_during_a_read_reads_the_file_again_and_applies_it(tmp_path):
