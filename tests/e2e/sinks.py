@@ -224,6 +224,7 @@ class _HostileHandler(socketserver.BaseRequestHandler):
         peer = self.server.peer
         peer._connected(self.request)
         try:
+            peer._stopping.wait(peer.hold)
             if peer.mode == "ehlo":
                 self.request.sendall(b"220 hostile.test ESMTP\r\n")
                 if not self.request.recv(4096):
@@ -258,13 +259,15 @@ class HostileSink(Sink):
     """A peer that never ends its reply: `greeting` streams `220-` lines of
     `line_length` bytes until the client goes; `ehlo` greets normally, then
     answers EHLO with `megabytes` of `250-` lines (endless when 0) and a
-    last `250` line. It counts connections like a Sink; it receives nothing."""
+    last `250` line. It counts connections like a Sink; it receives nothing.
+    `hold` seconds of silence after accepting make attempts overlap however
+    fast the client gives up on the stream."""
 
     def __init__(self, mode: str = "greeting", host: str = "127.0.0.1", port: int = 0,
-                 line_length: int = 1000, megabytes: int = 0) -> None:
+                 line_length: int = 1000, megabytes: int = 0, hold: float = 0.0) -> None:
         if mode not in ("greeting", "ehlo"):
             raise ValueError(mode)
-        self.mode, self.line_length, self.megabytes = mode, line_length, megabytes
+        self.mode, self.line_length, self.megabytes, self.hold = mode, line_length, megabytes, hold
         self._lock = threading.Condition()
         self._stopping = threading.Event()
         self._messages = []

@@ -61,7 +61,7 @@ def rss_kb(pid: int) -> int:
 
 def test_ten_hostile_peers_at_once_leave_the_courier_near_its_baseline(daemon, tmp_path):
     duration = scale(4, 45)  # seconds of hostile attempts
-    with HostileSink("greeting") as hostile:
+    with HostileSink("greeting", hold=0.3) as hostile:
         gateway = tmp_path / "gateway.dat"
         gateway.write_text(f"*.sink.test,127.0.0.1,{hostile.port}\n")
         d = daemon(toml=f'gateway_table = "{gateway}"\n\n[retry]\ninterval = 1\nfixed_interval = true\n')
@@ -81,7 +81,7 @@ def test_ten_hostile_peers_at_once_leave_the_courier_near_its_baseline(daemon, t
     after = rss_kb(pid)
     print(f"\ncourier RSS: baseline {baseline / MB:.1f} MB, peak {peak / MB:.1f} MB, "
           f"after {after / MB:.1f} MB; {connections} hostile connections in {duration} s, {at_once} at once")
-    assert connections >= PEERS and at_once >= PEERS // 2
+    assert connections >= 2 * PEERS and at_once >= PEERS // 2  # attempts end and come again
     assert peak < baseline + 50 * MB, (baseline, peak)
     assert after < baseline + 10 * MB, (baseline, after)
     # Nothing bounced, nothing lost: every recipient waits in deferred/ for a retry.
