@@ -82,6 +82,10 @@ class ServerConfig:
     greet_wait: int = 0
     dnsbl: tuple[DnsblSite, ...] = ()
     dnsbl_threshold: int = 1
+    # SPEC §9: an Authentication-Results header (SPF, DKIM, DMARC) on mail from
+    # the relay port's untrusted, unauthenticated clients; seconds its lookups may take.
+    authentication_results: bool = True
+    authentication_results_timeout: int = 4
 
 
 @dataclass(frozen=True)
@@ -360,6 +364,8 @@ SCHEMA: dict[str, dict[str, Converter]] = {
         "greet_wait": _duration,
         "dnsbl": _list(parse_dnsbl_site),
         "dnsbl_threshold": _POSITIVE,
+        "authentication_results": _boolean,
+        "authentication_results_timeout": _POSITIVE,
     },
     "routing": {
         "local_domains": _list(_domain),

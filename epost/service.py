@@ -268,7 +268,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     routing = build_routing(config)
     TableWatcher(routing.tables, reactor, pool).setServiceParent(top)
     add_verifier(top, config, reactor, routing)
-    receiver = SpoolingReceiver(worker, routing.policy, config.server.hostname, now=reactor.seconds)
+    receiver = SpoolingReceiver(worker, routing.policy, config.server.hostname, now=reactor.seconds,
+                                checker=auth_checker(top, config, reactor))
     limits = ConnectionLimits(config.server.max_connections, config.server.max_connections_per_client)
     tls = context_for(config)
     portal = make_portal(UsersChecker(routing.users, reactor, auth_pool,
@@ -380,6 +381,20 @@ def add_verifier(top: service.MultiService, config: Config, reactor, routing: Ro
     VerifierService(verifier, dns_pool).setServiceParent(top)
     routing.policy.verifier = verifier
     top.verifier = verifier
+
+
+def auth_checker(top: service.MultiService, config: Config, reactor):
+    """SPEC §9's inbound checks (epost/smtp/authcheck.py) with a pool of their
+    own, mostly waiting on DNS; None when `authentication_results` is off."""
+    if not config.server.authentication_results:
+        return None
+    from epost.smtp.authcheck import AuthChecker
+
+    pool = ThreadPool(minthreads=0, maxthreads=8, name="epost-authres")
+    pool_service = ThreadPoolService(pool)
+    pool_service.setServiceParent(top)
+    top.stop_last.append(pool_service)
+    return AuthChecker(reactor, pool, config.routing.dns_servers, budget=config.server.authentication_results_timeout)
 
 
 def lmtp_deliver(config: Config, spool: Spool, reactor: Any, pool: Any) -> Callable[[list[str]], Any]:

@@ -13,8 +13,9 @@ from epost import metrics
 from epost.queue.envelope import Envelope, Recipient
 from epost.queue.spool import SpoolError, SpoolStopping
 from epost.smtp.address import Address
+from epost.smtp.authresults import authentication_results, remove_our_results
 from epost.smtp.interfaces import IMessageWriter, IReceiver, Rejected, Reply, Session
-from epost.smtp.policy import RecipientPolicy
+from epost.smtp.policy import RecipientPolicy, client_address
 
 log = Logger()
 
@@ -66,19 +67,29 @@ def _client_text(session: Session) -> str:
 class SpoolMessage:
     """One message on its way into the spool; knows how to build its envelope."""
 
-    def __init__(self, writer, session: Session, sender: Address | None, recipients, params: dict, now: Callable[[], float]):
+    def __init__(self, writer, session: Session, sender: Address | None, recipients, params: dict, now: Callable[[], float],
+                 checker=None, hostname: str = ""):
+        """With `checker` (an AuthChecker) the content is held until the end
+        of DATA, checked, and written behind an Authentication-Results header."""
         self._writer = writer
         self._session = session
         self._sender = sender
         self._recipients = recipients
         self._params = params
         self._now = now
+        self._checker = checker
+        self._hostname = hostname
+        self._held: list[bytes] | None = [] if checker is not None else None
         self.queue_id = writer.queue_id
 
     def write(self, data: bytes) -> None:
-        self._writer.write(data)
+        if self._held is not None:
+            self._held.append(data)
+        else:
+            self._writer.write(data)
 
     def abort(self) -> None:
+        self._held = None
         self._writer.abort()
 
     def registerProducer(self, producer, streaming: bool) -> None:
@@ -88,6 +99,26 @@ class SpoolMessage:
         self._writer.unregisterProducer()
 
     def commit(self):
+        if self._held is None:
+            return self._commit()
+        content, self._held = b"".join(self._held), None
+        session = self._session
+        d = self._checker.check(session.client_ip, session.client_name, str(self._sender) if self._sender else None, content)
+        d.addCallback(self._write_checked, content)
+        return d.addCallback(lambda _: self._commit())
+
+    def _write_checked(self, results, content: bytes) -> None:
+        """RFC 8601 §5: our header first (after Received:), earlier ones claiming our name removed."""
+        try:
+            header = authentication_results(self._hostname, results)
+            content = remove_our_results(content, self._hostname)
+        except Exception:
+            log.failure("building Authentication-Results failed for {queue_id}", queue_id=self.queue_id)
+            header = b""
+        self._writer.write(header)
+        self._writer.write(content)
+
+    def _commit(self):
         envelope = Envelope(
             queue_id=self.queue_id,
             sender=str(self._sender) if self._sender else "",
@@ -125,12 +156,21 @@ class SpoolMessage:
 
 @implementer(IReceiver)
 class SpoolingReceiver:
-    def __init__(self, store, policy: RecipientPolicy, hostname: str, now: Callable[[], float]):
-        """`store` has `open_message()`: the Spool itself, or the spool worker process."""
+    def __init__(self, store, policy: RecipientPolicy, hostname: str, now: Callable[[], float], checker=None):
+        """`store` has `open_message()`: the Spool itself, or the spool worker process;
+        `checker` (epost/smtp/authcheck.py) adds Authentication-Results, None does not."""
         self.store = store
         self.policy = policy
         self.hostname = hostname
         self.now = now
+        self.checker = checker
+
+    def wants_results(self, session: Session) -> bool:
+        """SPEC §9: the relay port's clients that are neither authenticated nor in relay_networks."""
+        if self.checker is None or session.listener != "relay" or session.user is not None:
+            return False
+        ip = client_address(session.client_ip)
+        return not (ip is not None and any(ip in network for network in self.policy.relay_networks))
 
     def check_sender(self, session: Session, sender: Address | None, params: dict) -> None:
         self.policy.check_sender(session, sender)
@@ -145,4 +185,5 @@ class SpoolingReceiver:
             raise Rejected(Reply(451, "4.3.0", f"Error: cannot create queue file ({error.strerror})")) from None
         addresses = [address for address, _ in recipients]
         writer.write(received_header(session, self.hostname, writer.queue_id, addresses, self.now()))
-        return SpoolMessage(writer, session, sender, recipients, params, self.now)
+        checker = self.checker if self.wants_results(session) else None
+        return SpoolMessage(writer, session, sender, recipients, params, self.now, checker, self.hostname)

@@ -1,0 +1,344 @@
+"""Inbound SPF, DKIM and DMARC checks for Authentication-Results (SPEC §9, RFC 8601).
+
+Libraries: dkimpy verifies each DKIM signature (already our signer), pyspf
+evaluates SPF (RFC 7208 check_host, written by the RFC's co-author; the SPF
+engine behind authheaders, Mailman and policyd-spf), publicsuffixlist gives
+the organizational domain DMARC's relaxed alignment needs (it ships the list
+and is re-released weekly). DMARC itself (RFC 7489 record lookup and
+alignment) is ours and pure: `epost/smtp/authresults.py`. docs/authentication.md
+says why not authheaders.
+
+Where the work runs: one job per message in a small thread pool of its own,
+started at the end of DATA (DKIM and DMARC need the whole message), never on
+the reactor thread. Every DNS query goes to the configured `dns_servers`
+(else the system's) and gets only what is left of the message's time
+budget; the reactor side stops waiting at the budget plus a second (a full
+pool), and whatever is unknown then is `temperror`. Nothing here ever
+turns into an SMTP refusal.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import dkim
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.resolver
+import spf
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from epost.smtp.authresults import (
+    SPF_RESULTS,
+    MethodResult,
+    dkim_properties,
+    dmarc_comment,
+    dmarc_verdict,
+    header_end,
+    header_from_domains,
+    parse_dmarc_record,
+)
+
+log = Logger()
+
+REACTOR_GRACE = 1.0  # the reactor waits this much past the budget for a job still queued or running
+
+
+class TempDNSError(Exception):
+    """A lookup timed out, the budget was spent, or no server gave an answer."""
+
+
+class Budget:
+    """The time left for one message's lookups (monotonic seconds)."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+class DnsLookups:
+    """Blocking DNS for the checks (called in the pool's threads), each query
+    limited to what is left of the budget. NXDOMAIN and no data are empty answers."""
+
+    def __init__(self, servers: Sequence = ()):
+        if servers:
+            resolver = dns.resolver.Resolver(configure=False)
+            resolver.nameservers = [dns.nameserver.Do53Nameserver(s.host, port=s.port) for s in servers]
+        else:
+            resolver = dns.resolver.Resolver(configure=True)
+        resolver.cache = dns.resolver.LRUCache()  # thread-safe: shared by the pool's threads
+        resolver.timeout = 1.5  # per server try; the budget caps the whole query
+        self._resolver = resolver
+
+    def query(self, name: str, rdtype: str, budget: Budget) -> list:
+        left = budget.left()
+        if left <= 0:
+            raise TempDNSError("time budget spent")
+        try:
+            answer = self._resolver.resolve(dns.name.from_text(name), rdtype, lifetime=left, search=False, raise_on_no_answer=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except dns.exception.Timeout:
+            raise TempDNSError(f"DNS timeout for {name} {rdtype}") from None
+        except dns.resolver.NoNameservers:
+            raise TempDNSError(f"no DNS server answered for {name} {rdtype}") from None
+        except (dns.exception.DNSException, ValueError) as error:  # a name too long, an empty label
+            if isinstance(error, dns.name.NameTooLong | dns.name.EmptyLabel | ValueError):
+                return []
+            raise TempDNSError(f"DNS error for {name} {rdtype}: {error}") from None
+        return list(answer.rrset) if answer.rrset is not None else []
+
+    def txt(self, name: str, budget: Budget) -> list[bytes]:
+        """Each TXT record's strings joined (RFC 7208 §3.3, RFC 6376 §3.6.2.2)."""
+        return [b"".join(record.strings) for record in self.query(name, "TXT", budget)]
+
+
+# pyspf asks `spf.DNSLookup(name, qtype, strict, timeout)`, a module
+# function with no per-query hook. We put one dispatcher there once; it
+# sends each thread's lookups to that thread's current check (its resolver
+# and budget), and anything else to pyspf's own function.
+_spf_thread = threading.local()
+_spf_patch_lock = threading.Lock()
+
+
+def _install_spf_dispatch() -> None:
+    with _spf_patch_lock:
+        if getattr(spf.DNSLookup, "epost_dispatch", False):
+            return
+        original = spf.DNSLookup
+
+        def dispatch(name, qtype, strict=True, timeout=20):
+            lookup = getattr(_spf_thread, "lookup", None)
+            if lookup is None:
+                return original(name, qtype, strict, timeout)
+            return lookup(name, qtype)
+
+        dispatch.epost_dispatch = True
+        spf.DNSLookup = dispatch
+
+
+def _spf_answers(lookups: DnsLookups, budget: Budget) -> Callable:
+    """pyspf's lookup contract: [((name, qtype), value), ...]; spf.TempError on DNS trouble."""
+
+    def lookup(name: str, qtype: str) -> list:
+        try:
+            records = lookups.query(name, qtype, budget)
+        except TempDNSError as error:
+            raise spf.TempError(str(error)) from None
+        key = (name, qtype)
+        if qtype in ("A", "AAAA"):
+            return [(key, record.address) for record in records]
+        if qtype == "MX":
+            return [(key, (record.preference, record.exchange)) for record in records]
+        if qtype == "PTR":
+            return [(key, record.target.to_text(True)) for record in records]
+        if qtype in ("TXT", "SPF"):
+            return [(key, record.strings) for record in records]
+        return []
+
+    return lookup
+
+
+def _client_ip(ip: str) -> str:
+    address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def helo_domain(helo: str) -> str | None:
+    """The HELO name as an SPF identity: a domain with a dot, not an address literal."""
+    name = helo.strip().rstrip(".").lower()
+    if not name or "." not in name or name.startswith("[") or ":" in name:
+        return None
+    try:
+        ipaddress.ip_address(name)
+        return None
+    except ValueError:
+        return name
+
+
+def spf_results(lookups: DnsLookups, budget: Budget, ip: str, sender: str | None, helo: str) -> tuple[list[MethodResult], str | None]:
+    """SPF for MAIL FROM and for the HELO name; and the domain SPF passed for
+    that DMARC may use (MAIL FROM's, or HELO's for the null sender)."""
+    results, dmarc_domain = [], None
+    helo_name = helo_domain(helo)
+    checks = []
+    if sender:
+        checks.append(("smtp.mailfrom", sender, sender.rpartition("@")[2].lower()))
+    if helo_name:
+        checks.append(("smtp.helo", f"postmaster@{helo_name}", helo_name))
+    _install_spf_dispatch()
+    _spf_thread.lookup = _spf_answers(lookups, budget)
+    try:
+        for prop, identity, domain in checks:
+            if budget.left() <= 0:
+                result, explanation = "temperror", "time budget spent"
+            else:
+                query = spf.query(i=ip, s=identity, h=helo_name or helo, querytime=max(budget.left(), 0.001))
+                result, _code, explanation = query.check()
+            if result not in SPF_RESULTS:
+                result = "permerror"
+            reason = explanation if result in ("temperror", "permerror") else None
+            value = helo_name if prop == "smtp.helo" else identity
+            results.append(MethodResult("spf", result, ((prop, value),), reason=reason))
+            if result == "pass" and (prop == "smtp.mailfrom" or not sender):
+                dmarc_domain = domain
+    finally:
+        _spf_thread.lookup = None
+    if not checks:
+        results.append(MethodResult("spf", "none", (("smtp.helo", helo),), reason="no identity to check"))
+    return results, dmarc_domain
+
+
+class _QuietLogger(logging.Logger):
+    """dkimpy logs every failed signature at ERROR; the header says it already."""
+
+    def __init__(self):
+        super().__init__("epost.authcheck.dkimpy", logging.CRITICAL + 1)
+
+
+def dkim_results(lookups: DnsLookups, budget: Budget, message: bytes) -> tuple[list[MethodResult], list[str]]:
+    """One result per DKIM-Signature (`dkim=none` without any), and the d= of those that passed."""
+    try:
+        verifier = dkim.DKIM(message, logger=_QuietLogger(), minkey=1024)
+    except Exception as error:  # dkimpy's parser raises more than DKIMException on odd input
+        return [MethodResult("dkim", "neutral", reason=f"message not readable: {error}")], []
+    count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
+    if not count:
+        return [MethodResult("dkim", "none")], []
+    results, passed = [], []
+    for index in range(count):
+        state = {"missing": False}
+
+        def key_record(name: bytes, timeout: float = 5) -> bytes | None:
+            records = lookups.txt(name.decode("ascii", "replace").rstrip("."), budget)
+            if not records:
+                state["missing"] = True
+                return None
+            return records[0]
+
+        verifier.signature_fields = {}
+        reason = None
+        try:
+            if budget.left() <= 0:
+                raise TempDNSError("time budget spent")
+            result = "pass" if verifier.verify(idx=index, dnsfunc=key_record) else "fail"
+            if result == "fail":
+                reason = "no key for signature" if state["missing"] else "signature did not verify"
+                result = "permerror" if state["missing"] else "fail"
+        except TempDNSError as error:
+            result, reason = "temperror", str(error)
+        except dkim.ValidationError as error:
+            mismatch = "body hash mismatch" in str(error)
+            result = "fail" if mismatch else "neutral"
+            reason = "body hash did not verify" if mismatch else str(error)
+        except Exception as error:  # malformed signature or key: DKIMException and worse
+            result, reason = "neutral", f"signature not usable: {error}"
+        fields = verifier.signature_fields or {}
+        domain = _text(fields.get(b"d"))
+        properties = dkim_properties(domain, _text(fields.get(b"s")), _text(fields.get(b"b")), _text(fields.get(b"i")) or None) if domain else ()
+        results.append(MethodResult("dkim", result, properties, reason=reason))
+        if result == "pass" and domain:
+            passed.append(domain.lower())
+    return results, passed
+
+
+def _text(value: bytes | None) -> str:
+    return value.decode("utf-8", "replace").strip() if value else ""
+
+
+def dmarc_result(lookups: DnsLookups, budget: Budget, head: bytes, spf_domain: str | None, dkim_domains: list[str], org_domain: Callable[[str], str]) -> MethodResult:
+    """RFC 7489 §6.6: the From domain's record, else its organizational domain's."""
+    domains = header_from_domains(head)
+    if len(domains) != 1 or not domains[0]:
+        return MethodResult("dmarc", "permerror", reason="not exactly one From address with a domain")
+    from_domain = domains[0]
+    properties = (("header.from", from_domain),)
+    try:
+        policy = _dmarc_policy(lookups, budget, from_domain)
+        organization = org_domain(from_domain)
+        if policy is None and organization != from_domain:
+            policy = _dmarc_policy(lookups, budget, organization)
+    except TempDNSError as error:
+        return MethodResult("dmarc", "temperror", properties, reason=str(error))
+    if policy is None:
+        return MethodResult("dmarc", "none", properties)
+    verdict = dmarc_verdict(policy, from_domain, spf_domain, dkim_domains, org_domain)
+    return MethodResult("dmarc", verdict, properties, comment=dmarc_comment(policy))
+
+
+def _dmarc_policy(lookups: DnsLookups, budget: Budget, domain: str):
+    records = [text.decode("utf-8", "replace") for text in lookups.txt(f"_dmarc.{domain}", budget)]
+    records = [text for text in records if text.replace(" ", "").startswith("v=DMARC1")]
+    if len(records) != 1:  # none, or several: no DMARC (RFC 7489 §6.6.3)
+        return None
+    return parse_dmarc_record(records[0])
+
+
+def load_org_domain() -> Callable[[str], str]:
+    """The organizational domain by the Public Suffix List publicsuffixlist ships."""
+    from publicsuffixlist import PublicSuffixList
+
+    psl = PublicSuffixList()
+
+    def org_domain(domain: str) -> str:
+        name = domain.lower().rstrip(".")
+        return psl.privatesuffix(name) or name
+
+    return org_domain
+
+
+def timed_out(sender: str | None, helo: str, reason: str = "time budget spent") -> list[MethodResult]:
+    """What the header says when the whole check did not finish in time."""
+    identity = ("smtp.mailfrom", sender) if sender else ("smtp.helo", helo)
+    return [
+        MethodResult("spf", "temperror", (identity,), reason=reason),
+        MethodResult("dkim", "temperror", reason=reason),
+        MethodResult("dmarc", "temperror", reason=reason),
+    ]
+
+
+class AuthChecker:
+    """Runs the three checks for one message in `threadpool` within `budget` seconds."""
+
+    def __init__(self, reactor, threadpool, servers: Sequence = (), budget: float = 4.0, org_domain: Callable[[str], str] | None = None):
+        self.reactor = reactor
+        self.threadpool = threadpool
+        self.budget = budget
+        self.lookups = DnsLookups(servers)
+        self.org_domain = org_domain or load_org_domain()
+        _install_spf_dispatch()
+
+    def check(self, client_ip: str, helo: str, sender: str | None, message: bytes) -> Deferred:
+        """A Deferred firing with the list of MethodResults; it never fails."""
+        deadline = time.monotonic() + self.budget
+        d = deferToThreadPool(self.reactor, self.threadpool, self.results, client_ip, helo, sender, message, deadline)
+
+        def broken(failure):
+            log.failure("authentication checks failed", failure)
+            return timed_out(sender, helo, "internal error")
+
+        d.addErrback(broken)
+        d.addTimeout(self.budget + REACTOR_GRACE, self.reactor, onTimeoutCancel=lambda _result, _timeout: timed_out(sender, helo))
+        return d
+
+    def results(self, client_ip: str, helo: str, sender: str | None, message: bytes, deadline: float) -> list[MethodResult]:
+        """The checks themselves, blocking: call in a thread."""
+        budget = Budget(deadline)
+        if budget.left() <= 0:  # queued behind slow jobs past our deadline: the reactor has given up on us
+            return timed_out(sender, helo)
+        spf_list, spf_domain = spf_results(self.lookups, budget, _client_ip(client_ip), sender, helo)
+        dkim_list, dkim_domains = dkim_results(self.lookups, budget, message)
+        head = message[: header_end(message)]
+        dmarc = dmarc_result(self.lookups, budget, head, spf_domain, dkim_domains, self.org_domain)
+        return [*spf_list, *dkim_list, dmarc]
