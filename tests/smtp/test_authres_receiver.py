@@ -1,0 +1,143 @@
+"""The receiver adds Authentication-Results for the relay port's untrusted clients only (SPEC §9)."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from types import SimpleNamespace
+
+import pytest
+from twisted.internet import defer, task
+
+from epost.smtp.address import parse_mailbox
+from epost.smtp.authcheck import AuthChecker, Budget, DnsLookups, dkim_results, spf_results
+from epost.smtp.authresults import MethodResult
+from epost.smtp.interfaces import Session
+from epost.smtp.receiver import SpoolingReceiver
+
+HOST = "mx.example.jp"
+STRANGER = Session("relay", "192.0.2.7", 1025, "client.example", True, None, None)
+RESULTS = [MethodResult("spf", "pass", (("smtp.mailfrom", "a@client.example"),)), MethodResult("dkim", "none"),
+           MethodResult("dmarc", "none", (("header.from", "client.example"),))]
+MESSAGE = (b"Authentication-Results: mx.example.jp; dkim=pass header.d=bank.example\r\n"
+           b"Authentication-Results: other.example; spf=pass\r\n"
+           b"From: a@client.example\r\n\r\nbody\r\n")
+
+
+class Writer:
+    queue_id = "0190000000000A000"
+
+    def __init__(self):
+        self.data, self.size = b"", 0
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+        self.size += len(data)
+
+    def commit(self, envelope):
+        self.envelope = envelope
+        return defer.succeed(self.queue_id)
+
+
+class Store:
+    def open_message(self):
+        self.writer = Writer()
+        return self.writer
+
+
+class Checker:
+    def __init__(self, answer=None):
+        self.calls = []
+        self.answer = answer
+
+    def check(self, client_ip, helo, sender, message):
+        self.calls.append((client_ip, helo, sender, message))
+        return self.answer if self.answer is not None else defer.succeed(RESULTS)
+
+
+def receive(session: Session, checker, networks=("127.0.0.0/8",)):
+    store = Store()
+    policy = SimpleNamespace(relay_networks=tuple(ipaddress.ip_network(n) for n in networks))
+    receiver = SpoolingReceiver(store, policy, HOST, now=lambda: 0.0, checker=checker)
+    message = receiver.open_message(session, parse_mailbox("a@client.example"), [(parse_mailbox("b@example.jp"), [])], {})
+    message.write(MESSAGE[:30])
+    message.write(MESSAGE[30:])
+    return message, store
+
+
+def test_an_untrusted_client_gets_the_header_after_received_and_our_old_one_is_gone():
+    checker = Checker()
+    message, store = receive(STRANGER, checker)
+    assert store.writer.data.startswith(b"Received:") and b"body" not in store.writer.data  # held until checked
+    assert message.commit().result == "0190000000000A000"
+    assert checker.calls == [("192.0.2.7", "client.example", "a@client.example", MESSAGE)]  # checked as received
+    received, rest = store.writer.data.split(b"\r\nAuthentication-Results: mx.example.jp;\r\n\tspf=pass", 1)
+    assert received.startswith(b"Received:") and b"\r\n\t" in received
+    assert rest.count(b"Authentication-Results: mx.example.jp") == 0
+    assert b"Authentication-Results: other.example; spf=pass\r\nFrom: a@client.example\r\n\r\nbody\r\n" in rest
+    assert store.writer.envelope.size == len(store.writer.data)
+
+
+@pytest.mark.parametrize("session", [
+    STRANGER.__class__("relay", "127.0.0.1", 1025, "client.example", True, None, None),  # relay_networks
+    STRANGER.__class__("relay", "192.0.2.7", 1025, "client.example", True, "TLSv1.3", "alice@example.jp"),  # authenticated
+    STRANGER.__class__("submission", "192.0.2.7", 1025, "client.example", True, None, None),  # not the relay port
+])
+def test_trusted_authenticated_and_submission_clients_get_no_header_and_stream_as_before(session):
+    checker = Checker()
+    message, store = receive(session, checker)
+    assert store.writer.data.endswith(MESSAGE)  # streamed, old headers untouched
+    message.commit()
+    assert checker.calls == [] and b"mx.example.jp;\r\n" not in store.writer.data
+
+
+def test_without_a_checker_nothing_is_added():
+    message, store = receive(STRANGER, None)
+    message.commit()
+    assert store.writer.data.endswith(MESSAGE) and store.writer.data.count(b"Authentication-Results") == 2
+
+
+def test_an_ipv4_mapped_client_in_relay_networks_is_trusted():
+    checker = Checker()
+    message, _ = receive(Session("relay", "::ffff:127.0.0.1", 1, "h.example", True, None, None), checker)
+    message.commit()
+    assert checker.calls == []
+
+
+class _Pool:
+    """Runs nothing: a job stuck behind others in a full pool."""
+
+    def callInThreadWithCallback(self, onResult, func, *args, **kwargs):
+        pass
+
+
+def test_a_check_that_does_not_finish_in_time_commits_with_temperror_not_a_refusal():
+    clock = task.Clock()
+    checker = AuthChecker(clock, _Pool(), budget=4, org_domain=lambda d: d)
+    message, store = receive(STRANGER, checker)
+    committed = message.commit()
+    assert not committed.called
+    clock.advance(4.9)
+    assert not committed.called
+    clock.advance(0.2)
+    assert committed.result == "0190000000000A000"
+    assert b"\tspf=temperror" in store.writer.data and b"\tdkim=temperror" in store.writer.data
+    assert b"\tdmarc=temperror" in store.writer.data
+
+
+def test_a_job_that_starts_after_its_deadline_looks_nothing_up():
+    checker = AuthChecker(task.Clock(), _Pool(), budget=4, org_domain=lambda d: d)
+    checker.lookups = None  # any lookup would raise
+    results = checker.results("192.0.2.7", "client.example", "a@client.example", MESSAGE, time.monotonic() - 1)
+    assert [r.result for r in results] == ["temperror"] * 3
+
+
+def test_spent_budget_means_temperror_for_every_identity_and_signature():
+    spent = Budget(time.monotonic() - 1)
+    lookups = DnsLookups()
+    spf, domain = spf_results(lookups, spent, "192.0.2.7", "a@client.example", "client.example")
+    assert [r.result for r in spf] == ["temperror", "temperror"] and domain is None
+    signed = b"DKIM-Signature: v=1; a=rsa-sha256; d=client.example; s=s; h=from; bh=AA==; b=AA==\r\n" + MESSAGE
+    dkim, passed = dkim_results(lookups, spent, signed)
+    assert [r.result for r in dkim] == ["temperror"] and passed == []
+    assert ("header.d", "client.example") in dkim[0].properties
