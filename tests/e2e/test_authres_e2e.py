@@ -111,7 +111,7 @@ def delivered(spool: Path, subject: str) -> email.message.Message:
 
 def ours(parsed: email.message.Message) -> str:
     """Our one Authentication-Results header, unfolded."""
-    mine = [v for v in parsed.get_all("Authentication-Results", []) if v.split(";")[0].strip() == HOSTNAME]
+    mine = [v for v in parsed.get_all("Authentication-Results", []) if v.split(";")[0].strip().lower() == HOSTNAME]
     assert len(mine) == 1, parsed.get_all("Authentication-Results")
     return re.sub(r"\s+", " ", mine[0])
 
