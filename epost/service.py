@@ -393,7 +393,7 @@ def auth_checker(top: service.MultiService, config: Config, reactor):
     pool = ThreadPool(minthreads=0, maxthreads=8, name="epost-authres")
     pool_service = ThreadPoolService(pool)
     pool_service.setServiceParent(top)
-    top.stop_last.append(pool_service)
+    top.stop_last.insert(0, pool_service)  # after the sessions (a check in flight ends within its budget)
     return AuthChecker(reactor, pool, config.routing.dns_servers, budget=config.server.authentication_results_timeout)
 
 

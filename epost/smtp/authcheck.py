@@ -56,10 +56,13 @@ class TempDNSError(Exception):
 
 
 class Budget:
-    """The time left for one message's lookups (monotonic seconds)."""
+    """The time left for one message's lookups (monotonic seconds), and the
+    answers they already had: SPF for MAIL FROM and for HELO often ask the
+    same name, and a resolver with TTL 0 (or a cold cache) would be asked twice."""
 
     def __init__(self, deadline: float):
         self.deadline = deadline
+        self.answers: dict[tuple[str, str], list] = {}
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -80,6 +83,12 @@ class DnsLookups:
         self._resolver = resolver
 
     def query(self, name: str, rdtype: str, budget: Budget) -> list:
+        key = (name.lower().rstrip("."), rdtype)
+        if key not in budget.answers:
+            budget.answers[key] = self._query(name, rdtype, budget)
+        return budget.answers[key]
+
+    def _query(self, name: str, rdtype: str, budget: Budget) -> list:
         left = budget.left()
         if left <= 0:
             raise TempDNSError("time budget spent")

@@ -118,9 +118,7 @@ def ours(parsed: email.message.Message) -> str:
 
 @pytest.fixture
 def epost(daemon, dns_records):
-    users = "alice@example.test\nbob@example.test\n"
     d = daemon(server=f'relay_networks = ["{TRUSTED}/32"]', toml=f'dns_servers = ["127.0.0.1:{dns_records.port}"]')
-    (d.folder / "users").write_text(users)
     return d
 
 
