@@ -249,6 +249,8 @@ def dkim_results(lookups: DnsLookups, budget: Budget, message: bytes) -> tuple[l
             mismatch = "body hash mismatch" in str(error)
             result = "fail" if mismatch else "neutral"
             reason = "body hash did not verify" if mismatch else str(error)
+        except dkim.KeyFormatError as error:  # e.g. a key under 1024 bits (RFC 8301)
+            result, reason = "permerror", f"unusable key: {error}"
         except Exception as error:  # malformed signature or key: DKIMException and worse
             result, reason = "neutral", f"signature not usable: {error}"
         fields = verifier.signature_fields or {}
