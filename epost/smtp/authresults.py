@@ -68,12 +68,14 @@ def _printable(text: str) -> str:
     return re.sub(r"[\x00-\x1f\x7f]", " ", text)
 
 
-def authentication_results(authserv_id: str, results: Sequence[MethodResult]) -> bytes:
+def authentication_results(authserv_id: str, results: Sequence[MethodResult], why_none: str | None = None) -> bytes:
     """The whole header field, one resinfo per folded line, ending in CRLF.
 
-    With no results at all it says `none` (RFC 8601 §2.2: no method was applied)."""
+    With no results at all it says `none` (RFC 8601 §2.2: no method was
+    applied), followed by `why_none` as a comment."""
     if not results:
-        return f"Authentication-Results: {authserv_id}; none\r\n".encode()
+        comment = f" {_comment(_printable(why_none))}" if why_none else ""
+        return f"Authentication-Results: {authserv_id}; none{comment}\r\n".encode()
     text = f"Authentication-Results: {authserv_id};" + ";".join(FOLD + format_resinfo(r) for r in results)
     return text.encode("utf-8", "replace") + b"\r\n"
 
@@ -131,29 +133,80 @@ def remove_our_results(message: bytes, our_id: str) -> bytes:
     """The message without the Authentication-Results fields whose authserv-id
     is ours (RFC 8601 §5: a forged claim of our own checks); everyone else's
     stay, and so does everything else, byte for byte."""
-    end = header_end(message)
-    head = message[:end]
-    if _FIELD_NAME not in head.lower():
-        return message
-    ours = our_id.lower()
-    kept: list[bytes] = []
-    for field_bytes in _fields(head):
-        name, colon, value = field_bytes.partition(b":")
-        if colon and name.strip().lower() == _FIELD_NAME and authserv_id(value) == ours:
-            continue
-        kept.append(field_bytes)
-    return b"".join(kept) + message[end:]
+    stream = ResultsFilter(our_id)
+    return stream.feed(message) + stream.flush()
 
 
-def _fields(head: bytes) -> list[bytes]:
-    """Split a header section into whole fields, each with its continuation lines and CRLFs."""
-    fields: list[bytes] = []
-    for line in head.splitlines(keepends=True):
-        if fields and line[:1] in (b" ", b"\t"):
-            fields[-1] += line
+class ResultsFilter:
+    """`remove_our_results` for a message that arrives in chunks: what `feed`
+    returns may be passed on at once. It holds back at most one incomplete
+    line and one Authentication-Results field (each up to LIMIT bytes); after
+    the header section everything passes straight through."""
+
+    LIMIT = 64 * 1024  # a field or line longer than this is no header a client may send
+
+    def __init__(self, our_id: str):
+        self._ours = our_id.lower()
+        self._in_header = True
+        self._partial = b""  # an incomplete line
+        self._mode: str | None = None  # the current field: "pass", "hold" (an A-R field), "drop"
+        self._field: list[bytes] = []
+        self._field_size = 0
+
+    def feed(self, data: bytes) -> bytes:
+        if not self._in_header:
+            return data
+        buffer, start, out = self._partial + data, 0, []
+        while self._in_header:
+            end = buffer.find(b"\r\n", start)
+            if end < 0:
+                break
+            out.append(self._line(buffer[start:end + 2]))
+            start = end + 2
+        rest = buffer[start:]
+        self._partial = b""
+        if self._in_header and len(rest) > self.LIMIT:
+            # A line over 1000 octets: the session refuses this message anyway; stop looking.
+            out.append(self._end_field())
+            self._in_header = False
+        if self._in_header:
+            self._partial = rest
         else:
-            fields.append(line)
-    return fields
+            out.append(rest)
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        """The end of the message: whatever is still held."""
+        out = (self._end_field() if self._in_header else b"") + self._partial
+        self._partial, self._in_header = b"", False
+        return out
+
+    def _line(self, line: bytes) -> bytes:
+        if line[:1] in (b" ", b"\t") and self._mode is not None:  # a continuation of the current field
+            if self._mode == "hold":
+                self._field.append(line)
+                self._field_size += len(line)
+                if self._field_size > self.LIMIT:
+                    self._field, self._mode = [], "drop"
+                return b""
+            return line if self._mode == "pass" else b""
+        done = self._end_field()
+        if line == b"\r\n":
+            self._in_header = False
+            return done + line
+        name, colon, _ = line.partition(b":")
+        if colon and name.strip().lower() == _FIELD_NAME:
+            self._mode, self._field, self._field_size = "hold", [line], len(line)
+            return done
+        self._mode = "pass"
+        return done + line
+
+    def _end_field(self) -> bytes:
+        mode, self._mode = self._mode, None
+        if mode != "hold":
+            return b""
+        field, self._field = b"".join(self._field), []
+        return b"" if authserv_id(field.partition(b":")[2]) == self._ours else field
 
 
 # --- DMARC (RFC 7489) ------------------------------------------------------

@@ -13,11 +13,34 @@ from epost import metrics
 from epost.queue.envelope import Envelope, Recipient
 from epost.queue.spool import SpoolError, SpoolStopping
 from epost.smtp.address import Address
-from epost.smtp.authresults import authentication_results, remove_our_results
+from epost.smtp.authresults import ResultsFilter, authentication_results, remove_our_results
 from epost.smtp.interfaces import IMessageWriter, IReceiver, Rejected, Reply, Session
 from epost.smtp.policy import RecipientPolicy, client_address
 
 log = Logger()
+
+# Bytes that all messages waiting for their Authentication-Results checks may
+# hold in memory together (a DKIM verifier needs the whole message). A message
+# that does not fit is streamed to the spool as usual, unchecked: its header
+# says `none` and why, and forged headers with our name are removed all the same.
+HOLD_LIMIT = 64 * 1024 * 1024
+
+
+class HoldBudget:
+    """The bytes held for checks, shared by every session of the daemon."""
+
+    def __init__(self, limit: int = HOLD_LIMIT):
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
 
 
 def received_header(session: Session, hostname: str, queue_id: str, recipients: list[Address], when: float) -> bytes:
@@ -68,9 +91,10 @@ class SpoolMessage:
     """One message on its way into the spool; knows how to build its envelope."""
 
     def __init__(self, writer, session: Session, sender: Address | None, recipients, params: dict, now: Callable[[], float],
-                 checker=None, hostname: str = ""):
-        """With `checker` (an AuthChecker) the content is held until the end
-        of DATA, checked, and written behind an Authentication-Results header."""
+                 checker=None, hostname: str = "", hold: HoldBudget | None = None):
+        """With `checker` (an AuthChecker) the content is held (within `hold`)
+        until the end of DATA, checked, and written behind an
+        Authentication-Results header."""
         self._writer = writer
         self._session = session
         self._sender = sender
@@ -79,17 +103,38 @@ class SpoolMessage:
         self._now = now
         self._checker = checker
         self._hostname = hostname
+        self._hold = hold if hold is not None else HoldBudget()
         self._held: list[bytes] | None = [] if checker is not None else None
+        self._held_size = 0
+        self._unchecked: ResultsFilter | None = None  # streaming without checks: too much was held
         self.queue_id = writer.queue_id
 
     def write(self, data: bytes) -> None:
         if self._held is not None:
-            self._held.append(data)
-        else:
-            self._writer.write(data)
+            if self._hold.take(len(data)):
+                self._held.append(data)
+                self._held_size += len(data)
+                return
+            self._stream_unchecked()
+        if self._unchecked is not None:
+            data = self._unchecked.feed(data)
+        self._writer.write(data)
+
+    def _stream_unchecked(self) -> None:
+        """Memory for held messages is spent: this one goes on to the spool now, unchecked."""
+        held, self._held = b"".join(self._held), None
+        self._release()
+        self._unchecked = ResultsFilter(self._hostname)
+        self._writer.write(authentication_results(self._hostname, [], why_none="not checked: too much mail waiting for its checks"))
+        self._writer.write(self._unchecked.feed(held))
+
+    def _release(self) -> None:
+        self._hold.give(self._held_size)
+        self._held_size = 0
 
     def abort(self) -> None:
         self._held = None
+        self._release()
         self._writer.abort()
 
     def registerProducer(self, producer, streaming: bool) -> None:
@@ -99,13 +144,20 @@ class SpoolMessage:
         self._writer.unregisterProducer()
 
     def commit(self):
+        if self._unchecked is not None:
+            self._writer.write(self._unchecked.flush())
         if self._held is None:
             return self._commit()
         content, self._held = b"".join(self._held), None
         session = self._session
         d = self._checker.check(session.client_ip, session.client_name, str(self._sender) if self._sender else None, content)
         d.addCallback(self._write_checked, content)
+        d.addBoth(self._released)
         return d.addCallback(lambda _: self._commit())
+
+    def _released(self, result):
+        self._release()
+        return result
 
     def _write_checked(self, results, content: bytes) -> None:
         """RFC 8601 §5: our header first (after Received:), earlier ones claiming our name removed."""
@@ -164,6 +216,7 @@ class SpoolingReceiver:
         self.hostname = hostname
         self.now = now
         self.checker = checker
+        self.hold = HoldBudget()
 
     def wants_results(self, session: Session) -> bool:
         """SPEC §9: the relay port's clients that are neither authenticated nor in relay_networks."""
@@ -186,4 +239,4 @@ class SpoolingReceiver:
         addresses = [address for address, _ in recipients]
         writer.write(received_header(session, self.hostname, writer.queue_id, addresses, self.now()))
         checker = self.checker if self.wants_results(session) else None
-        return SpoolMessage(writer, session, sender, recipients, params, self.now, checker, self.hostname)
+        return SpoolMessage(writer, session, sender, recipients, params, self.now, checker, self.hostname, self.hold)

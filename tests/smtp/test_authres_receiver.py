@@ -13,7 +13,7 @@ from epost.smtp.address import parse_mailbox
 from epost.smtp.authcheck import AuthChecker, Budget, DnsLookups, dkim_results, spf_results
 from epost.smtp.authresults import MethodResult
 from epost.smtp.interfaces import Session
-from epost.smtp.receiver import SpoolingReceiver
+from epost.smtp.receiver import HoldBudget, SpoolingReceiver
 
 HOST = "mx.example.jp"
 STRANGER = Session("relay", "192.0.2.7", 1025, "client.example", True, None, None)
@@ -37,6 +37,9 @@ class Writer:
     def commit(self, envelope):
         self.envelope = envelope
         return defer.succeed(self.queue_id)
+
+    def abort(self) -> None:
+        self.aborted = True
 
 
 class Store:
@@ -141,3 +144,33 @@ def test_spent_budget_means_temperror_for_every_identity_and_signature():
     dkim, passed = dkim_results(lookups, spent, signed)
     assert [r.result for r in dkim] == ["temperror"] and passed == []
     assert ("header.d", "client.example") in dkim[0].properties
+
+
+def test_a_message_over_the_hold_budget_streams_unchecked_with_forged_headers_still_removed():
+    checker = Checker()
+    store = Store()
+    policy = SimpleNamespace(relay_networks=())
+    receiver = SpoolingReceiver(store, policy, HOST, now=lambda: 0.0, checker=checker)
+    receiver.hold = HoldBudget(limit=40)  # the first write fits, the second does not
+    message = receiver.open_message(STRANGER, parse_mailbox("a@client.example"), [(parse_mailbox("b@example.jp"), [])], {})
+    message.write(MESSAGE[:30])
+    assert receiver.hold.held == 30 and b"Authentication-Results" not in store.writer.data
+    message.write(MESSAGE[30:])
+    assert receiver.hold.held == 0  # given back at once
+    assert b"body" in store.writer.data  # streaming again, not waiting for the end
+    assert message.commit().result == "0190000000000A000"
+    assert checker.calls == []
+    data = store.writer.data
+    assert b"\r\nAuthentication-Results: mx.example.jp; none (not checked: too much mail waiting for its checks)\r\n" in data
+    assert b"dkim=pass header.d=bank.example" not in data
+    assert data.endswith(b"Authentication-Results: other.example; spf=pass\r\nFrom: a@client.example\r\n\r\nbody\r\n")
+
+
+def test_held_bytes_are_given_back_after_the_commit_and_after_an_abort():
+    receiver = SpoolingReceiver(Store(), SimpleNamespace(relay_networks=()), HOST, now=lambda: 0.0, checker=Checker())
+    for end in ("commit", "abort"):
+        message = receiver.open_message(STRANGER, None, [(parse_mailbox("b@example.jp"), [])], {})
+        message.write(MESSAGE)
+        assert receiver.hold.held == len(MESSAGE)
+        getattr(message, end)()
+        assert receiver.hold.held == 0, end

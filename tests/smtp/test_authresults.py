@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from epost.smtp.authresults import (
     DmarcPolicy,
     MethodResult,
+    ResultsFilter,
     aligned,
     authentication_results,
     authserv_id,
@@ -131,6 +132,37 @@ def test_exactly_our_headers_go_and_the_rest_is_kept_in_order(sample):
         if not (name.lower() == "authentication-results" and authserv.split()[-1].lower() == ID)
     ) + b"\r\n" + body
     assert remove_our_results(message, ID) == expected
+
+
+@given(_messages(), st.lists(st.integers(min_value=0, max_value=200), max_size=10))
+def test_the_stream_filter_cuts_the_same_in_any_chunks(sample, cuts):
+    """Chunks come as the client's packets fall: a CRLF, a field name or a
+    folded line split across them must not change what is removed."""
+    fields, body = sample
+    message = b"".join(raw for _, _, raw in fields) + b"\r\n" + body
+    stream, out, last = ResultsFilter(ID), [], 0
+    for cut in sorted(c % (len(message) + 1) for c in cuts):
+        out.append(stream.feed(message[last:cut]))
+        last = cut
+    out.append(stream.feed(message[last:]))
+    out.append(stream.flush())
+    assert b"".join(out) == remove_our_results(message, ID)
+
+
+def test_the_stream_filter_holds_little_and_passes_the_body_at_once():
+    stream = ResultsFilter(ID)
+    assert stream.feed(b"Subject: x\r\nAuthentication-Results: mx.exa") == b"Subject: x\r\n"
+    assert stream.feed(b"mple.jp; none\r\n\tmore\r\nTo: a@b\r") == b""
+    assert stream.feed(b"\n\r\nbody") == b"To: a@b\r\n\r\nbody"
+    assert stream.feed(b"Authentication-Results: mx.example.jp; in the body\r\n") == b"Authentication-Results: mx.example.jp; in the body\r\n"
+
+
+def test_an_endless_results_field_is_dropped_not_held():
+    stream = ResultsFilter(ID)
+    stream.feed(b"Authentication-Results: (\r\n")
+    for _ in range(100):
+        assert stream.feed(b"\t" + b"x" * 997 + b"\r\n") == b""
+    assert stream._field == [] and stream.feed(b"Subject: x\r\n\r\n") == b"Subject: x\r\n\r\n"
 
 
 # --- DMARC -------------------------------------------------------------------
