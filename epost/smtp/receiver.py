@@ -222,8 +222,8 @@ class SpoolingReceiver:
         """SPEC §9: the relay port's clients that are neither authenticated nor in relay_networks."""
         if self.checker is None or session.listener != "relay" or session.user is not None:
             return False
-        ip = client_address(session.client_ip)
-        return not (ip is not None and any(ip in network for network in self.policy.relay_networks))
+        ip = client_address(session.client_ip)  # None: no IP client (a UNIX socket), nothing SPF could check
+        return ip is not None and not any(ip in network for network in self.policy.relay_networks)
 
     def check_sender(self, session: Session, sender: Address | None, params: dict) -> None:
         self.policy.check_sender(session, sender)

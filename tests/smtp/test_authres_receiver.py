@@ -85,6 +85,7 @@ def test_an_untrusted_client_gets_the_header_after_received_and_our_old_one_is_g
     STRANGER.__class__("relay", "127.0.0.1", 1025, "client.example", True, None, None),  # relay_networks
     STRANGER.__class__("relay", "192.0.2.7", 1025, "client.example", True, "TLSv1.3", "alice@example.jp"),  # authenticated
     STRANGER.__class__("submission", "192.0.2.7", 1025, "client.example", True, None, None),  # not the relay port
+    STRANGER.__class__("relay", "", 0, "client.example", True, None, None),  # no IP (a UNIX socket)
 ])
 def test_trusted_authenticated_and_submission_clients_get_no_header_and_stream_as_before(session):
     checker = Checker()
