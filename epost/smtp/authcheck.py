@@ -89,20 +89,22 @@ class DnsLookups:
         return budget.answers[key]
 
     def _query(self, name: str, rdtype: str, budget: Budget) -> list:
+        try:
+            qname = dns.name.from_text(name)
+        except (dns.exception.DNSException, ValueError):  # too long, an empty label: no such name
+            return []
         left = budget.left()
         if left <= 0:
             raise TempDNSError("time budget spent")
         try:
-            answer = self._resolver.resolve(dns.name.from_text(name), rdtype, lifetime=left, search=False, raise_on_no_answer=False)
+            answer = self._resolver.resolve(qname, rdtype, lifetime=left, search=False, raise_on_no_answer=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return []
         except dns.exception.Timeout:
             raise TempDNSError(f"DNS timeout for {name} {rdtype}") from None
         except dns.resolver.NoNameservers:
             raise TempDNSError(f"no DNS server answered for {name} {rdtype}") from None
-        except (dns.exception.DNSException, ValueError) as error:  # a name too long, an empty label
-            if isinstance(error, dns.name.NameTooLong | dns.name.EmptyLabel | ValueError):
-                return []
+        except dns.exception.DNSException as error:
             raise TempDNSError(f"DNS error for {name} {rdtype}: {error}") from None
         return list(answer.rrset) if answer.rrset is not None else []
 

@@ -118,3 +118,16 @@ def test_dmarc_temperror_and_no_single_from():
     assert dmarc_result(slow, budget(), MESSAGE, "example.org", [], org).result == "temperror"
     two_from = b"From: a@x.example.org, b@y.example.org\r\n\r\n"
     assert dmarc_result(Answers({}), budget(), two_from, None, [], org).result == "permerror"
+
+
+def test_a_name_dns_cannot_carry_is_no_answer_not_an_error():
+    from types import SimpleNamespace
+
+    from epost.smtp.authcheck import DnsLookups
+
+    lookups = DnsLookups([SimpleNamespace(host="127.0.0.1", port=9)])  # were anything asked: loopback, no answer
+    short = Budget(time.monotonic() + 0.3)
+    assert lookups.txt("a" * 64 + ".example.org", short) == []
+    assert lookups.txt("a..example.org", short) == []
+    with pytest.raises(TempDNSError):
+        lookups.txt("example.org", short)
