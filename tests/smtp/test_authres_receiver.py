@@ -175,3 +175,38 @@ def test_held_bytes_are_given_back_after_the_commit_and_after_an_abort():
         assert receiver.hold.held == len(MESSAGE)
         getattr(message, end)()
         assert receiver.hold.held == 0, end
+
+
+class _LatePool:
+    """Keeps the job; the test runs it when it likes (a thread that answers late)."""
+
+    def callInThreadWithCallback(self, onResult, func, *args, **kwargs):
+        self.job = lambda: onResult(True, func(*args, **kwargs))
+
+
+class _ClockWithThreads(task.Clock):
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
+def test_an_answer_after_the_timeout_is_dropped_quietly():
+    clock, pool = _ClockWithThreads(), _LatePool()
+    checker = AuthChecker(clock, pool, budget=4, org_domain=lambda d: d)
+    checker.results = lambda *args: RESULTS
+    done = checker.check("192.0.2.7", "client.example", "a@client.example", MESSAGE)
+    clock.advance(5.1)
+    assert [r.result for r in done.result] == ["temperror"] * 3
+    pool.job()  # no AlreadyCalledError, nothing changes
+    assert [r.result for r in done.result] == ["temperror"] * 3
+
+
+def test_an_answer_in_time_is_used():
+    clock, pool = _ClockWithThreads(), _LatePool()
+    checker = AuthChecker(clock, pool, budget=4, org_domain=lambda d: d)
+    checker.results = lambda *args: RESULTS
+    done = checker.check("192.0.2.7", "client.example", "a@client.example", MESSAGE)
+    clock.advance(3)
+    pool.job()
+    assert done.result == RESULTS
+    clock.advance(10)  # the timeout was cancelled with the answer
+    assert done.result == RESULTS
