@@ -8,13 +8,14 @@ and is re-released weekly). DMARC itself (RFC 7489 record lookup and
 alignment) is ours and pure: `epost/smtp/authresults.py`. docs/authentication.md
 says why not authheaders.
 
-Where the work runs: one job per message in a small thread pool of its own,
-started at the end of DATA (DKIM and DMARC need the whole message), never on
-the reactor thread. Every DNS query goes to the configured `dns_servers`
-(else the system's) and gets only what is left of the message's time
-budget; the reactor side stops waiting at the budget plus a second (a full
-pool), and whatever is unknown then is `temperror`. Nothing here ever
-turns into an SMTP refusal.
+Where the work runs: two jobs per message in a small thread pool of its
+own, never on the reactor thread: SPF from the start of DATA (it needs only
+the client, HELO and MAIL FROM, so its lookups overlap the transfer), DKIM
+and the DMARC record at its end (they need the whole message). Every DNS
+query goes to the configured `dns_servers` (else the system's) and gets only
+what is left of its job's time budget; the reactor side stops waiting at the
+budget plus a second (a full pool), and whatever is unknown then is
+`temperror`. Nothing here ever turns into an SMTP refusal.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ import dns.name
 import dns.nameserver
 import dns.resolver
 import spf
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from epost.smtp.authresults import (
     SPF_RESULTS,
+    DmarcPolicy,
     MethodResult,
     dkim_properties,
     dmarc_comment,
@@ -268,24 +270,37 @@ def _text(value: bytes | None) -> str:
     return value.decode("utf-8", "replace").strip() if value else ""
 
 
-def dmarc_result(lookups: DnsLookups, budget: Budget, head: bytes, spf_domain: str | None, dkim_domains: list[str], org_domain: Callable[[str], str]) -> MethodResult:
-    """RFC 7489 §6.6: the From domain's record, else its organizational domain's."""
+def dmarc_policy_for(lookups: DnsLookups, budget: Budget, head: bytes, org_domain: Callable[[str], str]) -> MethodResult | tuple[DmarcPolicy, str]:
+    """RFC 7489 §6.6: the From domain's record, else its organizational domain's.
+    A final result (`none`, `permerror`, `temperror`), or the policy and the From domain to judge."""
     domains = header_from_domains(head)
     if len(domains) != 1 or not domains[0]:
         return MethodResult("dmarc", "permerror", reason="not exactly one From address with a domain")
     from_domain = domains[0]
-    properties = (("header.from", from_domain),)
     try:
         policy = _dmarc_policy(lookups, budget, from_domain)
         organization = org_domain(from_domain)
         if policy is None and organization != from_domain:
             policy = _dmarc_policy(lookups, budget, organization)
     except TempDNSError as error:
-        return MethodResult("dmarc", "temperror", properties, reason=str(error))
+        return MethodResult("dmarc", "temperror", (("header.from", from_domain),), reason=str(error))
     if policy is None:
-        return MethodResult("dmarc", "none", properties)
+        return MethodResult("dmarc", "none", (("header.from", from_domain),))
+    return policy, from_domain
+
+
+def judge_dmarc(found: MethodResult | tuple[DmarcPolicy, str], spf_domain: str | None, dkim_domains: list[str], org_domain: Callable[[str], str]) -> MethodResult:
+    """The DMARC result once SPF and DKIM are known (no I/O)."""
+    if isinstance(found, MethodResult):
+        return found
+    policy, from_domain = found
     verdict = dmarc_verdict(policy, from_domain, spf_domain, dkim_domains, org_domain)
-    return MethodResult("dmarc", verdict, properties, comment=dmarc_comment(policy))
+    return MethodResult("dmarc", verdict, (("header.from", from_domain),), comment=dmarc_comment(policy))
+
+
+def dmarc_result(lookups: DnsLookups, budget: Budget, head: bytes, spf_domain: str | None, dkim_domains: list[str], org_domain: Callable[[str], str]) -> MethodResult:
+    """DMARC for a message whose SPF and DKIM results are known."""
+    return judge_dmarc(dmarc_policy_for(lookups, budget, head, org_domain), spf_domain, dkim_domains, org_domain)
 
 
 def _dmarc_policy(lookups: DnsLookups, budget: Budget, domain: str):
@@ -309,18 +324,28 @@ def load_org_domain() -> Callable[[str], str]:
     return org_domain
 
 
-def timed_out(sender: str | None, helo: str, reason: str = "time budget spent") -> list[MethodResult]:
-    """What the header says when the whole check did not finish in time."""
+def spf_timed_out(sender: str | None, helo: str, reason: str) -> tuple[list[MethodResult], None]:
     identity = ("smtp.mailfrom", sender) if sender else ("smtp.helo", helo)
-    return [
-        MethodResult("spf", "temperror", (identity,), reason=reason),
-        MethodResult("dkim", "temperror", reason=reason),
-        MethodResult("dmarc", "temperror", reason=reason),
-    ]
+    return [MethodResult("spf", "temperror", (identity,), reason=reason)], None
+
+
+def content_timed_out(reason: str) -> tuple[list[MethodResult], list[str], MethodResult]:
+    return [MethodResult("dkim", "temperror", reason=reason)], [], MethodResult("dmarc", "temperror", reason=reason)
+
+
+def timed_out(sender: str | None, helo: str, reason: str = "time budget spent") -> list[MethodResult]:
+    """What the header says when none of the checks finished in time."""
+    dkim_list, _, dmarc = content_timed_out(reason)
+    return [*spf_timed_out(sender, helo, reason)[0], *dkim_list, dmarc]
 
 
 class AuthChecker:
-    """Runs the three checks for one message in `threadpool` within `budget` seconds."""
+    """Runs the checks for messages in `threadpool`, each part within `budget` seconds.
+
+    SPF needs only the client, HELO and MAIL FROM: `begin` starts it when
+    DATA starts, so its lookups overlap the message's transfer. DKIM and the
+    DMARC record need the message: `PendingCheck.finish` runs them at its end.
+    """
 
     def __init__(self, reactor, threadpool, servers: Sequence = (), budget: float = 4.0, org_domain: Callable[[str], str] | None = None):
         self.reactor = reactor
@@ -330,26 +355,65 @@ class AuthChecker:
         self.org_domain = org_domain or load_org_domain()
         _install_spf_dispatch()
 
+    def begin(self, client_ip: str, helo: str, sender: str | None) -> PendingCheck:
+        spf_d = self._in_pool(self._spf_job, (client_ip, helo, sender), lambda reason: spf_timed_out(sender, helo, reason))
+        return PendingCheck(self, spf_d)
+
     def check(self, client_ip: str, helo: str, sender: str | None, message: bytes) -> Deferred:
-        """A Deferred firing with the list of MethodResults; it never fails."""
+        """All at once: a Deferred firing with the list of MethodResults; it never fails."""
+        return self.begin(client_ip, helo, sender).finish(message)
+
+    def _in_pool(self, job: Callable, args: tuple, fallback: Callable[[str], object]) -> Deferred:
+        """`job(*args, deadline)` in the pool; `fallback(reason)` if it breaks or is late."""
         deadline = time.monotonic() + self.budget
-        d = deferToThreadPool(self.reactor, self.threadpool, self.results, client_ip, helo, sender, message, deadline)
+        d = deferToThreadPool(self.reactor, self.threadpool, job, *args, deadline)
 
         def broken(failure):
             log.failure("authentication checks failed", failure)
-            return timed_out(sender, helo, "internal error")
+            return fallback("internal error")
 
         d.addErrback(broken)
-        d.addTimeout(self.budget + REACTOR_GRACE, self.reactor, onTimeoutCancel=lambda _result, _timeout: timed_out(sender, helo))
+        d.addTimeout(self.budget + REACTOR_GRACE, self.reactor, onTimeoutCancel=lambda _result, _timeout: fallback("time budget spent"))
         return d
 
-    def results(self, client_ip: str, helo: str, sender: str | None, message: bytes, deadline: float) -> list[MethodResult]:
-        """The checks themselves, blocking: call in a thread."""
+    # The jobs, blocking: they run in the pool's threads. One that starts after
+    # its deadline (queued behind slow ones) looks nothing up: the reactor has given up on it.
+
+    def _spf_job(self, client_ip: str, helo: str, sender: str | None, deadline: float):
         budget = Budget(deadline)
-        if budget.left() <= 0:  # queued behind slow jobs past our deadline: the reactor has given up on us
-            return timed_out(sender, helo)
-        spf_list, spf_domain = spf_results(self.lookups, budget, _client_ip(client_ip), sender, helo)
+        if budget.left() <= 0:
+            return spf_timed_out(sender, helo, "time budget spent")
+        return spf_results(self.lookups, budget, _client_ip(client_ip), sender, helo)
+
+    def _content_job(self, message: bytes, deadline: float):
+        budget = Budget(deadline)
+        if budget.left() <= 0:
+            return content_timed_out("time budget spent")
         dkim_list, dkim_domains = dkim_results(self.lookups, budget, message)
-        head = message[: header_end(message)]
-        dmarc = dmarc_result(self.lookups, budget, head, spf_domain, dkim_domains, self.org_domain)
-        return [*spf_list, *dkim_list, dmarc]
+        found = dmarc_policy_for(self.lookups, budget, message[: header_end(message)], self.org_domain)
+        return dkim_list, dkim_domains, found
+
+    def results(self, client_ip: str, helo: str, sender: str | None, message: bytes, deadline: float) -> list[MethodResult]:
+        """Every check in this thread, one after the other (bench/authres.py)."""
+        spf_list, spf_domain = self._spf_job(client_ip, helo, sender, deadline)
+        dkim_list, dkim_domains, found = self._content_job(message, deadline)
+        return [*spf_list, *dkim_list, judge_dmarc(found, spf_domain, dkim_domains, self.org_domain)]
+
+
+class PendingCheck:
+    """One message's checks: SPF under way since DATA began, the rest when the message is complete."""
+
+    def __init__(self, checker: AuthChecker, spf: Deferred):
+        self.checker = checker
+        self.spf = spf
+
+    def finish(self, message: bytes) -> Deferred:
+        """A Deferred firing with every MethodResult, in header order; it never fails."""
+        checker = self.checker
+        content = checker._in_pool(checker._content_job, (message,), content_timed_out)
+
+        def judged(parts):
+            (spf_list, spf_domain), (dkim_list, dkim_domains, found) = parts
+            return [*spf_list, *dkim_list, judge_dmarc(found, spf_domain, dkim_domains, checker.org_domain)]
+
+        return gatherResults([self.spf, content]).addCallback(judged)

@@ -92,8 +92,8 @@ class SpoolMessage:
 
     def __init__(self, writer, session: Session, sender: Address | None, recipients, params: dict, now: Callable[[], float],
                  checker=None, hostname: str = "", hold: HoldBudget | None = None):
-        """With `checker` (an AuthChecker) the content is held (within `hold`)
-        until the end of DATA, checked, and written behind an
+        """With `checker` (a PendingCheck: SPF under way) the content is held
+        (within `hold`) until the end of DATA, checked, and written behind an
         Authentication-Results header."""
         self._writer = writer
         self._session = session
@@ -149,8 +149,7 @@ class SpoolMessage:
         if self._held is None:
             return self._commit()
         content, self._held = b"".join(self._held), None
-        session = self._session
-        d = self._checker.check(session.client_ip, session.client_name, str(self._sender) if self._sender else None, content)
+        d = self._checker.finish(content)
         d.addCallback(self._write_checked, content)
         d.addBoth(self._released)
         return d.addCallback(lambda _: self._commit())
@@ -238,5 +237,7 @@ class SpoolingReceiver:
             raise Rejected(Reply(451, "4.3.0", f"Error: cannot create queue file ({error.strerror})")) from None
         addresses = [address for address, _ in recipients]
         writer.write(received_header(session, self.hostname, writer.queue_id, addresses, self.now()))
-        checker = self.checker if self.wants_results(session) else None
+        checker = None
+        if self.wants_results(session):
+            checker = self.checker.begin(session.client_ip, session.client_name, str(sender) if sender else None)
         return SpoolMessage(writer, session, sender, recipients, params, self.now, checker, self.hostname, self.hold)

@@ -49,13 +49,18 @@ class Store:
 
 
 class Checker:
-    def __init__(self, answer=None):
-        self.calls = []
-        self.answer = answer
+    """AuthChecker's shape: begin() when DATA starts, finish() with the message."""
 
-    def check(self, client_ip, helo, sender, message):
+    def __init__(self):
+        self.begun, self.calls = [], []
+
+    def begin(self, client_ip, helo, sender):
+        self.begun.append((client_ip, helo, sender))
+        return SimpleNamespace(finish=lambda message: self._finish(client_ip, helo, sender, message))
+
+    def _finish(self, client_ip, helo, sender, message):
         self.calls.append((client_ip, helo, sender, message))
-        return self.answer if self.answer is not None else defer.succeed(RESULTS)
+        return defer.succeed(RESULTS)
 
 
 def receive(session: Session, checker, networks=("127.0.0.0/8",)):
@@ -72,6 +77,7 @@ def test_an_untrusted_client_gets_the_header_after_received_and_our_old_one_is_g
     checker = Checker()
     message, store = receive(STRANGER, checker)
     assert store.writer.data.startswith(b"Received:") and b"body" not in store.writer.data  # held until checked
+    assert checker.begun == [("192.0.2.7", "client.example", "a@client.example")] and checker.calls == []  # SPF starts with DATA
     assert message.commit().result == "0190000000000A000"
     assert checker.calls == [("192.0.2.7", "client.example", "a@client.example", MESSAGE)]  # checked as received
     received, rest = store.writer.data.split(b"\r\nAuthentication-Results: mx.example.jp;\r\n\tspf=pass", 1)
@@ -92,7 +98,7 @@ def test_trusted_authenticated_and_submission_clients_get_no_header_and_stream_a
     message, store = receive(session, checker)
     assert store.writer.data.endswith(MESSAGE)  # streamed, old headers untouched
     message.commit()
-    assert checker.calls == [] and b"mx.example.jp;\r\n" not in store.writer.data
+    assert checker.begun == checker.calls == [] and b"mx.example.jp;\r\n" not in store.writer.data
 
 
 def test_without_a_checker_nothing_is_added():
@@ -178,10 +184,17 @@ def test_held_bytes_are_given_back_after_the_commit_and_after_an_abort():
 
 
 class _LatePool:
-    """Keeps the job; the test runs it when it likes (a thread that answers late)."""
+    """Keeps the jobs; the test runs them when it likes (threads that answer late)."""
+
+    def __init__(self):
+        self.jobs = []
 
     def callInThreadWithCallback(self, onResult, func, *args, **kwargs):
-        self.job = lambda: onResult(True, func(*args, **kwargs))
+        self.jobs.append(lambda: onResult(True, func(*args, **kwargs)))
+
+    def run(self):
+        for job in self.jobs:
+            job()
 
 
 class _ClockWithThreads(task.Clock):
@@ -189,24 +202,29 @@ class _ClockWithThreads(task.Clock):
         f(*args, **kwargs)
 
 
+def _answers(checker):
+    checker._spf_job = lambda *args: (RESULTS[:1], "client.example")
+    checker._content_job = lambda *args: (RESULTS[1:2], [], RESULTS[2])
+
+
 def test_an_answer_after_the_timeout_is_dropped_quietly():
     clock, pool = _ClockWithThreads(), _LatePool()
     checker = AuthChecker(clock, pool, budget=4, org_domain=lambda d: d)
-    checker.results = lambda *args: RESULTS
+    _answers(checker)
     done = checker.check("192.0.2.7", "client.example", "a@client.example", MESSAGE)
     clock.advance(5.1)
     assert [r.result for r in done.result] == ["temperror"] * 3
-    pool.job()  # no AlreadyCalledError, nothing changes
+    pool.run()  # no AlreadyCalledError, nothing changes
     assert [r.result for r in done.result] == ["temperror"] * 3
 
 
 def test_an_answer_in_time_is_used():
     clock, pool = _ClockWithThreads(), _LatePool()
     checker = AuthChecker(clock, pool, budget=4, org_domain=lambda d: d)
-    checker.results = lambda *args: RESULTS
+    _answers(checker)
     done = checker.check("192.0.2.7", "client.example", "a@client.example", MESSAGE)
     clock.advance(3)
-    pool.job()
+    pool.run()
     assert done.result == RESULTS
     clock.advance(10)  # the timeout was cancelled with the answer
     assert done.result == RESULTS
