@@ -202,16 +202,17 @@ class _ClockWithThreads(task.Clock):
         f(*args, **kwargs)
 
 
-def _answers(checker):
+def _answered_check():
+    """A check whose two parts wait in a _LatePool for the test to run them."""
+    clock, pool = _ClockWithThreads(), _LatePool()
+    checker = AuthChecker(clock, pool, budget=4, org_domain=lambda d: d)
     checker._spf_job = lambda *args: (RESULTS[:1], "client.example")
     checker._content_job = lambda *args: (RESULTS[1:2], [], RESULTS[2])
+    return clock, pool, checker.check("192.0.2.7", "client.example", "a@client.example", MESSAGE)
 
 
 def test_an_answer_after_the_timeout_is_dropped_quietly():
-    clock, pool = _ClockWithThreads(), _LatePool()
-    checker = AuthChecker(clock, pool, budget=4, org_domain=lambda d: d)
-    _answers(checker)
-    done = checker.check("192.0.2.7", "client.example", "a@client.example", MESSAGE)
+    clock, pool, done = _answered_check()
     clock.advance(5.1)
     assert [r.result for r in done.result] == ["temperror"] * 3
     pool.run()  # no AlreadyCalledError, nothing changes
@@ -219,10 +220,7 @@ def test_an_answer_after_the_timeout_is_dropped_quietly():
 
 
 def test_an_answer_in_time_is_used():
-    clock, pool = _ClockWithThreads(), _LatePool()
-    checker = AuthChecker(clock, pool, budget=4, org_domain=lambda d: d)
-    _answers(checker)
-    done = checker.check("192.0.2.7", "client.example", "a@client.example", MESSAGE)
+    clock, pool, done = _answered_check()
     clock.advance(3)
     pool.run()
     assert done.result == RESULTS
