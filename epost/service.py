@@ -262,7 +262,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
 
     spool = Spool(config.server.spool, reactor=reactor, threadpool=pool)
     spool.create_folders()
-    worker = SpoolWorkerService(spool, config.server.hostname, reactor, give_up_after=config.retry.period_4xx)
+    worker = SpoolWorkerService(spool, config.server.hostname, reactor, give_up_after=config.retry.period_4xx,
+                                dkim_keys=dkim_keys)  # the workers sign at commit (docs/authentication.md)
     worker.setServiceParent(top)
     top.stop_last = [worker, pool_service, auth_pool_service]  # the courier process goes first, below
     routing = build_routing(config)

@@ -97,6 +97,20 @@ class MessageWriter:
     def content(self) -> bytes:
         return b"".join(self._chunks)
 
+    def read_all(self) -> bytes:
+        """The whole content so far, also once it spilled to its tmp/ file (to sign it)."""
+        if self._fd is None:
+            return self.content()
+        end = os.lseek(self._fd, 0, os.SEEK_CUR)  # a reused file may be longer than what we wrote
+        fd = os.open(self.temp_path, os.O_RDONLY)  # ours is open for writing only
+        try:
+            written = bytearray()
+            while len(written) < end and (chunk := os.pread(fd, end - len(written), len(written))):
+                written += chunk
+        finally:
+            os.close(fd)
+        return bytes(written) + self.content()
+
     def _flush(self) -> None:
         """Write buffered chunks to the ``tmp/`` file, creating it on first use."""
         if self._fd is None:

@@ -74,6 +74,7 @@ class SpoolMessage:
         self._params = params
         self._now = now
         self.queue_id = writer.queue_id
+        self.trusted = False  # set by the receiver: authenticated or relay_networks (DKIM signing)
 
     def write(self, data: bytes) -> None:
         self._writer.write(data)
@@ -98,6 +99,7 @@ class SpoolMessage:
             listener=self._session.listener,
             auth=self._session.user,
             body=(self._params.get("BODY") or "7BIT").upper(),
+            trusted=self.trusted,
         )
         d = self._writer.commit(envelope).addErrback(self._storage_failed)
         return d.addCallback(self._count, self._session)
@@ -145,4 +147,6 @@ class SpoolingReceiver:
             raise Rejected(Reply(451, "4.3.0", f"Error: cannot create queue file ({error.strerror})")) from None
         addresses = [address for address, _ in recipients]
         writer.write(received_header(session, self.hostname, writer.queue_id, addresses, self.now()))
-        return SpoolMessage(writer, session, sender, recipients, params, self.now)
+        message = SpoolMessage(writer, session, sender, recipients, params, self.now)
+        message.trusted = self.policy is not None and self.policy.trusted(session)
+        return message
