@@ -435,10 +435,11 @@ class SpooledContent:
 
     chunk_size = 64 * 1024
 
-    def __init__(self, spool: Spool, queue_id: str, queue: str) -> None:
+    def __init__(self, spool: Spool, queue_id: str, queue: str, prefix: bytes = b"") -> None:
         self.spool = spool
         self.queue_id = queue_id
         self.queue = queue
+        self.prefix = prefix  # header lines sent before the stored content: the DKIM signature
         self._fd: int | None = None
 
     def open(self) -> None:
@@ -451,6 +452,8 @@ class SpooledContent:
         return self._chunks(self._fd)
 
     def _chunks(self, fd: int) -> Iterator[bytes]:
+        if self.prefix:
+            yield self.prefix
         offset = 0
         while chunk := os.pread(fd, self.chunk_size, offset):
             offset += len(chunk)

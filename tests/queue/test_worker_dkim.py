@@ -141,3 +141,18 @@ def test_an_envelope_queued_before_signing_existed_reads_as_untrusted_and_unsign
     assert b"trusted" not in old
     parsed = Envelope.from_bytes(old, "old")
     assert (parsed.trusted, parsed.dkim) == (False, "")
+
+
+def test_an_smtp_attempt_sends_the_stored_signature_before_the_content(spool):
+    from epost.queue.spool import SpooledContent
+
+    queue_id, _ = commit(Worker(spool.root, "mx.test", reply=lambda line: None), spool, CONTENT, False, RELAY)
+    content = SpooledContent(spool, queue_id, "incoming", b"DKIM-Signature: v=1; x\r\n")
+    try:
+        for _ in range(2):  # every pass (one per session) starts with it
+            assert b"".join(content()) == b"DKIM-Signature: v=1; x\r\n" + CONTENT
+    finally:
+        content.close()
+    plain = SpooledContent(spool, queue_id, "incoming")
+    assert b"".join(plain()) == CONTENT
+    plain.close()
