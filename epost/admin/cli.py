@@ -518,9 +518,12 @@ def dkim_keygen(args: argparse.Namespace, now: float) -> int:
 
 
 def _check_dkim(config: Config) -> Iterator[tuple[bool, str]]:
-    """Issue 15: each [[dkim.keys]] file must be readable and a usable private key."""
-    from epost.delivery.signing import DkimKeyError, load_key
+    """Issue 15: each [[dkim.keys]] file must be readable and a usable private key
+    (the checks start-up makes: epost.delivery.signing.load_keys)."""
+    from epost.delivery.signing import DkimKeyError, load_key, repeated_selectors
 
+    for problem in repeated_selectors(config.dkim.keys):
+        yield True, problem
     for spec in config.dkim.keys:
         try:
             load_key(spec.domain, spec.selector, spec.key)

@@ -200,13 +200,20 @@ def sign(message: bytes, keys: tuple[DkimKey, ...], signing_domain: str | None =
 
 def load_keys(specs) -> tuple[DkimKey, ...]:
     """Every configured key (config.dkim.keys), read and checked; DkimKeyError on the first bad one."""
-    seen = set()
+    for problem in repeated_selectors(specs):
+        raise DkimKeyError(problem)
+    return tuple(load_key(spec.domain, spec.selector, spec.key) for spec in specs)
+
+
+def repeated_selectors(specs) -> list[str]:
+    """A selector names one published key: two entries under one name cannot both verify."""
+    seen, problems = set(), []
     for spec in specs:
         name = (spec.domain.lower().rstrip("."), spec.selector.lower())
         if name in seen:
-            raise DkimKeyError(f"dkim key {spec.domain}/{spec.selector}: configured twice (one selector, one key)")
+            problems.append(f"dkim key {spec.domain}/{spec.selector}: configured twice (one selector, one key)")
         seen.add(name)
-    return tuple(load_key(spec.domain, spec.selector, spec.key) for spec in specs)
+    return problems
 
 
 def signing_keys(*, trusted: bool, leaves_over_smtp: bool, from_domain: str | None,
