@@ -107,7 +107,7 @@ def test_keys_reach_the_spool_worker_unchanged(tmp_path):
     assert signing.keys_from_json(signing.keys_to_json(keys)) == keys
 
 
-# --- where "trusted" comes from, and what stops start-up -------------------------------
+# --- where "trusted" comes from; check-config (start-up: tests/admin/test_dkim_keygen.py) -------------------------------
 
 
 def test_trusted_origin_is_an_authenticated_client_or_one_in_relay_networks():
@@ -127,28 +127,6 @@ def test_trusted_origin_is_an_authenticated_client_or_one_in_relay_networks():
     assert policy.trusted(session("198.51.100.1", user="alice@example.test"))
     assert not policy.trusted(session("198.51.100.1"))
     assert not policy.trusted(session("not an address"))
-
-
-def test_a_mismatched_key_stops_start_up_with_one_line_and_check_config_names_it(tmp_path, capsys):
-    from epost.admin.cli import main
-    from epost.tap import Options, makeService
-
-    path, _ = signing.keygen("example.test", tmp_path / "dkim", "e202611", "ed25519")
-    config = tmp_path / "epost.toml"
-    config.write_text(
-        f'[server]\nspool = "{tmp_path}/spool"\n'
-        f'[[dkim.keys]]\ndomain = "example.test"\nselector = "e202612"\nkey = "{path}"\n'
-    )
-    options = Options()
-    options.parseOptions(["--config", str(config)])
-    with pytest.raises(SystemExit) as info:
-        makeService(options)
-    assert info.value.code == 1
-    err = capsys.readouterr().err
-    assert err.startswith("epost: dkim key example.test/e202612: ") and "made for example.test.e202611" in err
-    assert err.count("\n") == 1
-    assert main(["--config", str(config), "check-config"]) == 1
-    assert "dkim key example.test/e202612: " in capsys.readouterr().out
 
 
 def test_check_config_names_a_selector_configured_twice(tmp_path, capsys):
