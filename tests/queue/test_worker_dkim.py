@@ -156,3 +156,37 @@ def test_an_smtp_attempt_sends_the_stored_signature_before_the_content(spool):
     plain = SpooledContent(spool, queue_id, "incoming")
     assert b"".join(plain()) == CONTENT
     plain.close()
+
+
+def test_epost_s_own_bounces_count_as_a_trusted_origin_and_are_signed(spool, keys):
+    """A DSN from MAILER-DAEMON@<hostname> under a key's domain leaves signed (docs/authentication.md)."""
+    from epost.delivery.bounce import FailedRecipient
+    from epost.queue.bounces import BounceSender
+    from epost.routing.resolver import Route
+
+    worker, _ = make_worker(spool, keys)
+
+    class Store:  # the worker service's open_message/commit, run in-process
+        def open_message(self):
+            self.queue_id, self.chunks = spool.new_queue_id(), []
+            return self
+
+        def write(self, data):
+            self.chunks.append(data)
+
+        def commit(self, envelope):
+            worker.handle(b"W", self.queue_id, b"".join(self.chunks))
+            worker.handle(b"C", self.queue_id, envelope.to_bytes())
+            worker.work()
+
+    class Resolution:
+        rejected = False
+        finals = [("carol@far.test", Route("relay", "mx", hosts=()))]
+
+    store = Store()
+    original = Envelope("1" * 17, "carol@far.test", (), time.time(), 10)
+    BounceSender(store, lambda address: Resolution, "mx.example.test", time.time).send(
+        original, b"Subject: x\r\n\r\n", [FailedRecipient("dan@elsewhere.test", "5.1.1")])
+    stored = Envelope.from_bytes((spool.root / "incoming" / f"{store.queue_id}.env").read_bytes(), store.queue_id)
+    assert stored.trusted and stored.dkim.count("DKIM-Signature:") == 2
+    assert verifies(stored.dkim.encode() + b"".join(store.chunks), keys)
