@@ -21,7 +21,7 @@ an Ed25519 key for smtp-source's From: domain, client.test; the client is in
 relay_networks): it is measured right after the unsigned one in each round,
 and the line shows its CPU-ms per message, what signing added to the
 unsigned epost's, its rate and its rate as a ratio of Postfix's. The signer's
-own cost for one message in this process (the two signatures, no I/O) is
+own cost for one message (bench/dkim_sign.py, the two signatures, no I/O) is
 printed first.
 """
 
@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import dkim_sign
 from common import Epost, Postfix, Sink, smtp_source
 
 
@@ -71,37 +72,16 @@ class RelayingEpost(Epost):
 SIGNED_DOMAIN = "client.test"  # smtp-source writes From: <bench@client.test>
 
 
-def signing_keys_toml(folder: Path) -> str:
-    """An RSA-2048 and an Ed25519 key for SIGNED_DOMAIN, as [[dkim.keys]] entries."""
+def signing_keys(folder: Path) -> tuple[str, tuple]:
+    """An RSA-2048 and an Ed25519 key for SIGNED_DOMAIN: [[dkim.keys]] entries, and the keys."""
     from epost.delivery import signing
 
-    entries = []
+    entries, keys = [], []
     for selector, kind in (("r1", "rsa"), ("e1", "ed25519")):
-        path, _ = signing.keygen(SIGNED_DOMAIN, folder, selector, kind)
+        path, key = signing.keygen(SIGNED_DOMAIN, folder, selector, kind)
         entries.append(f'[[dkim.keys]]\ndomain = "{SIGNED_DOMAIN}"\nselector = "{selector}"\nkey = "{path}"\n')
-    return "".join(entries)
-
-
-def signer_cost_ms(folder: Path, size: int, rounds: int = 300) -> float:
-    """CPU-ms of commit_signature (both keys) for one smtp-source-like message of `size` bytes."""
-    from epost.delivery import signing
-
-    keys = signing.load_keys(_specs(folder))
-    head = (f"Received: from client.test ([127.0.0.1])\r\n\tby epost.bench.test (epost) with ESMTP id X;"
-            f" Sun, 6 Dec 2026 12:00:00 +0000\r\nFrom: <bench@{SIGNED_DOMAIN}>\r\nTo: <sink@remote.test>\r\n"
-            f"Date: Sun, 6 Dec 2026 12:00:00 +0000\r\nMessage-Id: <1@{SIGNED_DOMAIN}>\r\n\r\n").encode()
-    message = head + (b"X" * 78 + b"\r\n") * max(1, size // 80)
-    signing.commit_signature(message, trusted=True, leaves_over_smtp=True, keys=keys)  # warm-up
-    start = time.process_time()
-    for _ in range(rounds):
-        signing.commit_signature(message, trusted=True, leaves_over_smtp=True, keys=keys)
-    return 1000 * (time.process_time() - start) / rounds
-
-
-def _specs(folder: Path):
-    from epost.config import DkimKeySpec
-
-    return [DkimKeySpec(SIGNED_DOMAIN, p.name.split(".")[-3], p) for p in sorted(folder.glob("*.pem"))]
+        keys.append(key)
+    return "".join(entries), tuple(keys)
 
 
 def main() -> None:
@@ -121,9 +101,9 @@ def main() -> None:
     try:
         if args.signing:
             keys_folder = Path(tempfile.mkdtemp(prefix="epost-bench-dkim-"))
-            dkim_toml = signing_keys_toml(keys_folder)
-            for size in (int(s) for s in args.sizes.split(",")):
-                print(f"signer alone, {size} bytes: {signer_cost_ms(keys_folder, size):.3f} CPU-ms/msg (RSA-2048 + Ed25519)")
+            dkim_toml, keys = signing_keys(keys_folder)
+            alone = dkim_sign.cpu_ms(keys, 300, dkim_sign.MESSAGE.replace(b"example.test", SIGNED_DOMAIN.encode()))
+            print(f"signer alone (bench/dkim_sign.py's message): {alone:.3f} CPU-ms/msg, RSA-2048 + Ed25519")
             signed_sink = Sink()
             signed = RelayingEpost(signed_sink, tail_toml=dkim_toml)
         postfix = None if args.no_postfix else Postfix()
