@@ -54,7 +54,7 @@ def keys(tmp_path):
 
 @pytest.fixture
 def signing_daemon(daemon, tmp_path, keys):
-    def make(sink_port: int):
+    def make(sink_port: int, start: bool = True):
         gateway = tmp_path / "gateway.dat"
         gateway.write_text(f"*.sink.test,127.0.0.1,{sink_port}\n")
         entries = "".join(
@@ -62,7 +62,7 @@ def signing_daemon(daemon, tmp_path, keys):
             f'key = "{tmp_path / "dkim" / f"{k.domain}.{k.selector}.{k.algorithm}.pem"}"\n'
             for k in keys)
         toml = f'gateway_table = "{gateway}"\n\n[retry]\ninterval = 2\nfixed_interval = true\n\n{entries}'
-        return daemon(server=f'relay_networks = ["{TRUSTED}/32"]', toml=toml)
+        return daemon(server=f'relay_networks = ["{TRUSTED}/32"]', toml=toml, start=start)
     return make
 
 
@@ -87,6 +87,21 @@ def test_relay_network_mail_is_signed_once_and_opendkim_passes_every_copy(signin
     signatures = dkim_headers(first.data)
     assert len(signatures) == 2
     assert dkim_headers(retried.data) == signatures  # byte-identical: signed once, at commit
+
+
+@pytest.mark.skipif(OPENDKIM is None, reason="opendkim not installed (Debian: opendkim)")
+def test_mail_from_an_authenticated_client_outside_relay_networks_is_signed(signing_daemon, keys, tmp_path):
+    from test_submission_e2e import ALICE, PASSWORD, set_password, submission
+
+    with Sink() as sink:
+        d = signing_daemon(sink.port, start=False)
+        set_password(d, ALICE, PASSWORD)
+        d.start()
+        with submission(d, source=STRANGER) as client:  # STARTTLS, then AUTH
+            client.login(ALICE, PASSWORD)
+            client.sendmail(ALICE, ["ann@a.sink.test"], content("ann@a.sink.test", "submitted"))
+        (got,) = sink.wait_for_messages(1, timeout=20)
+    assert passing_selectors(opendkim_verify(got.data, keys, tmp_path)) == {"r1", "e1"}
 
 
 @pytest.mark.skipif(OPENDKIM is None, reason="opendkim not installed (Debian: opendkim)")
