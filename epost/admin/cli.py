@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="only messages with a recipient in this state")
     queue.set_defaults(run=list_queue)
 
+    show = commands.add_parser("show", parents=[common], help="print a queued message: envelope, then content")
+    show.add_argument("id", metavar="ID", help="a queue ID, as `epost queue` shows it")
+    show.set_defaults(run=show_message)
+
     add_commands(commands, common, operate_on_queue)
 
     passwd = commands.add_parser("passwd", parents=[common], help="set a user's password in the users file")
@@ -258,6 +262,42 @@ def list_queue(args: argparse.Namespace, now: float) -> int:
         print(json.dumps(to_json(messages, now), indent=1))
     else:
         print("\n".join(format_text(messages, now)))
+    return 0
+
+
+def show_message(args: argparse.Namespace, now: float) -> int:
+    """SPEC §4: the envelope as `key: value` lines, a blank line, the content as stored; 1 when not queued."""
+    from epost.admin.show import content_chunks, envelope_lines, open_queued, still_queued
+    from epost.logs import printable
+    from epost.queue.envelope import EnvelopeError
+    from epost.queue.spool import QUEUE_ID, Spool
+
+    config = _load_with_spool(args)
+    if config is None:
+        return 1
+    spool = Spool(config.server.spool, reactor=None, threadpool=None)
+    asked = args.id.strip()
+    queue_id = asked.upper() if QUEUE_ID.fullmatch(asked.upper()) else asked  # `epost show 0190...a000` too
+    try:
+        queue, envelope, fd = open_queued(spool, queue_id)
+    except LookupError as error:
+        print(printable(f"epost show: {error}", join_lines=False), file=sys.stderr)
+        return 1
+    except (EnvelopeError, OSError) as error:
+        print(printable(f"epost show: {queue_id}: {error}", join_lines=False), file=sys.stderr)
+        return 1
+    try:
+        sys.stdout.write("\n".join(envelope_lines(queue, envelope)) + "\n\n")
+        sys.stdout.flush()
+        for chunk in content_chunks(fd):
+            sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
+        if not still_queued(spool, queue_id, fd):
+            print(f"epost show: {queue_id} left the queue while it was shown (delivered or deleted);"
+                  " the content above may not all be its own", file=sys.stderr)
+            return 1
+    finally:
+        os.close(fd)
     return 0
 
 
