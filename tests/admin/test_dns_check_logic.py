@@ -50,6 +50,17 @@ def spf(record: str, address: str, dns: FakeDns | None = None) -> str:
     return evaluate_spf(address, DOMAIN, HOST, dns or spf_dns(record))[0]
 
 
+@pytest.fixture(autouse=True)
+def no_system_resolver(monkeypatch):
+    """pyspf must ask only through our lookup, never its module-wide resolver (the system's DNS)."""
+    import spf
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"pyspf asked the system resolver: {args}")
+
+    monkeypatch.setattr(spf, "DNSLookup", refuse)
+
+
 ipv4 = st.integers(0, 2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n)))
 ipv6 = st.integers(0, 2**128 - 1).map(lambda n: str(ipaddress.IPv6Address(n)))
 QUALIFIED = {"-": "fail", "~": "softfail", "?": "neutral", "+": "pass", "": "pass"}
