@@ -125,6 +125,13 @@ def test_more_than_ten_dns_querying_terms_is_permerror(count):
     assert result == ("pass" if count <= 10 else "permerror")
 
 
+@pytest.mark.parametrize("voids, result", [(2, "pass"), (3, "permerror")])
+def test_more_than_two_lookups_without_an_answer_is_permerror(voids, result):
+    """RFC 7208 4.6.4: the void-lookup limit, counted by our lookup seam."""
+    record = "v=spf1 " + " ".join(f"a:void{i}.example.test" for i in range(voids)) + " ip4:192.0.2.25 -all"
+    assert spf(record, "192.0.2.25") == result
+
+
 def test_a_and_mx_terms_use_the_domains_own_records():
     dns = FakeDns({
         (DOMAIN, "TXT"): ["v=spf1 mx a -all"],
