@@ -5,27 +5,12 @@ from __future__ import annotations
 
 from functools import partial
 
-import pytest
-
 from epost.admin.dns_check import check_config_domain
 from epost.config import load_config
 from epost.routing.users import Users, parse_user_line
 from epost.web.dns_panel import CACHE_SECONDS, MAX_DOMAINS, DnsChecks, dashboard_domains
 from fakes import SynchronousThreadPool
 from tests.routing.dnsmasq import Dnsmasq
-from web_support import make_world
-
-
-@pytest.fixture
-def world(tmp_path):
-    return make_world(tmp_path)
-
-
-@pytest.fixture
-def admin(world):
-    client = world.client()
-    assert client.login().code == 303
-    return client
 
 
 def test_the_dashboard_shows_the_real_checks_of_each_local_domain(world, admin, tmp_path):
