@@ -13,8 +13,10 @@ seconds, CPU milliseconds per message (all processes of that MTA: epost's
 daemon, spool workers and courier; every Postfix process, measured once its queue
 is empty again), epost's rate and CPU as ratios of Postfix's (medians over
 the rounds, and with two rounds or more the lowest and highest rate ratio of
-one round), and how many SMTP sessions each opened to its sink per message
-(connection reuse). Needs root.
+one round), the disk's write requests and cache flushes per message (from
+the first accept until the queue is empty again; the disk that holds each
+server's spool, everything on it counts, as in accept.py) and how many SMTP
+sessions each opened to its sink per message (connection reuse). Needs root.
 
 --signing adds a second epost that DKIM-signs every message (an RSA-2048 and
 an Ed25519 key for smtp-source's From: domain, client.test; the client is in
@@ -37,18 +39,20 @@ import time
 from pathlib import Path
 
 import dkim_sign
-from common import Epost, Postfix, Sink, smtp_source
+from common import DiskCounters, Epost, Postfix, Sink, disk_columns, smtp_source
 
 
 def measure(server, sink: Sink, messages: int, size: int, sessions: int, to: str) -> dict:
     server.wait_until_drained()
     base, opened = sink.received(), sink.sessions()
-    cpu_before = server.cpu()
+    disk = DiskCounters(server.spool)
+    cpu_before, disk_before = server.cpu(), disk.read()
     start = time.monotonic()
     accept_seconds = smtp_source(server.port, messages, size, sessions, to)
     arrived = sink.wait_for(base + messages)
     server.wait_until_drained()
     cpu = server.cpu() - cpu_before
+    writes, flushes = disk.per_message(disk_before, messages)
     seconds = arrived - start
     return {
         "rate": messages / seconds,
@@ -56,6 +60,8 @@ def measure(server, sink: Sink, messages: int, size: int, sessions: int, to: str
         "accept_rate": messages / accept_seconds,
         "cpu_ms": 1000 * cpu / messages,
         "sessions": (sink.sessions() - opened) / messages,  # outbound SMTP sessions per message
+        "writes": writes,  # disk write requests per message, accepted until drained
+        "flushes": flushes,  # disk cache flushes per message
     }
 
 
@@ -114,8 +120,9 @@ def main() -> None:
         if postfix:
             measure(postfix, postfix.sink, 200, 4096, args.sessions, "sink@remote.test")
         print(f"{args.messages} messages, smtp-source -s {args.sessions}; end to end = until the sink counted all")
-        print(f"{'size':>7}  {'epost msg/s':>11} {'accept/s':>8} {'CPU-ms/msg':>10}  "
-              f"{'postfix msg/s':>13} {'accept/s':>8} {'CPU-ms/msg':>10}  {'rate ratio':>10} {'CPU ratio':>9}  sessions/msg e/p"
+        print(f"{'size':>7}  {'epost msg/s':>11} {'accept/s':>8} {'CPU-ms/msg':>10} {'wr/msg':>6} {'fl/msg':>6}  "
+              f"{'postfix msg/s':>13} {'accept/s':>8} {'CPU-ms/msg':>10} {'wr/msg':>6} {'fl/msg':>6}"
+              f"  {'rate ratio':>10} {'CPU ratio':>9}  sessions/msg e/p"
               f"  {'rounds':>9}")
         for size in (int(s) for s in args.sizes.split(",")):
             ours, theirs, signs = [], [], []
@@ -126,10 +133,12 @@ def main() -> None:
                 if postfix:
                     theirs.append(measure(postfix, postfix.sink, args.messages, size, args.sessions, "sink@remote.test"))
             o = {k: statistics.median(r[k] for r in ours) for k in ours[0]}
-            line = f"{size:>7}  {o['rate']:>11.0f} {o['accept_rate']:>8.0f} {o['cpu_ms']:>10.2f}"
+            line = (f"{size:>7}  {o['rate']:>11.0f} {o['accept_rate']:>8.0f} {o['cpu_ms']:>10.2f}"
+                    f" {disk_columns(o['writes'], o['flushes'])}")
             if postfix:
                 t = {k: statistics.median(r[k] for r in theirs) for k in theirs[0]}
                 line += (f"  {t['rate']:>13.0f} {t['accept_rate']:>8.0f} {t['cpu_ms']:>10.2f}"
+                         f" {disk_columns(t['writes'], t['flushes'])}"
                          f"  {o['rate'] / t['rate']:>10.2f} {o['cpu_ms'] / t['cpu_ms']:>9.2f}  {o['sessions']:.2f}/{t['sessions']:.2f}")
                 # each round's ratio (epost's round against Postfix's next to it): the spread of one run
                 ratios = [a["rate"] / b["rate"] for a, b in zip(ours, theirs)]
@@ -138,7 +147,7 @@ def main() -> None:
             if signed:
                 g = {k: statistics.median(r[k] for r in signs) for k in signs[0]}
                 line = (f"{'signing':>7}  {g['rate']:>11.0f} {g['accept_rate']:>8.0f} {g['cpu_ms']:>10.2f}"
-                        f"  (+{g['cpu_ms'] - o['cpu_ms']:.2f} CPU-ms/msg for signing")
+                        f" {disk_columns(g['writes'], g['flushes'])}  (+{g['cpu_ms'] - o['cpu_ms']:.2f} CPU-ms/msg for signing")
                 if postfix:
                     line += f"; rate ratio to Postfix {g['rate'] / t['rate']:.2f}, CPU ratio {g['cpu_ms'] / t['cpu_ms']:.2f}"
                 print(line + ")", flush=True)

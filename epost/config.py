@@ -23,6 +23,7 @@ from epost.smtp.address import normalize_domain
 from epost.smtp.dnsbl import DnsblSite, parse_dnsbl_site
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class ConfigError(Exception):
@@ -82,6 +83,9 @@ class ServerConfig:
     greet_wait: int = 0
     dnsbl: tuple[DnsblSite, ...] = ()
     dnsbl_threshold: int = 1
+    # Addresses mail leaves from, as the world sees them (SPEC §9, `epost check-dns`):
+    # empty means "the addresses `hostname` resolves to".
+    public_addresses: tuple[IPAddress, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -276,6 +280,13 @@ def _network(value: Any) -> IPNetwork:
         raise ValueError(f"must be an IP network (CIDR), got {value!r}") from None
 
 
+def _address(value: Any) -> IPAddress:
+    try:
+        return ipaddress.ip_address(_string(value))
+    except ValueError:
+        raise ValueError(f"must be an IP address, got {value!r}") from None
+
+
 _CHECKED_ENDPOINTS = {"tcp", "tcp6", "ssl", "tls", "unix"}
 
 
@@ -360,6 +371,7 @@ SCHEMA: dict[str, dict[str, Converter]] = {
         "greet_wait": _duration,
         "dnsbl": _list(parse_dnsbl_site),
         "dnsbl_threshold": _POSITIVE,
+        "public_addresses": _list(_address),
     },
     "routing": {
         "local_domains": _list(_domain),
