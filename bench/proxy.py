@@ -2,19 +2,26 @@
 and through the same HAProxy relaying plain TCP to a node without PROXY (what the
 extra TCP hop costs on its own, apart from epost's header handling).
 
-    .venv/bin/python bench/proxy.py [--clients 10] [--seconds 5] [--rounds 1]
+    .venv/bin/python bench/proxy.py [--clients 10] [--seconds 5] [--rounds 1] [--baseline TREE]
+
+`--baseline TREE` adds one more PROXY node running the epost of another source
+tree (e.g. `git archive main | tar -x -C /tmp/base`), behind its own HAProxy,
+so that a change to the PROXY path is measured against the old code in the
+same rounds.
 
 Each of C client threads runs whole sessions (EHLO, MAIL, RCPT, DATA, QUIT)
 in a loop for the given seconds; the figure is accepted messages per second.
 Nodes deliver to local Maildirs. Needs Debian's haproxy; loopback only.
-With several rounds the three set-ups take turns within each round and the
-ratios are taken per round, then their median: this machine's rate drifts by
-more between minutes than the PROXY hop costs.
+With several rounds the set-ups take turns within each round (in a rotated
+order, so that none is always first) and the ratios are taken per round, then
+their median: this machine's rate drifts by more between minutes than the
+PROXY hop costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import smtplib
 import statistics
 import subprocess
@@ -29,13 +36,19 @@ from e2e_support import Daemon, free_port, port_answers, wait_for, write_config 
 from test_haproxy_e2e import BEHIND, haproxy_config  # noqa: E402
 
 
-def node(folder: Path, proxied: bool) -> Daemon:
+def node(folder: Path, proxied: bool, tree: Path | None = None) -> Daemon:
+    """A started node; `tree`: run that source tree's epost instead of this one."""
     folder.mkdir()
     relay, submission = free_port(), free_port()
     config = write_config(folder, relay, submission, BEHIND)
     if proxied:
         config.write_text(config.read_text().replace('relay = ["tcp:', 'relay = ["haproxy:tcp:', 1))
-    return Daemon(folder, config, relay, submission, []).start()
+    env = None if tree is None else {**os.environ, "PYTHONPATH": str(tree.resolve())}
+    return Daemon(folder, config, relay, submission, [], env=env).start()
+
+
+def ratio_line(label: str, ratios: list[float]) -> str:
+    return f"{label}: {100 * (statistics.median(ratios) - 1):+.1f}% (rounds {min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def load(port: int, clients: int, seconds: float) -> float:
@@ -62,6 +75,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--baseline", type=Path, help="a source tree whose epost runs one more PROXY node, for before/after")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -72,7 +86,12 @@ def main() -> None:
             a, b = node(tmp / "a", True), node(tmp / "b", True)
             nodes += [a, b]
             ports = {}
-            for name, members, proxy in (("plain", [direct], False), ("one", [a], True), ("two", [a, b], True)):
+            setups = [("plain", [direct], False), ("one", [a], True), ("two", [a, b], True)]
+            if args.baseline is not None:
+                base = node(tmp / "baseline", True, tree=args.baseline)
+                nodes.append(base)
+                setups.append(("baseline", [base], True))
+            for name, members, proxy in setups:
                 folder = tmp / f"haproxy-{name}"
                 folder.mkdir()
                 port = free_port()
@@ -81,27 +100,36 @@ def main() -> None:
                 wait_for(lambda: port_answers(port))
                 ports[name] = port
             time.sleep(1)
-            hops, plains, spreads = [], [], []
+            phases = [
+                ("direct", direct.relay_port),
+                ("haproxy, no PROXY", ports["plain"]),
+                ("haproxy->1 node", ports["one"]),
+                ("haproxy->2 nodes", ports["two"]),
+            ]
+            if args.baseline is not None:
+                phases.append(("haproxy->1 baseline", ports["baseline"]))
+            for _, port in phases:  # warm up: each node's first sessions are slower
+                load(port, args.clients, 0.5)
+            ratios: dict[str, list[float]] = {}
             for round_number in range(1, args.rounds + 1):
                 rates = {}
-                phases = (
-                    ("direct", direct.relay_port),
-                    ("haproxy, no PROXY", ports["plain"]),
-                    ("haproxy->1 node", ports["one"]),
-                    ("haproxy->2 nodes", ports["two"]),
-                )
-                for label, port in phases:
+                turn = (round_number - 1) % len(phases)
+                for label, port in phases[turn:] + phases[:turn]:
                     rates[label] = load(port, args.clients, args.seconds)
-                    print(f"round {round_number} {label:18} C={args.clients}: {rates[label]:7.1f} msg/s", flush=True)
-                hops.append(rates["haproxy->1 node"] / rates["direct"])
-                plains.append(rates["haproxy->1 node"] / rates["haproxy, no PROXY"])
-                spreads.append(rates["haproxy->2 nodes"] / rates["haproxy->1 node"])
-            print(
-                f"PROXY hop: {100 * (statistics.median(hops) - 1):+.1f}% vs direct (rounds {min(hops):.2f}-{max(hops):.2f}), "
-                f"{100 * (statistics.median(plains) - 1):+.1f}% vs the same HAProxy relaying plain TCP "
-                f"(rounds {min(plains):.2f}-{max(plains):.2f}); "
-                f"two nodes: {statistics.median(spreads):.2f}x one (rounds {min(spreads):.2f}-{max(spreads):.2f})"
-            )
+                    print(f"round {round_number} {label:20} C={args.clients}: {rates[label]:7.1f} msg/s", flush=True)
+                pairs = {
+                    "PROXY hop vs direct": ("haproxy->1 node", "direct"),
+                    "PROXY hop vs the same HAProxy relaying plain TCP": ("haproxy->1 node", "haproxy, no PROXY"),
+                    "HAProxy plain TCP vs direct": ("haproxy, no PROXY", "direct"),
+                    "two nodes vs one": ("haproxy->2 nodes", "haproxy->1 node"),
+                }
+                if args.baseline is not None:
+                    pairs["baseline PROXY hop vs direct"] = ("haproxy->1 baseline", "direct")
+                    pairs["this tree's PROXY node vs the baseline's"] = ("haproxy->1 node", "haproxy->1 baseline")
+                for name, (top, bottom) in pairs.items():
+                    ratios.setdefault(name, []).append(rates[top] / rates[bottom])
+            for name, values in ratios.items():
+                print(ratio_line(name, values))
         finally:
             for p in proxies:
                 p.terminate()
