@@ -6,6 +6,8 @@ and drops a connection whose first chunk is shorter than a header prefix.
 Here the session is built only once the header is parsed, from the real
 client's address: limits, screening, relay policy, Received: and logs all see
 the client, and nothing (not even the greeting) is sent before the header.
+Then this protocol steps out: the session talks to the connection directly,
+so a PROXY listener costs a session what a plain one does after the header.
 """
 
 from __future__ import annotations
@@ -14,13 +16,12 @@ import ipaddress
 from typing import Iterable
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IReactorTime, ISSLTransport, ITLSTransport
-from twisted.logger import Logger
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from zope.interface import alsoProvides
 
 from epost.smtp.events import SessionEvents
 
@@ -46,7 +47,7 @@ def is_trusted(host: str, networks: Iterable) -> bool:
 def _is_address(host) -> bool:
     try:
         ipaddress.ip_address(host)
-    except ValueError:
+    except ValueError:  # None and words too
         return False
     return True
 
@@ -60,27 +61,32 @@ def header_kind(buffered: bytes) -> str | None:
     return ""
 
 
-class ProxyHeaderProtocol(ProtocolWrapper):
-    """Reads the header, then builds the wrapped session with the real peer."""
+class ProxyHeaderProtocol(Protocol):
+    """Reads the header, builds the session with the real peer, then leaves the path.
 
-    def __init__(self, factory: "ProxyFactory", wrappedProtocol=None):
-        super().__init__(factory, wrappedProtocol)
+    Once the header is parsed the session becomes the connection's protocol
+    and the connection the session's transport: reads, writes, producer
+    calls, TLS and aborts go between the two with nothing in between (the
+    policies/TLS idiom, `transport.protocol = session`). What stays of the
+    header is two answers of the connection: getPeer() is the client it
+    names and getHost() the address that client connected to."""
+
+    def __init__(self, factory: "ProxyFactory"):
+        self.factory = factory
+        self.session = None  # once handed over
         self._buffer = b""
         self._parser = None
-        self._peer = None
         self._timer = None
 
-    def makeConnection(self, transport) -> None:
-        # As Protocol.makeConnection, without ProtocolWrapper's handing on:
-        # the wrapped session does not exist until the header is read.
-        self.connected = 1
-        self.transport = transport
-        self.factory.registerProtocol(self)
-        peer = transport.getPeer()
-        host = getattr(peer, "host", "")
-        if not is_trusted(host, self.factory.networks):
+    def logPrefix(self) -> str:
+        return "SMTP (PROXY)"
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        if not is_trusted(getattr(peer, "host", ""), self.factory.networks):
             self._refuse(PROXY_UNTRUSTED, "not in proxy_networks")
             return
+        self.factory.registerProtocol(self)  # waiting for its header
         self._timer = self.factory.clock.callLater(self.factory.timeout, self._timed_out)
 
     def _refuse(self, reason: str, why: str) -> None:
@@ -90,13 +96,20 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         )
         self.transport.abortConnection() if reason != PROXY_TIMEOUT else self.transport.loseConnection()
 
+    def _stop_waiting(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self.factory.unregisterProtocol(self)
+
     def _timed_out(self) -> None:
         self._timer = None
+        self.factory.unregisterProtocol(self)
         self._refuse(PROXY_TIMEOUT, f"no PROXY header in {self.factory.timeout:g}s")
 
     def dataReceived(self, data: bytes) -> None:
-        if self.wrappedProtocol is not None:
-            self.wrappedProtocol.dataReceived(data)
+        if self.session is not None:  # a transport that kept calling us after the hand-over
+            self.session.dataReceived(data)
             return
         if self._timer is None:  # refused already
             return
@@ -113,56 +126,50 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             data, self._buffer = self._buffer, b""
         try:
             info, rest = self._parser.feed(data)
-        except InvalidProxyHeader:
+        except (InvalidProxyHeader, ValueError):  # Twisted's v1 parser lets int() of a bad port raise
             return self._bad("invalid PROXY header")
         if info is None:
             return  # V1Parser raises past 107 bytes without a line end
-        self._timer.cancel()
-        self._timer = None
         # A v2 LOCAL header (health checks) or an address family we do not
         # carry has no source: the balancer itself is the client.
-        self._peer = info.source if isinstance(info.source, (IPv4Address, IPv6Address)) else None
-        if self._peer is not None and not _is_address(self._peer.host):
+        source, destination = info.source, info.destination
+        if not isinstance(source, (IPv4Address, IPv6Address)):
+            source = destination = None
+        elif not (_is_address(source.host) and _is_address(getattr(destination, "host", None))):
             return self._bad("invalid PROXY header")  # Twisted's v1 parser takes any word
-        if self.factory.on_header is not None:
-            self.factory.on_header(self)
-        session = self.factory.wrappedFactory.buildProtocol(self.getPeer())
+        self._stop_waiting()
+        self._hand_over(source, destination, rest)
+
+    def _hand_over(self, source, destination, rest: bytes) -> None:
+        transport = self.transport
+        if source is not None:
+            # Instance attributes shadow the connection's methods, as
+            # Twisted's startTLS does for getHandle: whoever asks the
+            # connection (the session, a TLS layer over it) hears the client.
+            transport.getPeer = lambda: source
+            transport.getHost = lambda: destination
+        session = self.factory.wrappedFactory.buildProtocol(transport.getPeer())
         if session is None:
-            self.transport.loseConnection()
+            transport.loseConnection()
             return
-        self.wrappedProtocol = session
-        # The session offers STARTTLS and reports TLS by what its transport
-        # provides: this wrapper provides what the connection under it does.
-        for interface in (ITLSTransport, ISSLTransport):
-            if interface.providedBy(self.transport):
-                alsoProvides(self, interface)
-        session.makeConnection(self)
+        self.session = session
+        if isinstance(transport, ProtocolWrapper):  # haproxy:ssl: we sit under Twisted's TLS layer
+            transport.wrappedProtocol = session
+        else:  # a reactor connection delivers to its `protocol`
+            transport.protocol = session
+        session.makeConnection(transport)
         if rest:
-            self.wrappedProtocol.dataReceived(rest)
+            session.dataReceived(rest)
 
     def _bad(self, why: str) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._stop_waiting()
         self._refuse(PROXY_BAD_HEADER, why)
 
-    def startTLS(self, *args, **kwargs):
-        """STARTTLS under the header: the session must see an encrypted transport."""
-        result = self.transport.startTLS(*args, **kwargs)
-        alsoProvides(self, ISSLTransport)
-        return result
-
-    def getPeer(self):
-        return self._peer if self._peer is not None else self.transport.getPeer()
-
-    def connectionLost(self, reason) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.factory.unregisterProtocol(self)
-        if self.wrappedProtocol is not None:
-            self.wrappedProtocol.connectionLost(reason)
-            self.wrappedProtocol = None
+    def connectionLost(self, reason=connectionDone) -> None:
+        self._stop_waiting()
+        if self.session is not None:  # only when the transport did not take the hand-over
+            self.session.connectionLost(reason)
+            self.session = None
 
 
 class ProxyFactory(WrappingFactory):
@@ -178,7 +185,6 @@ class ProxyFactory(WrappingFactory):
         self.events = events
         self.listener = listener
         self.timeout = timeout
-        self.on_header = None  # tests: called with the protocol once the header is parsed
 
     def buildProtocol(self, addr):
         return self.protocol(self)

@@ -9,13 +9,14 @@ import pytest
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from test_hostile_peers import RecordingEvents
 from test_server import FakeReceiver
 
 from epost.smtp.factory import ConnectionLimits, SMTPFactory
 from epost.smtp.proxy import PROXY_BAD_HEADER, PROXY_TIMEOUT, PROXY_UNTRUSTED, ProxyFactory, header_kind, is_trusted
-from epost.smtp.server import ServerSettings
+from epost.smtp.server import ServerSettings, SMTPServer
 
 BALANCER = "127.0.0.1"
 TRUSTED = (ipaddress.ip_network("127.0.0.1/32"),)
@@ -99,8 +100,14 @@ def test_a_local_header_is_served_as_the_balancer():
 
 @pytest.mark.parametrize(
     "data",
-    [b"EHLO client.example\r\n", b"PROXY TCP4 999.1.1.1 127.0.0.1 1 2\r\n", b"PROXY " + b"x" * 120, V2_SIG + b"\x31\x11\x00\x0c" + b"\x00" * 12],
-    ids=["plain-smtp", "bad-v1-address", "overlong-v1", "bad-v2-version"],
+    [
+        b"EHLO client.example\r\n",
+        b"PROXY TCP4 999.1.1.1 127.0.0.1 1 2\r\n",
+        b"PROXY TCP4 127.0.0.5 mx.example 1 2\r\n",
+        b"PROXY " + b"x" * 120,
+        V2_SIG + b"\x31\x11\x00\x0c" + b"\x00" * 12,
+    ],
+    ids=["plain-smtp", "bad-v1-address", "bad-v1-destination", "overlong-v1", "bad-v2-version"],
 )
 def test_a_missing_or_garbled_header_closes_without_a_greeting(data):
     factory, clock, events, receiver, limits = setup()
@@ -157,3 +164,111 @@ def test_starttls_is_offered_and_started_under_the_header():
     assert b"250-STARTTLS" in transport.value() or b"250 STARTTLS" in transport.value()
     protocol.dataReceived(b"STARTTLS\r\n")
     assert transport.tls_started_with == "ctx"
+
+
+# -- the hand-over: after the header the wrapper is out of the path -------------------
+
+
+def reactor_connect(factory, peer: str = BALANCER, port: int = 50000):
+    """As a reactor connects: the transport delivers to its `protocol` attribute."""
+    address = IPv4Address("TCP", peer, port)
+    transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 2601), peerAddress=address)
+    transport.protocol = factory.buildProtocol(address)
+    transport.protocol.makeConnection(transport)
+    return transport
+
+
+def receive(transport, data: bytes) -> None:
+    """What tcp.Connection does with bytes read: hand them to its current protocol."""
+    transport.protocol.dataReceived(data)
+
+
+def test_after_the_header_the_session_is_the_connections_protocol_and_the_connection_its_transport():
+    factory, clock, events, receiver, limits = setup()
+    transport = reactor_connect(factory)
+    wrapper = transport.protocol
+    receive(transport, v2())
+    session = transport.protocol
+    assert isinstance(session, SMTPServer) and session is not wrapper
+    assert session.transport is transport
+    assert factory.protocols == {}  # nothing of the connection is kept once handed over
+    wrapper.dataReceived = wrapper.connectionLost = None  # any later call through the wrapper would raise
+    receive(transport, b"EHLO c.example\r\nMAIL FROM:<a@example.test>\r\n")
+    assert transport.value().splitlines()[-1] == b"250 2.1.0 Ok"
+    assert receiver.sessions[0].client_ip == "127.0.0.5"
+    transport.protocol.connectionLost(None)  # the reactor's call, straight to the session
+    assert limits.total_open == 0 and dict(limits.open) == {}
+
+
+def test_after_the_header_the_connection_answers_getpeer_and_gethost_from_it():
+    factory, clock, events, receiver, limits = setup()
+    transport = reactor_connect(factory)
+    receive(transport, V1)
+    assert transport.getPeer() == IPv4Address("TCP", "127.0.0.5", 40000)
+    assert transport.getHost() == IPv4Address("TCP", "127.0.0.1", 2525)
+
+
+def test_after_a_local_header_the_connection_still_answers_with_the_balancer():
+    factory, clock, events, receiver, limits = setup()
+    transport = reactor_connect(factory)
+    receive(transport, v2(command=0))
+    assert isinstance(transport.protocol, SMTPServer)
+    assert transport.getPeer() == IPv4Address("TCP", BALANCER, 50000)
+    assert transport.getHost() == IPv4Address("TCP", "127.0.0.1", 2601)
+
+
+def test_bytes_after_the_header_in_the_same_chunk_reach_the_session():
+    factory, clock, events, receiver, limits = setup()
+    transport = reactor_connect(factory)
+    receive(transport, V1 + b"EHLO c.example\r\nMAIL FROM:<a@example.test>\r\n")
+    assert [line[:3] for line in transport.value().splitlines() if line[3:4] != b"-"] == [b"220", b"250", b"250"]
+
+
+def test_the_session_is_the_producer_of_the_real_connection_and_pauses_its_reading():
+    factory, clock, events, receiver, limits = setup()
+    transport = reactor_connect(factory)
+    receive(transport, v2() + b"EHLO c.example\r\n")
+    session = transport.protocol
+    assert transport.producer is session and transport.streaming
+    receive(transport, b"MAIL FROM:<slow@example.test>\r\n")  # a pending check stops reading
+    assert transport.producerState == "paused"
+    receiver.pending.pop().callback(None)
+    assert transport.producerState == "producing"
+    session.pauseProducing()  # the connection's buffer is full: replies wait
+    receive(transport, b"RSET\r\n")
+    assert transport.value().splitlines()[-1] == b"250 2.1.0 Ok"
+    session.resumeProducing()
+    assert transport.value().splitlines()[-1] == b"250 2.0.0 Ok"
+
+
+def test_a_session_whose_replies_go_unread_aborts_the_real_connection():
+    factory, clock, events, receiver, limits = setup()
+    transport = reactor_connect(factory)
+    receive(transport, v2() + b"EHLO c.example\r\n")
+    transport.protocol.pauseProducing()  # the connection's buffer is full
+    clock.advance(ServerSettings(hostname="x").command_timeout)
+    assert transport.disconnected  # StringTransport: only abortConnection sets it
+    assert limits.total_open == 1  # until the reactor reports the loss
+    transport.protocol.connectionLost(None)
+    assert limits.total_open == 0
+
+
+def test_under_a_tls_layer_the_session_becomes_the_layers_wrapped_protocol():
+    factory, clock, events, receiver, limits = setup()
+    address = IPv4Address("TCP", BALANCER, 50000)
+    tcp = StringTransport(peerAddress=address)
+    layer = ProtocolWrapper(WrappingFactory(factory), factory.buildProtocol(address))  # as TLSMemoryBIOProtocol
+    tcp.protocol = layer
+    layer.makeConnection(tcp)
+    receive(tcp, v2() + b"EHLO c.example\r\n")
+    assert isinstance(layer.wrappedProtocol, SMTPServer) and layer.wrappedProtocol.transport is layer
+    assert layer.getPeer() == IPv4Address("TCP", "127.0.0.5", 40000)
+    assert receiver.sessions == [] and b"250 " in tcp.value()
+
+
+def test_a_v1_header_with_a_port_that_is_no_number_is_refused():
+    factory, clock, events, receiver, limits = setup()
+    transport = reactor_connect(factory)
+    receive(transport, b"PROXY TCP4 127.0.0.5 127.0.0.1 4x 2525\r\n")
+    assert transport.value() == b"" and transport.disconnecting
+    assert events.seen == [("refused", PROXY_BAD_HEADER)]
