@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import task
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
@@ -15,7 +18,17 @@ from test_hostile_peers import RecordingEvents
 from test_server import FakeReceiver
 
 from epost.smtp.factory import ConnectionLimits, SMTPFactory
-from epost.smtp.proxy import PROXY_BAD_HEADER, PROXY_TIMEOUT, PROXY_UNTRUSTED, ProxyFactory, header_kind, is_trusted
+from epost.smtp.proxy import (
+    MAX_VERDICTS,
+    PROXY_BAD_HEADER,
+    PROXY_TIMEOUT,
+    PROXY_UNTRUSTED,
+    BadHeader,
+    ProxyFactory,
+    header_kind,
+    is_trusted,
+    parse_header,
+)
 from epost.smtp.server import ServerSettings, SMTPServer
 
 BALANCER = "127.0.0.1"
@@ -272,3 +285,88 @@ def test_a_v1_header_with_a_port_that_is_no_number_is_refused():
     receive(transport, b"PROXY TCP4 127.0.0.5 127.0.0.1 4x 2525\r\n")
     assert transport.value() == b"" and transport.disconnecting
     assert events.seen == [("refused", PROXY_BAD_HEADER)]
+
+
+# -- the header parser --------------------------------------------------------------
+
+addresses = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6))
+ports = st.integers(0, 65535)
+
+
+def v1_line(source, destination, sport: int, dport: int) -> bytes:
+    family = "TCP4" if source.version == 4 else "TCP6"
+    return f"PROXY {family} {source} {destination} {sport} {dport}\r\n".encode()
+
+
+def v2_proxy(source, destination, sport: int, dport: int, tlv: bytes = b"") -> bytes:
+    family = 0x11 if source.version == 4 else 0x21
+    body = source.packed + destination.packed + struct.pack("!HH", sport, dport) + tlv
+    return V2_SIG + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
+
+
+@given(addresses, ports, ports, st.binary(max_size=40), st.binary(max_size=8), st.booleans())
+def test_v1_and_v2_headers_give_the_addresses_and_ports_they_carry_and_the_bytes_after(source, sport, dport, rest, tlv, v1):
+    destination = ipaddress.ip_address("192.0.2.25" if source.version == 4 else "2001:db8::25")
+    header = v1_line(source, destination, sport, dport) if v1 else v2_proxy(source, destination, sport, dport, tlv)
+    got_source, got_destination, got_rest = parse_header(header + rest)
+    assert (ipaddress.ip_address(got_source.host), got_source.port) == (source, sport)
+    family = socket.AF_INET if source.version == 4 else socket.AF_INET6
+    assert got_source.host == socket.inet_ntop(family, source.packed)  # as a direct connection's: limits count one client once
+    assert (ipaddress.ip_address(got_destination.host), got_destination.port) == (destination, dport)
+    assert got_rest == rest
+    for cut in range(len(header)):
+        assert parse_header(header[:cut]) is None  # a header cut short is waited for, never refused
+
+
+@given(st.sampled_from([b"", b"PROXY ", b"PROXY TCP4 ", b"PROXY TCP6 ", V2_SIG, V2_SIG + b"\x21\x11"]), st.binary(max_size=120))
+def test_any_bytes_are_a_header_or_not_yet_or_refused_and_never_raise_anything_else(prefix, data):
+    try:
+        parse_header(prefix + data)
+    except BadHeader:
+        pass
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"PROXY TCP4 010.0.0.1 127.0.0.1 1 2\r\n",  # leading zeros: no canonical address
+        b"PROXY TCP4 ::1 127.0.0.1 1 2\r\n",  # the family says IPv4
+        b"PROXY TCP4 127.0.0.5 127.0.0.1 65536 2\r\n",
+        b"PROXY TCP4 127.0.0.5 127.0.0.1 -1 2\r\n",
+        b"PROXY TCP4 127.0.0.5 127.0.0.1 1 2 3\r\n",
+        b"PROXY TCP4  127.0.0.5 127.0.0.1 1 2\r\n",
+        b"PROXY UDP4 127.0.0.5 127.0.0.1 1 2\r\n",
+        b"PROXY TCP4 127.0.0.\xff 127.0.0.1 1 2\r\n",
+        b"PROXY TCP4 127.0.0.5\x00 127.0.0.1 1 2\r\n",
+        b"PROXY TCP4 " + b"1" * 100 + b"\r\n",  # no line end within 107 bytes
+        V2_SIG + b"\x22\x11\x00\x0c" + b"\x00" * 12,  # command 2
+        V2_SIG + b"\x21\x11\x00\x08" + b"\x00" * 8,  # address block shorter than IPv4's
+        V2_SIG + b"\x21\x41\x00\x00",  # family 4
+    ],
+)
+def test_nasty_headers_are_refused(header):
+    with pytest.raises(BadHeader):
+        parse_header(header + b"EHLO x\r\n")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"PROXY UNKNOWN\r\n", b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n", v2(command=0), V2_SIG + b"\x21\x12\x00\x0c" + b"\x00" * 12, V2_SIG + b"\x21\x31\x00\xd8" + b"\x00" * 216],
+    ids=["v1-unknown", "v1-unknown-with-addresses", "v2-local", "v2-udp", "v2-unix"],
+)
+def test_headers_without_a_tcp_client_stand_for_the_balancer(header):
+    assert parse_header(header + b"EHLO x\r\n") == (None, None, b"EHLO x\r\n")
+
+
+def test_an_ipv6_client_is_spelt_canonically():
+    source, _, _ = parse_header(b"PROXY TCP6 2001:DB8:0:0::5 2001:db8::25 1 2\r\n")
+    assert source == IPv6Address("TCP", "2001:db8::5", 1)
+
+
+def test_trust_is_remembered_per_host_and_the_memory_stays_bounded():
+    factory, clock, events, receiver, limits = setup()
+    assert factory.trusts(BALANCER) and not factory.trusts("192.0.2.7")
+    for i in range(MAX_VERDICTS + 10):
+        assert not factory.trusts(f"10.0.{i // 256}.{i % 256}")
+    assert len(factory._verdicts) <= MAX_VERDICTS
+    assert factory.trusts(BALANCER)
