@@ -15,8 +15,9 @@ in a loop for the given seconds; the figure is accepted messages per second.
 Nodes deliver to local Maildirs. Needs Debian's haproxy; loopback only.
 Beside the rate, each phase reports the CPU time its node(s) (with their
 child processes) and its HAProxy used per message, counted until the node is
-idle again (delivery included): on a shared machine the rate swings with
-whatever else runs, the CPU a message costs much less.
+idle again (delivery included), and the CPU the client threads used: on a
+shared machine the rate swings with whatever else runs, the CPU a message
+costs much less.
 With several rounds the set-ups take turns within each round (in a rotated
 order, so that none is always first) and the ratios are taken per round, then
 their median: this machine's rate drifts by more between minutes than the
@@ -217,15 +218,18 @@ def main() -> None:
                 turn = (round_number - 1) % len(phases)
                 for label, port, pids, balancer in phases[turn:] + phases[:turn]:
                     before = cpu_seconds(pids), cpu_seconds([balancer]) if balancer else 0.0
+                    client_before = sum(os.times()[:2])
                     sent, elapsed = load(port, args.clients, args.seconds)
+                    client_cpu = (sum(os.times()[:2]) - client_before) / sent
                     until_idle(pids)  # the node's CPU per message includes delivering it
                     node_cpu = (cpu_seconds(pids) - before[0]) / sent
                     balancer_cpu = ((cpu_seconds([balancer]) - before[1]) / sent) if balancer else 0.0
                     rates[label] = sent / elapsed
-                    costs.setdefault(label, []).append((node_cpu, balancer_cpu))
+                    costs.setdefault(label, []).append((node_cpu, balancer_cpu, client_cpu))
                     print(
                         f"round {round_number} {label:20} C={args.clients}: {rates[label]:7.1f} msg/s, "
-                        f"CPU per message: node(s) {1e3 * node_cpu:.2f} ms, haproxy {1e3 * balancer_cpu:.2f} ms",
+                        f"CPU per message: node(s) {1e3 * node_cpu:.2f} ms, haproxy {1e3 * balancer_cpu:.2f} ms, "
+                        f"clients {1e3 * client_cpu:.2f} ms",
                         flush=True,
                     )
                 pairs = {
@@ -239,11 +243,10 @@ def main() -> None:
                     pairs["this tree's PROXY node vs the baseline's"] = ("haproxy->1 node", "haproxy->1 baseline")
                 for name, (top, bottom) in pairs.items():
                     ratios.setdefault(name, []).append(rates[top] / rates[bottom])
-            print("median CPU per message (node(s) / haproxy), ms:")
+            print("median CPU per message (node(s) / haproxy / clients), ms:")
             for label, values in costs.items():
-                node_ms = 1e3 * statistics.median(v[0] for v in values)
-                balancer_ms = 1e3 * statistics.median(v[1] for v in values)
-                print(f"  {label:20} {node_ms:6.2f} / {balancer_ms:5.2f}")
+                node_ms, balancer_ms, client_ms = (1e3 * statistics.median(v[i] for v in values) for i in range(3))
+                print(f"  {label:20} {node_ms:6.2f} / {balancer_ms:5.2f} / {client_ms:5.2f}")
             print("rates (median of the per-round ratios):")
             for name, values in ratios.items():
                 print("  " + ratio_line(name, values))
