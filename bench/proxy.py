@@ -8,7 +8,8 @@ extra TCP hop costs on its own, apart from epost's header handling).
 `--baseline TREE` adds one more PROXY node running the epost of another source
 tree (e.g. `git archive main | tar -x -C /tmp/base`), behind its own HAProxy,
 so that a change to the PROXY path is measured against the old code in the
-same rounds.
+same rounds. `--pin` puts every node on CPU 0 and HAProxy and the clients
+on CPU 1, as if the balancer had a core of its own.
 
 Each of C client threads runs whole sessions (EHLO, MAIL, RCPT, DATA, QUIT)
 in a loop for the given seconds; the figure is accepted messages per second.
@@ -62,25 +63,40 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 def cpu_seconds(pids) -> float:
     """CPU time (user + system) used so far by these processes and all their descendants."""
+    total = 0.0
+    for pid in descendants(pids):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICK
+    return total
+
+
+def descendants(pids) -> set[int]:
+    """These processes and all their descendants."""
     parents = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except OSError:
                 continue
-            parents[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK)
-    wanted, total = set(pids), 0.0
+    wanted = set(pids)
     grew = True
     while grew:
         grew = False
-        for pid, (ppid, _) in parents.items():
+        for pid, ppid in parents.items():
             if ppid in wanted and pid not in wanted:
                 wanted.add(pid)
                 grew = True
-    for pid in wanted:
-        total += parents.get(pid, (0, 0.0))[1]
-    return total
+    return wanted
+
+
+def pin(pids, cpu: int) -> None:
+    """Every thread of these processes and their descendants onto one CPU."""
+    for pid in descendants(pids):
+        subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def until_idle(pids, limit: float = 15.0) -> None:
@@ -172,6 +188,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--baseline", type=Path, help="a source tree whose epost runs one more PROXY node, for before/after")
+    parser.add_argument("--pin", action="store_true", help="nodes on CPU 0, HAProxy and the clients on CPU 1 (a balancer with a core of its own)")
     parser.add_argument("--in-process", action="store_true", help="only the PROXY path's CPU per session, without network or nodes")
     args = parser.parse_args()
     if args.in_process:
@@ -199,6 +216,9 @@ def main() -> None:
                 wait_for(lambda: port_answers(port))
                 ports[name], balancers[name] = port, proxies[-1].pid
             time.sleep(1)
+            if args.pin:
+                pin([n.pid for n in nodes], 0)
+                pin([p.pid for p in proxies] + [os.getpid()], 1)
             # label, port, the nodes' pids, haproxy's pid
             phases = [
                 ("direct", direct.relay_port, [direct.pid], None),
