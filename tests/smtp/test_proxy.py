@@ -370,3 +370,13 @@ def test_trust_is_remembered_per_host_and_the_memory_stays_bounded():
         assert not factory.trusts(f"10.0.{i // 256}.{i % 256}")
     assert len(factory._verdicts) <= MAX_VERDICTS
     assert factory.trusts(BALANCER)
+
+
+def test_a_connection_lost_before_its_header_leaves_no_timer_and_no_registration():
+    factory, clock, events, receiver, limits = setup()
+    transport = reactor_connect(factory)
+    receive(transport, b"PROXY TCP4 127.0.0.5")
+    assert len(factory.protocols) == 1 and len(clock.getDelayedCalls()) == 1
+    transport.protocol.connectionLost(None)
+    assert factory.protocols == {} and clock.getDelayedCalls() == []
+    assert limits.total_open == 0 and events.seen == []
