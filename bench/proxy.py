@@ -2,7 +2,7 @@
 and through the same HAProxy relaying plain TCP to a node without PROXY (what the
 extra TCP hop costs on its own, apart from epost's header handling).
 
-    .venv/bin/python bench/proxy.py [--clients 10] [--seconds 5] [--rounds 1] [--baseline TREE]
+    .venv/bin/python bench/proxy.py [--clients 10] [--seconds 5] [--rounds 1] [--baseline TREE] [--pin]
     .venv/bin/python bench/proxy.py --in-process [--baseline TREE]
 
 `--baseline TREE` adds one more PROXY node running the epost of another source
