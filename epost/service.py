@@ -262,7 +262,8 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
 
     spool = Spool(config.server.spool, reactor=reactor, threadpool=pool)
     spool.create_folders()
-    worker = SpoolWorkerService(spool, config.server.hostname, reactor, give_up_after=config.retry.period_4xx)
+    worker = SpoolWorkerService(spool, config.server.hostname, reactor, give_up_after=config.retry.period_4xx,
+                                dkim_keys=dkim_keys)  # the workers sign at commit (docs/authentication.md)
     worker.setServiceParent(top)
     top.stop_last = [worker, pool_service, auth_pool_service]  # the courier process goes first, below
     routing = build_routing(config)
@@ -327,7 +328,12 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
 
     metrics.watch(config.server.spool, lambda: limits.total_open)
     # Mail Control and /metrics on --admin (docs/mail-control.md); nothing without admin endpoints.
-    top.admin_site = attach_admin(top, config, manager, routing, reactor, pool, auth_pool, {b"metrics": metrics.metrics_resource()})
+    # The dashboard's DNS checks can wait seconds on a slow resolver: threads of their own, not the file threads.
+    dns_check_pool = ThreadPool(minthreads=0, maxthreads=2, name="epost-dnscheck") if config.server.admin else None
+    if dns_check_pool is not None:
+        ThreadPoolService(dns_check_pool).setServiceParent(top)
+    top.admin_site = attach_admin(top, config, manager, routing, reactor, pool, auth_pool, {b"metrics": metrics.metrics_resource()},
+                                  dns_threadpool=dns_check_pool)
     top.portal = portal
 
     top.spool, top.runner, top.manager, top.routing, top.limits = spool, runner, manager, routing, limits

@@ -313,10 +313,12 @@ class DeliveryManager(Service):
             attempt = Attempt({r: Outcome(None, reason, "connect") for r in recipients}, None, False)
         else:
             route = self._current_route(envelope.recipients[indexes[0]])
-            content = SpooledContent(self.spool, queue_id, message.queue)
+            # The DKIM signature made at commit: over SMTP only, the same bytes every attempt.
+            content = SpooledContent(self.spool, queue_id, message.queue, envelope.dkim.encode("ascii"))
             try:
                 attempt = await self.courier.deliver(
-                    route, envelope.sender, recipients, content, envelope.size, envelope.body == "8BITMIME"
+                    route, envelope.sender, recipients, content, envelope.size + len(content.prefix),
+                    envelope.body == "8BITMIME",
                 )
             finally:
                 content.close()

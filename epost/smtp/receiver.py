@@ -108,6 +108,7 @@ class SpoolMessage:
         self._held_size = 0
         self._unchecked: ResultsFilter | None = None  # streaming without checks: too much was held
         self.queue_id = writer.queue_id
+        self.trusted = False  # set by the receiver: authenticated or relay_networks (DKIM signing)
 
     def write(self, data: bytes) -> None:
         if self._held is not None:
@@ -180,6 +181,7 @@ class SpoolMessage:
             listener=self._session.listener,
             auth=self._session.user,
             body=(self._params.get("BODY") or "7BIT").upper(),
+            trusted=self.trusted,
         )
         d = self._writer.commit(envelope).addErrback(self._storage_failed)
         return d.addCallback(self._count, self._session)
@@ -217,12 +219,13 @@ class SpoolingReceiver:
         self.checker = checker
         self.hold = HoldBudget()
 
-    def wants_results(self, session: Session) -> bool:
-        """SPEC §9: the relay port's clients that are neither authenticated nor in relay_networks."""
-        if self.checker is None or session.listener != "relay" or session.user is not None:
+    def wants_results(self, session: Session, trusted: bool) -> bool:
+        """SPEC §9: the relay port's clients that are neither authenticated nor
+        in relay_networks (`trusted`: RecipientPolicy.trusted) and have an IP
+        (not a UNIX socket: nothing for SPF to check)."""
+        if self.checker is None or trusted or session.listener != "relay":
             return False
-        ip = client_address(session.client_ip)  # None: no IP client (a UNIX socket), nothing SPF could check
-        return ip is not None and not any(ip in network for network in self.policy.relay_networks)
+        return client_address(session.client_ip) is not None
 
     def check_sender(self, session: Session, sender: Address | None, params: dict) -> None:
         self.policy.check_sender(session, sender)
@@ -237,7 +240,10 @@ class SpoolingReceiver:
             raise Rejected(Reply(451, "4.3.0", f"Error: cannot create queue file ({error.strerror})")) from None
         addresses = [address for address, _ in recipients]
         writer.write(received_header(session, self.hostname, writer.queue_id, addresses, self.now()))
+        trusted = self.policy is not None and self.policy.trusted(session)
         checker = None
-        if self.wants_results(session):
+        if self.wants_results(session, trusted):
             checker = self.checker.begin(session.client_ip, session.client_name, str(sender) if sender else None)
-        return SpoolMessage(writer, session, sender, recipients, params, self.now, checker, self.hostname, self.hold)
+        message = SpoolMessage(writer, session, sender, recipients, params, self.now, checker, self.hostname, self.hold)
+        message.trusted = trusted
+        return message

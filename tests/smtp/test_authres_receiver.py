@@ -13,6 +13,7 @@ from epost.smtp.address import parse_mailbox
 from epost.smtp.authcheck import AuthChecker, Budget, DnsLookups, dkim_results, spf_results
 from epost.smtp.authresults import MethodResult
 from epost.smtp.interfaces import Session
+from epost.smtp.policy import RecipientPolicy
 from epost.smtp.receiver import HoldBudget, SpoolingReceiver
 
 HOST = "mx.example.jp"
@@ -63,10 +64,15 @@ class Checker:
         return defer.succeed(RESULTS)
 
 
+def policy(networks=("127.0.0.0/8",)) -> RecipientPolicy:
+    """The real policy: its `trusted` decides who is checked."""
+    return RecipientPolicy(None, local_domains=(), relay_domains=(), relay_networks=[ipaddress.ip_network(n) for n in networks],
+                           gateway=lambda: None, aliases=lambda: None)
+
+
 def receive(session: Session, checker, networks=("127.0.0.0/8",)):
     store = Store()
-    policy = SimpleNamespace(relay_networks=tuple(ipaddress.ip_network(n) for n in networks))
-    receiver = SpoolingReceiver(store, policy, HOST, now=lambda: 0.0, checker=checker)
+    receiver = SpoolingReceiver(store, policy(networks), HOST, now=lambda: 0.0, checker=checker)
     message = receiver.open_message(session, parse_mailbox("a@client.example"), [(parse_mailbox("b@example.jp"), [])], {})
     message.write(MESSAGE[:30])
     message.write(MESSAGE[30:])
@@ -156,8 +162,7 @@ def test_spent_budget_means_temperror_for_every_identity_and_signature():
 def test_a_message_over_the_hold_budget_streams_unchecked_with_forged_headers_still_removed():
     checker = Checker()
     store = Store()
-    policy = SimpleNamespace(relay_networks=())
-    receiver = SpoolingReceiver(store, policy, HOST, now=lambda: 0.0, checker=checker)
+    receiver = SpoolingReceiver(store, policy(()), HOST, now=lambda: 0.0, checker=checker)
     receiver.hold = HoldBudget(limit=40)  # the first write fits, the second does not
     message = receiver.open_message(STRANGER, parse_mailbox("a@client.example"), [(parse_mailbox("b@example.jp"), [])], {})
     message.write(MESSAGE[:30])
@@ -174,7 +179,7 @@ def test_a_message_over_the_hold_budget_streams_unchecked_with_forged_headers_st
 
 
 def test_held_bytes_are_given_back_after_the_commit_and_after_an_abort():
-    receiver = SpoolingReceiver(Store(), SimpleNamespace(relay_networks=()), HOST, now=lambda: 0.0, checker=Checker())
+    receiver = SpoolingReceiver(Store(), policy(()), HOST, now=lambda: 0.0, checker=Checker())
     for end in ("commit", "abort"):
         message = receiver.open_message(STRANGER, None, [(parse_mailbox("b@example.jp"), [])], {})
         message.write(MESSAGE)
