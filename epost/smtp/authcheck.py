@@ -2,7 +2,8 @@
 
 Libraries: dkimpy verifies each DKIM signature (already our signer), pyspf
 evaluates SPF (RFC 7208 check_host, written by the RFC's co-author; the SPF
-engine behind authheaders, Mailman and policyd-spf), publicsuffixlist gives
+engine behind authheaders, Mailman and policyd-spf), asking DNS through the
+same seam as `epost check-dns` (`SpfQuery`, epost/routing/records.py), publicsuffixlist gives
 the organizational domain DMARC's relaxed alignment needs (it ships the list
 and is re-released weekly). DMARC itself (RFC 7489 record lookup and
 alignment) is ours and pure: `epost/smtp/authresults.py`. docs/authentication.md
@@ -22,20 +23,17 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 
 import dkim
-import dns.exception
-import dns.name
-import dns.nameserver
 import dns.resolver
-import spf
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from epost.routing.dns import make_resolver
+from epost.routing.records import DnspythonLookup, DnsUnavailable, Lookup, SpfQuery, memoized
 from epost.smtp.authresults import (
     SPF_RESULTS,
     DmarcPolicy,
@@ -53,112 +51,27 @@ log = Logger()
 REACTOR_GRACE = 1.0  # the reactor waits this much past the budget for a job still queued or running
 
 
-class TempDNSError(Exception):
-    """A lookup timed out, the budget was spent, or no server gave an answer."""
+def budgeted(resolver, deadline: float) -> Lookup:
+    """One job's `Lookup` (epost/routing/records.py): each query gets only what
+    is left until `deadline` (time.monotonic), and each name is asked once
+    (SPF for MAIL FROM and for HELO often ask the same one)."""
 
-
-class Budget:
-    """The time left for one message's lookups (monotonic seconds), and the
-    answers they already had: SPF for MAIL FROM and for HELO often ask the
-    same name, and a resolver with TTL 0 (or a cold cache) would be asked twice."""
-
-    def __init__(self, deadline: float):
-        self.deadline = deadline
-        self.answers: dict[tuple[str, str], list] = {}
-
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-
-class DnsLookups:
-    """Blocking DNS for the checks (called in the pool's threads), each query
-    limited to what is left of the budget. NXDOMAIN and no data are empty answers."""
-
-    def __init__(self, servers: Sequence = ()):
-        if servers:
-            resolver = dns.resolver.Resolver(configure=False)
-            resolver.nameservers = [dns.nameserver.Do53Nameserver(s.host, port=s.port) for s in servers]
-        else:
-            resolver = dns.resolver.Resolver(configure=True)
-        resolver.cache = dns.resolver.LRUCache()  # thread-safe: shared by the pool's threads
-        resolver.timeout = 1.5  # per server try; the budget caps the whole query
-        self._resolver = resolver
-
-    def query(self, name: str, rdtype: str, budget: Budget) -> list:
-        key = (name.lower().rstrip("."), rdtype)
-        if key not in budget.answers:
-            budget.answers[key] = self._query(name, rdtype, budget)
-        return budget.answers[key]
-
-    def _query(self, name: str, rdtype: str, budget: Budget) -> list:
-        try:
-            qname = dns.name.from_text(name)
-        except (dns.exception.DNSException, ValueError):  # too long, an empty label: no such name
-            return []
-        left = budget.left()
+    def lookup(name: str, rdtype: str) -> list:
+        left = deadline - time.monotonic()
         if left <= 0:
-            raise TempDNSError("time budget spent")
-        try:
-            answer = self._resolver.resolve(qname, rdtype, lifetime=left, search=False, raise_on_no_answer=False)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return []
-        except dns.exception.Timeout:
-            raise TempDNSError(f"DNS timeout for {name} {rdtype}") from None
-        except dns.resolver.NoNameservers:
-            raise TempDNSError(f"no DNS server answered for {name} {rdtype}") from None
-        except dns.exception.DNSException as error:
-            raise TempDNSError(f"DNS error for {name} {rdtype}: {error}") from None
-        return list(answer.rrset) if answer.rrset is not None else []
+            raise DnsUnavailable("time budget spent")
+        return DnspythonLookup(resolver, left)(name, rdtype)
 
-    def txt(self, name: str, budget: Budget) -> list[bytes]:
-        """Each TXT record's strings joined (RFC 7208 §3.3, RFC 6376 §3.6.2.2)."""
-        return [b"".join(record.strings) for record in self.query(name, "TXT", budget)]
+    return memoized(lookup)
 
 
-# pyspf asks `spf.DNSLookup(name, qtype, strict, timeout)`, a module
-# function with no per-query hook. We put one dispatcher there once; it
-# sends each thread's lookups to that thread's current check (its resolver
-# and budget), and anything else to pyspf's own function.
-_spf_thread = threading.local()
-_spf_patch_lock = threading.Lock()
-
-
-def _install_spf_dispatch() -> None:
-    with _spf_patch_lock:
-        if getattr(spf.DNSLookup, "epost_dispatch", False):
-            return
-        original = spf.DNSLookup
-
-        def dispatch(name, qtype, strict=True, timeout=20):
-            lookup = getattr(_spf_thread, "lookup", None)
-            if lookup is None:
-                return original(name, qtype, strict, timeout)
-            return lookup(name, qtype)
-
-        dispatch.epost_dispatch = True
-        spf.DNSLookup = dispatch
-
-
-def _spf_answers(lookups: DnsLookups, budget: Budget) -> Callable:
-    """pyspf's lookup contract: [((name, qtype), value), ...]; spf.TempError on DNS trouble."""
-
-    def lookup(name: str, qtype: str) -> list:
-        try:
-            records = lookups.query(name, qtype, budget)
-        except TempDNSError as error:
-            raise spf.TempError(str(error)) from None
-        key = (name, qtype)
-        if qtype in ("A", "AAAA"):
-            return [(key, record.address) for record in records]
-        if qtype == "MX":
-            return [(key, (record.preference, record.exchange)) for record in records]
-        if qtype == "PTR":
-            return [(key, record.target.to_text(True)) for record in records]
-        if qtype in ("TXT", "SPF"):
-            return [(key, record.strings) for record in records]
-        return []
-
-    return lookup
+def check_resolver(servers: Sequence = ()):
+    """A resolver for the checks: `[routing] dns_servers` (else the system's),
+    answers kept for their TTL (dnspython's cache is thread-safe: the pool shares it)."""
+    resolver = make_resolver(servers)
+    resolver.cache = dns.resolver.LRUCache()
+    resolver.timeout = 1.5  # per server try; the budget caps the whole query
+    return resolver
 
 
 def _client_ip(ip: str) -> str:
@@ -180,7 +93,7 @@ def helo_domain(helo: str) -> str | None:
         return name
 
 
-def spf_results(lookups: DnsLookups, budget: Budget, ip: str, sender: str | None, helo: str) -> tuple[list[MethodResult], str | None]:
+def spf_results(lookup: Lookup, ip: str, sender: str | None, helo: str) -> tuple[list[MethodResult], str | None]:
     """SPF for MAIL FROM and for the HELO name; and the domain SPF passed for
     that DMARC may use (MAIL FROM's, or HELO's for the null sender)."""
     results, dmarc_domain = [], None
@@ -190,24 +103,15 @@ def spf_results(lookups: DnsLookups, budget: Budget, ip: str, sender: str | None
         checks.append(("smtp.mailfrom", sender, sender.rpartition("@")[2].lower()))
     if helo_name:
         checks.append(("smtp.helo", f"postmaster@{helo_name}", helo_name))
-    _install_spf_dispatch()
-    _spf_thread.lookup = _spf_answers(lookups, budget)
-    try:
-        for prop, identity, domain in checks:
-            if budget.left() <= 0:
-                result, explanation = "temperror", "time budget spent"
-            else:
-                query = spf.query(i=ip, s=identity, h=helo_name or helo, querytime=max(budget.left(), 0.001))
-                result, _code, explanation = query.check()
-            if result not in SPF_RESULTS:
-                result = "permerror"
-            reason = explanation if result in ("temperror", "permerror") else None
-            value = helo_name if prop == "smtp.helo" else identity
-            results.append(MethodResult("spf", result, ((prop, value),), reason=reason))
-            if result == "pass" and (prop == "smtp.mailfrom" or not sender):
-                dmarc_domain = domain
-    finally:
-        _spf_thread.lookup = None
+    for prop, identity, domain in checks:
+        result, _code, explanation = SpfQuery(lookup, ip, identity, helo_name or helo).check()
+        if result not in SPF_RESULTS:
+            result = "permerror"
+        reason = explanation if result in ("temperror", "permerror") else None
+        value = helo_name if prop == "smtp.helo" else identity
+        results.append(MethodResult("spf", result, ((prop, value),), reason=reason))
+        if result == "pass" and (prop == "smtp.mailfrom" or not sender):
+            dmarc_domain = domain
     if not checks:
         results.append(MethodResult("spf", "none", (("smtp.helo", helo),), reason="no identity to check"))
     return results, dmarc_domain
@@ -220,7 +124,7 @@ class _QuietLogger(logging.Logger):
         super().__init__("epost.authcheck.dkimpy", logging.CRITICAL + 1)
 
 
-def dkim_results(lookups: DnsLookups, budget: Budget, message: bytes) -> tuple[list[MethodResult], list[str]]:
+def dkim_results(lookup: Lookup, message: bytes) -> tuple[list[MethodResult], list[str]]:
     """One result per DKIM-Signature (`dkim=none` without any), and the d= of those that passed."""
     try:
         verifier = dkim.DKIM(message, logger=_QuietLogger(), minkey=1024)
@@ -234,11 +138,11 @@ def dkim_results(lookups: DnsLookups, budget: Budget, message: bytes) -> tuple[l
         state = {"missing": False}
 
         def key_record(name: bytes, timeout: float = 5) -> bytes | None:
-            records = lookups.txt(name.decode("ascii", "replace").rstrip("."), budget)
+            records = lookup(name.decode("ascii", "replace").rstrip("."), "TXT")
             if not records:
                 state["missing"] = True
                 return None
-            return records[0]
+            return records[0].encode("utf-8", "surrogateescape")
 
         verifier.signature_fields = {}
         reason = None
@@ -247,7 +151,7 @@ def dkim_results(lookups: DnsLookups, budget: Budget, message: bytes) -> tuple[l
             if result == "fail":
                 reason = "no key for signature" if state["missing"] else "signature did not verify"
                 result = "permerror" if state["missing"] else "fail"
-        except TempDNSError as error:
+        except DnsUnavailable as error:
             result, reason = "temperror", str(error)
         except dkim.ValidationError as error:
             mismatch = "body hash mismatch" in str(error)
@@ -270,7 +174,7 @@ def _text(value: bytes | None) -> str:
     return value.decode("utf-8", "replace").strip() if value else ""
 
 
-def dmarc_policy_for(lookups: DnsLookups, budget: Budget, head: bytes, org_domain: Callable[[str], str]) -> MethodResult | tuple[DmarcPolicy, str]:
+def dmarc_policy_for(lookup: Lookup, head: bytes, org_domain: Callable[[str], str]) -> MethodResult | tuple[DmarcPolicy, str]:
     """RFC 7489 §6.6: the From domain's record, else its organizational domain's.
     A final result (`none`, `permerror`, `temperror`), or the policy and the From domain to judge."""
     domains = header_from_domains(head)
@@ -278,11 +182,11 @@ def dmarc_policy_for(lookups: DnsLookups, budget: Budget, head: bytes, org_domai
         return MethodResult("dmarc", "permerror", reason="not exactly one From address with a domain")
     from_domain = domains[0]
     try:
-        policy = _dmarc_policy(lookups, budget, from_domain)
+        policy = _dmarc_policy(lookup, from_domain)
         organization = org_domain(from_domain)
         if policy is None and organization != from_domain:
-            policy = _dmarc_policy(lookups, budget, organization)
-    except TempDNSError as error:
+            policy = _dmarc_policy(lookup, organization)
+    except DnsUnavailable as error:
         return MethodResult("dmarc", "temperror", (("header.from", from_domain),), reason=str(error))
     if policy is None:
         return MethodResult("dmarc", "none", (("header.from", from_domain),))
@@ -298,14 +202,13 @@ def judge_dmarc(found: MethodResult | tuple[DmarcPolicy, str], spf_domain: str |
     return MethodResult("dmarc", verdict, (("header.from", from_domain),), comment=dmarc_comment(policy))
 
 
-def dmarc_result(lookups: DnsLookups, budget: Budget, head: bytes, spf_domain: str | None, dkim_domains: list[str], org_domain: Callable[[str], str]) -> MethodResult:
+def dmarc_result(lookup: Lookup, head: bytes, spf_domain: str | None, dkim_domains: list[str], org_domain: Callable[[str], str]) -> MethodResult:
     """DMARC for a message whose SPF and DKIM results are known."""
-    return judge_dmarc(dmarc_policy_for(lookups, budget, head, org_domain), spf_domain, dkim_domains, org_domain)
+    return judge_dmarc(dmarc_policy_for(lookup, head, org_domain), spf_domain, dkim_domains, org_domain)
 
 
-def _dmarc_policy(lookups: DnsLookups, budget: Budget, domain: str):
-    records = [text.decode("utf-8", "replace") for text in lookups.txt(f"_dmarc.{domain}", budget)]
-    records = [text for text in records if text.replace(" ", "").startswith("v=DMARC1")]
+def _dmarc_policy(lookup: Lookup, domain: str):
+    records = [text for text in lookup(f"_dmarc.{domain}", "TXT") if text.replace(" ", "").startswith("v=DMARC1")]
     if len(records) != 1:  # none, or several: no DMARC (RFC 7489 §6.6.3)
         return None
     return parse_dmarc_record(records[0])
@@ -351,9 +254,8 @@ class AuthChecker:
         self.reactor = reactor
         self.threadpool = threadpool
         self.budget = budget
-        self.lookups = DnsLookups(servers)
+        self.resolver = check_resolver(servers)
         self.org_domain = org_domain or load_org_domain()
-        _install_spf_dispatch()
 
     def begin(self, client_ip: str, helo: str, sender: str | None) -> PendingCheck:
         spf_d = self._in_pool(self._spf_job, (client_ip, helo, sender), lambda reason: spf_timed_out(sender, helo, reason))
@@ -380,17 +282,16 @@ class AuthChecker:
     # its deadline (queued behind slow ones) looks nothing up: the reactor has given up on it.
 
     def _spf_job(self, client_ip: str, helo: str, sender: str | None, deadline: float):
-        budget = Budget(deadline)
-        if budget.left() <= 0:
+        if deadline <= time.monotonic():
             return spf_timed_out(sender, helo, "time budget spent")
-        return spf_results(self.lookups, budget, _client_ip(client_ip), sender, helo)
+        return spf_results(budgeted(self.resolver, deadline), _client_ip(client_ip), sender, helo)
 
     def _content_job(self, message: bytes, deadline: float):
-        budget = Budget(deadline)
-        if budget.left() <= 0:
+        if deadline <= time.monotonic():
             return content_timed_out("time budget spent")
-        dkim_list, dkim_domains = dkim_results(self.lookups, budget, message)
-        found = dmarc_policy_for(self.lookups, budget, message[: header_end(message)], self.org_domain)
+        lookup = budgeted(self.resolver, deadline)
+        dkim_list, dkim_domains = dkim_results(lookup, message)
+        found = dmarc_policy_for(lookup, message[: header_end(message)], self.org_domain)
         return dkim_list, dkim_domains, found
 
     def results(self, client_ip: str, helo: str, sender: str | None, message: bytes, deadline: float) -> list[MethodResult]:

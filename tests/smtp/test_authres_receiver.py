@@ -10,7 +10,7 @@ import pytest
 from twisted.internet import defer, task
 
 from epost.smtp.address import parse_mailbox
-from epost.smtp.authcheck import AuthChecker, Budget, DnsLookups, dkim_results, spf_results
+from epost.smtp.authcheck import AuthChecker, budgeted, check_resolver, dkim_results, spf_results
 from epost.smtp.authresults import MethodResult
 from epost.smtp.interfaces import Session
 from epost.smtp.policy import RecipientPolicy
@@ -149,12 +149,11 @@ def test_a_job_that_starts_after_its_deadline_looks_nothing_up():
 
 
 def test_spent_budget_means_temperror_for_every_identity_and_signature():
-    spent = Budget(time.monotonic() - 1)
-    lookups = DnsLookups()
-    spf, domain = spf_results(lookups, spent, "192.0.2.7", "a@client.example", "client.example")
+    spent = budgeted(check_resolver(), time.monotonic() - 1)  # asks nothing: no DNS server is touched
+    spf, domain = spf_results(spent, "192.0.2.7", "a@client.example", "client.example")
     assert [r.result for r in spf] == ["temperror", "temperror"] and domain is None
     signed = b"DKIM-Signature: v=1; a=rsa-sha256; d=client.example; s=s; h=from; bh=AA==; b=AA==\r\n" + MESSAGE
-    dkim, passed = dkim_results(lookups, spent, signed)
+    dkim, passed = dkim_results(spent, signed)
     assert [r.result for r in dkim] == ["temperror"] and passed == []
     assert ("header.d", "client.example") in dkim[0].properties
 
