@@ -238,14 +238,15 @@ def _header_block(message: bytes) -> bytes:
     return message if end < 0 else message[: end + 4]
 
 
-def commit_signature(message: bytes, *, trusted: bool, leaves_over_smtp: bool, keys: tuple[DkimKey, ...]) -> bytes:
-    """The DKIM-Signature header lines to store with a message at commit
-    (b"" when none signs): made once, so retries and every destination send
-    the same bytes."""
-    if not (trusted and leaves_over_smtp and keys):
-        return b""
-    from_domain = _from_domain(_header_block(message))
-    chosen = signing_keys(trusted=trusted, leaves_over_smtp=leaves_over_smtp, from_domain=from_domain, keys=keys)
+def from_domain(head: bytes) -> str | None:
+    """The From: address's domain, read from the message's first bytes (its header block)."""
+    return _from_domain(_header_block(head))
+
+
+def commit_signature(message: bytes, chosen: tuple[DkimKey, ...]) -> bytes:
+    """The DKIM-Signature header lines to store with a message at commit, made
+    with the keys `signing_keys` chose (b"" for none): made once, so retries
+    and every destination send the same bytes."""
     if not chosen:
         return b""
     return sign(message, chosen, chosen[0].domain)

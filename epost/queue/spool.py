@@ -111,6 +111,24 @@ class MessageWriter:
             os.close(fd)
         return bytes(written) + self.content()
 
+    def head(self, limit: int = 64 * 1024) -> bytes:
+        """The first `limit` bytes of the content: its header, for the signing
+        decision, without reading a large message back whole."""
+        if self._fd is None:
+            data = bytearray()
+            for chunk in self._chunks:
+                data += chunk[: limit - len(data)]
+                if len(data) >= limit:
+                    break
+            return bytes(data)
+        end = os.lseek(self._fd, 0, os.SEEK_CUR)  # a reused file may be longer than what we wrote
+        fd = os.open(self.temp_path, os.O_RDONLY)
+        try:
+            written = os.pread(fd, min(limit, end), 0)
+        finally:
+            os.close(fd)
+        return written + self.content()[: limit - len(written)]
+
     def _flush(self) -> None:
         """Write buffered chunks to the ``tmp/`` file, creating it on first use."""
         if self._fd is None:

@@ -46,6 +46,7 @@ from epost.queue.spool import MessageWriter, Spool
 FRAME = struct.Struct(">c17sI")
 DELIVERY_BATCH = 8
 RECENT_BYTES = 32 * 1024 * 1024  # content kept for delivery from memory, at most
+SIGN_APART_BYTES = 1024 * 1024  # larger messages are signed between batches, not inside one
 
 log = Logger()
 
@@ -65,6 +66,8 @@ class Worker:
         self.recent: dict[str, tuple[Envelope, bytes]] = {}
         self.recent_bytes = 0
         self.dkim_keys: tuple = ()  # set by the daemon's first frame (K)
+        # Large messages to sign before their commit, after the batch they came with.
+        self.to_sign: list[tuple[MessageWriter, Envelope, tuple]] = []
 
     def handle(self, op: bytes, queue_id: str, payload: bytes) -> None:
         if op == b"W":
@@ -80,10 +83,13 @@ class Worker:
                 writer.abort()
                 self.reply(f"F {queue_id} 22 {error}\n".encode())
                 return
-            envelope = self._signed(writer, envelope)
-            self.commits.append((writer, envelope))
-            if writer.in_memory:
-                self._remember(queue_id, envelope, writer.content())
+            chosen = self._signing_keys(writer, envelope)
+            if chosen and writer.size > SIGN_APART_BYTES:
+                # Signing it takes long (~45 ms a MiB for RSA + Ed25519): not in
+                # this batch, whose 250s would wait for it; see work().
+                self.to_sign.append((writer, envelope, chosen))
+                return
+            self._queue_commit(writer, self._signed(writer, envelope, chosen))
         elif op == b"A":
             writer = self.writers.pop(queue_id, None)
             if writer is not None:
@@ -93,24 +99,41 @@ class Worker:
         elif op == b"K":
             self.dkim_keys = signing.keys_from_json(payload)
 
-    def _signed(self, writer: MessageWriter, envelope: Envelope) -> Envelope:
-        """DKIM-sign at commit (SPEC §9): here the content is final, and this
-        process is not the reactor's. The signature goes into the envelope, so
-        every attempt and destination sends the same bytes and local
-        deliveries never see it."""
+    def _signing_keys(self, writer: MessageWriter, envelope: Envelope) -> tuple:
+        """The keys that sign this message; signing.signing_keys decides (SPEC §9)."""
+        if writer.error is not None:  # its commit fails anyway
+            return ()
         leaves = any(r.route is not None and r.route.get("kind") == "relay" for r in envelope.recipients)
-        if not (envelope.trusted and leaves and self.dkim_keys and writer.error is None):
+        return signing.signing_keys(trusted=envelope.trusted, leaves_over_smtp=leaves,
+                                    from_domain=signing.from_domain(writer.head()), keys=self.dkim_keys)
+
+    def _signed(self, writer: MessageWriter, envelope: Envelope, chosen: tuple) -> Envelope:
+        """DKIM-sign before the commit (SPEC §9): here the content is final, and
+        this process is not the reactor's. The signature goes into the
+        envelope, so every attempt and destination sends the same bytes, local
+        deliveries never see it, and the message is never in incoming/ (where
+        the delivery manager could start it) without its signature."""
+        if not chosen:
             return envelope
         try:
-            header = signing.commit_signature(
-                writer.read_all(), trusted=envelope.trusted, leaves_over_smtp=leaves, keys=self.dkim_keys)
+            header = signing.commit_signature(writer.read_all(), chosen)
         except Exception as error:  # a message dkimpy cannot parse goes out unsigned, never lost
             log.warn("{queue_id}: not DKIM-signed: {error}", queue_id=writer.queue_id, error=error)
             return envelope
         return dataclasses.replace(envelope, dkim=header.decode("ascii")) if header else envelope
 
+    def _queue_commit(self, writer: MessageWriter, envelope: Envelope) -> None:
+        self.commits.append((writer, envelope))
+        if writer.in_memory:
+            self._remember(writer.queue_id, envelope, writer.content())
+
     def work(self) -> None:
-        """One step: every pending commit as one batch, else some deliveries."""
+        """One step: every pending commit as one batch, else sign one large
+        message (its commit is the next batch), else some deliveries.
+
+        A large message is signed only once the commits that came with it are
+        on disk and answered, and one at a time, so no message waits for more
+        than one large signature; it is committed only once signed."""
         if self.commits:
             batch, self.commits = self.commits, []
             results = self.spool.commit_batch(batch)
@@ -124,6 +147,9 @@ class Worker:
                     text = " ".join(str(error.strerror).split())
                     lines.append(f"F {writer.queue_id} {error.errno} {text}\n")
             self.reply("".join(lines).encode())
+        elif self.to_sign:
+            writer, envelope, chosen = self.to_sign.pop(0)
+            self._queue_commit(writer, self._signed(writer, envelope, chosen))
         elif self.deliveries:
             batch = list(self.deliveries)[:DELIVERY_BATCH]
             for queue_id in batch:
@@ -151,7 +177,7 @@ class Worker:
 
     @property
     def busy(self) -> bool:
-        return bool(self.commits or self.deliveries)
+        return bool(self.commits or self.to_sign or self.deliveries)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -188,7 +214,7 @@ def run(root: Path, hostname: str, give_up_after: float = 8 * 3600) -> None:
                 position = end
             buffer = buffer[position:]
         worker.work()
-    while worker.commits:  # finish what was asked; deliveries wait for the next start
+    while worker.commits or worker.to_sign:  # finish what was asked; deliveries wait for the next start
         worker.work()
 
 

@@ -129,6 +129,55 @@ def test_without_keys_nothing_is_signed(spool):
     assert stored.dkim == ""
 
 
+def test_a_message_that_fails_to_sign_is_still_queued_unsigned(spool, keys, monkeypatch):
+    def broken(message, chosen):
+        raise ValueError("dkimpy cannot parse this")
+
+    monkeypatch.setattr(signing, "commit_signature", broken)
+    worker, replies = make_worker(spool, keys)
+    queue_id, stored = commit(worker, spool, CONTENT, True, RELAY)
+    assert replies[-1] == f"C {queue_id}\n".encode()  # committed, no signature in the reply
+    assert stored.queue_id == queue_id and stored.dkim == ""
+
+
+def test_a_large_message_is_signed_after_the_batch_it_came_with_is_answered(spool, keys, monkeypatch):
+    """Signing 25 MiB takes about a second: the small messages committed with it get their 250 first."""
+    from epost.queue import worker as worker_module
+
+    worker, replies = make_worker(spool, keys)
+    big = CONTENT + (b"y" * 998 + b"\r\n") * (worker_module.SIGN_APART_BYTES // 1000 + 1)
+    signed_after: list[list[bytes]] = []
+    real = signing.commit_signature
+    monkeypatch.setattr(signing, "commit_signature",
+                        lambda message, chosen: signed_after.append(list(replies)) or real(message, chosen))
+    large_id, small_id = spool.new_queue_id(), spool.new_queue_id()
+    for queue_id, content in ((large_id, big), (small_id, CONTENT)):
+        for start in range(0, len(content), 65536):
+            worker.handle(b"W", queue_id, content[start:start + 65536])
+        worker.handle(b"C", queue_id, Envelope(queue_id, "alice@example.test", (Recipient("b@far.test", RELAY),),
+                                               time.time(), len(content), trusted=True).to_bytes())
+    assert len(signed_after) == 1  # only the small one was signed in handle()
+    worker.work()
+    assert replies[-1].startswith(f"C {small_id} ".encode())
+    assert not (spool.root / "incoming" / f"{large_id}.env").exists()  # never queued unsigned
+    while worker.busy:
+        worker.work()
+    assert [r.split()[1] for r in signed_after[1]] == [small_id.encode()]  # signed once the small one was answered
+    kind, qid, b64 = replies[-1].decode().split()
+    stored = Envelope.from_bytes((spool.root / "incoming" / f"{large_id}.env").read_bytes(), large_id)
+    assert (kind, qid) == ("C", large_id) and base64.b64decode(b64).decode() == stored.dkim
+    assert verifies(stored.dkim.encode() + big, keys)
+
+
+def test_a_large_untrusted_message_is_committed_with_its_batch(spool, keys):
+    from epost.queue import worker as worker_module
+
+    worker, replies = make_worker(spool, keys)
+    big = CONTENT + (b"y" * 998 + b"\r\n") * (worker_module.SIGN_APART_BYTES // 1000 + 1)
+    queue_id, stored = commit(worker, spool, big, False, RELAY)
+    assert replies == [f"C {queue_id}\n".encode()] and stored.dkim == ""
+
+
 def test_a_message_dkimpy_cannot_sign_is_still_queued_unsigned(spool, keys):
     worker, replies = make_worker(spool, keys)
     queue_id, stored = commit(worker, spool, b"From: a@example.test\r\nSubject: \x00\xff\r\n", True, RELAY)
