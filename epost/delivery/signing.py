@@ -82,7 +82,12 @@ MIN_RSA_BITS = 2048  # SPEC §9; Gmail and Yahoo ask for at least 1024, RFC 8301
 def _check_name(domain: str, selector: str, path: Path, algorithm: str) -> None:
     """A file named the way `keygen` names them (<domain>.<selector>.<type>.pem)
     must hold that type and be configured under that domain and selector: a
-    key under the wrong selector signs with a key nobody published."""
+    key under the wrong selector signs with a key nobody published.
+
+    The name is read as keygen's only when it starts with the configured
+    domain or ends with the configured selector; any other name (e.g.
+    `mail.example.com.rsa.pem` for mail.example.com/s2026) is the operator's
+    own and is taken as it is."""
     name = path.name.lower()
     for named in ("rsa", "ed25519"):
         suffix = f".{named}.pem"
@@ -91,8 +96,9 @@ def _check_name(domain: str, selector: str, path: Path, algorithm: str) -> None:
         if named != algorithm:
             raise DkimKeyError(f"dkim key {domain}/{selector}: {path} holds an {algorithm} key but is named {named}")
         stem = name[: -len(suffix)]
-        wanted = f"{domain.lower().rstrip('.')}.{selector.lower()}"
-        if stem.count(".") >= 2 and stem != wanted:
+        lower_domain, lower_selector = domain.lower().rstrip("."), selector.lower()
+        wanted = f"{lower_domain}.{lower_selector}"
+        if stem != wanted and (stem.startswith(f"{lower_domain}.") or stem.endswith(f".{lower_selector}")):
             raise DkimKeyError(
                 f"dkim key {domain}/{selector}: {path} was made for {stem} (<domain>.<selector>), not {wanted}")
 

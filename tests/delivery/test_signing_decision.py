@@ -93,6 +93,23 @@ def test_a_hand_named_key_file_is_taken_as_it_is(tmp_path):
         assert signing.load_key("example.test", "s1", tmp_path / name).algorithm == "rsa"
 
 
+@pytest.mark.parametrize("name, domain, selector", [
+    ("mail.example.com.rsa.pem", "mail.example.com", "s2026"),  # <domain>.<type>.pem, no selector in it
+    ("mail.example.com.rsa.pem", "example.com", "s2026"),
+    ("example.com.rsa.pem", "mail.example.com", "s2026"),  # a parent's name
+    ("outbound.rsa.pem", "example.com", "s2026"),
+])
+def test_a_hand_named_file_that_only_looks_dotted_is_accepted(tmp_path, name, domain, selector):
+    write_pem(tmp_path / name, rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    assert signing.load_key(domain, selector, tmp_path / name).selector == selector
+
+
+def test_a_keygen_named_file_for_another_selector_of_the_same_domain_is_refused(tmp_path):
+    write_pem(tmp_path / "mail.example.com.s2025.rsa.pem", rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    with pytest.raises(signing.DkimKeyError, match=r"made for mail.example.com.s2025 .*not mail.example.com.s2026"):
+        signing.load_key("mail.example.com", "s2026", tmp_path / "mail.example.com.s2025.rsa.pem")
+
+
 def test_one_selector_configured_twice_is_refused(tmp_path):
     path, _ = signing.keygen("example.test", tmp_path, "s1", "ed25519")
     specs = (DkimKeySpec("example.test", "s1", path), DkimKeySpec("Example.Test", "S1", path))
