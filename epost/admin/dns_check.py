@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import dns.reversename
 
+from epost.logs import printable
+
 # The lookup seam and pyspf over it live in epost/routing/records.py (inbound
 # Authentication-Results uses them too); DnsUnavailable stays importable from here.
 from epost.routing.records import DnspythonLookup, DnsUnavailable, Lookup, SpfQuery, memoized
@@ -36,8 +38,17 @@ class Finding:
 
 
 def format_finding(finding: Finding) -> str:
-    line = f"{finding.status:<4}  {finding.check:<5}  {finding.detail}"
-    return f"{line}\n      fix: {finding.fix}" if finding.fix else line
+    """The report's line(s) for a terminal: record text from DNS is escaped
+    (no terminal escapes, no lone surrogates from non-UTF-8 bytes)."""
+    detail, fix = shown(finding)
+    line = f"{finding.status:<4}  {finding.check:<5}  {detail}"
+    return f"{line}\n      fix: {fix}" if fix else line
+
+
+def shown(finding: Finding) -> tuple[str, str]:
+    """`detail` and `fix` made printable (epost.logs.printable): they carry
+    other people's DNS text, for a terminal or (HTML-escaped after) a page."""
+    return printable(finding.detail, join_lines=False), printable(finding.fix, join_lines=False)
 
 
 def zone_txt(name: str, value: str) -> str:

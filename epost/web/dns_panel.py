@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from epost.admin.dns_check import Finding
+from epost.admin.dns_check import Finding, shown
 from epost.web.html import esc, post_button, when
 
 log = Logger()
@@ -89,8 +89,9 @@ def render(checks: DnsChecks, domains: list[str], csrf: str) -> str:
         else:
             rows = "".join(
                 f'<tr class="dns-{esc(f.status)}"><td>{esc(f.status)}</td><td>{esc(f.check)}</td>'
-                f"<td>{esc(f.detail)}{'<br><code>fix: ' + esc(f.fix) + '</code>' if f.fix else ''}</td></tr>"
+                f"<td>{esc(detail)}{'<br><code>fix: ' + esc(fix) + '</code>' if fix else ''}</td></tr>"
                 for f in result.findings
+                for detail, fix in [shown(f)]
             )
             again = " (checking again)" if checks.running(domain) else ""
             body = f'<table class="dns">{rows}</table><p class="muted">checked {esc(when(result.checked_at))}{again}</p>'

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from epost.admin.dns_check import (
     DnsUnavailable,
+    Finding,
     check_dmarc,
     check_mx,
     check_rdns,
@@ -316,3 +317,14 @@ def test_without_public_addresses_the_hostnames_addresses_are_checked_and_each_q
 def test_zone_txt_splits_long_values_into_255_octet_strings():
     line = zone_txt("x.test", "a" * 300)
     assert line == f'x.test. IN TXT "{"a" * 255}" "{"a" * 45}"'
+
+
+def test_record_text_is_printed_escaped_and_encodes_as_strict_utf8():
+    """A TXT record may hold terminal escapes or bytes that are not UTF-8 (decoded to lone surrogates)."""
+    finding = Finding("fail", "spf", "example.test: v=spf1 \x1b[2J\x1b]0;owned\x07 \udcff -all",
+                      'publish example.test. IN TXT "v=spf1 \x1b[31m"')
+    line = format_finding(finding)
+    assert "\x1b" not in line and "\x07" not in line and "\udcff" not in line
+    assert "\\x1b[2J" in line and "\\udcff" in line
+    assert line.endswith('fix: publish example.test. IN TXT "v=spf1 \\x1b[31m"')
+    line.encode("utf-8", "strict")  # `check-dns` under PYTHONIOENCODING=utf-8:strict

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from epost.admin.dns_check import check_config_domain
+from epost.admin.dns_check import Finding, check_config_domain
 from epost.config import load_config
 from epost.routing.users import Users, parse_user_line
 from epost.web.dns_panel import CACHE_SECONDS, MAX_DOMAINS, DnsChecks, dashboard_domains
@@ -99,3 +99,12 @@ def test_dashboard_domains_are_the_local_domains_and_the_users_tables_by_name():
     assert dashboard_domains(["z.test", "a.test"], users) == ["a.test", "b.test", "z.test"]
     many = [f"d{i:03}.test" for i in range(MAX_DOMAINS + 5)]
     assert dashboard_domains(many, Users()) == many[:MAX_DOMAINS]
+
+
+def test_record_text_with_escapes_and_stray_bytes_renders_escaped(world, admin):
+    finding = Finding("fail", "spf", "example.test: v=spf1 \x1b[2J \udcff -all <b>", 'publish "\x1b[31m"')
+    world.site.context.dns_checks = DnsChecks(world.clock, SynchronousThreadPool(), lambda domain: [finding])
+    page = admin.get("/")
+    assert page.code == 200
+    assert "example.test: v=spf1 \\x1b[2J \\udcff -all &lt;b&gt;" in page.body
+    assert "fix: publish &quot;\\x1b[31m&quot;" in page.body
