@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import dns.reversename
 
+from epost.delivery.signing import zone_txt  # one TXT splitting for DKIM, SPF and DMARC fixes
 from epost.logs import printable
 
 # The lookup seam and pyspf over it live in epost/routing/records.py (inbound
@@ -49,12 +50,6 @@ def shown(finding: Finding) -> tuple[str, str]:
     """`detail` and `fix` made printable (epost.logs.printable): they carry
     other people's DNS text, for a terminal or (HTML-escaped after) a page."""
     return printable(finding.detail, join_lines=False), printable(finding.fix, join_lines=False)
-
-
-def zone_txt(name: str, value: str) -> str:
-    """`NAME. IN TXT "..."` as published in a zone file, split into 255-octet strings."""
-    chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255)) or '""'
-    return f"{name}. IN TXT {chunks}"
 
 
 # --- the DNS seam --------------------------------------------------------------

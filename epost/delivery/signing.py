@@ -128,12 +128,16 @@ def load_key(domain: str, selector: str, path: str | os.PathLike) -> DkimKey:
     raise DkimKeyError(f"dkim key {domain}/{selector}: {path} is neither RSA nor Ed25519")
 
 
+def zone_txt(name: str, value: str) -> str:
+    """`NAME. IN TXT "..."` as published in a zone file, split into 255-octet
+    strings (the most one TXT string holds: long RSA keys, SPF records)."""
+    chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255)) or '""'
+    return f"{name}. IN TXT {chunks}"
+
+
 def txt_record(key: DkimKey) -> str:
     """The record to publish, in zone-file form."""
-    value = f"v=DKIM1; k={key.algorithm}; p={key.public_b64}"
-    # TXT strings are at most 255 octets; split long RSA keys.
-    chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
-    return f"{key.selector}._domainkey.{key.domain}. IN TXT {chunks}"
+    return zone_txt(f"{key.selector}._domainkey.{key.domain}", f"v=DKIM1; k={key.algorithm}; p={key.public_b64}")
 
 
 def default_selector(today: datetime.date | None = None) -> str:

@@ -74,6 +74,16 @@ def test_keygen_writes_0600_key_and_prints_record(tmp_path):
     assert key.selector.startswith("e2") and len(key.selector) == 7
 
 
+def test_a_long_rsa_record_is_split_as_check_dns_splits_its_fixes(keys):
+    from epost.admin.dns_check import zone_txt
+
+    rsa_key = next(k for k in keys if k.algorithm == "rsa")
+    record = signing.txt_record(rsa_key)
+    value = f"v=DKIM1; k=rsa; p={rsa_key.public_b64}"
+    assert len(value) > 255 and record == zone_txt(f"{rsa_key.selector}._domainkey.example.test", value)
+    assert [len(part) for part in record.split(" IN TXT ")[1].split('" "')][0] == 256  # '"' + 255 octets
+
+
 def test_unreadable_or_garbage_key_names_the_file(tmp_path):
     bad = tmp_path / "bad.pem"
     bad.write_text("not a key")
