@@ -189,3 +189,12 @@ def test_a_corrupt_envelope_is_named_and_nothing_is_printed(tmp_path, capsysbina
 def test_show_needs_a_spool_folder(tmp_path, capsysbinary):
     assert run(capsysbinary, tmp_path / "nowhere", QUEUE_ID) == (
         1, b"", f"epost: {tmp_path}/nowhere: no spool folder (give --spool or --config)\n")
+
+
+def test_the_operating_guide_s_example_shows_every_envelope_field_show_prints():
+    """docs/operating.md's `epost show` example lists the message-level keys in the order they are printed."""
+    guide = (Path(__file__).parents[2] / "docs" / "operating.md").read_text()
+    example = guide.split("$ epost show ", 1)[1].split("\nrecipient: ", 1)[0].splitlines()[1:]
+    signed = make_envelope(trusted=True, dkim="DKIM-Signature: v=1; b=A\r\nDKIM-Signature: v=1; b=B\r\n")
+    printed = [line.split(":", 1)[0] for line in show.envelope_lines("deferred", signed)]
+    assert [line.split(":", 1)[0] for line in example] == printed[: printed.index("recipient")]
