@@ -300,6 +300,9 @@ def _endpoint(value: Any) -> str:
     environment to build (systemd:, plugins) only have to be known types."""
     text = _string(value)
     kind, _, rest = text.partition(":")
+    if kind == "haproxy" and rest.partition(":")[0] in ("ssl", "tls"):
+        raise ValueError(f"{text!r} cannot work: HAProxy sends the PROXY header in clear before TLS; "
+                         f"for implicit TLS use smtps = [\"haproxy:tcp:...\"] (docs/scaling.md)")
     # Imported here: loading Twisted's endpoint parsers costs the admin command a third of a second.
     from twisted.internet.endpoints import serverFromString
     from twisted.internet.testing import MemoryReactor

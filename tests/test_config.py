@@ -518,6 +518,15 @@ def test_proxy_networks_default_to_loopback_and_are_read_as_networks(tmp_path):
     assert "proxy_networks" in config_error(tmp_path, '[server]\nhostname = "mx.example.test"\nproxy_networks = ["nonsense"]\n')
 
 
+@pytest.mark.parametrize("endpoint", ["haproxy:ssl:465:privateKey=k.pem", "haproxy:tls:465"])
+def test_a_haproxy_listener_over_tls_is_refused_in_one_line_pointing_to_haproxy_tcp(tmp_path, endpoint):
+    message = config_error(tmp_path, f'[server]\nhostname = "mx.example.test"\nsmtps = ["{endpoint}"]\n')
+    assert message.startswith(f"{tmp_path / 'epost.toml'}:server.smtps: ") and "\n" not in message.strip()
+    assert "PROXY header in clear before TLS" in message and 'smtps = ["haproxy:tcp:' in message
+    assert load(tmp_path, '[server]\nhostname = "mx.example.test"\nsmtps = ["haproxy:tcp:465"]\n').server.smtps == (
+        "haproxy:tcp:465",)
+
+
 def test_public_addresses_default_to_none_given_and_are_read_as_addresses(tmp_path):
     assert load(tmp_path).server.public_addresses == ()  # check-dns then resolves the hostname
     config = load(tmp_path, '[server]\npublic_addresses = ["192.0.2.25", "2001:DB8::25"]\n')

@@ -49,6 +49,10 @@ class Session:
     esmtp: bool
     tls: str | None  # e.g. "TLSv1.3" when encrypted
     user: str | None  # authenticated account
+    # False when client_ip is not the client's: a PROXY header that names no
+    # client (v2 LOCAL, v1 UNKNOWN, other families) leaves the balancer's own
+    # address, which relay_networks must not vouch for (docs/scaling.md).
+    client_known: bool = True
 
 
 class IAccount(Interface):

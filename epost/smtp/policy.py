@@ -104,6 +104,8 @@ class RecipientPolicy:
         users' own (verification skipped, DKIM-signed when it leaves)."""
         if session.user is not None:
             return True
+        if not session.client_known:  # the balancer's own address (a PROXY header naming no client)
+            return False
         ip = client_address(session.client_ip)
         return ip is not None and any(ip in network for network in self.relay_networks)
 
@@ -124,7 +126,7 @@ class RecipientPolicy:
             recipient,
             client_ip=session.client_ip,
             authenticated=session.user is not None,
-            relay_networks=self.relay_networks,
+            relay_networks=self.relay_networks if session.client_known else (),
             open_destination=self.open_destination,
         ):
             raise Rejected(RELAY_DENIED)

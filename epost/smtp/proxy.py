@@ -76,7 +76,8 @@ def parse_header(buffered: bytes):
 
     Addresses are IPv4Address/IPv6Address in canonical spelling, or both None
     when the balancer speaks for itself (v2 LOCAL: health checks; v1 UNKNOWN;
-    v2 families other than TCP over IPv4 or IPv6). Raises BadHeader."""
+    v2 families other than TCP over IPv4 or IPv6): that session is served as
+    the balancer but not trusted for relaying. Raises BadHeader."""
     kind = header_kind(buffered)
     if kind is None:
         return None
@@ -219,6 +220,11 @@ class ProxyHeaderProtocol(Protocol):
         if session is None:
             transport.loseConnection()
             return
+        if source is None:
+            # The balancer speaks for itself (a health check) or names no
+            # client: served under its own address, which may well be in
+            # relay_networks, so that address vouches for nothing.
+            session.client_known = False
         self.session = session
         if isinstance(transport, ProtocolWrapper):  # haproxy:ssl: we sit under Twisted's TLS layer
             transport.wrappedProtocol = session

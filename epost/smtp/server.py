@@ -120,6 +120,10 @@ def tls_version(transport) -> str | None:
 
 @implementer(IPushProducer)
 class SMTPServer(Protocol):
+    # Set False by a PROXY listener whose header named no client: the peer
+    # address is the balancer's, not to be trusted for relaying (Session.client_known).
+    client_known = True
+
     def __init__(
         self,
         receiver: IReceiver,
@@ -399,6 +403,7 @@ class SMTPServer(Protocol):
             esmtp=self._esmtp,
             tls=self._tls and (tls_version(self.transport) or self._tls),
             user=self._user,
+            client_known=self.client_known,
         )
 
     def _reset_transaction(self) -> None:

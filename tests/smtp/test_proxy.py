@@ -111,6 +111,49 @@ def test_a_local_header_is_served_as_the_balancer():
     assert dict(limits.open) == {BALANCER: 1}
 
 
+def relay_policy():
+    """The real relay policy with the defaults: relay_networks 127.0.0.0/8, as proxy_networks."""
+    from types import SimpleNamespace
+
+    from epost.smtp.policy import RecipientPolicy
+
+    return RecipientPolicy(None, local_domains=("example.test",), relay_domains=(),
+                           relay_networks=(ipaddress.ip_network("127.0.0.0/8"),),
+                           gateway=lambda: SimpleNamespace(is_operated=lambda domain: False),
+                           aliases=lambda: SimpleNamespace(lookup=lambda address, domains: None))
+
+
+V2_UNSPEC = V2_SIG + bytes([0x21, 0x00]) + struct.pack("!H", 0)
+V2_UNIX = V2_SIG + bytes([0x21, 0x31]) + struct.pack("!H", 216) + bytes(216)
+
+
+@pytest.mark.parametrize("header", [v2(command=0), b"PROXY UNKNOWN\r\n", V2_UNSPEC, V2_UNIX],
+                         ids=["v2-local", "v1-unknown", "v2-unspec", "v2-unix"])
+def test_a_header_naming_no_client_is_served_as_the_balancer_but_may_not_relay(header):
+    from epost.smtp.address import parse_mailbox
+    from epost.smtp.interfaces import Rejected
+
+    factory, clock, events, receiver, limits = setup()
+    protocol, transport = connect(factory)
+    protocol.dataReceived(header + b"EHLO balancer.example\r\nMAIL FROM:<a@example.test>\r\n")
+    assert b"250 " in transport.value()  # HAProxy's smtpchk (EHLO, QUIT) still sees a healthy node
+    [session] = receiver.sessions
+    assert session.client_ip == BALANCER and not session.client_known
+    policy = relay_policy()
+    assert not policy.trusted(session)  # not signed, not verified as our users' mail
+    with pytest.raises(Rejected) as refused:
+        policy.route_for(session, parse_mailbox("someone@far.example"))
+    assert refused.value.reply.code == 554
+
+
+def test_a_header_naming_the_client_keeps_relay_networks_in_force():
+    factory, clock, events, receiver, limits = setup()
+    protocol, transport = connect(factory)
+    protocol.dataReceived(v2(src="127.0.0.5") + b"EHLO c.example\r\nMAIL FROM:<a@example.test>\r\n")
+    [session] = receiver.sessions
+    assert session.client_known and relay_policy().trusted(session)
+
+
 @pytest.mark.parametrize(
     "data",
     [
