@@ -151,7 +151,8 @@ class SpoolMessage:
         if self._held is None:
             self._writer.write(rest)
             return self._commit()
-        content, self._held = b"".join(self._held) + rest, None
+        self._held.append(rest)
+        content, self._held = b"".join(self._held), None
         # The held bytes are given back when both are done with the message:
         # this side (written to the spool) and the check's thread job.
         size, self._held_size = self._held_size, 0
