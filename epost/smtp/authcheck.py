@@ -16,7 +16,10 @@ and the DMARC record at its end (they need the whole message). Every DNS
 query goes to the configured `dns_servers` (else the system's) and gets only
 what is left of its job's time budget; the reactor side stops waiting at the
 budget plus a second (a full pool), and whatever is unknown then is
-`temperror`. Nothing here ever turns into an SMTP refusal.
+`temperror`. The jobs stop at their deadline too (looked at before every
+query and every DKIM signature; at most MAX_SIGNATURES are verified), so
+a thread the reactor gave up on is free again soon after. Nothing here
+ever turns into an SMTP refusal.
 """
 
 from __future__ import annotations
