@@ -16,7 +16,10 @@ and the DMARC record at its end (they need the whole message). Every DNS
 query goes to the configured `dns_servers` (else the system's) and gets only
 what is left of its job's time budget; the reactor side stops waiting at the
 budget plus a second (a full pool), and whatever is unknown then is
-`temperror`. Nothing here ever turns into an SMTP refusal.
+`temperror`. The jobs stop at their deadline too (looked at before every
+query and every DKIM signature; at most MAX_SIGNATURES are verified), so
+a thread the reactor gave up on is free again soon after. Nothing here
+ever turns into an SMTP refusal.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from epost.smtp.authresults import (
 log = Logger()
 
 REACTOR_GRACE = 1.0  # the reactor waits this much past the budget for a job still queued or running
+MAX_SIGNATURES = 8  # DKIM signatures verified per message: dkimpy hashes the whole body again for each
 
 
 def budgeted(resolver, deadline: float) -> Lookup:
@@ -57,12 +61,23 @@ def budgeted(resolver, deadline: float) -> Lookup:
     (SPF for MAIL FROM and for HELO often ask the same one)."""
 
     def lookup(name: str, rdtype: str) -> list:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise DnsUnavailable("time budget spent")
-        return DnspythonLookup(resolver, left)(name, rdtype)
+        return DnspythonLookup(resolver, _left(deadline))(name, rdtype)
 
-    return memoized(lookup)
+    remembered = memoized(lookup)
+
+    def within_budget(name: str, rdtype: str) -> list:
+        _left(deadline)  # a name asked before is no way past the deadline either
+        return remembered(name, rdtype)
+
+    return within_budget
+
+
+def _left(deadline: float) -> float:
+    """Seconds left until `deadline`; DnsUnavailable when there are none."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DnsUnavailable("time budget spent")
+    return left
 
 
 def check_resolver(servers: Sequence = ()):
@@ -124,8 +139,14 @@ class _QuietLogger(logging.Logger):
         super().__init__("epost.authcheck.dkimpy", logging.CRITICAL + 1)
 
 
-def dkim_results(lookup: Lookup, message: bytes) -> tuple[list[MethodResult], list[str]]:
-    """One result per DKIM-Signature (`dkim=none` without any), and the d= of those that passed."""
+def dkim_results(lookup: Lookup, message: bytes, deadline: float = float("inf"),
+                 limit: int = MAX_SIGNATURES) -> tuple[list[MethodResult], list[str]]:
+    """One result per DKIM-Signature (`dkim=none` without any), and the d= of those that passed.
+
+    Each verification hashes the whole body: past `deadline` (time.monotonic)
+    the signatures not yet verified are one `temperror`, and those after the
+    first `limit` one `policy` (RFC 8601 §2.7.1: signed, but not acceptable
+    to us), so one message costs at most `limit` body hashes and stops at its deadline."""
     try:
         verifier = dkim.DKIM(message, logger=_QuietLogger(), minkey=1024)
     except Exception as error:  # dkimpy's parser raises more than DKIMException on odd input
@@ -134,7 +155,10 @@ def dkim_results(lookup: Lookup, message: bytes) -> tuple[list[MethodResult], li
     if not count:
         return [MethodResult("dkim", "none")], []
     results, passed = [], []
-    for index in range(count):
+    for index in range(min(count, limit)):
+        if time.monotonic() >= deadline:
+            results.append(MethodResult("dkim", "temperror", reason=f"time budget spent: {count - index} of {count} signatures not verified"))
+            return results, passed
         state = {"missing": False}
 
         def key_record(name: bytes, timeout: float = 5) -> bytes | None:
@@ -167,6 +191,8 @@ def dkim_results(lookup: Lookup, message: bytes) -> tuple[list[MethodResult], li
         results.append(MethodResult("dkim", result, properties, reason=reason))
         if result == "pass" and domain:
             passed.append(domain.lower())
+    if count > limit:
+        results.append(MethodResult("dkim", "policy", reason=f"too many signatures: {count - limit} of {count} not verified"))
     return results, passed
 
 
@@ -236,12 +262,6 @@ def content_timed_out(reason: str) -> tuple[list[MethodResult], list[str], Metho
     return [MethodResult("dkim", "temperror", reason=reason)], [], MethodResult("dmarc", "temperror", reason=reason)
 
 
-def timed_out(sender: str | None, helo: str, reason: str = "time budget spent") -> list[MethodResult]:
-    """What the header says when none of the checks finished in time."""
-    dkim_list, _, dmarc = content_timed_out(reason)
-    return [*spf_timed_out(sender, helo, reason)[0], *dkim_list, dmarc]
-
-
 class AuthChecker:
     """Runs the checks for messages in `threadpool`, each part within `budget` seconds.
 
@@ -265,9 +285,15 @@ class AuthChecker:
         """All at once: a Deferred firing with the list of MethodResults; it never fails."""
         return self.begin(client_ip, helo, sender).finish(message)
 
-    def _in_pool(self, job: Callable, args: tuple, fallback: Callable[[str], object]) -> Deferred:
-        """`job(*args, deadline)` in the pool; `fallback(reason)` if it breaks or is late."""
+    def _in_pool(self, job: Callable, args: tuple, fallback: Callable[[str], object],
+                 ended: Callable[[], None] | None = None) -> Deferred:
+        """`job(*args, deadline)` in the pool; `fallback(reason)` if it breaks or is late.
+
+        `ended` is called on the reactor thread once the thread is really done
+        with the job (which may be long after the Deferred gave up on it)."""
         deadline = time.monotonic() + self.budget
+        if ended is not None:
+            job = _telling(self.reactor, job, ended)
         d = deferToThreadPool(self.reactor, self.threadpool, job, *args, deadline)
 
         def broken(failure):
@@ -279,18 +305,27 @@ class AuthChecker:
         return d
 
     # The jobs, blocking: they run in the pool's threads. One that starts after
-    # its deadline (queued behind slow ones) looks nothing up: the reactor has given up on it.
+    # its deadline (queued behind slow ones) does nothing: the reactor has given up on it.
 
     def _spf_job(self, client_ip: str, helo: str, sender: str | None, deadline: float):
         if deadline <= time.monotonic():
             return spf_timed_out(sender, helo, "time budget spent")
         return spf_results(budgeted(self.resolver, deadline), _client_ip(client_ip), sender, helo)
 
+    def _held_content_job(self, held: list[bytes], deadline: float):
+        """`_content_job` for the message in `held`, a list the reactor empties
+        when it gives up: a job still queued then no longer keeps the bytes alive."""
+        try:
+            message = held.pop()
+        except IndexError:
+            return content_timed_out("time budget spent")
+        return self._content_job(message, deadline)
+
     def _content_job(self, message: bytes, deadline: float):
         if deadline <= time.monotonic():
             return content_timed_out("time budget spent")
         lookup = budgeted(self.resolver, deadline)
-        dkim_list, dkim_domains = dkim_results(lookup, message)
+        dkim_list, dkim_domains = dkim_results(lookup, message, deadline)
         found = dmarc_policy_for(lookup, message[: header_end(message)], self.org_domain)
         return dkim_list, dkim_domains, found
 
@@ -301,6 +336,18 @@ class AuthChecker:
         return [*spf_list, *dkim_list, judge_dmarc(found, spf_domain, dkim_domains, self.org_domain)]
 
 
+def _telling(reactor, job: Callable, ended: Callable[[], None]) -> Callable:
+    """`job`, calling `ended` on the reactor thread when it returns or raises."""
+
+    def run(*args):
+        try:
+            return job(*args)
+        finally:
+            reactor.callFromThread(ended)
+
+    return run
+
+
 class PendingCheck:
     """One message's checks: SPF under way since DATA began, the rest when the message is complete."""
 
@@ -308,10 +355,22 @@ class PendingCheck:
         self.checker = checker
         self.spf = spf
 
-    def finish(self, message: bytes) -> Deferred:
-        """A Deferred firing with every MethodResult, in header order; it never fails."""
+    def finish(self, message: bytes, let_go: Callable[[], None] | None = None) -> Deferred:
+        """A Deferred firing with every MethodResult, in header order; it never fails.
+
+        `let_go` is called (on the reactor thread) once the pool no longer
+        holds `message`: when its job has ended, however late. A job that
+        starts after the check gave up on it finds the message gone and ends at once."""
         checker = self.checker
-        content = checker._in_pool(checker._content_job, (message,), content_timed_out)
+        held = [message]
+        del message
+        content = checker._in_pool(checker._held_content_job, (held,), content_timed_out, let_go)
+
+        def forget(result):  # answered or given up: a job not yet started finds nothing
+            held.clear()
+            return result
+
+        content.addBoth(forget)
 
         def judged(parts):
             (spf_list, spf_domain), (dkim_list, dkim_domains, found) = parts

@@ -19,6 +19,7 @@ _ATEXT = r"[!#$%&'*+\-/=?^_`{|}~0-9A-Za-z]+"
 _ADDR = re.compile(rf"(?:{_ATEXT}(?:\.{_ATEXT})*)?@[0-9A-Za-z](?:[0-9A-Za-z.-]*[0-9A-Za-z])?\Z")
 _FIELD_NAME = b"authentication-results"
 FOLD = "\r\n\t"
+_NEXT_FIELD = re.compile(rb"\r\n(?![ \t])")  # a line break not followed by a continuation
 
 # RFC 8601 §2.7 result words, per method.
 SPF_RESULTS = frozenset({"none", "neutral", "pass", "fail", "softfail", "temperror", "permerror"})
@@ -41,31 +42,71 @@ def property_value(value: str) -> str:
     """A pvalue as RFC 8601 §2.2 allows it: a token or an address bare, anything else quoted."""
     if _TOKEN.match(value) or _ADDR.match(value):
         return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return quoted(value)
+
+
+def quoted(text: str) -> str:
+    """An RFC 5322 quoted-string (a reason is always one, as RFC 8601's examples write it)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _comment(text: str) -> str:
     return "(" + re.sub(r"([()\\])", r"\\\1", text) + ")"
 
 
-def _quoted(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+# Header size caps: the client writes these values, our header must stay
+# within RFC 5322's 998 octets a line however long they are.
+MAX_TEXT = 200  # a reason or comment, in characters (quoting may double it)
+MAX_VALUE = 254  # any other property value: the longest address SMTP allows (RFC 5321 §4.5.3.1.3)
+MAX_LINE = 998  # octets in one physical line, CRLF not counted (RFC 5322 §2.1.1)
+_DOMAIN_PROPERTIES = frozenset({"header.d", "header.from"})
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
+
+
+def domain_syntax(value: str) -> bool:
+    """At most 253 characters of dot-separated labels (LDH and `_`), each 1-63 long."""
+    name = value[:-1] if value.endswith(".") else value
+    return 0 < len(name) <= 253 and all(_LABEL.match(label) for label in name.split("."))
+
+
+def _printable(text: str, limit: int | None = None) -> str:
+    """Header text stays one line of printable ASCII: CR, LF and controls become
+    spaces, anything else outside ASCII `?`; over `limit` characters it is cut, ending in `...`."""
+    text = re.sub(r"[^\x20-\x7e]", lambda m: " " if m.group(0) <= "\x7f" else "?", text)
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+def _property(name: str, value: str) -> str | None:
+    """`name=value`, or None when the value is too long or not a domain where one belongs (left out)."""
+    if name in _DOMAIN_PROPERTIES and not domain_syntax(value):
+        return None
+    if len(value) > MAX_VALUE:
+        return None
+    return f"{name}={property_value(_printable(value))}"
+
+
+def resinfo_parts(result: MethodResult) -> list[str]:
+    """`method=result`, `reason="..."`, `(comment)`, `ptype.prop=value`...: each well under MAX_LINE."""
+    parts = [f"{result.method}={result.result}"]
+    if result.reason:
+        parts.append(f"reason={quoted(_printable(result.reason, MAX_TEXT))}")
+    if result.comment:
+        parts.append(_comment(_printable(result.comment, MAX_TEXT)))
+    parts.extend(part for name, value in result.properties if (part := _property(name, value)) is not None)
+    return parts
 
 
 def format_resinfo(result: MethodResult) -> str:
-    """`method=result [reason="..."] [(comment)] ptype.prop=value ...` on one line."""
-    parts = [f"{result.method}={result.result}"]
-    if result.reason:
-        parts.append(f"reason={_quoted(_printable(result.reason))}")
-    if result.comment:
-        parts.append(_comment(_printable(result.comment)))
-    parts.extend(f"{name}={property_value(_printable(value))}" for name, value in result.properties)
-    return " ".join(parts)
-
-
-def _printable(text: str) -> str:
-    """Header text stays one line of printable characters: CR, LF and controls become spaces."""
-    return re.sub(r"[\x00-\x1f\x7f]", " ", text)
+    """`method=result [reason="..."] [(comment)] ptype.prop=value ...`, folded only where a line would pass MAX_LINE."""
+    lines = [""]
+    for part in resinfo_parts(result):
+        if lines[-1] and len(lines[-1]) + 1 + len(part) > MAX_LINE - 1:  # -1: the fold's tab
+            lines.append(part)
+        else:
+            lines[-1] = f"{lines[-1]} {part}" if lines[-1] else part
+    return FOLD.join(lines)
 
 
 def authentication_results(authserv_id: str, results: Sequence[MethodResult], why_none: str | None = None) -> bytes:
@@ -74,10 +115,10 @@ def authentication_results(authserv_id: str, results: Sequence[MethodResult], wh
     With no results at all it says `none` (RFC 8601 §2.2: no method was
     applied), followed by `why_none` as a comment."""
     if not results:
-        comment = f" {_comment(_printable(why_none))}" if why_none else ""
+        comment = f" {_comment(_printable(why_none, MAX_TEXT))}" if why_none else ""
         return f"Authentication-Results: {authserv_id}; none{comment}\r\n".encode()
     text = f"Authentication-Results: {authserv_id};" + ";".join(FOLD + format_resinfo(r) for r in results)
-    return text.encode("utf-8", "replace") + b"\r\n"
+    return text.encode("ascii", "replace") + b"\r\n"
 
 
 def authserv_id(field_value: bytes) -> str | None:
@@ -156,13 +197,16 @@ class ResultsFilter:
     def feed(self, data: bytes) -> bytes:
         if not self._in_header:
             return data
-        buffer, start, out = self._partial + data, 0, []
-        while self._in_header:
-            end = buffer.find(b"\r\n", start)
-            if end < 0:
-                break
-            out.append(self._line(buffer[start:end + 2]))
-            start = end + 2
+        buffer, out = self._partial + data, []
+        # The buffer starts at a line's start: complete lines up to the empty
+        # line that ends the header section, else up to the last line break.
+        blank = 0 if buffer.startswith(b"\r\n") else buffer.find(b"\r\n\r\n") + 2
+        if blank >= 2 or buffer.startswith(b"\r\n"):
+            start = self._fields(buffer, blank, out)
+            out.append(self._line(b"\r\n"))  # the header section ends
+            start += 2
+        else:
+            start = self._fields(buffer, buffer.rfind(b"\r\n") + 2 if b"\r\n" in buffer else 0, out)
         rest = buffer[start:]
         self._partial = b""
         if self._in_header and len(rest) > self.LIMIT:
@@ -174,6 +218,38 @@ class ResultsFilter:
         else:
             out.append(rest)
         return b"".join(out)
+
+    def _fields(self, buffer: bytes, end: int, out: list) -> int:
+        """Filters the complete lines in buffer[:end]; returns `end`.
+
+        Only lines starting with our field name go through Python one by one
+        (and the continuations of a field held or dropped): runs of other
+        lines are found with bytes.find and passed on whole."""
+        lowered = buffer[:end].lower()
+        position = 0
+        while position < end:
+            if self._mode in (None, "pass"):
+                if lowered.startswith(_FIELD_NAME, position):
+                    found = position
+                else:
+                    found = lowered.find(b"\r\n" + _FIELD_NAME, position, end)
+                    found = end if found < 0 else found + 2
+                if found > position:
+                    out.append(self._end_field() + buffer[position:found])
+                    self._mode = "pass"
+                    position = found
+                    continue
+            elif buffer[position:position + 1] not in (b" ", b"\t"):  # a field held or dropped ends here
+                out.append(self._end_field())
+                continue
+            elif self._mode == "drop":  # the rest of an over-long field
+                following = _NEXT_FIELD.search(buffer, position, end)
+                position = end if following is None else following.start() + 2
+                continue
+            line_end = buffer.find(b"\r\n", position, end) + 2
+            out.append(self._line(buffer[position:line_end]))
+            position = line_end
+        return end
 
     def flush(self) -> bytes:
         """The end of the message: whatever is still held."""

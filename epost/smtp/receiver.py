@@ -13,14 +13,16 @@ from epost import metrics
 from epost.queue.envelope import Envelope, Recipient
 from epost.queue.spool import SpoolError, SpoolStopping
 from epost.smtp.address import Address
-from epost.smtp.authresults import ResultsFilter, authentication_results, remove_our_results
+from epost.smtp.authresults import ResultsFilter, authentication_results
 from epost.smtp.interfaces import IMessageWriter, IReceiver, Rejected, Reply, Session
 from epost.smtp.policy import RecipientPolicy, client_address
 
 log = Logger()
 
 # Bytes that all messages waiting for their Authentication-Results checks may
-# hold in memory together (a DKIM verifier needs the whole message). A message
+# hold in memory together (a DKIM verifier needs the whole message), counted
+# from the first byte held until the message is written to the spool and its
+# check's thread job has ended (a late job still has the message). A message
 # that does not fit is streamed to the spool as usual, unchecked: its header
 # says `none` and why, and forged headers with our name are removed all the same.
 HOLD_LIMIT = 64 * 1024 * 1024
@@ -106,28 +108,28 @@ class SpoolMessage:
         self._hold = hold if hold is not None else HoldBudget()
         self._held: list[bytes] | None = [] if checker is not None else None
         self._held_size = 0
-        self._unchecked: ResultsFilter | None = None  # streaming without checks: too much was held
+        # RFC 8601 §5 on every message, checked or not, from any client: fields
+        # claiming our name go as the data arrives (cheap: the header section only).
+        self._filter = ResultsFilter(hostname)
         self.queue_id = writer.queue_id
         self.trusted = False  # set by the receiver: authenticated or relay_networks (DKIM signing)
 
     def write(self, data: bytes) -> None:
+        data = self._filter.feed(data)
         if self._held is not None:
             if self._hold.take(len(data)):
                 self._held.append(data)
                 self._held_size += len(data)
                 return
             self._stream_unchecked()
-        if self._unchecked is not None:
-            data = self._unchecked.feed(data)
         self._writer.write(data)
 
     def _stream_unchecked(self) -> None:
         """Memory for held messages is spent: this one goes on to the spool now, unchecked."""
         held, self._held = b"".join(self._held), None
         self._release()
-        self._unchecked = ResultsFilter(self._hostname)
         self._writer.write(authentication_results(self._hostname, [], why_none="not checked: too much mail waiting for its checks"))
-        self._writer.write(self._unchecked.feed(held))
+        self._writer.write(held)
 
     def _release(self) -> None:
         self._hold.give(self._held_size)
@@ -145,25 +147,32 @@ class SpoolMessage:
         self._writer.unregisterProducer()
 
     def commit(self):
-        if self._unchecked is not None:
-            self._writer.write(self._unchecked.flush())
+        rest = self._filter.flush()
         if self._held is None:
+            self._writer.write(rest)
             return self._commit()
+        self._held.append(rest)
         content, self._held = b"".join(self._held), None
-        d = self._checker.finish(content)
+        # The held bytes are given back when both are done with the message:
+        # this side (written to the spool) and the check's thread job.
+        size, self._held_size = self._held_size, 0
+        owners = [2]
+
+        def let_go(result=None):
+            owners[0] -= 1
+            if not owners[0]:
+                self._hold.give(size)
+            return result
+
+        d = self._checker.finish(content, let_go)
         d.addCallback(self._write_checked, content)
-        d.addBoth(self._released)
+        d.addBoth(let_go)
         return d.addCallback(lambda _: self._commit())
 
-    def _released(self, result):
-        self._release()
-        return result
-
     def _write_checked(self, results, content: bytes) -> None:
-        """RFC 8601 §5: our header first (after Received:), earlier ones claiming our name removed."""
+        """RFC 8601 §5: our header first (after Received:); the fields claiming our name are already gone."""
         try:
             header = authentication_results(self._hostname, results)
-            content = remove_our_results(content, self._hostname)
         except Exception:
             log.failure("building Authentication-Results failed for {queue_id}", queue_id=self.queue_id)
             header = b""

@@ -160,11 +160,13 @@ def test_dmarc_passes_by_aligned_spf_and_fails_without_alignment(epost):
     assert "dmarc=none header.from=nothing.test" in ours(delivered(epost.spool, "dmarc-none"))
 
 
-def test_a_client_in_relay_networks_gets_no_header_and_keeps_its_own(epost):
-    forged = b"Authentication-Results: " + HOSTNAME.encode() + b"; dkim=pass header.d=bank.test\r\n"
+def test_a_client_in_relay_networks_gets_no_header_and_loses_one_in_our_name(epost):
+    """RFC 8601 §5: a field claiming our name is removed whoever sends it; a foreign one stays."""
+    forged = (b"Authentication-Results: " + HOSTNAME.encode() + b"; dmarc=pass header.from=bank.test\r\n"
+              b"Authentication-Results: mx.other.test; spf=pass\r\n")
     send(epost.relay_port, "alice@sender.test", message("trusted", extra=forged), source=TRUSTED)
     parsed = delivered(epost.spool, "trusted")
-    assert parsed.get_all("Authentication-Results") == [f"{HOSTNAME}; dkim=pass header.d=bank.test"]
+    assert parsed.get_all("Authentication-Results") == ["mx.other.test; spf=pass"]
 
 
 def test_an_old_header_with_our_id_is_removed_and_a_foreign_one_stays(epost):
@@ -202,8 +204,11 @@ def test_a_dns_server_that_does_not_answer_gives_temperror_within_the_budget(dae
     assert "header.d=sender.test" in result
 
 
-def test_switched_off_no_header(daemon, dns_records):
+def test_switched_off_no_header_and_one_in_our_name_still_removed(daemon, dns_records):
     d = daemon(server=f'relay_networks = ["{TRUSTED}/32"]\nauthentication_results = false',
                toml=f'dns_servers = ["127.0.0.1:{dns_records.port}"]')
     send(d.relay_port, "alice@sender.test", message("off"))
     assert delivered(d.spool, "off").get_all("Authentication-Results") is None
+    forged = b"Authentication-Results: " + HOSTNAME.encode() + b"; dkim=pass header.d=bank.test\r\n"
+    send(d.relay_port, "alice@sender.test", message("off-forged", extra=forged))
+    assert delivered(d.spool, "off-forged").get_all("Authentication-Results") is None

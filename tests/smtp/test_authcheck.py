@@ -145,3 +145,54 @@ def test_one_job_asks_each_name_once():
     lookup = budgeted(Counting(), time.monotonic() + 5)
     assert lookup("client.example", "TXT") == [] and lookup("Client.Example.", "TXT") == []
     assert Counting.calls == 1
+
+
+def test_a_remembered_name_past_the_deadline_is_not_answered_from_memory(monkeypatch):
+    """The memo used to answer before the deadline was looked at: a key name
+    repeated in 40 signatures was never stopped by the budget."""
+    import dns.resolver
+
+    from epost.smtp import authcheck
+
+    class Empty:
+        def resolve(self, name, rdtype, lifetime, search):
+            raise dns.resolver.NXDOMAIN
+
+    now = [100.0]
+    monkeypatch.setattr(authcheck.time, "monotonic", lambda: now[0])
+    lookup = budgeted(Empty(), 105.0)
+    assert lookup("s._domainkey.example.org", "TXT") == []
+    now[0] = 106.0
+    with pytest.raises(DnsUnavailable, match="time budget spent"):
+        lookup("s._domainkey.example.org", "TXT")
+
+
+def _many_signatures(keys, count: int, body: bytes = b"Hello.\r\n") -> bytes:
+    message = MESSAGE.replace(b"Hello.\r\n", body)
+    signature = signing.sign(message, keys[:1], signing_domain="example.org")
+    return signature * count + message
+
+
+def test_at_most_eight_signatures_are_verified_and_the_rest_are_one_policy_result(keys):
+    answers = Answers(published(*keys))
+    results, passed = dkim_results(answers, _many_signatures(keys, 12))
+    assert [r.result for r in results] == ["pass"] * 8 + ["policy"]
+    assert results[-1].reason == "too many signatures: 4 of 12 not verified" and passed == ["example.org"] * 8
+    assert len(answers.asked) == 8
+
+
+def test_no_signature_is_verified_after_the_deadline(keys, monkeypatch):
+    """Each verification hashes the whole body again: the deadline is looked at before each one."""
+    from epost.smtp import authcheck
+
+    now = [0.0]
+    monkeypatch.setattr(authcheck.time, "monotonic", lambda: now[0])
+    answers = Answers(published(*keys))
+
+    def slow(name, rdtype):  # the first verification uses up the budget
+        now[0] = 10.0
+        return answers(name, rdtype)
+
+    results, passed = dkim_results(slow, _many_signatures(keys, 5), deadline=5.0)
+    assert [r.result for r in results] == ["pass", "temperror"]
+    assert results[1].reason == "time budget spent: 4 of 5 signatures not verified" and len(answers.asked) == 1

@@ -23,6 +23,7 @@ RESULTS = [MethodResult("spf", "pass", (("smtp.mailfrom", "a@client.example"),))
 MESSAGE = (b"Authentication-Results: mx.example.jp; dkim=pass header.d=bank.example\r\n"
            b"Authentication-Results: other.example; spf=pass\r\n"
            b"From: a@client.example\r\n\r\nbody\r\n")
+CLEANED = MESSAGE.split(b"\r\n", 1)[1]  # without the field claiming our name (RFC 8601 §5)
 
 
 class Writer:
@@ -57,10 +58,11 @@ class Checker:
 
     def begin(self, client_ip, helo, sender):
         self.begun.append((client_ip, helo, sender))
-        return SimpleNamespace(finish=lambda message: self._finish(client_ip, helo, sender, message))
+        return SimpleNamespace(finish=lambda message, let_go: self._finish(client_ip, helo, sender, message, let_go))
 
-    def _finish(self, client_ip, helo, sender, message):
+    def _finish(self, client_ip, helo, sender, message, let_go):
         self.calls.append((client_ip, helo, sender, message))
+        let_go()  # the job has ended
         return defer.succeed(RESULTS)
 
 
@@ -85,7 +87,7 @@ def test_an_untrusted_client_gets_the_header_after_received_and_our_old_one_is_g
     assert store.writer.data.startswith(b"Received:") and b"body" not in store.writer.data  # held until checked
     assert checker.begun == [("192.0.2.7", "client.example", "a@client.example")] and checker.calls == []  # SPF starts with DATA
     assert message.commit().result == "0190000000000A000"
-    assert checker.calls == [("192.0.2.7", "client.example", "a@client.example", MESSAGE)]  # checked as received
+    assert checker.calls == [("192.0.2.7", "client.example", "a@client.example", CLEANED)]  # checked without our old field
     received, rest = store.writer.data.split(b"\r\nAuthentication-Results: mx.example.jp;\r\n\tspf=pass", 1)
     assert received.startswith(b"Received:") and b"\r\n\t" in received
     assert rest.count(b"Authentication-Results: mx.example.jp") == 0
@@ -99,18 +101,20 @@ def test_an_untrusted_client_gets_the_header_after_received_and_our_old_one_is_g
     STRANGER.__class__("submission", "192.0.2.7", 1025, "client.example", True, None, None),  # not the relay port
     STRANGER.__class__("relay", "", 0, "client.example", True, None, None),  # no IP (a UNIX socket)
 ])
-def test_trusted_authenticated_and_submission_clients_get_no_header_and_stream_as_before(session):
+def test_trusted_authenticated_and_submission_clients_get_no_header_but_lose_forged_ones_of_ours(session):
+    """RFC 8601 §5: a field claiming our name goes whoever sends it; a foreign one stays."""
     checker = Checker()
     message, store = receive(session, checker)
-    assert store.writer.data.endswith(MESSAGE)  # streamed, old headers untouched
+    assert store.writer.data.endswith(CLEANED) and b"bank.example" not in store.writer.data  # streamed, not held
     message.commit()
-    assert checker.begun == checker.calls == [] and b"mx.example.jp;\r\n" not in store.writer.data
+    assert checker.begun == checker.calls == [] and b"mx.example.jp;" not in store.writer.data
+    assert store.writer.data.count(b"Authentication-Results") == 1
 
 
-def test_without_a_checker_nothing_is_added():
+def test_without_a_checker_nothing_is_added_and_forged_fields_of_ours_still_go():
     message, store = receive(STRANGER, None)
     message.commit()
-    assert store.writer.data.endswith(MESSAGE) and store.writer.data.count(b"Authentication-Results") == 2
+    assert store.writer.data.endswith(CLEANED) and store.writer.data.count(b"Authentication-Results") == 1
 
 
 def test_an_ipv4_mapped_client_in_relay_networks_is_trusted():
@@ -141,9 +145,14 @@ def test_a_check_that_does_not_finish_in_time_commits_with_temperror_not_a_refus
     assert b"\tdmarc=temperror" in store.writer.data
 
 
-def test_a_job_that_starts_after_its_deadline_looks_nothing_up():
+def test_a_job_that_starts_after_its_deadline_looks_nothing_up(monkeypatch):
+    from epost.smtp import authcheck
+
+    def no_lookups(*args):
+        raise AssertionError("a late job asked for a lookup")
+
+    monkeypatch.setattr(authcheck, "budgeted", no_lookups)
     checker = AuthChecker(task.Clock(), _Pool(), budget=4, org_domain=lambda d: d)
-    checker.lookups = None  # any lookup would raise
     results = checker.results("192.0.2.7", "client.example", "a@client.example", MESSAGE, time.monotonic() - 1)
     assert [r.result for r in results] == ["temperror"] * 3
 
@@ -164,9 +173,9 @@ def test_a_message_over_the_hold_budget_streams_unchecked_with_forged_headers_st
     receiver = SpoolingReceiver(store, policy(()), HOST, now=lambda: 0.0, checker=checker)
     receiver.hold = HoldBudget(limit=40)  # the first write fits, the second does not
     message = receiver.open_message(STRANGER, parse_mailbox("a@client.example"), [(parse_mailbox("b@example.jp"), [])], {})
-    message.write(MESSAGE[:30])
-    assert receiver.hold.held == 30 and b"Authentication-Results" not in store.writer.data
-    message.write(MESSAGE[30:])
+    message.write(b"Subject: s\r\n")
+    assert receiver.hold.held == 12 and b"Subject" not in store.writer.data
+    message.write(MESSAGE)
     assert receiver.hold.held == 0  # given back at once
     assert b"body" in store.writer.data  # streaming again, not waiting for the end
     assert message.commit().result == "0190000000000A000"
@@ -182,7 +191,7 @@ def test_held_bytes_are_given_back_after_the_commit_and_after_an_abort():
     for end in ("commit", "abort"):
         message = receiver.open_message(STRANGER, None, [(parse_mailbox("b@example.jp"), [])], {})
         message.write(MESSAGE)
-        assert receiver.hold.held == len(MESSAGE)
+        assert receiver.hold.held == len(CLEANED)
         getattr(message, end)()
         assert receiver.hold.held == 0, end
 
@@ -230,3 +239,35 @@ def test_an_answer_in_time_is_used():
     assert done.result == RESULTS
     clock.advance(10)  # the timeout was cancelled with the answer
     assert done.result == RESULTS
+
+
+def test_held_bytes_stay_counted_until_a_late_job_really_ends_and_a_queued_one_drops_the_message():
+    """The reactor gives up at budget + 1 s and commits with temperror; the
+    thread job may still have the message: the hold budget is given back
+    only when the job has ended. A job still queued then finds no message."""
+    clock, pool = _ClockWithThreads(), _LatePool()
+    checker = AuthChecker(clock, pool, budget=4, org_domain=lambda d: d)
+    checked = []
+    checker._spf_job = lambda *args: (RESULTS[:1], "client.example")
+    checker._content_job = lambda message, deadline: checked.append(message) or (RESULTS[1:2], [], RESULTS[2])
+    message, store = receive(STRANGER, checker)
+    committed = message.commit()
+    clock.advance(5.1)
+    assert committed.result == "0190000000000A000" and b"\tdkim=temperror" in store.writer.data
+    receiver_hold = message._hold
+    assert receiver_hold.held == len(CLEANED)  # the queued job still has the message
+    pool.run()
+    assert receiver_hold.held == 0 and checked == []  # it ended at once, without the message
+
+
+def test_held_bytes_are_given_back_when_a_job_in_time_has_ended_and_the_message_is_written():
+    clock, pool = _ClockWithThreads(), _LatePool()
+    checker = AuthChecker(clock, pool, budget=4, org_domain=lambda d: d)
+    checker._spf_job = lambda *args: (RESULTS[:1], "client.example")
+    checker._content_job = lambda message, deadline: (RESULTS[1:2], [], RESULTS[2])
+    message, store = receive(STRANGER, checker)
+    committed = message.commit()
+    assert message._hold.held == len(CLEANED)
+    pool.run()
+    assert committed.result == "0190000000000A000" and message._hold.held == 0
+    assert b"\tdkim=none" in store.writer.data
