@@ -177,3 +177,39 @@ def next_due(envelope: Envelope, destination: str, now: float) -> float:
     """When a recovered (message, destination) pair is due: its saved time, or now."""
     state = envelope.retries.get(destination) or {}
     return float(state.get("next_attempt", now))
+
+
+def apply_throttle(applied: Applied, destination: str, throttled: dict[str, Outcome], now: float) -> Applied:
+    """Add the recipients a throttle reply met (issue 14): each gets its attempt and
+    reply recorded and a ``deferred`` log record, but the retry episode is left as it
+    was (a throttle is not a failed attempt against period_4xx, and never bounces),
+    and the job is parked until the destination resumes: ``("park", now)``."""
+    if not throttled:
+        return applied
+    envelope = applied.envelope
+    results = list(applied.results)
+    for index in relay_groups(envelope).get(destination, []):
+        recipient = envelope.recipients[index]
+        outcome = throttled.get(recipient.address)
+        if outcome is None:
+            continue
+        attempt = recipient.attempts + 1
+        envelope = envelope.with_recipient(index, attempts=attempt, last_reply=reply_text(outcome))
+        results.append(RecipientResult(index, recipient.address, "deferred", outcome, attempt))
+    return Applied(envelope, tuple(results), ("park", now))
+
+
+def apply_greylist(applied: Applied, destination: str, greylisted: frozenset[str], when: float | None) -> Applied:
+    """Greylisted recipients are retried at `when` (receivers.greylist_retry_at)
+    instead of E-Post's next interval, when every deferred recipient of the attempt
+    was greylisted; what bounces and the episode's counts are E-Post's."""
+    deferred = [r for r in applied.results if r.status == "deferred"]
+    verdict = applied.verdict
+    if (when is None or not deferred or not isinstance(verdict, tuple) or verdict[0] != "retry"
+            or any(r.address not in greylisted for r in deferred)):
+        return applied
+    retries = dict(applied.envelope.retries)
+    if destination not in retries:
+        return applied
+    retries[destination] = {**retries[destination], "next_attempt": when}
+    return Applied(dataclasses.replace(applied.envelope, retries=retries), applied.results, ("retry", when))

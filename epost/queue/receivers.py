@@ -1,0 +1,357 @@
+"""Receiver-aware delivery as pure decisions (issue 14, SPEC §6): what a reply
+says about the receiver, what the destination's state becomes, and when a
+session or a retry may start. No I/O, no clock: every time is an argument.
+
+A *destination* here is where mail really goes: the set of MX hosts (domains
+whose MX host sets are the same share one state), or the domain itself until
+its first attempt told us its hosts. Its state:
+
+- ``normal``: only its configured limits apply.
+- ``throttled``: a throttle rule matched a reply. ``pause``: no session before
+  `resume_at`, then a ramp back up; ``slow``: a lowered rate (learned from what
+  the receiver accepted in the last minute, or the rule's) and connections
+  until `slow_until`, then the same ramp. A throttle is never a failed attempt.
+- ``greylisting``: a 4xx at RCPT on first contact looked like greylisting.
+  While the delay is being learned (`hold_until` in the future) new mail
+  beyond `GREYLIST_SEED` first contacts is held back; the greylisted messages
+  are retried on a ladder until one passes, which teaches the delay and
+  releases the rest. Whether the receiver auto-whitelists is then seen from
+  the released mail (`auto_whitelist`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Sequence
+
+NORMAL, THROTTLED, GREYLISTING = "normal", "throttled", "greylisting"
+SENT, THROTTLE, GREYLIST, OTHER = "sent", "throttle", "greylist", "other"
+
+WINDOW = 60.0  # seconds over which messages_per_minute is counted
+LEARN_FACTOR = 0.95  # of what the receiver took in the last minute, when it starts to throttle
+RAMP_STEP = 60.0  # seconds per ramp step after a throttle ends
+RAMP_FACTOR = 1.25  # the rate grows by this per step
+RAMP_START = 10.0  # messages/minute after a pause when nothing was learned
+RAMP_CEILING = 4.0  # ramp ends (limits off) at this multiple of where it started
+GREYLIST_SEED = 5  # first contacts let through while the delay is learned (postgrey whitelists after 5)
+GREYLIST_LADDER = (20, 40, 60, 90, 120, 180, 240, 330)  # retries of a greylisted message while the delay is unknown
+GREYLIST_DEFAULT = 300.0  # postgrey's delay: what the hold waits for at most before releasing anyway
+GREYLIST_HOLD_MAX = 2 * (GREYLIST_DEFAULT + 60)  # then new mail is released even if nothing passed
+_ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+_GREYLIST_TEXT = re.compile(r"gr[ea]ylist|try again later|please retry later|temporarily (deferred|rejected)", re.I)
+_GREYLIST_CODES = ("4.7.1", "4.2.0", "4.7.0")
+
+
+@dataclass(frozen=True)
+class ThrottleRule:
+    """A reply that means "too fast": every given field must match (code, enhanced
+    code, text regex searched case-insensitively). `action`: pause, slow or ignore
+    (an ordinary 4xx: lets a config rule override a shipped one)."""
+
+    action: str = "pause"
+    seconds: float = 300.0
+    code: int | None = None
+    enhanced: str | None = None
+    text: str | None = None
+    messages_per_minute: float | None = None  # slow: the lowered rate (None: learned)
+    max_connections: int | None = None  # slow: the lowered connections (None: unchanged)
+
+    def matches(self, code: int, enhanced: str | None, text: str) -> bool:
+        if self.code is not None and code != self.code:
+            return False
+        if self.enhanced is not None and enhanced != self.enhanced:
+            return False
+        return self.text is None or re.search(self.text, text, re.I) is not None
+
+
+# Shipped rules (docs/delivery.md); config rules are tried first.
+DEFAULT_THROTTLE_RULES: tuple[ThrottleRule, ...] = (
+    ThrottleRule("slow", 1800, code=421, enhanced="4.7.28", messages_per_minute=10),  # Gmail: unusual rate
+    ThrottleRule("slow", 5400, enhanced="4.7.650", messages_per_minute=1, max_connections=1),  # Microsoft: IP reputation
+    ThrottleRule("pause", 600, text=r"\bTS[SL]0[1-4]\b"),  # Yahoo: temporarily deferred, too much mail
+    ThrottleRule("slow", 600, text=r"too many (connections|concurrent)", max_connections=1),
+    ThrottleRule("slow", 600, text=r"too many (messages|mails|recipients)|too much mail|rate limit|sending rate|slow down"),
+    ThrottleRule("slow", 600, code=450, enhanced="4.7.1", text=r"rate|limit"),
+    ThrottleRule("slow", 600, code=421, enhanced="4.7.0"),
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Settings of a destination ([delivery.destinations."pattern"]); None: not limited here."""
+
+    max_connections: int | None = None
+    messages_per_connection: int | None = None
+    messages_per_minute: float | None = None
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """`d` matches d only; `*.d` matches every name under d, never d itself."""
+    pattern, name = pattern.lower().rstrip("."), name.lower().rstrip(".")
+    if pattern.startswith("*."):
+        return name.endswith(pattern[1:]) and len(name) > len(pattern) - 1
+    return name == pattern
+
+
+def limits_for(table: Sequence[tuple[str, Limits]], domain: str, mx_hosts: Iterable[str] = ()) -> Limits:
+    """The most specific pattern naming the domain or one of its MX hosts wins:
+    an exact name before any `*.`, a longer `*.` suffix before a shorter one,
+    the domain before its MX hosts at equal specificity, then the first in the file."""
+    names = [(0, domain)] + [(1, host) for host in mx_hosts]
+    best: tuple[tuple, Limits] | None = None
+    for order, (pattern, limits) in enumerate(table):
+        for which, name in names:
+            if pattern_matches(pattern, name):
+                rank = (not pattern.startswith("*."), pattern.count("."), -which, -order)
+                if best is None or rank > best[0]:
+                    best = (rank, limits)
+    return best[1] if best else Limits()
+
+
+def enhanced_of(text: str) -> str | None:
+    match = _ENHANCED.search(text[:40])
+    return match.group(1) if match else None
+
+
+def classify(code: int | None, text: str, stage: str, rules: Sequence[ThrottleRule]) -> tuple[str, ThrottleRule | None]:
+    """What one recipient's reply says: SENT, THROTTLE (with its rule), GREYLIST or
+    OTHER. Only 4xx replies can throttle or greylist; 5xx and no answer are OTHER,
+    so E-Post's counts for real failures never change. A greylisting reply comes
+    at RCPT (or DATA); whether it marks the destination depends on it being the
+    recipient's first contact (`on_greylisted`)."""
+    if code is not None and 200 <= code < 400:
+        return SENT, None
+    if code is None or not 400 <= code < 500:
+        return OTHER, None
+    enhanced = enhanced_of(text)
+    for rule in rules:
+        if rule.matches(code, enhanced, text):
+            return (OTHER, None) if rule.action == "ignore" else (THROTTLE, rule)
+    if stage in ("rcpt", "data") and (enhanced in _GREYLIST_CODES or _GREYLIST_TEXT.search(text)):
+        return GREYLIST, None
+    return OTHER, None
+
+
+@dataclass(frozen=True)
+class Receiver:
+    """The learned state of one destination (see the module docstring)."""
+
+    state: str = NORMAL
+    resume_at: float = 0.0  # throttled: no session before
+    slow_until: float = 0.0  # throttled: lowered limits hold until, then the ramp
+    rate: float | None = None  # messages/minute while throttled and ramping (None: no lowered rate)
+    connections: int | None = None  # lowered connections while throttled and ramping
+    hold_until: float = 0.0  # greylisting: new mail beyond the seed is held until (0: not holding)
+    seeds: int = 0  # greylisting: first contacts of this episode
+    greylist_delay: float | None = None  # learned: seconds a triplet waits before it passes
+    auto_whitelist: bool | None = None  # learned: does the receiver whitelist us after a few passes
+
+
+def settle(r: Receiver, now: float) -> Receiver:
+    """The state once time has passed: a finished ramp returns to normal, an
+    expired greylist hold releases."""
+    if r.state == THROTTLED and now >= r.resume_at and now >= r.slow_until and ramp_done(r, now):
+        return replace(r, state=NORMAL, rate=None, connections=None, resume_at=0.0, slow_until=0.0)
+    if r.state == GREYLISTING and r.hold_until and now >= r.hold_until:
+        return replace(r, hold_until=0.0)
+    return r
+
+
+def _steps(r: Receiver, now: float) -> int:
+    start = max(r.resume_at, r.slow_until)
+    return 0 if now <= start else int((now - start) // RAMP_STEP)
+
+
+def ramp_done(r: Receiver, now: float) -> bool:
+    return RAMP_FACTOR ** _steps(r, now) >= RAMP_CEILING
+
+
+def current_rate(r: Receiver, limits: Limits, now: float) -> float | None:
+    """Messages/minute allowed now: the configured rate, lowered by a throttle and its ramp."""
+    rate = limits.messages_per_minute
+    if r.state == THROTTLED and r.rate is not None and not ramp_done(r, now):
+        ramped = r.rate * RAMP_FACTOR ** _steps(r, now)
+        rate = ramped if rate is None else min(rate, ramped)
+    return rate
+
+
+def current_connections(r: Receiver, limits: Limits, default: int, now: float) -> int:
+    """Sessions allowed at once: configured (or the global per-destination default),
+    lowered by a throttle, one more per ramp step."""
+    connections = limits.max_connections or default
+    if r.state == THROTTLED and r.connections is not None and not ramp_done(r, now):
+        connections = min(connections, r.connections + _steps(r, now))
+    return max(1, connections)
+
+
+def on_throttle(r: Receiver, rule: ThrottleRule, now: float, recent_sent: int, running: int) -> Receiver:
+    """A throttle reply: pause or slow the destination for `rule.seconds`.
+    `recent_sent`: messages the destination accepted in the last WINDOW seconds,
+    `running`: sessions open to it. Limits only ever go down while throttled."""
+    learned = math.floor(LEARN_FACTOR * recent_sent) if recent_sent >= 2 else None
+    if rule.action == "pause":
+        resume_at = max(r.resume_at, now + rule.seconds)
+        rate = learned if learned is not None else RAMP_START
+        connections = 1
+        slow_until = resume_at
+    else:
+        resume_at = r.resume_at if r.resume_at > now else 0.0
+        rate = rule.messages_per_minute if rule.messages_per_minute is not None else (learned or RAMP_START)
+        connections = rule.max_connections if rule.max_connections is not None else max(1, running)
+        slow_until = max(r.slow_until, now + rule.seconds)
+    if r.state == THROTTLED:
+        if r.rate is not None:
+            rate = min(rate, max(1.0, r.rate * RAMP_FACTOR ** _steps(r, now)))
+        if r.connections is not None:
+            connections = min(connections, r.connections + _steps(r, now))
+    state = THROTTLED
+    return replace(r, state=state, resume_at=resume_at, slow_until=slow_until, rate=float(max(1, rate)),
+                   connections=max(1, connections), hold_until=0.0 if r.state == GREYLISTING else r.hold_until)
+
+
+def on_greylisted(r: Receiver, now: float, first_contact: bool) -> Receiver:
+    """A recipient was greylisted. On a first contact with a destination not yet
+    greylisting (or one that whitelisted us before), new mail is held back while the
+    greylisted messages are retried; once it is known not to whitelist, it is not."""
+    if r.state == THROTTLED or (not first_contact and r.state != GREYLISTING):
+        return r
+    if r.state != GREYLISTING:
+        known_no_whitelist = r.auto_whitelist is False and r.greylist_delay is not None
+        return replace(r, state=GREYLISTING, hold_until=0.0 if known_no_whitelist else now + GREYLIST_HOLD_MAX,
+                       seeds=1, auto_whitelist=False if known_no_whitelist else None)
+    if first_contact and r.greylist_delay is not None and r.hold_until == 0.0 and r.auto_whitelist is None:
+        # mail released after a pass was greylisted again: no auto-whitelist
+        return replace(r, auto_whitelist=False, seeds=r.seeds + 1)
+    return replace(r, seeds=r.seeds + 1)
+
+
+def on_greylist_passed(r: Receiver, waited: float) -> Receiver:
+    """A greylisted recipient was accepted `waited` seconds after its first attempt:
+    the delay is learned (the shortest pass seen) and held mail is released."""
+    delay = waited if r.greylist_delay is None else min(r.greylist_delay, waited)
+    if r.state != GREYLISTING:
+        return replace(r, greylist_delay=delay)
+    return replace(r, greylist_delay=delay, hold_until=0.0)
+
+
+def on_first_contact_sent(r: Receiver) -> Receiver:
+    """A first contact was accepted at once: after a pass, the receiver whitelists us."""
+    if r.state == GREYLISTING and r.hold_until == 0.0 and r.greylist_delay is not None:
+        return replace(r, state=NORMAL, auto_whitelist=True, seeds=0)
+    return r
+
+
+def greylist_retry_at(first_failure: float, now: float, delay: float | None, policy_next: float | None) -> float | None:
+    """When a greylisted recipient is tried again: its first attempt + the learned delay
+    and a margin; while the delay is unknown, the next step of GREYLIST_LADDER. None
+    (E-Post's rule bounces) stays None; past the ladder E-Post's own time applies."""
+    if policy_next is None:
+        return None
+    if delay is not None:
+        due = first_failure + delay + max(5.0, 0.1 * delay)
+        if due > now:
+            return due
+    waited = now - first_failure
+    for step in GREYLIST_LADDER:
+        if step > waited + 1:
+            return first_failure + step
+    return policy_next
+
+
+def admit(
+    r: Receiver,
+    limits: Limits,
+    default_connections: int,
+    now: float,
+    running: int,
+    window: Sequence[float],
+    retry: bool,
+) -> float | None:
+    """May a session start now? None: yes; else the time to ask again.
+    `window`: start times of the destination's sessions in the last WINDOW seconds,
+    oldest first; `retry`: the job is a scheduled retry (greylisted messages are;
+    they are never held back by the greylist hold)."""
+    r = settle(r, now)
+    if r.state == THROTTLED and now < r.resume_at:
+        return r.resume_at
+    if r.state == GREYLISTING and r.hold_until > now and not retry and r.seeds >= GREYLIST_SEED:
+        return r.hold_until
+    if running >= current_connections(r, limits, default_connections, now):
+        return now + 1.0  # a finishing session wakes the queue sooner
+    rate = current_rate(r, limits, now)
+    if rate is not None and window:
+        recent = [t for t in window if t > now - WINDOW]
+        spacing = WINDOW / rate
+        if len(recent) >= rate:
+            return recent[len(recent) - int(rate)] + WINDOW
+        if recent and now < recent[-1] + spacing:
+            return recent[-1] + spacing
+    return None
+
+
+# -- Domain.mri -------------------------------------------------------------
+
+
+def to_fields(r: Receiver, now: float, key: str) -> dict[str, str]:
+    """Domain.mri's extra keys (after E-Post's): only what differs from normal."""
+    r = settle(r, now)
+    fields: dict[str, str] = {}
+    if r.state != NORMAL:
+        fields["State"] = r.state
+    if r.state == THROTTLED:
+        fields["Resume-at"] = str(int(math.ceil(max(r.resume_at, now if r.resume_at else 0))))
+        fields["Slow-until"] = str(int(math.ceil(r.slow_until)))
+        if r.rate is not None:
+            fields["Rate-limit"] = f"{r.rate:g}"
+        if r.connections is not None:
+            fields["Connection-limit"] = str(r.connections)
+    if r.state == GREYLISTING and r.hold_until:
+        fields["Hold-until"] = str(int(math.ceil(r.hold_until)))
+    if r.greylist_delay is not None:
+        fields["Greylist-delay"] = f"{r.greylist_delay:.0f}"
+    if r.auto_whitelist is not None:
+        fields["Auto-whitelist"] = "yes" if r.auto_whitelist else "no"
+    if fields and key:
+        fields["Destination"] = key
+    return fields
+
+
+def from_fields(fields: dict[str, str]) -> Receiver:
+    """Back from Domain.mri (keys compared case-insensitively); anything unreadable
+    is left at its default, to be learned again."""
+    f = {k.lower(): v.strip() for k, v in fields.items()}
+
+    def number(key: str) -> float | None:
+        try:
+            value = float(f[key])
+        except (KeyError, ValueError):
+            return None
+        return value if math.isfinite(value) and value >= 0 else None
+
+    state = f.get("state", NORMAL)
+    if state not in (NORMAL, THROTTLED, GREYLISTING):
+        state = NORMAL
+    connections = number("connection-limit")
+    whitelist = f.get("auto-whitelist")
+    return Receiver(
+        state=state,
+        resume_at=number("resume-at") or 0.0 if state == THROTTLED else 0.0,
+        slow_until=number("slow-until") or 0.0 if state == THROTTLED else 0.0,
+        rate=(number("rate-limit") or None) if state == THROTTLED else None,
+        connections=max(1, int(connections)) if connections is not None and state == THROTTLED else None,
+        hold_until=number("hold-until") or 0.0 if state == GREYLISTING else 0.0,
+        seeds=GREYLIST_SEED if state == GREYLISTING else 0,
+        greylist_delay=number("greylist-delay"),
+        auto_whitelist={"yes": True, "no": False}.get(whitelist or ""),
+    )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What receiver-aware delivery is configured with ([delivery])."""
+
+    enabled: bool = True
+    rules: tuple[ThrottleRule, ...] = DEFAULT_THROTTLE_RULES
+    destinations: tuple[tuple[str, Limits], ...] = field(default_factory=tuple)
