@@ -43,6 +43,9 @@ class Destinations:
         self._sent: dict[str, deque[float]] = {}  # group -> deliveries in the last WINDOW
         self._running: dict[str, int] = {}
         self._job_group: dict[Job, str] = {}
+        self._answered: set[str] = set()  # groups that answered an attempt in this run
+        self._grey_jobs: dict[str, dict[Job, float]] = {}  # group -> greylisted job -> its first attempt
+        self.retime: Callable[[dict[Job, float]], None] = lambda due: None  # the scheduler's retime
 
     # -- groups ------------------------------------------------------------
 
@@ -63,6 +66,10 @@ class Destinations:
         self._domains.setdefault(group, set()).add(destination)
         if old in self._state and group not in self._state:
             self._state[group] = self._state[old]  # what was learned under the domain's name carries over
+        if old in self._answered:
+            self._answered.add(group)
+        for job, first in self._grey_jobs.pop(old, {}).items():
+            self._grey_jobs.setdefault(group, {})[job] = first
 
     def limits(self, group: str) -> rx.Limits:
         domain = min(self._domains.get(group, ()), default=group)
@@ -83,7 +90,7 @@ class Destinations:
             starts.popleft()
         hold = rx.admit(
             self._state.get(group, rx.Receiver()), self.limits(group), self.default_connections,
-            now, self._running.get(group, 0), starts, retry,
+            now, self._running.get(group, 0), starts, retry, group in self._answered,
         )
         if hold is not None:
             return hold
@@ -127,6 +134,8 @@ class Destinations:
         greylisted: set[str] = set()
         first_rule: rx.ThrottleRule | None = None
         for address, (code, text, stage, first_contact, waited) in replies.items():
+            if code is not None:
+                self._answered.add(group)
             kind, rule = rx.classify(code, text, stage, self.settings.rules)
             if kind == rx.SENT:
                 sent.append(now)
@@ -150,10 +159,35 @@ class Destinations:
                 self._state[group] = r
             if _opens(before, r, now):
                 self.clock.callLater(0, self.wake, group)
+            if r.greylist_delay is not None and r.greylist_delay != before.greylist_delay:
+                self._retime_greylisted(group, r.greylist_delay)
         return Judged(throttled, frozenset(greylisted), r.state == rx.GREYLISTING)
 
     def greylist_delay(self, destination: str) -> float | None:
         return self.state(self.group(destination)).greylist_delay
+
+    def greylist_retry(self, job: Job, first: float, now: float, policy_next: float | None, interval: float) -> float | None:
+        """The retry time of a greylisted job (receivers.greylist_retry_at); the
+        group's first greylisted job still waiting is the probe."""
+        group = self.group(job.destination)
+        jobs = self._grey_jobs.setdefault(group, {})
+        jobs.setdefault(job, first)
+        probe = next(iter(jobs)) == job
+        return rx.greylist_retry_at(first, now, self.greylist_delay(job.destination), policy_next, interval, probe)
+
+    def not_greylisted(self, job: Job) -> None:
+        """The job's last attempt was not a greylisting (it passed, or failed otherwise)."""
+        group = self.group(job.destination)
+        jobs = self._grey_jobs.get(group)
+        if jobs is not None and jobs.pop(job, None) is not None and not jobs:
+            del self._grey_jobs[group]
+
+    def _retime_greylisted(self, group: str, delay: float) -> None:
+        """The delay was learned: the greylisted jobs waiting go at their first attempt + delay."""
+        jobs = self._grey_jobs.get(group)
+        if jobs:
+            due = {job: first + delay + rx.greylist_margin(delay) for job, first in jobs.items()}
+            self.clock.callLater(0, self.retime, due)
 
     # -- Domain.mri --------------------------------------------------------------
 

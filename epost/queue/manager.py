@@ -44,6 +44,7 @@ from epost.queue.outcomes import (
     apply_attempt,
     apply_greylist,
     apply_throttle,
+    greylisted_only,
     destination_of,
     finished,
     has_local_pending,
@@ -54,7 +55,7 @@ from epost.queue.outcomes import (
     unreported_failures,
 )
 from epost.queue import surgery
-from epost.queue.receivers import Settings as ReceiverSettings, greylist_retry_at
+from epost.queue.receivers import Settings as ReceiverSettings
 from epost.queue.scheduler import Job, Scheduler
 from epost.queue.spool import DISK_FULL_ERRNOS, Spool, SpooledContent
 from epost.routing.resolver import Route
@@ -119,6 +120,7 @@ class DeliveryManager(Service):
         )
         if self.destinations is not None:
             self.destinations.wake = self.scheduler.wake
+            self.destinations.retime = self.scheduler.retime
         self.senderlog = LineLog(spool.root / "log" / "senderlog")
         self.faillog = LineLog(spool.root / "log" / "faillog")
         self.domains = DomainBooks(DomainStateStore(spool.root / "domains"), reactor, pool)
@@ -349,11 +351,12 @@ class DeliveryManager(Service):
             outcomes = {a: o for a, o in outcomes.items() if a not in judged.throttled}
             greylisted = judged.greylisted
         applied = apply_attempt(message.envelope, destination, outcomes, attempt.host, now, self.retry)
-        if greylisted:
+        if greylisted and greylisted_only(applied, greylisted):
             first = float((applied.envelope.retries.get(destination) or {}).get("first_failure", now))
-            policy_next = applied.verdict[1] if isinstance(applied.verdict, tuple) else None
-            when = greylist_retry_at(first, now, self.destinations.greylist_delay(destination), policy_next)
-            applied = apply_greylist(applied, destination, greylisted, when)
+            when = self.destinations.greylist_retry(job, first, now, applied.verdict[1], self.retry.interval)
+            applied = apply_greylist(applied, destination, when)
+        elif self.destinations is not None and not suspended:
+            self.destinations.not_greylisted(job)
         applied = apply_throttle(applied, destination, throttled, now)
         message.envelope = applied.envelope
         self._log_attempt(message.envelope, applied, attempt, now)

@@ -199,14 +199,19 @@ def apply_throttle(applied: Applied, destination: str, throttled: dict[str, Outc
     return Applied(envelope, tuple(results), ("park", now))
 
 
-def apply_greylist(applied: Applied, destination: str, greylisted: frozenset[str], when: float | None) -> Applied:
-    """Greylisted recipients are retried at `when` (receivers.greylist_retry_at)
-    instead of E-Post's next interval, when every deferred recipient of the attempt
-    was greylisted; what bounces and the episode's counts are E-Post's."""
+def greylisted_only(applied: Applied, greylisted: frozenset[str]) -> bool:
+    """Every recipient the attempt deferred was greylisted, and the job is to be retried."""
     deferred = [r for r in applied.results if r.status == "deferred"]
     verdict = applied.verdict
-    if (when is None or not deferred or not isinstance(verdict, tuple) or verdict[0] != "retry"
-            or any(r.address not in greylisted for r in deferred)):
+    return (bool(deferred) and isinstance(verdict, tuple) and verdict[0] == "retry"
+            and all(r.address in greylisted for r in deferred))
+
+
+def apply_greylist(applied: Applied, destination: str, when: float | None) -> Applied:
+    """Greylisted recipients are retried at `when` (receivers.greylist_retry_at)
+    instead of E-Post's next interval (call when `greylisted_only`); what bounces
+    and the episode's counts are E-Post's."""
+    if when is None:
         return applied
     retries = dict(applied.envelope.retries)
     if destination not in retries:

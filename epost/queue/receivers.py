@@ -12,11 +12,16 @@ its first attempt told us its hosts. Its state:
   the receiver accepted in the last minute, or the rule's) and connections
   until `slow_until`, then the same ramp. A throttle is never a failed attempt.
 - ``greylisting``: a 4xx at RCPT on first contact looked like greylisting.
-  While the delay is being learned (`hold_until` in the future) new mail
-  beyond `GREYLIST_SEED` first contacts is held back; the greylisted messages
-  are retried on a ladder until one passes, which teaches the delay and
-  releases the rest. Whether the receiver auto-whitelists is then seen from
-  the released mail (`auto_whitelist`).
+  While the delay is being learned (`hold_until` in the future) new mail is
+  held back; one greylisted message, the probe, is retried on a ladder
+  (`greylist_retry_at`) until it passes, which teaches the delay and releases
+  the rest. Whether the receiver auto-whitelists is then seen from the
+  released mail (`auto_whitelist`): if it does not, each message's first
+  attempt goes at once and its retry at first attempt + the learned delay.
+
+Until a destination has answered once in this run, at most `SLOW_START`
+sessions open to it, so a greylister or a throttler meets a few first
+contacts, not a whole burst.
 """
 
 from __future__ import annotations
@@ -35,10 +40,12 @@ RAMP_STEP = 60.0  # seconds per ramp step after a throttle ends
 RAMP_FACTOR = 1.25  # the rate grows by this per step
 RAMP_START = 10.0  # messages/minute after a pause when nothing was learned
 RAMP_CEILING = 4.0  # ramp ends (limits off) at this multiple of where it started
-GREYLIST_SEED = 5  # first contacts let through while the delay is learned (postgrey whitelists after 5)
-GREYLIST_LADDER = (20, 40, 60, 90, 120, 180, 240, 330)  # retries of a greylisted message while the delay is unknown
-GREYLIST_DEFAULT = 300.0  # postgrey's delay: what the hold waits for at most before releasing anyway
-GREYLIST_HOLD_MAX = 2 * (GREYLIST_DEFAULT + 60)  # then new mail is released even if nothing passed
+SLOW_START = 2  # sessions at once to a destination that has not answered yet in this run
+# Retries of the probe while the delay is unknown, in multiples of [retry] interval
+# after its first attempt (interval 120 s: 40, 80, 120, 180, 240, 360 s; postgrey's
+# 300 s passes at the last). Past the ladder, E-Post's own rule.
+GREYLIST_LADDER = (1 / 3, 2 / 3, 1, 1.5, 2, 3)
+GREYLIST_HOLD_MAX = 3600.0  # new mail is released after this even if nothing passed
 _ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
 _GREYLIST_TEXT = re.compile(r"gr[ea]ylist|try again later|please retry later|temporarily (deferred|rejected)", re.I)
 _GREYLIST_CODES = ("4.7.1", "4.2.0", "4.7.0")
@@ -144,7 +151,6 @@ class Receiver:
     rate: float | None = None  # messages/minute while throttled and ramping (None: no lowered rate)
     connections: int | None = None  # lowered connections while throttled and ramping
     hold_until: float = 0.0  # greylisting: new mail beyond the seed is held until (0: not holding)
-    seeds: int = 0  # greylisting: first contacts of this episode
     greylist_delay: float | None = None  # learned: seconds a triplet waits before it passes
     auto_whitelist: bool | None = None  # learned: does the receiver whitelist us after a few passes
 
@@ -220,11 +226,11 @@ def on_greylisted(r: Receiver, now: float, first_contact: bool) -> Receiver:
     if r.state != GREYLISTING:
         known_no_whitelist = r.auto_whitelist is False and r.greylist_delay is not None
         return replace(r, state=GREYLISTING, hold_until=0.0 if known_no_whitelist else now + GREYLIST_HOLD_MAX,
-                       seeds=1, auto_whitelist=False if known_no_whitelist else None)
+                       auto_whitelist=False if known_no_whitelist else None)
     if first_contact and r.greylist_delay is not None and r.hold_until == 0.0 and r.auto_whitelist is None:
         # mail released after a pass was greylisted again: no auto-whitelist
-        return replace(r, auto_whitelist=False, seeds=r.seeds + 1)
-    return replace(r, seeds=r.seeds + 1)
+        return replace(r, auto_whitelist=False)
+    return r
 
 
 def on_greylist_passed(r: Receiver, waited: float) -> Receiver:
@@ -239,23 +245,31 @@ def on_greylist_passed(r: Receiver, waited: float) -> Receiver:
 def on_first_contact_sent(r: Receiver) -> Receiver:
     """A first contact was accepted at once: after a pass, the receiver whitelists us."""
     if r.state == GREYLISTING and r.hold_until == 0.0 and r.greylist_delay is not None:
-        return replace(r, state=NORMAL, auto_whitelist=True, seeds=0)
+        return replace(r, state=NORMAL, auto_whitelist=True)
     return r
 
 
-def greylist_retry_at(first_failure: float, now: float, delay: float | None, policy_next: float | None) -> float | None:
-    """When a greylisted recipient is tried again: its first attempt + the learned delay
-    and a margin; while the delay is unknown, the next step of GREYLIST_LADDER. None
-    (E-Post's rule bounces) stays None; past the ladder E-Post's own time applies."""
+def greylist_margin(delay: float) -> float:
+    return 1.0 + 0.1 * delay
+
+
+def greylist_retry_at(
+    first_failure: float, now: float, delay: float | None, policy_next: float | None, interval: float, probe: bool
+) -> float | None:
+    """When a greylisted recipient is tried again. With the delay learned: its first
+    attempt + the delay and a margin. Unknown, the probe takes the next rung of
+    GREYLIST_LADDER and the others wait at the last rung (they are retimed when the
+    probe passes). None (E-Post's rule bounces) stays None; a retry already past
+    its due time, or past the ladder, goes by E-Post's own time."""
     if policy_next is None:
         return None
     if delay is not None:
-        due = first_failure + delay + max(5.0, 0.1 * delay)
-        if due > now:
-            return due
+        due = first_failure + delay + greylist_margin(delay)
+        return due if due > now else policy_next
     waited = now - first_failure
-    for step in GREYLIST_LADDER:
-        if step > waited + 1:
+    rungs = [step * interval for step in GREYLIST_LADDER]
+    for step in rungs if probe else rungs[-1:]:
+        if step > waited + 0.5:
             return first_failure + step
     return policy_next
 
@@ -268,17 +282,20 @@ def admit(
     running: int,
     window: Sequence[float],
     retry: bool,
+    answered: bool = True,
 ) -> float | None:
     """May a session start now? None: yes; else the time to ask again.
     `window`: start times of the destination's sessions in the last WINDOW seconds,
     oldest first; `retry`: the job is a scheduled retry (greylisted messages are;
-    they are never held back by the greylist hold)."""
+    they are never held back by the greylist hold); `answered`: the destination
+    has answered an attempt in this run (else SLOW_START)."""
     r = settle(r, now)
     if r.state == THROTTLED and now < r.resume_at:
         return r.resume_at
-    if r.state == GREYLISTING and r.hold_until > now and not retry and r.seeds >= GREYLIST_SEED:
+    if r.state == GREYLISTING and r.hold_until > now and not retry:
         return r.hold_until
-    if running >= current_connections(r, limits, default_connections, now):
+    connections = current_connections(r, limits, default_connections, now)
+    if running >= (connections if answered else min(connections, SLOW_START)):
         return now + 1.0  # a finishing session wakes the queue sooner
     rate = current_rate(r, limits, now)
     if rate is not None and window:
@@ -342,7 +359,6 @@ def from_fields(fields: dict[str, str]) -> Receiver:
         rate=(number("rate-limit") or None) if state == THROTTLED else None,
         connections=max(1, int(connections)) if connections is not None and state == THROTTLED else None,
         hold_until=number("hold-until") or 0.0 if state == GREYLISTING else 0.0,
-        seeds=GREYLIST_SEED if state == GREYLISTING else 0,
         greylist_delay=number("greylist-delay"),
         auto_whitelist={"yes": True, "no": False}.get(whitelist or ""),
     )

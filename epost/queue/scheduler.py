@@ -251,6 +251,17 @@ class Scheduler:
     def is_dead(self, destination: str) -> bool:
         return destination in self._dead
 
+    def retime(self, due: Mapping[Job, float]) -> None:
+        """Scheduled jobs in `due` go at their new time (the greylist delay was learned)."""
+        changed = False
+        for index, (when, seq, job) in enumerate(self._heap):
+            if job in due and due[job] != when:
+                self._heap[index] = (due[job], seq, job)
+                changed = True
+        if changed:
+            heapq.heapify(self._heap)
+            self._arm()
+
     def parked(self, group: str) -> int:
         """Jobs parked by the gate for one group."""
         return len(self._parked.get(group, ()))
