@@ -616,3 +616,27 @@ def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     rank = max(1, -(-len(ordered) * p // 100))
     return ordered[int(min(rank, len(ordered))) - 1]
+
+
+def bulk_toml(routes: dict[str, int], gateway: Path, aware: bool, retry: str = "", delivery: str = "",
+              tail: str = "") -> str:
+    """The daemon's settings after `[routing]`: a gateway.dat at `gateway` sending each
+    domain of `routes` to 127.0.0.1:port, `[retry]`, `[delivery]` with the
+    receiver_aware switch, then `tail` (whole tables: destinations, throttle rules)."""
+    gateway.write_text("".join(f"{domain},127.0.0.1,{port}\n" for domain, port in routes.items()))
+    return (f'gateway_table = "{gateway}"\n\n[retry]\n{retry}\n'
+            f"[delivery]\n{receiver_aware_line(aware)}{delivery}\n{tail}\n")
+
+
+def senderlog_records(spool: Path) -> list[dict]:
+    """The daemon's senderlog, parsed."""
+    from epost.logs import parse_senderlog_line
+
+    path = Path(spool) / "log" / "senderlog"
+    return [parse_senderlog_line(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def bounces(spool: Path) -> int:
+    """Final failures: faillog lines (one per failed recipient, null sender included)."""
+    path = Path(spool) / "log" / "faillog"
+    return len(path.read_text().splitlines()) if path.exists() else 0
