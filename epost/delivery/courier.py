@@ -54,7 +54,7 @@ class Resolver(Protocol):
 class Attempt:
     """The result of one attempt: an outcome per recipient, the last host
     tried as `name[ip]:port` (None if no connection was tried), whether
-    the last session used TLS, and the names of the route's hosts (the MX
+    the last session used TLS, and the route's hosts as `name:port` (the MX
     hosts: what groups destinations, issue 14)."""
 
     outcomes: dict[str, Outcome]
@@ -148,7 +148,7 @@ class Courier:
                 outcome = Outcome(code, f"{error.enhanced} {error}", "dns")
                 return Attempt({r: outcome for r in recipients}, None, False)
             hosts = [HostPort(name, self.smtp_port) for name in names]
-        mx = tuple(hostport.host for hostport in hosts)
+        mx = tuple(f"{hostport.host}:{hostport.port}" for hostport in hosts)
 
         final: dict[str, Outcome] = {}
         last = Outcome(None, "no host to deliver to", "connect")

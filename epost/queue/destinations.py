@@ -3,8 +3,8 @@ memory of how each destination behaves. The decisions are the pure functions
 of `epost.queue.receivers`; this class keeps their inputs (which domains share
 MX hosts, sessions running, recent starts and deliveries) and asks the clock.
 
-A destination's *group* is ``mx:`` and its sorted MX host names once an
-attempt reported them, the domain until then; the group holds one `Receiver`
+A destination's *group* is ``mx:`` and its sorted MX hosts (``name:port``)
+once an attempt reported them, the domain until then; the group holds one `Receiver`
 state and one set of limits for all its domains.
 """
 
@@ -43,6 +43,7 @@ class Destinations:
         self._sent: dict[str, deque[float]] = {}  # group -> deliveries in the last WINDOW
         self._running: dict[str, int] = {}
         self._job_group: dict[Job, str] = {}
+        self._forced: set[str] = set()  # groups flushed by the operator: one session each, whatever the state
         self._answered: set[str] = set()  # groups that answered an attempt in this run
         self._grey_jobs: dict[str, dict[Job, float]] = {}  # group -> greylisted job -> its first attempt
         self.retime: Callable[[dict[Job, float]], None] = lambda due: None  # the scheduler's retime
@@ -73,7 +74,8 @@ class Destinations:
 
     def limits(self, group: str) -> rx.Limits:
         domain = min(self._domains.get(group, ()), default=group)
-        return rx.limits_for(self.settings.destinations, domain, self._hosts.get(group, ()))
+        hosts = [host.rpartition(":")[0] or host for host in self._hosts.get(group, ())]
+        return rx.limits_for(self.settings.destinations, domain, hosts)
 
     def state(self, group: str) -> rx.Receiver:
         return rx.settle(self._state.get(group, rx.Receiver()), self.clock.seconds())
@@ -88,10 +90,14 @@ class Destinations:
         starts = self._starts.setdefault(group, deque())
         while starts and starts[0] <= now - rx.WINDOW:
             starts.popleft()
-        hold = rx.admit(
+        if group in self._forced:
+            self._forced.discard(group)
+            hold = None
+        else:
+            hold = rx.admit(
             self._state.get(group, rx.Receiver()), self.limits(group), self.default_connections,
-            now, self._running.get(group, 0), starts, retry, group in self._answered,
-        )
+                now, self._running.get(group, 0), starts, retry, group in self._answered,
+            )
         if hold is not None:
             return hold
         starts.append(now)
@@ -107,8 +113,10 @@ class Destinations:
                 del self._running[group]
 
     def flush(self, groups: set[str] | None, now: float) -> None:
-        """The operator's flush: pauses and holds end now (the ramp still applies)."""
+        """The operator's flush: pauses and holds end now and one session each may
+        start whatever the limits say (the ramp still applies after it)."""
         for group in list(self._state) if groups is None else groups & set(self._state):
+            self._forced.add(group)
             r = self._state[group]
             if r.resume_at > now or r.hold_until > now:
                 self._state[group] = replace(r, resume_at=min(r.resume_at, now), hold_until=0.0)

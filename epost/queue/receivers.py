@@ -35,7 +35,7 @@ NORMAL, THROTTLED, GREYLISTING = "normal", "throttled", "greylisting"
 SENT, THROTTLE, GREYLIST, OTHER = "sent", "throttle", "greylist", "other"
 
 WINDOW = 60.0  # seconds over which messages_per_minute is counted
-LEARN_FACTOR = 0.95  # of what the receiver took in the last minute, when it starts to throttle
+LEARN_FACTOR = 0.95  # of the rate the receiver took in the minute before it throttled
 RAMP_STEP = 60.0  # seconds per ramp step after a throttle ends
 RAMP_FACTOR = 1.25  # the rate grows by this per step
 RAMP_START = 10.0  # messages/minute after a pause when nothing was learned
@@ -192,14 +192,17 @@ def current_connections(r: Receiver, limits: Limits, default: int, now: float) -
     return max(1, connections)
 
 
-def on_throttle(r: Receiver, rule: ThrottleRule, now: float, recent_sent: int, running: int) -> Receiver:
+def on_throttle(r: Receiver, rule: ThrottleRule, now: float, accepted: int, running: int) -> Receiver:
     """A throttle reply: pause or slow the destination for `rule.seconds`.
-    `recent_sent`: messages the destination accepted in the last WINDOW seconds,
-    `running`: sessions open to it. Limits only ever go down while throttled."""
-    learned = math.floor(LEARN_FACTOR * recent_sent) if recent_sent >= 2 else None
+    `accepted`: messages the destination accepted in the last WINDOW seconds (a
+    slow-down without a rate of its own learns LEARN_FACTOR of it); `running`:
+    sessions open to it. Limits only ever go down while throttled."""
+    learned = max(1, math.floor(LEARN_FACTOR * accepted)) if accepted >= 2 else None
     if rule.action == "pause":
+        # The receiver's window refills during the pause; after it one session at
+        # a time, one more per ramp step, and the receiver says again when enough.
         resume_at = max(r.resume_at, now + rule.seconds)
-        rate = learned if learned is not None else RAMP_START
+        rate = None
         connections = 1
         slow_until = resume_at
     else:
@@ -209,12 +212,13 @@ def on_throttle(r: Receiver, rule: ThrottleRule, now: float, recent_sent: int, r
         slow_until = max(r.slow_until, now + rule.seconds)
     if r.state == THROTTLED:
         if r.rate is not None:
-            rate = min(rate, max(1.0, r.rate * RAMP_FACTOR ** _steps(r, now)))
+            ramped = max(1.0, r.rate * RAMP_FACTOR ** _steps(r, now))
+            rate = ramped if rate is None else min(rate, ramped)
         if r.connections is not None:
             connections = min(connections, r.connections + _steps(r, now))
-    state = THROTTLED
-    return replace(r, state=state, resume_at=resume_at, slow_until=slow_until, rate=float(max(1, rate)),
-                   connections=max(1, connections), hold_until=0.0 if r.state == GREYLISTING else r.hold_until)
+    return replace(r, state=THROTTLED, resume_at=resume_at, slow_until=slow_until,
+                   rate=None if rate is None else float(max(1, rate)), connections=max(1, connections),
+                   hold_until=0.0 if r.state == GREYLISTING else r.hold_until)
 
 
 def on_greylisted(r: Receiver, now: float, first_contact: bool) -> Receiver:
