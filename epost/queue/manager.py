@@ -350,6 +350,7 @@ class DeliveryManager(Service):
             throttled = {a: o for a, o in outcomes.items() if a in judged.throttled}
             outcomes = {a: o for a, o in outcomes.items() if a not in judged.throttled}
             greylisted = judged.greylisted
+        episode = message.envelope.retries.get(destination)
         applied = apply_attempt(message.envelope, destination, outcomes, attempt.host, now, self.retry)
         if greylisted and greylisted_only(applied, greylisted):
             first = float((applied.envelope.retries.get(destination) or {}).get("first_failure", now))
@@ -357,7 +358,7 @@ class DeliveryManager(Service):
             applied = apply_greylist(applied, destination, when)
         elif self.destinations is not None and not suspended:
             self.destinations.not_greylisted(job)
-        applied = apply_throttle(applied, destination, throttled, now)
+        applied = apply_throttle(applied, destination, throttled, now, episode)
         message.envelope = applied.envelope
         self._log_attempt(message.envelope, applied, attempt, now)
         self.domains.attempted(destination, queue_id, applied, attempt, now, suspended, frozenset(throttled))

@@ -179,14 +179,19 @@ def next_due(envelope: Envelope, destination: str, now: float) -> float:
     return float(state.get("next_attempt", now))
 
 
-def apply_throttle(applied: Applied, destination: str, throttled: dict[str, Outcome], now: float) -> Applied:
+def apply_throttle(
+    applied: Applied, destination: str, throttled: dict[str, Outcome], now: float, episode: dict | None = None
+) -> Applied:
     """Add the recipients a throttle reply met (issue 14): each gets its attempt and
     reply recorded and a ``deferred`` log record, but the retry episode is left as it
-    was (a throttle is not a failed attempt against period_4xx, and never bounces),
-    and the job is parked until the destination resumes: ``("park", now)``."""
+    was (`episode`, the one before the attempt: a throttle is not a failed attempt
+    against period_4xx, and never bounces), and the job is parked until the
+    destination resumes: ``("park", now)``."""
     if not throttled:
         return applied
     envelope = applied.envelope
+    if episode and destination not in envelope.retries:
+        envelope = dataclasses.replace(envelope, retries={**envelope.retries, destination: episode})
     results = list(applied.results)
     for index in relay_groups(envelope).get(destination, []):
         recipient = envelope.recipients[index]

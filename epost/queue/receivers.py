@@ -167,7 +167,7 @@ def settle(r: Receiver, now: float) -> Receiver:
 
 def _steps(r: Receiver, now: float) -> int:
     start = max(r.resume_at, r.slow_until)
-    return 0 if now <= start else int((now - start) // RAMP_STEP)
+    return 0 if now <= start else int(min(64, (now - start) // RAMP_STEP))  # 64: the ramp is long done
 
 
 def ramp_done(r: Receiver, now: float) -> bool:
