@@ -55,7 +55,7 @@ class Destinations:
 
     def saw_hosts(self, destination: str, hosts: Iterable[str]) -> None:
         """An attempt named the destination's hosts: it joins the group of that host set."""
-        names = tuple(sorted({h.lower().rstrip(".") for h in hosts if h}))
+        names = tuple(sorted({_host_key(h) for h in hosts if h}))
         if not names:
             return
         group = "mx:" + ",".join(names)
@@ -237,6 +237,15 @@ def replies_of(envelope, destination: str, indexes: Iterable[int], outcomes: dic
                 waited = max(0.0, now - float(first_failure))
         replies[recipient.address] = (outcome.code, outcome.text, outcome.stage, recipient.attempts == 0, waited)
     return replies
+
+
+def _host_key(host: str) -> str:
+    """`MX1.Example.` and `mx1.example:25` alike: lower case, no final dot, the port kept."""
+    name, colon, port = host.rpartition(":")
+    if not colon or not port.isdigit():
+        name, port = host, ""
+    name = name.lower().rstrip(".")
+    return f"{name}:{port}" if port else name
 
 
 def _opens(before: rx.Receiver, after: rx.Receiver, now: float) -> bool:
