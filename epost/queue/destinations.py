@@ -43,6 +43,8 @@ class Destinations:
         self._sent: dict[str, deque[float]] = {}  # group -> deliveries in the last WINDOW
         self._running: dict[str, int] = {}
         self._job_group: dict[Job, str] = {}
+        self.retry_interval = 120.0  # [retry] interval: the greylist probe's ladder is scaled by it
+        self._laddered: set[str] = set()  # groups whose probe was brought to its ladder
         self._forced: set[str] = set()  # groups flushed by the operator: one session each, whatever the state
         self._answered: set[str] = set()  # groups that answered an attempt in this run
         self._grey_jobs: dict[str, dict[Job, float]] = {}  # group -> greylisted job -> its first attempt
@@ -99,6 +101,8 @@ class Destinations:
                 now, self._running.get(group, 0), starts, retry, group in self._answered,
             )
         if hold is not None:
+            if not retry and self._state.get(group, rx.Receiver()).state == rx.GREYLISTING:
+                self._hurry_probe(group, now)
             return hold
         starts.append(now)
         self._running[group] = self._running.get(group, 0) + 1
@@ -174,14 +178,31 @@ class Destinations:
     def greylist_delay(self, destination: str) -> float | None:
         return self.state(self.group(destination)).greylist_delay
 
-    def greylist_retry(self, job: Job, first: float, now: float, policy_next: float | None, interval: float) -> float | None:
+    def greylist_retry(
+        self, job: Job, first: float, now: float, policy_next: float | None, interval: float, others_waiting: bool = True
+    ) -> float | None:
         """The retry time of a greylisted job (receivers.greylist_retry_at); the
         group's first greylisted job still waiting is the probe."""
         group = self.group(job.destination)
         jobs = self._grey_jobs.setdefault(group, {})
         jobs.setdefault(job, first)
         probe = next(iter(jobs)) == job
-        return rx.greylist_retry_at(first, now, self.greylist_delay(job.destination), policy_next, interval, probe)
+        return rx.greylist_retry_at(
+            first, now, self.greylist_delay(job.destination), policy_next, interval, probe, others_waiting
+        )
+
+    def _hurry_probe(self, group: str, now: float) -> None:
+        """Mail is held behind the greylisted probe: if its retry was put at E-Post's
+        time (nothing waited then), bring it to its ladder rung, once."""
+        jobs = self._grey_jobs.get(group)
+        if not jobs or group in self._laddered or self.greylist_delay(next(iter(jobs)).destination) is not None:
+            return
+        self._laddered.add(group)
+        probe = next(iter(jobs))
+        first = jobs[probe]
+        due = rx.greylist_retry_at(first, now, None, float("inf"), self.retry_interval, probe=True)
+        if due is not None and due != float("inf"):
+            self.clock.callLater(0, self.retime, {probe: due})
 
     def not_greylisted(self, job: Job) -> None:
         """The job's last attempt was not a greylisting (it passed, or failed otherwise)."""
@@ -189,6 +210,7 @@ class Destinations:
         jobs = self._grey_jobs.get(group)
         if jobs is not None and jobs.pop(job, None) is not None and not jobs:
             del self._grey_jobs[group]
+            self._laddered.discard(group)
 
     def _retime_greylisted(self, group: str, delay: float) -> None:
         """The delay was learned: the greylisted jobs waiting go at their first attempt + delay."""

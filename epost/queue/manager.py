@@ -113,6 +113,7 @@ class DeliveryManager(Service):
         self.destinations: Destinations | None = None
         if receivers is not None and receivers.enabled:
             self.destinations = Destinations(reactor, receivers, max_per_destination)
+            self.destinations.retry_interval = retry.interval
         self.scheduler = Scheduler(
             reactor, self._run, max_connections, max_per_destination, new_mail_share,
             suspend=lambda job: self._run(job, suspended=True), probe_gap=retry.interval,
@@ -354,7 +355,9 @@ class DeliveryManager(Service):
         applied = apply_attempt(message.envelope, destination, outcomes, attempt.host, now, self.retry)
         if greylisted and greylisted_only(applied, greylisted):
             first = float((applied.envelope.retries.get(destination) or {}).get("first_failure", now))
-            when = self.destinations.greylist_retry(job, first, now, applied.verdict[1], self.retry.interval)
+            others = len(self.scheduler.jobs_for(destination)) > 1 or self.scheduler.parked(
+                self.destinations.group(destination)) > 0
+            when = self.destinations.greylist_retry(job, first, now, applied.verdict[1], self.retry.interval, others)
             applied = apply_greylist(applied, destination, when)
         elif self.destinations is not None and not suspended:
             self.destinations.not_greylisted(job)

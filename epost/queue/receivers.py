@@ -258,18 +258,23 @@ def greylist_margin(delay: float) -> float:
 
 
 def greylist_retry_at(
-    first_failure: float, now: float, delay: float | None, policy_next: float | None, interval: float, probe: bool
+    first_failure: float, now: float, delay: float | None, policy_next: float | None, interval: float, probe: bool,
+    others_waiting: bool = True,
 ) -> float | None:
     """When a greylisted recipient is tried again. With the delay learned: its first
-    attempt + the delay and a margin. Unknown, the probe takes the next rung of
-    GREYLIST_LADDER and the others wait at the last rung (they are retimed when the
-    probe passes). None (E-Post's rule bounces) stays None; a retry already past
-    its due time, or past the ladder, goes by E-Post's own time."""
+    attempt + the delay and a margin. Unknown, and other mail waits for the
+    destination, the probe takes the next rung of GREYLIST_LADDER and the others
+    wait at the last rung (they are retimed when the probe passes); with nothing
+    else waiting there is nothing to learn for, and E-Post's time applies. None
+    (E-Post's rule bounces) stays None; a retry already past its due time, or
+    past the ladder, goes by E-Post's own time."""
     if policy_next is None:
         return None
     if delay is not None:
         due = first_failure + delay + greylist_margin(delay)
         return due if due > now else policy_next
+    if not others_waiting:
+        return policy_next
     waited = now - first_failure
     rungs = [step * interval for step in GREYLIST_LADDER]
     for step in rungs if probe else rungs[-1:]:

@@ -247,6 +247,8 @@ def test_greylist_retry_times():
     assert rx.greylist_retry_at(first, NOW, None, NOW + 120, 120, probe=False) == NOW + 360
     # learned: first attempt + delay + margin
     assert rx.greylist_retry_at(first, NOW, 30, NOW + 120, 120, probe=False) == NOW + 30 + rx.greylist_margin(30)
+    # nothing else waits: nothing to learn for, E-Post's time
+    assert rx.greylist_retry_at(first, NOW, None, NOW + 120, 120, probe=True, others_waiting=False) == NOW + 120
     # E-Post bounces: so do we; past the ladder: E-Post's time
     assert rx.greylist_retry_at(first, NOW, 30, None, 120, probe=True) is None
     assert rx.greylist_retry_at(first, NOW + 400, None, NOW + 999, 120, probe=True) == NOW + 999
