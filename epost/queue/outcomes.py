@@ -107,6 +107,15 @@ class Applied:
         return [r for r in self.results if r.status == "bounced"]
 
 
+def _answered(envelope: Envelope, destination: str, outcomes: dict[str, Outcome]):
+    """(index, recipient, outcome) of the destination's pending relay recipients that got an outcome."""
+    for index in relay_groups(envelope).get(destination, []):
+        recipient = envelope.recipients[index]
+        outcome = outcomes.get(recipient.address)
+        if outcome is not None:
+            yield index, recipient, outcome
+
+
 def apply_attempt(
     envelope: Envelope,
     destination: str,
@@ -126,11 +135,7 @@ def apply_attempt(
     results: list[RecipientResult] = []
     retry_times: list[float] = []
     all_silent = True
-    for index in relay_groups(envelope).get(destination, []):
-        recipient = envelope.recipients[index]
-        outcome = outcomes.get(recipient.address)
-        if outcome is None:
-            continue
+    for index, recipient, outcome in _answered(envelope, destination, outcomes):
         attempt = recipient.attempts + 1
         changes: dict[str, Any] = {"attempts": attempt, "last_reply": reply_text(outcome)}
         if outcome.code is not None and outcome.code < 400:
@@ -193,11 +198,7 @@ def apply_throttle(
     if episode and destination not in envelope.retries:
         envelope = dataclasses.replace(envelope, retries={**envelope.retries, destination: episode})
     results = list(applied.results)
-    for index in relay_groups(envelope).get(destination, []):
-        recipient = envelope.recipients[index]
-        outcome = throttled.get(recipient.address)
-        if outcome is None:
-            continue
+    for index, recipient, outcome in _answered(envelope, destination, throttled):
         attempt = recipient.attempts + 1
         envelope = envelope.with_recipient(index, attempts=attempt, last_reply=reply_text(outcome))
         results.append(RecipientResult(index, recipient.address, "deferred", outcome, attempt))

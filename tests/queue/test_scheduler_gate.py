@@ -43,13 +43,18 @@ def throttle(gate, destination, now):
     gate.judge(destination, {"a@x": (421, "4.7.0 slow", "rcpt", True, None)}, now)
 
 
-def test_parked_jobs_start_in_order_after_the_pause_and_healthy_mail_goes_meanwhile():
-    settings = rx.Settings(rules=(PAUSE,))
-    clock, gate, rec, scheduler = make(settings)
+def paused():
+    """A scheduler whose slow.test met a pause of 100 s in its first job, Q0 (parked)."""
+    clock, gate, rec, scheduler = make(rx.Settings(rules=(PAUSE,)))
     first = Job("Q0", "slow.test")
     scheduler.add_new(first)
     throttle(gate, "slow.test", clock.seconds())
     rec.finish(first, ("park", clock.seconds()))
+    return clock, gate, rec, scheduler, first
+
+
+def test_parked_jobs_start_in_order_after_the_pause_and_healthy_mail_goes_meanwhile():
+    clock, gate, rec, scheduler, first = paused()
     jobs = [Job(f"Q{i}", "slow.test") for i in range(1, 5)]
     for job in jobs:
         scheduler.add_new(job)
@@ -69,11 +74,7 @@ def test_parked_jobs_start_in_order_after_the_pause_and_healthy_mail_goes_meanwh
 
 
 def test_a_paused_destination_never_starts_before_resume_whatever_comes_due():
-    clock, gate, rec, scheduler = make(rx.Settings(rules=(PAUSE,)))
-    first = Job("Q0", "slow.test")
-    scheduler.add_new(first)
-    throttle(gate, "slow.test", clock.seconds())
-    rec.finish(first, ("park", clock.seconds()))
+    clock, gate, rec, scheduler, first = paused()
     for i in range(20):
         scheduler.add_deferred(Job(f"R{i}", "slow.test"), clock.seconds() + i * 5)
     for _ in range(99):
@@ -84,11 +85,7 @@ def test_a_paused_destination_never_starts_before_resume_whatever_comes_due():
 
 
 def test_flush_forces_one_session_at_a_paused_destination():
-    clock, gate, rec, scheduler = make(rx.Settings(rules=(PAUSE,)))
-    first = Job("Q0", "slow.test")
-    scheduler.add_new(first)
-    throttle(gate, "slow.test", clock.seconds())
-    rec.finish(first, ("park", clock.seconds()))
+    clock, gate, rec, scheduler, first = paused()
     clock.advance(10)
     assert len(rec.started) == 1
     scheduler.flush()
