@@ -29,6 +29,10 @@ class Judged:
     greylisting: bool  # the destination is greylisting (greylisted retries get greylist timing)
 
 
+PRUNE_EVERY = 10_000  # admissions between two prunings
+FORGET_ANSWERED = 3600.0  # seconds after its last answer a destination gets slow start again
+
+
 class Destinations:
     def __init__(self, clock: IReactorTime, settings: rx.Settings, default_connections: int) -> None:
         self.clock = clock
@@ -46,7 +50,8 @@ class Destinations:
         self.retry_interval = 120.0  # [retry] interval: the greylist probe's ladder is scaled by it
         self._laddered: set[str] = set()  # groups whose probe was brought to its ladder
         self._forced: set[str] = set()  # groups flushed by the operator: one session each, whatever the state
-        self._answered: set[str] = set()  # groups that answered an attempt in this run
+        self._answered: dict[str, float] = {}  # group -> when it last answered an attempt (slow start before)
+        self._admitted = 0  # admissions since the last pruning
         self._grey_jobs: dict[str, dict[Job, float]] = {}  # group -> greylisted job -> its first attempt
         self.retime: Callable[[dict[Job, float]], None] = lambda due: None  # the scheduler's retime
 
@@ -70,7 +75,7 @@ class Destinations:
         if old in self._state and group not in self._state:
             self._state[group] = self._state[old]  # what was learned under the domain's name carries over
         if old in self._answered:
-            self._answered.add(group)
+            self._answered[group] = self._answered[old]
         for job, first in self._grey_jobs.pop(old, {}).items():
             self._grey_jobs.setdefault(group, {})[job] = first
 
@@ -106,8 +111,21 @@ class Destinations:
             return hold
         starts.append(now)
         self._running[group] = self._running.get(group, 0) + 1
+        self._admitted += 1
+        if self._admitted >= PRUNE_EVERY:
+            self._prune(now)
         self._job_group[job] = group
         return None
+
+    def _prune(self, now: float) -> None:
+        """Forget the counts of groups idle for a while, so memory follows the
+        destinations in use, not every destination ever seen."""
+        self._admitted = 0
+        for table in (self._starts, self._sent):
+            for group in [g for g, times in table.items() if not times or times[-1] <= now - rx.WINDOW]:
+                del table[group]
+        for group in [g for g, t in self._answered.items() if t <= now - FORGET_ANSWERED and g not in self._running]:
+            del self._answered[group]
 
     def finished(self, job: Job) -> None:
         group = self._job_group.pop(job, None)
@@ -147,7 +165,7 @@ class Destinations:
         first_rule: rx.ThrottleRule | None = None
         for address, (code, text, stage, first_contact, waited) in replies.items():
             if code is not None:
-                self._answered.add(group)
+                self._answered[group] = now
             kind, rule = rx.classify(code, text, stage, self.settings.rules)
             if kind == rx.SENT:
                 sent.append(now)

@@ -357,17 +357,19 @@ def from_fields(fields: dict[str, str]) -> Receiver:
         return value if math.isfinite(value) and value >= 0 else None
 
     state = f.get("state", NORMAL)
-    if state not in (NORMAL, THROTTLED, GREYLISTING):
+    whitelist = f.get("auto-whitelist")
+    if state not in (NORMAL, THROTTLED, GREYLISTING) or (state == GREYLISTING and whitelist != "no"):
+        # A greylisting episode still learning is started afresh at the next first
+        # contact (its probe is not known after a restart); what was learned stays.
         state = NORMAL
     connections = number("connection-limit")
-    whitelist = f.get("auto-whitelist")
     return Receiver(
         state=state,
         resume_at=number("resume-at") or 0.0 if state == THROTTLED else 0.0,
         slow_until=number("slow-until") or 0.0 if state == THROTTLED else 0.0,
         rate=(number("rate-limit") or None) if state == THROTTLED else None,
         connections=max(1, int(connections)) if connections is not None and state == THROTTLED else None,
-        hold_until=number("hold-until") or 0.0 if state == GREYLISTING else 0.0,
+        hold_until=0.0,  # not restored: the probe is not known after a restart; relearned at first contact
         greylist_delay=number("greylist-delay"),
         auto_whitelist={"yes": True, "no": False}.get(whitelist or ""),
     )
