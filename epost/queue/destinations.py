@@ -92,11 +92,24 @@ class Destinations:
 
     # -- the scheduler's gate ------------------------------------------------
 
-    def admit(self, job: Job, retry: bool, now: float) -> float | None:
-        group = self.group(job.destination)
+    def room(self, group: str, retry: bool, now: float) -> tuple[int, float | None]:
+        """How many of the group's parked jobs may be offered now (receivers.room)."""
+        if group in self._forced:
+            return 1, None
+        return rx.room(
+            self._state.get(group, rx.Receiver()), self.limits(group), self.default_connections,
+            now, self._running.get(group, 0), self._window(group, now), retry, group in self._answered,
+        )
+
+    def _window(self, group: str, now: float) -> deque[float]:
         starts = self._starts.setdefault(group, deque())
         while starts and starts[0] <= now - rx.WINDOW:
             starts.popleft()
+        return starts
+
+    def admit(self, job: Job, retry: bool, now: float) -> float | None:
+        group = self.group(job.destination)
+        starts = self._window(group, now)
         if group in self._forced:
             self._forced.discard(group)
             hold = None

@@ -134,6 +134,7 @@ class Scheduler:
         self._stopped = False
         self.gate = gate
         self._parked: dict[str, deque[tuple[str, Job]]] = {}  # gate group -> parked jobs, in order
+        self._released: set[Job] = set()  # let out of parking and not yet offered again
         self._park_timers: dict[str, IDelayedCall] = {}
 
     # -- input -----------------------------------------------------------
@@ -201,6 +202,7 @@ class Scheduler:
                     self._parked[group] = kept
                 else:
                     self._forget_group(group)
+        self._released -= gone
         for destination in {job.destination for job in gone} & set(self._waiting):
             kept = deque(entry for entry in self._waiting[destination] if entry[1] not in gone)
             if kept:
@@ -349,11 +351,14 @@ class Scheduler:
                 if self._running_deferred >= self.deferred_limit or self._lanes[NEW]:
                     return
             job = lane.popleft()
+            released = job in self._released
+            if released:
+                self._released.discard(job)
             if self._can_start(job.destination):
                 if self.gate is not None:
                     hold = self.gate.admit(job, lane_name == DEFERRED, self._clock.seconds())
                     if hold is not None:
-                        self._park(job, lane_name, hold)
+                        self._park(job, lane_name, hold, front=released)
                         continue
                 self._launch(job, lane_name)
             elif self._suspend is not None and job.destination in self._dead and not self._per_destination.get(job.destination):
@@ -369,10 +374,19 @@ class Scheduler:
         d = maybeDeferred(self._start, job)
         d.addBoth(self._finished, job)
 
-    def _park(self, job: Job, lane_name: str, until: float) -> None:
-        """Wait for the gate: in order behind the group's other parked jobs."""
+    def _park(self, job: Job, lane_name: str, until: float, front: bool = False) -> None:
+        """Wait for the gate: in order behind the group's other parked jobs (`front`:
+        a job just let out and refused again goes back to the front)."""
         group = self.gate.group(job.destination)
-        self._parked.setdefault(group, deque()).append((lane_name, job))
+        parked = self._parked.setdefault(group, deque())
+        if front:
+            parked.appendleft((lane_name, job))
+        else:
+            parked.append((lane_name, job))
+        self._set_park_timer(group, until)
+
+    def _set_park_timer(self, group: str, until: float) -> None:
+        """The group's timer fires at `until` or earlier."""
         timer = self._park_timers.get(group)
         delay = max(0.0, until - self._clock.seconds())
         if timer is not None and timer.active():
@@ -387,13 +401,22 @@ class Scheduler:
         self._pump()
 
     def _unpark(self, group: str) -> None:
-        """Every parked job of `group` back to the front of its lane, in order; the
-        gate parks again those that still may not start."""
+        """As many parked jobs of `group` as the gate has room for back to the
+        front of their lanes, in order (a job the gate still refuses is parked
+        again at the front); with no room, the timer is set for when it says."""
         parked = self._parked.get(group)
         if not parked:
             return
-        self._forget_group(group)
-        for lane_name, job in reversed(parked):
+        now = self._clock.seconds()
+        count, until = self.gate.room(group, parked[0][0] == DEFERRED, now)
+        if count <= 0:
+            self._set_park_timer(group, until if until is not None else now + 1.0)
+            return
+        back = [parked.popleft() for _ in range(min(count, len(parked)))]
+        if not parked:
+            self._forget_group(group)
+        self._released.update(job for _, job in back)
+        for lane_name, job in reversed(back):
             self._lanes[lane_name].appendleft(job)
 
     def _forget_group(self, group: str) -> None:
