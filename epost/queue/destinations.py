@@ -54,6 +54,7 @@ class Destinations:
         self._admitted = 0  # admissions since the last pruning
         self._grey_jobs: dict[str, dict[Job, float]] = {}  # group -> greylisted job -> its first attempt
         self.retime: Callable[[dict[Job, float]], None] = lambda due: None  # the scheduler's retime
+        self.regroup: Callable[[str, str, str], None] = lambda destination, old, new: None  # the scheduler's
 
     # -- groups ------------------------------------------------------------
 
@@ -78,6 +79,7 @@ class Destinations:
             self._answered[group] = self._answered[old]
         for job, first in self._grey_jobs.pop(old, {}).items():
             self._grey_jobs.setdefault(group, {})[job] = first
+        self.regroup(destination, old, group)
 
     def limits(self, group: str) -> rx.Limits:
         domain = min(self._domains.get(group, ()), default=group)

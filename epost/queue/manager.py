@@ -122,6 +122,7 @@ class DeliveryManager(Service):
         if self.destinations is not None:
             self.destinations.wake = self.scheduler.wake
             self.destinations.retime = self.scheduler.retime
+            self.destinations.regroup = self.scheduler.regroup
         self.senderlog = LineLog(spool.root / "log" / "senderlog")
         self.faillog = LineLog(spool.root / "log" / "faillog")
         self.domains = DomainBooks(DomainStateStore(spool.root / "domains"), reactor, pool)

@@ -253,6 +253,23 @@ class Scheduler:
     def is_dead(self, destination: str) -> bool:
         return destination in self._dead
 
+    def regroup(self, destination: str, old: str, new: str) -> None:
+        """`destination` moved from gate group `old` to `new` (its MX hosts became
+        known): its parked jobs follow, behind the new group's, and are offered now."""
+        parked = self._parked.get(old)
+        if not parked:
+            return
+        moving = [entry for entry in parked if entry[1].destination == destination]
+        if not moving:
+            return
+        kept = deque(entry for entry in parked if entry[1].destination != destination)
+        if kept:
+            self._parked[old] = kept
+        else:
+            self._forget_group(old)
+        self._parked.setdefault(new, deque()).extend(moving)
+        self._set_park_timer(new, self._clock.seconds())
+
     def retime(self, due: Mapping[Job, float]) -> None:
         """Scheduled jobs in `due` go at their new time (the greylist delay was learned)."""
         changed = False
@@ -415,6 +432,8 @@ class Scheduler:
         back = [parked.popleft() for _ in range(min(count, len(parked)))]
         if not parked:
             self._forget_group(group)
+        else:  # a finishing session asks again; this is the safety net
+            self._set_park_timer(group, now + 1.0)
         self._released.update(job for _, job in back)
         for lane_name, job in reversed(back):
             self._lanes[lane_name].appendleft(job)

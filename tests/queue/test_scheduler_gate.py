@@ -36,6 +36,7 @@ def make(settings=rx.Settings(), **kw):
     scheduler = Scheduler(clock, rec.start, max_connections=20, max_per_destination=10, gate=gate, **kw)
     gate.wake = scheduler.wake
     gate.retime = scheduler.retime
+    gate.regroup = scheduler.regroup
     return clock, gate, rec, scheduler
 
 
@@ -150,3 +151,16 @@ def test_learned_greylist_delay_retimes_the_other_greylisted_jobs():
     rec.finish(probe)
     clock.advance(0)
     assert scheduler.next_due() == t0 + 1 + 40 + rx.greylist_margin(40)
+
+
+def test_parked_jobs_follow_their_domain_into_its_mx_group():
+    clock, gate, rec, scheduler = make()
+    jobs = [Job(f"Q{i}", "bulk.test") for i in range(6)]
+    for job in jobs:
+        scheduler.add_new(job)
+    assert len(rec.started) == rx.SLOW_START  # the rest parked under the domain's own name
+    gate.saw_hosts("bulk.test", ["mx.bulk.test:25"])
+    gate.judge("bulk.test", {"a@bulk.test": (250, "ok", "data", True, None)}, clock.seconds())
+    rec.finish(jobs[0])
+    clock.advance(0)
+    assert [job for _, job in rec.started] == jobs  # answered: the full limit, all of them at once
