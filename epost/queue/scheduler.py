@@ -40,7 +40,8 @@ Rules:
   above is first offered to `gate.admit(job, retry, now)`; a time instead of
   None *parks* it, in order, with the other parked jobs of its gate group
   (`gate.group(destination)`: domains sharing MX hosts) until that time, or
-  until `wake(group)` or a session of the group ends. The outcome
+  until `wake(group)` or a session of the group ends; then as many as
+  `gate.room(group)` allows are offered again, from the front. The outcome
   ``("park", when)`` parks a job that met a throttle (its place kept, no retry
   time of its own). `flush()` also clears the group's pauses (`gate.flush`).
   Without a gate nothing of this applies.
@@ -85,6 +86,8 @@ class Gate(Protocol):
     def finished(self, job: Job) -> None: ...
 
     def flush(self, groups: set[str] | None, now: float) -> None: ...
+
+    def room(self, group: str, retry: bool, now: float) -> tuple[int, float | None]: ...
 
 
 class Scheduler:
