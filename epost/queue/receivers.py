@@ -36,6 +36,7 @@ SENT, THROTTLE, GREYLIST, OTHER = "sent", "throttle", "greylist", "other"
 
 WINDOW = 60.0  # seconds over which messages_per_minute is counted
 LEARN_FACTOR = 0.95  # of the rate the receiver took in the minute before it throttled
+SPACING_SLACK = 0.9  # sessions under a rate start at least 0.9 x 60/rate s apart
 RAMP_STEP = 60.0  # seconds per ramp step after a throttle ends
 RAMP_FACTOR = 1.25  # the rate grows by this per step
 RAMP_START = 10.0  # messages/minute after a pause when nothing was learned
@@ -309,7 +310,7 @@ def admit(
     rate = current_rate(r, limits, now)
     if rate is not None and window:
         recent = [t for t in window if t > now - WINDOW]
-        spacing = WINDOW / rate
+        spacing = SPACING_SLACK * WINDOW / rate  # slack: a late timer does not lower the rate; the count caps it
         if len(recent) >= rate:
             return recent[len(recent) - max(1, int(rate))] + WINDOW
         if recent and now < recent[-1] + spacing:
