@@ -178,12 +178,13 @@ class Destinations:
         throttled: dict[str, rx.ThrottleRule] = {}
         greylisted: set[str] = set()
         first_rule: rx.ThrottleRule | None = None
+        delivered = False  # the message was taken (for one recipient or more): one in the rate's count
         for address, (code, text, stage, first_contact, waited) in replies.items():
             if code is not None:
                 self._answered[group] = now
             kind, rule = rx.classify(code, text, stage, self.settings.rules)
             if kind == rx.SENT:
-                sent.append(now)
+                delivered = True
                 if waited is not None:
                     r = rx.on_greylist_passed(r, waited)
                 elif first_contact:
@@ -195,6 +196,8 @@ class Destinations:
                 r = rx.on_greylisted(r, now, first_contact)
                 if first_contact or r.state == rx.GREYLISTING:
                     greylisted.add(address)
+        if delivered:
+            sent.append(now)
         if first_rule is not None:
             r = rx.on_throttle(r, first_rule, now, len(sent), self._running.get(group, 0))
         if r != self._state.get(group, rx.Receiver()):
