@@ -35,7 +35,7 @@ NORMAL, THROTTLED, GREYLISTING = "normal", "throttled", "greylisting"
 SENT, THROTTLE, GREYLIST, OTHER = "sent", "throttle", "greylist", "other"
 
 WINDOW = 60.0  # seconds over which messages_per_minute is counted
-LEARN_FACTOR = 0.95  # of the rate the receiver took in the minute before it throttled
+LEARN_FACTOR = 0.97  # of the rate the receiver took in the minute before it throttled
 SPACING_SLACK = 0.9  # sessions under a rate start at least 0.9 x 60/rate s apart
 RAMP_STEP = 60.0  # seconds per ramp step after a throttle ends
 RAMP_FACTOR = 1.25  # the rate grows by this per step

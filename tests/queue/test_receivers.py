@@ -151,7 +151,7 @@ def test_a_slow_down_lowers_the_rate_then_ramps_back_to_normal():
 
 def test_a_slow_down_without_a_rate_learns_from_what_was_accepted_in_the_last_minute():
     rule = dataclasses.replace(SLOW, messages_per_minute=None)
-    assert rx.on_throttle(rx.Receiver(), rule, NOW, 120, 10).rate == 114
+    assert rx.on_throttle(rx.Receiver(), rule, NOW, 120, 10).rate == 116
     assert rx.on_throttle(rx.Receiver(), rule, NOW, 0, 10).rate == rx.RAMP_START
 
 
