@@ -24,6 +24,7 @@ from epost.smtp.address import normalize_domain
 from epost.smtp.dnsbl import DnsblSite, parse_dnsbl_site
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class ConfigError(Exception):
@@ -83,6 +84,13 @@ class ServerConfig:
     greet_wait: int = 0
     dnsbl: tuple[DnsblSite, ...] = ()
     dnsbl_threshold: int = 1
+    # Addresses mail leaves from, as the world sees them (SPEC §9, `epost check-dns`):
+    # empty means "the addresses `hostname` resolves to".
+    public_addresses: tuple[IPAddress, ...] = ()
+    # SPEC §9: an Authentication-Results header (SPF, DKIM, DMARC) on mail from
+    # the relay port's untrusted, unauthenticated clients; seconds its lookups may take.
+    authentication_results: bool = True
+    authentication_results_timeout: int = 4
 
 
 @dataclass(frozen=True)
@@ -282,6 +290,13 @@ def _network(value: Any) -> IPNetwork:
         return ipaddress.ip_network(_string(value), strict=False)
     except ValueError:
         raise ValueError(f"must be an IP network (CIDR), got {value!r}") from None
+
+
+def _address(value: Any) -> IPAddress:
+    try:
+        return ipaddress.ip_address(_string(value))
+    except ValueError:
+        raise ValueError(f"must be an IP address, got {value!r}") from None
 
 
 _CHECKED_ENDPOINTS = {"tcp", "tcp6", "ssl", "tls", "unix"}
@@ -485,6 +500,9 @@ SCHEMA: dict[str, dict[str, Converter]] = {
         "greet_wait": _duration,
         "dnsbl": _list(parse_dnsbl_site),
         "dnsbl_threshold": _POSITIVE,
+        "public_addresses": _list(_address),
+        "authentication_results": _boolean,
+        "authentication_results_timeout": _POSITIVE,
     },
     "routing": {
         "local_domains": _list(_domain),

@@ -535,6 +535,18 @@ def test_proxy_networks_default_to_loopback_and_are_read_as_networks(tmp_path):
     assert "proxy_networks" in config_error(tmp_path, '[server]\nhostname = "mx.example.test"\nproxy_networks = ["nonsense"]\n')
 
 
+def test_public_addresses_default_to_none_given_and_are_read_as_addresses(tmp_path):
+    assert load(tmp_path).server.public_addresses == ()  # check-dns then resolves the hostname
+    config = load(tmp_path, '[server]\npublic_addresses = ["192.0.2.25", "2001:DB8::25"]\n')
+    assert config.server.public_addresses == (ipaddress.ip_address("192.0.2.25"), ipaddress.ip_address("2001:db8::25"))
+
+
+@pytest.mark.parametrize("value", ['["192.0.2.0/24"]', '["mail.example.test"]', '"192.0.2.25"', "[25]"])
+def test_a_bad_public_address_is_one_line_naming_file_and_key(tmp_path, value):
+    message = config_error(tmp_path, f"[server]\npublic_addresses = {value}\n")
+    assert message.startswith(f"{tmp_path / 'epost.toml'}:server.public_addresses: must be ")
+
+
 # --- receiver-aware delivery (issue 14) ------------------------------------
 
 

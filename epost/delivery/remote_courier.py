@@ -104,6 +104,7 @@ class RemoteCourier(Service):
             "recipients": list(recipients),
             "queue_id": content.queue_id,
             "queue": content.queue,
+            "prefix": content.prefix.decode("ascii"),
             "size": size,
             "body_8bit": body_8bit,
         }

@@ -334,11 +334,13 @@ class DeliveryManager(Service):
             attempt = Attempt({r: Outcome(None, reason, "connect") for r in recipients}, None, False)
         else:
             route = self._current_route(envelope.recipients[indexes[0]])
-            content = SpooledContent(self.spool, queue_id, message.queue)
+            # The DKIM signature made at commit: over SMTP only, the same bytes every attempt.
+            content = SpooledContent(self.spool, queue_id, message.queue, envelope.dkim.encode("ascii"))
             try:
                 per_connection = self.destinations and self.destinations.messages_per_connection(destination)
                 attempt = await self.courier.deliver(
-                    route, envelope.sender, recipients, content, envelope.size, envelope.body == "8BITMIME",
+                    route, envelope.sender, recipients, content, envelope.size + len(content.prefix),
+                    envelope.body == "8BITMIME",
                     **({"per_connection": per_connection} if per_connection else {}),
                 )
             finally:
