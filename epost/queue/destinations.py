@@ -95,13 +95,15 @@ class Destinations:
     # -- the scheduler's gate ------------------------------------------------
 
     def room(self, group: str, retry: bool, now: float) -> tuple[int, float | None]:
-        """How many of the group's parked jobs may be offered now (receivers.room)."""
+        """How many of the group's parked jobs may be offered now, or when to ask again (receivers.admit, free_slots)."""
         if group in self._forced:
             return 1, None
-        return rx.room(
-            self._state.get(group, rx.Receiver()), self.limits(group), self.default_connections,
-            now, self._running.get(group, 0), self._window(group, now), retry, group in self._answered,
-        )
+        r, limits, running, answered = (self._state.get(group, rx.Receiver()), self.limits(group),
+                                        self._running.get(group, 0), group in self._answered)
+        hold = rx.admit(r, limits, self.default_connections, now, running, self._window(group, now), retry, answered)
+        if hold is not None:
+            return 0, hold
+        return rx.free_slots(r, limits, self.default_connections, now, running, answered), None
 
     def _window(self, group: str, now: float) -> deque[float]:
         starts = self._starts.setdefault(group, deque())

@@ -318,27 +318,16 @@ def admit(
     return None
 
 
-def room(
-    r: Receiver,
-    limits: Limits,
-    default_connections: int,
-    now: float,
-    running: int,
-    window: Sequence[float],
-    retry: bool,
-    answered: bool = True,
-) -> tuple[int, float | None]:
-    """How many sessions may start now, and when none may, the time to ask again
-    (`admit`'s). Under a rate only one at a time: the next waits for its spacing."""
-    hold = admit(r, limits, default_connections, now, running, window, retry, answered)
-    if hold is not None:
-        return 0, hold
+def free_slots(r: Receiver, limits: Limits, default_connections: int, now: float, running: int,
+               answered: bool = True) -> int:
+    """How many sessions may start now, once `admit` said one may: the free
+    connections, or one under a rate (the next waits for its spacing)."""
     r = settle(r, now)
     connections = current_connections(r, limits, default_connections, now)
     free = (connections if answered else min(connections, SLOW_START)) - running
     if current_rate(r, limits, now) is not None:
         free = min(free, 1)
-    return max(1, free), None
+    return max(1, free)
 
 
 # -- Domain.mri -------------------------------------------------------------
