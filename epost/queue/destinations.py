@@ -95,7 +95,8 @@ class Destinations:
     # -- the scheduler's gate ------------------------------------------------
 
     def room(self, group: str, retry: bool, now: float) -> tuple[int, float | None]:
-        """How many of the group's parked jobs may be offered now, or when to ask again (receivers.admit, free_slots)."""
+        """How many of the group's parked jobs may be offered now, or when to ask
+        again (receivers.admit and free_slots)."""
         if group in self._forced:
             return 1, None
         r, limits, running, answered = (self._state.get(group, rx.Receiver()), self.limits(group),
