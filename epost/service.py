@@ -29,6 +29,7 @@ from epost.delivery.remote_courier import RemoteCourier
 from epost.queue.bounces import BounceSender
 from epost.queue.lock import SpoolLock
 from epost.queue.manager import DeliveryManager
+from epost.queue.receivers import DEFAULT_THROTTLE_RULES, Settings as ReceiverSettings
 from epost.queue.runner import LocalDeliveryRunner
 from epost.queue.spool import Spool
 from epost.queue.worker_client import SpoolWorkerService
@@ -369,6 +370,16 @@ def make_delivery_manager(config: Config, reactor, pool, courier, spool: Spool, 
         max_per_destination=delivery.max_per_destination,
         handle_signals=True,
         delay_warning=delivery.delay_warning,
+        receivers=receiver_settings(delivery),
+    )
+
+
+def receiver_settings(delivery) -> ReceiverSettings:
+    """Receiver-aware delivery as configured: the config's throttle rules before the shipped ones."""
+    return ReceiverSettings(
+        enabled=delivery.receiver_aware,
+        rules=delivery.throttle_rules + DEFAULT_THROTTLE_RULES,
+        destinations=delivery.destinations,
     )
 
 

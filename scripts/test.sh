@@ -16,12 +16,20 @@ command -v opendkim >/dev/null || [ -x /usr/sbin/opendkim ] || need+=(opendkim o
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 # Dovecot for the mailbox tests (tests/e2e/test_dovecot_e2e.py); its own service stays stopped.
 for p in dovecot-imapd dovecot-pop3d dovecot-lmtpd dovecot-sieve; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+# postgrey, the greylister of the bulk-delivery tests (tests/e2e/bulk_peers.py runs private
+# instances on loopback); its system service stays stopped and disabled.
+command -v postgrey >/dev/null || need+=(postgrey)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
     # Installing Dovecot starts the system service; the tests run private instances only.
     if [[ " ${need[*]} " == *" dovecot-"* ]]; then service dovecot stop >/dev/null 2>&1 || true; fi
+    if [[ " ${need[*]} " == *" postgrey "* ]]; then
+      service postgrey stop >/dev/null 2>&1 || true
+      update-rc.d postgrey disable >/dev/null 2>&1 || true
+      systemctl disable postgrey >/dev/null 2>&1 || true
+    fi
   else
     echo "missing Debian packages: ${need[*]} (run as root or install them)" >&2
   fi
