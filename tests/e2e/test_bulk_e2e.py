@@ -142,7 +142,7 @@ def test_bulk_to_an_accepting_receiver_is_delivered_once_per_recipient(daemon, t
     with Receiver() as peer:
         d = daemon(toml=bulk_toml({"bulk.test": peer.port}, tmp_path / "gateway.dat", aware, retry=RETRY))
         send_bulk(d.relay_port, recipients(30, "bulk.test"))
-        assert peer.wait_for_recipients(30, 30)
+        assert peer.wait_for_recipients(30, 30), f"{len(peer.delivered_at())} of 30 delivered"
     assert set(peer.rcpt_counts().values()) == {1}
 
 
