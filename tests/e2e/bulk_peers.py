@@ -590,6 +590,18 @@ def mri_fields(path: Path) -> dict[str, str]:
     return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines()) if k.strip()}
 
 
+def sustained_rate(times: list[float]) -> float:
+    """Deliveries a minute, over the whole minutes (counted from the first delivery) after
+    the first and before the last: a sliding-window limiter lets its first minute's
+    allowance through at once, and the last minute is cut short. NaN for under 3 minutes."""
+    if not times:
+        return float("nan")
+    start = min(times)
+    minutes = collections.Counter(int((t - start) // 60) for t in times)
+    full = range(1, max(minutes))
+    return sum(minutes[m] for m in full) / len(full) if len(full) else float("nan")
+
+
 def percentile(values: list[float], p: float) -> float:
     """The nearest-rank percentile (NaN for no values)."""
     if not values:
