@@ -126,6 +126,23 @@ def test_epost_flush_forces_an_attempt_at_a_throttled_destination(daemon, tmp_pa
     assert bounces(d.spool) == 0
 
 
+@pytest.mark.parametrize("reply", ["gmail", "microsoft", "yahoo"])
+def test_shipped_throttle_rules_know_the_big_receivers_replies(daemon, tmp_path, reply):
+    """No rule in the config: Gmail's 421 4.7.28, Microsoft's 451 4.7.650 and Yahoo's
+    TSS04 texts throttle the destination by the shipped rules, and nothing bounces."""
+    with RateLimiter(limit=3, window=600, reply=reply) as peer:
+        d = daemon(toml=bulk_toml({"rate.test": peer.port}, tmp_path / "gateway.dat", True, retry=RETRY))
+        send_bulk(d.relay_port, recipients(6, "rate.test"), connections=1)
+        mri = d.spool / "domains" / "rate.test" / "Domain.mri"
+        wait_for(lambda: mri_fields(mri).get("State") == "throttled", 20,
+                 message=f"State: throttled in {mri} ({mri_fields(mri)})")
+        refused = sum(peer.refusals().values())
+        time.sleep(6)  # a retry gap and more: a throttled destination is not retried at E-Post's interval
+        assert sum(peer.refusals().values()) <= refused + 1, peer.refusals()
+    assert len(peer.deliveries) == 3
+    assert bounces(d.spool) == 0
+
+
 def test_destination_max_connections_caps_the_sessions_a_bulk_opens(daemon, tmp_path):
     with Receiver() as peer:
         tail = '[delivery.destinations."bulk.test"]\nmax_connections = 2\n'
