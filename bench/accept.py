@@ -15,11 +15,9 @@ machine quiet) and epost's rate as a ratio of Postfix's, measured in one run.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import math
 
-from common import DiskCounters, Epost, Postfix, smtp_source
-
-POSTFIX_SPOOL = Path("/var/spool/postfix")
+from common import DiskCounters, Epost, Postfix, disk_columns, smtp_source
 
 
 def measure(server, name: str, messages: int, size: int, sessions: int, to: str, disk: DiskCounters | None = None) -> dict:
@@ -28,12 +26,8 @@ def measure(server, name: str, messages: int, size: int, sessions: int, to: str,
     cpu_before, disk_before = server.cpu(), disk and disk.read()
     seconds = smtp_source(server.port, messages, size, sessions, to)
     server.wait_until_drained()
-    cpu, disk_after = server.cpu() - cpu_before, disk and disk.read()
-    if disk_before and disk_after:
-        writes, flushes = ((after - before) / messages for before, after in zip(disk_before, disk_after))
-        device = f"{writes:>6.1f} {flushes:>6.1f}"
-    else:
-        device = f"{'-':>6} {'-':>6}"
+    cpu = server.cpu() - cpu_before
+    device = disk_columns(*disk.per_message(disk_before, messages)) if disk else disk_columns(math.nan, math.nan)
     return {"name": name, "rate": messages / seconds, "cpu_ms": 1000 * cpu / messages, "device": device}
 
 
@@ -48,7 +42,7 @@ def main() -> None:
     epost = Epost()
     postfix = None if args.no_postfix else Postfix()
     ours_disk = DiskCounters(epost.spool)
-    theirs_disk = DiskCounters(POSTFIX_SPOOL) if postfix else None
+    theirs_disk = DiskCounters(Postfix.spool) if postfix else None
     try:
         # warm-up: imports, first Maildir, page cache
         measure(epost, "epost", 200, 4096, 10, "sink@bench.test", ours_disk)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
@@ -84,6 +85,20 @@ class DiskCounters:
             if (int(fields[0]), int(fields[1])) == self.device:
                 return int(fields[7]), int(fields[18]) if len(fields) > 18 else 0
         return None
+
+    def per_message(self, before: tuple[int, int] | None, messages: int) -> tuple[float, float]:
+        """(write requests, cache flushes) per message since `before` (an earlier `read()`);
+        NaN for both when the disk cannot be counted."""
+        after = self.read()
+        if before is None or after is None:
+            return math.nan, math.nan
+        writes, flushes = ((a - b) / messages for b, a in zip(before, after))
+        return writes, flushes
+
+
+def disk_columns(writes: float, flushes: float) -> str:
+    """The `wr/msg fl/msg` columns of a benchmark line; `-` where the disk was not counted."""
+    return " ".join(f"{'-':>6}" if math.isnan(v) else f"{v:>6.1f}" for v in (writes, flushes))
 
 
 def bench_base() -> Path:
@@ -169,6 +184,8 @@ class Epost:
 
 class Postfix:
     """Debian's Postfix via ../shared/tools/postfix-peer, relaying into smtp-sink."""
+
+    spool = Path("/var/spool/postfix")
 
     def __init__(self, port: int = 2525, sink_port: int = 2526):
         self.port = port

@@ -19,11 +19,11 @@ MESSAGE = (
 )
 
 
-def cpu_ms(keys, n: int) -> float:
-    signing.sign(MESSAGE, keys)
+def cpu_ms(keys, n: int, message: bytes = MESSAGE) -> float:
+    assert signing.sign(message, keys), "no key is for the message's From: domain"
     start = time.process_time()
     for _ in range(n):
-        signing.sign(MESSAGE, keys)
+        signing.sign(message, keys)
     return (time.process_time() - start) / n * 1000
 
 

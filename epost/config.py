@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 
+from epost.queue.receivers import Limits, ThrottleRule
 from epost.smtp.address import normalize_domain
 from epost.smtp.dnsbl import DnsblSite, parse_dnsbl_site
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class ConfigError(Exception):
@@ -82,6 +84,13 @@ class ServerConfig:
     greet_wait: int = 0
     dnsbl: tuple[DnsblSite, ...] = ()
     dnsbl_threshold: int = 1
+    # Addresses mail leaves from, as the world sees them (SPEC §9, `epost check-dns`):
+    # empty means "the addresses `hostname` resolves to".
+    public_addresses: tuple[IPAddress, ...] = ()
+    # SPEC §9: an Authentication-Results header (SPF, DKIM, DMARC) on mail from
+    # the relay port's untrusted, unauthenticated clients; seconds its lookups may take.
+    authentication_results: bool = True
+    authentication_results_timeout: int = 4
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,13 @@ class DeliveryConfig:
     delay_warning: int = 4 * 3600
     # "maildir" (epost writes the Maildirs) or "lmtp:unix:/PATH" / "lmtp:tcp:HOST:PORT" (Dovecot LMTP).
     local_transport: str = "maildir"
+    # Receiver-aware delivery (issue 14): throttle rules, greylisting, grouping
+    # by MX hosts. false: E-Post's behaviour alone (the baseline of bench/bulk.py).
+    receiver_aware: bool = True
+    # [delivery.destinations."pattern"]: (pattern, limits) in file order.
+    destinations: tuple[tuple[str, Limits], ...] = ()
+    # [[delivery.throttle_rules]]: tried before the shipped ones (receivers.DEFAULT_THROTTLE_RULES).
+    throttle_rules: tuple[ThrottleRule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -276,6 +292,13 @@ def _network(value: Any) -> IPNetwork:
         raise ValueError(f"must be an IP network (CIDR), got {value!r}") from None
 
 
+def _address(value: Any) -> IPAddress:
+    try:
+        return ipaddress.ip_address(_string(value))
+    except ValueError:
+        raise ValueError(f"must be an IP address, got {value!r}") from None
+
+
 _CHECKED_ENDPOINTS = {"tcp", "tcp6", "ssl", "tls", "unix"}
 
 
@@ -315,6 +338,123 @@ def _list(item: Converter) -> Converter:
 
 
 _POSITIVE = _integer(1)
+
+
+class _SubKeyError(ValueError):
+    """A value inside a table or array of tables: `path` is appended to file:section.key."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+_LIMIT_KEYS: dict[str, Converter] = {
+    "max_connections": _POSITIVE,
+    "messages_per_connection": _POSITIVE,
+    "messages_per_minute": lambda value: _positive_number(value),
+}
+_RULE_KEYS = ("code", "enhanced", "text", "action", "seconds", "messages_per_minute", "max_connections")
+_PATTERN = re.compile(r"(\*\.)?[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?")
+
+
+def _positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _destinations(value: Any) -> tuple[tuple[str, Limits], ...]:
+    """[delivery.destinations."pattern"] tables: a domain or MX host name, or *.name."""
+    if not isinstance(value, dict):
+        raise ValueError('must be tables: [delivery.destinations."example.com"]')
+    table = []
+    for pattern, limits in value.items():
+        where = f'."{pattern}"'
+        name = pattern.strip().lower().rstrip(".")
+        if not _PATTERN.fullmatch(name) or ".." in name:
+            raise _SubKeyError(where, "must be a domain or host name, or *.name")
+        if not isinstance(limits, dict):
+            raise _SubKeyError(where, "must be a table")
+        checked = {}
+        for key, raw in limits.items():
+            if key not in _LIMIT_KEYS:
+                raise _SubKeyError(f"{where}.{key}", f"unknown key (known: {', '.join(_LIMIT_KEYS)})")
+            try:
+                checked[key] = _LIMIT_KEYS[key](raw)
+            except ValueError as error:
+                raise _SubKeyError(f"{where}.{key}", str(error)) from None
+        table.append((name, Limits(**checked)))
+    return tuple(table)
+
+
+def _throttle_rules(value: Any) -> tuple[ThrottleRule, ...]:
+    """[[delivery.throttle_rules]]: code / enhanced / text (at least one) -> action, seconds."""
+    if not isinstance(value, list):
+        raise ValueError("must be an array of tables: [[delivery.throttle_rules]]")
+    rules = []
+    for number, raw in enumerate(value, start=1):
+        where = f"[{number}]"
+        if not isinstance(raw, dict):
+            raise _SubKeyError(where, "must be a table")
+        for key in raw:
+            if key not in _RULE_KEYS:
+                raise _SubKeyError(f"{where}.{key}", f"unknown key (known: {', '.join(_RULE_KEYS)})")
+
+        def check(key: str, convert: Converter) -> Any:
+            if key not in raw:
+                return None
+            try:
+                return convert(raw[key])
+            except ValueError as error:
+                raise _SubKeyError(f"{where}.{key}", str(error)) from None
+
+        code = check("code", _reply_code)
+        enhanced = check("enhanced", _enhanced_code)
+        text = check("text", _regex)
+        if code is None and enhanced is None and text is None:
+            raise _SubKeyError(where, "needs at least one of code, enhanced, text")
+        action = check("action", _action) or "pause"
+        seconds = check("seconds", _duration)
+        if seconds is not None and seconds < 1 and action != "ignore":
+            raise _SubKeyError(f"{where}.seconds", f"must be at least 1 second, got {raw['seconds']!r}")
+        rules.append(ThrottleRule(
+            action=action,
+            seconds=float(seconds if seconds is not None else 300),
+            code=code,
+            enhanced=enhanced,
+            text=text,
+            messages_per_minute=check("messages_per_minute", _positive_number),
+            max_connections=check("max_connections", _POSITIVE),
+        ))
+    return tuple(rules)
+
+
+def _reply_code(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 400 <= value <= 499:
+        raise ValueError(f"must be a 4xx reply code (400-499), got {value!r}")
+    return value
+
+
+def _enhanced_code(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"4\.\d{1,3}\.\d{1,3}", value.strip()):
+        raise ValueError(f'must be a temporary enhanced status code such as "4.7.28", got {value!r}')
+    return value.strip()
+
+
+def _regex(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a regular expression, got {value!r}")
+    try:
+        re.compile(value)
+    except re.error as error:
+        raise ValueError(f"is not a valid regular expression ({error})") from None
+    return value
+
+
+def _action(value: Any) -> str:
+    if value not in ("pause", "slow", "ignore"):
+        raise ValueError(f'must be "pause", "slow" or "ignore", got {value!r}')
+    return value
 
 
 def _local_transport(value: Any) -> str:
@@ -360,6 +500,9 @@ SCHEMA: dict[str, dict[str, Converter]] = {
         "greet_wait": _duration,
         "dnsbl": _list(parse_dnsbl_site),
         "dnsbl_threshold": _POSITIVE,
+        "public_addresses": _list(_address),
+        "authentication_results": _boolean,
+        "authentication_results_timeout": _POSITIVE,
     },
     "routing": {
         "local_domains": _list(_domain),
@@ -381,6 +524,9 @@ SCHEMA: dict[str, dict[str, Converter]] = {
         "max_per_destination": _POSITIVE,
         "delay_warning": _duration,
         "local_transport": _local_transport,
+        "receiver_aware": _boolean,
+        "destinations": _destinations,
+        "throttle_rules": _throttle_rules,
     },
     "retry": {
         "interval": _POSITIVE,
@@ -438,6 +584,8 @@ def _convert(where: str, converter: Converter, raw: Any, base: Path) -> Any:
     """Check one value; relative paths become absolute against `base`."""
     try:
         value = converter(raw)
+    except _SubKeyError as e:
+        raise _fail(where + e.path, str(e)) from None
     except ValueError as e:
         raise _fail(where, str(e)) from None
     if isinstance(value, Path):

@@ -28,23 +28,34 @@ LINE_JOINER = " | "  # between the lines of a multi-line reply, where the reply 
 ELLIPSIS = "…"  # ends a text cut at its limit
 
 
+_SHORT_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
 def _escape(char: str) -> str:
+    """`char` as Python writes it in a string literal: `\\n`, `\\x1b`, `\\u202e`, `\\udcff`."""
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
     code = ord(char)
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
-def printable(text: str, limit: int | None = None) -> str:
+def printable(text: str, limit: int | None = None, *, join_lines: bool = True) -> str:
     """Text from a peer made safe for a one-line log record: line breaks
     (CR LF, LF, a lone CR) become LINE_JOINER, every other character
     `str.isprintable()` refuses (controls such as ESC, DEL, C1, bidi
-    overrides, unassigned code points) becomes `\\xNN`/`\\uNNNN`, and past
-    `limit` characters the text is cut and ends with ELLIPSIS.
+    overrides, unassigned code points, surrogate escapes) becomes `\\t`,
+    `\\xNN`, `\\uNNNN`..., and past `limit` characters the text is cut and
+    ends with ELLIPSIS.
+
+    `join_lines=False` escapes line breaks too (`\\r\\n`), for values that are
+    not replies, such as addresses: every character stays visible.
 
     Idempotent (its output passes through unchanged), so every writer may
     apply it again; quoting for key=value stays the writer's business."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if "\n" in text:
-        text = LINE_JOINER.join(part.strip(" \t") for part in text.split("\n"))
+    if join_lines:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        if "\n" in text:
+            text = LINE_JOINER.join(part.strip(" \t") for part in text.split("\n"))
     if not text.isprintable():
         text = "".join(c if c.isprintable() else _escape(c) for c in text)
     if limit is not None and len(text) > limit:

@@ -29,6 +29,7 @@ from epost.delivery.remote_courier import RemoteCourier
 from epost.queue.bounces import BounceSender
 from epost.queue.lock import SpoolLock
 from epost.queue.manager import DeliveryManager
+from epost.queue.receivers import DEFAULT_THROTTLE_RULES, Settings as ReceiverSettings
 from epost.queue.runner import LocalDeliveryRunner
 from epost.queue.spool import Spool
 from epost.queue.worker_client import SpoolWorkerService
@@ -262,13 +263,15 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
 
     spool = Spool(config.server.spool, reactor=reactor, threadpool=pool)
     spool.create_folders()
-    worker = SpoolWorkerService(spool, config.server.hostname, reactor, give_up_after=config.retry.period_4xx)
+    worker = SpoolWorkerService(spool, config.server.hostname, reactor, give_up_after=config.retry.period_4xx,
+                                dkim_keys=dkim_keys)  # the workers sign at commit (docs/authentication.md)
     worker.setServiceParent(top)
     top.stop_last = [worker, pool_service, auth_pool_service]  # the courier process goes first, below
     routing = build_routing(config)
     TableWatcher(routing.tables, reactor, pool).setServiceParent(top)
     add_verifier(top, config, reactor, routing)
-    receiver = SpoolingReceiver(worker, routing.policy, config.server.hostname, now=reactor.seconds)
+    receiver = SpoolingReceiver(worker, routing.policy, config.server.hostname, now=reactor.seconds,
+                                checker=auth_checker(top, config, reactor))
     limits = ConnectionLimits(config.server.max_connections, config.server.max_connections_per_client)
     tls = context_for(config)
     portal = make_portal(UsersChecker(routing.users, reactor, auth_pool,
@@ -326,7 +329,12 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
 
     metrics.watch(config.server.spool, lambda: limits.total_open)
     # Mail Control and /metrics on --admin (docs/mail-control.md); nothing without admin endpoints.
-    top.admin_site = attach_admin(top, config, manager, routing, reactor, pool, auth_pool, {b"metrics": metrics.metrics_resource()})
+    # The dashboard's DNS checks can wait seconds on a slow resolver: threads of their own, not the file threads.
+    dns_check_pool = ThreadPool(minthreads=0, maxthreads=2, name="epost-dnscheck") if config.server.admin else None
+    if dns_check_pool is not None:
+        ThreadPoolService(dns_check_pool).setServiceParent(top)
+    top.admin_site = attach_admin(top, config, manager, routing, reactor, pool, auth_pool, {b"metrics": metrics.metrics_resource()},
+                                  dns_threadpool=dns_check_pool)
     top.portal = portal
 
     top.spool, top.runner, top.manager, top.routing, top.limits = spool, runner, manager, routing, limits
@@ -362,6 +370,16 @@ def make_delivery_manager(config: Config, reactor, pool, courier, spool: Spool, 
         max_per_destination=delivery.max_per_destination,
         handle_signals=True,
         delay_warning=delivery.delay_warning,
+        receivers=receiver_settings(delivery),
+    )
+
+
+def receiver_settings(delivery) -> ReceiverSettings:
+    """Receiver-aware delivery as configured: the config's throttle rules before the shipped ones."""
+    return ReceiverSettings(
+        enabled=delivery.receiver_aware,
+        rules=delivery.throttle_rules + DEFAULT_THROTTLE_RULES,
+        destinations=delivery.destinations,
     )
 
 
@@ -380,6 +398,20 @@ def add_verifier(top: service.MultiService, config: Config, reactor, routing: Ro
     VerifierService(verifier, dns_pool).setServiceParent(top)
     routing.policy.verifier = verifier
     top.verifier = verifier
+
+
+def auth_checker(top: service.MultiService, config: Config, reactor):
+    """SPEC §9's inbound checks (epost/smtp/authcheck.py) with a pool of their
+    own, mostly waiting on DNS; None when `authentication_results` is off."""
+    if not config.server.authentication_results:
+        return None
+    from epost.smtp.authcheck import AuthChecker
+
+    pool = ThreadPool(minthreads=0, maxthreads=8, name="epost-authres")
+    pool_service = ThreadPoolService(pool)
+    pool_service.setServiceParent(top)
+    top.stop_last.insert(0, pool_service)  # after the sessions (a check in flight ends within its budget)
+    return AuthChecker(reactor, pool, config.routing.dns_servers, budget=config.server.authentication_results_timeout)
 
 
 def lmtp_deliver(config: Config, spool: Spool, reactor: Any, pool: Any) -> Callable[[list[str]], Any]:

@@ -11,6 +11,7 @@ command -v swaks >/dev/null || need+=(swaks)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v haproxy >/dev/null || need+=(haproxy)
 command -v opendkim >/dev/null || [ -x /usr/sbin/opendkim ] || need+=(opendkim opendkim-tools)
+[ -x /usr/sbin/opendkim-genkey ] || need+=(opendkim-tools)  # inbound A-R test: its keys (tests/e2e/test_authres_e2e.py)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 # Dovecot for the mailbox tests (tests/e2e/test_dovecot_e2e.py); its own service stays stopped.

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from epost.queue.receivers import Limits, ThrottleRule
 from epost.config import (
     Config,
     ConfigError,
@@ -113,6 +114,20 @@ max_connections = 7
 max_per_destination = 8
 delay_warning = "30m"
 local_transport = "lmtp:unix:/run/dovecot/lmtp"
+receiver_aware = false
+
+[delivery.destinations."*.Google.com"]
+max_connections = 5
+messages_per_connection = 50
+messages_per_minute = 120
+
+[[delivery.throttle_rules]]
+code = 421
+enhanced = "4.7.0"
+text = "slow down"
+action = "slow"
+seconds = "10m"
+messages_per_minute = 30
 
 [retry]
 interval = 60
@@ -149,7 +164,9 @@ def test_file_overrides_every_default(tmp_path):
     assert routing.dns_servers == (HostPort("192.0.2.53", 53), HostPort("2001:db8::53", 5353))
     assert config.delivery.__dict__ == dict(
         connect_timeout=5, greeting_timeout=6, max_connections=7, max_per_destination=8, delay_warning=1800,
-        local_transport="lmtp:unix:/run/dovecot/lmtp",
+        local_transport="lmtp:unix:/run/dovecot/lmtp", receiver_aware=False,
+        destinations=(("*.google.com", Limits(5, 50, 120.0)),),
+        throttle_rules=(ThrottleRule("slow", 600.0, 421, "4.7.0", "slow down", 30.0),),
     )
     assert config.retry.__dict__ == dict(
         interval=60, fixed_interval=True, max_interval=600, count_5xx=0,
@@ -516,3 +533,53 @@ def test_proxy_networks_default_to_loopback_and_are_read_as_networks(tmp_path):
     server = load(tmp_path, '[server]\nhostname = "mx.example.test"\nproxy_networks = ["10.0.0.5/24"]\n').server
     assert server.proxy_networks == (ipaddress.ip_network("10.0.0.0/24"),)
     assert "proxy_networks" in config_error(tmp_path, '[server]\nhostname = "mx.example.test"\nproxy_networks = ["nonsense"]\n')
+
+
+def test_public_addresses_default_to_none_given_and_are_read_as_addresses(tmp_path):
+    assert load(tmp_path).server.public_addresses == ()  # check-dns then resolves the hostname
+    config = load(tmp_path, '[server]\npublic_addresses = ["192.0.2.25", "2001:DB8::25"]\n')
+    assert config.server.public_addresses == (ipaddress.ip_address("192.0.2.25"), ipaddress.ip_address("2001:db8::25"))
+
+
+@pytest.mark.parametrize("value", ['["192.0.2.0/24"]', '["mail.example.test"]', '"192.0.2.25"', "[25]"])
+def test_a_bad_public_address_is_one_line_naming_file_and_key(tmp_path, value):
+    message = config_error(tmp_path, f"[server]\npublic_addresses = {value}\n")
+    assert message.startswith(f"{tmp_path / 'epost.toml'}:server.public_addresses: must be ")
+
+
+# --- receiver-aware delivery (issue 14) ------------------------------------
+
+
+def test_receiver_aware_is_on_by_default_with_no_extra_rules(tmp_path):
+    delivery = load(tmp_path).delivery
+    assert (delivery.receiver_aware, delivery.destinations, delivery.throttle_rules) == (True, (), ())
+
+
+@pytest.mark.parametrize(
+    "toml, where, says",
+    [
+        ('[delivery.destinations."*.google.com"]\nmax_conections = 5\n',
+         'delivery.destinations."*.google.com".max_conections', "unknown key"),
+        ('[delivery.destinations."gmail.com"]\nmessages_per_minute = 0\n',
+         'delivery.destinations."gmail.com".messages_per_minute', "must be a positive number"),
+        ('[delivery.destinations."bad name!"]\nmax_connections = 1\n',
+         'delivery.destinations."bad name!"', "must be a domain or host name"),
+        ("[[delivery.throttle_rules]]\ncode = 421\n[[delivery.throttle_rules]]\ncode = 550\n",
+         "delivery.throttle_rules[2].code", "must be a 4xx reply code"),
+        ('[[delivery.throttle_rules]]\ntext = "x"\naction = "stop"\n',
+         "delivery.throttle_rules[1].action", 'must be "pause", "slow" or "ignore"'),
+        ('[[delivery.throttle_rules]]\nenhanced = "5.7.1"\n',
+         "delivery.throttle_rules[1].enhanced", "temporary enhanced status code"),
+        ('[[delivery.throttle_rules]]\naction = "pause"\n',
+         "delivery.throttle_rules[1]", "needs at least one of code, enhanced, text"),
+        ('[[delivery.throttle_rules]]\ncode = 421\nseconds = "soon"\n',
+         "delivery.throttle_rules[1].seconds", "must be a duration"),
+        ('[[delivery.throttle_rules]]\ncode = 421\nwhen = 1\n',
+         "delivery.throttle_rules[1].when", "unknown key"),
+        ("[delivery]\nthrottle_rules = 5\n", "delivery.throttle_rules", "must be an array of tables"),
+    ],
+)
+def test_receiver_settings_errors_are_one_line_naming_file_and_key(tmp_path, toml, where, says):
+    message = config_error(tmp_path, toml)
+    assert message.startswith(f"{tmp_path / 'epost.toml'}:{where}: ")
+    assert says in message

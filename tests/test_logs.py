@@ -167,6 +167,19 @@ def test_printable_escapes_controls_and_joins_reply_lines_visibly():
     assert printable("x" * 512, 512) == "x" * 512
 
 
+def test_printable_without_joining_lines_escapes_every_line_break_like_python():
+    """For addresses and other values that are not replies (`epost queue`, `epost show`)."""
+    assert printable("evil\r\n@x\tb\u2028\udcff", join_lines=False) == "evil\\r\\n@x\\tb\\u2028\\udcff"
+    assert printable(" a\nb ", join_lines=False) == " a\\nb "
+
+
+@given(st.text(), st.booleans())
+def test_printable_is_idempotent_and_printable_either_way(text, join_lines):
+    once = printable(text, 100, join_lines=join_lines)
+    assert once.isprintable() and len(once) <= 100
+    assert printable(once, 100, join_lines=join_lines) == once
+
+
 @given(st.text())
 def test_printable_is_idempotent_and_printable(text):
     once = printable(text, 100)

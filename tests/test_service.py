@@ -27,6 +27,17 @@ def test_password_checks_have_threads_of_their_own(tmp_path):
     assert smtp_pool is not top.spool._threadpool and smtp_pool is not top.admin_site.context.threadpool
 
 
+def test_the_dashboards_dns_checks_have_threads_of_their_own(tmp_path):
+    """A slow resolver must not hold up the queue's file work (issue 15: check-dns on the dashboard)."""
+    config = Config(server=ServerConfig(
+        hostname="mx.example.test", spool=tmp_path / "spool", relay=(), submission=(), admin=("tcp:0:interface=127.0.0.1",),
+    ))
+    top = make_service(config, reactor=MemoryReactorClock())
+    pool = top.admin_site.context.dns_checks._threadpool
+    assert pool.name == "epost-dnscheck" and pool is not top.admin_site.context.threadpool
+    assert pool in [s.pool for s in top if hasattr(s, "pool")]  # started and stopped with the daemon
+
+
 def test_the_password_check_threads_stop_after_the_listeners(tmp_path):
     """A stopped pool drops work without a word: a login on a connection still
     open while the daemon stops would never be answered."""

@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="only messages with a recipient in this state")
     queue.set_defaults(run=list_queue)
 
+    show = commands.add_parser("show", parents=[common], help="print a queued message: envelope, then content")
+    show.add_argument("id", metavar="ID", help="a queue ID, as `epost queue` shows it")
+    show.set_defaults(run=show_message)
+
     add_commands(commands, common, operate_on_queue)
 
     passwd = commands.add_parser("passwd", parents=[common], help="set a user's password in the users file")
@@ -97,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--selector", help="default: the month, e.g. e202612")
     keygen.add_argument("--type", choices=("rsa", "ed25519"), default="rsa", help="rsa (2048 bits, default) or ed25519")
     keygen.set_defaults(run=dkim_keygen)
-    check_dns = commands.add_parser("check-dns", parents=[common], help="check the DNS records a domain needs (DKIM so far)")
+    check_dns = commands.add_parser("check-dns", parents=[common], help="check the DNS records a domain needs: MX, SPF, DKIM, DMARC, reverse DNS")
     check_dns.add_argument("domain")
     check_dns.set_defaults(run=check_dns_records)
     return parser
@@ -258,6 +262,42 @@ def list_queue(args: argparse.Namespace, now: float) -> int:
         print(json.dumps(to_json(messages, now), indent=1))
     else:
         print("\n".join(format_text(messages, now)))
+    return 0
+
+
+def show_message(args: argparse.Namespace, now: float) -> int:
+    """SPEC §4: the envelope as `key: value` lines, a blank line, the content as stored; 1 when not queued."""
+    from epost.admin.show import content_chunks, envelope_lines, open_queued, still_queued
+    from epost.logs import printable
+    from epost.queue.envelope import EnvelopeError
+    from epost.queue.spool import QUEUE_ID, Spool
+
+    config = _load_with_spool(args)
+    if config is None:
+        return 1
+    spool = Spool(config.server.spool, reactor=None, threadpool=None)
+    asked = args.id.strip()
+    queue_id = asked.upper() if QUEUE_ID.fullmatch(asked.upper()) else asked  # `epost show 0190...a000` too
+    try:
+        queue, envelope, fd = open_queued(spool, queue_id)
+    except LookupError as error:
+        print(printable(f"epost show: {error}", join_lines=False), file=sys.stderr)
+        return 1
+    except (EnvelopeError, OSError) as error:
+        print(printable(f"epost show: {queue_id}: {error}", join_lines=False), file=sys.stderr)
+        return 1
+    try:
+        sys.stdout.write("\n".join(envelope_lines(queue, envelope)) + "\n\n")
+        sys.stdout.flush()
+        for chunk in content_chunks(fd):
+            sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
+        if not still_queued(spool, queue_id, fd):
+            print(f"epost show: {queue_id} left the queue while it was shown (delivered or deleted);"
+                  " the content above may not all be its own", file=sys.stderr)
+            return 1
+    finally:
+        os.close(fd)
     return 0
 
 
@@ -518,9 +558,12 @@ def dkim_keygen(args: argparse.Namespace, now: float) -> int:
 
 
 def _check_dkim(config: Config) -> Iterator[tuple[bool, str]]:
-    """Issue 15: each [[dkim.keys]] file must be readable and a usable private key."""
-    from epost.delivery.signing import DkimKeyError, load_key
+    """Issue 15: each [[dkim.keys]] file must be readable and a usable private key
+    (the checks start-up makes: epost.delivery.signing.load_keys)."""
+    from epost.delivery.signing import DkimKeyError, load_key, repeated_selectors
 
+    for problem in repeated_selectors(config.dkim.keys):
+        yield True, problem
     for spec in config.dkim.keys:
         try:
             load_key(spec.domain, spec.selector, spec.key)
@@ -529,74 +572,19 @@ def _check_dkim(config: Config) -> Iterator[tuple[bool, str]]:
 
 
 def check_dns_records(args: argparse.Namespace, now: float) -> int:
-    """SPEC §9 / issue 15 (DKIM lines only so far): ok|warn|fail, what was found, the record to publish; 1 on any fail."""
-    import dns.exception
-    import dns.resolver
-
-    from epost.delivery.signing import DkimKeyError, load_key, txt_record
+    """SPEC §9: MX, SPF per public address, DKIM, DMARC, reverse DNS, one `ok|warn|fail  check  detail`
+    line each with the fix below it; 1 on any fail."""
+    from epost.admin.dns_check import check_config_domain, format_finding
 
     try:
         config = _load(args)
     except ConfigError as error:
         print(f"epost: {error}", file=sys.stderr)
         return 1
-    resolver = dns.resolver.Resolver(configure=not config.routing.dns_servers)
-    if config.routing.dns_servers:
-        resolver.nameservers = [s.host for s in config.routing.dns_servers]
-        resolver.port = config.routing.dns_servers[0].port
-    resolver.lifetime = 5.0
-    domain = args.domain.lower().rstrip(".")
-    failed = False
-
-    def txt(name: str) -> list[str] | None:
-        try:
-            return ["".join(p.decode() for p in r.strings) for r in resolver.resolve(name, "TXT")]
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return []
-        except dns.exception.DNSException:
-            return None
-
-    for kind, name, prefix, fix in (
-        ("spf", domain, "v=spf1", f'{domain}. IN TXT "v=spf1 mx -all"'),
-        ("dmarc", f"_dmarc.{domain}", "v=DMARC1", f'_dmarc.{domain}. IN TXT "v=DMARC1; p=none; rua=mailto:postmaster@{domain}"'),
-    ):
-        records = txt(name)
-        if records is None:
-            print(f"warn {kind} {name}: lookup failed; try again")
-            continue
-        found = [r for r in records if r.split(";")[0].split(" ")[0].lower() == prefix.lower()]
-        if len(found) == 1:
-            print(f"ok   {kind} {name}: {found[0]}")  # the SPF policy is not evaluated per address yet
-        else:
-            print(f"fail {kind} {name}: {'several records' if found else 'no record'}; fix: publish {fix}")
-            failed = True
-    specs = [s for s in config.dkim.keys if s.domain == domain]
-    if not specs:
-        print(f"warn dkim: no [[dkim.keys]] for {domain}; fix: epost dkim keygen {domain}")
-    for spec in specs:
-        name = f"{spec.selector}._domainkey.{domain}"
-        try:
-            key = load_key(spec.domain, spec.selector, spec.key)
-        except DkimKeyError as error:
-            print(f"fail dkim {name}: {error}")
-            failed = True
-            continue
-        try:
-            answer = resolver.resolve(name, "TXT")
-            found = ["".join(p.decode() for p in r.strings) for r in answer]
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            found = []
-        except dns.exception.DNSException as error:
-            print(f"warn dkim {name}: lookup failed ({error.__class__.__name__}); try again")
-            continue
-        published = {t.split("p=", 1)[1].split(";")[0].replace(" ", "") for t in found if "p=" in t}
-        if key.public_b64 in published:
-            print(f"ok   dkim {name}: publishes the key epost signs with ({key.algorithm})")
-        else:
-            what = f"found {found[0][:60]!r}" if found else "no record"
-            print(f"fail dkim {name}: {what}; fix: publish {txt_record(key)}")
-            failed = True
-    return 1 if failed else 0
+    findings = check_config_domain(config, args.domain)
+    for finding in findings:
+        print(format_finding(finding))
+    return 1 if any(f.status == "fail" for f in findings) else 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from epost.logs import printable
 from epost.queue.envelope import Envelope, EnvelopeError, Recipient
 from epost.queue.outcomes import destination_of
 from epost.queue.spool import QUEUE_ID, QUEUES
@@ -84,13 +85,12 @@ def format_text(messages: list[QueuedMessage], now: float) -> list[str]:
     for message in messages:
         envelope = message.envelope
         if envelope is None:
-            lines.append(_printable(f"{message.queue_id}: unreadable envelope ({message.error})"))
+            lines.append(printable(f"{message.queue_id}: unreadable envelope ({message.error})", join_lines=False))
             continue
         recipients = " ".join(_recipient_text(message, r, now) for r in envelope.recipients)
         age = format_age(now - envelope.arrival)
-        lines.append(
-            _printable(f"{message.queue_id} {age:>4} {envelope.size:>9} <{envelope.sender}> {recipients}")
-        )
+        line = f"{message.queue_id} {age:>4} {envelope.size:>9} <{envelope.sender}> {recipients}"
+        lines.append(printable(line, join_lines=False))
     if not messages:
         lines.append("queue is empty")
     else:
@@ -182,8 +182,3 @@ def matches(message: QueuedMessage, domain: str | None, state: str | None) -> bo
     if state is not None and not any(message.recipient_state(r.state) == state for r in envelope.recipients):
         return False
     return True
-
-
-def _printable(text: str) -> str:
-    """Escape control characters and surrogate escapes so one message stays one printable line."""
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)

@@ -18,6 +18,7 @@ Promises kept here:
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
@@ -52,12 +53,14 @@ class Resolver(Protocol):
 @dataclass(frozen=True)
 class Attempt:
     """The result of one attempt: an outcome per recipient, the last host
-    tried as `name[ip]:port` (None if no connection was tried) and whether
-    the last session used TLS."""
+    tried as `name[ip]:port` (None if no connection was tried), whether
+    the last session used TLS, and the route's hosts as `name:port` (the MX
+    hosts: what groups destinations, issue 14)."""
 
     outcomes: dict[str, Outcome]
     host: str | None
     tls: bool
+    mx: tuple[str, ...] = ()
 
 
 def is_final(outcome: Outcome) -> bool:
@@ -100,6 +103,7 @@ class Courier:
         self.smtp_port = smtp_port
         self.reuse_connections = True
         self._idle: dict[tuple[str, int, bool], list[SMTPClient]] = {}
+        self._uses: weakref.WeakKeyDictionary[SMTPClient, int] = weakref.WeakKeyDictionary()
 
     def deliver(
         self,
@@ -109,10 +113,12 @@ class Courier:
         content: Callable[[], Iterable[bytes]],
         size: int,
         body_8bit: bool,
+        per_connection: int | None = None,
     ) -> defer.Deferred[Attempt]:
-        """One attempt for `recipients` along `route`; never errbacks."""
+        """One attempt for `recipients` along `route`; never errbacks. `per_connection`:
+        a connection is not reused after that many transactions."""
         recipients = list(recipients)
-        d = defer.ensureDeferred(self._deliver(route, sender, recipients, content, size, body_8bit))
+        d = defer.ensureDeferred(self._deliver(route, sender, recipients, content, size, body_8bit, per_connection))
 
         def internal_error(failure) -> Attempt:
             log.failure("courier: unexpected error", failure)
@@ -129,6 +135,7 @@ class Courier:
         content: Callable[[], Iterable[bytes]],
         size: int,
         body_8bit: bool,
+        per_connection: int | None = None,
     ) -> Attempt:
         if isinstance(route, dict):
             route = Route.from_dict(route)
@@ -141,6 +148,7 @@ class Courier:
                 outcome = Outcome(code, f"{error.enhanced} {error}", "dns")
                 return Attempt({r: outcome for r in recipients}, None, False)
             hosts = [HostPort(name, self.smtp_port) for name in names]
+        mx = tuple(f"{hostport.host}:{hostport.port}" for hostport in hosts)
 
         final: dict[str, Outcome] = {}
         last = Outcome(None, "no host to deliver to", "connect")
@@ -155,9 +163,11 @@ class Courier:
             for ip in addresses:
                 pending = [r for r in recipients if r not in final]
                 last_host = f"{hostport.host}[{ip}]:{hostport.port}"
-                result = await self._session(ip, hostport.port, sender, pending, content, size, body_8bit, True)
+                result = await self._session(ip, hostport.port, sender, pending, content, size, body_8bit, True, per_connection)
                 if result is not None and result.tls_failed:
-                    result = await self._session(ip, hostport.port, sender, pending, content, size, body_8bit, False)
+                    result = await self._session(
+                        ip, hostport.port, sender, pending, content, size, body_8bit, False, per_connection
+                    )
                 if result is None:
                     last = Outcome(None, f"cannot connect to {last_host}", "connect")
                     continue
@@ -168,14 +178,15 @@ class Courier:
                     else:
                         last = outcome
                 if not result.try_next_host or len(final) == len(recipients):
-                    return self._attempt(recipients, final, last, last_host, tls)
-        return self._attempt(recipients, final, last, last_host, tls)
+                    return self._attempt(recipients, final, last, last_host, tls, mx)
+        return self._attempt(recipients, final, last, last_host, tls, mx)
 
     @staticmethod
     def _attempt(
-        recipients: list[str], final: dict[str, Outcome], last: Outcome, host: str | None, tls: bool
+        recipients: list[str], final: dict[str, Outcome], last: Outcome, host: str | None, tls: bool,
+        mx: tuple[str, ...] = (),
     ) -> Attempt:
-        return Attempt({r: final.get(r, last) for r in recipients}, host, tls)
+        return Attempt({r: final.get(r, last) for r in recipients}, host, tls, mx)
 
     async def _session(
         self,
@@ -187,6 +198,7 @@ class Courier:
         size: int,
         body_8bit: bool,
         use_tls: bool,
+        per_connection: int | None = None,
     ) -> TransactionResult | None:
         """One transaction, on an idle connection when there is one; None when the connection failed."""
         key = (ip, port, use_tls)
@@ -194,7 +206,7 @@ class Courier:
         if client is not None:
             result = await client.reuse(sender, recipients, content, size, body_8bit)
             if any(outcome.code is not None for outcome in result.recipients.values()):
-                self._checkin(key, client, result)
+                self._checkin(key, client, result, per_connection)
                 return result
             # The idle connection was gone (closed by the server): a fresh one.
         endpoint_class = TCP6ClientEndpoint if ":" in ip else TCP4ClientEndpoint
@@ -217,7 +229,7 @@ class Courier:
             log.debug("courier: connect to {ip}:{port} failed: {error}", ip=ip, port=port, error=error)
             return None
         result = await client.done
-        self._checkin(key, client, result)
+        self._checkin(key, client, result, per_connection)
         return result
 
     def _checkout(self, key: tuple[str, int, bool]) -> SMTPClient | None:
@@ -232,11 +244,14 @@ class Courier:
             client.idle_ended = None
         return client
 
-    def _checkin(self, key: tuple[str, int, bool], client: SMTPClient, result: TransactionResult) -> None:
+    def _checkin(
+        self, key: tuple[str, int, bool], client: SMTPClient, result: TransactionResult, per_connection: int | None = None
+    ) -> None:
         if not client.reusable:
             return
+        uses = self._uses[client] = self._uses.get(client, 0) + 1
         idle = [c for c in self._idle.get(key, []) if c.reusable]
-        if result.try_next_host or len(idle) >= self.max_idle_per_address:
+        if result.try_next_host or len(idle) >= self.max_idle_per_address or (per_connection and uses >= per_connection):
             client.close_idle()
         else:
             idle.append(client)

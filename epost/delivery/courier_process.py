@@ -12,8 +12,9 @@ the logs) stays with the delivery manager in the daemon.
 
 One JSON object per line on stdin, one per line back on stdout:
   {"id": N, "route": {...}, "sender": s, "recipients": [...],
-   "queue_id": q, "queue": "incoming", "size": n, "body_8bit": b}
-      -> {"id": N, "outcomes": {recipient: [code, text, stage]}, "host": h, "tls": b}
+   "queue_id": q, "queue": "incoming", "prefix": p, "size": n, "body_8bit": b[, "per_connection": n]}
+      (p: header lines sent before the content, the message's DKIM signature)
+      -> {"id": N, "outcomes": {recipient: [code, text, stage]}, "host": h, "tls": b, "mx": [names]}
       or {"id": N, "error": text}  when no attempt could be made
   {"close_idle": true}    QUIT every cached connection (no answer)
 The content is opened here before the attempt (following the message if a
@@ -55,7 +56,10 @@ NICENESS = 10  # added to the daemon's own; 5 gained less, 19 no more than 10
 
 def attempt_to_json(request_id: int, attempt: Attempt) -> bytes:
     outcomes = {r: [o.code, o.text, o.stage] for r, o in attempt.outcomes.items()}
-    return json.dumps({"id": request_id, "outcomes": outcomes, "host": attempt.host, "tls": attempt.tls}).encode()
+    reply = {"id": request_id, "outcomes": outcomes, "host": attempt.host, "tls": attempt.tls}
+    if attempt.mx:
+        reply["mx"] = list(attempt.mx)
+    return json.dumps(reply).encode()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -83,7 +87,7 @@ class CourierServer(LineOnlyReceiver):
                 return
             request_id = request["id"]
             arguments = [request[key] for key in ("route", "sender", "recipients")]
-            content = SpooledContent(self.spool, request["queue_id"], request["queue"])
+            content = SpooledContent(self.spool, request["queue_id"], request["queue"], request.get("prefix", "").encode("ascii"))
             size, body_8bit = request["size"], request["body_8bit"]
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             log.error("courier process: unreadable request ({error}): {line!r}", error=error, line=line[:200])
@@ -95,7 +99,9 @@ class CourierServer(LineOnlyReceiver):
         except (OSError, ValueError) as error:
             self.sendLine(json.dumps({"id": request_id, "error": f"cannot read {content.queue_id}: {error}"}).encode())
             return
-        d = self.courier.deliver(*arguments, content, size, body_8bit)
+        per_connection = request.get("per_connection")
+        extra = {"per_connection": per_connection} if per_connection else {}
+        d = self.courier.deliver(*arguments, content, size, body_8bit, **extra)
         d.addCallbacks(self._answer, self._failed, (request_id, content), None, (request_id, content))
 
     def _answer(self, attempt: Attempt, request_id: int, content: SpooledContent) -> None:

@@ -31,7 +31,7 @@ log = Logger()
 
 def attempt_from_json(reply: dict) -> Attempt:
     outcomes = {r: Outcome(code, text, stage) for r, (code, text, stage) in reply["outcomes"].items()}
-    return Attempt(outcomes, reply["host"], reply["tls"])
+    return Attempt(outcomes, reply["host"], reply["tls"], tuple(reply.get("mx") or ()))
 
 
 class RemoteCourier(Service):
@@ -88,7 +88,8 @@ class RemoteCourier(Service):
         protocol.transport.signalProcess("KILL")
 
     def deliver(
-        self, route: Route, sender: str, recipients: Iterable[str], content: SpooledContent, size: int, body_8bit: bool
+        self, route: Route, sender: str, recipients: Iterable[str], content: SpooledContent, size: int, body_8bit: bool,
+        per_connection: int | None = None,
     ) -> defer.Deferred[Attempt]:
         if self._protocol is None:
             return defer.fail(CourierError("the courier process is not running"))
@@ -103,9 +104,12 @@ class RemoteCourier(Service):
             "recipients": list(recipients),
             "queue_id": content.queue_id,
             "queue": content.queue,
+            "prefix": content.prefix.decode("ascii"),
             "size": size,
             "body_8bit": body_8bit,
         }
+        if per_connection:
+            request["per_connection"] = per_connection
         self._protocol.transport.write(json.dumps(request).encode() + b"\n")
         return d
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,9 @@ def _openssl_rsa_sign(hash, private_key, _cache={}):
 
 # dkim/__init__.py calls the name it imported from dkim.crypto.
 dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsa_sign
+# dkimpy parses the PEM (ASN.1 in pure Python, ~0.15 ms) at every signature;
+# our keys are a handful of fixed byte strings, so each is parsed once.
+dkim.parse_pem_private_key = functools.lru_cache(maxsize=64)(dkim.parse_pem_private_key)
 
 # RFC 6376 §5.4.1 plus the headers Gmail/Yahoo bulk-sender rules name.
 SIGNED_HEADERS = (
@@ -71,6 +76,27 @@ def _public_b64(private_key) -> str:
     return base64.b64encode(der).decode()
 
 
+MIN_RSA_BITS = 2048  # SPEC §9; Gmail and Yahoo ask for at least 1024, RFC 8301 for 2048 at least to be usable
+
+
+def _check_name(domain: str, selector: str, path: Path, algorithm: str) -> None:
+    """A file named the way `keygen` names them (<domain>.<selector>.<type>.pem)
+    must hold that type and be configured under that domain and selector: a
+    key under the wrong selector signs with a key nobody published."""
+    name = path.name.lower()
+    for named in ("rsa", "ed25519"):
+        suffix = f".{named}.pem"
+        if not name.endswith(suffix):
+            continue
+        if named != algorithm:
+            raise DkimKeyError(f"dkim key {domain}/{selector}: {path} holds an {algorithm} key but is named {named}")
+        stem = name[: -len(suffix)]
+        wanted = f"{domain.lower().rstrip('.')}.{selector.lower()}"
+        if stem.count(".") >= 2 and stem != wanted:
+            raise DkimKeyError(
+                f"dkim key {domain}/{selector}: {path} was made for {stem} (<domain>.<selector>), not {wanted}")
+
+
 def load_key(domain: str, selector: str, path: str | os.PathLike) -> DkimKey:
     """Read a PEM private key (RSA or Ed25519); DkimKeyError naming the file otherwise."""
     path = Path(path)
@@ -82,13 +108,14 @@ def load_key(domain: str, selector: str, path: str | os.PathLike) -> DkimKey:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as e:
         raise DkimKeyError(f"dkim key {domain}/{selector}: {path} is not a PEM private key ({e})") from None
+    _check_name(domain, selector, path, "ed25519" if isinstance(key, ed25519.Ed25519PrivateKey) else "rsa")
     if isinstance(key, ed25519.Ed25519PrivateKey):
         seed = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                                  serialization.NoEncryption())
         return DkimKey(domain.lower(), selector, "ed25519", base64.b64encode(seed), _public_b64(key))
     if isinstance(key, rsa.RSAPrivateKey):
-        if key.key_size < 1024:
-            raise DkimKeyError(f"dkim key {domain}/{selector}: {path} is RSA-{key.key_size}, need >= 1024")
+        if key.key_size < MIN_RSA_BITS:
+            raise DkimKeyError(f"dkim key {domain}/{selector}: {path} is RSA-{key.key_size}, need >= {MIN_RSA_BITS} bits")
         pkcs1 = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
                                   serialization.NoEncryption())
         return DkimKey(domain.lower(), selector, "rsa", pkcs1, _public_b64(key))
@@ -160,21 +187,75 @@ def sign(message: bytes, keys: tuple[DkimKey, ...], signing_domain: str | None =
     if not domain:
         return b""
     import email.parser
-    names = {k.lower().encode() for k in email.parser.BytesHeaderParser().parsebytes(message).keys()}
+    names = {k.lower().encode() for k in email.parser.BytesHeaderParser().parsebytes(_header_block(message)).keys()}
     out = []
+    present = [h for h in SIGNED_HEADERS if h in names] + [b"from"]  # From oversigned
+    parsed = None  # one parse of the message serves every key (DKIM.sign leaves it as it was)
     for key in keys_for(domain, keys):
-        present = [h for h in SIGNED_HEADERS if h in names] + [b"from"]  # From oversigned
-        sig = dkim.sign(
-            message, key.selector.encode(), key.domain.encode(), key.private,
-            canonicalize=(b"relaxed", b"relaxed"),
-            include_headers=present,
-            signature_algorithm=b"ed25519-sha256" if key.algorithm == "ed25519" else b"rsa-sha256",
-            linesep=b"\r\n",
-        )
-        out.append(sig)
+        algorithm = b"ed25519-sha256" if key.algorithm == "ed25519" else b"rsa-sha256"
+        if parsed is None:
+            parsed = dkim.DKIM(message, signature_algorithm=algorithm, linesep=b"\r\n")
+        out.append(parsed.sign(
+            key.selector.encode(), key.domain.encode(), key.private, signature_algorithm=algorithm,
+            canonicalize=(b"relaxed", b"relaxed"), include_headers=present,
+        ))
     return b"".join(out)
 
 
 def load_keys(specs) -> tuple[DkimKey, ...]:
     """Every configured key (config.dkim.keys), read and checked; DkimKeyError on the first bad one."""
+    for problem in repeated_selectors(specs):
+        raise DkimKeyError(problem)
     return tuple(load_key(spec.domain, spec.selector, spec.key) for spec in specs)
+
+
+def repeated_selectors(specs) -> list[str]:
+    """A selector names one published key: two entries under one name cannot both verify."""
+    seen, problems = set(), []
+    for spec in specs:
+        name = (spec.domain.lower().rstrip("."), spec.selector.lower())
+        if name in seen:
+            problems.append(f"dkim key {spec.domain}/{spec.selector}: configured twice (one selector, one key)")
+        seen.add(name)
+    return problems
+
+
+def signing_keys(*, trusted: bool, leaves_over_smtp: bool, from_domain: str | None,
+                 keys: tuple[DkimKey, ...]) -> tuple[DkimKey, ...]:
+    """Which keys sign a message (SPEC §9), from plain facts.
+
+    None unless the message came from a trusted origin (an authenticated
+    client, relay_networks, or epost itself) and some recipient leaves over
+    SMTP; then every key of the From: domain's closest configured domain.
+    Mail epost forwards for others and local deliveries get none."""
+    if not (trusted and leaves_over_smtp and from_domain):
+        return ()
+    return keys_for(from_domain, keys)
+
+
+def _header_block(message: bytes) -> bytes:
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[: end + 4]
+
+
+def commit_signature(message: bytes, *, trusted: bool, leaves_over_smtp: bool, keys: tuple[DkimKey, ...]) -> bytes:
+    """The DKIM-Signature header lines to store with a message at commit
+    (b"" when none signs): made once, so retries and every destination send
+    the same bytes."""
+    if not (trusted and leaves_over_smtp and keys):
+        return b""
+    from_domain = _from_domain(_header_block(message))
+    chosen = signing_keys(trusted=trusted, leaves_over_smtp=leaves_over_smtp, from_domain=from_domain, keys=keys)
+    if not chosen:
+        return b""
+    return sign(message, chosen, chosen[0].domain)
+
+
+def keys_to_json(keys: tuple[DkimKey, ...]) -> bytes:
+    """The loaded keys for the spool worker (sent over its private stdin pipe,
+    never on a command line): it signs with exactly what start-up checked."""
+    return json.dumps([{**vars(k), "private": k.private.decode("ascii")} for k in keys]).encode()
+
+
+def keys_from_json(data: bytes) -> tuple[DkimKey, ...]:
+    return tuple(DkimKey(**{**k, "private": k["private"].encode("ascii")}) for k in json.loads(data))

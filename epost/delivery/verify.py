@@ -84,8 +84,12 @@ def with_expiry(verdict: Verdict, now: float) -> Verdict:
 
 
 def cache_key(address: str) -> str:
-    """Addresses are looked up case-insensitively (local part included, as the users table does)."""
-    return address.lower()
+    """The domain case-folded (domains ignore case), the local part as given:
+    RFC 5321 §2.4 leaves its case to the next hop, and a verdict is about the
+    exact address relayed there (a case-sensitive next hop that refuses `Bob`
+    but takes `bob` must not have us accept mail for `Bob`, then bounce it)."""
+    local, at, domain = address.rpartition("@")
+    return f"{local}{at}{domain.lower()}" if at else address
 
 
 class VerdictCache:
@@ -204,8 +208,9 @@ class Verifier:
         self.budget = budget
         self.max_per_destination = max_per_destination
         self.max_batch = max_batch
-        self._waiting: dict[str, list[defer.Deferred[Verdict]]] = {}  # address -> sessions waiting for its probe
-        self._queued: dict[tuple, list[str]] = {}  # next hop -> addresses not yet in a probe session
+        self._waiting: dict[str, list[defer.Deferred[Verdict]]] = {}  # cache key -> sessions waiting for its probe
+        # next hop -> addresses not yet in a probe session, as the first session to ask gave them
+        self._queued: dict[tuple, list[str]] = {}
         self._routes: dict[tuple, Route] = {}
         self._active: dict[tuple, int] = {}  # next hop -> probe sessions running
         self.probes = 0  # probe sessions started
@@ -239,7 +244,7 @@ class Verifier:
             return waiter
         self._waiting[key] = [waiter]
         self._routes.setdefault(destination, route)
-        self._queued.setdefault(destination, []).append(key)
+        self._queued.setdefault(destination, []).append(address)  # the probe asks for it as given
         self._pump(destination)
         return waiter
 
@@ -295,7 +300,7 @@ class Verifier:
 
     def _settle(self, address: str, verdict: Verdict) -> None:
         verdict = self.cache.put(address, verdict)
-        for waiter in self._waiting.pop(address, []):
+        for waiter in self._waiting.pop(cache_key(address), []):
             if not waiter.called:
                 waiter.callback(verdict)
 

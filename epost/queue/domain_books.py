@@ -9,7 +9,7 @@ whenever it changes. The file goes when nothing waits any more.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -34,6 +34,8 @@ class DomainBooks:
         self._waiting: dict[str, set[str]] = {}  # destination -> IDs with a retry scheduled
         self._locks: dict[str, defer.DeferredLock] = {}
         self._retrying: set[str] = set()  # a save failed on a full disk: another is due
+        # Receiver-aware delivery's extra Domain.mri keys of a destination (issue 14).
+        self.extra_fields: Callable[[str], dict[str, str]] | None = None
 
     def read(self) -> None:
         """Start from the files a previous run left (blocking, at start-up: a few small files)."""
@@ -58,9 +60,11 @@ class DomainBooks:
                 self.save(destination)
 
     def attempted(
-        self, destination: str, queue_id: str, applied: Applied, attempt: Attempt, now: float, suspended: bool
+        self, destination: str, queue_id: str, applied: Applied, attempt: Attempt, now: float, suspended: bool,
+        throttled: frozenset[str] = frozenset(),
     ) -> None:
-        """Book one attempt (or a suspension: no connection, only the message count changes)."""
+        """Book one attempt (or a suspension: no connection, only the message count changes).
+        Recipients in `throttled` met a throttle: not a failure, E-Post's keys stay as they were."""
         waiting = self._waiting.setdefault(destination, set())
         had_file = bool(waiting) or destination in self._states
         if any(r.status == "deferred" for r in applied.results):
@@ -68,7 +72,7 @@ class DomainBooks:
         else:
             waiting.discard(queue_id)
         state = self._states.get(destination)
-        failures = [r for r in applied.results if r.status != "sent"]
+        failures = [r for r in applied.results if r.status != "sent" and r.address not in throttled]
         if suspended:
             pass
         elif failures:
@@ -84,7 +88,7 @@ class DomainBooks:
                 first_failure=previous.first_failure if previous else int(now),
                 last_host=attempt.host or "",
             )
-        elif state is not None:
+        elif state is not None and not (throttled and len(throttled) >= len(applied.results)):
             # A success ends the domain's failure episode; others may still wait.
             state = replace(state, last_tried=int(now), try_number=0, err_code=0, err_text="", last_host=attempt.host or "")
         if state is not None:
@@ -104,7 +108,8 @@ class DomainBooks:
         lock = self._locks.setdefault(destination, defer.DeferredLock())
         if waiting:
             state = self._states.get(destination) or DomainState(destination)
-            self._states[destination] = state = replace(state, messages=len(waiting))
+            extra = tuple(self.extra_fields(destination).items()) if self.extra_fields is not None else state.extra
+            self._states[destination] = state = replace(state, messages=len(waiting), extra=extra)
             work = (self.store.write, state)
         else:
             self._waiting.pop(destination, None)

@@ -28,6 +28,9 @@ class DomainState:
     first_failure: int = 0
     last_host: str = ""
     messages: int = 0
+    # Receiver-aware delivery's keys (issue 14), written after all the others:
+    # (key, value) pairs such as ("State", "throttled"), ("Resume-at", "1796025960").
+    extra: tuple[tuple[str, str], ...] = ()
 
 
 # SPEC order: E-Post's own four keys first, so its tooling keeps working.
@@ -43,13 +46,17 @@ _KEYS = (
     ("Messages", "messages"),
 )
 _FIELD_BY_KEY = {key.lower(): field for key, field in _KEYS}
+EXTRA_KEYS = ("State", "Resume-at", "Slow-until", "Rate-limit", "Connection-limit", "Hold-until",
+              "Greylist-delay", "Auto-whitelist", "Destination")
+_EXTRA_BY_KEY = {key.lower(): key for key in EXTRA_KEYS}
 _INT_FIELDS = frozenset(f.name for f in dataclasses.fields(DomainState) if f.type in ("int", int))
 
 
 def format_mri(state: DomainState) -> str:
     """The file text: one `Key: value` line per field, in SPEC order, every value
     printable on one line (`epost.logs.printable`), the peer's Err-text cut at REPLY_LIMIT."""
-    return "".join(f"{key}: {_value(field, getattr(state, field))}\n" for key, field in _KEYS)
+    text = "".join(f"{key}: {_value(field, getattr(state, field))}\n" for key, field in _KEYS)
+    return text + "".join(f"{key}: {printable(str(value))}\n" for key, value in state.extra if key in _EXTRA_BY_KEY.values())
 
 
 def _value(field: str, value: object) -> str:
@@ -62,6 +69,7 @@ def parse_mri(text: str, path: Path | str) -> DomainState:
     Raises ValueError naming `path` and the line for a malformed line.
     """
     values: dict[str, object] = {}
+    extra: list[tuple[str, str]] = []
     for number, line in enumerate(text.split("\n"), start=1):
         line = line.rstrip("\r")
         if not line.strip():
@@ -71,6 +79,8 @@ def parse_mri(text: str, path: Path | str) -> DomainState:
             raise ValueError(f"{path}:{number}: expected 'Key: value', got {line!r}")
         field = _FIELD_BY_KEY.get(key.strip().lower())
         if field is None:
+            if key.strip().lower() in _EXTRA_BY_KEY:
+                extra.append((_EXTRA_BY_KEY[key.strip().lower()], value.strip()))
             continue
         value = value[1:] if value.startswith(" ") else value
         if field in _INT_FIELDS:
@@ -82,7 +92,7 @@ def parse_mri(text: str, path: Path | str) -> DomainState:
             values[field] = value
     if not values.get("domain"):
         raise ValueError(f"{path}: no Domain-name line")
-    return DomainState(**values)  # type: ignore[arg-type]
+    return DomainState(**values, extra=tuple(extra))  # type: ignore[arg-type]
 
 
 def domain_folder(domain: str) -> str:

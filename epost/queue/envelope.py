@@ -45,6 +45,11 @@ class Envelope:
     # the unit of retry (SPEC §6); see epost.queue.outcomes.
     retries: dict[str, dict[str, Any]] = field(default_factory=dict)
     delay_warned: bool = False  # the "still trying" DSN went out (once per message)
+    # DKIM (SPEC §9): the client was authenticated or in relay_networks (or epost
+    # wrote the message itself); `dkim` holds the DKIM-Signature header lines made
+    # once at commit, which only SMTP deliveries prepend (epost.delivery.signing).
+    trusted: bool = False
+    dkim: str = ""
 
     def with_recipient(self, index: int, **changes: Any) -> Envelope:
         """A copy with recipient ``index`` changed; envelopes are values, never edited in place."""
@@ -83,6 +88,8 @@ class Envelope:
                 body=_field(obj, "body", str),
                 retries=_optional(obj, "retries", dict, {}),
                 delay_warned=bool(_optional(obj, "delay_warned", (bool, int), False)),
+                trusted=bool(_optional(obj, "trusted", (bool, int), False)),
+                dkim=_optional(obj, "dkim", str, ""),
             )
         except (ValueError, UnicodeDecodeError) as e:
             raise EnvelopeError(f"{name_for_errors}: corrupt envelope: {e}") from None

@@ -38,9 +38,13 @@ from epost.queue.bounces import original_headers
 from epost.queue.domain_books import DomainBooks
 from epost.queue.domain_state import DomainState, DomainStateStore
 from epost.queue.envelope import Envelope, EnvelopeError
+from epost.queue.destinations import Destinations, replies_of
 from epost.queue.outcomes import (
     Applied,
     apply_attempt,
+    apply_greylist,
+    apply_throttle,
+    greylisted_only,
     destination_of,
     finished,
     has_local_pending,
@@ -51,6 +55,7 @@ from epost.queue.outcomes import (
     unreported_failures,
 )
 from epost.queue import surgery
+from epost.queue.receivers import Settings as ReceiverSettings
 from epost.queue.scheduler import Job, Scheduler
 from epost.queue.spool import DISK_FULL_ERRNOS, Spool, SpooledContent
 from epost.routing.resolver import Route
@@ -92,6 +97,7 @@ class DeliveryManager(Service):
         new_mail_share: float = 0.5,
         handle_signals: bool = False,
         delay_warning: float = 0,
+        receivers: ReceiverSettings | None = None,
     ) -> None:
         self.spool = spool
         self.reactor = reactor
@@ -103,13 +109,25 @@ class DeliveryManager(Service):
         self.retry = retry
         self.handle_signals = handle_signals
         self.delay_warning = delay_warning  # seconds; 0: never
+        # Receiver-aware delivery (issue 14); off: E-Post's behaviour alone.
+        self.destinations: Destinations | None = None
+        if receivers is not None and receivers.enabled:
+            self.destinations = Destinations(reactor, receivers, max_per_destination)
+            self.destinations.retry_interval = retry.interval
         self.scheduler = Scheduler(
             reactor, self._run, max_connections, max_per_destination, new_mail_share,
             suspend=lambda job: self._run(job, suspended=True), probe_gap=retry.interval,
+            gate=self.destinations,
         )
+        if self.destinations is not None:
+            self.destinations.wake = self.scheduler.wake
+            self.destinations.retime = self.scheduler.retime
+            self.destinations.regroup = self.scheduler.regroup
         self.senderlog = LineLog(spool.root / "log" / "senderlog")
         self.faillog = LineLog(spool.root / "log" / "faillog")
         self.domains = DomainBooks(DomainStateStore(spool.root / "domains"), reactor, pool)
+        if self.destinations is not None:
+            self.domains.extra_fields = self.destinations.fields
         self._messages: dict[str, _Message] = {}
         self._jobs_running: dict[Job, defer.Deferred] = {}
         self.loaded: defer.Deferred[None] = defer.Deferred()  # the deferred queue is scheduled
@@ -121,6 +139,9 @@ class DeliveryManager(Service):
     def startService(self) -> None:
         super().startService()
         self.domains.read()
+        if self.destinations is not None:
+            for state in self.domains.states():
+                self.destinations.restore(state.domain, dict(state.extra))
         if self.handle_signals:
             signal.signal(signal.SIGUSR2, lambda *_: self.reactor.callFromThread(self.flush))
         # After start-up: the local runner's recover() finishes interrupted moves first.
@@ -313,18 +334,40 @@ class DeliveryManager(Service):
             attempt = Attempt({r: Outcome(None, reason, "connect") for r in recipients}, None, False)
         else:
             route = self._current_route(envelope.recipients[indexes[0]])
-            content = SpooledContent(self.spool, queue_id, message.queue)
+            # The DKIM signature made at commit: over SMTP only, the same bytes every attempt.
+            content = SpooledContent(self.spool, queue_id, message.queue, envelope.dkim.encode("ascii"))
             try:
+                per_connection = self.destinations and self.destinations.messages_per_connection(destination)
                 attempt = await self.courier.deliver(
-                    route, envelope.sender, recipients, content, envelope.size, envelope.body == "8BITMIME"
+                    route, envelope.sender, recipients, content, envelope.size + len(content.prefix),
+                    envelope.body == "8BITMIME",
+                    **({"per_connection": per_connection} if per_connection else {}),
                 )
             finally:
                 content.close()
         now = self.reactor.seconds()
-        applied = apply_attempt(message.envelope, destination, attempt.outcomes, attempt.host, now, self.retry)
+        outcomes, throttled, greylisted = attempt.outcomes, {}, None
+        if self.destinations is not None and not suspended:
+            self.destinations.saw_hosts(destination, attempt.mx)
+            replies = replies_of(message.envelope, destination, indexes, outcomes, self.destinations.settings.rules, now)
+            judged = self.destinations.judge(destination, replies, now)
+            throttled = {a: o for a, o in outcomes.items() if a in judged.throttled}
+            outcomes = {a: o for a, o in outcomes.items() if a not in judged.throttled}
+            greylisted = judged.greylisted
+        episode = message.envelope.retries.get(destination)
+        applied = apply_attempt(message.envelope, destination, outcomes, attempt.host, now, self.retry)
+        if greylisted and greylisted_only(applied, greylisted):
+            first = float((applied.envelope.retries.get(destination) or {}).get("first_failure", now))
+            others = len(self.scheduler.jobs_for(destination)) > 1 or self.scheduler.parked(
+                self.destinations.group(destination)) > 0
+            when = self.destinations.greylist_retry(job, first, now, applied.verdict[1], self.retry.interval, others)
+            applied = apply_greylist(applied, destination, when)
+        elif self.destinations is not None and not suspended:
+            self.destinations.not_greylisted(job)
+        applied = apply_throttle(applied, destination, throttled, now, episode)
         message.envelope = applied.envelope
         self._log_attempt(message.envelope, applied, attempt, now)
-        self.domains.attempted(destination, queue_id, applied, attempt, now, suspended)
+        self.domains.attempted(destination, queue_id, applied, attempt, now, suspended, frozenset(throttled))
         if self._warning_due(message.envelope, now):
             await self._warn_delayed(message, [r for r in applied.results if r.status == "deferred"], attempt.host)
         await self._settle(queue_id, remote=attempt.host)

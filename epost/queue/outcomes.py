@@ -107,6 +107,15 @@ class Applied:
         return [r for r in self.results if r.status == "bounced"]
 
 
+def _answered(envelope: Envelope, destination: str, outcomes: dict[str, Outcome]):
+    """(index, recipient, outcome) of the destination's pending relay recipients that got an outcome."""
+    for index in relay_groups(envelope).get(destination, []):
+        recipient = envelope.recipients[index]
+        outcome = outcomes.get(recipient.address)
+        if outcome is not None:
+            yield index, recipient, outcome
+
+
 def apply_attempt(
     envelope: Envelope,
     destination: str,
@@ -126,11 +135,7 @@ def apply_attempt(
     results: list[RecipientResult] = []
     retry_times: list[float] = []
     all_silent = True
-    for index in relay_groups(envelope).get(destination, []):
-        recipient = envelope.recipients[index]
-        outcome = outcomes.get(recipient.address)
-        if outcome is None:
-            continue
+    for index, recipient, outcome in _answered(envelope, destination, outcomes):
         attempt = recipient.attempts + 1
         changes: dict[str, Any] = {"attempts": attempt, "last_reply": reply_text(outcome)}
         if outcome.code is not None and outcome.code < 400:
@@ -177,3 +182,45 @@ def next_due(envelope: Envelope, destination: str, now: float) -> float:
     """When a recovered (message, destination) pair is due: its saved time, or now."""
     state = envelope.retries.get(destination) or {}
     return float(state.get("next_attempt", now))
+
+
+def apply_throttle(
+    applied: Applied, destination: str, throttled: dict[str, Outcome], now: float, episode: dict | None = None
+) -> Applied:
+    """Add the recipients a throttle reply met (issue 14): each gets its attempt and
+    reply recorded and a ``deferred`` log record, but the retry episode is left as it
+    was (`episode`, the one before the attempt: a throttle is not a failed attempt
+    against period_4xx, and never bounces), and the job is parked until the
+    destination resumes: ``("park", now)``."""
+    if not throttled:
+        return applied
+    envelope = applied.envelope
+    if episode and destination not in envelope.retries:
+        envelope = dataclasses.replace(envelope, retries={**envelope.retries, destination: episode})
+    results = list(applied.results)
+    for index, recipient, outcome in _answered(envelope, destination, throttled):
+        attempt = recipient.attempts + 1
+        envelope = envelope.with_recipient(index, attempts=attempt, last_reply=reply_text(outcome))
+        results.append(RecipientResult(index, recipient.address, "deferred", outcome, attempt))
+    return Applied(envelope, tuple(results), ("park", now))
+
+
+def greylisted_only(applied: Applied, greylisted: frozenset[str]) -> bool:
+    """Every recipient the attempt deferred was greylisted, and the job is to be retried."""
+    deferred = [r for r in applied.results if r.status == "deferred"]
+    verdict = applied.verdict
+    return (bool(deferred) and isinstance(verdict, tuple) and verdict[0] == "retry"
+            and all(r.address in greylisted for r in deferred))
+
+
+def apply_greylist(applied: Applied, destination: str, when: float | None) -> Applied:
+    """Greylisted recipients are retried at `when` (receivers.greylist_retry_at)
+    instead of E-Post's next interval (call when `greylisted_only`); what bounces
+    and the episode's counts are E-Post's."""
+    if when is None:
+        return applied
+    retries = dict(applied.envelope.retries)
+    if destination not in retries:
+        return applied
+    retries[destination] = {**retries[destination], "next_attempt": when}
+    return Applied(dataclasses.replace(applied.envelope, retries=retries), applied.results, ("retry", when))

@@ -36,6 +36,15 @@ Rules:
   (a bug in the caller) is logged and treated as ``("retry", now + 60)``.
 - `flush()` makes every scheduled job due now and every dead destination
   probe-able now (one probe each), like Postfix's flush of dead sites.
+- Receivers (issue 14), only with a `gate`: a job that may start by the rules
+  above is first offered to `gate.admit(job, retry, now)`; a time instead of
+  None *parks* it, in order, with the other parked jobs of its gate group
+  (`gate.group(destination)`: domains sharing MX hosts) until that time, or
+  until `wake(group)` or a session of the group ends; then as many as
+  `gate.room(group)` allows are offered again, from the front. The outcome
+  ``("park", when)`` parks a job that met a throttle (its place kept, no retry
+  time of its own). `flush()` also clears the group's pauses (`gate.flush`).
+  Without a gate nothing of this applies.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import NamedTuple, Union
+from typing import NamedTuple, Protocol, Union
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -67,6 +76,20 @@ class Job(NamedTuple):
     destination: str
 
 
+class Gate(Protocol):
+    """Receiver-aware admission (epost.queue.destinations.Destinations)."""
+
+    def group(self, destination: str) -> str: ...
+
+    def admit(self, job: Job, retry: bool, now: float) -> float | None: ...  # None: start (counted)
+
+    def finished(self, job: Job) -> None: ...
+
+    def flush(self, groups: set[str] | None, now: float) -> None: ...
+
+    def room(self, group: str, retry: bool, now: float) -> tuple[int, float | None]: ...
+
+
 class Scheduler:
     """Starts jobs through `start(job)` within the limits in the module docstring."""
 
@@ -82,6 +105,7 @@ class Scheduler:
         new_mail_share: float = 0.5,
         suspend: Callable[[Job], Deferred[Outcome]] | None = None,
         probe_gap: float = 120.0,
+        gate: Gate | None = None,
     ) -> None:
         if max_connections < 1 or max_per_destination < 1:
             raise ValueError("connection limits must be at least 1")
@@ -111,6 +135,10 @@ class Scheduler:
         self._pumping = False
         self._pump_again = False
         self._stopped = False
+        self.gate = gate
+        self._parked: dict[str, deque[tuple[str, Job]]] = {}  # gate group -> parked jobs, in order
+        self._released: set[Job] = set()  # let out of parking and not yet offered again
+        self._park_timers: dict[str, IDelayedCall] = {}
 
     # -- input -----------------------------------------------------------
 
@@ -138,6 +166,12 @@ class Scheduler:
         destinations = set(self._dead) if match is None else {job.destination for _, _, job in chosen}
         for destination in destinations & set(self._dead):
             self._dead[destination] = min(self._dead[destination], now)
+        if self.gate is not None:
+            groups = None if match is None else {self.gate.group(d) for d in destinations | {
+                job.destination for lane in self._parked.values() for _, job in lane if match(job)}}
+            self.gate.flush(groups, now)
+            for group in list(self._parked) if groups is None else groups & set(self._parked):
+                self._unpark(group)
         self._lanes[DEFERRED].extend(job for _, _, job in sorted(chosen))
         self._arm()
         self._pump()
@@ -164,6 +198,14 @@ class Scheduler:
                 self._lanes[name] = deque(job for job in lane if job not in gone)
         if any(job in gone for job in self._suspend_queue):
             self._suspend_queue = deque(job for job in self._suspend_queue if job not in gone)
+        for group, parked in list(self._parked.items()):
+            if any(entry[1] in gone for entry in parked):
+                kept = deque(entry for entry in parked if entry[1] not in gone)
+                if kept:
+                    self._parked[group] = kept
+                else:
+                    self._forget_group(group)
+        self._released -= gone
         for destination in {job.destination for job in gone} & set(self._waiting):
             kept = deque(entry for entry in self._waiting[destination] if entry[1] not in gone)
             if kept:
@@ -178,6 +220,10 @@ class Scheduler:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        for timer in self._park_timers.values():
+            if timer.active():
+                timer.cancel()
+        self._park_timers.clear()
 
     def knows(self, job: Job) -> bool:
         return job in self._known
@@ -201,6 +247,7 @@ class Scheduler:
             NEW: len(self._lanes[NEW]),
             DEFERRED: len(self._lanes[DEFERRED]),
             "waiting": sum(len(q) for q in self._waiting.values()),
+            "parked": sum(len(q) for q in self._parked.values()),
         }
 
     def next_due(self) -> float | None:
@@ -208,6 +255,44 @@ class Scheduler:
 
     def is_dead(self, destination: str) -> bool:
         return destination in self._dead
+
+    def regroup(self, destination: str, old: str, new: str) -> None:
+        """`destination` moved from gate group `old` to `new` (its MX hosts became
+        known): its parked jobs follow, behind the new group's, and are offered now."""
+        parked = self._parked.get(old)
+        if not parked:
+            return
+        moving = [entry for entry in parked if entry[1].destination == destination]
+        if not moving:
+            return
+        kept = deque(entry for entry in parked if entry[1].destination != destination)
+        if kept:
+            self._parked[old] = kept
+        else:
+            self._forget_group(old)
+        self._parked.setdefault(new, deque()).extend(moving)
+        self._set_park_timer(new, self._clock.seconds())
+
+    def retime(self, due: Mapping[Job, float]) -> None:
+        """Scheduled jobs in `due` go at their new time (the greylist delay was learned)."""
+        changed = False
+        for index, (when, seq, job) in enumerate(self._heap):
+            if job in due and due[job] != when:
+                self._heap[index] = (due[job], seq, job)
+                changed = True
+        if changed:
+            heapq.heapify(self._heap)
+            self._arm()
+
+    def parked(self, group: str) -> int:
+        """Jobs parked by the gate for one group."""
+        return len(self._parked.get(group, ()))
+
+    def wake(self, group: str) -> None:
+        """The gate's state for `group` changed: its parked jobs are offered again."""
+        if group in self._parked:
+            self._unpark(group)
+            self._pump()
 
     # -- internals -------------------------------------------------------
 
@@ -286,7 +371,15 @@ class Scheduler:
                 if self._running_deferred >= self.deferred_limit or self._lanes[NEW]:
                     return
             job = lane.popleft()
+            released = job in self._released
+            if released:
+                self._released.discard(job)
             if self._can_start(job.destination):
+                if self.gate is not None:
+                    hold = self.gate.admit(job, lane_name == DEFERRED, self._clock.seconds())
+                    if hold is not None:
+                        self._park(job, lane_name, hold, front=released)
+                        continue
                 self._launch(job, lane_name)
             elif self._suspend is not None and job.destination in self._dead and not self._per_destination.get(job.destination):
                 self._suspend_job(job)  # (while a probe runs, jobs wait for its verdict instead)
@@ -300,6 +393,59 @@ class Scheduler:
             self._running_deferred += 1
         d = maybeDeferred(self._start, job)
         d.addBoth(self._finished, job)
+
+    def _park(self, job: Job, lane_name: str, until: float, front: bool = False) -> None:
+        """Wait for the gate: in order behind the group's other parked jobs (`front`:
+        a job just let out and refused again goes back to the front)."""
+        group = self.gate.group(job.destination)
+        parked = self._parked.setdefault(group, deque())
+        if front:
+            parked.appendleft((lane_name, job))
+        else:
+            parked.append((lane_name, job))
+        self._set_park_timer(group, until)
+
+    def _set_park_timer(self, group: str, until: float) -> None:
+        """The group's timer fires at `until` or earlier."""
+        timer = self._park_timers.get(group)
+        delay = max(0.0, until - self._clock.seconds())
+        if timer is not None and timer.active():
+            if timer.getTime() > until:
+                timer.reset(delay)
+        else:
+            self._park_timers[group] = self._clock.callLater(delay, self._park_due, group)
+
+    def _park_due(self, group: str) -> None:
+        self._park_timers.pop(group, None)
+        self._unpark(group)
+        self._pump()
+
+    def _unpark(self, group: str) -> None:
+        """As many parked jobs of `group` as the gate has room for back to the
+        front of their lanes, in order (a job the gate still refuses is parked
+        again at the front); with no room, the timer is set for when it says."""
+        parked = self._parked.get(group)
+        if not parked:
+            return
+        now = self._clock.seconds()
+        count, until = self.gate.room(group, parked[0][0] == DEFERRED, now)
+        if count <= 0:
+            self._set_park_timer(group, until if until is not None else now + 1.0)
+            return
+        back = [parked.popleft() for _ in range(min(count, len(parked)))]
+        if not parked:
+            self._forget_group(group)
+        else:  # a finishing session asks again; this is the safety net
+            self._set_park_timer(group, now + 1.0)
+        self._released.update(job for _, job in back)
+        for lane_name, job in reversed(back):
+            self._lanes[lane_name].appendleft(job)
+
+    def _forget_group(self, group: str) -> None:
+        self._parked.pop(group, None)
+        timer = self._park_timers.pop(group, None)
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _suspend_job(self, job: Job) -> None:
         if len(self._suspending) >= self.max_suspending:
@@ -330,6 +476,8 @@ class Scheduler:
         if lane_name == DEFERRED:
             self._running_deferred -= 1
         now = self._clock.seconds()
+        if self.gate is not None:
+            self.gate.finished(job)
 
         if isinstance(outcome, Failure):
             log.failure("delivery of {job} failed", outcome, job=job)
@@ -345,8 +493,13 @@ class Scheduler:
             if destination in self._dead or len(self._by_destination.get(destination, ())) > 1:
                 self._dead[destination] = now + self.probe_gap
             self._drop(job)
+        elif outcome[0] == "park" and self.gate is not None and not self._stopped:
+            self._revive(destination)
+            self._park(job, lane_name, max(now, outcome[1]))
         else:
             kind, when = outcome
+            if kind == "park":  # no gate (or stopping): a plain retry at that time
+                kind = "retry"
             if kind == "retry_noanswer":
                 self._dead[destination] = when
             elif kind == "retry":
@@ -354,6 +507,10 @@ class Scheduler:
             # retry_error: our own trouble says nothing about the destination
             self._schedule(job, when)
         self._release(destination)
+        if self.gate is not None:
+            group = self.gate.group(destination)
+            if group in self._parked:
+                self._unpark(group)  # a session of the group ended: room for a parked job
         self._pump()
 
     def _revive(self, destination: str) -> None:
@@ -385,6 +542,6 @@ def _valid(outcome: object) -> bool:
     return (
         isinstance(outcome, tuple)
         and len(outcome) == 2
-        and outcome[0] in ("retry", "retry_noanswer", "retry_error")
+        and outcome[0] in ("retry", "retry_noanswer", "retry_error", "park")
         and isinstance(outcome[1], (int, float))
     )

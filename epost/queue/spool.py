@@ -97,6 +97,20 @@ class MessageWriter:
     def content(self) -> bytes:
         return b"".join(self._chunks)
 
+    def read_all(self) -> bytes:
+        """The whole content so far, also once it spilled to its tmp/ file (to sign it)."""
+        if self._fd is None:
+            return self.content()
+        end = os.lseek(self._fd, 0, os.SEEK_CUR)  # a reused file may be longer than what we wrote
+        fd = os.open(self.temp_path, os.O_RDONLY)  # ours is open for writing only
+        try:
+            written = bytearray()
+            while len(written) < end and (chunk := os.pread(fd, end - len(written), len(written))):
+                written += chunk
+        finally:
+            os.close(fd)
+        return bytes(written) + self.content()
+
     def _flush(self) -> None:
         """Write buffered chunks to the ``tmp/`` file, creating it on first use."""
         if self._fd is None:
@@ -421,10 +435,11 @@ class SpooledContent:
 
     chunk_size = 64 * 1024
 
-    def __init__(self, spool: Spool, queue_id: str, queue: str) -> None:
+    def __init__(self, spool: Spool, queue_id: str, queue: str, prefix: bytes = b"") -> None:
         self.spool = spool
         self.queue_id = queue_id
         self.queue = queue
+        self.prefix = prefix  # header lines sent before the stored content: the DKIM signature
         self._fd: int | None = None
 
     def open(self) -> None:
@@ -437,6 +452,8 @@ class SpooledContent:
         return self._chunks(self._fd)
 
     def _chunks(self, fd: int) -> Iterator[bytes]:
+        if self.prefix:
+            yield self.prefix
         offset = 0
         while chunk := os.pread(fd, self.chunk_size, offset):
             offset += len(chunk)

@@ -13,8 +13,10 @@ Requests arrive on stdin as frames `op(1) queue-id(17) length(4) payload`:
   C  commit: payload is the envelope (JSON); group-committed with the others
   A  abort: forget the message
   L  deliver the queued message's local recipients into their Maildirs
+  K  the DKIM keys (JSON, epost.delivery.signing.keys_to_json), sent first
 Replies go to stdout, one line each:
-  C ID              committed (durable in incoming/)
+  C ID [SIG]        committed (durable in incoming/); SIG: base64 of the
+                    DKIM-Signature lines stored in its envelope, if signed
   F ID ERRNO TEXT   commit failed, nothing of it is queued
   D ID              local delivery done, nothing left of the message
   R ID              local delivery must be retried later
@@ -24,6 +26,8 @@ Commits always go before deliveries, so new mail is never held up by them.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import os
 import select
 import signal
@@ -31,7 +35,9 @@ import struct
 import sys
 from pathlib import Path
 
-from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+
+from epost.delivery import signing
 
 from epost.queue.envelope import Envelope
 from epost.queue.runner import deliver_local_batch
@@ -40,6 +46,8 @@ from epost.queue.spool import MessageWriter, Spool
 FRAME = struct.Struct(">c17sI")
 DELIVERY_BATCH = 8
 RECENT_BYTES = 32 * 1024 * 1024  # content kept for delivery from memory, at most
+
+log = Logger()
 
 
 class Worker:
@@ -56,6 +64,7 @@ class Worker:
         # local delivery without reading them back; bounded, oldest dropped.
         self.recent: dict[str, tuple[Envelope, bytes]] = {}
         self.recent_bytes = 0
+        self.dkim_keys: tuple = ()  # set by the daemon's first frame (K)
 
     def handle(self, op: bytes, queue_id: str, payload: bytes) -> None:
         if op == b"W":
@@ -71,6 +80,7 @@ class Worker:
                 writer.abort()
                 self.reply(f"F {queue_id} 22 {error}\n".encode())
                 return
+            envelope = self._signed(writer, envelope)
             self.commits.append((writer, envelope))
             if writer.in_memory:
                 self._remember(queue_id, envelope, writer.content())
@@ -80,6 +90,24 @@ class Worker:
                 writer.abort()
         elif op == b"L":
             self.deliveries[queue_id] = None
+        elif op == b"K":
+            self.dkim_keys = signing.keys_from_json(payload)
+
+    def _signed(self, writer: MessageWriter, envelope: Envelope) -> Envelope:
+        """DKIM-sign at commit (SPEC §9): here the content is final, and this
+        process is not the reactor's. The signature goes into the envelope, so
+        every attempt and destination sends the same bytes and local
+        deliveries never see it."""
+        leaves = any(r.route is not None and r.route.get("kind") == "relay" for r in envelope.recipients)
+        if not (envelope.trusted and leaves and self.dkim_keys and writer.error is None):
+            return envelope
+        try:
+            header = signing.commit_signature(
+                writer.read_all(), trusted=envelope.trusted, leaves_over_smtp=leaves, keys=self.dkim_keys)
+        except Exception as error:  # a message dkimpy cannot parse goes out unsigned, never lost
+            log.warn("{queue_id}: not DKIM-signed: {error}", queue_id=writer.queue_id, error=error)
+            return envelope
+        return dataclasses.replace(envelope, dkim=header.decode("ascii")) if header else envelope
 
     def work(self) -> None:
         """One step: every pending commit as one batch, else some deliveries."""
@@ -87,9 +115,10 @@ class Worker:
             batch, self.commits = self.commits, []
             results = self.spool.commit_batch(batch)
             lines = []
-            for (writer, _), error in zip(batch, results):
+            for (writer, envelope), error in zip(batch, results):
                 if error is None:
-                    lines.append(f"C {writer.queue_id}\n")
+                    signature = f" {base64.b64encode(envelope.dkim.encode('ascii')).decode()}" if envelope.dkim else ""
+                    lines.append(f"C {writer.queue_id}{signature}\n")
                 else:
                     self._forget(writer.queue_id)
                     text = " ".join(str(error.strerror).split())

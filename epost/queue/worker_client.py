@@ -8,6 +8,8 @@ so the receiver does not care where the writing happens.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import errno
 import fcntl
 import sys
@@ -21,6 +23,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from epost.child_process import LineChild
+from epost.delivery.signing import keys_to_json
 from epost.queue.envelope import Envelope
 from epost.queue.spool import Spool, SpoolError, SpoolStopping
 from epost.queue.worker import FRAME
@@ -135,8 +138,10 @@ class SpoolWorkerService(Service):
 
     restart_delay = 1.0
 
-    def __init__(self, spool: Spool, hostname: str, reactor: Any, processes: int = 2, give_up_after: float = 8 * 3600):
+    def __init__(self, spool: Spool, hostname: str, reactor: Any, processes: int = 2, give_up_after: float = 8 * 3600,
+                 dkim_keys: tuple = ()):
         self.spool = spool
+        self.dkim_keys = dkim_keys  # epost.delivery.signing.DkimKey: the workers sign at commit
         self.hostname = hostname
         self.give_up_after = give_up_after
         self.reactor = reactor
@@ -169,6 +174,8 @@ class SpoolWorkerService(Service):
         except (OSError, AttributeError):  # not Linux, or a lower fs.pipe-max-size: the default pipe serves
             pass
         protocol.transport.registerProducer(self._throttles[index], True)
+        if self.dkim_keys:
+            protocol.transport.writeSequence([FRAME.pack(b"K", b"0" * 17, len(keys := keys_to_json(self.dkim_keys))), keys])
 
     def stopService(self) -> defer.Deferred:
         """Closing stdin asks each worker to finish its commits and exit."""
@@ -250,6 +257,8 @@ class SpoolWorkerService(Service):
         queue_id, _, detail = rest.partition(" ")
         if kind == "C" and queue_id in self._commits:
             d, envelope = self._commits.pop(queue_id)
+            if detail:  # the worker DKIM-signed it: the envelope on disk holds the signature
+                envelope = dataclasses.replace(envelope, dkim=base64.b64decode(detail).decode("ascii"))
             self.spool.notify_committed(queue_id, envelope)
             d.callback(queue_id)
         elif kind == "F" and queue_id in self._commits:

@@ -106,6 +106,15 @@ def _ipv4_first(addresses: list[str]) -> list[str]:
     return sorted(addresses, key=lambda address: ":" in address)
 
 
+def make_resolver(servers: Sequence[HostPort] = ()) -> dns.resolver.Resolver:
+    """A dnspython resolver asking `servers` ([routing] dns_servers), or the system's when there are none."""
+    if not servers:
+        return dns.resolver.Resolver(configure=True)
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = [dns.nameserver.Do53Nameserver(s.host, port=s.port) for s in servers]
+    return resolver
+
+
 class MXResolver:
     """The one DNS seam of epost: MX hosts for a domain, addresses for a host.
 
@@ -129,11 +138,7 @@ class MXResolver:
         self._timeout = timeout
         self._rng = rng if rng is not None else random.Random()
         self._hosts_file = hosts_file
-        if servers:
-            resolver = dns.resolver.Resolver(configure=False)
-            resolver.nameservers = [dns.nameserver.Do53Nameserver(s.host, port=s.port) for s in servers]
-        else:
-            resolver = dns.resolver.Resolver(configure=True)
+        resolver = make_resolver(servers)
         resolver.cache = dns.resolver.LRUCache()
         self._resolver = resolver
 

@@ -55,6 +55,10 @@ class Users:
         """The stored hash; None for an unknown address or one that cannot log in."""
         return self._hashes.get(_key(address)) or None
 
+    def domains(self) -> frozenset[str]:
+        """The domains that have a mailbox here (Mail Control's DNS checks)."""
+        return frozenset(key.rpartition("@")[2] for key, _ in self._hashes.items())
+
     def __len__(self) -> int:
         return len(self._hashes)
 

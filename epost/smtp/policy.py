@@ -99,6 +99,14 @@ class RecipientPolicy:
             if not sender_owned(sender, session.user, self.aliases(), self.local_domains):
                 raise Rejected(SENDER_NOT_OWNED)
 
+    def trusted(self, session: Session) -> bool:
+        """The client authenticated or is in relay_networks: its mail is our
+        users' own (verification skipped, DKIM-signed when it leaves)."""
+        if session.user is not None:
+            return True
+        ip = client_address(session.client_ip)
+        return ip is not None and any(ip in network for network in self.relay_networks)
+
     def open_destination(self, recipient: Address) -> bool:
         domain = recipient.domain
         return (
@@ -179,9 +187,8 @@ class RecipientPolicy:
             return None
         table = self.relay_recipients() if self.relay_recipients is not None else None
         listed = table.lookup(recipient) is not None if table is not None and table.present else None
-        ip = client_address(session.client_ip)
         return {
-            "trusted": session.user is not None or (ip is not None and any(ip in n for n in self.relay_networks)),
+            "trusted": self.trusted(session),
             "local": domain in self.local_domains or (self.users is not None and recipient in self.users()),
             "operated": True,
             "listed": listed,

@@ -13,10 +13,34 @@ from epost import metrics
 from epost.queue.envelope import Envelope, Recipient
 from epost.queue.spool import SpoolError, SpoolStopping
 from epost.smtp.address import Address
+from epost.smtp.authresults import ResultsFilter, authentication_results, remove_our_results
 from epost.smtp.interfaces import IMessageWriter, IReceiver, Rejected, Reply, Session
-from epost.smtp.policy import RecipientPolicy
+from epost.smtp.policy import RecipientPolicy, client_address
 
 log = Logger()
+
+# Bytes that all messages waiting for their Authentication-Results checks may
+# hold in memory together (a DKIM verifier needs the whole message). A message
+# that does not fit is streamed to the spool as usual, unchecked: its header
+# says `none` and why, and forged headers with our name are removed all the same.
+HOLD_LIMIT = 64 * 1024 * 1024
+
+
+class HoldBudget:
+    """The bytes held for checks, shared by every session of the daemon."""
+
+    def __init__(self, limit: int = HOLD_LIMIT):
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
 
 
 def received_header(session: Session, hostname: str, queue_id: str, recipients: list[Address], when: float) -> bytes:
@@ -66,19 +90,52 @@ def _client_text(session: Session) -> str:
 class SpoolMessage:
     """One message on its way into the spool; knows how to build its envelope."""
 
-    def __init__(self, writer, session: Session, sender: Address | None, recipients, params: dict, now: Callable[[], float]):
+    def __init__(self, writer, session: Session, sender: Address | None, recipients, params: dict, now: Callable[[], float],
+                 checker=None, hostname: str = "", hold: HoldBudget | None = None):
+        """With `checker` (a PendingCheck: SPF under way) the content is held
+        (within `hold`) until the end of DATA, checked, and written behind an
+        Authentication-Results header."""
         self._writer = writer
         self._session = session
         self._sender = sender
         self._recipients = recipients
         self._params = params
         self._now = now
+        self._checker = checker
+        self._hostname = hostname
+        self._hold = hold if hold is not None else HoldBudget()
+        self._held: list[bytes] | None = [] if checker is not None else None
+        self._held_size = 0
+        self._unchecked: ResultsFilter | None = None  # streaming without checks: too much was held
         self.queue_id = writer.queue_id
+        self.trusted = False  # set by the receiver: authenticated or relay_networks (DKIM signing)
 
     def write(self, data: bytes) -> None:
+        if self._held is not None:
+            if self._hold.take(len(data)):
+                self._held.append(data)
+                self._held_size += len(data)
+                return
+            self._stream_unchecked()
+        if self._unchecked is not None:
+            data = self._unchecked.feed(data)
         self._writer.write(data)
 
+    def _stream_unchecked(self) -> None:
+        """Memory for held messages is spent: this one goes on to the spool now, unchecked."""
+        held, self._held = b"".join(self._held), None
+        self._release()
+        self._unchecked = ResultsFilter(self._hostname)
+        self._writer.write(authentication_results(self._hostname, [], why_none="not checked: too much mail waiting for its checks"))
+        self._writer.write(self._unchecked.feed(held))
+
+    def _release(self) -> None:
+        self._hold.give(self._held_size)
+        self._held_size = 0
+
     def abort(self) -> None:
+        self._held = None
+        self._release()
         self._writer.abort()
 
     def registerProducer(self, producer, streaming: bool) -> None:
@@ -88,6 +145,32 @@ class SpoolMessage:
         self._writer.unregisterProducer()
 
     def commit(self):
+        if self._unchecked is not None:
+            self._writer.write(self._unchecked.flush())
+        if self._held is None:
+            return self._commit()
+        content, self._held = b"".join(self._held), None
+        d = self._checker.finish(content)
+        d.addCallback(self._write_checked, content)
+        d.addBoth(self._released)
+        return d.addCallback(lambda _: self._commit())
+
+    def _released(self, result):
+        self._release()
+        return result
+
+    def _write_checked(self, results, content: bytes) -> None:
+        """RFC 8601 §5: our header first (after Received:), earlier ones claiming our name removed."""
+        try:
+            header = authentication_results(self._hostname, results)
+            content = remove_our_results(content, self._hostname)
+        except Exception:
+            log.failure("building Authentication-Results failed for {queue_id}", queue_id=self.queue_id)
+            header = b""
+        self._writer.write(header)
+        self._writer.write(content)
+
+    def _commit(self):
         envelope = Envelope(
             queue_id=self.queue_id,
             sender=str(self._sender) if self._sender else "",
@@ -98,6 +181,7 @@ class SpoolMessage:
             listener=self._session.listener,
             auth=self._session.user,
             body=(self._params.get("BODY") or "7BIT").upper(),
+            trusted=self.trusted,
         )
         d = self._writer.commit(envelope).addErrback(self._storage_failed)
         return d.addCallback(self._count, self._session)
@@ -125,12 +209,23 @@ class SpoolMessage:
 
 @implementer(IReceiver)
 class SpoolingReceiver:
-    def __init__(self, store, policy: RecipientPolicy, hostname: str, now: Callable[[], float]):
-        """`store` has `open_message()`: the Spool itself, or the spool worker process."""
+    def __init__(self, store, policy: RecipientPolicy, hostname: str, now: Callable[[], float], checker=None):
+        """`store` has `open_message()`: the Spool itself, or the spool worker process;
+        `checker` (epost/smtp/authcheck.py) adds Authentication-Results, None does not."""
         self.store = store
         self.policy = policy
         self.hostname = hostname
         self.now = now
+        self.checker = checker
+        self.hold = HoldBudget()
+
+    def wants_results(self, session: Session, trusted: bool) -> bool:
+        """SPEC §9: the relay port's clients that are neither authenticated nor
+        in relay_networks (`trusted`: RecipientPolicy.trusted) and have an IP
+        (not a UNIX socket: nothing for SPF to check)."""
+        if self.checker is None or trusted or session.listener != "relay":
+            return False
+        return client_address(session.client_ip) is not None
 
     def check_sender(self, session: Session, sender: Address | None, params: dict) -> None:
         self.policy.check_sender(session, sender)
@@ -145,4 +240,10 @@ class SpoolingReceiver:
             raise Rejected(Reply(451, "4.3.0", f"Error: cannot create queue file ({error.strerror})")) from None
         addresses = [address for address, _ in recipients]
         writer.write(received_header(session, self.hostname, writer.queue_id, addresses, self.now()))
-        return SpoolMessage(writer, session, sender, recipients, params, self.now)
+        trusted = self.policy is not None and self.policy.trusted(session)
+        checker = None
+        if self.wants_results(session, trusted):
+            checker = self.checker.begin(session.client_ip, session.client_name, str(sender) if sender else None)
+        message = SpoolMessage(writer, session, sender, recipients, params, self.now, checker, self.hostname, self.hold)
+        message.trusted = trusted
+        return message

@@ -40,6 +40,7 @@ class Context:
     auth_threadpool: Any  # password checks (scrypt), apart from the file reads
     sessions: SessionStore
     throttle: Any  # epost.smtp.throttle.AuthThrottle for failed logins
+    dns_checks: Any = None  # epost.web.dns_panel.DnsChecks (the dashboard's check-dns)
 
     def in_thread(self, function, *args, **kwargs) -> defer.Deferred:
         return deferToThreadPool(self.reactor, self.threadpool, function, *args, **kwargs)

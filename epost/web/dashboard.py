@@ -8,7 +8,8 @@ from urllib.parse import urlencode
 
 from epost.queue.domain_state import format_mri
 from epost.queue.spool import QUEUE_ID, QUEUES
-from epost.web.base import Page
+from epost.web import dns_panel
+from epost.web.base import Page, Redirect, field
 from epost.web.html import esc, when
 from epost.web.logtail import last_lines
 
@@ -70,6 +71,7 @@ class Dashboard(Page):
 
     async def get(self, request, session):
         sizes, senderlog, faillog = await self.context.in_thread(read_dashboard, self.context.manager.spool.root)
+        domains = await self._dns_domains()
         cells = "".join(
             f'<tr><th>{esc(q)}</th><td id="size-{esc(q)}">{n}</td></tr>' for q, n in sizes.items()
         )
@@ -78,5 +80,22 @@ class Dashboard(Page):
             f'<h2>Queues</h2><table class="sizes">{cells}</table>'
             '<p><a href="/queue">Open the queue</a></p>'
             f"<h2>Domains in retry ({len(states)})</h2>{render_domains(states)}"
+            f"{dns_panel.render(self.context.dns_checks, domains, session.csrf)}"
             f"{render_log('senderlog', senderlog)}{render_log('faillog', faillog)}"
         )
+
+    async def post(self, request, session, fields):
+        if field(fields, "action") != "dns-refresh":
+            session.flash.append(("error", "unknown action"))
+            return Redirect("/")
+        await self._dns_domains(force=True)
+        session.flash.append(("ok", "DNS checks started: reload the page in a few seconds"))
+        return Redirect("/")
+
+    async def _dns_domains(self, force: bool = False) -> list[str]:
+        """The local domains, their DNS checks started when missing or stale (or all, with `force`)."""
+        context = self.context
+        domains = await context.in_thread(dns_panel.dashboard_domains, context.config.routing.local_domains,
+                                          context.routing.users())
+        context.dns_checks.start(domains, force=force)
+        return domains

@@ -47,6 +47,9 @@ ol.lines li .n{color:#5c6773;min-width:2.5em;text-align:right}
 ol.lines li.bad{background:#fdeaea}
 ol.lines li{flex-wrap:wrap}
 ol.lines li .why{color:#a01d12;font-family:system-ui,sans-serif;flex-basis:100%;padding-left:3.1em}
+.dns-ok{color:#1e7b34}.dns-warn{color:#9a5b00}.dns-fail{color:#a01d12}
+table.dns td:first-child{font-weight:bold}
+table.dns td:nth-child(-n+2){white-space:nowrap;width:1%;overflow-wrap:normal}
 .state-deferred{color:#9a5b00}.state-held{color:#6a3d9a}.state-failed{color:#a01d12}.state-delivered{color:#1e7b34}
 @media (max-width:40em){main{padding:.5em}td,th{font-size:.9em}}
 """.strip()

@@ -10,16 +10,20 @@ are mounted as they are, without the login check (they decide themselves).
 
 from __future__ import annotations
 
+from functools import partial
+
 from twisted.application import service, strports
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.server import Request, Site
 
+from epost.admin.dns_check import check_config_domain
 from epost.listening import default_backlog, with_backlog
 from epost.smtp.throttle import AuthThrottle
 from epost.web.base import Context
 from epost.web.dashboard import Dashboard
+from epost.web.dns_panel import DnsChecks
 from epost.web.gateway_page import GatewayPage
 from epost.web.login import Login, Logout
 from epost.web.queue_page import QueuePage
@@ -84,10 +88,13 @@ class _Quiet(Site):
 
 
 def make_admin_site(
-    config, manager, routing, reactor, threadpool, auth_threadpool, extra: dict[bytes, Resource] | None = None
+    config, manager, routing, reactor, threadpool, auth_threadpool, extra: dict[bytes, Resource] | None = None,
+    dns_threadpool=None, dns_check=None,
 ) -> Site:
     """The Mail Control site; file reads run in `threadpool`, password checks in
-    `auth_threadpool`; `extra` maps more top-level path segments to resources (e.g. b"metrics")."""
+    `auth_threadpool`, the dashboard's DNS checks (`dns_check(domain)`, default: `epost check-dns`
+    with this config) in `dns_threadpool` (default: `threadpool`); `extra` maps more top-level
+    path segments to resources (e.g. b"metrics")."""
     context = Context(
         config=config,
         manager=manager,
@@ -97,6 +104,7 @@ def make_admin_site(
         auth_threadpool=auth_threadpool,
         sessions=SessionStore(reactor),
         throttle=AuthThrottle(reactor, cutoff=config.server.auth_failures_before_cutoff),
+        dns_checks=DnsChecks(reactor, dns_threadpool or threadpool, dns_check or partial(check_config_domain, config)),
     )
     root = Resource()
     root.putChild(b"", Dashboard(context))
@@ -128,7 +136,8 @@ def loopback_by_default(description: str) -> str:
 
 
 def attach_admin(
-    parent, config, manager, routing, reactor, threadpool, auth_threadpool, extra: dict[bytes, Resource] | None = None
+    parent, config, manager, routing, reactor, threadpool, auth_threadpool, extra: dict[bytes, Resource] | None = None,
+    dns_threadpool=None,
 ):
     """Listen with Mail Control on every `[server] admin` endpoint, as children of `parent`.
 
@@ -137,7 +146,7 @@ def attach_admin(
     """
     if not config.server.admin:
         return None
-    site = make_admin_site(config, manager, routing, reactor, threadpool, auth_threadpool, extra)
+    site = make_admin_site(config, manager, routing, reactor, threadpool, auth_threadpool, extra, dns_threadpool)
     if not config.server.admin_users:
         log.warn("Mail Control: no admin_users in [server]: nobody can log in")
     listeners = service.MultiService()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 
+import pytest
+
 from epost.admin.cli import main
 from epost.delivery.signing import load_key
 
@@ -43,15 +45,19 @@ def test_check_config_names_a_bad_dkim_key(tmp_path, capsys):
     assert "s1" not in out
 
 
-def test_a_missing_dkim_key_stops_start_up_with_one_line(tmp_path, capsys):
-    import pytest
-
+@pytest.mark.parametrize("key, selector, problem", [
+    ("dkim/nope.pem", "s1", "cannot read "),  # missing
+    ("dkim/example.test.s0.ed25519.pem", "s1", "was made for example.test.s0 "),  # mismatched: another selector's key
+])
+def test_a_missing_or_mismatched_dkim_key_stops_start_up_with_one_line(tmp_path, capsys, key, selector, problem):
+    from epost.delivery.signing import keygen
     from epost.tap import Options, makeService
 
+    keygen("example.test", tmp_path / "dkim", "s0", "ed25519")
     config = tmp_path / "epost.toml"
     config.write_text(
         f'[server]\nspool = "{tmp_path}/spool"\n'
-        '[[dkim.keys]]\ndomain = "example.test"\nselector = "s1"\nkey = "dkim/nope.pem"\n'
+        f'[[dkim.keys]]\ndomain = "example.test"\nselector = "{selector}"\nkey = "{key}"\n'
     )
     options = Options()
     options.parseOptions(["--config", str(config)])
@@ -59,5 +65,8 @@ def test_a_missing_dkim_key_stops_start_up_with_one_line(tmp_path, capsys):
         makeService(options)
     assert info.value.code == 1
     err = capsys.readouterr().err
-    assert err.startswith("epost: dkim key example.test/s1: cannot read ") and "nope.pem" in err
+    assert err.startswith(f"epost: dkim key example.test/{selector}: ") and problem in err and key.split("/")[1] in err, err
     assert err.count("\n") == 1
+    assert main(["--config", str(config), "check-config"]) == 1  # check-config makes the same check
+    out = capsys.readouterr().out
+    assert f"dkim key example.test/{selector}: " in out and problem in out

@@ -280,6 +280,19 @@ class CourierTests(TestCase):
         assert server.connections == 1 and len(server.messages) == 3
 
     @defer.inlineCallbacks
+    def test_messages_per_connection_closes_a_connection_after_that_many_transactions(self):
+        server, host = self.listen("accept")
+        courier = self.courier()
+        route = {"kind": "relay", "rule": "gateway.dat:1", "hosts": [[host.host, host.port]]}
+        for _ in range(5):
+            attempt = yield courier.deliver(
+                route, "s@here.test", ["a@x.test"], lambda: iter([CONTENT]), len(CONTENT), False, per_connection=2
+            )
+            assert attempt.outcomes["a@x.test"].code == 250
+            assert attempt.mx == (f"{host.host}:{host.port}",)
+        assert server.connections == 3 and len(server.messages) == 5
+
+    @defer.inlineCallbacks
     def test_after_a_refused_transaction_the_reused_connection_is_reset_first(self):
         server, host = self.listen("reject")
         courier = self.courier()

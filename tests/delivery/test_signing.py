@@ -8,16 +8,14 @@ form `txt_record` tells operators to publish.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from epost.delivery import signing
+from opendkim_check import OPENDKIM, opendkim_verify as _opendkim_verify
 
-OPENDKIM = shutil.which("opendkim", path="/usr/sbin:/usr/local/sbin")
 
 MESSAGE = (
     b"From: Alice <alice@example.test>\r\n"
@@ -30,28 +28,6 @@ MESSAGE = (
     b"\r\n"
     b"Hello,  relaxed   world.\r\n"
 )
-
-
-def _opendkim_verify(message: bytes, keys, workdir: Path) -> str:
-    published = workdir / "keys.txt"
-    lines = []
-    for key in keys:
-        name, _, record = signing.txt_record(key).partition(". IN TXT ")
-        value = "".join(part.strip('"') for part in record.split('" "'))
-        lines.append(f"{name} {value}\n")
-    published.write_text("".join(lines))
-    conf = workdir / "opendkim.conf"
-    conf.write_text(
-        f"Mode v\nTestPublicKeys {published}\nPidFile {workdir}/opendkim.pid\n"
-        "Syslog no\nLogResults yes\nAlwaysAddARHeader yes\n"
-    )
-    msg = workdir / "msg.eml"
-    msg.write_bytes(message)
-    result = subprocess.run(
-        [OPENDKIM, "-x", str(conf), "-t", str(msg), "-vvv"],
-        capture_output=True, timeout=30,
-    )
-    return (result.stdout + result.stderr).decode(errors="replace")
 
 
 @pytest.fixture

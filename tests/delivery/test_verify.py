@@ -88,7 +88,7 @@ def test_accepted_verdict_is_cached_for_one_day() -> None:
     probes.answer(0, {"a@op.test": 250})
     assert got[0].status == ACCEPTED
     clock.advance(24 * 3600 - 1)
-    assert verifier.verdict("A@OP.test", ROUTE).status == ACCEPTED  # at once, case-insensitively
+    assert verifier.verdict("a@OP.test", ROUTE).status == ACCEPTED  # at once, the domain in any case
     clock.advance(1)
     assert isinstance(verifier.verdict("a@op.test", ROUTE), defer.Deferred)
     assert len(probes.sessions) == 2
@@ -119,6 +119,28 @@ def test_one_probe_per_address_in_flight_and_every_session_gets_its_verdict() ->
     assert len(probes.sessions) == 1
     probes.answer(0, {"a@op.test": 550})
     assert [w[0].status for w in waiting] == [REFUSED] * 5
+
+
+def test_the_probe_asks_for_the_address_as_the_client_gave_it() -> None:
+    clock, probes, verifier = make()
+    got = results(verifier.verdict("Bob.Smith@op.test", ROUTE))
+    assert probes.sessions[0][1] == ["Bob.Smith@op.test"]
+    probes.answer(0, {"Bob.Smith@op.test": 250})
+    assert got[0].status == ACCEPTED
+
+
+def test_verdicts_are_kept_per_local_part_as_given_and_per_domain_in_any_case() -> None:
+    """RFC 5321 §2.4: the next hop decides whether `Bob` is `bob`; a domain is the same in any case."""
+    clock, probes, verifier = make()
+    first = results(verifier.verdict("Bob@op.test", ROUTE))
+    same = results(verifier.verdict("Bob@OP.Test", ROUTE))
+    other = results(verifier.verdict("bob@op.test", ROUTE))
+    assert [s[1] for s in probes.sessions] == [["Bob@op.test"], ["bob@op.test"]]
+    probes.answer(0, {"Bob@op.test": 550})
+    probes.answer(1, {"bob@op.test": 250})
+    assert [first[0].status, same[0].status, other[0].status] == [REFUSED, REFUSED, ACCEPTED]
+    assert verifier.verdict("Bob@Op.test", ROUTE).status == REFUSED
+    assert verifier.verdict("bob@OP.TEST", ROUTE).status == ACCEPTED
 
 
 def test_no_verdict_within_the_budget_is_temporary_and_the_late_answer_is_cached() -> None:

@@ -155,6 +155,11 @@ def write_config(folder: Path, relay_port: int, submission_port: int, server: st
     # DNS stays on loopback: nothing listens on port 9, so lookups time out (a
     # temporary failure) unless the test brings its own dnsmasq.
     dns = "" if "dns_servers" in toml else 'dns_servers = ["127.0.0.1:9"]'
+    # With that DNS, Authentication-Results checks (on by default for clients
+    # outside relay_networks) would only wait out their budget on each message:
+    # off unless the test asks (tests/e2e/test_authres_e2e.py brings a dnsmasq).
+    if dns and "authentication_results" not in server:
+        server = "authentication_results = false\n" + server
     config.write_text(
         f"""[server]
 hostname = "{HOSTNAME}"

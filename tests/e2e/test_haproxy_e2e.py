@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from e2e_support import free_port, maildir_messages, port_answers, wait_for
+from test_submission_e2e import ALICE, PASSWORD, set_password, unverified
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs Debian's haproxy")
 
@@ -28,11 +29,12 @@ def proxied_node(daemon):
     return node.start()
 
 
-def haproxy_config(folder: Path, port: int, nodes, proxy: bool = True) -> Path:
-    """A private HAProxy in front of `nodes`; `proxy=False` relays plain TCP (no PROXY header), for comparison."""
+def haproxy_config(folder: Path, port: int, nodes, proxy: bool = True, check: str = "option smtpchk HELO balancer.example") -> Path:
+    """A private HAProxy in front of `nodes` (their relay ports, or ports as such);
+    `proxy=False` relays plain TCP (no PROXY header), for comparison."""
     header = "send-proxy-v2 check check-send-proxy" if proxy else "check"
     servers = "\n".join(
-        f"    server n{i} 127.0.0.1:{node.relay_port} {header} inter 200ms fall 1 rise 1"
+        f"    server n{i} 127.0.0.1:{getattr(node, 'relay_port', node)} {header} inter 200ms fall 1 rise 1"
         for i, node in enumerate(nodes)
     )
     config = folder / "haproxy.cfg"
@@ -52,7 +54,7 @@ frontend smtp
 backend nodes
     balance roundrobin
     source 127.0.0.1
-    option smtpchk HELO balancer.example
+    {check}
 {servers}
 """
     )
@@ -63,10 +65,12 @@ backend nodes
 def balancer(tmp_path):
     started = []
 
-    def start(nodes):
+    def start(nodes, **options):
         port = free_port()
-        config = haproxy_config(tmp_path, port, nodes)
-        proc = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=open(tmp_path / "haproxy.log", "ab"), stderr=subprocess.STDOUT)
+        folder = tmp_path / f"haproxy{len(started)}"
+        folder.mkdir()
+        config = haproxy_config(folder, port, nodes, **options)
+        proc = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=open(folder / "haproxy.log", "ab"), stderr=subprocess.STDOUT)
         started.append(proc)
         wait_for(lambda: port_answers(port), message="haproxy did not listen")
         return port
@@ -121,3 +125,31 @@ def test_mail_reaches_both_nodes_and_draining_one_loses_nothing(daemon, balancer
     wait_for(lambda: delivered() == 8, message=f"delivered {delivered()} of 8")
     subjects = [p.read_text() for p in maildir_messages(nodes[1].spool, "example.test/alice")]
     assert sum("Subject: after" in s for s in subjects) == 4
+
+
+def test_starttls_and_implicit_tls_work_through_the_balancer_and_see_the_client(daemon, balancer):
+    """After the header the session talks to the connection itself: TLS must start on it."""
+    smtps = free_port()
+    node = daemon(server=BEHIND, args=["--smtps", f"haproxy:tcp:{smtps}:interface=127.0.0.1"], start=False)
+    node.config.write_text(node.config.read_text().replace('relay = ["tcp:', 'relay = ["haproxy:tcp:', 1))
+    set_password(node, ALICE, PASSWORD)
+    node.start()
+    wait_for(lambda: port_answers(smtps), message="the smtps listener")
+    relay_port = balancer([node])
+    smtps_port = balancer([smtps], check="option tcp-check")  # smtpchk would speak clear text to a TLS port
+    with smtplib.SMTP("127.0.0.1", relay_port, local_hostname="client.example.org", timeout=10, source_address=(CLIENT, 0)) as client:
+        client.ehlo()
+        assert client.starttls(context=unverified())[0] == 220
+        client.ehlo()
+        client.sendmail("someone@outside.example", [ALICE], b"Subject: starttls\r\n\r\nbody\r\n")
+    with smtplib.SMTP_SSL("127.0.0.1", smtps_port, local_hostname="client.example.org", timeout=10, source_address=(CLIENT, 0), context=unverified()) as client:
+        client.login(ALICE, PASSWORD)
+        client.sendmail(ALICE, [ALICE], b"Subject: smtps\r\n\r\nbody\r\n")
+    wait_for(lambda: len(maildir_messages(node.spool, "example.test/alice")) == 2, message="not both delivered")
+    received = {}
+    for path in maildir_messages(node.spool, "example.test/alice"):
+        head = path.read_text().split("\n\n")[0]
+        received["starttls" if "Subject: starttls" in head else "smtps"] = " ".join(head.split())
+    assert f"[{CLIENT}]" in received["starttls"] and "ESMTPS" in received["starttls"], received
+    assert f"[{CLIENT}]" in received["smtps"] and "ESMTPSA" in received["smtps"], received
+    assert "[127.0.0.1]" not in received["starttls"] + received["smtps"]

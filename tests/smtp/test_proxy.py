@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import task
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from test_hostile_peers import RecordingEvents
 from test_server import FakeReceiver
 
 from epost.smtp.factory import ConnectionLimits, SMTPFactory
-from epost.smtp.proxy import PROXY_BAD_HEADER, PROXY_TIMEOUT, PROXY_UNTRUSTED, ProxyFactory, header_kind, is_trusted
-from epost.smtp.server import ServerSettings
+from epost.smtp.proxy import (
+    MAX_VERDICTS,
+    PROXY_BAD_HEADER,
+    PROXY_TIMEOUT,
+    PROXY_UNTRUSTED,
+    BadHeader,
+    ProxyFactory,
+    header_kind,
+    is_trusted,
+    parse_header,
+)
+from epost.smtp.server import ServerSettings, SMTPServer
 
 BALANCER = "127.0.0.1"
 TRUSTED = (ipaddress.ip_network("127.0.0.1/32"),)
@@ -99,8 +113,14 @@ def test_a_local_header_is_served_as_the_balancer():
 
 @pytest.mark.parametrize(
     "data",
-    [b"EHLO client.example\r\n", b"PROXY TCP4 999.1.1.1 127.0.0.1 1 2\r\n", b"PROXY " + b"x" * 120, V2_SIG + b"\x31\x11\x00\x0c" + b"\x00" * 12],
-    ids=["plain-smtp", "bad-v1-address", "overlong-v1", "bad-v2-version"],
+    [
+        b"EHLO client.example\r\n",
+        b"PROXY TCP4 999.1.1.1 127.0.0.1 1 2\r\n",
+        b"PROXY TCP4 127.0.0.5 mx.example 1 2\r\n",
+        b"PROXY " + b"x" * 120,
+        V2_SIG + b"\x31\x11\x00\x0c" + b"\x00" * 12,
+    ],
+    ids=["plain-smtp", "bad-v1-address", "bad-v1-destination", "overlong-v1", "bad-v2-version"],
 )
 def test_a_missing_or_garbled_header_closes_without_a_greeting(data):
     factory, clock, events, receiver, limits = setup()
@@ -157,3 +177,206 @@ def test_starttls_is_offered_and_started_under_the_header():
     assert b"250-STARTTLS" in transport.value() or b"250 STARTTLS" in transport.value()
     protocol.dataReceived(b"STARTTLS\r\n")
     assert transport.tls_started_with == "ctx"
+
+
+# -- the hand-over: after the header the wrapper is out of the path -------------------
+
+
+def reactor_connect(factory, peer: str = BALANCER, port: int = 50000):
+    """As a reactor connects: the transport delivers to its `protocol` attribute."""
+    address = IPv4Address("TCP", peer, port)
+    transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 2601), peerAddress=address)
+    transport.protocol = factory.buildProtocol(address)
+    transport.protocol.makeConnection(transport)
+    return transport
+
+
+def receive(transport, data: bytes) -> None:
+    """What tcp.Connection does with bytes read: hand them to its current protocol."""
+    transport.protocol.dataReceived(data)
+
+
+def test_after_the_header_the_session_is_the_connections_protocol_and_the_connection_its_transport():
+    factory, clock, events, receiver, limits = setup()
+    transport = reactor_connect(factory)
+    wrapper = transport.protocol
+    receive(transport, v2())
+    session = transport.protocol
+    assert isinstance(session, SMTPServer) and session is not wrapper
+    assert session.transport is transport
+    assert factory.protocols == {}  # nothing of the connection is kept once handed over
+    wrapper.dataReceived = wrapper.connectionLost = None  # any later call through the wrapper would raise
+    receive(transport, b"EHLO c.example\r\nMAIL FROM:<a@example.test>\r\n")
+    assert transport.value().splitlines()[-1] == b"250 2.1.0 Ok"
+    assert receiver.sessions[0].client_ip == "127.0.0.5"
+    transport.protocol.connectionLost(None)  # the reactor's call, straight to the session
+    assert limits.total_open == 0 and dict(limits.open) == {}
+
+
+def test_after_the_header_the_connection_answers_getpeer_and_gethost_from_it():
+    factory, clock, events, receiver, limits = setup()
+    transport = reactor_connect(factory)
+    receive(transport, V1)
+    assert transport.getPeer() == IPv4Address("TCP", "127.0.0.5", 40000)
+    assert transport.getHost() == IPv4Address("TCP", "127.0.0.1", 2525)
+
+
+def test_after_a_local_header_the_connection_still_answers_with_the_balancer():
+    factory, clock, events, receiver, limits = setup()
+    transport = reactor_connect(factory)
+    receive(transport, v2(command=0))
+    assert isinstance(transport.protocol, SMTPServer)
+    assert transport.getPeer() == IPv4Address("TCP", BALANCER, 50000)
+    assert transport.getHost() == IPv4Address("TCP", "127.0.0.1", 2601)
+
+
+def test_bytes_after_the_header_in_the_same_chunk_reach_the_session():
+    factory, clock, events, receiver, limits = setup()
+    transport = reactor_connect(factory)
+    receive(transport, V1 + b"EHLO c.example\r\nMAIL FROM:<a@example.test>\r\n")
+    assert [line[:3] for line in transport.value().splitlines() if line[3:4] != b"-"] == [b"220", b"250", b"250"]
+
+
+def test_the_session_is_the_producer_of_the_real_connection_and_pauses_its_reading():
+    factory, clock, events, receiver, limits = setup()
+    transport = reactor_connect(factory)
+    receive(transport, v2() + b"EHLO c.example\r\n")
+    session = transport.protocol
+    assert transport.producer is session and transport.streaming
+    receive(transport, b"MAIL FROM:<slow@example.test>\r\n")  # a pending check stops reading
+    assert transport.producerState == "paused"
+    receiver.pending.pop().callback(None)
+    assert transport.producerState == "producing"
+    session.pauseProducing()  # the connection's buffer is full: replies wait
+    receive(transport, b"RSET\r\n")
+    assert transport.value().splitlines()[-1] == b"250 2.1.0 Ok"
+    session.resumeProducing()
+    assert transport.value().splitlines()[-1] == b"250 2.0.0 Ok"
+
+
+def test_a_session_whose_replies_go_unread_aborts_the_real_connection():
+    factory, clock, events, receiver, limits = setup()
+    transport = reactor_connect(factory)
+    receive(transport, v2() + b"EHLO c.example\r\n")
+    transport.protocol.pauseProducing()  # the connection's buffer is full
+    clock.advance(ServerSettings(hostname="x").command_timeout)
+    assert transport.disconnected  # StringTransport: only abortConnection sets it
+    assert limits.total_open == 1  # until the reactor reports the loss
+    transport.protocol.connectionLost(None)
+    assert limits.total_open == 0
+
+
+def test_under_a_tls_layer_the_session_becomes_the_layers_wrapped_protocol():
+    factory, clock, events, receiver, limits = setup()
+    address = IPv4Address("TCP", BALANCER, 50000)
+    tcp = StringTransport(peerAddress=address)
+    layer = ProtocolWrapper(WrappingFactory(factory), factory.buildProtocol(address))  # as TLSMemoryBIOProtocol
+    tcp.protocol = layer
+    layer.makeConnection(tcp)
+    receive(tcp, v2() + b"EHLO c.example\r\n")
+    assert isinstance(layer.wrappedProtocol, SMTPServer) and layer.wrappedProtocol.transport is layer
+    assert layer.getPeer() == IPv4Address("TCP", "127.0.0.5", 40000)
+    assert receiver.sessions == [] and b"250 " in tcp.value()
+
+
+def test_a_v1_header_with_a_port_that_is_no_number_is_refused():
+    factory, clock, events, receiver, limits = setup()
+    transport = reactor_connect(factory)
+    receive(transport, b"PROXY TCP4 127.0.0.5 127.0.0.1 4x 2525\r\n")
+    assert transport.value() == b"" and transport.disconnecting
+    assert events.seen == [("refused", PROXY_BAD_HEADER)]
+
+
+# -- the header parser --------------------------------------------------------------
+
+addresses = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6))
+ports = st.integers(0, 65535)
+
+
+def v1_line(source, destination, sport: int, dport: int) -> bytes:
+    family = "TCP4" if source.version == 4 else "TCP6"
+    return f"PROXY {family} {source} {destination} {sport} {dport}\r\n".encode()
+
+
+def v2_proxy(source, destination, sport: int, dport: int, tlv: bytes = b"") -> bytes:
+    family = 0x11 if source.version == 4 else 0x21
+    body = source.packed + destination.packed + struct.pack("!HH", sport, dport) + tlv
+    return V2_SIG + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
+
+
+@given(addresses, ports, ports, st.binary(max_size=40), st.binary(max_size=8), st.booleans())
+def test_v1_and_v2_headers_give_the_addresses_and_ports_they_carry_and_the_bytes_after(source, sport, dport, rest, tlv, v1):
+    destination = ipaddress.ip_address("192.0.2.25" if source.version == 4 else "2001:db8::25")
+    header = v1_line(source, destination, sport, dport) if v1 else v2_proxy(source, destination, sport, dport, tlv)
+    got_source, got_destination, got_rest = parse_header(header + rest)
+    assert (ipaddress.ip_address(got_source.host), got_source.port) == (source, sport)
+    family = socket.AF_INET if source.version == 4 else socket.AF_INET6
+    assert got_source.host == socket.inet_ntop(family, source.packed)  # as a direct connection's: limits count one client once
+    assert (ipaddress.ip_address(got_destination.host), got_destination.port) == (destination, dport)
+    assert got_rest == rest
+    for cut in range(len(header)):
+        assert parse_header(header[:cut]) is None  # a header cut short is waited for, never refused
+
+
+@given(st.sampled_from([b"", b"PROXY ", b"PROXY TCP4 ", b"PROXY TCP6 ", V2_SIG, V2_SIG + b"\x21\x11"]), st.binary(max_size=120))
+def test_any_bytes_are_a_header_or_not_yet_or_refused_and_never_raise_anything_else(prefix, data):
+    try:
+        parse_header(prefix + data)
+    except BadHeader:
+        pass
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"PROXY TCP4 010.0.0.1 127.0.0.1 1 2\r\n",  # leading zeros: no canonical address
+        b"PROXY TCP4 ::1 127.0.0.1 1 2\r\n",  # the family says IPv4
+        b"PROXY TCP4 127.0.0.5 127.0.0.1 65536 2\r\n",
+        b"PROXY TCP4 127.0.0.5 127.0.0.1 -1 2\r\n",
+        b"PROXY TCP4 127.0.0.5 127.0.0.1 1 2 3\r\n",
+        b"PROXY TCP4  127.0.0.5 127.0.0.1 1 2\r\n",
+        b"PROXY UDP4 127.0.0.5 127.0.0.1 1 2\r\n",
+        b"PROXY TCP4 127.0.0.\xff 127.0.0.1 1 2\r\n",
+        b"PROXY TCP4 127.0.0.5\x00 127.0.0.1 1 2\r\n",
+        b"PROXY TCP4 " + b"1" * 100 + b"\r\n",  # no line end within 107 bytes
+        V2_SIG + b"\x22\x11\x00\x0c" + b"\x00" * 12,  # command 2
+        V2_SIG + b"\x21\x11\x00\x08" + b"\x00" * 8,  # address block shorter than IPv4's
+        V2_SIG + b"\x21\x41\x00\x00",  # family 4
+    ],
+)
+def test_nasty_headers_are_refused(header):
+    with pytest.raises(BadHeader):
+        parse_header(header + b"EHLO x\r\n")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"PROXY UNKNOWN\r\n", b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n", v2(command=0), V2_SIG + b"\x21\x12\x00\x0c" + b"\x00" * 12, V2_SIG + b"\x21\x31\x00\xd8" + b"\x00" * 216],
+    ids=["v1-unknown", "v1-unknown-with-addresses", "v2-local", "v2-udp", "v2-unix"],
+)
+def test_headers_without_a_tcp_client_stand_for_the_balancer(header):
+    assert parse_header(header + b"EHLO x\r\n") == (None, None, b"EHLO x\r\n")
+
+
+def test_an_ipv6_client_is_spelt_canonically():
+    source, _, _ = parse_header(b"PROXY TCP6 2001:DB8:0:0::5 2001:db8::25 1 2\r\n")
+    assert source == IPv6Address("TCP", "2001:db8::5", 1)
+
+
+def test_trust_is_remembered_per_host_and_the_memory_stays_bounded():
+    factory, clock, events, receiver, limits = setup()
+    assert factory.trusts(BALANCER) and not factory.trusts("192.0.2.7")
+    for i in range(MAX_VERDICTS + 10):
+        assert not factory.trusts(f"10.0.{i // 256}.{i % 256}")
+    assert len(factory._verdicts) <= MAX_VERDICTS
+    assert factory.trusts(BALANCER)
+
+
+def test_a_connection_lost_before_its_header_leaves_no_timer_and_no_registration():
+    factory, clock, events, receiver, limits = setup()
+    transport = reactor_connect(factory)
+    receive(transport, b"PROXY TCP4 127.0.0.5")
+    assert len(factory.protocols) == 1 and len(clock.getDelayedCalls()) == 1
+    transport.protocol.connectionLost(None)
+    assert factory.protocols == {} and clock.getDelayedCalls() == []
+    assert limits.total_open == 0 and events.seen == []

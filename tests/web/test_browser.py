@@ -225,6 +225,15 @@ def test_mail_control_in_a_browser(mail_control, browser):
     wait.until(EC.presence_of_element_located((By.ID, "senderlog")))
     assert "to=<dave@b.sink.test>" in text("#senderlog") and f":{second_gateway} " in text("#senderlog")
 
+    # The DNS checks of the local domain (started by the first dashboard view): this daemon's DNS
+    # is a loopback port where nothing answers, which the dashboard says, with what to do.
+    def dns_checked() -> bool:
+        browser.get(d.admin_url + "/")
+        return "no answer from the DNS" in text("#dns-example\\.test")
+
+    wait_for(dns_checked, timeout=20, interval=1, message="the dashboard's DNS check of example.test")
+    assert "fix: check [routing] dns_servers" in text("#dns-example\\.test")
+
     # Readable on a phone: nothing wider than the screen.
     browser.set_window_size(390, 844)
     for path in ("/", "/queue", "/gateway", "/route"):

@@ -22,18 +22,6 @@ from web_support import ADMIN, PASSWORD, make_world
 QID = "0190000000000A000"
 
 
-@pytest.fixture
-def world(tmp_path):
-    return make_world(tmp_path)
-
-
-@pytest.fixture
-def admin(world):
-    client = world.client()
-    assert client.login().code == 303
-    return client
-
-
 def queue_message(spool, queue: str, envelope: Envelope) -> None:
     (spool / queue / f"{envelope.queue_id}.msg").write_bytes(b"Subject: hi\r\n\r\nhello\r\n")
     (spool / queue / f"{envelope.queue_id}.env").write_bytes(envelope.to_bytes())

@@ -1,0 +1,310 @@
+"""Authentication-Results (RFC 8601) for inbound mail: the pure part (SPEC §9).
+
+No I/O here: the checks themselves (SPF, DKIM, DMARC lookups) run in
+`epost/smtp/authcheck.py`; this module turns their results into the header,
+removes earlier headers that claim to be ours, and decides DMARC alignment
+(RFC 7489 §3.1) and the DMARC result from plain values.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+# RFC 2045 token: what a property value may be without quotes.
+_TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+\Z")
+# RFC 8601 pvalue's other bare form, [local-part] "@" domain-name, with a dot-atom local-part.
+_ATEXT = r"[!#$%&'*+\-/=?^_`{|}~0-9A-Za-z]+"
+_ADDR = re.compile(rf"(?:{_ATEXT}(?:\.{_ATEXT})*)?@[0-9A-Za-z](?:[0-9A-Za-z.-]*[0-9A-Za-z])?\Z")
+_FIELD_NAME = b"authentication-results"
+FOLD = "\r\n\t"
+
+# RFC 8601 §2.7 result words, per method.
+SPF_RESULTS = frozenset({"none", "neutral", "pass", "fail", "softfail", "temperror", "permerror"})
+DKIM_RESULTS = frozenset({"none", "pass", "fail", "policy", "neutral", "temperror", "permerror"})
+DMARC_RESULTS = frozenset({"none", "pass", "fail", "temperror", "permerror"})
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """One resinfo: `spf=pass smtp.mailfrom=a@example.com`."""
+
+    method: str  # spf | dkim | dmarc
+    result: str
+    properties: tuple[tuple[str, str], ...] = ()  # (ptype.property, value), e.g. ("header.d", "example.com")
+    reason: str | None = None
+    comment: str | None = None  # e.g. the DMARC policy "p=reject"
+
+
+def property_value(value: str) -> str:
+    """A pvalue as RFC 8601 §2.2 allows it: a token or an address bare, anything else quoted."""
+    if _TOKEN.match(value) or _ADDR.match(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _comment(text: str) -> str:
+    return "(" + re.sub(r"([()\\])", r"\\\1", text) + ")"
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def format_resinfo(result: MethodResult) -> str:
+    """`method=result [reason="..."] [(comment)] ptype.prop=value ...` on one line."""
+    parts = [f"{result.method}={result.result}"]
+    if result.reason:
+        parts.append(f"reason={_quoted(_printable(result.reason))}")
+    if result.comment:
+        parts.append(_comment(_printable(result.comment)))
+    parts.extend(f"{name}={property_value(_printable(value))}" for name, value in result.properties)
+    return " ".join(parts)
+
+
+def _printable(text: str) -> str:
+    """Header text stays one line of printable characters: CR, LF and controls become spaces."""
+    return re.sub(r"[\x00-\x1f\x7f]", " ", text)
+
+
+def authentication_results(authserv_id: str, results: Sequence[MethodResult], why_none: str | None = None) -> bytes:
+    """The whole header field, one resinfo per folded line, ending in CRLF.
+
+    With no results at all it says `none` (RFC 8601 §2.2: no method was
+    applied), followed by `why_none` as a comment."""
+    if not results:
+        comment = f" {_comment(_printable(why_none))}" if why_none else ""
+        return f"Authentication-Results: {authserv_id}; none{comment}\r\n".encode()
+    text = f"Authentication-Results: {authserv_id};" + ";".join(FOLD + format_resinfo(r) for r in results)
+    return text.encode("utf-8", "replace") + b"\r\n"
+
+
+def authserv_id(field_value: bytes) -> str | None:
+    """The authserv-id of an Authentication-Results value (lower case), or None if unreadable.
+
+    Leading comments and whitespace are skipped (CFWS); the id ends at `;`,
+    whitespace or a comment (a version number may follow it)."""
+    text = re.sub(rb"\s+", b" ", field_value).decode("utf-8", "replace")
+    position = _skip_cfws(text, 0)
+    if position >= len(text):
+        return None
+    if text[position] == '"':  # authserv-id is a value: a quoted-string is allowed
+        end = position + 1
+        chars = []
+        while end < len(text) and text[end] != '"':
+            if text[end] == "\\" and end + 1 < len(text):
+                end += 1
+            chars.append(text[end])
+            end += 1
+        return "".join(chars).lower() or None
+    match = re.match(r"[^\s;()]+", text[position:])
+    return match.group(0).lower() if match else None
+
+
+def _skip_cfws(text: str, position: int) -> int:
+    depth = 0
+    while position < len(text):
+        char = text[position]
+        if depth:
+            if char == "\\":
+                position += 1
+            elif char == "(":
+                depth += 1
+            elif char == ")":
+                depth -= 1
+        elif char == "(":
+            depth = 1
+        elif not char.isspace():
+            return position
+        position += 1
+    return position
+
+
+def header_end(message: bytes) -> int:
+    """Offset just past the header section's last field (before the empty line), or len(message)."""
+    if message.startswith(b"\r\n"):
+        return 0
+    end = message.find(b"\r\n\r\n")
+    return len(message) if end < 0 else end + 2
+
+
+def remove_our_results(message: bytes, our_id: str) -> bytes:
+    """The message without the Authentication-Results fields whose authserv-id
+    is ours (RFC 8601 §5: a forged claim of our own checks); everyone else's
+    stay, and so does everything else, byte for byte."""
+    stream = ResultsFilter(our_id)
+    return stream.feed(message) + stream.flush()
+
+
+class ResultsFilter:
+    """`remove_our_results` for a message that arrives in chunks: what `feed`
+    returns may be passed on at once. It holds back at most one incomplete
+    line and one Authentication-Results field (each up to LIMIT bytes); after
+    the header section everything passes straight through."""
+
+    LIMIT = 64 * 1024  # a field or line longer than this is no header a client may send
+
+    def __init__(self, our_id: str):
+        self._ours = our_id.lower()
+        self._in_header = True
+        self._partial = b""  # an incomplete line
+        self._mode: str | None = None  # the current field: "pass", "hold" (an A-R field), "drop"
+        self._field: list[bytes] = []
+        self._field_size = 0
+
+    def feed(self, data: bytes) -> bytes:
+        if not self._in_header:
+            return data
+        buffer, start, out = self._partial + data, 0, []
+        while self._in_header:
+            end = buffer.find(b"\r\n", start)
+            if end < 0:
+                break
+            out.append(self._line(buffer[start:end + 2]))
+            start = end + 2
+        rest = buffer[start:]
+        self._partial = b""
+        if self._in_header and len(rest) > self.LIMIT:
+            # A line over 1000 octets: the session refuses this message anyway; stop looking.
+            out.append(self._end_field())
+            self._in_header = False
+        if self._in_header:
+            self._partial = rest
+        else:
+            out.append(rest)
+        return b"".join(out)
+
+    def flush(self) -> bytes:
+        """The end of the message: whatever is still held."""
+        out = (self._end_field() if self._in_header else b"") + self._partial
+        self._partial, self._in_header = b"", False
+        return out
+
+    def _line(self, line: bytes) -> bytes:
+        if line[:1] in (b" ", b"\t") and self._mode is not None:  # a continuation of the current field
+            if self._mode == "hold":
+                self._field.append(line)
+                self._field_size += len(line)
+                if self._field_size > self.LIMIT:
+                    self._field, self._mode = [], "drop"
+                return b""
+            return line if self._mode == "pass" else b""
+        done = self._end_field()
+        if line == b"\r\n":
+            self._in_header = False
+            return done + line
+        name, colon, _ = line.partition(b":")
+        if colon and name.strip().lower() == _FIELD_NAME:
+            self._mode, self._field, self._field_size = "hold", [line], len(line)
+            return done
+        self._mode = "pass"
+        return done + line
+
+    def _end_field(self) -> bytes:
+        mode, self._mode = self._mode, None
+        if mode != "hold":
+            return b""
+        field, self._field = b"".join(self._field), []
+        return b"" if authserv_id(field.partition(b":")[2]) == self._ours else field
+
+
+# --- DMARC (RFC 7489) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DmarcPolicy:
+    """The tags of a DMARC record that decide alignment and what we report."""
+
+    p: str = "none"
+    sp: str | None = None
+    adkim: str = "r"
+    aspf: str = "r"
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+_POLICIES = ("none", "quarantine", "reject")
+
+
+def parse_dmarc_record(text: str) -> DmarcPolicy | None:
+    """A `v=DMARC1; p=...` record, or None when it is not a usable DMARC record.
+
+    RFC 7489 §6.6.3: an invalid or missing `p` counts as `p=none` when the
+    record has an `rua` tag, otherwise the record is ignored."""
+    tags: dict[str, str] = {}
+    for part in text.split(";"):
+        name, equals, value = part.partition("=")
+        if equals:
+            tags.setdefault(name.strip().lower(), value.strip())
+    parts = [part.strip() for part in text.split(";")]
+    if not parts or parts[0].replace(" ", "") != "v=DMARC1":
+        return None
+    p = tags.get("p", "").lower()
+    if p not in _POLICIES:
+        if "rua" not in tags:
+            return None
+        p = "none"
+    sp = tags.get("sp", "").lower() or None
+    if sp is not None and sp not in _POLICIES:
+        sp = None
+    adkim = "s" if tags.get("adkim", "r").lower() == "s" else "r"
+    aspf = "s" if tags.get("aspf", "r").lower() == "s" else "r"
+    return DmarcPolicy(p, sp, adkim, aspf)
+
+
+def aligned(identifier: str, from_domain: str, mode: str, org_domain: Callable[[str], str]) -> bool:
+    """RFC 7489 §3.1: strict needs the same domain; relaxed the same organizational domain."""
+    a, b = identifier.lower().rstrip("."), from_domain.lower().rstrip(".")
+    if not a or not b:
+        return False
+    if a == b:
+        return True
+    return mode != "s" and org_domain(a) == org_domain(b)
+
+
+def dmarc_verdict(
+    policy: DmarcPolicy,
+    from_domain: str,
+    spf_domain: str | None,
+    dkim_domains: Iterable[str],
+    org_domain: Callable[[str], str],
+) -> str:
+    """`pass` when SPF passed for an aligned domain or any passing DKIM
+    signature's d= is aligned, else `fail`. `spf_domain` is the domain SPF
+    passed for (MAIL FROM's, or HELO's for the null sender), None if it did not pass."""
+    if spf_domain and aligned(spf_domain, from_domain, policy.aspf, org_domain):
+        return "pass"
+    if any(aligned(domain, from_domain, policy.adkim, org_domain) for domain in dkim_domains):
+        return "pass"
+    return "fail"
+
+
+def dmarc_comment(policy: DmarcPolicy) -> str:
+    """The published policy, as a comment (epost reports it; it does not act on it)."""
+    return f"p={policy.p}" + (f" sp={policy.sp}" if policy.sp else "")
+
+
+def dkim_properties(domain: str, selector: str, signature_b: str, identity: str | None = None) -> tuple[tuple[str, str], ...]:
+    """header.d, header.i, header.s and header.b (its first 8 characters, RFC 6008 §4)."""
+    properties = [("header.d", domain)]
+    if identity:
+        properties.append(("header.i", identity))
+    properties.append(("header.s", selector))
+    b = re.sub(r"\s+", "", signature_b)[:8]
+    if b:
+        properties.append(("header.b", b))
+    return tuple(properties)
+
+
+def header_from_domains(head: bytes) -> list[str]:
+    """The domains of the RFC 5322 From addresses (DMARC's identifier), lower case, in order."""
+    from email.parser import BytesHeaderParser
+    from email.policy import compat32
+    from email.utils import getaddresses
+
+    fields = BytesHeaderParser(policy=compat32).parsebytes(head + b"\r\n").get_all("From") or []
+    domains = []
+    for _name, address in getaddresses([str(value) for value in fields]):
+        local, at, domain = address.rpartition("@")
+        domains.append(domain.strip().rstrip(".").lower() if at and local and domain.strip() else "")
+    return domains

@@ -1,0 +1,191 @@
+"""`epost show ID`: a queued message's envelope, a blank line, then its content (SPEC §4)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from epost.admin import show
+from epost.admin.cli import main
+from epost.queue.envelope import Envelope, Recipient
+from epost.queue.spool import Spool
+
+NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+QUEUE_ID = "0190000000000A000"
+CONTENT = b"Subject: hi\r\n\r\nhello \xff\r\n"
+
+
+def make_envelope(**changes) -> Envelope:
+    values = dict(
+        queue_id=QUEUE_ID,
+        sender="alice@example.test",
+        recipients=(
+            Recipient("bob@remote.test", {"kind": "relay", "rule": "gateway.dat:2", "hosts": [["127.0.0.1", 2526]]},
+                      attempts=2, last_reply="451 4.7.1 later"),
+            Recipient("carol@example.test", {"kind": "local", "rule": "local", "mailbox": "example.test/carol"},
+                      state="delivered", attempts=1, last_reply="delivered"),
+        ),
+        arrival=NOW - 3600,
+        size=len(CONTENT),
+        client="192.0.2.7",
+        retries={"remote.test": {"first_failure": NOW - 3000, "failures": 2, "last_failure": NOW - 600,
+                                 "next_attempt": NOW + 600, "last_host": "127.0.0.1[127.0.0.1]:2526"}},
+    )
+    values.update(changes)
+    return Envelope(**values)
+
+
+def queue(spool: Path, where: str, envelope: Envelope, content: bytes = CONTENT) -> None:
+    folder = spool / where
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{envelope.queue_id}.msg").write_bytes(content)
+    (folder / f"{envelope.queue_id}.env").write_bytes(envelope.to_bytes())
+
+
+def run(capsysbinary, spool: Path, *argv: str) -> tuple[int, bytes, str]:
+    status = main(["show", *argv, "--spool", str(spool)], now=NOW)
+    out, err = capsysbinary.readouterr()
+    return status, out, err.decode()
+
+
+def test_show_prints_every_envelope_field_then_a_blank_line_then_the_content_as_stored(tmp_path, capsysbinary):
+    queue(tmp_path, "deferred", make_envelope())
+
+    status, out, err = run(capsysbinary, tmp_path, QUEUE_ID)
+
+    head, content = out.split(b"\n\n", 1)
+    assert (status, err, content) == (0, "", CONTENT)
+    assert head.decode().splitlines() == [
+        f"queue-id: {QUEUE_ID}",
+        "queue: deferred",
+        "arrival: 2027-01-15T07:00:00Z",
+        f"size: {len(CONTENT)}",
+        "sender: <alice@example.test>",
+        "client: 192.0.2.7",
+        "listener: relay",
+        "auth: ",
+        "body: 7BIT",
+        "delay-warned: no",
+        "trusted: no",
+        "recipient: <bob@remote.test>",
+        "  state: deferred",
+        "  attempts: 2",
+        "  failures-5xx: 0",
+        "  dsn-sent: no",
+        "  last-reply: 451 4.7.1 later",
+        '  route: {"kind":"relay","rule":"gateway.dat:2","hosts":[["127.0.0.1",2526]]}',
+        "recipient: <carol@example.test>",
+        "  state: delivered",
+        "  attempts: 1",
+        "  failures-5xx: 0",
+        "  dsn-sent: no",
+        "  last-reply: delivered",
+        '  route: {"kind":"local","rule":"local","mailbox":"example.test/carol"}',
+        "retry: remote.test",
+        "  first-failure: 2027-01-15T07:10:00Z",
+        "  failures: 2",
+        "  last-failure: 2027-01-15T07:50:00Z",
+        "  next-attempt: 2027-01-15T08:10:00Z",
+        "  last-host: 127.0.0.1[127.0.0.1]:2526",
+    ]
+
+
+def test_a_signed_message_shows_each_dkim_signature_on_one_line(tmp_path, capsysbinary):
+    signature = "DKIM-Signature: v=1; a=rsa-sha256;\r\n b=AAAA\r\n BBBB\r\nDKIM-Signature: v=1; a=ed25519-sha256; b=CC\r\n"
+    queue(tmp_path, "incoming", make_envelope(trusted=True, dkim=signature))
+
+    _, out, _ = run(capsysbinary, tmp_path, QUEUE_ID)
+
+    lines = out.split(b"\n\n", 1)[0].decode().splitlines()
+    assert "trusted: yes" in lines
+    assert [line for line in lines if line.startswith("dkim: ")] == [
+        "dkim: DKIM-Signature: v=1; a=rsa-sha256; b=AAAA BBBB",
+        "dkim: DKIM-Signature: v=1; a=ed25519-sha256; b=CC",
+    ]
+
+
+@pytest.mark.parametrize("where, state", [("incoming", "incoming"), ("hold", "held")])
+def test_a_pending_recipient_is_named_by_its_queue_as_in_epost_queue(tmp_path, capsysbinary, where, state):
+    queue(tmp_path, where, make_envelope(retries={}))
+
+    status, out, _ = run(capsysbinary, tmp_path, QUEUE_ID.lower())
+
+    lines = out.split(b"\n\n", 1)[0].decode().splitlines()
+    assert status == 0 and f"queue: {where}" in lines and lines[lines.index("recipient: <bob@remote.test>") + 1] == f"  state: {state}"
+
+
+def test_control_characters_in_the_envelope_are_escaped_one_value_per_line(tmp_path, capsysbinary):
+    queue(tmp_path, "incoming", make_envelope(sender="evil\r\n@x.test\x1b[2J",
+                                             recipients=(Recipient("x\udcff\u202e@example.org"),)))
+
+    _, out, _ = run(capsysbinary, tmp_path, QUEUE_ID)
+
+    head = out.split(b"\n\n", 1)[0].decode("ascii")
+    assert "sender: <evil\\r\\n@x.test\\x1b[2J>" in head.splitlines()
+    assert "recipient: <x\\udcff\\u202e@example.org>" in head.splitlines()
+
+
+@pytest.mark.parametrize("asked, said", [
+    ("0190000000000B000", "epost show: 0190000000000B000: not queued (delivered, deleted, or never here)\n"),
+    ("../../etc/passwd", "epost show: ../../etc/passwd: not a queue ID (17 hex digits, as `epost queue` shows)\n"),
+])
+def test_an_unknown_id_is_one_line_on_stderr_and_exit_1(tmp_path, capsysbinary, asked, said):
+    queue(tmp_path, "deferred", make_envelope())
+
+    assert run(capsysbinary, tmp_path, asked) == (1, b"", said)
+
+
+def test_a_message_moved_during_the_first_look_is_found_in_its_new_queue(tmp_path, capsysbinary, monkeypatch):
+    """hold -> incoming (a release) while `show` looks: incoming/ was read before, hold/ is empty after."""
+    queue(tmp_path, "hold", make_envelope())
+    original, looks = Spool.load, []
+
+    def load_while_released(self, queue_id, where="incoming"):
+        looks.append(where)
+        if len(looks) == 1:
+            (tmp_path / "incoming").mkdir(exist_ok=True)
+            for suffix in (".env", ".msg"):
+                os.rename(tmp_path / "hold" / f"{queue_id}{suffix}", tmp_path / "incoming" / f"{queue_id}{suffix}")
+            raise FileNotFoundError(where)
+        return original(self, queue_id, where)
+
+    monkeypatch.setattr(Spool, "load", load_while_released)
+    status, out, err = run(capsysbinary, tmp_path, QUEUE_ID)
+
+    assert (status, err, looks) == (0, "", ["hold", "incoming"])
+    assert b"queue: incoming\n" in out and out.endswith(b"\n\n" + CONTENT)
+
+
+def test_content_that_left_the_queue_while_shown_is_reported(tmp_path, capsysbinary, monkeypatch):
+    """Its file may be reused for a new message at once (the spool's pool): say so, exit 1."""
+    queue(tmp_path, "deferred", make_envelope())
+    chunks = show.content_chunks
+
+    def delivered_meanwhile(fd):
+        yield from chunks(fd)
+        for suffix in (".env", ".msg"):
+            (tmp_path / "deferred" / f"{QUEUE_ID}{suffix}").unlink()
+
+    monkeypatch.setattr(show, "content_chunks", delivered_meanwhile)
+    status, out, err = run(capsysbinary, tmp_path, QUEUE_ID)
+
+    assert status == 1 and out.endswith(CONTENT)
+    assert err == (f"epost show: {QUEUE_ID} left the queue while it was shown (delivered or deleted);"
+                   " the content above may not all be its own\n")
+
+
+def test_a_corrupt_envelope_is_named_and_nothing_is_printed(tmp_path, capsysbinary):
+    queue(tmp_path, "deferred", make_envelope())
+    (tmp_path / "deferred" / f"{QUEUE_ID}.env").write_bytes(b"{not json\n")
+
+    status, out, err = run(capsysbinary, tmp_path, QUEUE_ID)
+
+    assert (status, out) == (1, b"")
+    assert err.startswith(f"epost show: {QUEUE_ID}: {tmp_path}/deferred/{QUEUE_ID}.env: corrupt envelope:")
+
+
+def test_show_needs_a_spool_folder(tmp_path, capsysbinary):
+    assert run(capsysbinary, tmp_path / "nowhere", QUEUE_ID) == (
+        1, b"", f"epost: {tmp_path}/nowhere: no spool folder (give --spool or --config)\n")
