@@ -164,3 +164,41 @@ def test_parked_jobs_follow_their_domain_into_its_mx_group():
     rec.finish(jobs[0])
     clock.advance(0)
     assert [job for _, job in rec.started] == jobs  # answered: the full limit, all of them at once
+
+
+def test_a_bulk_to_a_rate_limiter_keeps_under_its_rate_with_few_refusals():
+    """2,000 jobs to a model receiver taking 120 a minute (sliding window), the
+    shipped rules: about one attempt per message, most of the allowed rate."""
+    clock, gate, rec, scheduler = make()
+    taken: list[float] = []
+    delivered: list[float] = []
+    refusals: list[float] = []
+
+    def start(job):
+        d = defer.Deferred()
+
+        def answer():
+            now = clock.seconds()
+            if sum(1 for t in taken if now - t < 60) < 120:
+                taken.append(now)
+                delivered.append(now)
+                gate.judge("rate.test", {"a": (250, "ok", "data", True, None)}, now)
+                d.callback("done")
+            else:
+                refusals.append(now)
+                gate.judge("rate.test", {"a": (421, "4.7.0 Too many messages, slow down", "rcpt", True, None)}, now)
+                d.callback(("park", now))
+
+        clock.callLater(0.03, answer)
+        return d
+
+    scheduler._start = start
+    gate.saw_hosts("rate.test", ["mx.rate.test:25"])
+    for i in range(2000):
+        scheduler.add_new(Job(f"Q{i}", "rate.test"))
+    while len(delivered) < 2000 and clock.seconds() < 5000:
+        clock.advance(0.05)
+    assert len(delivered) == 2000
+    assert (2000 + len(refusals)) / 2000 <= 1.02
+    sustained = 60 * (2000 - 120) / (delivered[-1] - delivered[0])
+    assert 0.9 * 120 <= sustained <= 120
