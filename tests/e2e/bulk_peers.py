@@ -33,36 +33,24 @@ import os
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from e2e_support import free_port, port_answers
+from sinks import _address
+
 POSTGREY = shutil.which("postgrey") or "/usr/sbin/postgrey"
 SENDER = "bulk@sender.example.org"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _answers(host: str, port: int) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
 
 
 # --- postgrey --------------------------------------------------------------------
 
 
 class Postgrey:
-    """Debian's postgrey as a private instance on `host:port` (a free port when 0),
+    """Debian's postgrey as a private instance on 127.0.0.1:`port` (a free port when 0),
     with its own database folder, pid file and empty whitelists under `folder`;
     never the system service. It stays in the foreground as our child.
 
@@ -71,13 +59,13 @@ class Postgrey:
     within a test or a benchmark only N=1 can ever whitelist a client: the
     first message that passes greylisting whitelists the client's address."""
 
-    def __init__(self, folder: Path, delay: int = 300, auto_whitelist: int = 1, host: str = "127.0.0.1",
-                 port: int = 0, hostname: str = "grey.test") -> None:
+    def __init__(self, folder: Path, delay: int = 300, auto_whitelist: int = 1, port: int = 0,
+                 hostname: str = "grey.test") -> None:
         if delay < 1:
             raise ValueError("postgrey takes a delay of 0 as its default, 300 s")
         self.folder = Path(folder)
-        self.delay, self.auto_whitelist, self.host = delay, auto_whitelist, host
-        self.port = port or free_port(host)
+        self.delay, self.auto_whitelist, self.host = delay, auto_whitelist, "127.0.0.1"
+        self.port = port or free_port()
         self.hostname = hostname
         self.process: subprocess.Popen | None = None
 
@@ -105,7 +93,7 @@ class Postgrey:
             self.process = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             cwd=self.folder, start_new_session=True)
         deadline = time.monotonic() + timeout
-        while not _answers(self.host, self.port):
+        while not port_answers(self.port, self.host):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"postgrey did not start (exit {self.process.returncode}):\n{self.log.read_text()}")
@@ -176,15 +164,15 @@ class _Transaction:
 
 
 class Receiver:
-    """An SMTP receiver on `host:port` that accepts everything (the hooks say otherwise
+    """An SMTP receiver on 127.0.0.1:`port` (a free port when 0) that accepts everything (the hooks say otherwise
     in the subclasses) and counts; a context manager. Replies starting with 421 close
     the connection, as a real server does."""
 
     banner = "receiver.test"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.host = host
-        self.port = port or free_port(host)
+    def __init__(self, port: int = 0) -> None:
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
         self._lock = threading.Lock()
         self._rcpts: collections.Counter = collections.Counter()  # recipient -> RCPT commands
         self._first_attempt: dict[str, float] = {}
@@ -407,13 +395,6 @@ class Receiver:
         return True
 
 
-def _address(argument: bytes) -> str:
-    """`FROM:<a@b> SIZE=1` -> `a@b`."""
-    text = argument.decode("ascii", "replace")
-    start, end = text.find("<"), text.find(">")
-    return text[start + 1 : end] if 0 <= start < end else text.partition(":")[2].strip()
-
-
 async def _read_data(reader: asyncio.StreamReader) -> str | None:
     """Reads the message up to the final dot; its Subject ('' when none), None when the peer left."""
     subject, in_header = "", True
@@ -438,8 +419,8 @@ class GreylistReceiver(Receiver):
 
     banner = "grey.test"
 
-    def __init__(self, postgrey: Postgrey, host: str = "127.0.0.1", port: int = 0) -> None:
-        super().__init__(host, port)
+    def __init__(self, postgrey: Postgrey, port: int = 0) -> None:
+        super().__init__(port)
         self.postgrey = postgrey
         self._policy: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._policy_lock: asyncio.Lock | None = None
@@ -509,10 +490,10 @@ class RateLimiter(Receiver):
     banner = "rate.test"
 
     def __init__(self, limit: int, window: float = 60.0, reply: str = "plain", stage: str = "rcpt",
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 port: int = 0) -> None:
         if stage not in ("rcpt", "data"):
             raise ValueError(stage)
-        super().__init__(host, port)
+        super().__init__(port)
         self.limit, self.window, self.stage = limit, window, stage
         self.reply = RATE_TEXTS.get(reply, reply)
         self._taken: dict[str, collections.deque] = collections.defaultdict(collections.deque)
@@ -607,6 +588,18 @@ def mri_fields(path: Path) -> dict[str, str]:
     except FileNotFoundError:
         return {}
     return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines()) if k.strip()}
+
+
+def sustained_rate(times: list[float]) -> float:
+    """Deliveries a minute, over the whole minutes (counted from the first delivery) after
+    the first and before the last: a sliding-window limiter lets its first minute's
+    allowance through at once, and the last minute is cut short. NaN for under 3 minutes."""
+    if not times:
+        return float("nan")
+    start = min(times)
+    minutes = collections.Counter(int((t - start) // 60) for t in times)
+    full = range(1, max(minutes))
+    return sum(minutes[m] for m in full) / len(full) if len(full) else float("nan")
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -14,6 +14,7 @@ switch) to show that the storm these tests bound is real.
 from __future__ import annotations
 
 import shutil
+import smtplib
 import subprocess
 import sys
 import time
@@ -125,6 +126,23 @@ def test_epost_flush_forces_an_attempt_at_a_throttled_destination(daemon, tmp_pa
     assert bounces(d.spool) == 0
 
 
+@pytest.mark.parametrize("reply", ["gmail", "microsoft", "yahoo"])
+def test_shipped_throttle_rules_know_the_big_receivers_replies(daemon, tmp_path, reply):
+    """No rule in the config: Gmail's 421 4.7.28, Microsoft's 451 4.7.650 and Yahoo's
+    TSS04 texts throttle the destination by the shipped rules, and nothing bounces."""
+    with RateLimiter(limit=3, window=600, reply=reply) as peer:
+        d = daemon(toml=bulk_toml({"rate.test": peer.port}, tmp_path / "gateway.dat", True, retry=RETRY))
+        send_bulk(d.relay_port, recipients(6, "rate.test"), connections=1)
+        mri = d.spool / "domains" / "rate.test" / "Domain.mri"
+        wait_for(lambda: mri_fields(mri).get("State") == "throttled", 20,
+                 message=f"State: throttled in {mri} ({mri_fields(mri)})")
+        refused = sum(peer.refusals().values())
+        time.sleep(6)  # a retry gap and more: a throttled destination is not retried at E-Post's interval
+        assert sum(peer.refusals().values()) <= refused + 1, peer.refusals()
+    assert len(peer.deliveries) == 3
+    assert bounces(d.spool) == 0
+
+
 def test_destination_max_connections_caps_the_sessions_a_bulk_opens(daemon, tmp_path):
     with Receiver() as peer:
         tail = '[delivery.destinations."bulk.test"]\nmax_connections = 2\n'
@@ -141,5 +159,61 @@ def test_bulk_to_an_accepting_receiver_is_delivered_once_per_recipient(daemon, t
     with Receiver() as peer:
         d = daemon(toml=bulk_toml({"bulk.test": peer.port}, tmp_path / "gateway.dat", aware, retry=RETRY))
         send_bulk(d.relay_port, recipients(30, "bulk.test"))
-        assert peer.wait_for_recipients(30, 30)
+        assert peer.wait_for_recipients(30, 30), f"{len(peer.delivered_at())} of 30 delivered"
     assert set(peer.rcpt_counts().values()) == {1}
+
+
+# --- the peers themselves, without the daemon ---------------------------------------
+
+
+def rcpt_once(port: int, recipient: str, sender: str = "peer@sender.example.org") -> tuple[int, str]:
+    """One SMTP transaction to one recipient: the RCPT reply (the message follows a 250)."""
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=10) as client:
+        client.ehlo()
+        client.mail(sender)
+        code, text = client.rcpt(recipient)
+        if code == 250:
+            client.data(b"Subject: peer check\r\n\r\nhi\r\n")
+        return code, text.decode()
+
+
+def test_greylisting_receiver_defers_a_new_triplet_as_postfix_would_and_takes_it_after_the_delay(tmp_path):
+    grey, peer = greylisting(tmp_path, auto_whitelist=1)
+    try:
+        code, text = rcpt_once(peer.port, "a@grey.test")
+        assert (code, text.split(":")[0]) == (450, "4.2.0 <a@grey.test>")
+        assert "Recipient address rejected: Greylisted" in text
+        assert rcpt_once(peer.port, "a@grey.test")[0] == 450  # too early
+        time.sleep(DELAY + 0.5)
+        assert rcpt_once(peer.port, "a@grey.test")[0] == 250
+        assert rcpt_once(peer.port, "b@grey.test")[0] == 250  # the client is whitelisted now (N = 1)
+        assert peer.rcpt_counts() == {"a@grey.test": 3, "b@grey.test": 1}
+        assert set(peer.delivered_at()) == {"a@grey.test", "b@grey.test"}
+        assert grey.actions()["pass/client AWL"] == 1
+    finally:
+        peer.stop()
+        grey.stop()
+
+
+def test_greylisting_receiver_without_auto_whitelist_greylists_every_new_recipient(tmp_path):
+    grey, peer = greylisting(tmp_path, auto_whitelist=0)
+    try:
+        assert rcpt_once(peer.port, "a@grey.test")[0] == 450
+        time.sleep(DELAY + 0.5)
+        assert rcpt_once(peer.port, "a@grey.test")[0] == 250
+        assert rcpt_once(peer.port, "b@grey.test")[0] == 450
+    finally:
+        peer.stop()
+        grey.stop()
+
+
+def test_rate_limiter_answers_421_past_its_limit_per_window_and_closes(tmp_path):
+    with RateLimiter(limit=2, window=2) as peer:
+        assert rcpt_once(peer.port, "a@rate.test")[0] == 250
+        assert rcpt_once(peer.port, "b@rate.test")[0] == 250
+        assert rcpt_once(peer.port, "c@rate.test") == (421, "4.7.0 Too many messages, slow down")
+        time.sleep(2.1)
+        assert rcpt_once(peer.port, "c@rate.test")[0] == 250
+    assert peer.refusals() == {"421 4.7.0": 1}
+    assert peer.rcpt_counts()["c@rate.test"] == 2
+    assert len(peer.deliveries) == 3
