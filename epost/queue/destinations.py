@@ -30,6 +30,7 @@ class Judged:
 
 
 PRUNE_EVERY = 10_000  # admissions between two prunings
+LIMITS_MEMO = 10_000  # groups whose limits are remembered at most
 FORGET_ANSWERED = 3600.0  # seconds after its last answer a destination gets slow start again
 
 
@@ -42,6 +43,9 @@ class Destinations:
         self._group: dict[str, str] = {}  # domain -> group
         self._hosts: dict[str, tuple[str, ...]] = {}  # group -> MX host names
         self._domains: dict[str, set[str]] = {}  # group -> its domains seen
+        # group -> (the settings' table it was found in, its limits): limits() is
+        # asked twice per attempt; emptied whenever a group's domains or hosts change.
+        self._limits: dict[str, tuple[object, rx.Limits]] = {}
         self._state: dict[str, rx.Receiver] = {}
         self._starts: dict[str, deque[float]] = {}  # group -> session starts in the last WINDOW
         self._sent: dict[str, deque[float]] = {}  # group -> deliveries in the last WINDOW
@@ -73,6 +77,7 @@ class Destinations:
         self._group[destination] = group
         self._hosts[group] = names
         self._domains.setdefault(group, set()).add(destination)
+        self._limits.clear()
         if old in self._state and group not in self._state:
             self._state[group] = self._state[old]  # what was learned under the domain's name carries over
         if old in self._answered:
@@ -82,9 +87,17 @@ class Destinations:
         self.regroup(destination, old, group)
 
     def limits(self, group: str) -> rx.Limits:
+        table = self.settings.destinations
+        cached = self._limits.get(group)
+        if cached is not None and cached[0] is table:
+            return cached[1]
         domain = min(self._domains.get(group, ()), default=group)
         hosts = [host.rpartition(":")[0] or host for host in self._hosts.get(group, ())]
-        return rx.limits_for(self.settings.destinations, domain, hosts)
+        limits = rx.limits_for(table, domain, hosts)
+        if len(self._limits) >= LIMITS_MEMO:  # bounded: groups come and go
+            self._limits.clear()
+        self._limits[group] = (table, limits)
+        return limits
 
     def state(self, group: str) -> rx.Receiver:
         return rx.settle(self._state.get(group, rx.Receiver()), self.clock.seconds())
@@ -275,6 +288,7 @@ class Destinations:
             self._group[destination] = group
             self._hosts[group] = tuple(group[3:].split(","))
             self._domains.setdefault(group, set()).add(destination)
+            self._limits.clear()
         self._state.setdefault(group, r)
 
 
