@@ -30,6 +30,7 @@ class Judged:
 
 
 PRUNE_EVERY = 10_000  # admissions between two prunings
+_FRESH = rx.Receiver()  # a group nothing was learned of (frozen: one instance serves every lookup)
 LIMITS_MEMO = 10_000  # groups whose limits are remembered at most
 FORGET_ANSWERED = 3600.0  # seconds after its last answer a destination gets slow start again
 
@@ -100,7 +101,7 @@ class Destinations:
         return limits
 
     def state(self, group: str) -> rx.Receiver:
-        return rx.settle(self._state.get(group, rx.Receiver()), self.clock.seconds())
+        return rx.settle(self._state.get(group, _FRESH), self.clock.seconds())
 
     def messages_per_connection(self, destination: str) -> int | None:
         return self.limits(self.group(destination)).messages_per_connection
@@ -112,7 +113,7 @@ class Destinations:
         again (receivers.admit and free_slots)."""
         if group in self._forced:
             return 1, None
-        r, limits, running, answered = (self._state.get(group, rx.Receiver()), self.limits(group),
+        r, limits, running, answered = (self._state.get(group, _FRESH), self.limits(group),
                                         self._running.get(group, 0), group in self._answered)
         hold = rx.admit(r, limits, self.default_connections, now, running, self._window(group, now), retry, answered)
         if hold is not None:
@@ -133,11 +134,11 @@ class Destinations:
             hold = None
         else:
             hold = rx.admit(
-            self._state.get(group, rx.Receiver()), self.limits(group), self.default_connections,
+            self._state.get(group, _FRESH), self.limits(group), self.default_connections,
                 now, self._running.get(group, 0), starts, retry, group in self._answered,
             )
         if hold is not None:
-            if not retry and self._state.get(group, rx.Receiver()).state == rx.GREYLISTING:
+            if not retry and self._state.get(group, _FRESH).state == rx.GREYLISTING:
                 self._hurry_probe(group, now)
             return hold
         starts.append(now)
@@ -186,7 +187,7 @@ class Destinations:
         first_contact, greylist_waited), the last being the seconds since the first
         attempt of a recipient that had been greylisted and is now accepted."""
         group = self.group(destination)
-        before = self._state.get(group, rx.Receiver())
+        before = self._state.get(group, _FRESH)
         r = rx.settle(before, now)
         sent = self._sent.setdefault(group, deque())
         while sent and sent[0] <= now - rx.WINDOW:
@@ -216,8 +217,8 @@ class Destinations:
             sent.append(now)
         if first_rule is not None:
             r = rx.on_throttle(r, first_rule, now, len(sent), self._running.get(group, 0))
-        if r != self._state.get(group, rx.Receiver()):
-            if r == rx.Receiver():
+        if r != self._state.get(group, _FRESH):
+            if r == _FRESH:
                 self._state.pop(group, None)
             else:
                 self._state[group] = r
@@ -281,7 +282,7 @@ class Destinations:
     def restore(self, destination: str, fields: dict[str, str]) -> None:
         """From a Domain.mri of the previous run: pauses, lowered limits and what was learned."""
         r = rx.settle(rx.from_fields(fields), self.clock.seconds())
-        if r == rx.Receiver():
+        if r == _FRESH:
             return
         group = fields.get("Destination") or destination
         if group.startswith("mx:"):
