@@ -162,6 +162,21 @@ class Epost:
         """The daemon and its child processes (spool workers, courier) together."""
         return process_cpu(self.process.pid) + sum(process_cpu(pid) for pid in children(self.process.pid))
 
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds of the daemon, its spool workers together and its courier
+        process: the parts of `cpu()` (a child restarted in between loses its count)."""
+        parts = {"daemon": process_cpu(self.process.pid), "workers": 0.0, "courier": 0.0, "other": 0.0}
+        for pid in children(self.process.pid):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                cpu = process_cpu(pid)
+            except OSError:  # ended in between
+                continue
+            role = ("workers" if b"epost.queue.worker" in command else
+                    "courier" if b"epost.delivery.courier_process" in command else "other")
+            parts[role] += cpu
+        return parts
+
     def rss_kib(self) -> int:
         return rss_kib(self.process.pid)
 

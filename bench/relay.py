@@ -16,7 +16,10 @@ the rounds, and with two rounds or more the lowest and highest rate ratio of
 one round), the disk's write requests and cache flushes per message (from
 the first accept until the queue is empty again; the disk that holds each
 server's spool, everything on it counts, as in accept.py) and how many SMTP
-sessions each opened to its sink per message (connection reuse). Needs root.
+sessions each opened to its sink per message (connection reuse). A second
+line splits epost's CPU per message by process: the daemon, the spool
+workers together and the courier process (medians, then each round's
+daemon/workers/courier). Needs root.
 
 --signing adds a second epost that DKIM-signs every message (an RSA-2048 and
 an Ed25519 key for smtp-source's From: domain, client.test; the client is in
@@ -47,11 +50,16 @@ def measure(server, sink: Sink, messages: int, size: int, sessions: int, to: str
     base, opened = sink.received(), sink.sessions()
     disk = DiskCounters(server.spool)
     cpu_before, disk_before = server.cpu(), disk.read()
+    parts_before = server.cpu_by_process() if hasattr(server, "cpu_by_process") else None
     start = time.monotonic()
     accept_seconds = smtp_source(server.port, messages, size, sessions, to)
     arrived = sink.wait_for(base + messages)
     server.wait_until_drained()
     cpu = server.cpu() - cpu_before
+    parts = {}
+    if parts_before is not None:  # epost: CPU-ms per message of each kind of process
+        parts = {f"cpu_ms_{role}": 1000 * (spent - parts_before[role]) / messages
+                 for role, spent in server.cpu_by_process().items()}
     writes, flushes = disk.per_message(disk_before, messages)
     seconds = arrived - start
     return {
@@ -62,6 +70,7 @@ def measure(server, sink: Sink, messages: int, size: int, sessions: int, to: str
         "sessions": (sink.sessions() - opened) / messages,  # outbound SMTP sessions per message
         "writes": writes,  # disk write requests per message, accepted until drained
         "flushes": flushes,  # disk cache flushes per message
+        **parts,
     }
 
 
@@ -144,6 +153,12 @@ def main() -> None:
                 ratios = [a["rate"] / b["rate"] for a, b in zip(ours, theirs)]
                 line += f"  {min(ratios):.2f}–{max(ratios):.2f}" if len(ratios) > 1 else ""
             print(line, flush=True)
+            print(f"{'':>7}  epost CPU-ms/msg by process (medians): daemon {o['cpu_ms_daemon']:.2f}, "
+                  f"spool workers {o['cpu_ms_workers']:.2f}, courier {o['cpu_ms_courier']:.2f}"
+                  + (f", other {o['cpu_ms_other']:.2f}" if o["cpu_ms_other"] else "")
+                  + "; per round: " + " | ".join(
+                      f"{r['cpu_ms_daemon']:.2f}/{r['cpu_ms_workers']:.2f}/{r['cpu_ms_courier']:.2f}" for r in ours),
+                  flush=True)
             if signed:
                 g = {k: statistics.median(r[k] for r in signs) for k in signs[0]}
                 line = (f"{'signing':>7}  {g['rate']:>11.0f} {g['accept_rate']:>8.0f} {g['cpu_ms']:>10.2f}"
