@@ -111,7 +111,7 @@ def deliver_lmtp_batch(
 async def _lmtp_batch(spool, queue_ids, reactor, threadpool, endpoint, hostname, give_up_after, now):
     from epost.queue.envelope import EnvelopeError
     from epost.queue.outcomes import needs_manager
-    from epost.queue.runner import DONE, PASSED, RETRY
+    from epost.queue.runner import DONE, batch_verdict, settle_recipient, spool_action
 
     def in_thread(f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         return deferToThreadPool(reactor, threadpool, f, *args)
@@ -134,27 +134,22 @@ async def _lmtp_batch(spool, queue_ids, reactor, threadpool, endpoint, hostname,
                                         sorted(set(rcpt.values())), content)
             for index in local:
                 outcome = result.recipients[rcpt[index]]
-                attempts = envelope.recipients[index].attempts + 1
                 reply = f"{outcome.code} {outcome.text}" if outcome.code else outcome.text
-                if outcome.code is not None and outcome.code // 100 == 2:
-                    envelope = envelope.with_recipient(index, state="delivered", attempts=attempts,
-                                                       last_reply=f"lmtp: {reply}")
-                elif (outcome.code is not None and outcome.code // 100 == 5) or now() - envelope.arrival >= give_up_after:
-                    envelope = envelope.with_recipient(index, state="failed", attempts=attempts, last_reply=f"lmtp: {reply}")
-                else:
-                    failed = True
-                    envelope = envelope.with_recipient(index, attempts=attempts, last_reply=f"lmtp: {reply}")
+                klass = outcome.code // 100 if outcome.code is not None else None
+                envelope, retry = settle_recipient(envelope, index, f"lmtp: {reply}", delivered=klass == 2,
+                                                   permanent=klass == 5, give_up_after=give_up_after, now=now)
+                failed = failed or retry
         left_for_manager = needs_manager(envelope)
         try:
-            if envelope.pending() or left_for_manager:
-                if local:
-                    await in_thread(spool.update, envelope)
-            else:
+            action = spool_action(envelope, bool(local))
+            if action == "update":
+                await in_thread(spool.update, envelope)
+            elif action == "remove":
                 await in_thread(spool.remove, envelope.queue_id)
         except OSError:
             log.failure("{queue_id}: cannot record delivery", queue_id=envelope.queue_id)
             failed = True
-        verdicts[envelope.queue_id] = RETRY if failed else PASSED if left_for_manager else DONE
+        verdicts[envelope.queue_id] = batch_verdict(failed, left_for_manager)
     return verdicts
 
 

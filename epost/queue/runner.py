@@ -214,7 +214,6 @@ def deliver_local_batch(
         failed = False
         for index, slot in slots:
             outcome = slot if isinstance(slot, Exception) else results[slot]
-            attempts = envelope.recipients[index].attempts + 1
             if isinstance(outcome, Exception):
                 address = envelope.recipients[index].address
                 log.error("{queue_id}: delivery to {address} failed: {error}",
@@ -222,28 +221,55 @@ def deliver_local_batch(
                 # A bad mailbox route is permanent; a file problem is retried
                 # until give_up_after (E-Post's 4xx period), then bounced.
                 if isinstance(outcome, ValueError):
-                    reply = f"550 5.3.0 maildir: {outcome}"
+                    envelope, _ = settle_recipient(envelope, index, f"550 5.3.0 maildir: {outcome}",
+                                                   permanent=True, give_up_after=give_up_after, now=now)
                 else:
-                    reply = f"451 4.3.0 maildir: {outcome}"
-                if isinstance(outcome, ValueError) or now() - envelope.arrival >= give_up_after:
-                    envelope = envelope.with_recipient(index, state="failed", attempts=attempts, last_reply=reply)
-                else:
-                    failed = True
-                    envelope = envelope.with_recipient(index, attempts=attempts, last_reply=reply)
+                    envelope, retry = settle_recipient(envelope, index, f"451 4.3.0 maildir: {outcome}",
+                                                       give_up_after=give_up_after, now=now)
+                    failed = failed or retry
             else:
-                envelope = envelope.with_recipient(index, state="delivered", attempts=attempts, last_reply="delivered to maildir")
+                envelope, _ = settle_recipient(envelope, index, "delivered to maildir", delivered=True,
+                                               give_up_after=give_up_after, now=now)
         left_for_manager = needs_manager(envelope)
         try:
-            if envelope.pending() or left_for_manager:
-                if slots:
-                    spool.update(envelope)
-            else:
+            action = spool_action(envelope, bool(slots))
+            if action == "update":
+                spool.update(envelope)
+            elif action == "remove":
                 spool.remove(envelope.queue_id)
         except OSError:
             log.failure("{queue_id}: cannot record delivery", queue_id=envelope.queue_id)
             failed = True
-        verdicts[envelope.queue_id] = RETRY if failed else PASSED if left_for_manager else DONE
+        verdicts[envelope.queue_id] = batch_verdict(failed, left_for_manager)
     return verdicts
+
+
+def settle_recipient(
+    envelope: Envelope, index: int, reply: str, *, delivered: bool = False, permanent: bool = False,
+    give_up_after: float, now: Callable[[], float],
+) -> tuple[Envelope, bool]:
+    """One local attempt's outcome for recipient `index`, shared by every local
+    transport (Maildir, LMTP): delivered; failed when permanent or past
+    `give_up_after` (the manager bounces it); else left pending. Returns the new
+    envelope and whether the message must be retried."""
+    attempts = envelope.recipients[index].attempts + 1
+    if delivered:
+        return envelope.with_recipient(index, state="delivered", attempts=attempts, last_reply=reply), False
+    if permanent or now() - envelope.arrival >= give_up_after:
+        return envelope.with_recipient(index, state="failed", attempts=attempts, last_reply=reply), False
+    return envelope.with_recipient(index, attempts=attempts, last_reply=reply), True
+
+
+def spool_action(envelope: Envelope, touched: bool) -> str | None:
+    """What to write after a local pass: "remove" a finished message, "update"
+    one with work left (only if this pass changed it), None otherwise."""
+    if envelope.pending() or needs_manager(envelope):
+        return "update" if touched else None
+    return "remove"
+
+
+def batch_verdict(failed: bool, left_for_manager: bool) -> str:
+    return RETRY if failed else PASSED if left_for_manager else DONE
 
 
 def mailbox_path(mailbox_root: Path, recipient: Recipient) -> Path:
