@@ -45,7 +45,7 @@ class Destinations:
         self._hosts: dict[str, tuple[str, ...]] = {}  # group -> MX host names
         self._domains: dict[str, set[str]] = {}  # group -> its domains seen
         # group -> (the settings' table it was found in, its limits): limits() is
-        # asked twice per attempt; emptied whenever a group's domains or hosts change.
+        # asked twice per attempt; a group's entry goes when its domains or hosts change.
         self._limits: dict[str, tuple[object, rx.Limits]] = {}
         self._state: dict[str, rx.Receiver] = {}
         self._starts: dict[str, deque[float]] = {}  # group -> session starts in the last WINDOW
@@ -78,7 +78,7 @@ class Destinations:
         self._group[destination] = group
         self._hosts[group] = names
         self._domains.setdefault(group, set()).add(destination)
-        self._limits.clear()
+        self._limits.pop(group, None)  # only this group's domains or hosts changed
         if old in self._state and group not in self._state:
             self._state[group] = self._state[old]  # what was learned under the domain's name carries over
         if old in self._answered:
@@ -289,7 +289,7 @@ class Destinations:
             self._group[destination] = group
             self._hosts[group] = tuple(group[3:].split(","))
             self._domains.setdefault(group, set()).add(destination)
-            self._limits.clear()
+            self._limits.pop(group, None)
         self._state.setdefault(group, r)
 
 
