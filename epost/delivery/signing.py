@@ -179,10 +179,14 @@ def keys_for(domain: str, keys: tuple[DkimKey, ...]) -> tuple[DkimKey, ...]:
     return ()
 
 
-def _from_domain(message: bytes) -> str | None:
+def _parse_head(message: bytes):
+    """The header fields of a message, parsed from its header block only (never the body)."""
     import email.parser
+    return email.parser.BytesHeaderParser().parsebytes(_header_block(message))
+
+
+def _domain_of(headers) -> str | None:
     import email.utils
-    headers = email.parser.BytesHeaderParser().parsebytes(message)
     addr = email.utils.parseaddr(str(headers.get("From", "")))[1]
     return addr.rpartition("@")[2] or None
 
@@ -193,11 +197,11 @@ def sign(message: bytes, keys: tuple[DkimKey, ...], signing_domain: str | None =
     Domain: the From: domain (DMARC alignment), unless given. relaxed/relaxed,
     From oversigned, only headers present are signed (dkimpy drops absent ones).
     """
-    domain = signing_domain or _from_domain(message)
+    headers = _parse_head(message)  # one parse serves the From: domain and the names present
+    domain = signing_domain or _domain_of(headers)
     if not domain:
         return b""
-    import email.parser
-    names = {k.lower().encode() for k in email.parser.BytesHeaderParser().parsebytes(_header_block(message)).keys()}
+    names = {k.lower().encode() for k in headers.keys()}
     out = []
     present = [h for h in SIGNED_HEADERS if h in names] + [b"from"]  # From oversigned
     parsed = None  # one parse of the message serves every key (DKIM.sign leaves it as it was)
@@ -250,7 +254,7 @@ def _header_block(message: bytes) -> bytes:
 
 def from_domain(head: bytes) -> str | None:
     """The From: address's domain, read from the message's first bytes (its header block)."""
-    return _from_domain(_header_block(head))
+    return _domain_of(_parse_head(head))
 
 
 def commit_signature(message: bytes, chosen: tuple[DkimKey, ...]) -> bytes:
