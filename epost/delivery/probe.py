@@ -75,14 +75,8 @@ class ProbeClient(SMTPClient):
             return
         self._finish(clean=False)
 
-    def _rearm(self) -> None:
-        if self.idle:
-            return
-        self._cancel_timer()
-        if self._expect and not self._closed:
-            key = self._expect[0][0]
-            left = max(0.0, self.deadline - self.clock.seconds())
-            self._timer = self.clock.callLater(min(self.timeouts[key], left), self._on_timeout, key)
+    def _timeout_for(self, key: str) -> float:
+        return min(self.timeouts[key], max(0.0, self.deadline - self.clock.seconds()))
 
 
 class ProbeCourier(Courier):

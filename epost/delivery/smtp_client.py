@@ -253,7 +253,11 @@ class SMTPClient(Protocol):
         self._cancel_timer()
         if self._expect and not self._closed:
             key = self._expect[0][0]
-            self._timer = self.clock.callLater(self.timeouts[key], self._on_timeout, key)
+            self._timer = self.clock.callLater(self._timeout_for(key), self._on_timeout, key)
+
+    def _timeout_for(self, key: str) -> float:
+        """Seconds to wait for the reply `key` names (ProbeClient caps it at its deadline)."""
+        return self.timeouts[key]
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
