@@ -23,7 +23,7 @@ from typing import Iterable
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.policies import WrappingFactory
 
 from epost.smtp.events import SessionEvents
 
@@ -226,10 +226,9 @@ class ProxyHeaderProtocol(Protocol):
             # relay_networks, so that address vouches for nothing.
             session.client_known = False
         self.session = session
-        if isinstance(transport, ProtocolWrapper):  # haproxy:ssl: we sit under Twisted's TLS layer
-            transport.wrappedProtocol = session
-        else:  # a reactor connection delivers to its `protocol`
-            transport.protocol = session
+        # A reactor connection delivers to its `protocol` (config refuses
+        # `haproxy:ssl:`, so no TLS layer sits between us and the socket).
+        transport.protocol = session
         session.makeConnection(transport)
         if rest:
             session.dataReceived(rest)
