@@ -153,7 +153,6 @@ class SMTPServer(Protocol):
         self._auth_next: Callable[[str], object] | None = None  # the next line answers a 334
         self._buffer = b""
         self._discard_line = False  # inside an over-long command line
-        self._busy = False
         self._processing = False
         self._closed = False
         self._errors = 0
@@ -334,6 +333,11 @@ class SMTPServer(Protocol):
     def stopProducing(self) -> None:
         pass  # the connection is going away; connectionLost cleans up
 
+    @property
+    def _busy(self) -> bool:
+        """A check or a commit is pending: its reply must come before the next command runs."""
+        return _BUSY in self._pauses
+
     def _process(self) -> None:
         """Run buffered command lines one at a time, stopping while busy."""
         if self._processing:
@@ -377,14 +381,13 @@ class SMTPServer(Protocol):
         """Hold back further commands until `deferred` has sent its reply."""
         if self._closed:
             return
-        self._busy = True
         self._hold(_BUSY)
         deferred.addErrback(self._internal_error)
         deferred.addBoth(self._resume)
 
     def _resume(self, _ignored) -> None:
-        self._busy = False
         if self._closed:
+            self._pauses.discard(_BUSY)
             return
         self._arm_command_timer()  # the client's time starts at our reply
         self._release(_BUSY)
