@@ -312,13 +312,15 @@ class SMTPServer(Protocol):
             self.transport.pauseProducing()
         self._pauses.add(reason)
 
-    def _release(self, reason: str) -> None:
+    def _release(self, reason: str) -> bool:
+        """Drops `reason`; True when that resumed reading (the caller then runs what is buffered)."""
         if reason not in self._pauses:
-            return
+            return False
         self._pauses.discard(reason)
         if not self._pauses and not self._closed:
             self.transport.resumeProducing()
-            self._process()
+            return True
+        return False
 
     # IPushProducer, registered on the transport: its write buffer is full / drained.
     def pauseProducing(self) -> None:
@@ -849,7 +851,8 @@ class _PauseFor:
         self.session._hold(self.reason)
 
     def resumeProducing(self) -> None:
-        self.session._release(self.reason)
+        if self.session._release(self.reason):
+            self.session._process()
 
     def stopProducing(self) -> None:
         pass
