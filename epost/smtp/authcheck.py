@@ -48,6 +48,7 @@ from epost.smtp.authresults import (
     header_from_domains,
     parse_dmarc_record,
 )
+from epost.smtp.policy import client_address
 
 log = Logger()
 
@@ -87,13 +88,6 @@ def check_resolver(servers: Sequence = ()):
     resolver.cache = dns.resolver.LRUCache()
     resolver.timeout = 1.5  # per server try; the budget caps the whole query
     return resolver
-
-
-def _client_ip(ip: str) -> str:
-    address = ipaddress.ip_address(ip)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
 
 
 def helo_domain(helo: str) -> str | None:
@@ -310,7 +304,7 @@ class AuthChecker:
     def _spf_job(self, client_ip: str, helo: str, sender: str | None, deadline: float):
         if deadline <= time.monotonic():
             return spf_timed_out(sender, helo, "time budget spent")
-        return spf_results(budgeted(self.resolver, deadline), _client_ip(client_ip), sender, helo)
+        return spf_results(budgeted(self.resolver, deadline), str(client_address(client_ip)), sender, helo)  # the receiver checks only IP clients
 
     def _held_content_job(self, held: list[bytes], deadline: float):
         """`_content_job` for the message in `held`, a list the reactor empties

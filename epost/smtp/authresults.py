@@ -170,17 +170,11 @@ def header_end(message: bytes) -> int:
     return len(message) if end < 0 else end + 2
 
 
-def remove_our_results(message: bytes, our_id: str) -> bytes:
-    """The message without the Authentication-Results fields whose authserv-id
-    is ours (RFC 8601 §5: a forged claim of our own checks); everyone else's
-    stay, and so does everything else, byte for byte."""
-    stream = ResultsFilter(our_id)
-    return stream.feed(message) + stream.flush()
-
-
 class ResultsFilter:
-    """`remove_our_results` for a message that arrives in chunks: what `feed`
-    returns may be passed on at once. It holds back at most one incomplete
+    """A message, arriving in chunks, without the Authentication-Results fields
+    whose authserv-id is ours (RFC 8601 §5: a forged claim of our own checks);
+    everyone else's stay, and so does everything else, byte for byte. What
+    `feed` returns may be passed on at once. It holds back at most one incomplete
     line and one Authentication-Results field (each up to LIMIT bytes); after
     the header section everything passes straight through."""
 

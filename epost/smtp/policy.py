@@ -38,6 +38,13 @@ def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | N
     return address
 
 
+def in_networks(ip: str, networks: Iterable) -> bool:
+    """Is the client `ip` (a string, IPv4-mapped IPv6 unwrapped) inside one of
+    `networks`? False for a peer without an IP address (a UNIX socket)."""
+    address = client_address(ip)
+    return address is not None and any(address in network for network in networks)
+
+
 def may_relay(
     recipient: Address,
     *,
@@ -56,8 +63,7 @@ def may_relay(
     """
     if authenticated or open_destination(recipient):
         return True
-    ip = client_address(client_ip)
-    return ip is not None and any(ip in network for network in relay_networks)
+    return in_networks(client_ip, relay_networks)
 
 
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by user")
@@ -106,8 +112,7 @@ class RecipientPolicy:
             return True
         if not session.client_known:  # the balancer's own address (a PROXY header naming no client)
             return False
-        ip = client_address(session.client_ip)
-        return ip is not None and any(ip in network for network in self.relay_networks)
+        return in_networks(session.client_ip, self.relay_networks)
 
     def open_destination(self, recipient: Address) -> bool:
         domain = recipient.domain

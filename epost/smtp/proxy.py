@@ -15,7 +15,6 @@ connection's are (so limits count one client once), in a few microseconds.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 from typing import Iterable
@@ -23,9 +22,10 @@ from typing import Iterable
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.policies import WrappingFactory
 
 from epost.smtp.events import SessionEvents
+from epost.smtp.policy import in_networks
 
 HEADER_TIMEOUT = 10.0  # seconds; HAProxy sends the header with its first packet
 MAX_VERDICTS = 1024  # source addresses whose trust is remembered
@@ -38,13 +38,7 @@ PROXY_TIMEOUT = "proxy_timeout"  # no complete header in HEADER_TIMEOUT
 
 def is_trusted(host: str, networks: Iterable) -> bool:
     """May a connection from `host` carry a PROXY header (is it a balancer)?"""
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address.version == network.version and address in network for network in networks)
+    return in_networks(host.split("%", 1)[0], networks)
 
 
 # The PROXY protocol (haproxy.org, doc/proxy-protocol.txt): v1 is one text
@@ -226,10 +220,9 @@ class ProxyHeaderProtocol(Protocol):
             # relay_networks, so that address vouches for nothing.
             session.client_known = False
         self.session = session
-        if isinstance(transport, ProtocolWrapper):  # haproxy:ssl: we sit under Twisted's TLS layer
-            transport.wrappedProtocol = session
-        else:  # a reactor connection delivers to its `protocol`
-            transport.protocol = session
+        # A reactor connection delivers to its `protocol` (config refuses
+        # `haproxy:ssl:`, so no TLS layer sits between us and the socket).
+        transport.protocol = session
         session.makeConnection(transport)
         if rest:
             session.dataReceived(rest)

@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from epost import metrics
 from epost.smtp.dnsbl import DnsblSite, blocking_zone, query_name
 from epost.smtp.interfaces import Reply
-from epost.smtp.policy import client_address
+from epost.smtp.policy import client_address, in_networks
 
 log = Logger(namespace="epost.smtp")
 
@@ -235,8 +235,7 @@ class Screening:
 
     def exempt(self, ip: str) -> bool:
         """Trusted clients (relay_networks) and peers without an IP address (a UNIX socket)."""
-        address = client_address(ip)
-        return address is None or any(address in network for network in self.relay_networks)
+        return client_address(ip) is None or in_networks(ip, self.relay_networks)
 
     def for_client(self, ip: str) -> ClientScreen | None:
         """Starts the DNSBL lookups of a new connection; None when the client is not screened."""

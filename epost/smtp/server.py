@@ -153,7 +153,6 @@ class SMTPServer(Protocol):
         self._auth_next: Callable[[str], object] | None = None  # the next line answers a 334
         self._buffer = b""
         self._discard_line = False  # inside an over-long command line
-        self._busy = False
         self._processing = False
         self._closed = False
         self._errors = 0
@@ -313,13 +312,15 @@ class SMTPServer(Protocol):
             self.transport.pauseProducing()
         self._pauses.add(reason)
 
-    def _release(self, reason: str) -> None:
+    def _release(self, reason: str) -> bool:
+        """Drops `reason`; True when that resumed reading (the caller then runs what is buffered)."""
         if reason not in self._pauses:
-            return
+            return False
         self._pauses.discard(reason)
         if not self._pauses and not self._closed:
             self.transport.resumeProducing()
-            self._process()
+            return True
+        return False
 
     # IPushProducer, registered on the transport: its write buffer is full / drained.
     def pauseProducing(self) -> None:
@@ -333,6 +334,11 @@ class SMTPServer(Protocol):
 
     def stopProducing(self) -> None:
         pass  # the connection is going away; connectionLost cleans up
+
+    @property
+    def _busy(self) -> bool:
+        """A check or a commit is pending: its reply must come before the next command runs."""
+        return _BUSY in self._pauses
 
     def _process(self) -> None:
         """Run buffered command lines one at a time, stopping while busy."""
@@ -377,14 +383,13 @@ class SMTPServer(Protocol):
         """Hold back further commands until `deferred` has sent its reply."""
         if self._closed:
             return
-        self._busy = True
         self._hold(_BUSY)
         deferred.addErrback(self._internal_error)
         deferred.addBoth(self._resume)
 
     def _resume(self, _ignored) -> None:
-        self._busy = False
         if self._closed:
+            self._pauses.discard(_BUSY)
             return
         self._arm_command_timer()  # the client's time starts at our reply
         self._release(_BUSY)
@@ -846,7 +851,8 @@ class _PauseFor:
         self.session._hold(self.reason)
 
     def resumeProducing(self) -> None:
-        self.session._release(self.reason)
+        if self.session._release(self.reason):
+            self.session._process()
 
     def stopProducing(self) -> None:
         pass

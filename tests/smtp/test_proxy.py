@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from twisted.internet import task
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
 from test_hostile_peers import RecordingEvents
 from test_server import FakeReceiver
@@ -307,19 +306,6 @@ def test_a_session_whose_replies_go_unread_aborts_the_real_connection():
     assert limits.total_open == 1  # until the reactor reports the loss
     transport.protocol.connectionLost(None)
     assert limits.total_open == 0
-
-
-def test_under_a_tls_layer_the_session_becomes_the_layers_wrapped_protocol():
-    factory, clock, events, receiver, limits = setup()
-    address = IPv4Address("TCP", BALANCER, 50000)
-    tcp = StringTransport(peerAddress=address)
-    layer = ProtocolWrapper(WrappingFactory(factory), factory.buildProtocol(address))  # as TLSMemoryBIOProtocol
-    tcp.protocol = layer
-    layer.makeConnection(tcp)
-    receive(tcp, v2() + b"EHLO c.example\r\n")
-    assert isinstance(layer.wrappedProtocol, SMTPServer) and layer.wrappedProtocol.transport is layer
-    assert layer.getPeer() == IPv4Address("TCP", "127.0.0.5", 40000)
-    assert receiver.sessions == [] and b"250 " in tcp.value()
 
 
 def test_a_v1_header_with_a_port_that_is_no_number_is_refused():
