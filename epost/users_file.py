@@ -73,6 +73,11 @@ def upgrade_hash(path: Path, address: Address, password: str | bytes, old_hash: 
     from epost.auth import hash_password
 
     address = Address(address.local.lower(), address.domain)
+    # A client opening several sessions logs in several times before the daemon
+    # reloads the file (1.5 s): the later upgrades find the new hash here, and skip
+    # the Argon2id hash (64 MiB, the auth threads' time) they would throw away.
+    if load_users(path).password_hash(address) != old_hash:
+        return False
     new_hash = hash_password(password)  # slow: outside the lock
     with users_file_lock(path):
         if load_users(path).password_hash(address) != old_hash:
