@@ -60,3 +60,17 @@ def test_a_rewrite_within_the_same_second_still_moves_the_mtime_to_a_later_secon
     assert first < second < third
     assert path.read_bytes() == b"alice@example.test:{ARGON2ID}cccc\n"
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o600)
+
+
+def test_an_upgrade_already_done_costs_no_new_hash(tmp_path: Path, monkeypatch):
+    """Logins in the window before the daemon reloads the file still hold the old hash: no Argon2id for them."""
+    users = tmp_path / "users"
+    newer = auth.hash_password("pw")
+    users.write_text(f"alice@example.test:{newer}\n")
+
+    def no_hashing(password):
+        raise AssertionError("hashed a password only to throw it away")
+
+    monkeypatch.setattr(auth, "hash_password", no_hashing)
+    assert not upgrade_hash(users, parse_mailbox("alice@example.test"), "pw", auth.hash_password_scrypt("pw"))
+    assert users.read_text() == f"alice@example.test:{newer}\n"

@@ -23,7 +23,7 @@ from epost.routing.aliases import check_loops, load_aliases
 from epost.routing.gateway import load_gateway_table
 from epost.routing.relay_recipients import load_relay_recipients
 from epost.routing.tables import TableError
-from epost.routing.users import split_hash, load_users, parse_user_line
+from epost.routing.users import load_users, parse_user_line
 from epost.smtp.address import Address, parse_mailbox
 
 # Config key under [routing] -> parser, or None while that table has no parser yet
@@ -312,7 +312,7 @@ def operate_on_queue(args: argparse.Namespace, now: float) -> int:
 def set_password(args: argparse.Namespace, now: float) -> int:
     """SPEC §8: hash a new password into the users file, replacing the account's line or adding one."""
     from epost.auth import hash_password  # twisted.cred: only here
-    from epost.users_file import replace_users_file, users_file_lock
+    from epost.users_file import replace_users_file, users_file_lock, with_hash
 
     try:
         user = parse_user_line(args.address.strip())
@@ -348,7 +348,7 @@ def set_password(args: argparse.Namespace, now: float) -> int:
         new_hash = hash_password(password)
         with users_file_lock(path):  # the daemon may have upgraded a hash since we read the file
             old = path.read_bytes() if path.exists() else old
-            replace_users_file(path, _with_hash(old, user.address, new_hash), mode)
+            replace_users_file(path, with_hash(old, user.address, new_hash), mode)
     except OSError as error:
         print(f"epost: {path}: cannot write: {error.strerror or error}", file=sys.stderr)
         return 1
@@ -356,27 +356,6 @@ def set_password(args: argparse.Namespace, now: float) -> int:
         print(f"created {_shown(path)}")
     print(f"password set for {user.address}")
     return 0
-
-
-def _with_hash(data: bytes, address: Address, password_hash: str) -> bytes:
-    """The users file `data` (already validated) with `address`'s hash replaced, or its line appended.
-
-    Every other byte is kept: comments, other lines, line endings, and the
-    address as the operator wrote it.
-    """
-    lines = data.splitlines(keepends=True)  # the same line split as read_table_lines()
-    for index, raw in enumerate(lines):
-        text = raw.decode("utf-8").strip()
-        if text and not text.startswith("#") and parse_user_line(text).address == address:
-            body = raw.rstrip(b"\r\n")
-            indent = body[: len(body) - len(body.lstrip())]
-            written = split_hash(text)[0].rstrip().encode("utf-8")
-            lines[index] = indent + written + b":" + password_hash.encode("ascii") + raw[len(body) :]
-            return b"".join(lines)
-    if lines and not lines[-1].endswith((b"\n", b"\r")):
-        lines[-1] += b"\n"
-    lines.append(f"{address}:{password_hash}\n".encode("utf-8"))
-    return b"".join(lines)
 
 
 def _read_password(from_stdin: bool) -> str | None:

@@ -108,6 +108,10 @@ class PackedMap:
     def __contains__(self, key: str) -> bool:
         return self._find(key) != -1
 
+    def keys(self) -> Iterator[str]:
+        for index in range(len(self)):
+            yield self._key(index).decode("utf-8", "surrogateescape")
+
     def items(self) -> Iterator[tuple[str, str]]:
         for index in range(len(self)):
             yield self._key(index).decode("utf-8", "surrogateescape"), self._value(index)

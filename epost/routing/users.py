@@ -32,10 +32,11 @@ class Users:
     "Memory"). Users are made on lookup.
     """
 
-    __slots__ = ("_hashes",)
+    __slots__ = ("_hashes", "_domains")
 
     def __init__(self, hashes: dict[str, str | None] | None = None) -> None:
         self._hashes = PackedMap({key: value or "" for key, value in (hashes or {}).items()})
+        self._domains: frozenset[str] | None = None  # made on first ask; the table never changes
 
     @classmethod
     def of(cls, users: Iterable[User]) -> Users:
@@ -56,8 +57,11 @@ class Users:
         return self._hashes.get(_key(address)) or None
 
     def domains(self) -> frozenset[str]:
-        """The domains that have a mailbox here (Mail Control's DNS checks)."""
-        return frozenset(key.rpartition("@")[2] for key, _ in self._hashes.items())
+        """The domains that have a mailbox here (Mail Control's DNS checks): walked once per
+        table, not per dashboard view; it lives and goes with the table (one name per domain)."""
+        if self._domains is None:
+            self._domains = frozenset(key.rpartition("@")[2] for key in self._hashes.keys())
+        return self._domains
 
     def __len__(self) -> int:
         return len(self._hashes)

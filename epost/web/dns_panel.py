@@ -41,8 +41,15 @@ class DnsChecks:
         self._running: set[str] = set()
 
     def start(self, domains: Iterable[str], force: bool = False) -> None:
-        """Check each domain whose result is missing or older than CACHE_SECONDS (every one with `force`)."""
+        """Check each domain whose result is missing or older than CACHE_SECONDS (every one with `force`).
+
+        Results of domains no longer asked for are dropped: the cache holds at
+        most the domains of the last call (MAX_DOMAINS from the dashboard) and
+        those still being checked, however the local domains change over time."""
         now = self._reactor.seconds()
+        domains = list(domains)
+        wanted = set(domains)
+        self._results = {d: r for d, r in self._results.items() if d in wanted}
         for domain in domains:
             result = self._results.get(domain)
             if domain in self._running or (not force and result and now - result.checked_at < CACHE_SECONDS):

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from epost.routing.tables import TableError, read_table_lines
-from epost.routing.users import load_users
+from epost.routing.users import Users, load_users
 from epost.smtp.address import Address, parse_mailbox
 
 HASH = "$scrypt$ln=15,r=8,p=1$c2FsdA$aGFzaA"
@@ -151,3 +151,10 @@ def test_written_table_reads_back_the_same_mailboxes(tmp_path_factory, entries) 
         looked_up = parse_mailbox(str(address))
         assert users.mailbox(looked_up) == f"{address.domain.lower()}/{address.local.lower()}"
         assert users.password_hash(looked_up) == password_hash
+
+
+def test_domains_are_walked_once_per_table():
+    """Mail Control asks on every dashboard view; the table never changes, so one walk serves them all."""
+    users = Users({"a@one.test": "", "b@two.test": "x", "c@one.test": None})
+    assert users.domains() == {"one.test", "two.test"}
+    assert users.domains() is users.domains()

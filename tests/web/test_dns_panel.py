@@ -108,3 +108,15 @@ def test_record_text_with_escapes_and_stray_bytes_renders_escaped(world, admin):
     assert page.code == 200
     assert "example.test: v=spf1 \\x1b[2J \\udcff -all &lt;b&gt;" in page.body
     assert "fix: publish &quot;\\x1b[31m&quot;" in page.body
+
+
+def test_results_of_domains_no_longer_local_are_dropped():
+    """The cache's bound: the domains last asked for (and those in flight), not every domain ever seen."""
+    from fakes import ClockReactor
+
+    checks = DnsChecks(ClockReactor(), SynchronousThreadPool(), lambda domain: [Finding("ok", "mx", domain)])
+    checks.start([f"d{n}.test" for n in range(MAX_DOMAINS)])
+    checks.start(["d0.test", "new.test"])
+    assert checks.result("d0.test") is not None and checks.result("new.test") is not None
+    assert checks.result("d1.test") is None
+    assert len(checks._results) == 2
