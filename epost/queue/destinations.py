@@ -60,6 +60,7 @@ class Destinations:
         self._grey_jobs: dict[str, dict[Job, float]] = {}  # group -> greylisted job -> its first attempt
         self.retime: Callable[[dict[Job, float]], None] = lambda due: None  # the scheduler's retime
         self.regroup: Callable[[str, str, str], None] = lambda destination, old, new: None  # the scheduler's
+        self.parked: Callable[[str], int] = lambda group: 0  # the scheduler's count of a group's parked jobs
 
     # -- groups ------------------------------------------------------------
 
@@ -158,6 +159,17 @@ class Destinations:
                 del table[group]
         for group in [g for g, t in self._answered.items() if t <= now - FORGET_ANSWERED and g not in self._running]:
             del self._answered[group]
+        # A group nothing is known of any more (no session, count, lesson or parked
+        # job) lets its domains go: the next attempt that names their hosts
+        # groups them again. Without this every domain ever seen stayed.
+        busy = (self._running, self._state, self._answered, self._grey_jobs, self._starts, self._sent,
+                self._forced, self._laddered)
+        for group in [g for g in self._domains if not any(g in table for table in busy) and not self.parked(g)]:
+            for domain in self._domains.pop(group):
+                if self._group.get(domain) == group:
+                    del self._group[domain]
+            self._hosts.pop(group, None)
+            self._limits.pop(group, None)
 
     def finished(self, job: Job) -> None:
         group = self._job_group.pop(job, None)

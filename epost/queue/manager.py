@@ -123,6 +123,7 @@ class DeliveryManager(Service):
             self.destinations.wake = self.scheduler.wake
             self.destinations.retime = self.scheduler.retime
             self.destinations.regroup = self.scheduler.regroup
+            self.destinations.parked = self.scheduler.parked
         self.senderlog = LineLog(spool.root / "log" / "senderlog")
         self.faillog = LineLog(spool.root / "log" / "faillog")
         self.domains = DomainBooks(DomainStateStore(spool.root / "domains"), reactor, pool)

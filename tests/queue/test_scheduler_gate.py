@@ -37,6 +37,7 @@ def make(settings=rx.Settings(), **kw):
     gate.wake = scheduler.wake
     gate.retime = scheduler.retime
     gate.regroup = scheduler.regroup
+    gate.parked = scheduler.parked
     return clock, gate, rec, scheduler
 
 
@@ -202,3 +203,21 @@ def test_a_bulk_to_a_rate_limiter_keeps_under_its_rate_with_few_refusals():
     assert (2000 + len(refusals)) / 2000 <= 1.02
     sustained = 60 * (2000 - 120) / (delivered[-1] - delivered[0])
     assert 0.9 * 120 <= sustained <= 120
+
+
+def test_idle_groups_let_their_domains_go_so_memory_follows_the_destinations_in_use():
+    from epost.queue import destinations
+    clock, gate, rec, scheduler = make()
+    for i in range(3):
+        job = Job(f"Q{i}", f"d{i}.test")
+        scheduler.add_new(job)
+        gate.saw_hosts(f"d{i}.test", [f"mx{i}.host.test:25"])
+        rec.finish(job)
+    gate.saw_hosts("held.test", ["mx.held.test:25"])
+    gate.parked = lambda group: 1 if group == gate.group("held.test") else 0
+    assert gate.group("d0.test") == "mx:mx0.host.test:25"
+    clock.advance(destinations.FORGET_ANSWERED + 1)
+    gate._prune(clock.seconds())
+    assert gate.group("d0.test") == "d0.test"  # forgotten: grouped again at its next attempt
+    assert not any(g.startswith("mx:mx0") for g in gate._domains)
+    assert gate.group("held.test") == "mx:mx.held.test:25"  # a group with a parked job keeps its domains
