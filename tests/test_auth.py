@@ -112,14 +112,20 @@ def test_hash_with_trailing_newline_is_refused():
 # --- UsersChecker ---------------------------------------------------------------
 
 
+def _fast_hashes_and_pool(test: unittest.TestCase, name: str) -> ThreadPool:
+    """Cheap hash parameters for `test` and a started thread pool, stopped at cleanup."""
+    test.patch(auth, "SCRYPT_LOG2_N", 4)
+    test.patch(auth, "ARGON2_TIME_COST", 1)
+    test.patch(auth, "ARGON2_MEMORY_KIB", 64)
+    pool = ThreadPool(minthreads=1, maxthreads=2, name=name)
+    pool.start()
+    test.addCleanup(pool.stop)
+    return pool
+
+
 class UsersCheckerTests(unittest.TestCase):
     def setUp(self):
-        self.patch(auth, "SCRYPT_LOG2_N", 4)
-        self.patch(auth, "ARGON2_TIME_COST", 1)
-        self.patch(auth, "ARGON2_MEMORY_KIB", 64)
-        self.pool = ThreadPool(minthreads=1, maxthreads=2, name="test-auth")
-        self.pool.start()
-        self.addCleanup(self.pool.stop)
+        self.pool = _fast_hashes_and_pool(self, "test-auth")
         self.users = Users.of([
             User(Address("alice", "example.test"), hash_password("s3cret")),
             User(Address("bob", "example.test"), None),
@@ -190,12 +196,7 @@ class OldHashUpgradeTests(unittest.TestCase):
     """UsersChecker tells its on_old_hash hook about a successful login with a scrypt hash only."""
 
     def setUp(self):
-        self.patch(auth, "SCRYPT_LOG2_N", 4)
-        self.patch(auth, "ARGON2_TIME_COST", 1)
-        self.patch(auth, "ARGON2_MEMORY_KIB", 64)
-        self.pool = ThreadPool(minthreads=1, maxthreads=2, name="test-auth-upgrade")
-        self.pool.start()
-        self.addCleanup(self.pool.stop)
+        self.pool = _fast_hashes_and_pool(self, "test-auth-upgrade")
 
     def _checker(self, told):
         from twisted.internet import reactor

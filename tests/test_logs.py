@@ -180,6 +180,27 @@ def test_printable_is_idempotent_and_printable_either_way(text, join_lines):
     assert printable(once, 100, join_lines=join_lines) == once
 
 
+# st.text() never draws surrogates and its texts rarely pass a limit: this one does both
+# (lone surrogates as surrogateescape leaves them, line breaks, controls; limits the text outgrows).
+_HOSTILE_TEXT = st.text(
+    st.one_of(st.characters(codec=None, categories=["Cs", "Cc", "Cf", "Zl", "Zp"]), st.sampled_from("\r\n \tab")),
+    max_size=80,
+)
+
+
+@given(_HOSTILE_TEXT, st.integers(min_value=2, max_value=40), st.booleans())
+def test_printable_escapes_surrogates_and_controls_and_keeps_to_the_limit(text, limit, join_lines):
+    once = printable(text, limit, join_lines=join_lines)
+    assert once.isprintable(), ascii(once)
+    assert len(once) <= limit
+    assert printable(once, limit, join_lines=join_lines) == once
+    unlimited = printable(text, join_lines=join_lines)
+    if len(unlimited) > limit:
+        assert once == unlimited[: limit - len(ELLIPSIS)] + ELLIPSIS
+    else:
+        assert once == unlimited
+
+
 @given(st.text())
 def test_printable_is_idempotent_and_printable(text):
     once = printable(text, 100)

@@ -154,8 +154,15 @@ class CourierTests(TestCase):
         self.addCleanup(courier.close_idle)  # before settle(): the idle connections QUIT
         return courier
 
-    def deliver(self, courier: Courier, route, recipients=("a@x.test",)) -> defer.Deferred[Attempt]:
-        return courier.deliver(route, "s@here.test", list(recipients), lambda: iter([CONTENT]), len(CONTENT), False)
+    def deliver(self, courier: Courier, route, recipients=("a@x.test",), per_connection=None) -> defer.Deferred[Attempt]:
+        return courier.deliver(
+            route, "s@here.test", list(recipients), lambda: iter([CONTENT]), len(CONTENT), False, per_connection=per_connection
+        )
+
+    @staticmethod
+    def gateway_route(host: HostPort) -> dict:
+        """A route as the queue stores it: a gateway.dat rule naming `host`."""
+        return {"kind": "relay", "rule": "gateway.dat:1", "hosts": [[host.host, host.port]]}
 
     @staticmethod
     def relay(*hosts: HostPort) -> Route:
@@ -273,7 +280,7 @@ class CourierTests(TestCase):
     def test_the_next_message_to_the_same_host_reuses_the_connection(self):
         server, host = self.listen("accept")
         courier = self.courier()
-        route = {"kind": "relay", "rule": "gateway.dat:1", "hosts": [[host.host, host.port]]}
+        route = self.gateway_route(host)
         for _ in range(3):
             attempt = yield self.deliver(courier, route)
             assert attempt.outcomes["a@x.test"].code == 250
@@ -283,11 +290,9 @@ class CourierTests(TestCase):
     def test_messages_per_connection_closes_a_connection_after_that_many_transactions(self):
         server, host = self.listen("accept")
         courier = self.courier()
-        route = {"kind": "relay", "rule": "gateway.dat:1", "hosts": [[host.host, host.port]]}
+        route = self.gateway_route(host)
         for _ in range(5):
-            attempt = yield courier.deliver(
-                route, "s@here.test", ["a@x.test"], lambda: iter([CONTENT]), len(CONTENT), False, per_connection=2
-            )
+            attempt = yield self.deliver(courier, route, per_connection=2)
             assert attempt.outcomes["a@x.test"].code == 250
             assert attempt.mx == (f"{host.host}:{host.port}",)
         assert server.connections == 3 and len(server.messages) == 5
@@ -296,7 +301,7 @@ class CourierTests(TestCase):
     def test_after_a_refused_transaction_the_reused_connection_is_reset_first(self):
         server, host = self.listen("reject")
         courier = self.courier()
-        route = {"kind": "relay", "rule": "gateway.dat:1", "hosts": [[host.host, host.port]]}
+        route = self.gateway_route(host)
         first = yield self.deliver(courier, route)
         second = yield self.deliver(courier, route)
         assert first.outcomes["a@x.test"].code == second.outcomes["a@x.test"].code == 550
@@ -306,7 +311,7 @@ class CourierTests(TestCase):
     def test_an_idle_connection_closed_by_the_server_is_replaced(self):
         server, host = self.listen("accept")
         courier = self.courier()
-        route = {"kind": "relay", "rule": "gateway.dat:1", "hosts": [[host.host, host.port]]}
+        route = self.gateway_route(host)
         yield self.deliver(courier, route)
         for protocol in list(server.open):
             protocol.transport.loseConnection()  # the server drops the idle connection

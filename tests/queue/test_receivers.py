@@ -70,6 +70,23 @@ def test_a_5xx_never_throttles_nor_greylists(code, text, stage):
     assert kind(code, text, stage) == rx.OTHER
 
 
+# Replies that do throttle or greylist as a 4xx (with that code): random text above never says any of this.
+_THROTTLE_REPLIES = st.sampled_from([
+    (421, "4.7.28 unusual rate"), (451, "4.7.650 IP reputation"), (421, "TSS04 too much mail"),
+    (421, "4.7.1 too many connections"), (450, "4.7.0 rate limit"), (450, "4.2.0 greylisted"),
+    (451, "4.7.1 try again later"), (450, "temporarily deferred"), (421, "4.7.0 go away"),
+])
+
+
+@given(st.integers(500, 599), _THROTTLE_REPLIES, st.text(max_size=20),
+       st.sampled_from(["rcpt", "data", "mail", "greeting"]))
+def test_a_5xx_saying_throttle_or_greylist_words_is_still_other(code, reply, more, stage):
+    temporary, words = reply
+    assert kind(code, f"{words} {more}", stage) == rx.OTHER
+    # the same words do mark the 4xx (at RCPT, where greylisting is looked for)
+    assert kind(temporary, f"{words} {more}", "rcpt") in (rx.THROTTLE, rx.GREYLIST)
+
+
 @given(st.one_of(st.none(), st.integers(200, 399)), st.text(max_size=40))
 def test_success_and_no_answer_are_never_throttles(code, text):
     assert kind(code, text) in (rx.SENT, rx.OTHER)
