@@ -87,24 +87,23 @@ def test_ip6_with_a_prefix_passes_exactly_the_addresses_inside(network, prefix, 
 # Two uniform addresses share a /N with odds 2**-N: the tests above reach "pass" for long
 # prefixes only through Hypothesis' lean to small integers (0.0.0.x). These draw the address
 # from inside the network by construction, and just past either end.
+def inside_passes_and_neighbours_fail(mechanism: str, network: str, prefix: int, host: int) -> None:
+    net = ipaddress.ip_network(f"{network}/{prefix}", strict=False)
+    record = f"v=spf1 {mechanism}:{network}/{prefix} -all"
+    assert spf(record, str(net.network_address + host % net.num_addresses)) == "pass"
+    for outside in (int(net.network_address) - 1, int(net.broadcast_address) + 1):
+        if 0 <= outside < 2**net.max_prefixlen:  # a /1 has a neighbour on one side only
+            assert spf(record, str(type(net.network_address)(outside))) == "fail"
+
+
 @given(network=ipv4, prefix=st.integers(1, 32), host=st.integers(0, 2**32 - 1))
 def test_ip4_passes_every_address_inside_a_long_prefix_and_fails_its_neighbours(network, prefix, host):
-    net = ipaddress.ip_network(f"{network}/{prefix}", strict=False)
-    inside = net.network_address + host % net.num_addresses
-    assert spf(f"v=spf1 ip4:{network}/{prefix} -all", str(inside)) == "pass"
-    for outside in (int(net.network_address) - 1, int(net.broadcast_address) + 1):
-        if 0 <= outside < 2**32:  # a /1 has a neighbour on one side only
-            assert spf(f"v=spf1 ip4:{network}/{prefix} -all", str(ipaddress.IPv4Address(outside))) == "fail"
+    inside_passes_and_neighbours_fail("ip4", network, prefix, host)
 
 
 @given(network=ipv6, prefix=st.integers(1, 128), host=st.integers(0, 2**128 - 1))
 def test_ip6_passes_every_address_inside_a_long_prefix_and_fails_its_neighbours(network, prefix, host):
-    net = ipaddress.ip_network(f"{network}/{prefix}", strict=False)
-    inside = net.network_address + host % net.num_addresses
-    assert spf(f"v=spf1 ip6:{network}/{prefix} -all", str(inside)) == "pass"
-    for outside in (int(net.network_address) - 1, int(net.broadcast_address) + 1):
-        if 0 <= outside < 2**128:
-            assert spf(f"v=spf1 ip6:{network}/{prefix} -all", str(ipaddress.IPv6Address(outside))) == "fail"
+    inside_passes_and_neighbours_fail("ip6", network, prefix, host)
 
 
 @given(address=ipv4, ipv6_address=ipv6)
