@@ -25,7 +25,7 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from epost.routing.users import Users
-from epost.smtp.address import Address, AddressError, parse_mailbox
+from epost.address import Address, AddressError, parse_mailbox
 from epost.smtp.interfaces import IAccount  # the one the SMTP server logs in with
 
 __all__ = ["IAccount", "UsersChecker", "hash_password", "make_portal", "verify_password"]

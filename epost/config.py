@@ -20,7 +20,7 @@ from typing import Any
 
 
 from epost.queue.receivers import Limits, ThrottleRule
-from epost.smtp.address import normalize_domain
+from epost.address import normalize_domain
 from epost.smtp.dnsbl import DnsblSite, parse_dnsbl_site
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -428,7 +428,7 @@ def hash_upgrader(path: Any, reactor: Any, pool: Any) -> Callable[[str, Any, str
     checks too (docs/mailboxes.md). In `pool`; a failure is logged, the login stands."""
     from twisted.internet.threads import deferToThreadPool
 
-    from epost.smtp.address import parse_mailbox
+    from epost.address import parse_mailbox
     from epost.users_file import upgrade_hash
 
     def upgrade(address: str, password: Any, old_hash: str) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from epost.fsutil import write_atomically
 from epost.routing.users import load_users, parse_user_line, split_hash
-from epost.smtp.address import Address
+from epost.address import Address
 
 
 @contextlib.contextmanager

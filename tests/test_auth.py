@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from epost import auth
 from epost.auth import IAccount, UsersChecker, hash_password, make_portal, verify_password
 from epost.routing.users import Users, User, parse_user_line
-from epost.smtp.address import Address
+from epost.address import Address
 
 
 @pytest.fixture(autouse=True)

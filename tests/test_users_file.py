@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from epost import auth
-from epost.smtp.address import parse_mailbox
+from epost.address import parse_mailbox
 from epost.users_file import upgrade_hash
 
 

@@ -389,7 +389,7 @@ def make_verifier(config, reactor, dns_pool) -> Verifier:
 def verify_now(verifier: Verifier, route_final: Callable, address_text: str) -> defer.Deferred[Verdict]:
     """`epost verify`: probe `address_text` now, whatever the cache says, and
     cache the verdict; ValueError for an address that is not sent onward over SMTP."""
-    from epost.smtp.address import parse_mailbox
+    from epost.address import parse_mailbox
 
     address = parse_mailbox(address_text)
     route = route_final(address)

@@ -15,7 +15,7 @@ from twisted.logger import Logger
 
 from epost.delivery.bounce import FailedRecipient, build_dsn
 from epost.queue.envelope import Envelope, Recipient
-from epost.smtp.address import parse_mailbox
+from epost.address import parse_mailbox
 
 log = Logger()
 

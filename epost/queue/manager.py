@@ -59,7 +59,7 @@ from epost.queue.receivers import Settings as ReceiverSettings
 from epost.queue.scheduler import Job, Scheduler
 from epost.queue.spool import DISK_FULL_ERRNOS, Spool, SpooledContent
 from epost.routing.resolver import Route
-from epost.smtp.address import AddressError, parse_mailbox
+from epost.address import AddressError, parse_mailbox
 
 log = Logger()
 

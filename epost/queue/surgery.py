@@ -15,7 +15,7 @@ from epost.queue.envelope import Envelope, EnvelopeError
 from epost.queue.outcomes import RELAY, has_local_pending, relay_groups
 from epost.queue.spool import QUEUES, Spool
 from epost.routing.resolver import Route
-from epost.smtp.address import AddressError, parse_mailbox
+from epost.address import AddressError, parse_mailbox
 
 
 def locate(spool: Spool, queue_id: str) -> str:

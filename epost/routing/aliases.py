@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from epost.routing.tables import PackedMap, TableError, iter_table_lines
-from epost.smtp.address import Address, AddressError, parse_mailbox
+from epost.address import Address, AddressError, parse_mailbox
 
 DEFAULT_MAX_DEPTH = 10
 _BARE_DOMAIN = "invalid"  # stands in for the domain when checking a bare name's syntax

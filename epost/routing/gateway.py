@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from epost.routing.tables import TableError, read_table_lines
-from epost.smtp.address import AddressError, normalize_domain
+from epost.address import AddressError, normalize_domain
 
 DEFAULT_PORT = 25
 _PORT = re.compile(r"[0-9]{1,5}\Z")

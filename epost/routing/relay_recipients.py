@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from epost.routing.tables import TableError, read_table_lines
-from epost.smtp.address import Address, AddressError, normalize_domain, parse_mailbox
+from epost.address import Address, AddressError, normalize_domain, parse_mailbox
 
 
 @dataclass(frozen=True)

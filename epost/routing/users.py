@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterable
 
 from epost.routing.tables import PackedMap, TableError, iter_table_lines
-from epost.smtp.address import Address, AddressError, parse_mailbox
+from epost.address import Address, AddressError, parse_mailbox
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from epost.smtp.address import Address, AddressError, parse_path
+from epost.address import Address, AddressError, parse_path
 
 _PATH = r'<(?:"(?:[^"\\]|\\.)*"|[^<>"])*>'
 _MAIL = re.compile(rf"FROM:\s*({_PATH})(.*)\Z", re.IGNORECASE | re.DOTALL)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from zope.interface import Attribute, Interface
 
-from epost.smtp.address import Address
+from epost.address import Address
 
 
 @dataclass(frozen=True)

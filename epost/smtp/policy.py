@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from epost import metrics
 from epost.logs import quote_value
-from epost.smtp.address import Address
+from epost.address import Address
 from epost.smtp.interfaces import Rejected, Reply, Session
 
 _log = Logger()

@@ -12,7 +12,7 @@ from zope.interface import implementer
 from epost import metrics
 from epost.queue.envelope import Envelope, Recipient
 from epost.queue.spool import SpoolError, SpoolStopping
-from epost.smtp.address import Address
+from epost.address import Address
 from epost.smtp.authresults import ResultsFilter, authentication_results
 from epost.smtp.interfaces import IMessageWriter, IReceiver, Rejected, Reply, Session
 from epost.smtp.policy import RecipientPolicy, client_address

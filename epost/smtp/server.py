@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from epost.smtp import events as reasons
-from epost.smtp.address import Address
+from epost.address import Address
 from epost.smtp.commands import CommandSyntaxError, parse_mail, parse_rcpt, split_command
 from epost.smtp.data import MAX_LINE, DataReader
 from epost.smtp.events import SessionEvents

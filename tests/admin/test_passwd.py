@@ -16,7 +16,7 @@ from epost.admin import cli
 from epost.admin.cli import main
 from epost.auth import verify_password
 from epost.routing.users import load_users, parse_user_line
-from epost.smtp.address import Address
+from epost.address import Address
 
 USERS = (
     b"# epost users\r\n"

@@ -21,7 +21,7 @@ from epost.routing.aliases import (
     parse_aliases,
 )
 from epost.routing.tables import TableError
-from epost.smtp.address import Address, parse_mailbox
+from epost.address import Address, parse_mailbox
 
 LOCAL = frozenset({"example.jp", "example.com"})
 

@@ -11,7 +11,7 @@ from epost.routing import live
 from epost.routing.gateway import load_gateway_table
 from epost.routing.live import LiveTable, TableWatcher
 from epost.routing.users import load_users
-from epost.smtp.address import Address
+from epost.address import Address
 
 ALICE, BOB, CAROL = Address("alice", "example.test"), Address("bob", "example.test"), Address("carol", "example.test")
 

@@ -14,7 +14,7 @@ from epost.routing import live
 from epost.routing.live import LiveTable, TableWatcher
 from epost.routing.relay_recipients import load_relay_recipients, parse_relay_recipient
 from epost.routing.tables import TableError
-from epost.smtp.address import parse_mailbox
+from epost.address import parse_mailbox
 
 
 def test_missing_file_is_no_table_not_an_empty_one(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from epost.routing.gateway import parse_gateway_table
 from epost.routing.resolver import GatewayRouter, LocalRouter, MXRouter, Resolver, Route, SmartHostRouter
 from epost.routing.users import load_users
 from epost.service import build_routing
-from epost.smtp.address import parse_mailbox
+from epost.address import parse_mailbox
 
 LOCAL = frozenset({"example.jp"})
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from epost.routing.tables import TableError, read_table_lines
 from epost.routing.users import Users, load_users
-from epost.smtp.address import Address, parse_mailbox
+from epost.address import Address, parse_mailbox
 
 HASH = "$scrypt$ln=15,r=8,p=1$c2FsdA$aGFzaA"
 

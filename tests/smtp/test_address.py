@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from epost.smtp.address import AddressError, normalize_domain, parse_mailbox, parse_path
+from epost.address import AddressError, normalize_domain, parse_mailbox, parse_path
 from epost.smtp.commands import CommandSyntaxError, parse_mail, parse_rcpt, split_command
 
 atext = st.text("abcXYZ019!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=8)

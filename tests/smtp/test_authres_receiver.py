@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from twisted.internet import defer, task
 
-from epost.smtp.address import parse_mailbox
+from epost.address import parse_mailbox
 from epost.smtp.authcheck import AuthChecker, budgeted, check_resolver, dkim_results, spf_results
 from epost.smtp.authresults import MethodResult
 from epost.smtp.interfaces import Session

@@ -129,7 +129,7 @@ V2_UNIX = V2_SIG + bytes([0x21, 0x31]) + struct.pack("!H", 216) + bytes(216)
 @pytest.mark.parametrize("header", [v2(command=0), b"PROXY UNKNOWN\r\n", V2_UNSPEC, V2_UNIX],
                          ids=["v2-local", "v1-unknown", "v2-unspec", "v2-unix"])
 def test_a_header_naming_no_client_is_served_as_the_balancer_but_may_not_relay(header):
-    from epost.smtp.address import parse_mailbox
+    from epost.address import parse_mailbox
     from epost.smtp.interfaces import Rejected
 
     factory, clock, events, receiver, limits = setup()

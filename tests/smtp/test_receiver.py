@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet import defer
 
 from epost import metrics
-from epost.smtp.address import parse_mailbox
+from epost.address import parse_mailbox
 from epost.smtp.interfaces import Session
 from epost.smtp.receiver import SpoolingReceiver
 

@@ -19,7 +19,7 @@ from epost.routing.aliases import parse_aliases
 from epost.routing.gateway import parse_gateway_table
 from epost.routing.resolver import GatewayRouter, LocalRouter, MXRouter, Resolver
 from epost.routing.users import load_users
-from epost.smtp.address import parse_path
+from epost.address import parse_path
 from epost.smtp.policy import RecipientPolicy, may_relay
 from epost.smtp.server import ServerSettings, SMTPServer
 

@@ -19,7 +19,7 @@ from epost.routing.gateway import parse_gateway_table
 from epost.routing.relay_recipients import RelayRecipients, load_relay_recipients
 from epost.routing.resolver import GatewayRouter, LocalRouter, MXRouter, Resolver
 from epost.routing.users import load_users
-from epost.smtp.address import parse_mailbox
+from epost.address import parse_mailbox
 from epost.smtp.interfaces import Rejected, Session
 from epost.smtp.policy import PROBE, RecipientPolicy, verification_answer
 from epost.smtp.receiver import SpoolingReceiver
