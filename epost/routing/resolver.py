@@ -20,7 +20,7 @@ from zope.interface import Attribute, Interface, implementer
 from epost.config import HostPort
 from epost.routing.aliases import expand
 from epost.address import Address
-from epost.smtp.interfaces import Reply
+from epost.reply import Reply
 
 UNKNOWN_USER = Reply(550, "5.1.1", "User unknown in local recipient table")
 

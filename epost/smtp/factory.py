@@ -10,7 +10,8 @@ from twisted.internet.protocol import Factory, Protocol
 
 from epost.smtp import events as reasons
 from epost.smtp.events import SessionEvents
-from epost.smtp.interfaces import IReceiver, Reply
+from epost.reply import Reply
+from epost.smtp.interfaces import IReceiver
 from epost.smtp.server import ServerSettings, SMTPServer
 
 

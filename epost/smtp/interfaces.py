@@ -15,19 +15,7 @@ from dataclasses import dataclass
 from zope.interface import Attribute, Interface
 
 from epost.address import Address
-
-
-@dataclass(frozen=True)
-class Reply:
-    """An SMTP reply with its enhanced status code (RFC 3463)."""
-
-    code: int
-    enhanced: str
-    text: str
-
-    def encode(self) -> bytes:
-        parts = (str(self.code), self.enhanced, self.text) if self.enhanced else (str(self.code), self.text)
-        return (" ".join(parts) + "\r\n").encode("utf-8", "replace")
+from epost.reply import Reply
 
 
 class Rejected(Exception):

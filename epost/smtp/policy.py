@@ -18,7 +18,8 @@ from twisted.logger import Logger
 from epost import metrics
 from epost.logs import quote_value
 from epost.address import Address
-from epost.smtp.interfaces import Rejected, Reply, Session
+from epost.reply import Reply
+from epost.smtp.interfaces import Rejected, Session
 
 _log = Logger()
 

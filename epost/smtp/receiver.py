@@ -14,7 +14,8 @@ from epost.queue.envelope import Envelope, Recipient
 from epost.queue.spool import SpoolError, SpoolStopping
 from epost.address import Address
 from epost.smtp.authresults import ResultsFilter, authentication_results
-from epost.smtp.interfaces import IMessageWriter, IReceiver, Rejected, Reply, Session
+from epost.reply import Reply
+from epost.smtp.interfaces import IMessageWriter, IReceiver, Rejected, Session
 from epost.smtp.policy import RecipientPolicy, client_address
 
 log = Logger()

@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 
 from epost import metrics
 from epost.smtp.dnsbl import DnsblSite, blocking_zone, query_name
-from epost.smtp.interfaces import Reply
+from epost.reply import Reply
 from epost.smtp.policy import client_address, in_networks
 
 log = Logger(namespace="epost.smtp")

@@ -45,7 +45,8 @@ from epost.smtp.commands import CommandSyntaxError, parse_mail, parse_rcpt, spli
 from epost.smtp.data import MAX_LINE, DataReader
 from epost.smtp.events import SessionEvents
 from epost.smtp.screen import DNSBL_REASON, PREGREET, PREGREET_REASON, ClientScreen, Screening
-from epost.smtp.interfaces import IAccount, IMessageWriter, IReceiver, Rejected, Reply, Session
+from epost.reply import Reply
+from epost.smtp.interfaces import IAccount, IMessageWriter, IReceiver, Rejected, Session
 from epost.smtp.throttle import AuthThrottle, client_key
 
 log = Logger()

@@ -10,7 +10,8 @@ from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from epost.smtp.interfaces import Rejected, Reply
+from epost.reply import Reply
+from epost.smtp.interfaces import Rejected
 from epost.smtp.server import ServerSettings, SMTPServer
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.logger import globalLogPublisher
 
-from epost.smtp.interfaces import Rejected, Reply
+from epost.reply import Reply
+from epost.smtp.interfaces import Rejected
 from test_server import ENVELOPE, HELLO, codes, connect, replies, send
 
 SHUTTING = "421 4.3.2 mx.example.test Service shutting down"
