@@ -196,7 +196,7 @@ class RouteAnswers:
 
     def answer(self, address: str, dns: bool) -> dict:
         """Blocking: {"lines", "status", "notes"}."""
-        from epost.admin.cli import route_lines  # the command's own formatting
+        from epost.routing.explain import route_lines  # the same lines as `epost route`
         from epost.routing.dns import MXResolver
 
         resolver = MXResolver(None, None, self.dns_servers, timeout=self.dns_timeout) if dns else None

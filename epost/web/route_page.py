@@ -6,7 +6,7 @@ It calls the same function as `epost route --no-dns` (an MX route shows as
 
 from __future__ import annotations
 
-from epost.admin.cli import route_lines
+from epost.routing.explain import route_lines
 from epost.web.base import Page, field
 from epost.web.html import csrf_field, esc
 
