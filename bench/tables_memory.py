@@ -30,7 +30,7 @@ from twisted.python.threadpool import ThreadPool  # noqa: E402
 
 from epost.config import load_config  # noqa: E402
 from epost.routing.live import TableWatcher  # noqa: E402
-from epost.service import build_routing  # noqa: E402
+from epost.routing_chain import build_routing  # noqa: E402
 
 HASH = "$scrypt$ln=15,r=8,p=1$c2FsdHNhbHRzYWx0c2FsdA$a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2U"
 

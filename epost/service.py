@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import resource
 import signal
-from typing import NamedTuple
 from typing import Any, Callable
 
 from twisted.application import service, strports
@@ -33,16 +32,11 @@ from epost.queue.receivers import DEFAULT_THROTTLE_RULES, Settings as ReceiverSe
 from epost.queue.runner import LocalDeliveryRunner
 from epost.queue.spool import Spool
 from epost.queue.worker_client import SpoolWorkerService
-from epost.routing.aliases import load_aliases
-from epost.routing.gateway import load_gateway_table
-from epost.routing.relay_recipients import load_relay_recipients
-from epost.routing.live import LiveTable, TableWatcher
-from epost.routing.resolver import GatewayRouter, LocalRouter, MXRouter, Resolver, SmartHostRouter
-from epost.routing.users import load_users
+from epost.routing.live import TableWatcher
+from epost.routing_chain import Routing, build_routing
 from epost.smtp.events import SessionEvents
 from epost.smtp.screen import build_screening
 from epost.smtp.factory import ConnectionLimits, SMTPFactory
-from epost.smtp.policy import RecipientPolicy
 from epost.smtp.receiver import SpoolingReceiver
 from epost.smtp.server import ServerSettings
 from epost.smtp.throttle import AuthThrottle
@@ -191,51 +185,6 @@ def listener_settings(config: Config, listener: str) -> ServerSettings:
         require_auth=listener != "relay",
         allow_plaintext_auth=server.allow_plaintext_auth,
     )
-
-
-class Routing(NamedTuple):
-    users: LiveTable
-    aliases: LiveTable
-    gateway: LiveTable
-    resolver: Resolver
-    policy: RecipientPolicy
-    relay_recipients: LiveTable | None = None
-
-    @property
-    def tables(self) -> list[LiveTable]:
-        return [self.users, self.aliases, self.gateway, *([self.relay_recipients] if self.relay_recipients else [])]
-
-
-def build_routing(config: Config) -> Routing:
-    """The live tables, the resolver chain and the recipient policy, from the config.
-
-    Shared by the daemon and `epost route`, so both decide the same way.
-    """
-    routing = config.routing
-    refuse_empty = not routing.allow_empty_tables  # an emptied table waits for SIGHUP (docs/routing.md)
-    users = LiveTable(routing.users, load_users, refuse_empty)
-    aliases = LiveTable(routing.aliases, load_aliases, refuse_empty)
-    gateway = LiveTable(routing.gateway_table, load_gateway_table, refuse_empty)
-    local_domains = frozenset(routing.local_domains)
-    routers = [] if routing.forward_all_to_gateway else [LocalRouter(local_domains, users)]
-    routers.append(GatewayRouter(gateway))
-    if routing.smtp_gateway is not None:
-        routers.append(SmartHostRouter(routing.smtp_gateway))
-    routers.append(MXRouter())
-    resolver = Resolver(routers, aliases, local_domains)
-    policy = RecipientPolicy(
-        resolver,
-        local_domains=local_domains,
-        relay_domains=routing.relay_domains,
-        relay_networks=config.server.relay_networks,
-        gateway=gateway,
-        aliases=aliases,
-        check_sender_ownership=config.server.check_sender_ownership,
-    )
-    relay_recipients = LiveTable(routing.relay_recipients, load_relay_recipients, refuse_empty)
-    policy.relay_recipients, policy.users = relay_recipients, users
-    policy.verify_recipients = routing.verify_recipients  # probes need a verifier: make_service sets it
-    return Routing(users, aliases, gateway, resolver, policy, relay_recipients)
 
 
 def make_service(config: Config, reactor=None) -> service.MultiService:

@@ -11,7 +11,7 @@ from twisted.test.iosim import connectedServerAndClient
 
 from epost.config import load_config
 from epost.control import ControlProtocol, Route, RouteAnswers
-from epost.service import build_routing
+from epost.routing_chain import build_routing
 
 
 def routing_for(tmp_path):

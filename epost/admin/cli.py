@@ -166,7 +166,7 @@ def _check_tls(config: Config) -> Iterator[tuple[bool, str]]:
 def show_route(args: argparse.Namespace, now: float) -> int:
     """SPEC §8: one line per alias step, then one per final recipient; 1 when all are rejected."""
     from epost.routing.dns import MXResolver
-    from epost.service import build_routing  # the daemon's own chain; heavy imports, only here
+    from epost.routing_chain import build_routing  # the daemon's own chain; heavy imports, only here
     try:
         config = _load(args)
     except ConfigError as error:
@@ -366,7 +366,7 @@ def verification_lines(config: Config, address_text: str, now: float) -> list[st
     from datetime import datetime, timezone
 
     from epost.delivery.verify import read_cached
-    from epost.service import build_routing
+    from epost.routing_chain import build_routing
     from epost.smtp.interfaces import Rejected, Session
 
     try:
@@ -425,7 +425,7 @@ def _verify_here(config: Config, address_text: str) -> dict:
     from twisted.python.threadpool import ThreadPool
 
     from epost.delivery.verify import VerdictCache, make_verifier, verify_now
-    from epost.service import build_routing
+    from epost.routing_chain import build_routing
 
     resolver = build_routing(config).resolver
     pool = ThreadPool(minthreads=0, maxthreads=2, name="epost-verify")

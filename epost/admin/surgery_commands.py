@@ -92,7 +92,7 @@ def on_files(config: Config, action: str, ids: list[str], domain: str | None, no
         chosen = spool.queued_ids("deferred")
     route_final = None
     if action == "reroute":
-        from epost.service import build_routing
+        from epost.routing_chain import build_routing
 
         route_final = build_routing(config).resolver.route_final
     done, errors = [], []

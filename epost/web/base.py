@@ -34,7 +34,7 @@ class Context:
 
     config: Any  # epost.config.Config
     manager: Any  # epost.queue.manager.DeliveryManager
-    routing: Any  # epost.service.Routing (live tables)
+    routing: Any  # epost.routing_chain.Routing (live tables)
     reactor: Any
     threadpool: Any  # blocking file reads
     auth_threadpool: Any  # password checks (scrypt), apart from the file reads

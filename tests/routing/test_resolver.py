@@ -12,7 +12,7 @@ from epost.routing.aliases import parse_aliases
 from epost.routing.gateway import parse_gateway_table
 from epost.routing.resolver import GatewayRouter, LocalRouter, MXRouter, Resolver, Route, SmartHostRouter
 from epost.routing.users import load_users
-from epost.service import build_routing
+from epost.routing_chain import build_routing
 from epost.address import parse_mailbox
 
 LOCAL = frozenset({"example.jp"})
