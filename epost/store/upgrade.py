@@ -11,6 +11,7 @@ lives here, so the file spool's code can go.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -54,7 +55,6 @@ def import_file_spool(root: Path, store: QueueStore) -> dict[str, int]:
         for name in names:
             if match := OLD_FILE.fullmatch(name):
                 found.setdefault(match[1], ([], []))[match[2] == "msg"].append(state)
-    counts = dict.fromkeys(STATES, 0)
     plan: dict[str, list[tuple[str, Path, list[Path]]]] = {state: [] for state in STATES}
     for queue_id, (env_in, msg_in) in sorted(found.items()):
         files = [root / s / f"{queue_id}.env" for s in env_in] + [root / s / f"{queue_id}.msg" for s in msg_in]
@@ -65,8 +65,7 @@ def import_file_spool(root: Path, store: QueueStore) -> dict[str, int]:
             _remove(files)  # a lone .msg is crash debris; a lone .env of a stored message, a left-over
         else:
             log.error("{path} has no content; left for the operator", path=files[0])
-    for state in STATES:
-        counts[state] = _import_state(root, store, state, plan[state])
+    counts = {state: _import_state(root, store, state, plan[state]) for state in STATES}
     if total := sum(counts.values()):
         log.info(
             "imported {total} messages from the file spool (incoming {incoming}, deferred {deferred}, hold {hold})",
@@ -98,9 +97,6 @@ def _import_state(root: Path, store: QueueStore, state: str, plan: list[tuple[st
     batch: list[tuple[Envelope, bytes | Path, list[Path]]] = []
     inline = 0
     for queue_id, env_path, files in plan:
-        if store.state_of(queue_id) is not None:
-            _remove(files)
-            continue
         try:
             envelope = Envelope.from_bytes(env_path.read_bytes(), str(env_path))
             if envelope.queue_id != queue_id:
@@ -140,19 +136,23 @@ def _content(root: Path, path: Path, queue_id: str) -> bytes | Path:
 
 
 def _commit(store: QueueStore, state: str, batch: list[tuple[Envelope, bytes | Path, list[Path]]]) -> int:
-    """One transaction; then the committed messages' old files go. Raises the first store error."""
+    """One transaction; then the old files of every message the store holds go. Raises the first store error.
+
+    An ID already stored (EEXIST: a run stopped before removing its files) is
+    not imported again, and not counted.
+    """
     if not batch:
         return 0
     results = store.put_batch([(envelope, content) for envelope, content, _ in batch], state=state)
     for (_, content, files), error in zip(batch, results):
         if isinstance(content, Path):
             unlink_if_present(content)  # still there only if the store did not take it
-        if error is None:
+        if error is None or error.errno == errno.EEXIST:
             _remove(files)
-    errors = [error for error in results if error is not None]
+    errors = [error for error in results if error is not None and error.errno != errno.EEXIST]
     if errors:
         raise errors[0]
-    return len(batch)
+    return results.count(None)
 
 
 def _remove(files: list[Path]) -> None:

@@ -11,9 +11,8 @@ from hypothesis import strategies as st
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from epost.queue.envelope import Envelope, Recipient
-from epost.store.database import QueueStore
+from epost.store.database import QueueStore, StoreError
 from epost.store.upgrade import import_file_spool
-from epost.queue.spool import SpoolError
 
 LARGE = b"X" * (300 * 1024) + b"\r\nend\r\n"  # over the 256 KiB kept inline
 ZERO = {"incoming": 0, "deferred": 0, "hold": 0}
@@ -166,12 +165,16 @@ def test_a_run_stopped_after_the_commit_imports_nothing_twice_and_removes_the_fi
     write_old(root, "deferred", small, b"small\r\n")
     write_old(root, "incoming", large, LARGE)
     write_old(root, "hold", None, b"its .env went, its .msg not yet", queue_id=half_removed.queue_id)
-    for env, content, state in ((small, b"small\r\n", "deferred"), (large, LARGE, "incoming"), (half_removed, b"whole", "hold")):
+    write_old(root, "deferred", envelope("00000000000000004"), None)  # a power cut undid the removal of its .env only
+    (root / "tmp").mkdir()
+    (root / "tmp" / "large copy").write_bytes(LARGE)
+    for env, content, state in ((small, b"small\r\n", "deferred"), (large, root / "tmp" / "large copy", "incoming"), (half_removed, b"whole", "hold")):
         assert store.put(env, content, state)  # what the interrupted run committed
+    assert store.put(envelope("00000000000000004"), b"four", "deferred")
 
     assert run(root, store) == (ZERO, [])
     assert old_files(root) == []
-    assert store.counts() == {"incoming": 1, "deferred": 1, "hold": 1}
+    assert store.counts() == {"incoming": 1, "deferred": 2, "hold": 1}
     assert stored_content(store, "00000000000000002") == LARGE
     assert stored_content(store, "00000000000000003") == b"whole"
 
@@ -220,14 +223,14 @@ class FullAfterFirst:
         self.batches.append(len(items))
         if not self.fail:
             return self.store.put_batch(items, state=state)
-        return self.store.put_batch(items[:1], state=state) + [SpoolError(errno.ENOSPC, "disk full")] * (len(items) - 1)
+        return self.store.put_batch(items[:1], state=state) + [StoreError(errno.ENOSPC, "disk full")] * (len(items) - 1)
 
 
 def test_a_store_error_stops_the_import_and_keeps_the_files_of_what_was_not_committed(root, store):
     write_old(root, "incoming", envelope("00000000000000001"), b"one\r\n")
     write_old(root, "incoming", envelope("00000000000000002"), b"two\r\n")
 
-    with pytest.raises(SpoolError) as raised:
+    with pytest.raises(StoreError) as raised:
         import_file_spool(root, FullAfterFirst(store))
 
     assert raised.value.errno == errno.ENOSPC
