@@ -40,8 +40,8 @@ def import_file_spool(root: Path, store: QueueStore) -> dict[str, int]:
 
     With nothing to import it costs four listdir calls and no store query. An
     ID the store already holds (an earlier run stopped before removing its
-    files) only has its files removed. An unreadable envelope stays in place,
-    logged. A store error (disk full) is raised: what was committed stays,
+    files) only has its files removed. A message whose envelope or content
+    cannot be read stays in place, logged. A store error (disk full) is raised: what was committed stays,
     the rest stays in files for the next start.
     """
     root = Path(root)
@@ -101,10 +101,10 @@ def _import_state(root: Path, store: QueueStore, state: str, plan: list[tuple[st
             envelope = Envelope.from_bytes(env_path.read_bytes(), str(env_path))
             if envelope.queue_id != queue_id:
                 raise EnvelopeError(f"{env_path}: holds the envelope of {envelope.queue_id}")
+            content = _content(root, root / state / f"{queue_id}.msg", queue_id)
         except (OSError, EnvelopeError) as e:
             log.error("{path}: not imported, left in place: {error}", path=env_path, error=e)
             continue
-        content = _content(root, root / state / f"{queue_id}.msg", queue_id)
         batch.append((envelope, content, files))
         inline += len(content) if isinstance(content, bytes) else 0
         if len(batch) >= BATCH_MESSAGES or inline >= BATCH_BYTES:

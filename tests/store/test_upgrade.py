@@ -137,11 +137,13 @@ def test_crash_debris_is_resolved_as_the_file_spool_recovered_it(root, store):
     assert (LogLevel.error, f"{root}/hold/00000000000000005.env has no content; left for the operator") in logged
 
 
-def test_an_unreadable_envelope_stays_in_place_and_the_import_goes_on(root, store):
+def test_an_unreadable_envelope_or_content_stays_in_place_and_the_import_goes_on(root, store):
     write_old(root, "incoming", None, b"kept\r\n", queue_id="00000000000000001")
     (root / "incoming" / "00000000000000001.env").write_bytes(b'{"version": 1, "queue_id": ')
     write_old(root, "deferred", envelope("0000000000000000A"), b"kept too\r\n", queue_id="00000000000000002")
     write_old(root, "hold", envelope("00000000000000003"), b"fine\r\n")
+    write_old(root, "hold", envelope("00000000000000004"), None)
+    (root / "hold" / "00000000000000004.msg").mkdir()  # a content that cannot be read, even by root
 
     counts, logged = run(root, store)
 
@@ -149,10 +151,12 @@ def test_an_unreadable_envelope_stays_in_place_and_the_import_goes_on(root, stor
     assert store.state_of("00000000000000001") is None and store.state_of("0000000000000000A") is None
     assert old_files(root) == [
         "deferred/00000000000000002.env", "deferred/00000000000000002.msg",
+        "hold/00000000000000004.env", "hold/00000000000000004.msg",
         "incoming/00000000000000001.env", "incoming/00000000000000001.msg",
     ]
     errors = [text for level, text in logged if level == LogLevel.error]
-    assert len(errors) == 2
+    assert len(errors) == 3
+    assert errors[2].startswith(f"{root}/hold/00000000000000004.env: not imported, left in place: ")
     assert errors[0].startswith(f"{root}/incoming/00000000000000001.env: not imported, left in place: ")
     assert "corrupt envelope" in errors[0]
     assert errors[1].startswith(f"{root}/deferred/00000000000000002.env: not imported, left in place: ")
