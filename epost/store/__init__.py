@@ -1,0 +1,1 @@
+"""The queue store: queued messages in one SQLite database (SPEC §4)."""

@@ -1,0 +1,459 @@
+"""Queued messages in SQLite (WAL): the only code that knows SQL.
+
+A message exists once its ``message`` row is committed. Content lives in the
+``content`` table, or, when big, in ``queue/large/<ID>``, a file fsynced and
+renamed into place before the commit that references it; so a crash leaves
+at worst a large file with no row, which ``sweep()`` removes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from epost.fsutil import fsync_dir, unlink_if_present
+from epost.queue.envelope import Envelope
+from epost.queue.spool import DISK_FULL_ERRNOS, QUEUE_ID, QUEUES, SpoolError
+
+SCHEMA_VERSION = 1
+SCHEMA = (
+    "CREATE TABLE message (id TEXT PRIMARY KEY, state TEXT NOT NULL, envelope BLOB NOT NULL)",
+    "CREATE INDEX message_by_state ON message (state, id)",
+    # data NULL: the content is the file large/<id>
+    "CREATE TABLE content (id TEXT PRIMARY KEY, data BLOB)",
+)
+TABLES = frozenset({"message", "content"})
+SQLITE_CORRUPT = 11
+SQLITE_FULL = 13
+SQLITE_NOTADB = 26
+PAGE = 1000  # envelopes per query in load_many
+
+
+class StoreError(SpoolError):
+    """The store could not do a write or read; ``disk_full`` (ENOSPC) makes SMTP say 452 4.3.1, else 451 4.3.0."""
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be opened; the message is one line naming the file and why, for the log and exit."""
+
+
+def store_error(error: Exception, doing: str) -> StoreError:
+    """Map an sqlite3 or OS error to ENOSPC (disk full) or EIO: the only two answers SMTP needs."""
+    code = getattr(error, "sqlite_errorcode", None)
+    full = (code is not None and code & 0xFF == SQLITE_FULL) or (
+        isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+    )
+    return StoreError(errno.ENOSPC if full else errno.EIO, f"{doing}: {error}")
+
+
+class QueueStore:
+    """``<root>/queue/queue.db`` plus ``<root>/queue/large/``; blocking, one connection per thread.
+
+    Writes use ``BEGIN IMMEDIATE`` so two writers wait on the lock (busy
+    timeout 10 s) instead of failing half-way with SQLITE_BUSY.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.folder = self.root / "queue"
+        self.path = self.folder / "queue.db"
+        self.large = self.folder / "large"
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._open = False
+
+    # -- opening -------------------------------------------------------------
+
+    def open(self, create: bool = True) -> None:
+        """Check the database (header and schema, no full scan: start-up stays fast with a big queue).
+
+        ``create``: make the folders and a new database if there is none;
+        without it a missing or empty database is refused too. Raises
+        StoreUnavailable rather than ever starting on a silently new queue.
+        """
+        try:
+            if create:
+                self.large.mkdir(parents=True, exist_ok=True)
+            elif not self.path.exists():
+                raise StoreUnavailable(f"{self.path}: no queue database here")
+        except OSError as e:
+            raise StoreUnavailable(f"{self.path}: cannot create its folder: {e}") from None
+        self._open = True
+        try:
+            conn = self._conn()
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if version > SCHEMA_VERSION:
+                raise StoreUnavailable(
+                    f"{self.path}: written by a newer epost (queue version {version}, this one reads up to {SCHEMA_VERSION})"
+                )
+            if version == 0 and not tables:
+                if not create:
+                    raise StoreUnavailable(f"{self.path}: empty, no queue created in it yet")
+                self._create_schema(conn)
+            elif version != SCHEMA_VERSION or not TABLES <= tables:
+                raise StoreUnavailable(
+                    f"{self.path}: not an epost queue (version {version}, tables {', '.join(sorted(tables)) or 'none'})"
+                )
+        except sqlite3.Error as e:
+            self.close()
+            code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+            why = "corrupt or not an SQLite database" if code in (SQLITE_NOTADB, SQLITE_CORRUPT) else "cannot open"
+            raise StoreUnavailable(f"{self.path}: {why} ({e})") from None
+        except StoreUnavailable:
+            self.close()
+            raise
+
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
+        """WAL first (it cannot change inside a transaction), then the schema in one transaction.
+
+        Another process may be creating it at the same moment: the check
+        inside the transaction lets the second one find it done.
+        """
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+                for statement in SCHEMA:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.rollback()
+            raise
+        if self.path.exists():
+            fsync_dir(self.folder)  # the new database's name is durable before any mail is acknowledged
+
+    def close(self) -> None:
+        """Close every thread's connection (they are idle by now: the daemon is stopping)."""
+        with self._lock:
+            connections, self._connections = self._connections, []
+            self._local = threading.local()
+            self._open = False
+        for conn in connections:
+            conn.close()
+
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection; an sqlite3 connection must not be shared while in use."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if not self._open:
+            raise RuntimeError(f"{self.path}: QueueStore.open() was not called")
+        # check_same_thread off only so close() may close other threads' idle connections.
+        conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_size_limit = 67108864")
+            conn.execute("PRAGMA foreign_keys = OFF")
+            conn.execute("PRAGMA synchronous = FULL")
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            self._connections.append(conn)
+            self._local.conn = conn
+            self._local.durable = True
+        return conn
+
+    @contextmanager
+    def _write(self, durable: bool) -> Iterator[sqlite3.Connection]:
+        """One write transaction; FULL fsyncs the WAL at commit, NORMAL leaves it to the next FULL commit."""
+        conn = self._conn()
+        if self._local.durable != durable:
+            conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            self._local.durable = durable
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.rollback()
+            raise
+
+    # -- writing -------------------------------------------------------------
+
+    def put_batch(
+        self, items: list[tuple[Envelope, bytes | Path]], state: str = "incoming"
+    ) -> list[SpoolError | None]:
+        """Queue messages in one FULL transaction: None for each stored one, else its error.
+
+        Bytes are stored inline; a Path (a finished file on this file system)
+        is fsynced and renamed to ``large/<ID>`` first (``large/`` fsynced
+        once), so the commit never references content that is not durable.
+        Each item has its savepoint: a duplicate ID (errno EEXIST) fails alone.
+        A failed item's file is renamed back to its path, for the caller to
+        delete or keep (an import keeps it).
+        """
+        return self._put(items, state, durable=True)
+
+    def put(self, envelope: Envelope, content: bytes | Path, state: str, *, durable: bool = True) -> bool:
+        """Queue one message (import, bounces); False if its ID is already queued, StoreError on failure."""
+        [error] = self._put([(envelope, content)], state, durable)
+        if error is None:
+            return True
+        if error.errno == errno.EEXIST:
+            return False
+        raise error
+
+    def _put(self, items: list[tuple[Envelope, bytes | Path]], state: str, durable: bool) -> list[SpoolError | None]:
+        _check_state(state)
+        for envelope, _ in items:
+            _check_id(envelope.queue_id)
+        results: list[SpoolError | None] = [None] * len(items)
+        moved = self._place_large_files(items, results)
+        if any(result is None for result in results):
+            try:
+                with self._write(durable) as conn:
+                    for i, (envelope, content) in enumerate(items):
+                        if results[i] is None:
+                            results[i] = self._insert(conn, envelope, content, state)
+            except (sqlite3.Error, OSError) as e:
+                error = store_error(e, f"cannot commit {len(items)} message(s) to {self.path}")
+                results = [result or error for result in results]
+        self._return_large_files(items, moved, results)
+        return results
+
+    def _insert(self, conn: sqlite3.Connection, envelope: Envelope, content: bytes | Path, state: str) -> StoreError | None:
+        """One message under its own savepoint; an error that ended the whole transaction propagates."""
+        queue_id = envelope.queue_id
+        try:
+            data = envelope.to_bytes()
+        except (TypeError, ValueError) as e:  # a route holding something JSON cannot say
+            return StoreError(errno.EIO, f"cannot serialise the envelope of {queue_id}: {e}")
+        conn.execute("SAVEPOINT item")
+        try:
+            conn.execute("INSERT INTO message (id, state, envelope) VALUES (?, ?, ?)", (queue_id, state, data))
+            inline = None if isinstance(content, Path) else content
+            conn.execute("INSERT INTO content (id, data) VALUES (?, ?)", (queue_id, inline))
+        except sqlite3.Error as e:
+            if not conn.in_transaction:  # SQLite rolled back the whole transaction (disk full, I/O error)
+                raise
+            conn.execute("ROLLBACK TO item")
+            conn.execute("RELEASE item")
+            if isinstance(e, sqlite3.IntegrityError):
+                return StoreError(errno.EEXIST, f"{queue_id}: already queued")
+            return store_error(e, f"cannot queue {queue_id}")
+        conn.execute("RELEASE item")
+        return None
+
+    def _place_large_files(
+        self, items: list[tuple[Envelope, bytes | Path]], results: list[SpoolError | None]
+    ) -> dict[int, Path]:
+        """Fsync and rename each Path item's file to large/<ID>, then fsync large/ once.
+
+        Returns {item index: the path it came from}. A large/<ID> with a
+        committed row is never replaced (that item fails as a duplicate); one
+        without a row is debris of a failed commit and is.
+        """
+        moved: dict[int, Path] = {}
+        wanted = [i for i, (_, content) in enumerate(items) if isinstance(content, Path)]
+        if not wanted:
+            return moved
+        try:
+            taken = self._with_content({items[i][0].queue_id for i in wanted if (self.large / items[i][0].queue_id).exists()})
+        except (sqlite3.Error, OSError) as e:
+            error = store_error(e, f"cannot check {self.large}")
+            for i in wanted:
+                results[i] = error
+            return moved
+        for i in wanted:
+            envelope, source = items[i]
+            queue_id = envelope.queue_id
+            target = self.large / queue_id
+            if queue_id in taken:
+                results[i] = StoreError(errno.EEXIST, f"{queue_id}: already queued")
+                continue
+            try:
+                fd = os.open(source, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                if Path(source) != target:
+                    os.replace(source, target)
+                moved[i] = Path(source)
+            except OSError as e:
+                results[i] = store_error(e, f"cannot place {queue_id} in {self.large}")
+        if moved:
+            try:
+                fsync_dir(self.large)
+            except OSError as e:
+                error = store_error(e, f"cannot fsync {self.large}")
+                for i in moved:
+                    results[i] = error
+        return moved
+
+    def _with_content(self, queue_ids: set[str]) -> set[str]:
+        if not queue_ids:
+            return set()
+        marks = ",".join("?" * len(queue_ids))
+        rows = self._conn().execute(f"SELECT id FROM content WHERE id IN ({marks})", sorted(queue_ids))
+        return {row[0] for row in rows}
+
+    def _return_large_files(
+        self, items: list[tuple[Envelope, bytes | Path]], moved: dict[int, Path], results: list[SpoolError | None]
+    ) -> None:
+        """Undo the rename of every failed item's file: the content is the caller's again."""
+        folders = set()
+        for i, source in moved.items():
+            target = self.large / items[i][0].queue_id
+            if results[i] is None or source == target:
+                continue
+            try:
+                os.replace(target, source)
+                folders.add(source.parent)
+            except OSError:
+                unlink_if_present(target)
+        for folder in (*folders, self.large) if folders else ():
+            try:
+                fsync_dir(folder)
+            except OSError:
+                pass  # the file is back either way; at worst a crash leaves it as sweepable debris
+
+    def update(self, envelope: Envelope, state: str, *, durable: bool = True) -> None:
+        """Replace the envelope only, never the content; FileNotFoundError when not in `state`."""
+        self._set(envelope, state, state, durable, "update")
+
+    def move(self, envelope: Envelope, source: str, target: str, *, durable: bool = True) -> None:
+        """Move to `target` with `envelope` as the new envelope, in one statement; FileNotFoundError when not in `source`."""
+        _check_state(target)
+        self._set(envelope, source, target, durable, f"move to {target}")
+
+    def _set(self, envelope: Envelope, source: str, target: str, durable: bool, doing: str) -> None:
+        _check_state(source)
+        queue_id = _check_id(envelope.queue_id)
+        data = envelope.to_bytes()
+        try:
+            with self._write(durable) as conn:
+                cursor = conn.execute(
+                    "UPDATE message SET state = ?, envelope = ? WHERE id = ? AND state = ?",
+                    (target, data, queue_id, source),
+                )
+                if cursor.rowcount == 0:
+                    raise FileNotFoundError(f"{queue_id}: not in {source}")
+        except sqlite3.Error as e:
+            raise store_error(e, f"cannot {doing} {queue_id}") from e
+
+    def remove(self, queue_id: str, state: str, *, durable: bool = True) -> None:
+        """Delete the row and its content in one transaction, then the large file (a crash between: sweep's debris)."""
+        _check_id(queue_id)
+        _check_state(state)
+        try:
+            with self._write(durable) as conn:
+                cursor = conn.execute("DELETE FROM message WHERE id = ? AND state = ?", (queue_id, state))
+                if cursor.rowcount == 0:
+                    raise FileNotFoundError(f"{queue_id}: not in {state}")
+                rows = conn.execute("DELETE FROM content WHERE id = ? RETURNING data IS NULL", (queue_id,)).fetchall()
+        except sqlite3.Error as e:
+            raise store_error(e, f"cannot remove {queue_id}") from e
+        if rows and rows[0][0]:
+            unlink_if_present(self.large / queue_id)
+
+    # -- reading -------------------------------------------------------------
+
+    def load(self, queue_id: str, state: str | None = None) -> Envelope:
+        """The envelope; FileNotFoundError when not queued (in `state`, if given)."""
+        _check_id(queue_id)
+        if state is not None:
+            _check_state(state)
+        row = self._read("SELECT state, envelope FROM message WHERE id = ?", (queue_id,)).fetchone()
+        if row is None or (state is not None and row[0] != state):
+            raise FileNotFoundError(f"{queue_id}: not in {state}" if state else f"{queue_id}: not queued")
+        return Envelope.from_bytes(row[1], f"{self.path}:{queue_id}")
+
+    def load_many(self, state: str) -> Iterator[Envelope]:
+        """Every envelope in `state`, ID order, fetched a page at a time: bounded memory and no
+        read transaction held open while the caller works (a restart with 100,000 messages)."""
+        _check_state(state)
+        return self._pages(state)
+
+    def _pages(self, state: str) -> Iterator[Envelope]:
+        after = ""
+        while True:
+            rows = self._read(
+                "SELECT id, envelope FROM message WHERE state = ? AND id > ? ORDER BY id LIMIT ?", (state, after, PAGE)
+            ).fetchall()
+            for queue_id, data in rows:
+                yield Envelope.from_bytes(data, f"{self.path}:{queue_id}")
+            if len(rows) < PAGE:
+                return
+            after = rows[-1][0]
+
+    def state_of(self, queue_id: str) -> str | None:
+        _check_id(queue_id)
+        row = self._read("SELECT state FROM message WHERE id = ?", (queue_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def ids(self, state: str) -> list[str]:
+        """IDs in `state`; ID order is arrival order."""
+        _check_state(state)
+        return [row[0] for row in self._read("SELECT id FROM message WHERE state = ? ORDER BY id", (state,))]
+
+    def ids_for_destination(self, domain: str, states: tuple[str, ...] | list[str]) -> list[str]:
+        """IDs in `states` with recipients still to relay to `domain` (what ``--domain`` picks)."""
+        # Imported here: the store stays free of the delivery modules outcomes needs.
+        from epost.queue.outcomes import relay_groups
+
+        found = []
+        for state in states:
+            found.extend(e.queue_id for e in self.load_many(state) if domain in relay_groups(e))
+        return found
+
+    def counts(self) -> dict[str, int]:
+        """Messages per state, every state present (metrics, dashboard)."""
+        counts = dict.fromkeys(QUEUES, 0)
+        counts.update(self._read("SELECT state, count(*) FROM message GROUP BY state", ()).fetchall())
+        return counts
+
+    def max_id(self) -> str | None:
+        """The highest queued ID: new IDs start past it, so a restart never reuses one."""
+        return self._read("SELECT max(id) FROM message", ()).fetchone()[0]
+
+    def content(self, queue_id: str) -> bytes | Path:
+        """The inline content, or the path of its large file; FileNotFoundError when not queued."""
+        _check_id(queue_id)
+        row = self._read("SELECT data FROM content WHERE id = ?", (queue_id,)).fetchone()
+        if row is None:
+            raise FileNotFoundError(f"{queue_id}: not queued")
+        return self.large / queue_id if row[0] is None else row[0]
+
+    def _read(self, sql: str, parameters: tuple) -> sqlite3.Cursor:
+        try:
+            return self._conn().execute(sql, parameters)
+        except sqlite3.Error as e:
+            raise store_error(e, f"cannot read {self.path}") from e
+
+    # -- start-up ------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Remove large/ files no row references (a crash between rename and commit, or after a removal).
+
+        Only at start-up, before any writer runs: a put in flight has its
+        file in place before its row is committed.
+        """
+        names = os.listdir(self.large)
+        if not names:
+            return
+        referenced = {row[0] for row in self._read("SELECT id FROM content WHERE data IS NULL", ())}
+        for name in names:
+            if name not in referenced:
+                unlink_if_present(self.large / name)
+
+
+def _check_id(queue_id: str) -> str:
+    """An ID from the command line must be a queue ID before it reaches a path or a query."""
+    if not isinstance(queue_id, str) or not QUEUE_ID.fullmatch(queue_id):
+        raise ValueError(f"bad queue id {queue_id!r}")
+    return queue_id
+
+
+def _check_state(state: str) -> None:
+    if state not in QUEUES:
+        raise ValueError(f"unknown queue {state!r}")
