@@ -62,7 +62,7 @@ import time
 from pathlib import Path
 
 import dkim_sign
-from common import (OPENDKIM, DiskCounters, Epost, OpenDkim, Postfix, Sink, disk_columns, postfix_cpu,
+from common import (DiskCounters, Epost, OpenDkim, Postfix, Sink, disk_columns, postfix_cpu,
                     smtp_source, wait_for_port)
 
 
@@ -274,9 +274,6 @@ def main() -> None:
             signed = RelayingEpost(Sink(), tail_toml=dkim_toml)
         postfix = None if args.no_postfix else Postfix()
         if signed and postfix and not args.no_postfix_dkim:
-            if OPENDKIM is None:
-                raise SystemExit("--signing compares with Postfix + OpenDKIM: apt-get install opendkim "
-                                 "(then keep its own service stopped), or give --no-postfix-dkim")
             postfix_dkim = SigningPostfix(postfix, keys, key_paths, unix=not args.milter_tcp)
         if signed:
             check_signed([("epost", epost, ()), ("epost signing", signed, ("r1", "e1"))]
