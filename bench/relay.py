@@ -136,16 +136,21 @@ class SigningPostfix:
         self.postfix, self.port = postfix, port
         self.folder = Path(tempfile.mkdtemp(prefix="epost-bench-opendkim-"))
         self.folder.chmod(0o755)  # Postfix's smtpd (user postfix) reaches the milter sockets here
-        self.signers = [
-            OpenDkim(self.folder, key.algorithm, key.domain, key.selector, path,
-                     "ed25519-sha256" if key.algorithm == "ed25519" else "rsa-sha256", unix=unix)
-            for key, path in zip(keys, paths)]
         self.service = f"127.0.0.1:{port}/inet"
-        milters = ",".join(s.milter for s in self.signers)
-        subprocess.run(["postconf", "-M", f"{self.service}=127.0.0.1:{port} inet n - n - - smtpd"
-                        f" -o smtpd_milters={milters} -o milter_default_action=tempfail"], check=True)
-        subprocess.run(["postfix", "reload"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(port)
+        self.signers = []
+        try:
+            for key, path in zip(keys, paths):
+                self.signers.append(OpenDkim(
+                    self.folder, key.algorithm, key.domain, key.selector, path,
+                    "ed25519-sha256" if key.algorithm == "ed25519" else "rsa-sha256", unix=unix))
+            milters = ",".join(s.milter for s in self.signers)
+            subprocess.run(["postconf", "-M", f"{self.service}=127.0.0.1:{port} inet n - n - - smtpd"
+                            f" -o smtpd_milters={milters} -o milter_default_action=tempfail"], check=True)
+            subprocess.run(["postfix", "reload"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_for_port(port)
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def sink(self) -> Sink:
