@@ -306,3 +306,87 @@ def smtp_source(port: int, messages: int, size: int, sessions: int, to: str) -> 
         check=True,
     )
     return time.monotonic() - start
+
+
+OPENDKIM = shutil.which("opendkim", path="/usr/sbin:/usr/local/sbin")
+
+
+def ensure_opendkim() -> str:
+    """Debian's opendkim, installed if missing (as postfix-peer installs Postfix);
+    the system service that installing starts is stopped and disabled at once:
+    benchmarks run private instances only."""
+    global OPENDKIM
+    if OPENDKIM is None:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if subprocess.run(["apt-get", "install", "-y", "-q", "opendkim"], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode:
+            subprocess.run(["apt-get", "update", "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(["apt-get", "install", "-y", "-q", "opendkim"], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+        for command in (["service", "opendkim", "stop"], ["update-rc.d", "opendkim", "disable"],
+                        ["systemctl", "disable", "opendkim"]):
+            subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        OPENDKIM = shutil.which("opendkim", path="/usr/sbin:/usr/local/sbin")
+    if OPENDKIM is None:
+        raise RuntimeError("opendkim is not installed and could not be (Debian: apt-get install opendkim)")
+    return OPENDKIM
+# epost's signed header set (epost.delivery.signing.SIGNED_HEADERS), From oversigned as epost does.
+OPENDKIM_SIGN_HEADERS = ("from,to,cc,subject,date,message-id,reply-to,mime-version,content-type,"
+                         "content-transfer-encoding,list-unsubscribe,list-unsubscribe-post")
+
+
+class OpenDkim:
+    """A private OpenDKIM signer (Debian's `opendkim` in the foreground, never the
+    system service): its own config, pid file and key under `folder`, a milter
+    socket on 127.0.0.1. One key per instance: OpenDKIM 2.11 signs every message
+    with one SignatureAlgorithm, so RSA + Ed25519 takes two instances in a row
+    (smtpd_milters = both), as operators run it."""
+
+    def __init__(self, folder: Path, name: str, domain: str, selector: str, key: Path, algorithm: str,
+                 unix: bool = True):
+        """`unix`: the milter socket is `folder`/NAME.sock (folder must let Postfix's
+        smtpd, user postfix, reach it), else 127.0.0.1 on a free TCP port."""
+        self.socket = folder / f"opendkim-{name}.sock" if unix else None
+        self.port = None if unix else free_port()
+        self.pid_file = folder / f"opendkim-{name}.pid"
+        conf = folder / f"opendkim-{name}.conf"
+        conf.write_text(
+            f"Mode s\nSocket {self.spec('local:', '@127.0.0.1')}\nUMask 000\nPidFile {self.pid_file}\nSyslog no\n"
+            f"Domain {domain}\nSelector {selector}\nKeyFile {key}\nRequireSafeKeys false\n"
+            f"SignatureAlgorithm {algorithm}\nCanonicalization relaxed/relaxed\n"
+            f"SignHeaders {OPENDKIM_SIGN_HEADERS}\nOversignHeaders From\n"
+        )
+        log = folder / f"opendkim-{name}.log"
+        self.log = open(log, "ab")
+        self.process = subprocess.Popen([ensure_opendkim(), "-f", "-x", str(conf)],
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while True:  # a milter says nothing on connect: wait until it accepts
+            try:
+                if unix:
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.connect(str(self.socket))
+                else:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"opendkim ({conf}) did not start: {log.read_text()}")
+                time.sleep(0.05)
+
+    def spec(self, unix_prefix: str, inet_suffix: str = "") -> str:
+        if self.socket:
+            return f"{unix_prefix}{self.socket}"
+        return f"inet:{self.port}{inet_suffix}"
+
+    @property
+    def milter(self) -> str:
+        """Postfix's name for the socket (smtpd_milters)."""
+        return f"unix:{self.socket}" if self.socket else f"inet:127.0.0.1:{self.port}"
+
+    def cpu(self) -> float:
+        return process_cpu(self.process.pid)  # every thread of the one process
+
+    def stop(self) -> None:
+        end_process(self.process, 10)
+        self.log.close()

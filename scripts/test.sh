@@ -25,6 +25,12 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
     # Installing Dovecot starts the system service; the tests run private instances only.
     if [[ " ${need[*]} " == *" dovecot-"* ]]; then service dovecot stop >/dev/null 2>&1 || true; fi
+    # Installing opendkim starts its system service; tests and bench/relay.py run private instances only.
+    if [[ " ${need[*]} " == *" opendkim "* ]]; then
+      service opendkim stop >/dev/null 2>&1 || true
+      update-rc.d opendkim disable >/dev/null 2>&1 || true
+      systemctl disable opendkim >/dev/null 2>&1 || true
+    fi
     if [[ " ${need[*]} " == *" postgrey "* ]]; then
       service postgrey stop >/dev/null 2>&1 || true
       update-rc.d postgrey disable >/dev/null 2>&1 || true

@@ -45,6 +45,26 @@ dkim.RSASSA_PKCS1_v1_5_sign = _openssl_rsa_sign
 # our keys are a handful of fixed byte strings, so each is parsed once.
 dkim.parse_pem_private_key = functools.lru_cache(maxsize=64)(dkim.parse_pem_private_key)
 
+
+class _RelaxedBody(bytes):
+    """A body already in relaxed canonical form (RFC 6376 §3.4.4)."""
+
+
+_relaxed_body = dkim.canonicalization.Relaxed.canonicalize_body
+
+
+def _canonicalize_body_once(body: bytes) -> bytes:
+    """dkimpy canonicalizes and hashes the whole body again in every sign(): for
+    RSA + Ed25519 that is twice the same regex passes over the body (~0.13 ms
+    for 4 KiB, a sixth of the pair's cost). `sign` canonicalizes it once and
+    hands dkimpy the result marked as done; anything else (verification,
+    other callers) is canonicalized as before. Relaxed canonicalization is
+    idempotent, so even a marked body canonicalized again would hash the same."""
+    return body if type(body) is _RelaxedBody else _relaxed_body(body)
+
+
+dkim.canonicalization.Relaxed.canonicalize_body = staticmethod(_canonicalize_body_once)
+
 # RFC 6376 §5.4.1 plus the headers Gmail/Yahoo bulk-sender rules name.
 SIGNED_HEADERS = (
     b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to",
@@ -196,19 +216,23 @@ def sign(message: bytes, keys: tuple[DkimKey, ...], signing_domain: str | None =
 
     Domain: the From: domain (DMARC alignment), unless given. relaxed/relaxed,
     From oversigned, only headers present are signed (dkimpy drops absent ones).
+    The message is parsed once (dkimpy's parse also gives the names present)
+    and its body canonicalized once, whatever the number of keys (dkimpy's
+    own sign() redoes the body for each).
     """
-    headers = _parse_head(message)  # one parse serves the From: domain and the names present
-    domain = signing_domain or _domain_of(headers)
+    domain = signing_domain or _domain_of(_parse_head(message))
     if not domain:
         return b""
-    names = {k.lower().encode() for k in headers.keys()}
-    out = []
+    chosen = keys_for(domain, keys)
+    if not chosen:
+        return b""
+    parsed = dkim.DKIM(message, linesep=b"\r\n")  # one parse serves every key (sign() leaves it as it was)
+    parsed.body = _RelaxedBody(_relaxed_body(parsed.body))
+    names = {name.lower() for name, _ in parsed.headers}
     present = [h for h in SIGNED_HEADERS if h in names] + [b"from"]  # From oversigned
-    parsed = None  # one parse of the message serves every key (DKIM.sign leaves it as it was)
-    for key in keys_for(domain, keys):
+    out = []
+    for key in chosen:
         algorithm = b"ed25519-sha256" if key.algorithm == "ed25519" else b"rsa-sha256"
-        if parsed is None:
-            parsed = dkim.DKIM(message, signature_algorithm=algorithm, linesep=b"\r\n")
         out.append(parsed.sign(
             key.selector.encode(), key.domain.encode(), key.private, signature_algorithm=algorithm,
             canonicalize=(b"relaxed", b"relaxed"), include_headers=present,

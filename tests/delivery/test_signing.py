@@ -8,9 +8,12 @@ form `txt_record` tells operators to publish.
 
 from __future__ import annotations
 
+import re
 import tempfile
+import types
 from pathlib import Path
 
+import dkim
 import pytest
 
 from epost.delivery import signing
@@ -57,6 +60,26 @@ def test_from_is_oversigned_and_absent_headers_are_not_listed(keys):
     h = sig.split("h=")[1].split(";")[0].split(":")
     assert h.count("from") == 2
     assert "cc" not in h and "list-unsubscribe" not in h
+
+
+def test_two_keys_canonicalize_the_body_once_and_sign_as_dkimpy_alone_would(keys, monkeypatch):
+    # whitespace that relaxed canonicalization folds, and empty lines it drops at the end
+    message = MESSAGE.replace(b"Hello,  relaxed   world.\r\n", b"Hello,\t relaxed   world.  \r\n\r\n \r\n\r\n")
+    monkeypatch.setattr(dkim, "time", types.SimpleNamespace(time=lambda: 1796585537))  # one t= for both
+    calls = []
+    canonicalize = signing._relaxed_body
+    monkeypatch.setattr(signing, "_relaxed_body", lambda body: calls.append(body) or canonicalize(body))
+    ours = signing.commit_signature(message, keys)
+    assert len(calls) == 1  # not once per key
+    present = [b"from", b"to", b"subject", b"date", b"message-id", b"mime-version", b"content-type", b"from"]
+    theirs = b"".join(  # dkimpy's own path: a fresh parse and canonicalization for each key
+        dkim.sign(message, key.selector.encode(), key.domain.encode(), key.private,
+                  signature_algorithm=b"ed25519-sha256" if key.algorithm == "ed25519" else b"rsa-sha256",
+                  canonicalize=(b"relaxed", b"relaxed"), include_headers=present, linesep=b"\r\n")
+        for key in keys)
+    assert len(calls) == 3  # the reference did canonicalize, once per key
+    assert ours == theirs  # RSA PKCS#1 v1.5 and Ed25519 are deterministic: byte for byte
+    assert b"h=from:to:subject:date:message-id:mime-version:content-type:from;" in re.sub(rb"\s+", b"", ours)
 
 
 def test_keys_of_closest_matching_domain_sign(keys, tmp_path):
