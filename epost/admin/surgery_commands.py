@@ -1,4 +1,4 @@
-"""`epost flush|hold|release|delete|reroute`: through the running daemon, or on the files when it is down.
+"""`epost flush|hold|release|delete|reroute`: through the running daemon, or on the queue store when it is down.
 
 "Down" means nobody holds the spool's lock (epost.queue.lock): a daemon that
 holds it but does not answer (starting, stopping, stuck) is never worked
@@ -14,6 +14,7 @@ from epost.queue import surgery
 from epost.queue.envelope import EnvelopeError
 from epost.queue.lock import lock_path, try_lock
 from epost.queue.spool import QUEUES, Spool
+from epost.store.database import StoreUnavailable
 
 HELP = {
     "flush": "retry deferred mail now (all, some IDs, or one --domain)",
@@ -77,15 +78,21 @@ def _on_files_if_no_daemon(config: Config, action: str, ids, domain, now: float,
         )
         return None
     try:
-        print(f"epost {action}: no daemon is running on {spool}: working on the spool files", file=sys.stderr)
+        print(f"epost {action}: no daemon is running on {spool}: working on the queue store", file=sys.stderr)
         return on_files(config, action, ids, domain, now)
+    except StoreUnavailable as error:
+        print(f"epost {action}: {error}; nothing changed", file=sys.stderr)
+        return None
     finally:
         lock.release()
 
 
 def on_files(config: Config, action: str, ids: list[str], domain: str | None, now: float) -> dict:
-    """The same actions with no daemon running: straight on the spool files."""
+    """The same actions with no daemon running: straight on the queue store (each change durable)."""
     spool = Spool(config.server.spool, reactor=None, threadpool=None)
+    if not spool.exists():
+        return {"done": [], "errors": [f"{queue_id}: not queued" for queue_id in ids]}
+    spool.open(create=False)
     queues = ("hold",) if action == "release" else tuple(q for q in QUEUES if q != "hold")
     chosen = list(dict.fromkeys([*ids, *(surgery.waiting_for(spool, domain, queues) if domain else [])]))
     if action == "flush" and not chosen and domain is None:

@@ -23,7 +23,7 @@ CONTENT = b"Subject: over there\r\n\r\n.leading dot\r\nbody\r\n"
 def queued_spool(queue_id: str = "0190000000000A000") -> Spool:
     root = Path(tempfile.mkdtemp(prefix="epost-courier-test-"))
     spool = Spool(root, reactor=None, threadpool=None)
-    spool.create_folders()
+    spool.open()
     (root / "incoming" / f"{queue_id}.msg").write_bytes(CONTENT)
     return spool
 

@@ -49,7 +49,7 @@ class RemoteCourierTests(unittest.TestCase):
         root = Path(tempfile.mkdtemp(prefix="epost-courier-test-"))
         self.addCleanup(shutil.rmtree, root)
         self.spool = Spool(root, reactor=None, threadpool=None)
-        self.spool.create_folders()
+        self.spool.open()
         (root / "incoming" / f"{QUEUE_ID}.msg").write_bytes(CONTENT)
         self.service = RemoteCourier(reactor, {
             "spool": str(root), "hostname": "mx.here.test", "dns_servers": [["127.0.0.1", 9]],

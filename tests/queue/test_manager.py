@@ -79,7 +79,7 @@ class Harness:
         self.clock = ClockReactor()
         self.clock.advance(T0)
         self.spool = Spool(root, reactor=self.clock, threadpool=SynchronousThreadPool())
-        self.spool.create_folders()
+        self.spool.open()
         self.courier = ScriptedCourier(script)
         self.courier.clock = self.clock
         self.bounces = RecordingBounces()

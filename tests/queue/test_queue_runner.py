@@ -42,7 +42,7 @@ class RunnerTestCase(unittest.TestCase):
 
     def use(self, a_reactor, pool) -> None:
         self.spool = Spool(self.root, reactor=a_reactor, threadpool=pool)
-        self.spool.create_folders()
+        self.spool.open()
         self.runner = LocalDeliveryRunner(
             self.spool, a_reactor, pool, "mx.example.jp", self.root / "mailboxes"
         )

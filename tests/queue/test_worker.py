@@ -26,7 +26,7 @@ def envelope(queue_id: str, *mailboxes: str) -> Envelope:
 def make_spool() -> Spool:
     root = Path(tempfile.mkdtemp(prefix="epost-worker-test-"))
     spool = Spool(root, reactor=None, threadpool=None)
-    spool.create_folders()
+    spool.open()
     return spool
 
 

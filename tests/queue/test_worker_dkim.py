@@ -36,7 +36,7 @@ def keys(tmp_path_factory):
 def spool():
     root = Path(tempfile.mkdtemp(prefix="epost-worker-dkim-"))
     spool = Spool(root, reactor=None, threadpool=None)
-    spool.create_folders()
+    spool.open()
     yield spool
     shutil.rmtree(root)
 
