@@ -111,7 +111,7 @@ def test_a_second_daemon_on_the_same_spool_refuses_with_one_line_and_touches_not
     assert sorted(p.name for p in first.spool.iterdir()) == before
     assert first.proc.poll() is None
     flushed = epost(first, "flush")  # the first daemon's control socket still answers
-    assert flushed.returncode == 0 and "working on the spool files" not in flushed.stderr, flushed
+    assert flushed.returncode == 0 and "working on the queue store" not in flushed.stderr, flushed
     with smtplib.SMTP("127.0.0.1", first.relay_port, timeout=10) as client:
         assert client.sendmail("bob@example.test", [ALICE], b"Subject: still here\r\n\r\nhi\r\n") == {}
     wait_for(lambda: maildir_messages(first.spool, "example.test/alice"), 10, message="delivery by the first daemon")
