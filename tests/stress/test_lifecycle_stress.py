@@ -42,7 +42,7 @@ def attempts(d) -> int:
 
 
 def deferred_ids(d) -> list[str]:
-    return [name[:-4] for name in queued(d.spool, "deferred") if name.endswith(".env")]
+    return queued(d.spool, "deferred")
 
 
 def alive(pid: int) -> bool:
