@@ -1,4 +1,4 @@
-"""The `epost` admin command (SPEC §8): works on the config and spool files directly, without the daemon.
+"""The `epost` admin command (SPEC §8): works on the config, tables and queue store directly, without the daemon.
 
 `--config` and `--spool` are accepted before or after the subcommand, as with
 the daemon's own flags.

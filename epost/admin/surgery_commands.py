@@ -45,10 +45,10 @@ def run_action(config: Config, action: str, ids: list[str], domain: str | None, 
         result = operate(config.server.spool, action, ids, domain)
         how = "daemon"
     except DaemonNotRunning as unreachable:
-        result = _on_files_if_no_daemon(config, action, ids, domain, now, unreachable)
+        result = _on_the_store_if_no_daemon(config, action, ids, domain, now, unreachable)
         if result is None:
             return 1
-        how = "files"
+        how = "queue store"
     for queue_id in result["done"]:
         print(f"{queue_id}: {_PAST[action]}" if queue_id != "*" else "every deferred message is due now")
     for problem in result["errors"]:
@@ -61,8 +61,8 @@ def run_action(config: Config, action: str, ids: list[str], domain: str | None, 
 _PAST = {"flush": "due now", "hold": "on hold", "release": "released", "delete": "deleted", "reroute": "rerouted"}
 
 
-def _on_files_if_no_daemon(config: Config, action: str, ids, domain, now: float, unreachable) -> dict | None:
-    """`on_files` while holding the spool's lock, so no daemon runs meanwhile (and none can start);
+def _on_the_store_if_no_daemon(config: Config, action: str, ids, domain, now: float, unreachable) -> dict | None:
+    """`on_the_store` while holding the spool's lock, so no daemon runs meanwhile (and none can start);
     None, said in one line, when a daemon holds the lock but did not answer on its socket."""
     spool = config.server.spool
     try:
@@ -79,7 +79,7 @@ def _on_files_if_no_daemon(config: Config, action: str, ids, domain, now: float,
         return None
     try:
         print(f"epost {action}: no daemon is running on {spool}: working on the queue store", file=sys.stderr)
-        return on_files(config, action, ids, domain, now)
+        return on_the_store(config, action, ids, domain, now)
     except StoreUnavailable as error:
         print(f"epost {action}: {error}; nothing changed", file=sys.stderr)
         return None
@@ -87,7 +87,7 @@ def _on_files_if_no_daemon(config: Config, action: str, ids, domain, now: float,
         lock.release()
 
 
-def on_files(config: Config, action: str, ids: list[str], domain: str | None, now: float) -> dict:
+def on_the_store(config: Config, action: str, ids: list[str], domain: str | None, now: float) -> dict:
     """The same actions with no daemon running: straight on the queue store (each change durable)."""
     spool = Spool(config.server.spool, reactor=None, threadpool=None)
     if not spool.exists():

@@ -36,7 +36,7 @@ def waiting_for(spool: Spool, domain: str, queues: tuple[str, ...]) -> list[str]
 
 
 def hold(spool: Spool, queue_id: str) -> Envelope:
-    """Move the message to hold/, where nothing is tried until it is released."""
+    """Move the message to hold, where nothing is tried until it is released."""
     queue = locate(spool, queue_id)
     envelope = spool.load(queue_id, queue)
     if queue != "hold":
@@ -45,8 +45,8 @@ def hold(spool: Spool, queue_id: str) -> Envelope:
 
 
 def release(spool: Spool, queue_id: str, now: float) -> tuple[Envelope, str]:
-    """Move a held message back, due now: to incoming/ when local recipients
-    still wait (the local runner takes them first), else to deferred/."""
+    """Move a held message back, due now: to incoming when local recipients
+    still wait (the local runner takes them first), else to deferred."""
     queue = locate(spool, queue_id)
     if queue != "hold":
         raise LookupError(f"{queue_id}: not on hold")

@@ -121,7 +121,7 @@ class Worker:
         """DKIM-sign before the commit (SPEC §9): here the content is final, and
         this process is not the reactor's. The signature goes into the
         envelope, so every attempt and destination sends the same bytes, local
-        deliveries never see it, and the message is never in incoming/ (where
+        deliveries never see it, and the message is never queued in incoming (where
         the delivery manager could start it) without its signature."""
         if not chosen:
             return envelope
