@@ -347,6 +347,30 @@ def test_restart_resumes_the_schedule_and_attempt_count(tmp_path):
     assert envelope.queue_id == again.senderlog()[-1]["queue_id"]
 
 
+def test_restart_reads_the_deferred_queue_by_pages_not_one_load_per_message(tmp_path, monkeypatch):
+    """100,000 queued messages must not cost 100,000 queries; the reactor still gets
+    them LOAD_BATCH at a time, one thread hop each, so a 220 goes out between batches."""
+    from epost.queue import manager as manager_module
+
+    h = Harness(tmp_path, {})
+    ids = []
+    for i in range(1100):
+        queue_id = h.spool.new_queue_id()
+        retries = {f"d{i % 7}.test": {"first_failure": T0, "failures": 1, "next_attempt": T0 + 3600}}
+        envelope = Envelope(queue_id, "bob@example.org", (relay(f"u{i}@d{i % 7}.test"),), T0, 10, retries=retries)
+        assert h.spool.store.put(envelope, b"x", "deferred")
+        ids.append(queue_id)
+    monkeypatch.setattr(h.spool, "load", lambda *args: pytest.fail("one load per message"))
+    hops = []
+    real_defer = manager_module.deferToThreadPool
+    monkeypatch.setattr(manager_module, "deferToThreadPool",
+                        lambda *args, **kwargs: (hops.append(args[2]), real_defer(*args, **kwargs))[1])
+    h.start()
+    assert h.manager.loaded.called
+    assert len(hops) == 4  # 500 + 500 + 100, then an empty batch says the end
+    assert sorted(job.queue_id for d in range(7) for job in h.manager.scheduler.jobs_for(f"d{d}.test")) == ids
+
+
 def test_flush_makes_every_deferred_message_due_now(tmp_path):
     h = Harness(tmp_path, {"a@far.test": [(451, "4.7.1 later"), (250, "ok")]}, RetryConfig(interval=3600))
     h.start()
