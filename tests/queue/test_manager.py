@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import sqlite3
 from contextlib import contextmanager
-import os
 from pathlib import Path
 
 import pytest
