@@ -221,7 +221,7 @@ class Spool:
 
     def exists(self) -> bool:
         """Whether this spool has a queue store yet (a reader finds an empty queue when not)."""
-        return (self.root / "queue" / "queue.db").exists()
+        return self.store.path.exists()
 
     def close(self) -> None:
         self.store.close()
