@@ -149,6 +149,17 @@ def test_put_batch_a_duplicate_fails_alone(store):
     assert store.ids("incoming") == [qid(1), qid(2), qid(3)]
 
 
+def test_an_item_failing_half_way_leaves_no_half_message(tmp_path, store):
+    """The savepoint undoes the item's message row when its content row fails."""
+    conn = sqlite3.connect(tmp_path / "queue" / "queue.db")
+    conn.execute("INSERT INTO content (id, data) VALUES (?, ?)", (qid(2), b"stray"))
+    conn.commit()
+    conn.close()
+    results = store.put_batch([(envelope_for(qid(1)), b"a"), (envelope_for(qid(2)), b"b")])
+    assert results[0] is None and results[1].errno == errno.EEXIST
+    assert store.ids("incoming") == [qid(1)]
+
+
 def test_put_into_another_state_and_false_for_a_queued_id(store):
     assert store.put(envelope_for(qid(1)), b"bounce", "deferred", durable=False) is True
     assert store.put(envelope_for(qid(1)), b"again", "hold") is False
