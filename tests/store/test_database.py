@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import epost.store.database as database
-from epost.queue.envelope import Envelope, Recipient
+from epost.queue.envelope import Envelope, EnvelopeError, Recipient
 from epost.queue.spool import QUEUES, SpoolError
 from epost.store.database import QueueStore, StoreError, StoreUnavailable
 
@@ -315,6 +315,24 @@ def test_load_many_pages_through_every_envelope_in_id_order(store, monkeypatch):
     assert [e.queue_id for e in store.load_many("incoming")] == [qid(n) for n in range(1, 11) if n != 5]
     assert [e.queue_id for e in store.load_many("hold")] == [qid(5)]
     assert list(store.load_many("deferred")) == []
+
+
+def test_a_corrupt_envelope_is_skipped_by_load_many_and_refused_by_load(tmp_path, store):
+    store.put_batch([(envelope_for(qid(n)), b"") for n in (1, 2, 3)])
+    conn = sqlite3.connect(tmp_path / "queue" / "queue.db")
+    conn.execute("UPDATE message SET envelope = ? WHERE id = ?", (b"{not json", qid(2)))
+    conn.commit()
+    conn.close()
+    assert [e.queue_id for e in store.load_many("incoming")] == [qid(1), qid(3)]
+    with pytest.raises(EnvelopeError, match=f"queue.db:{qid(2)}: corrupt envelope"):
+        store.load(qid(2))
+
+
+def test_an_envelope_json_cannot_say_fails_alone(store):
+    odd = dataclasses.replace(envelope_for(qid(2)), retries={"example.jp": {"at": object()}})
+    results = store.put_batch([(envelope_for(qid(1)), b""), (odd, b"")])
+    assert results[0] is None and results[1].errno == errno.EIO
+    assert store.ids("incoming") == [qid(1)]
 
 
 def test_ids_for_destination_picks_pending_relay_recipients(store):
