@@ -280,9 +280,10 @@ class QueueStore:
             envelope, source = items[i]
             queue_id = envelope.queue_id
             target = self.large / queue_id
-            if queue_id in taken:
+            if queue_id in taken:  # queued already, or twice in this batch: never replace its file
                 results[i] = StoreError(errno.EEXIST, f"{queue_id}: already queued")
                 continue
+            taken.add(queue_id)
             try:
                 fd = os.open(source, os.O_RDONLY)
                 try:
@@ -376,7 +377,7 @@ class QueueStore:
         _check_id(queue_id)
         if state is not None:
             _check_state(state)
-        row = self._read("SELECT state, envelope FROM message WHERE id = ?", (queue_id,)).fetchone()
+        [row] = self._read("SELECT state, envelope FROM message WHERE id = ?", (queue_id,)) or [None]
         if row is None or (state is not None and row[0] != state):
             raise FileNotFoundError(f"{queue_id}: not in {state}" if state else f"{queue_id}: not queued")
         return Envelope.from_bytes(row[1], f"{self.path}:{queue_id}")
@@ -395,7 +396,7 @@ class QueueStore:
         while True:
             rows = self._read(
                 "SELECT id, envelope FROM message WHERE state = ? AND id > ? ORDER BY id LIMIT ?", (state, after, PAGE)
-            ).fetchall()
+            )
             for queue_id, data in rows:
                 try:
                     yield Envelope.from_bytes(data, f"{self.path}:{queue_id}")
@@ -407,8 +408,8 @@ class QueueStore:
 
     def state_of(self, queue_id: str) -> str | None:
         _check_id(queue_id)
-        row = self._read("SELECT state FROM message WHERE id = ?", (queue_id,)).fetchone()
-        return None if row is None else row[0]
+        rows = self._read("SELECT state FROM message WHERE id = ?", (queue_id,))
+        return rows[0][0] if rows else None
 
     def ids(self, state: str) -> list[str]:
         """IDs in `state`; ID order is arrival order."""
@@ -428,24 +429,25 @@ class QueueStore:
     def counts(self) -> dict[str, int]:
         """Messages per state, every state present (metrics, dashboard)."""
         counts = dict.fromkeys(QUEUES, 0)
-        counts.update(self._read("SELECT state, count(*) FROM message GROUP BY state", ()).fetchall())
+        counts.update(self._read("SELECT state, count(*) FROM message GROUP BY state", ()))
         return counts
 
     def max_id(self) -> str | None:
         """The highest queued ID: new IDs start past it, so a restart never reuses one."""
-        return self._read("SELECT max(id) FROM message", ()).fetchone()[0]
+        return self._read("SELECT max(id) FROM message", ())[0][0]
 
     def content(self, queue_id: str) -> bytes | Path:
         """The inline content, or the path of its large file; FileNotFoundError when not queued."""
         _check_id(queue_id)
-        row = self._read("SELECT data FROM content WHERE id = ?", (queue_id,)).fetchone()
-        if row is None:
+        rows = self._read("SELECT data FROM content WHERE id = ?", (queue_id,))
+        if not rows:
             raise FileNotFoundError(f"{queue_id}: not queued")
-        return self.large / queue_id if row[0] is None else row[0]
+        return self.large / queue_id if rows[0][0] is None else rows[0][0]
 
-    def _read(self, sql: str, parameters: tuple) -> sqlite3.Cursor:
+    def _read(self, sql: str, parameters: tuple) -> list[tuple]:
+        """All rows at once, so an error while stepping is a StoreError too."""
         try:
-            return self._conn().execute(sql, parameters)
+            return self._conn().execute(sql, parameters).fetchall()
         except sqlite3.Error as e:
             raise store_error(e, f"cannot read {self.path}") from e
 

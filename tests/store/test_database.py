@@ -199,6 +199,15 @@ def test_a_duplicate_large_item_keeps_both_files(tmp_path, store):
     assert second.read_bytes() == b"newcomer"  # the caller's to delete or keep
 
 
+def test_an_id_twice_in_one_batch_keeps_the_first_content(tmp_path, store):
+    (tmp_path / "tmp").mkdir()
+    second = large_file(tmp_path / "tmp", "b", b"second")
+    results = store.put_batch([(envelope_for(qid(1)), large_file(tmp_path / "tmp", "a", b"first")), (envelope_for(qid(1)), second)])
+    assert results[0] is None and results[1].errno == errno.EEXIST
+    assert store.content(qid(1)).read_bytes() == b"first"
+    assert second.read_bytes() == b"second"
+
+
 def test_debris_in_large_is_replaced_by_a_new_message(tmp_path, store):
     large_file(tmp_path / "queue" / "large", qid(1), b"debris of a crash")
     (tmp_path / "tmp").mkdir()
