@@ -345,29 +345,28 @@ class Spool:
         """Every envelope in `queue`, in ID order, read a page per query (the
         restart, `epost queue`); any thread may take the next one.
 
-        A damaged envelope is skipped and told to `damaged` (by default
-        logged, left for the operator); the messages after it are read one by one."""
+        A damaged envelope is skipped (the store logs it, left for the
+        operator). With `damaged`, each is also told there, after the
+        readable ones: the IDs the pages did not yield are looked up one by one."""
         state = self._state(queue)
-        last = ""
-        try:
-            for envelope in self.store.load_many(state):
-                last = envelope.queue_id
-                yield envelope
+        loaded: set[str] = set()
+        for envelope in self.store.load_many(state):
+            if damaged is not None:
+                loaded.add(envelope.queue_id)
+            yield envelope
+        if damaged is None:
             return
-        except EnvelopeError:
-            pass
         for queue_id in self.store.ids(state):
-            if queue_id <= last:
+            if queue_id in loaded:
                 continue
             try:
-                yield self.store.load(queue_id, state)
+                envelope = self.store.load(queue_id, state)
             except FileNotFoundError:
                 continue  # gone since listed
             except EnvelopeError as error:
-                if damaged is None:
-                    log.error("{error}; left for the operator", error=error)
-                else:
-                    damaged(queue_id, error)
+                damaged(queue_id, error)
+                continue
+            yield envelope  # queued after its page was read
 
     def update(self, envelope: Envelope, queue: str = "incoming", *, durable: bool = True) -> None:
         """Replace a queued envelope (blocking); `durable=False` for delivery bookkeeping."""

@@ -185,7 +185,7 @@ def test_queue_skips_a_message_that_vanishes_while_listing(tmp_path, capsys, mon
     spool = tmp_path / "spool"
     make_spool(spool)
     queue_message(spool, "deferred", Envelope("0190000000000C000", "a@b.test", (Recipient("c@d.test"),), NOW, 1))
-    damage_envelope(spool, "0190000000000C000")  # the state is then read one message at a time
+    damage_envelope(spool, "0190000000000C000")  # the listing then looks up the IDs its pages did not yield
     real_ids = QueueStore.ids
     monkeypatch.setattr(QueueStore, "ids", lambda self, state: [*real_ids(self, state), "0190000000000D000"])
 
