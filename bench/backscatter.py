@@ -136,11 +136,16 @@ def plan(unknown: int, valid: int, rng: random.Random) -> list[tuple[str, str]]:
 
 
 def epost_bounces(spool: Path) -> int:
+    from epost.queue.spool import QUEUES, Spool
+
     count = 0
-    for queue in ("incoming", "deferred", "hold"):
-        for env in (spool / queue).glob("*.env"):
-            if json.loads(env.read_text()).get("sender", None) == "":
-                count += 1
+    reader = Spool(spool, reactor=None, threadpool=None)
+    if reader.exists():
+        reader.open(create=False)
+        try:
+            count += sum(1 for queue in QUEUES for envelope in reader.load_many(queue) if envelope.sender == "")
+        finally:
+            reader.close()
     log = spool / "log" / "senderlog"
     if log.exists():
         count += sum(1 for line in log.read_text().splitlines() if "status=bounced" in line)

@@ -181,7 +181,8 @@ class Epost:
         return rss_kib(self.process.pid)
 
     def queued(self, queues: tuple[str, ...] = ("incoming",)) -> int:
-        return sum(1 for q in queues for p in (self.spool / q).iterdir() if p.suffix == ".env")
+        counts = queue_counts(self.spool)
+        return sum(counts[q] for q in queues)
 
     def rss_tree_kib(self) -> dict[int, int]:
         """VmRSS of the daemon and of each child (the spool workers), by pid."""
@@ -222,6 +223,20 @@ class Postfix:
     def stop(self) -> None:
         self.sink.stop()
         subprocess.run(["postfix", "stop"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def queue_counts(spool: Path) -> dict[str, int]:
+    """Messages per state in epost's queue store, read on a connection of our own (zeros before it exists)."""
+    from epost.queue.spool import QUEUES, Spool
+
+    reader = Spool(spool, reactor=None, threadpool=None)
+    if not reader.exists():
+        return dict.fromkeys(QUEUES, 0)
+    reader.open(create=False)
+    try:
+        return reader.counts()
+    finally:
+        reader.close()
 
 
 def rss_kib(pid: int) -> int:

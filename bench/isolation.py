@@ -249,8 +249,8 @@ def run(kind: str, backlog: int, new: int, rate: float) -> None:
                 break
             time.sleep(0.2)
         settle = time.monotonic() - t0
-        print(f"  backlog: submitted in {submit:.1f} s; after {settle:.1f} s incoming/={epost.queued(('incoming',))} "
-              f"deferred/={epost.queued(('deferred',))}; bad destination saw {bad.attempts()} sessions; "
+        print(f"  backlog: submitted in {submit:.1f} s; after {settle:.1f} s incoming={epost.queued(('incoming',))} "
+              f"deferred={epost.queued(('deferred',))}; bad destination saw {bad.attempts()} sessions; "
               f"daemon RSS {epost.rss_kib() / 1024:.0f} MiB", flush=True)
 
         values = latencies(send_new(epost.port, "b", new, rate), good)

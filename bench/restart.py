@@ -3,14 +3,14 @@
     .venv/bin/python bench/restart.py [--messages 100000] [--domains 100] [--watch 20]
                                       [--incoming 0]
 
-Writes a spool directly in epost's format: `deferred/<ID>.msg` + `<ID>.env`
-(Envelope JSON, one relay recipient routed by MX, `retries[domain]` with
-`next_attempt` a month ahead, so nothing is attempted), IDs as
-Spool.new_queue_id makes them. Then starts `twistd -n epost` and measures
+Builds a spool through epost's own QueueStore (`put`, 5,000 messages a
+transaction): deferred messages (Envelope JSON, one relay recipient routed by
+MX, `retries[domain]` with `next_attempt` a month ahead, so nothing is
+attempted), IDs as Spool.new_queue_id makes them. Then starts `twistd -n epost` and measures
 the seconds until it greets with 220 on its relay port and, sampling every
 0.5 s for `--watch` seconds, the resident memory (VmRSS) of the daemon and of
 its worker children, and the daemon's CPU use (when it falls to ~0 the queue
-is loaded). With `--incoming N` a second run puts N messages in `incoming/`
+is loaded). With `--incoming N` a second run queues N messages in incoming
 instead, routed to an smtp-sink, and also times until all are delivered.
 """
 
@@ -30,18 +30,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import Epost, Sink, bench_base, children, process_cpu, rss_kib  # noqa: E402
 from epost.queue.envelope import Envelope, Recipient  # noqa: E402
-from epost.queue.spool import FOLDERS  # noqa: E402
+from epost.queue.spool import Spool  # noqa: E402
 
 BODY = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\r\n" * 20).encode()
 
 
+TRANSACTION = 5000  # messages per store transaction while building
+
+
 def build_spool(root: Path, messages: int, domains: int, queue: str, sink_port: int | None = None) -> float:
-    """Write `messages` messages into `root/spool/<queue>/`; returns the seconds it took."""
+    """Queue `messages` messages in `queue` of `root/spool`'s queue store; returns the seconds it took."""
     start = time.monotonic()
-    spool = root / "spool"
-    for name in FOLDERS:
-        (spool / name).mkdir(parents=True, exist_ok=True)
-    folder = spool / queue
+    spool = Spool(root / "spool", reactor=None, threadpool=None)
+    spool.open()
+    batch: list = []
     now = time.time()
     first_us = int((now - 86400) * 1_000_000)
     for i in range(messages):
@@ -68,8 +70,13 @@ def build_spool(root: Path, messages: int, domains: int, queue: str, sink_port: 
             queue_id=queue_id, sender="bench@client.test", recipients=(recipient,),
             arrival=arrival_us / 1_000_000, size=len(content), client="localhost [127.0.0.1]", retries=retries,
         )
-        (folder / f"{queue_id}.msg").write_bytes(content)
-        (folder / f"{queue_id}.env").write_bytes(envelope.to_bytes())
+        batch.append((envelope, content))
+        if len(batch) == TRANSACTION or i == messages - 1:
+            failed = [error for error in spool.store.put_batch(batch, queue) if error is not None]
+            if failed:
+                raise SystemExit(f"cannot build the spool: {failed[0]}")
+            batch = []
+    spool.close()
     os.sync()
     return time.monotonic() - start
 
@@ -140,8 +147,9 @@ def run_deferred(args) -> None:
     root = Path(tempfile.mkdtemp(prefix="epost-restart-", dir=bench_base()))
     try:
         built = build_spool(root, args.messages, args.domains, "deferred")
+        on_disk = sum(f.stat().st_size for f in (root / "spool" / "queue").iterdir() if f.is_file())
         print(f"built {args.messages} deferred messages over {args.domains} domains in {built:.1f} s "
-              f"({sum(f.stat().st_size for f in (root / 'spool' / 'deferred').iterdir()) / 2**20:.0f} MiB on disk)")
+              f"({on_disk / 2**20:.0f} MiB on disk)")
         for cache in ("warm", "cold") if args.cold else ("warm",):
             if cache == "cold" and not drop_caches():
                 print("  (cannot drop the page cache; cold start skipped)")
@@ -150,9 +158,9 @@ def run_deferred(args) -> None:
             try:
                 greeting = time_to_greeting(epost.port, epost.started, epost.process)
                 samples = watch(epost, args.watch)
-                report(f"{cache} page cache, {args.messages} in deferred/", greeting, samples)
+                report(f"{cache} page cache, {args.messages} deferred", greeting, samples)
                 still = epost.queued(("deferred",))
-                print(f"  deferred/ still holds {still}; domains/ has {len(list((root / 'spool' / 'domains').iterdir()))} entries")
+                print(f"  deferred still holds {still}; domains/ has {len(list((root / 'spool' / 'domains').iterdir()))} entries")
             finally:
                 epost.stop(keep=True)
     finally:
@@ -169,7 +177,7 @@ def run_incoming(args) -> None:
         try:
             greeting = time_to_greeting(epost.port, epost.started, epost.process)
             samples = watch(epost, args.watch)
-            report(f"{args.incoming} in incoming/, relaying to smtp-sink", greeting, samples)
+            report(f"{args.incoming} in incoming, relaying to smtp-sink", greeting, samples)
             done = sink.wait_for(args.incoming, timeout=args.incoming / 20 + 120)
             print(f"  all {args.incoming} delivered {done - epost.started:.1f} s after launch "
                   f"({args.incoming / (done - epost.started):.0f} msg/s)")
@@ -187,7 +195,7 @@ def main() -> None:
     parser.add_argument("--domains", type=int, default=100)
     parser.add_argument("--watch", type=float, default=20, help="seconds of RSS sampling after the greeting")
     parser.add_argument("--cold", action="store_true", help="also start once after dropping the page cache")
-    parser.add_argument("--incoming", type=int, default=0, help="also: N messages in incoming/ to deliver")
+    parser.add_argument("--incoming", type=int, default=0, help="also: N messages in incoming to deliver")
     args = parser.parse_args()
     if args.messages:
         run_deferred(args)

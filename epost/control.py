@@ -3,7 +3,7 @@
 An AMP protocol on a UNIX socket in the spool (``control.sock``, mode 0600:
 only the queue's owner may operate on it). The daemon carries the action
 out in its delivery manager, which owns the queue, so the surgery never
-races a delivery. With the daemon down, `epost` works on the files itself
+races a delivery. With the daemon down, `epost` works on the queue store itself
 (see `epost.queue.surgery`).
 """
 
@@ -118,7 +118,7 @@ def control_service(spool: Path, manager: Any, reactor: Any) -> internet.StreamS
 
 
 class DaemonNotRunning(Exception):
-    """Nothing listens on the control socket: the caller may work on the files directly."""
+    """Nothing listens on the control socket: the caller may work on the queue store directly."""
 
 
 def operate(spool: Path, action: str, ids: list[str], domain: str | None, timeout: float = 60) -> dict:

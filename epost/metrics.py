@@ -7,14 +7,13 @@ connections are read when scraped, so they can never drift from the truth.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from epost.queue.spool import QUEUES
+if TYPE_CHECKING:
+    from epost.queue.spool import Spool
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -60,19 +59,19 @@ sessions_ended = Counter(
 
 
 class LiveState:
-    """Collects what is measured at scrape time: messages per queue folder, open SMTP connections."""
+    """Collects what is measured at scrape time: messages per queue, open SMTP connections."""
 
-    def __init__(self, spool: Path, open_connections: Callable[[], int]) -> None:
-        self.spool = Path(spool)
+    def __init__(self, spool: Spool, open_connections: Callable[[], int]) -> None:
+        self.spool = spool  # epost.queue.spool.Spool: its queue store counts the messages
         self.open_connections = open_connections
 
     def describe(self) -> list[Any]:
         return []
 
     def collect(self):
-        queues = GaugeMetricFamily("epost_queue_messages", "Messages in each queue folder", labels=["queue"])
-        for queue in QUEUES:
-            queues.add_metric([queue], _count_envelopes(self.spool / queue))
+        queues = GaugeMetricFamily("epost_queue_messages", "Messages in each queue", labels=["queue"])
+        for queue, count in self.spool.counts().items():
+            queues.add_metric([queue], count)
         yield queues
         yield GaugeMetricFamily("epost_smtp_connections_open", "Inbound SMTP connections open now", value=self.open_connections())
 
@@ -80,21 +79,13 @@ class LiveState:
 _live: LiveState | None = None
 
 
-def watch(spool: Path, open_connections: Callable[[], int]) -> None:
+def watch(spool: Spool, open_connections: Callable[[], int]) -> None:
     """Point the scrape-time gauges at this daemon's spool and connection count (replacing any earlier one)."""
     global _live
     if _live is not None:
         REGISTRY.unregister(_live)
     _live = LiveState(spool, open_connections)
     REGISTRY.register(_live)
-
-
-def _count_envelopes(folder: Path) -> int:
-    try:
-        with os.scandir(folder) as entries:
-            return sum(1 for entry in entries if entry.name.endswith(".env"))
-    except FileNotFoundError:
-        return 0
 
 
 def metrics_resource():

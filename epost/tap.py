@@ -92,18 +92,20 @@ def config_from_options(options: usage.Options | dict[str, Any]) -> Config:
 
 
 def makeService(options: usage.Options):  # noqa: N802 - twistd's IServiceMaker hook
-    """Build the epost service; a config, table, TLS or spool problem (or
-    another daemon holding the spool's lock) ends
+    """Build the epost service; a config, table, TLS or spool problem (a
+    queue store that cannot be opened, or another daemon holding the
+    spool's lock) ends
     twistd with one line on stderr and exit status 1, never a traceback."""
     from epost.queue.lock import SpoolBusy
     from epost.routing.tables import TableError
     from epost.service import make_service
     from epost.tls import TLSConfigError
     from epost.delivery.signing import DkimKeyError
+    from epost.store.database import StoreUnavailable
 
     try:
         return make_service(config_from_options(options))
-    except (ConfigError, TableError, TLSConfigError, SpoolBusy, DkimKeyError) as e:
+    except (ConfigError, TableError, TLSConfigError, SpoolBusy, DkimKeyError, StoreUnavailable) as e:
         sys.stderr.write(f"epost: {e}\n")
     except OSError as e:
         sys.stderr.write(f"epost: {e.filename or ''}: {e.strerror}\n")

@@ -20,3 +20,53 @@ class SynchronousThreadPool:
 class ClockReactor(Clock):
     def callFromThread(self, f, *args, **kwargs):
         f(*args, **kwargs)
+
+
+HELLO = b"Subject: hi\r\n\r\nhello\r\n"
+
+
+def queue_message(spool, queue: str, envelope, content=HELLO) -> None:
+    """Queue a message straight into the spool's queue store (what a daemon left there), for tests of readers."""
+    from epost.store.database import QueueStore
+
+    store = QueueStore(spool)
+    store.open()
+    try:
+        assert store.put(envelope, content, queue), f"{envelope.queue_id} already queued"
+    finally:
+        store.close()
+
+
+def queued_ids(spool) -> dict[str, list[str]]:
+    """Every queued ID by state, as the spool's queue store holds them (none without a store)."""
+    from epost.queue.spool import QUEUES, Spool
+
+    reader = Spool(spool, reactor=None, threadpool=None)
+    if not reader.exists():
+        return {queue: [] for queue in QUEUES}
+    reader.open(create=False)
+    try:
+        return {queue: reader.queued_ids(queue) for queue in QUEUES}
+    finally:
+        reader.close()
+
+
+def stored_envelope(spool, queue_id: str, queue: str):
+    """The envelope the queue store holds for `queue_id` in `queue`."""
+    from epost.queue.spool import Spool
+
+    reader = Spool(spool, reactor=None, threadpool=None)
+    reader.open(create=False)
+    try:
+        return reader.load(queue_id, queue)
+    finally:
+        reader.close()
+
+
+def damage_envelope(spool, queue_id: str, data: bytes = b"{not json") -> None:
+    """Overwrite a queued envelope with bytes that do not parse (a damaged store row)."""
+    import sqlite3
+
+    with sqlite3.connect(spool / "queue" / "queue.db") as db:
+        assert db.execute("UPDATE message SET envelope = ? WHERE id = ?", (data, queue_id)).rowcount == 1
+    db.close()

@@ -94,3 +94,32 @@ def test_make_service_missing_config_exits_with_one_line(tmp_path, capsys):
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("epost: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("damage", ["not a database", "newer version"])
+def test_make_service_with_a_queue_store_it_cannot_open_exits_with_one_line(tmp_path, capsys, damage):
+    """Never a silently new, empty queue: the daemon stops, naming the file and why."""
+    import sqlite3
+
+    from epost.store.database import QueueStore
+
+    database = tmp_path / "spool" / "queue" / "queue.db"
+    if damage == "not a database":
+        database.parent.mkdir(parents=True)
+        database.write_bytes(b"these are not the pages you are looking for" * 200)
+    else:
+        store = QueueStore(tmp_path / "spool")
+        store.open()
+        store.close()
+        with sqlite3.connect(database) as db:
+            db.execute("PRAGMA user_version = 99")
+        db.close()
+    before = database.read_bytes()
+    options = parse("--hostname", "mx.example.test", "--spool", str(tmp_path / "spool"),
+                    "--relay", "tcp:0:interface=127.0.0.1", "--submission", "tcp:0:interface=127.0.0.1")
+    with pytest.raises(SystemExit) as info:
+        makeService(options)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"epost: {database}: ") and err.count("\n") == 1
+    assert database.read_bytes() == before  # left as it was, for the operator

@@ -1,4 +1,4 @@
-"""The `epost` admin command (SPEC §8): works on the config and spool files directly, without the daemon.
+"""The `epost` admin command (SPEC §8): works on the config, tables and queue store directly, without the daemon.
 
 `--config` and `--spool` are accepted before or after the subcommand, as with
 the daemon's own flags.
@@ -208,13 +208,22 @@ def _load_with_spool(args: argparse.Namespace) -> Config | None:
 
 
 def list_queue(args: argparse.Namespace, now: float) -> int:
-    """Print the queue as read from the spool folders (text, or JSON with `--json`)."""
+    """Print the queue as read from the queue store (text, or JSON with `--json`)."""
     config = _load_with_spool(args)
     if config is None:
         return 1
-    spool = config.server.spool
+    from epost.queue.spool import Spool
+    from epost.store.database import StoreUnavailable
+
+    spool = Spool(config.server.spool, reactor=None, threadpool=None)
     domain = args.domain.strip().rstrip(".").lower() if args.domain else None
-    messages = [m for m in read_queue(spool) if matches(m, domain, args.state)]
+    try:
+        if spool.exists():
+            spool.open(create=False)
+        messages = [m for m in read_queue(spool) if matches(m, domain, args.state)]
+    except (StoreUnavailable, OSError) as error:
+        print(f"epost queue: {error}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(to_json(messages, now), indent=1))
     else:
@@ -224,10 +233,11 @@ def list_queue(args: argparse.Namespace, now: float) -> int:
 
 def show_message(args: argparse.Namespace, now: float) -> int:
     """SPEC §4: the envelope as `key: value` lines, a blank line, the content as stored; 1 when not queued."""
-    from epost.admin.show import content_chunks, envelope_lines, open_queued, still_queued
+    from epost.admin.show import envelope_lines, open_queued
     from epost.logs import printable
     from epost.queue.envelope import EnvelopeError
     from epost.queue.spool import QUEUE_ID, Spool
+    from epost.store.database import StoreUnavailable
 
     config = _load_with_spool(args)
     if config is None:
@@ -236,25 +246,23 @@ def show_message(args: argparse.Namespace, now: float) -> int:
     asked = args.id.strip()
     queue_id = asked.upper() if QUEUE_ID.fullmatch(asked.upper()) else asked  # `epost show 0190...a000` too
     try:
-        queue, envelope, fd = open_queued(spool, queue_id)
+        if spool.exists():
+            spool.open(create=False)
+        queue, envelope, content = open_queued(spool, queue_id)
     except LookupError as error:
         print(printable(f"epost show: {error}", join_lines=False), file=sys.stderr)
         return 1
-    except (EnvelopeError, OSError) as error:
+    except (EnvelopeError, OSError, StoreUnavailable) as error:
         print(printable(f"epost show: {queue_id}: {error}", join_lines=False), file=sys.stderr)
         return 1
     try:
         sys.stdout.write("\n".join(envelope_lines(queue, envelope)) + "\n\n")
         sys.stdout.flush()
-        for chunk in content_chunks(fd):
+        for chunk in content.chunks():
             sys.stdout.buffer.write(chunk)
         sys.stdout.buffer.flush()
-        if not still_queued(spool, queue_id, fd):
-            print(f"epost show: {queue_id} left the queue while it was shown (delivered or deleted);"
-                  " the content above may not all be its own", file=sys.stderr)
-            return 1
     finally:
-        os.close(fd)
+        content.close()
     return 0
 
 

@@ -1,32 +1,30 @@
-"""A snapshot of the queue read straight from the spool folders, so `epost queue` works without the daemon.
+"""A snapshot of the queue read from the queue store, so `epost queue` works without the daemon.
 
-The daemon may move or delete files while we read: a message that vanishes is
-skipped, and a damaged envelope is shown as unreadable rather than stopping the
+Each state is read by one query of its own connection (a consistent
+snapshot of that state); the daemon may move or finish messages between
+them. A damaged envelope is shown as unreadable rather than stopping the
 listing.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from epost.logs import printable
 from epost.queue.envelope import Envelope, EnvelopeError, Recipient
 from epost.queue.outcomes import destination_of
-from epost.queue.spool import QUEUE_ID, QUEUES
+from epost.queue.spool import QUEUES, Spool
 
-# Same shape as the spool's queue IDs; anything else in a queue folder is not a message.
-# What a pending recipient is called in each queue folder (SPEC §8).
+# What a pending recipient is called in each queue (SPEC §8).
 PENDING_STATE = {"incoming": "incoming", "deferred": "deferred", "hold": "held"}
 
 
 @dataclass(frozen=True)
 class QueuedMessage:
     queue_id: str
-    queue: str  # the spool folder: incoming, deferred or hold
+    queue: str  # the state: incoming, deferred or hold
     envelope: Envelope | None  # None when the envelope could not be read
     error: str = ""  # why the envelope is unreadable
 
@@ -35,39 +33,31 @@ class QueuedMessage:
         return PENDING_STATE[self.queue] if state == "pending" else state
 
 
-def read_queue(spool: Path) -> list[QueuedMessage]:
-    """Every message in `incoming/`, `deferred/` and `hold/`, sorted by queue ID.
+def read_queue(spool: Spool) -> list[QueuedMessage]:
+    """Every message in incoming, deferred and hold, sorted by queue ID.
 
-    A message seen in two folders (moved while we listed) is shown once, from
-    the folder read last. Missing folders count as empty.
+    A message seen in two states (moved while we listed) is shown once, from
+    the state read last. A spool with no queue store yet is an empty queue.
     """
+    if not spool.exists():
+        return []
     found: dict[str, QueuedMessage] = {}
     for queue in QUEUES:
-        folder = spool / queue
-        try:
-            names = os.listdir(folder)
-        except FileNotFoundError:
-            continue
-        for name in names:
-            stem, _, suffix = name.partition(".")
-            if suffix == "env" and QUEUE_ID.fullmatch(stem):
-                message = _read_message(folder / name, stem, queue)
-                if message is not None:
-                    found[message.queue_id] = message
+        for message in _read_state(spool, queue):
+            found[message.queue_id] = message
     return [found[queue_id] for queue_id in sorted(found)]
 
 
-def _read_message(path: Path, queue_id: str, queue: str) -> QueuedMessage | None:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None  # delivered, deleted or moved since listdir
-    except OSError as error:
-        return QueuedMessage(queue_id, queue, None, f"{path}: {error.strerror or error}")
-    try:
-        return QueuedMessage(queue_id, queue, Envelope.from_bytes(data, str(path)))
-    except EnvelopeError as error:
-        return QueuedMessage(queue_id, queue, None, str(error))
+def _read_state(spool: Spool, queue: str) -> list[QueuedMessage]:
+    """The whole state by one query a page; a damaged envelope is listed as such."""
+    messages: list[QueuedMessage] = []
+
+    def damaged(queue_id: str, error: EnvelopeError) -> None:
+        messages.append(QueuedMessage(queue_id, queue, None, str(error)))
+
+    for envelope in spool.load_many(queue, damaged):
+        messages.append(QueuedMessage(envelope.queue_id, queue, envelope))
+    return messages
 
 
 def format_age(seconds: float) -> str:

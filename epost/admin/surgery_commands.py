@@ -1,4 +1,4 @@
-"""`epost flush|hold|release|delete|reroute`: through the running daemon, or on the files when it is down.
+"""`epost flush|hold|release|delete|reroute`: through the running daemon, or on the queue store when it is down.
 
 "Down" means nobody holds the spool's lock (epost.queue.lock): a daemon that
 holds it but does not answer (starting, stopping, stuck) is never worked
@@ -14,6 +14,7 @@ from epost.queue import surgery
 from epost.queue.envelope import EnvelopeError
 from epost.queue.lock import lock_path, try_lock
 from epost.queue.spool import QUEUES, Spool
+from epost.store.database import StoreUnavailable
 
 HELP = {
     "flush": "retry deferred mail now (all, some IDs, or one --domain)",
@@ -44,10 +45,10 @@ def run_action(config: Config, action: str, ids: list[str], domain: str | None, 
         result = operate(config.server.spool, action, ids, domain)
         how = "daemon"
     except DaemonNotRunning as unreachable:
-        result = _on_files_if_no_daemon(config, action, ids, domain, now, unreachable)
+        result = _on_the_store_if_no_daemon(config, action, ids, domain, now, unreachable)
         if result is None:
             return 1
-        how = "files"
+        how = "queue store"
     for queue_id in result["done"]:
         print(f"{queue_id}: {_PAST[action]}" if queue_id != "*" else "every deferred message is due now")
     for problem in result["errors"]:
@@ -60,8 +61,8 @@ def run_action(config: Config, action: str, ids: list[str], domain: str | None, 
 _PAST = {"flush": "due now", "hold": "on hold", "release": "released", "delete": "deleted", "reroute": "rerouted"}
 
 
-def _on_files_if_no_daemon(config: Config, action: str, ids, domain, now: float, unreachable) -> dict | None:
-    """`on_files` while holding the spool's lock, so no daemon runs meanwhile (and none can start);
+def _on_the_store_if_no_daemon(config: Config, action: str, ids, domain, now: float, unreachable) -> dict | None:
+    """`on_the_store` while holding the spool's lock, so no daemon runs meanwhile (and none can start);
     None, said in one line, when a daemon holds the lock but did not answer on its socket."""
     spool = config.server.spool
     try:
@@ -77,15 +78,21 @@ def _on_files_if_no_daemon(config: Config, action: str, ids, domain, now: float,
         )
         return None
     try:
-        print(f"epost {action}: no daemon is running on {spool}: working on the spool files", file=sys.stderr)
-        return on_files(config, action, ids, domain, now)
+        print(f"epost {action}: no daemon is running on {spool}: working on the queue store", file=sys.stderr)
+        return on_the_store(config, action, ids, domain, now)
+    except StoreUnavailable as error:
+        print(f"epost {action}: {error}; nothing changed", file=sys.stderr)
+        return None
     finally:
         lock.release()
 
 
-def on_files(config: Config, action: str, ids: list[str], domain: str | None, now: float) -> dict:
-    """The same actions with no daemon running: straight on the spool files."""
+def on_the_store(config: Config, action: str, ids: list[str], domain: str | None, now: float) -> dict:
+    """The same actions with no daemon running: straight on the queue store (each change durable)."""
     spool = Spool(config.server.spool, reactor=None, threadpool=None)
+    if not spool.exists():
+        return {"done": [], "errors": [f"{queue_id}: not queued" for queue_id in ids]}
+    spool.open(create=False)
     queues = ("hold",) if action == "release" else tuple(q for q in QUEUES if q != "hold")
     chosen = list(dict.fromkeys([*ids, *(surgery.waiting_for(spool, domain, queues) if domain else [])]))
     if action == "flush" and not chosen and domain is None:

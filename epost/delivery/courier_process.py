@@ -17,9 +17,9 @@ One JSON object per line on stdin, one per line back on stdout:
       -> {"id": N, "outcomes": {recipient: [code, text, stage]}, "host": h, "tls": b, "mx": [names]}
       or {"id": N, "error": text}  when no attempt could be made
   {"close_idle": true}    QUIT every cached connection (no answer)
-The content is opened here before the attempt (following the message if a
-move took it to another queue): the daemon's manager never lets a message go
-while an attempt for it runs. When stdin closes, the process ends at once,
+The content is opened here before the attempt, from the queue store (its
+bytes, or a descriptor of its large file; the "queue" field is informative):
+the daemon's manager never lets a message go while an attempt for it runs. When stdin closes, the process ends at once,
 abandoning the attempts in progress (see `readConnectionLost`). Log lines go
 to stderr, which the daemon relays into its own log.
 
@@ -121,8 +121,7 @@ class CourierServer(LineOnlyReceiver):
 
         The daemon closes it only when nothing is in flight, or because it
         died; then no answer has a reader, the next daemon tries the mail
-        again, and sessions left running would send it twice or read a
-        spool file already reused for another message."""
+        again, and sessions left running would send it twice."""
         self.courier.close_idle()
         self.transport.loseConnection()
 
@@ -161,6 +160,7 @@ def main(settings: dict) -> None:
         timeouts=settings["timeouts"],
     )
     spool = Spool(Path(settings["spool"]), reactor=None, threadpool=None)
+    spool.open(create=False)  # the daemon made it; its own connection for reading contents
 
     def done() -> None:
         if not ended:

@@ -10,6 +10,7 @@ accepted recipient in RCPT order, so Sieve and quotas can answer each one
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Any, Callable, Iterable
 
 from twisted.internet import defer
@@ -129,7 +130,7 @@ async def _lmtp_batch(spool, queue_ids, reactor, threadpool, endpoint, hostname,
         failed = False
         if local:
             rcpt = {i: _lmtp_address(envelope.recipients[i]) for i in local}
-            content = await in_thread(spool.content_path(queue_id).read_bytes)
+            content = await in_thread(_content_bytes, spool, queue_id)
             result = await deliver_lmtp(reactor, endpoint, hostname, envelope.sender,
                                         sorted(set(rcpt.values())), content)
             for index in local:
@@ -142,15 +143,21 @@ async def _lmtp_batch(spool, queue_ids, reactor, threadpool, endpoint, hostname,
         left_for_manager = needs_manager(envelope)
         try:
             action = spool_action(envelope, bool(local))
-            if action == "update":
-                await in_thread(spool.update, envelope)
+            if action == "update":  # delivery bookkeeping: no flush of its own (docs/queue.md)
+                await in_thread(partial(spool.update, envelope, durable=False))
             elif action == "remove":
-                await in_thread(spool.remove, envelope.queue_id)
+                await in_thread(partial(spool.remove, envelope.queue_id, durable=False))
         except OSError:
             log.failure("{queue_id}: cannot record delivery", queue_id=envelope.queue_id)
             failed = True
         verdicts[envelope.queue_id] = batch_verdict(failed, left_for_manager)
     return verdicts
+
+
+def _content_bytes(spool: Any, queue_id: str) -> bytes:
+    """The whole stored content (LMTP sends it in one transaction)."""
+    stored = spool.content(queue_id)
+    return stored if isinstance(stored, bytes) else stored.read_bytes()
 
 
 def _lmtp_address(recipient: Any) -> str:

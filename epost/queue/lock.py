@@ -7,7 +7,7 @@ own descriptor), and the kernel drops it when the last holder dies: unlike
 a PID file, no dead daemon, zombie or reused PID can leave it behind.
 
 `epost` commands that change the queue take the same lock, without
-waiting, before they work on the files: they do so only while no daemon
+waiting, before they work on the queue store: they do so only while no daemon
 runs (see `epost.admin.surgery_commands`).
 """
 

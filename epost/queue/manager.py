@@ -3,12 +3,15 @@
 It joins the parts: the `Scheduler` decides which (message, destination)
 job runs when; the `Courier` makes one attempt; `apply_attempt` (pure)
 says what the attempt means; this module records it: the envelope (moved
-from ``incoming/`` to ``deferred/`` on its first deferral), senderlog and
-faillog lines, Domain.mri files and DSN bounces.
+from incoming to deferred on its first deferral), senderlog and faillog
+lines, Domain.mri files and DSN bounces.
 
 It is the only writer of a message's envelope once the local runner has
-passed the message on. File work runs in the thread pool, serialised per
-message by a DeferredLock, so a move never races a read of the content.
+passed the message on. Queue work runs in the thread pool, serialised per
+message by a DeferredLock. Recording an attempt is delivery bookkeeping,
+written without a flush of its own (`durable=False`): a power cut may undo
+it, and the message is then tried again (a duplicate, never a loss); the
+next durable commit of anyone makes it durable too (docs/queue.md).
 In memory it keeps the envelopes of messages with a job running or just
 arrived, and for the rest of the queue only the scheduler's small entries:
 a restart with a large deferred queue costs little memory.
@@ -16,7 +19,7 @@ a restart with a large deferred queue costs little memory.
 
 from __future__ import annotations
 
-import os
+import itertools
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -37,7 +40,7 @@ from epost.logs import LineLog, faillog_line, senderlog_line
 from epost.queue.bounces import original_headers
 from epost.queue.domain_books import DomainBooks
 from epost.queue.domain_state import DomainState, DomainStateStore
-from epost.queue.envelope import Envelope, EnvelopeError
+from epost.queue.envelope import Envelope
 from epost.queue.destinations import Destinations, replies_of
 from epost.queue.outcomes import (
     Applied,
@@ -145,7 +148,7 @@ class DeliveryManager(Service):
                 self.destinations.restore(state.domain, dict(state.extra))
         if self.handle_signals:
             signal.signal(signal.SIGUSR2, lambda *_: self.reactor.callFromThread(self.flush))
-        # After start-up: the local runner's recover() finishes interrupted moves first.
+        # After start-up: the local runner's recover() sweeps crash debris first.
         self.reactor.callLater(0, lambda: self._load_deferred().addBoth(self._loaded))
 
     stop_grace = 10.0  # seconds given to attempts in progress at shutdown
@@ -213,37 +216,31 @@ class DeliveryManager(Service):
 
     @defer.inlineCallbacks
     def _load_deferred(self):
-        """Schedule every deferred message at its saved time, in batches off the reactor."""
-        ids = yield deferToThreadPool(self.reactor, self.pool, self.spool.queued_ids, "deferred")
-        for start in range(0, len(ids), LOAD_BATCH):
-            if not self.running:
-                return
-            batch = ids[start : start + LOAD_BATCH]
-            envelopes = yield deferToThreadPool(self.reactor, self.pool, self._read_envelopes, batch)
-            now = self.reactor.seconds()
-            for envelope in envelopes:
-                groups = relay_groups(envelope)
-                for destination in groups:
-                    try:
-                        self.scheduler.add_deferred(Job(envelope.queue_id, destination), next_due(envelope, destination, now))
-                    except ValueError:
-                        continue
-                    self.domains.waiting(destination, envelope.queue_id)
-                if not groups:
-                    # Crashed between the last attempt and its bookkeeping: finish it now.
-                    self._messages[envelope.queue_id] = _Message(envelope, "deferred")
-                    self._settle_alone(envelope.queue_id)
+        """Schedule every deferred message at its saved time, in batches off the reactor.
 
-    def _read_envelopes(self, ids: list[str]) -> list[Envelope]:
-        envelopes = []
-        for queue_id in ids:
-            try:
-                envelopes.append(self.spool.load(queue_id, "deferred"))
-            except FileNotFoundError:
-                continue
-            except (EnvelopeError, OSError) as error:
-                log.error("{error}; left for the operator", error=error)
-        return envelopes
+        One query (`load_many`, read a page at a time) instead of one read per
+        message; memory holds one batch, and the reactor serves SMTP between them."""
+        envelopes = self.spool.load_many("deferred")  # a generator: no query yet
+        while self.running:
+            batch = yield deferToThreadPool(self.reactor, self.pool, list, itertools.islice(envelopes, LOAD_BATCH))
+            if not batch:
+                return
+            self._schedule_loaded(batch)
+
+    def _schedule_loaded(self, envelopes: list[Envelope]) -> None:
+        now = self.reactor.seconds()
+        for envelope in envelopes:
+            groups = relay_groups(envelope)
+            for destination in groups:
+                try:
+                    self.scheduler.add_deferred(Job(envelope.queue_id, destination), next_due(envelope, destination, now))
+                except ValueError:
+                    continue
+                self.domains.waiting(destination, envelope.queue_id)
+            if not groups:
+                # Crashed between the last attempt and its bookkeeping: finish it now.
+                self._messages[envelope.queue_id] = _Message(envelope, "deferred")
+                self._settle_alone(envelope.queue_id)
 
     def _loaded(self, result) -> None:
         if isinstance(result, Failure):
@@ -435,7 +432,7 @@ class DeliveryManager(Service):
         defer.ensureDeferred(self._settle(queue_id)).addBoth(forget).addErrback(self._log_failure, queue_id)
 
     async def _settle(self, queue_id: str, remote: str | None = None) -> None:
-        """Bounce what failed, then bring the files in line: remove, move to deferred/ or update."""
+        """Bounce what failed, then bring the queue in line: remove, move to deferred or update."""
         message = self._messages.get(queue_id)
         if message is None:
             return
@@ -448,24 +445,22 @@ class DeliveryManager(Service):
                 message.bouncing.difference_update(failed)
             if not queued:
                 self.reactor.callLater(self.error_retry, self._resettle, queue_id)
-        envelope = message.envelope
-        if finished(envelope) and not message.lock.locked:
-            # Two renames into the file pool (no fsync): cheaper here than a thread hop.
-            self.spool.remove(envelope.queue_id, message.queue)
-            message.unsaved = False
-            return
+        # In the pool, even a removal: a write may wait for the store's lock
+        # while a spool worker's commit is being flushed, and the reactor must not.
         await message.lock.run(deferToThreadPool, self.reactor, self.pool, self._save, message)
 
     def _save(self, message: _Message) -> None:
-        """Runs in a thread, holding the message's lock; writes the newest envelope."""
+        """Runs in a thread, holding the message's lock; writes the newest envelope.
+
+        Delivery bookkeeping: durable=False (see the module's docstring)."""
         envelope = message.envelope
         if finished(envelope):
-            self.spool.remove(envelope.queue_id, message.queue)
+            self.spool.remove(envelope.queue_id, message.queue, durable=False)
         elif message.queue == "incoming" and envelope.retries:
-            self.spool.move(envelope, "incoming", "deferred")
+            self.spool.move(envelope, "incoming", "deferred", durable=False)
             message.queue = "deferred"
         else:
-            self.spool.update(envelope, message.queue)
+            self.spool.update(envelope, message.queue, durable=False)
         if message.envelope is envelope:
             message.unsaved = False
 
@@ -553,11 +548,11 @@ class DeliveryManager(Service):
         return FailedRecipient(recipient.address, status, remote_mta=remote, diagnostic=text or None)
 
     def _headers(self, message: _Message) -> bytes:
-        fd = self.spool.open_content(message.envelope.queue_id, message.queue)
+        content = self.spool.open_content(message.envelope.queue_id)
         try:
-            return original_headers(os.pread(fd, 64 * 1024, 0))
+            return original_headers(content.read(64 * 1024, 0))
         finally:
-            os.close(fd)
+            content.close()
 
     # -- Domain.mri ----------------------------------------------------------
 

@@ -2,8 +2,10 @@
 
 Recipients with any other route stay pending: once the local ones are done,
 such a message is passed on (`on_passed`) to the delivery manager, which
-also owns bounces. A message leaves ``incoming/`` here only when nothing is
-left for anyone.
+also owns bounces. A message leaves the queue here only when nothing is
+left for anyone. Its queue updates are delivery bookkeeping, written
+without a flush of their own (`durable=False`): a power cut may deliver
+a batch again, never lose one (docs/queue.md).
 """
 
 from __future__ import annotations
@@ -197,7 +199,11 @@ def deliver_local_batch(
             log.failure("{queue_id}: unreadable, left for the operator", queue_id=queue_id)
             continue
         if content is None:
-            content = spool.content_path(queue_id)
+            try:
+                content = spool.content(queue_id)  # bytes, or the Path of a large message's file
+            except FileNotFoundError:
+                log.info("{queue_id}: no longer queued", queue_id=queue_id)
+                continue
         slots: list[tuple[int, int | Exception]] = []
         for index in envelope.pending():
             recipient = envelope.recipients[index]
@@ -234,9 +240,9 @@ def deliver_local_batch(
         try:
             action = spool_action(envelope, bool(slots))
             if action == "update":
-                spool.update(envelope)
+                spool.update(envelope, durable=False)
             elif action == "remove":
-                spool.remove(envelope.queue_id)
+                spool.remove(envelope.queue_id, durable=False)
         except OSError:
             log.failure("{queue_id}: cannot record delivery", queue_id=envelope.queue_id)
             failed = True

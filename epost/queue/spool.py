@@ -1,9 +1,15 @@
-"""The durable spool: message content and envelope files, written so a crash never loses mail we took.
+"""The durable spool: the queue store (SQLite, WAL) behind the shape the daemon always used.
 
-A message exists once ``incoming/<ID>.env`` exists.  Content is renamed into
-place before its envelope, and the envelope is removed before its content, so
-an envelope never points at nothing; a lone ``.msg`` is crash debris that
-``recover()`` sweeps away.
+Messages live in ``<spool>/queue/queue.db`` (`epost.store.database.QueueStore`,
+the only code that knows SQL); contents over ``MessageWriter.spill_size``
+live in ``<spool>/queue/large/<ID>``. A message is queued exactly when its
+row is committed: a content file without a row is debris that ``recover()``
+sweeps, as are the writers' temporary files in ``tmp/``.
+
+Durability (docs/queue.md): what acknowledges mail (commits, bounces,
+operator surgery) is flushed before it returns; delivery bookkeeping
+(``durable=False``) is not, so a power cut may undo it: a duplicate
+delivery, never a loss.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import errno
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +28,12 @@ from twisted.logger import Logger
 
 from twisted.python.failure import Failure
 
-from epost.fsutil import fsync_dir, unlink_if_present, write_atomically
+from epost.fsutil import unlink_if_present
 
-from epost.queue import file_pool
-from epost.queue.envelope import Envelope
+from epost.queue.envelope import Envelope, EnvelopeError
 
 QUEUES = ("incoming", "deferred", "hold")
-FOLDERS = (*QUEUES, "tmp", file_pool.FOLDER, "domains", "mailboxes", "log")
+FOLDERS = ("tmp", "domains", "mailboxes", "log")  # beside queue/, which the store makes
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 QUEUE_ID = re.compile(r"[0-9A-F]{17}")
 
@@ -60,9 +65,10 @@ class SpoolStopping(SpoolError):
 class MessageWriter:
     """Receives one message's content; ``write`` never raises so SMTP can finish reading DATA.
 
-    Content stays in memory until it passes ``spill_size``; only bigger
-    messages get their ``tmp/`` file on the reactor thread. Small ones (most
-    mail) are written by the commit thread, so the reactor does no file I/O.
+    Content stays in memory until it passes ``spill_size`` and is then stored
+    inline in the database; a bigger message spills to its own ``tmp/<ID>.msg``
+    (created O_EXCL), which the commit makes the message's large file, so
+    memory stays bounded for any message size.
     """
 
     spill_size = 256 * 1024
@@ -75,6 +81,7 @@ class MessageWriter:
         self._spool = spool
         self._chunks: list[bytes] = []
         self._fd: int | None = None
+        self._spilled = False  # a tmp/ file exists (until commit hands it to the store, or abort)
         self._finished = False  # set by commit() or abort()
 
     def write(self, data: bytes) -> None:
@@ -92,47 +99,37 @@ class MessageWriter:
     @property
     def in_memory(self) -> bool:
         """True while the whole content is still in the buffer."""
-        return self._fd is None and self.error is None
+        return not self._spilled and self.error is None
 
     def content(self) -> bytes:
         return b"".join(self._chunks)
 
     def read_all(self) -> bytes:
         """The whole content so far, also once it spilled to its tmp/ file (to sign it)."""
-        if self._fd is None:
+        if not self._spilled:
             return self.content()
-        end = os.lseek(self._fd, 0, os.SEEK_CUR)  # a reused file may be longer than what we wrote
-        fd = os.open(self.temp_path, os.O_RDONLY)  # ours is open for writing only
-        try:
-            written = bytearray()
-            while len(written) < end and (chunk := os.pread(fd, end - len(written), len(written))):
-                written += chunk
-        finally:
-            os.close(fd)
-        return bytes(written) + self.content()
+        with open(self.temp_path, "rb") as spilled:  # ours is open for writing only
+            return spilled.read() + self.content()
 
     def head(self, limit: int = 64 * 1024) -> bytes:
         """The first `limit` bytes of the content: its header, for the signing
         decision, without reading a large message back whole."""
-        if self._fd is None:
+        if not self._spilled:
             data = bytearray()
             for chunk in self._chunks:
                 data += chunk[: limit - len(data)]
                 if len(data) >= limit:
                     break
             return bytes(data)
-        end = os.lseek(self._fd, 0, os.SEEK_CUR)  # a reused file may be longer than what we wrote
-        fd = os.open(self.temp_path, os.O_RDONLY)
-        try:
-            written = os.pread(fd, min(limit, end), 0)
-        finally:
-            os.close(fd)
+        with open(self.temp_path, "rb") as spilled:
+            written = spilled.read(limit)
         return written + self.content()[: limit - len(written)]
 
     def _flush(self) -> None:
         """Write buffered chunks to the ``tmp/`` file, creating it on first use."""
         if self._fd is None:
-            self._fd = self._spool.pool.create(self.temp_path)
+            self._fd = os.open(self.temp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            self._spilled = True
         chunks, self._chunks = self._chunks, []
         for chunk in chunks:
             view = memoryview(chunk)
@@ -151,12 +148,10 @@ class MessageWriter:
             return
         self._finished = True
         self._chunks = []
-        if self._fd is not None:
-            self._close()
-            self._spool.pool.release(self.temp_path)
+        self._discard()
 
     def commit(self, envelope: Envelope) -> Deferred[str]:
-        """Make the message durable in ``incoming/``; fires with the queue id only once it is on disk."""
+        """Make the message durable in the queue (state incoming); fires with the queue id only once it is on disk."""
         if self._finished:
             raise RuntimeError(f"message {self.queue_id} already committed or aborted")
         if envelope.queue_id != self.queue_id:
@@ -164,14 +159,35 @@ class MessageWriter:
         self._finished = True
         return self._spool._request_commit(self, envelope)
 
+    def _stored_form(self) -> bytes | Path:
+        """What the store takes (runs in the commit thread): the bytes, or the finished tmp/ file."""
+        if self.error is not None:
+            raise self.error
+        if not self._spilled:
+            return self.content()
+        self._flush()
+        self._close()
+        return Path(self.temp_path)
+
     def _close(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
 
+    def _discard(self) -> None:
+        """Close and delete the tmp/ file, if there is one and the store did not take it."""
+        self._close()
+        if self._spilled:
+            try:
+                unlink_if_present(self.temp_path)
+            except OSError:
+                log.failure("cannot remove {path}", path=self.temp_path)
+
 
 class Spool:
-    """The spool folder (SPEC §4).  Its blocking methods run in the spool worker processes (or a thread)."""
+    """The spool folder (SPEC §4) and its queue store.  Its blocking methods run in
+    the spool worker process, a thread of the daemon's pool, the courier
+    process or an `epost` command: each thread has its own database connection."""
 
     def __init__(
         self,
@@ -181,21 +197,34 @@ class Spool:
         threadpool: Any,
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
+        from epost.store.database import QueueStore  # the store imports SpoolError from here
+
         self.root = Path(root)
         self.tmp = self.root / "tmp"
-        self.pool = file_pool.FilePool(self.root / file_pool.FOLDER, [self.root / q for q in (*QUEUES, "tmp")])
-        self._queue_dirs = {queue: self.root / queue for queue in QUEUES}
+        self.store = QueueStore(self.root)
         self.on_commit: list[Callable[[str, Envelope], None]] = []  # (queue id, its envelope)
         self._reactor = reactor
         self._threadpool = threadpool
         self._clock = clock
-        self._last_id: int | None = None  # seeded from the queue folders on first use
+        self._last_id: int | None = None  # seeded from the store on first use
         self._waiting: list[tuple[MessageWriter, Envelope, Deferred[str]]] = []
         self._committing = False
 
-    def create_folders(self) -> None:
-        for name in FOLDERS:
-            (self.root / name).mkdir(parents=True, exist_ok=True)
+    def open(self, create: bool = True) -> None:
+        """Open the queue store; `create` (the daemon) also makes it and the spool's
+        other folders. Raises StoreUnavailable (one line) when it cannot be opened:
+        never a silently new, empty queue."""
+        if create:
+            for name in FOLDERS:
+                (self.root / name).mkdir(parents=True, exist_ok=True)
+        self.store.open(create=create)
+
+    def exists(self) -> bool:
+        """Whether this spool has a queue store yet (a reader finds an empty queue when not)."""
+        return self.store.path.exists()
+
+    def close(self) -> None:
+        self.store.close()
 
     # -- queue ids ---------------------------------------------------------
 
@@ -206,24 +235,15 @@ class Spool:
         and seeded past every ID already queued so a restart never reuses one.
         """
         if self._last_id is None:
-            self._last_id = max((int(q, 16) for q in self._all_queue_ids()), default=0)
+            highest = self.store.max_id()
+            self._last_id = int(highest, 16) if highest else 0
         self._last_id = max((self._clock() // 1000) << 16, self._last_id + 1)
         return f"{self._last_id:017X}"
-
-    def _all_queue_ids(self) -> set[str]:
-        ids: set[str] = set()
-        for folder in (*QUEUES, "tmp"):
-            try:
-                names = os.listdir(self.root / folder)
-            except FileNotFoundError:
-                continue
-            ids.update(n[:17] for n in names if QUEUE_ID.fullmatch(n[:17]))
-        return ids
 
     # -- receiving -----------------------------------------------------------
 
     def open_message(self) -> MessageWriter:
-        """Start a new message; its ``tmp/`` file is made (or reused, see file_pool) only when needed."""
+        """Start a new message; its ``tmp/`` file is made only if it grows past ``spill_size``."""
         return MessageWriter(self, self.new_queue_id())
 
     def _request_commit(self, writer: MessageWriter, envelope: Envelope) -> Deferred[str]:
@@ -233,7 +253,7 @@ class Spool:
         return d
 
     def _start_batch(self) -> None:
-        """Group commit: while one batch is on disk the next ones gather, so one folder fsync serves many."""
+        """Group commit: while one batch is on disk the next ones gather, so one flush serves many."""
         if self._committing or not self._waiting:
             return
         batch, self._waiting = self._waiting, []
@@ -261,186 +281,164 @@ class Spool:
                 log.failure("on_commit hook {hook!r} failed for {queue_id}", hook=hook, queue_id=queue_id)
 
     def commit_batch(self, items: list[tuple[MessageWriter, Envelope]]) -> list[SpoolError | None]:
-        """Runs in a thread. Writes every file of the batch, then fsyncs them,
-        then renames them into ``incoming/`` and fsyncs that folder once: the
-        file system can make the whole batch durable in one journal commit."""
+        """Runs in a thread (or the worker process): the whole batch in one
+        durable transaction (`QueueStore.put_batch`); small contents inline,
+        spilled ones as their large file. A message that fails leaves nothing."""
         results: list[SpoolError | None] = [None] * len(items)
-        envelope_fds: dict[int, int] = {}
-
-        def fail(i: int, error: OSError, doing: str) -> None:
-            results[i] = SpoolError.from_oserror(error, f"{doing} {items[i][0].queue_id}")
-
+        stored: list[tuple[Envelope, bytes | Path]] = []
+        positions: list[int] = []
         for i, (writer, envelope) in enumerate(items):
             try:
-                if writer.error is not None:
-                    raise writer.error
-                writer._flush()
-                file_pool.FilePool.finish(writer._fd)
-                envelope_fds[i] = self._write_file(f"{self.tmp}/{writer.queue_id}.env", envelope.to_bytes())
+                stored.append((envelope, writer._stored_form()))
+                positions.append(i)
             except OSError as e:
-                fail(i, e, "cannot write")
-        for i, (writer, _) in enumerate(items):
+                results[i] = SpoolError.from_oserror(e, f"cannot write {writer.queue_id}")
+        if stored:
             try:
-                if results[i] is None:
-                    os.fsync(writer._fd)
-                    os.fsync(envelope_fds[i])
+                outcomes: list[SpoolError | None] = list(self.store.put_batch(stored))
+            except SpoolError as e:
+                outcomes = [e] * len(stored)
             except OSError as e:
-                fail(i, e, "cannot fsync")
-            finally:
-                writer._close()
-                if i in envelope_fds:
-                    os.close(envelope_fds[i])
-        incoming = self.root / "incoming"
-        for i, (writer, _) in enumerate(items):
-            if results[i] is None:
-                queue_id = writer.queue_id
-                try:
-                    os.rename(writer.temp_path, f"{incoming}/{queue_id}.msg")
-                    os.rename(f"{self.tmp}/{queue_id}.env", f"{incoming}/{queue_id}.env")
-                except OSError as e:
-                    fail(i, e, "cannot queue")
-        if any(r is None for r in results):
-            try:
-                fsync_dir(incoming)
-            except OSError as e:
-                results = [r or SpoolError.from_oserror(e, "cannot fsync incoming/") for r in results]
+                outcomes = [SpoolError.from_oserror(e, "cannot queue")] * len(stored)
+            for i, outcome in zip(positions, outcomes):
+                results[i] = outcome
         for i, (writer, _) in enumerate(items):
             if results[i] is not None:
-                self._discard(writer.queue_id)
+                writer._discard()
         return results
-
-    def _discard(self, queue_id: str) -> None:
-        """Remove every trace of a failed commit, envelope first, so no half message stays queued."""
-        for folder in ("incoming", "tmp"):
-            for suffix in (".env", ".msg"):
-                try:
-                    unlink_if_present(self.root / folder / f"{queue_id}{suffix}")
-                except OSError:
-                    log.failure("cannot remove debris of {queue_id}", queue_id=queue_id)
 
     # -- start-up ------------------------------------------------------------
 
     def recover(self) -> list[str]:
-        """Sweep crash debris and finish half-done moves; return the IDs in
-        ``incoming/`` in arrival order (``queued_ids()`` lists the other queues).
-
-        A message's ``.msg`` says which queue it is in. An envelope beside it
-        wins; an envelope left in another queue by an interrupted `move`
-        is brought over; a ``.msg`` with no envelope anywhere is debris.
-        """
+        """Sweep crash debris (large files no row names, tmp/ files of
+        messages never committed); return the IDs in incoming, in arrival
+        order (``queued_ids()`` lists the other states)."""
+        self.store.sweep()
         for name in os.listdir(self.tmp):
             unlink_if_present(self.tmp / name)
-        names = {queue: set(os.listdir(self.root / queue)) for queue in QUEUES}
-        for queue in QUEUES:
-            here = self.root / queue
-            for name in sorted(names[queue]):
-                stem, _, suffix = name.partition(".")
-                if not QUEUE_ID.fullmatch(stem):
-                    continue
-                env, msg = f"{stem}.env", f"{stem}.msg"
-                others = [other for other in QUEUES if other != queue]
-                if suffix == "msg" and env not in names[queue]:
-                    donor = next((o for o in others if env in names[o] and msg not in names[o]), None)
-                    if donor is None:
-                        unlink_if_present(here / name)
-                    else:
-                        os.rename(self.root / donor / env, here / env)
-                        names[donor].discard(env)
-                        names[queue].add(env)
-                elif suffix == "env" and msg not in names[queue]:
-                    home = next((o for o in others if msg in names[o]), None)
-                    if home is None:
-                        log.error("{path} has no content; left for the operator", path=here / name)
-                    elif env in names[home]:
-                        unlink_if_present(here / name)  # the copy beside the content is newer
-                        names[queue].discard(env)
-                    # else: the pass over `home` brings this envelope over
         return self.queued_ids("incoming")
-
-    def queued_ids(self, queue: str) -> list[str]:
-        """IDs with both files in `queue`, in arrival order."""
-        names = set(os.listdir(self.root / queue))
-        return sorted(n[:17] for n in names if n.endswith(".env") and QUEUE_ID.fullmatch(n[:17]) and f"{n[:17]}.msg" in names)
 
     # -- queued messages -----------------------------------------------------
 
-    def content_path(self, queue_id: str, queue: str = "incoming") -> Path:
-        return self._folder(queue_id, queue) / f"{queue_id}.msg"
+    def queued_ids(self, queue: str) -> list[str]:
+        """IDs in `queue`, in arrival order."""
+        return self.store.ids(self._state(queue))
+
+    def state_of(self, queue_id: str) -> str | None:
+        """The queue holding the message, None when it is in none."""
+        return self.store.state_of(self._checked(queue_id))
+
+    def ids_for_destination(self, domain: str, queues: Iterable[str]) -> list[str]:
+        """IDs in `queues` with recipients still to deliver to `domain`."""
+        return self.store.ids_for_destination(domain, [self._state(q) for q in queues])
+
+    def counts(self) -> dict[str, int]:
+        """Messages in each queue, every queue named."""
+        found = self.store.counts()
+        return {queue: found.get(queue, 0) for queue in QUEUES}
 
     def load(self, queue_id: str, queue: str = "incoming") -> Envelope:
-        path = self._folder(queue_id, queue) / f"{queue_id}.env"
-        return Envelope.from_bytes(path.read_bytes(), str(path))
+        """The envelope; FileNotFoundError when the message is not in `queue`."""
+        return self.store.load(self._checked(queue_id), self._state(queue))
 
-    def update(self, envelope: Envelope, queue: str = "incoming") -> None:
-        """Atomically replace a queued envelope (blocking: call it in a thread)."""
-        folder = self._folder(envelope.queue_id, queue)
-        if not (folder / f"{envelope.queue_id}.msg").exists():  # deleted or moved meanwhile: no lone envelope
-            raise FileNotFoundError(f"{envelope.queue_id}: no longer in {queue}/")
-        try:
-            write_atomically(folder / f"{envelope.queue_id}.env", envelope.to_bytes(), temp_dir=self.tmp)
-        except OSError as e:
-            raise SpoolError.from_oserror(e, f"cannot update {envelope.queue_id}") from e
+    def load_many(self, queue: str, damaged: Callable[[str, EnvelopeError], None] | None = None) -> Iterator[Envelope]:
+        """Every envelope in `queue`, in ID order, read a page per query (the
+        restart, `epost queue`); any thread may take the next one.
 
-    def move(self, envelope: Envelope, source: str, target: str) -> None:
-        """Move a message to another queue, with `envelope` as its new envelope (blocking).
-
-        Order: the new envelope appears in `target`, then the content follows,
-        then the old envelope goes. Whatever the crash point, `recover()` finds
-        the message in one queue with an envelope at least as old as the one
-        it had (a duplicate delivery is possible, a loss is not)."""
-        queue_id = envelope.queue_id
-        here, there = self._folder(queue_id, source), self._folder(queue_id, target)
-        try:
-            write_atomically(there / f"{queue_id}.env", envelope.to_bytes(), temp_dir=self.tmp)
-            os.rename(here / f"{queue_id}.msg", there / f"{queue_id}.msg")
-            fsync_dir(there)
-            self.pool.release(here / f"{queue_id}.env")
-        except OSError as e:
-            raise SpoolError.from_oserror(e, f"cannot move {queue_id} to {target}/") from e
-
-    def open_content(self, queue_id: str, queue: str) -> int:
-        """A read-only descriptor of the content, following the message if a
-        move (in another thread) just took it to the other queue."""
-        others = [other for other in QUEUES if other != queue]
-        for folder in (queue, *others, queue):
-            try:
-                return os.open(self.content_path(queue_id, folder), os.O_RDONLY)
-            except FileNotFoundError:
+        A damaged envelope is skipped (the store logs it, left for the
+        operator). With `damaged`, each is also told there, after the
+        readable ones: the IDs the pages did not yield are looked up one by one."""
+        state = self._state(queue)
+        loaded: set[str] = set()
+        for envelope in self.store.load_many(state):
+            if damaged is not None:
+                loaded.add(envelope.queue_id)
+            yield envelope
+        if damaged is None:
+            return
+        for queue_id in self.store.ids(state):
+            if queue_id in loaded:
                 continue
+            try:
+                envelope = self.store.load(queue_id, state)
+            except FileNotFoundError:
+                continue  # gone since listed
+            except EnvelopeError as error:
+                damaged(queue_id, error)
+                continue
+            yield envelope  # queued after its page was read
+
+    def update(self, envelope: Envelope, queue: str = "incoming", *, durable: bool = True) -> None:
+        """Replace a queued envelope (blocking); `durable=False` for delivery bookkeeping."""
+        self.store.update(envelope, self._state(queue), durable=durable)
+
+    def move(self, envelope: Envelope, source: str, target: str, *, durable: bool = True) -> None:
+        """Move a message to another queue, with `envelope` as its new envelope (blocking, one transaction)."""
+        self.store.move(envelope, self._state(source), self._state(target), durable=durable)
+
+    def remove(self, queue_id: str, queue: str = "incoming", *, durable: bool = True) -> None:
+        """Take a message out of the queue, envelope and content in one transaction.
+
+        Delivery passes durable=False, as Postfix does not fsync a removal: a
+        power cut may bring the message back (delivered again), never lose one."""
+        self.store.remove(self._checked(queue_id), self._state(queue), durable=durable)
+
+    def content(self, queue_id: str) -> bytes | Path:
+        """The stored content: its bytes, or the Path of its large file; FileNotFoundError when not queued."""
+        return self.store.content(self._checked(queue_id))
+
+    def open_content(self, queue_id: str) -> ContentHandle:
+        """The content, open for reading: a large file stays readable even if the
+        message leaves the queue meanwhile (its file is unlinked, not reused)."""
+        for _ in range(2):
+            stored = self.content(queue_id)
+            if isinstance(stored, bytes):
+                return ContentHandle(stored)
+            try:
+                return ContentHandle(fd=os.open(stored, os.O_RDONLY))
+            except FileNotFoundError:
+                continue  # removed between the query and the open: asked again, the store says so
         raise FileNotFoundError(f"{queue_id}: content is gone")
 
-    def remove(self, queue_id: str, queue: str = "incoming") -> None:
-        """Take a message out of the queue (its files go to the pool), envelope
-        first so a crash half-way leaves only sweepable content.
-
-        No folder fsync, as in Postfix: if a power cut undoes the removal, the
-        message is delivered again (a duplicate), never lost; the pool reuses
-        a file only once its removal is durable."""
-        folder = self._folder(queue_id, queue)
-        self.pool.release(f"{folder}/{queue_id}.env")
-        self.pool.release(f"{folder}/{queue_id}.msg")
-
-    def _folder(self, queue_id: str, queue: str) -> Path:
-        """Checks both names, so an ID from the command line can never reach outside the spool."""
-        if queue not in QUEUES:
-            raise ValueError(f"unknown queue {queue!r}")
+    def _checked(self, queue_id: str) -> str:
+        """An ID from the command line can never reach outside the spool."""
         if not QUEUE_ID.fullmatch(queue_id):
             raise ValueError(f"bad queue id {queue_id!r}")
-        return self._queue_dirs[queue]
+        return queue_id
 
-    def _write_file(self, path: str, data: bytes) -> int:
-        """Create ``path`` holding ``data``; returns the open descriptor for a later fsync."""
-        fd = self.pool.create(path)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            file_pool.FilePool.finish(fd)
-        except BaseException:
+    @staticmethod
+    def _state(queue: str) -> str:
+        if queue not in QUEUES:
+            raise ValueError(f"unknown queue {queue!r}")
+        return queue
+
+
+class ContentHandle:
+    """A queued message's content open for reading: inline bytes, or a
+    descriptor of its large file (read with pread, so any number of passes)."""
+
+    def __init__(self, data: bytes | None = None, fd: int | None = None) -> None:
+        self._data = data
+        self._fd = fd
+
+    def read(self, size: int, offset: int) -> bytes:
+        if self._fd is not None:
+            return os.pread(self._fd, size, offset)
+        if self._data is None:
+            raise ValueError("content handle is closed")
+        return self._data[offset : offset + size]
+
+    def chunks(self, size: int = 64 * 1024) -> Iterator[bytes]:
+        offset = 0
+        while chunk := self.read(size, offset):
+            offset += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
             os.close(fd)
-            unlink_if_present(path)
-            raise
-        return fd
+        self._data = None
 
 
 class SpooledContent:
@@ -448,8 +446,7 @@ class SpooledContent:
     chunks (a fresh pass each time, one per SMTP session), and naming where
     it is queued, so a courier in another process can open it itself.
 
-    The file is opened at the first pass, following the message if a move
-    took it to another queue meanwhile; `close` releases it."""
+    The content is opened at the first pass; `close` releases it."""
 
     chunk_size = 64 * 1024
 
@@ -458,26 +455,23 @@ class SpooledContent:
         self.queue_id = queue_id
         self.queue = queue
         self.prefix = prefix  # header lines sent before the stored content: the DKIM signature
-        self._fd: int | None = None
+        self._handle: ContentHandle | None = None
 
     def open(self) -> None:
-        """Open the file now (idempotent): raises OSError or ValueError when it cannot be."""
-        if self._fd is None:
-            self._fd = self.spool.open_content(self.queue_id, self.queue)
+        """Open the content now (idempotent): raises OSError or ValueError when it cannot be."""
+        if self._handle is None:
+            self._handle = self.spool.open_content(self.queue_id)
 
     def __call__(self) -> Iterator[bytes]:
         self.open()
-        return self._chunks(self._fd)
+        return self._chunks(self._handle)
 
-    def _chunks(self, fd: int) -> Iterator[bytes]:
+    def _chunks(self, handle: ContentHandle) -> Iterator[bytes]:
         if self.prefix:
             yield self.prefix
-        offset = 0
-        while chunk := os.pread(fd, self.chunk_size, offset):
-            offset += len(chunk)
-            yield chunk
+        yield from handle.chunks(self.chunk_size)
 
     def close(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            handle.close()

@@ -1,6 +1,7 @@
-"""Queue surgery on the spool files (SPEC §8): hold, release, delete, make due, reroute.
+"""Queue surgery (SPEC §8): hold, release, delete, make due, reroute.
 
-Blocking functions over a `Spool`. With the daemon down `epost` calls them
+Blocking functions over a `Spool`, each change one durable transaction of
+its queue store (an operator's action is flushed before it is reported). With the daemon down `epost` calls them
 directly; with the daemon up they run inside the delivery manager, after it
 has taken the message out of its schedule and under the message's lock, so
 nothing races them. Each raises LookupError for a message that is not queued.
@@ -11,39 +12,31 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from epost.queue.envelope import Envelope, EnvelopeError
-from epost.queue.outcomes import RELAY, has_local_pending, relay_groups
-from epost.queue.spool import QUEUES, Spool
+from epost.queue.envelope import Envelope
+from epost.queue.outcomes import RELAY, has_local_pending
+from epost.queue.spool import Spool
 from epost.routing.resolver import Route
 from epost.address import AddressError, parse_mailbox
 
 
 def locate(spool: Spool, queue_id: str) -> str:
     """The queue holding the message; LookupError when it is in none (or the ID is malformed)."""
-    for queue in QUEUES:
-        try:
-            if spool.content_path(queue_id, queue).exists() and (spool.root / queue / f"{queue_id}.env").exists():
-                return queue
-        except ValueError:  # not a queue ID at all
-            break
-    raise LookupError(f"{queue_id}: not queued")
+    try:
+        queue = spool.state_of(queue_id)
+    except ValueError:  # not a queue ID at all
+        queue = None
+    if queue is None:
+        raise LookupError(f"{queue_id}: not queued")
+    return queue
 
 
 def waiting_for(spool: Spool, domain: str, queues: tuple[str, ...]) -> list[str]:
     """IDs in `queues` with recipients still to deliver to `domain` (what `--domain` picks)."""
-    found = []
-    for queue in queues:
-        for queue_id in spool.queued_ids(queue):
-            try:
-                if domain in relay_groups(spool.load(queue_id, queue)):
-                    found.append(queue_id)
-            except (OSError, EnvelopeError):
-                continue  # gone meanwhile, or unreadable: not ours to pick
-    return found
+    return spool.ids_for_destination(domain, queues)
 
 
 def hold(spool: Spool, queue_id: str) -> Envelope:
-    """Move the message to hold/, where nothing is tried until it is released."""
+    """Move the message to hold, where nothing is tried until it is released."""
     queue = locate(spool, queue_id)
     envelope = spool.load(queue_id, queue)
     if queue != "hold":
@@ -52,8 +45,8 @@ def hold(spool: Spool, queue_id: str) -> Envelope:
 
 
 def release(spool: Spool, queue_id: str, now: float) -> tuple[Envelope, str]:
-    """Move a held message back, due now: to incoming/ when local recipients
-    still wait (the local runner takes them first), else to deferred/."""
+    """Move a held message back, due now: to incoming when local recipients
+    still wait (the local runner takes them first), else to deferred."""
     queue = locate(spool, queue_id)
     if queue != "hold":
         raise LookupError(f"{queue_id}: not on hold")

@@ -8,6 +8,11 @@ second that hand-off (futex storms) cost more CPU than the work itself. A
 child process shares nothing, uses the second core and keeps the reactor's
 process doing only SMTP. It is Postfix's cleanup/local split inside epost.
 
+One such process is the default: its commits go into the queue store
+(SQLite, WAL) as one transaction per batch, and a second writer would only
+wait on the store's write lock; the group commit already covers every SMTP
+session's messages.
+
 Requests arrive on stdin as frames `op(1) queue-id(17) length(4) payload`:
   W  append payload to the message's content
   C  commit: payload is the envelope (JSON); group-committed with the others
@@ -15,7 +20,7 @@ Requests arrive on stdin as frames `op(1) queue-id(17) length(4) payload`:
   L  deliver the queued message's local recipients into their Maildirs
   K  the DKIM keys (JSON, epost.delivery.signing.keys_to_json), sent first
 Replies go to stdout, one line each:
-  C ID [SIG]        committed (durable in incoming/); SIG: base64 of the
+  C ID [SIG]        committed (durable in the queue store, state incoming); SIG: base64 of the
                     DKIM-Signature lines stored in its envelope, if signed
   F ID ERRNO TEXT   commit failed, nothing of it is queued
   D ID              local delivery done, nothing left of the message
@@ -54,6 +59,7 @@ log = Logger()
 class Worker:
     def __init__(self, root: Path, hostname: str, reply=None, give_up_after: float = 8 * 3600):
         self.spool = Spool(root, reactor=None, threadpool=None)
+        self.spool.open(create=False)  # the daemon made it (and stops if it cannot open it)
         self.hostname = hostname
         self.give_up_after = give_up_after  # seconds a failing local delivery is retried
         self.mailbox_root = Path(root) / "mailboxes"
@@ -115,7 +121,7 @@ class Worker:
         """DKIM-sign before the commit (SPEC §9): here the content is final, and
         this process is not the reactor's. The signature goes into the
         envelope, so every attempt and destination sends the same bytes, local
-        deliveries never see it, and the message is never in incoming/ (where
+        deliveries never see it, and the message is never queued in incoming (where
         the delivery manager could start it) without its signature."""
         if not chosen:
             return envelope

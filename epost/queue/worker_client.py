@@ -132,13 +132,16 @@ class _PipeThrottle:
 class SpoolWorkerService(Service):
     """Runs `processes` copies of `python -m epost.queue.worker` for the daemon's lifetime.
 
-    Messages are spread over them by queue ID, so their fsync waits overlap:
-    the accept rate is bound by fsync latency, not by CPU.
+    One by default: every commit is a transaction of the queue store, whose
+    writers take turns on one write lock (SQLite's busy handler sleeps
+    between tries), so a second process would mostly wait; one process's
+    group commit takes every message that arrived during the previous flush.
+    More than one spreads messages over them by queue ID.
     """
 
     restart_delay = 1.0
 
-    def __init__(self, spool: Spool, hostname: str, reactor: Any, processes: int = 2, give_up_after: float = 8 * 3600,
+    def __init__(self, spool: Spool, hostname: str, reactor: Any, processes: int = 1, give_up_after: float = 8 * 3600,
                  dkim_keys: tuple = ()):
         self.spool = spool
         self.dkim_keys = dkim_keys  # epost.delivery.signing.DkimKey: the workers sign at commit

@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from twisted.logger import Logger
+
 from epost.fsutil import fsync_dir, unlink_if_present
-from epost.queue.envelope import Envelope
+from epost.queue.envelope import Envelope, EnvelopeError
 from epost.queue.spool import DISK_FULL_ERRNOS, QUEUE_ID, QUEUES, SpoolError
 
 SCHEMA_VERSION = 1
@@ -32,6 +34,8 @@ SQLITE_CORRUPT = 11
 SQLITE_FULL = 13
 SQLITE_NOTADB = 26
 PAGE = 1000  # envelopes per query in load_many
+
+log = Logger()
 
 
 class StoreError(SpoolError):
@@ -101,6 +105,12 @@ class QueueStore:
                 raise StoreUnavailable(
                     f"{self.path}: not an epost queue (version {version}, tables {', '.join(sorted(tables)) or 'none'})"
                 )
+            elif create:  # this process will write: a read-only file must stop start-up, not every commit
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ROLLBACK")
+        except OSError as e:
+            self.close()
+            raise StoreUnavailable(f"{self.path}: cannot create: {e}") from None
         except sqlite3.Error as e:
             self.close()
             code = getattr(e, "sqlite_errorcode", 0) & 0xFF
@@ -127,8 +137,7 @@ class QueueStore:
         except BaseException:
             conn.rollback()
             raise
-        if self.path.exists():
-            fsync_dir(self.folder)  # the new database's name is durable before any mail is acknowledged
+        fsync_dir(self.folder)  # the new database's name is durable before any mail is acknowledged
 
     def close(self) -> None:
         """Close every thread's connection (they are idle by now: the daemon is stopping)."""
@@ -207,26 +216,30 @@ class QueueStore:
         for envelope, _ in items:
             _check_id(envelope.queue_id)
         results: list[SpoolError | None] = [None] * len(items)
+        envelopes: list[bytes] = []
+        for i, (envelope, _) in enumerate(items):
+            try:
+                envelopes.append(envelope.to_bytes())
+            except (TypeError, ValueError) as e:  # a route holding something JSON cannot say
+                envelopes.append(b"")
+                results[i] = StoreError(errno.EIO, f"cannot serialise the envelope of {envelope.queue_id}: {e}")
         moved = self._place_large_files(items, results)
         if any(result is None for result in results):
             try:
-                with self._write(durable) as conn:
+                with self._write(durable) as conn:  # serialised and files placed already: the lock is held briefly
                     for i, (envelope, content) in enumerate(items):
                         if results[i] is None:
-                            results[i] = self._insert(conn, envelope, content, state)
+                            results[i] = self._insert(conn, envelope.queue_id, envelopes[i], content, state)
             except (sqlite3.Error, OSError) as e:
                 error = store_error(e, f"cannot commit {len(items)} message(s) to {self.path}")
                 results = [result or error for result in results]
         self._return_large_files(items, moved, results)
         return results
 
-    def _insert(self, conn: sqlite3.Connection, envelope: Envelope, content: bytes | Path, state: str) -> StoreError | None:
+    def _insert(
+        self, conn: sqlite3.Connection, queue_id: str, data: bytes, content: bytes | Path, state: str
+    ) -> StoreError | None:
         """One message under its own savepoint; an error that ended the whole transaction propagates."""
-        queue_id = envelope.queue_id
-        try:
-            data = envelope.to_bytes()
-        except (TypeError, ValueError) as e:  # a route holding something JSON cannot say
-            return StoreError(errno.EIO, f"cannot serialise the envelope of {queue_id}: {e}")
         conn.execute("SAVEPOINT item")
         try:
             conn.execute("INSERT INTO message (id, state, envelope) VALUES (?, ?, ?)", (queue_id, state, data))
@@ -267,9 +280,10 @@ class QueueStore:
             envelope, source = items[i]
             queue_id = envelope.queue_id
             target = self.large / queue_id
-            if queue_id in taken:
+            if queue_id in taken:  # queued already, or twice in this batch: never replace its file
                 results[i] = StoreError(errno.EEXIST, f"{queue_id}: already queued")
                 continue
+            taken.add(queue_id)
             try:
                 fd = os.open(source, os.O_RDONLY)
                 try:
@@ -363,14 +377,17 @@ class QueueStore:
         _check_id(queue_id)
         if state is not None:
             _check_state(state)
-        row = self._read("SELECT state, envelope FROM message WHERE id = ?", (queue_id,)).fetchone()
+        [row] = self._read("SELECT state, envelope FROM message WHERE id = ?", (queue_id,)) or [None]
         if row is None or (state is not None and row[0] != state):
             raise FileNotFoundError(f"{queue_id}: not in {state}" if state else f"{queue_id}: not queued")
         return Envelope.from_bytes(row[1], f"{self.path}:{queue_id}")
 
     def load_many(self, state: str) -> Iterator[Envelope]:
         """Every envelope in `state`, ID order, fetched a page at a time: bounded memory and no
-        read transaction held open while the caller works (a restart with 100,000 messages)."""
+        read transaction held open while the caller works (a restart with 100,000 messages).
+
+        A corrupt envelope is logged and skipped, so one bad row cannot stop a
+        restart; ``load`` still raises EnvelopeError for it."""
         _check_state(state)
         return self._pages(state)
 
@@ -379,17 +396,20 @@ class QueueStore:
         while True:
             rows = self._read(
                 "SELECT id, envelope FROM message WHERE state = ? AND id > ? ORDER BY id LIMIT ?", (state, after, PAGE)
-            ).fetchall()
+            )
             for queue_id, data in rows:
-                yield Envelope.from_bytes(data, f"{self.path}:{queue_id}")
+                try:
+                    yield Envelope.from_bytes(data, f"{self.path}:{queue_id}")
+                except EnvelopeError as e:
+                    log.error("{error}; left for the operator", error=e)
             if len(rows) < PAGE:
                 return
             after = rows[-1][0]
 
     def state_of(self, queue_id: str) -> str | None:
         _check_id(queue_id)
-        row = self._read("SELECT state FROM message WHERE id = ?", (queue_id,)).fetchone()
-        return None if row is None else row[0]
+        rows = self._read("SELECT state FROM message WHERE id = ?", (queue_id,))
+        return rows[0][0] if rows else None
 
     def ids(self, state: str) -> list[str]:
         """IDs in `state`; ID order is arrival order."""
@@ -409,24 +429,25 @@ class QueueStore:
     def counts(self) -> dict[str, int]:
         """Messages per state, every state present (metrics, dashboard)."""
         counts = dict.fromkeys(QUEUES, 0)
-        counts.update(self._read("SELECT state, count(*) FROM message GROUP BY state", ()).fetchall())
+        counts.update(self._read("SELECT state, count(*) FROM message GROUP BY state", ()))
         return counts
 
     def max_id(self) -> str | None:
         """The highest queued ID: new IDs start past it, so a restart never reuses one."""
-        return self._read("SELECT max(id) FROM message", ()).fetchone()[0]
+        return self._read("SELECT max(id) FROM message", ())[0][0]
 
     def content(self, queue_id: str) -> bytes | Path:
         """The inline content, or the path of its large file; FileNotFoundError when not queued."""
         _check_id(queue_id)
-        row = self._read("SELECT data FROM content WHERE id = ?", (queue_id,)).fetchone()
-        if row is None:
+        rows = self._read("SELECT data FROM content WHERE id = ?", (queue_id,))
+        if not rows:
             raise FileNotFoundError(f"{queue_id}: not queued")
-        return self.large / queue_id if row[0] is None else row[0]
+        return self.large / queue_id if rows[0][0] is None else rows[0][0]
 
-    def _read(self, sql: str, parameters: tuple) -> sqlite3.Cursor:
+    def _read(self, sql: str, parameters: tuple) -> list[tuple]:
+        """All rows at once, so an error while stepping is a StoreError too."""
         try:
-            return self._conn().execute(sql, parameters)
+            return self._conn().execute(sql, parameters).fetchall()
         except sqlite3.Error as e:
             raise store_error(e, f"cannot read {self.path}") from e
 
@@ -438,7 +459,10 @@ class QueueStore:
         Only at start-up, before any writer runs: a put in flight has its
         file in place before its row is committed.
         """
-        names = os.listdir(self.large)
+        try:
+            names = os.listdir(self.large)
+        except FileNotFoundError:
+            return
         if not names:
             return
         referenced = {row[0] for row in self._read("SELECT id FROM content WHERE data IS NULL", ())}

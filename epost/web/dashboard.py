@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from urllib.parse import urlencode
 
 from epost.queue.domain_state import format_mri
-from epost.queue.spool import QUEUE_ID, QUEUES
+from epost.queue.spool import Spool
 from epost.web import dns_panel
 from epost.web.base import Page, Redirect, field
 from epost.web.html import esc, when
@@ -17,22 +15,10 @@ LOG_LINES = 20
 _TIME_KEYS = frozenset({"Last-tried", "Next-try", "First-failure"})
 
 
-def queue_sizes(spool: Path) -> dict[str, int]:
-    """Messages (envelopes) in each queue folder."""
-    sizes = {}
-    for queue in QUEUES:
-        try:
-            names = os.listdir(spool / queue)
-        except FileNotFoundError:
-            names = []
-        sizes[queue] = sum(1 for n in names if n.endswith(".env") and QUEUE_ID.fullmatch(n[:-4]))
-    return sizes
-
-
-def read_dashboard(spool: Path) -> tuple[dict[str, int], list[str], list[str]]:
-    """Blocking: queue sizes, senderlog tail, faillog tail."""
-    log = spool / "log"
-    return queue_sizes(spool), last_lines(log / "senderlog", LOG_LINES), last_lines(log / "faillog", LOG_LINES)
+def read_dashboard(spool: Spool) -> tuple[dict[str, int], list[str], list[str]]:
+    """Blocking: messages in each queue (from the queue store), senderlog tail, faillog tail."""
+    log = spool.root / "log"
+    return spool.counts(), last_lines(log / "senderlog", LOG_LINES), last_lines(log / "faillog", LOG_LINES)
 
 
 def mri_fields(state) -> list[tuple[str, str]]:
@@ -70,7 +56,7 @@ class Dashboard(Page):
     path = "/"
 
     async def get(self, request, session):
-        sizes, senderlog, faillog = await self.context.in_thread(read_dashboard, self.context.manager.spool.root)
+        sizes, senderlog, faillog = await self.context.in_thread(read_dashboard, self.context.manager.spool)
         domains = await self._dns_domains()
         cells = "".join(
             f'<tr><th>{esc(q)}</th><td id="size-{esc(q)}">{n}</td></tr>' for q, n in sizes.items()

@@ -1,6 +1,6 @@
 """The queue: every queued message with flush / hold / release / delete, and the same actions for a whole domain.
 
-The listing is read from the spool folders (as `epost queue` does); the
+The listing is read from the queue store (as `epost queue` does); the
 actions go to the running delivery manager, the same calls the `epost`
 command makes over the control socket.
 """
@@ -96,7 +96,7 @@ class QueuePage(Page):
 
     async def get(self, request, session):
         domain = clean_domain(request.args.get(b"domain", [b""])[0].decode("utf-8", "replace"))
-        messages = await self.context.in_thread(read_queue, self.context.manager.spool.root)
+        messages = await self.context.in_thread(read_queue, self.context.manager.spool)
         shown = [m for m in messages if wanted(m, domain)]
         now = time.time()
         cards = "".join(render_message(m, session.csrf, now, domain) for m in shown[:SHOWN])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -14,7 +13,9 @@ import pytest
 from epost.admin import queue_listing
 from epost.admin.cli import main
 from epost.queue.envelope import Envelope, Recipient
+from epost.store.database import QueueStore
 from epost.tls import ensure_self_signed
+from fakes import damage_envelope, queue_message
 
 NOW = 1_800_000_000.0
 FIRST = "0190000000000A000"
@@ -31,13 +32,6 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str],
     status = main(list(argv), now=NOW)
     out, err = capsys.readouterr()
     return status, out.splitlines(), err
-
-
-def queue_message(spool: Path, queue: str, envelope: Envelope) -> None:
-    folder = spool / queue
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{envelope.queue_id}.msg").write_bytes(b"Subject: hi\r\n\r\nhello\r\n")
-    (folder / f"{envelope.queue_id}.env").write_bytes(envelope.to_bytes())
 
 
 # --- check-config -------------------------------------------------------------
@@ -103,8 +97,21 @@ def test_unknown_subcommand_is_a_usage_error(capsys):
 
 
 def test_queue_on_an_empty_spool(tmp_path, capsys):
-    (tmp_path / "spool" / "incoming").mkdir(parents=True)
+    (tmp_path / "spool").mkdir()  # no queue store yet: nothing queued, and none is created by a reader
     assert run(capsys, "queue", "--spool", "spool") == (0, ["queue is empty"], "")
+    assert not (tmp_path / "spool" / "queue").exists()
+    store = QueueStore(tmp_path / "spool")
+    store.open()
+    store.close()
+    assert run(capsys, "queue", "--spool", "spool") == (0, ["queue is empty"], "")
+
+
+def test_queue_on_a_damaged_store_says_so_in_one_line(tmp_path, capsys):
+    (tmp_path / "spool" / "queue").mkdir(parents=True)
+    (tmp_path / "spool" / "queue" / "queue.db").write_bytes(b"not a database at all" * 100)
+    status, out, err = run(capsys, "queue", "--spool", "spool")
+    assert (status, out) == (1, [])
+    assert err.startswith(f"epost queue: {tmp_path / 'spool' / 'queue' / 'queue.db'}: ") and err.count("\n") == 1
 
 
 def test_queue_without_a_spool_folder_says_so(tmp_path, capsys):
@@ -163,8 +170,8 @@ def test_queue_json_is_machine_readable(tmp_path, capsys):
 def test_queue_reports_a_corrupt_envelope_and_lists_the_rest(tmp_path, capsys):
     spool = tmp_path / "spool"
     make_spool(spool)
-    (spool / "deferred").mkdir()
-    (spool / "deferred" / "0190000000000C000.env").write_bytes(b"{not json")
+    queue_message(spool, "deferred", Envelope("0190000000000C000", "a@b.test", (Recipient("c@d.test"),), NOW, 1))
+    damage_envelope(spool, "0190000000000C000")
 
     status, out, _ = run(capsys, "queue", "--spool", "spool")
 
@@ -175,16 +182,17 @@ def test_queue_reports_a_corrupt_envelope_and_lists_the_rest(tmp_path, capsys):
 
 
 def test_queue_skips_a_message_that_vanishes_while_listing(tmp_path, capsys, monkeypatch):
-    make_spool(tmp_path / "spool")
-    real_listdir = os.listdir
-    monkeypatch.setattr(
-        queue_listing.os, "listdir", lambda folder: [*real_listdir(folder), "0190000000000D000.env"]
-    )
+    spool = tmp_path / "spool"
+    make_spool(spool)
+    queue_message(spool, "deferred", Envelope("0190000000000C000", "a@b.test", (Recipient("c@d.test"),), NOW, 1))
+    damage_envelope(spool, "0190000000000C000")  # the listing then looks up the IDs its pages did not yield
+    real_ids = QueueStore.ids
+    monkeypatch.setattr(QueueStore, "ids", lambda self, state: [*real_ids(self, state), "0190000000000D000"])
 
     status, out, _ = run(capsys, "queue", "--spool", "spool")
 
     assert status == 0
-    assert [line.split()[0] for line in out] == [FIRST, SECOND, "2"]
+    assert [line.split()[0] for line in out] == [FIRST, SECOND, "0190000000000C000:", "3"]
 
 
 def test_queue_escapes_control_characters_in_addresses(tmp_path, capsys):

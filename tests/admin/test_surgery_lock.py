@@ -1,4 +1,4 @@
-"""`epost hold|release|delete|flush|reroute` touch the spool files only when no daemon holds the spool's lock."""
+"""`epost hold|release|delete|flush|reroute` touch the queue store only when no daemon holds the spool's lock."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_with_the_lock_held_and_no_socket_nothing_is_touched(tmp_path, capsys, m
             assert err[0].endswith("nothing changed, try again in a moment")
     finally:
         daemon.release()
-    assert where(spool)["deferred"] == [f"{SLOW}.env"]
+    assert where(spool)["deferred"] == [SLOW]
 
 
 def test_with_the_lock_held_a_stale_socket_is_not_taken_for_a_dead_daemon(tmp_path, capsys, monkeypatch):
@@ -45,14 +45,14 @@ def test_with_the_lock_held_a_stale_socket_is_not_taken_for_a_dead_daemon(tmp_pa
     finally:
         daemon.release()
     assert (status, out) == (1, []) and len(err) == 1 and "Connection refused" in err[0] and "nothing changed" in err[0]
-    assert where(spool)["hold"] == [f"{SLOW}.env"]
+    assert where(spool)["hold"] == [SLOW]
 
 
-def test_with_no_daemon_the_files_are_changed_under_the_lock_and_it_is_said(tmp_path, capsys, monkeypatch):
+def test_with_no_daemon_the_queue_is_changed_under_the_lock_and_it_is_said(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spool = tmp_path / "spool"
     queue_message(spool, "deferred", deferred(SLOW, "x@slow.test"))
     status, out, err = run(capsys, "hold", SLOW, "--spool", "spool")
-    assert (status, out, err) == (0, [f"{SLOW}: on hold"], [f"epost hold: no daemon is running on {spool}: working on the spool files"])
-    assert where(spool)["hold"] == [f"{SLOW}.env"]
+    assert (status, out, err) == (0, [f"{SLOW}: on hold"], [f"epost hold: no daemon is running on {spool}: working on the queue store"])
+    assert where(spool)["hold"] == [SLOW]
     SpoolLock.acquire(spool).release()  # released afterwards

@@ -1,25 +1,17 @@
-"""Queue surgery with the daemon down: `epost hold|release|delete|flush|reroute` work on the files."""
+"""Queue surgery with the daemon down: `epost hold|release|delete|flush|reroute` work on the queue store."""
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 from pathlib import Path
 
 from epost.admin.cli import main
 from epost.queue.envelope import Envelope, Recipient
+from fakes import queue_message, queued_ids, stored_envelope
 
 NOW = 1_800_000_000.0
 SLOW = "0190000000000A000"
 FAST = "0190000000000B000"
-
-
-def queue_message(spool: Path, queue: str, envelope: Envelope) -> None:
-    for folder in ("incoming", "deferred", "hold", "tmp"):
-        (spool / folder).mkdir(parents=True, exist_ok=True)
-    (spool / queue / f"{envelope.queue_id}.msg").write_bytes(b"Subject: hi\r\n\r\nhello\r\n")
-    (spool / queue / f"{envelope.queue_id}.env").write_bytes(envelope.to_bytes())
 
 
 def deferred(queue_id: str, address: str) -> Envelope:
@@ -33,10 +25,11 @@ def deferred(queue_id: str, address: str) -> Envelope:
 
 
 def where(spool: Path) -> dict[str, list[str]]:
-    return {q: sorted(n for n in os.listdir(spool / q) if n.endswith(".env")) for q in ("incoming", "deferred", "hold")}
+    """The queued IDs by state, from the queue store."""
+    return queued_ids(spool)
 
 
-ON_FILES = ": working on the spool files"
+ON_FILES = ": working on the queue store"
 
 
 def run(capsys, *argv):
@@ -47,28 +40,28 @@ def run(capsys, *argv):
     return status, out.splitlines(), err[1:] if err and err[0].endswith(ON_FILES) else err
 
 
-def test_hold_release_flush_delete_on_the_files(tmp_path, capsys):
+def test_hold_release_flush_delete_on_the_queue_store(tmp_path, capsys):
     spool = tmp_path / "spool"
     queue_message(spool, "deferred", deferred(SLOW, "x@slow.test"))
     queue_message(spool, "deferred", deferred(FAST, "y@fast.test"))
 
     assert run(capsys, "hold", "--domain", "SLOW.test", "--spool", "spool") == (0, [f"{SLOW}: on hold"], [])
-    assert where(spool)["hold"] == [f"{SLOW}.env"]
+    assert where(spool)["hold"] == [SLOW]
     status, out, _ = run(capsys, "queue", "--spool", "spool", "--state", "held")
     assert out[0].startswith(SLOW)
 
     assert run(capsys, "release", SLOW, "--spool", "spool") == (0, [f"{SLOW}: released"], [])
-    assert where(spool)["deferred"] == [f"{SLOW}.env", f"{FAST}.env"]
-    released = json.loads((spool / "deferred" / f"{SLOW}.env").read_text())
-    assert released["retries"]["slow.test"]["next_attempt"] == NOW  # due at once
+    assert where(spool)["deferred"] == [SLOW, FAST]
+    released = stored_envelope(spool, SLOW, "deferred")
+    assert released.retries["slow.test"]["next_attempt"] == NOW  # due at once
 
     assert run(capsys, "flush", "--spool", "spool")[0] == 0
-    flushed = json.loads((spool / "deferred" / f"{FAST}.env").read_text())
-    assert flushed["retries"]["fast.test"]["next_attempt"] == NOW
+    flushed = stored_envelope(spool, FAST, "deferred")
+    assert flushed.retries["fast.test"]["next_attempt"] == NOW
 
     status, out, err = run(capsys, "delete", FAST, "0190000000000FFFF", "--spool", "spool")
     assert (status, out, err) == (1, [f"{FAST}: deleted"], ["epost delete: 0190000000000FFFF: not queued"])
-    assert where(spool) == {"incoming": [], "deferred": [f"{SLOW}.env"], "hold": []}
+    assert where(spool) == {"incoming": [], "deferred": [SLOW], "hold": []}
 
 
 def test_a_malformed_id_is_refused_and_nothing_outside_the_spool_is_touched(tmp_path, capsys):
@@ -76,10 +69,10 @@ def test_a_malformed_id_is_refused_and_nothing_outside_the_spool_is_touched(tmp_
     queue_message(spool, "deferred", deferred(SLOW, "x@slow.test"))
     status, _, err = run(capsys, "delete", "../../etc/passwd", "--spool", "spool")
     assert status == 1 and err == ["epost delete: ../../etc/passwd: not queued"]
-    assert where(spool)["deferred"] == [f"{SLOW}.env"]
+    assert where(spool)["deferred"] == [SLOW]
 
 
-def test_a_stale_socket_from_a_dead_daemon_means_working_on_the_files(tmp_path, capsys):
+def test_a_stale_socket_from_a_dead_daemon_means_working_on_the_queue_store(tmp_path, capsys):
     spool = tmp_path / "spool"
     queue_message(spool, "deferred", deferred(SLOW, "x@slow.test"))
     stale = socket.socket(socket.AF_UNIX)

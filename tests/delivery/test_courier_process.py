@@ -15,6 +15,7 @@ from twisted.trial import unittest
 from epost.delivery.courier import Attempt
 from epost.delivery.courier_process import CourierServer
 from epost.delivery.smtp_client import Outcome
+from epost.queue.envelope import Envelope, Recipient
 from epost.queue.spool import Spool
 
 CONTENT = b"Subject: over there\r\n\r\n.leading dot\r\nbody\r\n"
@@ -23,8 +24,9 @@ CONTENT = b"Subject: over there\r\n\r\n.leading dot\r\nbody\r\n"
 def queued_spool(queue_id: str = "0190000000000A000") -> Spool:
     root = Path(tempfile.mkdtemp(prefix="epost-courier-test-"))
     spool = Spool(root, reactor=None, threadpool=None)
-    spool.create_folders()
-    (root / "incoming" / f"{queue_id}.msg").write_bytes(CONTENT)
+    spool.open()
+    envelope = Envelope(queue_id, "a@here.test", (Recipient("b@there.test"), Recipient("c@there.test")), 1.0, len(CONTENT))
+    assert spool.store.put(envelope, CONTENT, "incoming")
     return spool
 
 
@@ -48,7 +50,7 @@ REQUEST = {
     "sender": "a@here.test",
     "recipients": ["b@there.test", "c@there.test"],
     "queue_id": "0190000000000A000",
-    "queue": "deferred",  # the message was moved meanwhile: the content is found in incoming/
+    "queue": "deferred",  # the message was moved meanwhile: its content is found by ID whatever the state
     "size": len(CONTENT),
     "body_8bit": False,
 }
@@ -78,7 +80,7 @@ class CourierServerTests(unittest.SynchronousTestCase):
         assert reply == {"id": 7, "outcomes": {"b@there.test": [250, "2.0.0 Ok", "data"],
                                                "c@there.test": [550, "5.1.1 no", "rcpt"]},
                          "host": "mx[127.0.0.1]:2525", "tls": True}
-        assert content._fd is None  # the content file was closed
+        assert content._handle is None  # the content was closed
 
     def test_close_idle_is_passed_on(self):
         self.server.dataReceived(b'{"close_idle": true}\n')
@@ -112,3 +114,14 @@ class CourierServerTests(unittest.SynchronousTestCase):
         reply = json.loads(self.transport.value())
         assert reply["id"] == 7 and "0190000000000B000" in reply["error"]
         assert self.courier.calls == []
+
+    def test_a_large_message_is_read_from_its_own_file_in_chunks(self):
+        large = b"Subject: big\r\n\r\n" + b"z" * (300 * 1024)
+        spilled = self.spool.root / "tmp" / "big.msg"
+        spilled.write_bytes(large)
+        envelope = Envelope("0190000000000C000", "a@here.test", (Recipient("b@there.test"),), 1.0, len(large))
+        assert self.spool.store.put(envelope, spilled, "deferred")
+        self.server.dataReceived(json.dumps(dict(REQUEST, queue_id="0190000000000C000", size=len(large))).encode() + b"\n")
+        [call] = self.courier.calls
+        content = call[3]
+        assert call[6] == large and max(len(chunk) for chunk in content()) <= content.chunk_size

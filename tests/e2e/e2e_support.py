@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import smtplib
@@ -14,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from fakes import queued_ids
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -45,9 +46,9 @@ def maildir_messages(spool: Path, mailbox: str) -> list[Path]:
     return sorted(new.iterdir()) if new.is_dir() else []
 
 
-def queued(spool: Path, folder: str = "incoming") -> list[str]:
-    path = Path(spool) / folder
-    return sorted(os.listdir(path)) if path.is_dir() else []
+def queued(spool: Path, state: str = "incoming") -> list[str]:
+    """The IDs the daemon's queue store holds in `state` (read on a connection of our own)."""
+    return queued_ids(Path(spool))[state]
 
 
 QUEUED = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-F]+)\Z")

@@ -18,6 +18,7 @@ from epost.config import HostPort
 from epost.delivery.courier import CourierError
 from epost.delivery.courier_process import NICENESS
 from epost.delivery.remote_courier import RemoteCourier
+from epost.queue.envelope import Envelope, Recipient
 from epost.queue.spool import Spool, SpooledContent
 from epost.routing.resolver import Route
 from sinks import Sink
@@ -49,8 +50,9 @@ class RemoteCourierTests(unittest.TestCase):
         root = Path(tempfile.mkdtemp(prefix="epost-courier-test-"))
         self.addCleanup(shutil.rmtree, root)
         self.spool = Spool(root, reactor=None, threadpool=None)
-        self.spool.create_folders()
-        (root / "incoming" / f"{QUEUE_ID}.msg").write_bytes(CONTENT)
+        self.spool.open()
+        envelope = Envelope(QUEUE_ID, "a@here.test", (Recipient("b@there.test"), Recipient("c@there.test")), 1.0, len(CONTENT))
+        assert self.spool.store.put(envelope, CONTENT, "incoming")
         self.service = RemoteCourier(reactor, {
             "spool": str(root), "hostname": "mx.here.test", "dns_servers": [["127.0.0.1", 9]],
             "connect_timeout": 5, "timeouts": {"greeting": 5}})

@@ -85,7 +85,7 @@ def queue_is_empty(d) -> bool:
 
 
 def deferred_ids(d) -> set[str]:
-    return {name.partition(".")[0] for name in queued(d.spool, "deferred")}
+    return set(queued(d.spool, "deferred"))
 
 
 def wait_until_deferred(d, queue_id: str, timeout: float = 10) -> None:

@@ -2,8 +2,8 @@
 
 Accounts are made with the real `epost passwd ADDRESS --stdin`; clients are
 Python's smtplib and swaks, on loopback. Relay mail stays queued (there is no
-outbound delivery yet), so `epost queue --json` and the spool's `incoming/`
-files show what was accepted.
+outbound delivery yet), so `epost queue --json` and the queue store's
+incoming messages show what was accepted.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 import pytest
 
 from e2e_support import QUEUED, VENV_BIN, free_port, port_answers, wait_for
+from epost.queue.spool import Spool
 
 EPOST = str(VENV_BIN / "epost")
 ALICE = "alice@example.test"
@@ -103,8 +104,15 @@ def queued_relay(d, queue_id: str, recipient: str = REMOTE) -> dict:
 
 
 def content(d, queue_id: str) -> bytes:
-    """The stored message: incoming/ID.msg (relay mail is not delivered yet, so it stays there)."""
-    return (d.spool / "incoming" / f"{queue_id}.msg").read_bytes()
+    """The stored message, from the queue store (relay mail is not delivered yet, so it stays in incoming)."""
+    spool = Spool(d.spool, reactor=None, threadpool=None)
+    spool.open(create=False)
+    try:
+        assert spool.state_of(queue_id) == "incoming"
+        stored = spool.content(queue_id)
+        return stored if isinstance(stored, bytes) else stored.read_bytes()
+    finally:
+        spool.close()
 
 
 def received_header(data: bytes) -> str:

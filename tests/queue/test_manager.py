@@ -4,7 +4,8 @@ keeps (envelopes, deferred/, Domain.mri, logs), bounces, and restart."""
 from __future__ import annotations
 
 import errno
-import os
+import sqlite3
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,7 @@ class Harness:
         self.clock = ClockReactor()
         self.clock.advance(T0)
         self.spool = Spool(root, reactor=self.clock, threadpool=SynchronousThreadPool())
-        self.spool.create_folders()
+        self.spool.open()
         self.courier = ScriptedCourier(script)
         self.courier.clock = self.clock
         self.bounces = RecordingBounces()
@@ -108,8 +109,9 @@ class Harness:
         self.manager.enqueue(writer.queue_id, envelope)
         return envelope
 
-    def files(self, queue: str) -> list[str]:
-        return sorted(os.listdir(self.root / queue))
+    def queued(self, queue: str) -> list[str]:
+        """The IDs the queue store holds in `queue`."""
+        return self.spool.queued_ids(queue)
 
     def attempt_times(self) -> list[float]:
         return [t - T0 for t, _, _ in self.courier.calls]
@@ -135,7 +137,7 @@ def test_accepted_mail_leaves_the_queue_with_one_sent_line_per_recipient(tmp_pat
     h = Harness(tmp_path, {"a@far.test": [(250, "2.0.0 ok")], "b@far.test": [(250, "2.0.0 ok")]})
     h.start()
     envelope = h.queue(relay("a@far.test"), relay("b@far.test"))
-    assert h.files("incoming") == [] and h.files("deferred") == []
+    assert h.queued("incoming") == [] and h.queued("deferred") == []
     (call,) = h.courier.calls
     assert call[1] == ["a@far.test", "b@far.test"]  # one transaction for the domain
     assert call[2] == CONTENT
@@ -161,14 +163,14 @@ def test_an_attempt_the_courier_could_not_make_is_retried_without_blaming_the_de
     assert not [e for e in events if "log_failure" in e]
     assert h.courier.calls == [] and h.senderlog() == []
     assert h.mri("far.test") is None  # no episode begins: nothing was tried
-    assert h.files("incoming") == [f"{first.queue_id}.env", f"{first.queue_id}.msg"]
+    assert h.queued("incoming") == [first.queue_id]
     h.queue(relay("b@far.test"))  # the destination is not taken for dead: tried at once
     assert [c[1] for c in h.courier.calls] == [["b@far.test"]]
     h.clock.advance(h.manager.error_retry)
     assert [c[1] for c in h.courier.calls] == [["b@far.test"], ["a@far.test"]]
     assert [(l["recipient"], l["status"], l["attempt"]) for l in h.senderlog()] == [
         ("b@far.test", "sent", 1), ("a@far.test", "sent", 1)]
-    assert h.files("incoming") == []
+    assert h.queued("incoming") == []
 
 
 def test_each_destination_gets_its_own_transaction(tmp_path):
@@ -176,15 +178,15 @@ def test_each_destination_gets_its_own_transaction(tmp_path):
     h.start()
     h.queue(relay("a@one.test"), relay("b@two.test"))
     assert sorted(tuple(c[1]) for c in h.courier.calls) == [("a@one.test",), ("b@two.test",)]
-    assert h.files("incoming") == []
+    assert h.queued("incoming") == []
 
 
 def test_greylisted_mail_moves_to_deferred_keeps_domain_state_and_is_delivered_on_retry(tmp_path):
     h = Harness(tmp_path, {"a@far.test": [(451, "4.7.1 greylisted"), (250, "2.0.0 ok")]})
     h.start()
     envelope = h.queue(relay("a@far.test"))
-    assert h.files("incoming") == []
-    assert h.files("deferred") == [f"{envelope.queue_id}.env", f"{envelope.queue_id}.msg"]
+    assert h.queued("incoming") == []
+    assert h.queued("deferred") == [envelope.queue_id]
     stored = h.spool.load(envelope.queue_id, "deferred")
     assert stored.retries["far.test"]["next_attempt"] == T0 + 120
     assert stored.recipients[0].attempts == 1 and stored.recipients[0].last_reply == "451 4.7.1 greylisted"
@@ -196,7 +198,7 @@ def test_greylisted_mail_moves_to_deferred_keeps_domain_state_and_is_delivered_o
     assert len(h.courier.calls) == 1
     h.clock.advance(1)
     assert h.attempt_times() == [0, 120]
-    assert h.files("deferred") == []
+    assert h.queued("deferred") == []
     assert h.mri("far.test") is None and not (tmp_path / "domains" / "far.test").exists()
     assert [l["status"] for l in h.senderlog()] == ["deferred", "sent"]
     assert [l["attempt"] for l in h.senderlog()] == [1, 2]
@@ -217,7 +219,7 @@ def test_5xx_is_retried_count_5xx_times_at_growing_gaps_then_bounced(tmp_path):
     assert original.queue_id == envelope.queue_id
     assert headers.startswith(b"Subject: hello\r\n") and b"body" not in headers
     assert [(f.address, f.status, f.remote_mta) for f in failed] == [("a@far.test", "5.1.1", HOST)]
-    assert h.files("deferred") == [] and h.files("incoming") == []
+    assert h.queued("deferred") == [] and h.queued("incoming") == []
     assert h.mri("far.test") is None
 
 
@@ -226,7 +228,7 @@ def test_count_5xx_zero_bounces_at_once(tmp_path):
     h.start()
     h.queue(relay("a@far.test"))
     assert h.attempt_times() == [0]
-    assert len(h.bounces.sent) == 1 and h.files("deferred") == []
+    assert len(h.bounces.sent) == 1 and h.queued("deferred") == []
 
 
 def test_4xx_is_retried_until_period_4xx_with_fixed_gaps(tmp_path):
@@ -260,7 +262,7 @@ def test_null_sender_failure_is_logged_but_never_bounced(tmp_path):
     h.queue(relay("a@far.test"), sender="")
     assert h.bounces.sent == []
     assert " from <> to a@far.test " in h.faillog()[0]
-    assert h.files("incoming") == []
+    assert h.queued("incoming") == []
 
 
 def test_recipients_refused_at_receipt_are_bounced_once(tmp_path):
@@ -270,7 +272,7 @@ def test_recipients_refused_at_receipt_are_bounced_once(tmp_path):
     h.queue(relay("a@far.test"), failed)
     ((_, _, recipients),) = h.bounces.sent
     assert [(r.address, r.status) for r in recipients] == [("x@nowhere.test", "5.1.2")]
-    assert h.files("incoming") == []
+    assert h.queued("incoming") == []
 
 
 def test_mixed_outcomes_in_one_transaction_are_kept_per_recipient(tmp_path):
@@ -287,7 +289,7 @@ def test_mixed_outcomes_in_one_transaction_are_kept_per_recipient(tmp_path):
     assert len(h.bounces.sent) == 1
     h.clock.advance(120)
     assert h.courier.calls[1][1] == ["grey@far.test"]  # the delivered one is not sent again
-    assert h.files("deferred") == []
+    assert h.queued("deferred") == []
 
 
 def test_a_dead_destination_is_probed_by_one_message_at_a_time(tmp_path):
@@ -300,7 +302,7 @@ def test_a_dead_destination_is_probed_by_one_message_at_a_time(tmp_path):
     assert len(h.courier.calls) == 5  # new mail is tried at once (max_per_destination 10)
     hold, h.courier.hold = h.courier.hold, None
     hold.callback(None)
-    assert len(h.files("deferred")) == 10
+    assert len(h.queued("deferred")) == 5
     h.courier.calls.clear()
     h.clock.advance(60)
     assert len(h.courier.calls) == 1  # one probe, the rest wait in deferred/
@@ -340,8 +342,32 @@ def test_restart_resumes_the_schedule_and_attempt_count(tmp_path):
     again.run_until(120 + 240 + 1)
     assert again.attempt_times() == [360]  # 2nd failure at 120 + gap 2 x 120
     assert again.senderlog()[-1]["attempt"] == 3
-    assert again.files("deferred") == [] and again.mri("far.test") is None
+    assert again.queued("deferred") == [] and again.mri("far.test") is None
     assert envelope.queue_id == again.senderlog()[-1]["queue_id"]
+
+
+def test_restart_reads_the_deferred_queue_by_pages_not_one_load_per_message(tmp_path, monkeypatch):
+    """100,000 queued messages must not cost 100,000 queries; the reactor still gets
+    them LOAD_BATCH at a time, one thread hop each, so a 220 goes out between batches."""
+    from epost.queue import manager as manager_module
+
+    h = Harness(tmp_path, {})
+    ids = []
+    for i in range(1100):
+        queue_id = h.spool.new_queue_id()
+        retries = {f"d{i % 7}.test": {"first_failure": T0, "failures": 1, "next_attempt": T0 + 3600}}
+        envelope = Envelope(queue_id, "bob@example.org", (relay(f"u{i}@d{i % 7}.test"),), T0, 10, retries=retries)
+        assert h.spool.store.put(envelope, b"x", "deferred")
+        ids.append(queue_id)
+    monkeypatch.setattr(h.spool, "load", lambda *args: pytest.fail("one load per message"))
+    hops = []
+    real_defer = manager_module.deferToThreadPool
+    monkeypatch.setattr(manager_module, "deferToThreadPool",
+                        lambda *args, **kwargs: (hops.append(args[2]), real_defer(*args, **kwargs))[1])
+    h.start()
+    assert h.manager.loaded.called
+    assert len(hops) == 4  # 500 + 500 + 100, then an empty batch says the end
+    assert sorted(job.queue_id for d in range(7) for job in h.manager.scheduler.jobs_for(f"d{d}.test")) == ids
 
 
 def test_flush_makes_every_deferred_message_due_now(tmp_path):
@@ -351,11 +377,14 @@ def test_flush_makes_every_deferred_message_due_now(tmp_path):
     h.clock.advance(10)
     h.manager.flush()
     assert h.attempt_times() == [0, 10]
-    assert h.files("deferred") == []
+    assert h.queued("deferred") == []
 
 
-@pytest.mark.parametrize("crash_point", ["after_env", "after_content"])
-def test_an_interrupted_move_is_finished_by_recovery(tmp_path, crash_point):
+@pytest.mark.parametrize("crash_point", ["before_commit", "after_commit"])
+def test_a_move_is_one_transaction_whatever_the_crash_point(tmp_path, crash_point):
+    """The file spool moved envelope and content one after the other, and recovery
+    finished an interrupted move; in the store a move is one transaction, so a
+    crash leaves the message whole in its old queue, or in its new one."""
     h = Harness(tmp_path, {"a@far.test": [(250, "ok")]})
     writer = h.spool.open_message()
     writer.write(CONTENT)
@@ -363,16 +392,46 @@ def test_an_interrupted_move_is_finished_by_recovery(tmp_path, crash_point):
     h.spool.commit_batch([(writer, envelope)])
     queue_id = envelope.queue_id
     deferred = envelope.with_recipient(0, attempts=1)
-    (tmp_path / "deferred" / f"{queue_id}.env").write_bytes(deferred.to_bytes())
-    if crash_point == "after_content":
-        os.rename(tmp_path / "incoming" / f"{queue_id}.msg", tmp_path / "deferred" / f"{queue_id}.msg")
+    if crash_point == "before_commit":
+        real_write = h.spool.store._write
+
+        @contextmanager
+        def dies_before_commit(durable):
+            with real_write(durable) as conn:
+                yield conn
+                raise sqlite3.OperationalError("disk I/O error")  # the process dies here
+
+        h.spool.store._write = dies_before_commit
+        with pytest.raises(OSError):
+            h.spool.move(deferred, "incoming", "deferred", durable=False)
+        h.spool.store._write = real_write
+    else:
+        h.spool.move(deferred, "incoming", "deferred", durable=False)
     incoming = h.spool.recover()
-    if crash_point == "after_env":  # the content never moved: the incoming copy stands
-        assert incoming == [queue_id] and h.files("deferred") == []
-    else:  # the content moved: the newer envelope beside it stands
-        assert incoming == [] and h.files("incoming") == []
+    if crash_point == "before_commit":  # nothing of the move happened: the incoming message stands
+        assert incoming == [queue_id] and h.queued("deferred") == []
+        assert h.spool.load(queue_id, "incoming").recipients[0].attempts == 0
+    else:  # the move happened whole: the newer envelope stands
+        assert incoming == [] and h.queued("incoming") == []
         assert h.spool.queued_ids("deferred") == [queue_id]
         assert h.spool.load(queue_id, "deferred").recipients[0].attempts == 1
+    assert h.spool.content(queue_id) == CONTENT
+
+
+def test_delivery_bookkeeping_is_written_without_a_flush_of_its_own(tmp_path):
+    """Recipient updates, the move to deferred and the final removal pass durable=False (docs/queue.md)."""
+    h = Harness(tmp_path, {"a@far.test": [(451, "4.7.1 later"), (250, "ok")], "b@far.test": [(451, "4.7.1 later"), (451, "4.7.1 later"), (250, "ok")]},
+                RetryConfig(interval=60, fixed_interval=True))
+    writes = []
+    for name in ("update", "move", "remove"):
+        real = getattr(h.spool, name)
+        setattr(h.spool, name, lambda *args, _real=real, _name=name, **kwargs: (writes.append((_name, kwargs.get("durable", True))), _real(*args, **kwargs))[1])
+    h.start()
+    h.queue(relay("a@far.test"), relay("b@far.test"))
+    h.run_until(400, step=10)
+    assert h.queued("incoming") == [] and h.queued("deferred") == []
+    assert {name for name, _ in writes} == {"update", "move", "remove"}
+    assert all(durable is False for _, durable in writes), writes
 
 
 # --- operator actions ---------------------------------------------------------
@@ -384,15 +443,15 @@ def test_hold_takes_a_message_out_of_the_schedule_and_release_makes_it_due_now(t
     envelope = h.queue(relay("a@far.test"))
     d = defer.ensureDeferred(h.manager.hold([envelope.queue_id]))
     assert d.result.done == [envelope.queue_id]
-    assert h.files("hold") == [f"{envelope.queue_id}.env", f"{envelope.queue_id}.msg"]
-    assert h.files("deferred") == [] and h.mri("far.test") is None
+    assert h.queued("hold") == [envelope.queue_id]
+    assert h.queued("deferred") == [] and h.mri("far.test") is None
     h.clock.advance(3600)
     assert len(h.courier.calls) == 1  # nothing is tried while held
 
     d = defer.ensureDeferred(h.manager.release(domain="far.test"))
     assert d.result.done == [envelope.queue_id]
     h.clock.advance(0)
-    assert len(h.courier.calls) == 2 and h.files("deferred") == [] and h.files("hold") == []
+    assert len(h.courier.calls) == 2 and h.queued("deferred") == [] and h.queued("hold") == []
 
 
 def test_delete_refuses_a_message_being_delivered_and_removes_a_waiting_one(tmp_path):
@@ -406,7 +465,7 @@ def test_delete_refuses_a_message_being_delivered_and_removes_a_waiting_one(tmp_
     hold.callback(None)
     gone = defer.ensureDeferred(h.manager.delete([envelope.queue_id, "0000000000000000F"])).result
     assert gone.done == [envelope.queue_id] and gone.errors == ["0000000000000000F: not queued"]
-    assert h.files("deferred") == [] and h.mri("far.test") is None
+    assert h.queued("deferred") == [] and h.mri("far.test") is None
     h.clock.advance(3600)
     assert len(h.courier.calls) == 1 and h.bounces.sent == []
 
@@ -467,13 +526,13 @@ def test_new_mail_for_a_dead_destination_is_deferred_at_once_without_a_connectio
     for i in range(1, 50):
         h.queue(relay(f"u{i}@dead.test"))
     assert len(h.courier.calls) == 1
-    assert h.files("incoming") == [] and len(h.files("deferred")) == 100
+    assert h.queued("incoming") == [] and len(h.queued("deferred")) == 50
     suspended = [l for l in h.senderlog() if l["relay"] == "none"]
     assert len(suspended) == 49 and all(l["reply"].startswith("delivery temporarily suspended: ") for l in suspended)
     assert h.mri("dead.test").messages == 50 and h.mri("dead.test").try_number == 1
 
     h.run_until(3 * 3600, step=60)
-    assert len(h.bounces.sent) == 50 and h.files("deferred") == []  # every one expired on its own clock
+    assert len(h.bounces.sent) == 50 and h.queued("deferred") == []  # every one expired on its own clock
     assert len(h.courier.calls) <= 4  # one probe per retry time, never one per message
 
 
@@ -486,7 +545,7 @@ def test_two_destinations_failing_together_bounce_each_recipient_once(tmp_path):
     assert [[f.address for f in failed] for failed, _ in slow] == [["a@x.test"], ["b@y.test"]]
     for _, d in slow:
         d.callback("BOUNCE")
-    assert h.files("incoming") == [] and h.files("deferred") == []
+    assert h.queued("incoming") == [] and h.queued("deferred") == []
 
 
 def test_a_bounce_that_cannot_be_queued_now_is_tried_again(tmp_path):
@@ -505,7 +564,7 @@ def test_a_bounce_that_cannot_be_queued_now_is_tried_again(tmp_path):
     stored = h.spool.load(envelope.queue_id, "incoming")
     assert stored.recipients[0].state == "failed" and not stored.recipients[0].dsn_sent  # kept for the retry
     h.clock.advance(60)
-    assert len(calls) == 2 and h.files("incoming") == [] and h.files("deferred") == []
+    assert len(calls) == 2 and h.queued("incoming") == [] and h.queued("deferred") == []
 
 
 # --- a full disk while recording is an expected condition (issue 18) ----------------
@@ -549,13 +608,13 @@ def test_a_full_disk_under_senderlog_is_one_warning_with_the_line_and_the_mail_i
     assert f"{envelope.queue_id} from=<bob@example.org> to=<a@far.test>" in text  # the line is not lost
     assert "status=deferred" in text and "\n" not in text
     # The attempt is recorded all the same: deferred/, the envelope, Domain.mri.
-    assert h.files("deferred") == [f"{envelope.queue_id}.env", f"{envelope.queue_id}.msg"]
+    assert h.queued("deferred") == [envelope.queue_id]
     assert h.spool.load(envelope.queue_id, "deferred").recipients[0].attempts == 1
     assert h.mri("far.test").err_code == 451
     del h.manager.senderlog.write  # space again
     h.clock.advance(60)
     assert [(l["attempt"], l["status"]) for l in h.senderlog()] == [(2, "sent")]
-    assert h.files("deferred") == []
+    assert h.queued("deferred") == []
 
 
 def test_a_full_disk_under_faillog_is_one_warning_with_the_line(tmp_path):
@@ -567,7 +626,7 @@ def test_a_full_disk_under_faillog_is_one_warning_with_the_line(tmp_path):
     (warning,) = log.at_least(LogLevel.warn)
     assert warning["log_level"] == LogLevel.warn and "log_failure" not in warning
     assert f"<{envelope.queue_id}@mx.example.jp> send fail on" in log.text(warning)
-    assert len(h.bounces.sent) == 1 and h.files("incoming") == []
+    assert len(h.bounces.sent) == 1 and h.queued("incoming") == []
 
 
 def test_a_full_disk_when_saving_the_envelope_is_one_warning_and_what_was_settled_is_not_done_twice(tmp_path):
@@ -583,7 +642,7 @@ def test_a_full_disk_when_saving_the_envelope_is_one_warning_and_what_was_settle
     text = log.text(warning)
     assert envelope.queue_id in text and "No space left on device" in text and "far.test" in text
     # Nothing lost: the message stays in incoming/ as it was queued...
-    assert h.files("incoming") == [f"{envelope.queue_id}.env", f"{envelope.queue_id}.msg"]
+    assert h.queued("incoming") == [envelope.queue_id]
     assert h.spool.load(envelope.queue_id, "incoming").recipients[0].state == "pending"
     h.spool.move = move
     h.clock.advance(h.manager.error_retry)
@@ -591,7 +650,7 @@ def test_a_full_disk_when_saving_the_envelope_is_one_warning_and_what_was_settle
     assert [c[1] for c in h.courier.calls] == [["a@far.test", "b@far.test"], ["b@far.test"]]
     assert [(l["recipient"], l["attempt"], l["status"]) for l in h.senderlog()] == [
         ("a@far.test", 1, "sent"), ("b@far.test", 1, "deferred"), ("b@far.test", 2, "sent")]
-    assert h.files("incoming") == [] and h.files("deferred") == []
+    assert h.queued("incoming") == [] and h.queued("deferred") == []
 
 
 def test_after_a_full_disk_a_settled_destination_is_saved_at_its_retry_without_a_new_attempt(tmp_path):

@@ -42,7 +42,7 @@ class RunnerTestCase(unittest.TestCase):
 
     def use(self, a_reactor, pool) -> None:
         self.spool = Spool(self.root, reactor=a_reactor, threadpool=pool)
-        self.spool.create_folders()
+        self.spool.open()
         self.runner = LocalDeliveryRunner(
             self.spool, a_reactor, pool, "mx.example.jp", self.root / "mailboxes"
         )
@@ -65,7 +65,8 @@ class RunnerTestCase(unittest.TestCase):
         return [(new / name).read_bytes() for name in os.listdir(new)]
 
     def queued(self) -> list[str]:
-        return sorted(os.listdir(self.root / "incoming"))
+        """The IDs the queue store holds in incoming."""
+        return self.spool.queued_ids("incoming")
 
 
 class DeliveryTests(RunnerTestCase):
@@ -83,11 +84,13 @@ class DeliveryTests(RunnerTestCase):
     @inlineCallbacks
     def test_message_left_from_a_previous_run_is_delivered_on_start(self):
         yield self.queue(local("alice@example.jp"))
-        (self.root / "incoming" / "0000000000001FFFF.msg").write_bytes(b"debris")
+        (self.root / "queue" / "large" / "0000000000001FFFF").write_bytes(b"debris: a file no row names")
+        (self.root / "tmp" / "0000000000002FFFF.msg").write_bytes(b"debris: a message never committed")
         self.start()
         yield self.runner.idle()
         assert len(self.mailbox("example.jp/alice")) == 1
         assert self.queued() == []
+        assert os.listdir(self.root / "queue" / "large") == [] and os.listdir(self.root / "tmp") == []
 
     @inlineCallbacks
     def test_relay_recipient_stays_pending_and_keeps_the_message_queued(self):
@@ -99,8 +102,22 @@ class DeliveryTests(RunnerTestCase):
         assert [r.state for r in envelope.recipients] == ["pending", "delivered"]
         assert envelope.recipients[1].last_reply == "delivered to maildir"
         assert envelope.recipients[1].attempts == 1
-        assert self.queued() == [f"{queue_id}.env", f"{queue_id}.msg"]
+        assert self.queued() == [queue_id]
         assert len(self.mailbox("example.jp/alice")) == 1
+
+    @inlineCallbacks
+    def test_a_large_message_is_delivered_from_its_own_file(self):
+        self.start()
+        writer = self.spool.open_message()
+        body = b"Subject: big\r\n\r\n" + b"y" * (400 * 1024) + b"\r\n"
+        writer.write(body)
+        queue_id = yield writer.commit(Envelope(writer.queue_id, "bob@example.org", (local("alice@example.jp"),),
+                                                time.time(), len(body)))
+        assert isinstance(self.spool.content(queue_id), Path)
+        yield self.runner.idle()
+        [mail] = self.mailbox("example.jp/alice")
+        assert mail.endswith(b"Subject: big\n\n" + b"y" * (400 * 1024) + b"\n")
+        assert self.queued() == [] and os.listdir(self.root / "queue" / "large") == []
 
     @inlineCallbacks
     def test_many_messages_are_all_delivered(self):

@@ -57,7 +57,7 @@ class Harness:
         if clock is None:
             self.clock.advance(T0)
         self.spool = Spool(root, reactor=self.clock, threadpool=SynchronousThreadPool())
-        self.spool.create_folders()
+        self.spool.open()
         self.courier = Receiving(self.clock, answer)
         settings = settings or rx.Settings(enabled=aware)
         self.manager = DeliveryManager(

@@ -26,7 +26,7 @@ def envelope(queue_id: str, *mailboxes: str) -> Envelope:
 def make_spool() -> Spool:
     root = Path(tempfile.mkdtemp(prefix="epost-worker-test-"))
     spool = Spool(root, reactor=None, threadpool=None)
-    spool.create_folders()
+    spool.open()
     return spool
 
 
@@ -49,14 +49,14 @@ class WorkerLoopTests(unittest.SynchronousTestCase):
         self.worker.handle(b"C", queue_id, envelope(queue_id, "example.test/alice").to_bytes())
         self.worker.work()
         assert self.replies == [f"C {queue_id}\n".encode()]
-        assert (self.spool.root / "incoming" / f"{queue_id}.env").exists()
+        assert self.spool.state_of(queue_id) == "incoming"
         assert queue_id in self.worker.recent
         self.worker.handle(b"L", queue_id, b"")
         self.worker.work()
         assert self.replies[-1] == f"D {queue_id}\n".encode()
         [mail] = new_mail(self.spool.root, "example.test/alice")
         assert mail.endswith(b"Subject: a\n\nbody\n") and b"Delivered-To: alice@example.test" in mail
-        assert os.listdir(self.spool.root / "incoming") == []
+        assert self.spool.queued_ids("incoming") == []
         assert self.worker.recent == {}
 
     def test_content_kept_in_memory_is_bounded_by_bytes(self):
@@ -96,7 +96,7 @@ class WorkerLoopTests(unittest.SynchronousTestCase):
         self.worker.handle(b"W", queue_id, b"data")
         self.worker.handle(b"C", queue_id, b"{not json")
         assert self.replies[0].startswith(f"F {queue_id} 22 ".encode())
-        assert os.listdir(self.spool.root / "incoming") == []
+        assert self.spool.queued_ids("incoming") == []
 
 
 class RecordingService:
@@ -165,7 +165,7 @@ class WorkerProcessTests(unittest.TestCase):
         writer.write(b"Subject: hi\r\n\r\nhello\r\n")
         queue_id = yield writer.commit(envelope(writer.queue_id, "example.test/carol"))
         assert committed == [queue_id]
-        assert (self.spool.root / "incoming" / f"{queue_id}.msg").read_bytes() == b"Subject: hi\r\n\r\nhello\r\n"
+        assert self.spool.content(queue_id) == b"Subject: hi\r\n\r\nhello\r\n"
         verdicts = yield self.service.deliver([queue_id])
         assert verdicts == {queue_id: "D"}
         [mail] = new_mail(self.spool.root, "example.test/carol")
@@ -189,12 +189,12 @@ class WorkerProcessTests(unittest.TestCase):
         yield deferLater(reactor, 0.5, lambda: None)  # it died and came back
         # its content died with the old child: the commit must fail, never queue an empty message
         yield self.assertFailure(writer.commit(envelope(writer.queue_id, "example.test/dave")), SpoolError)
-        assert not (self.spool.root / "incoming" / f"{writer.queue_id}.env").exists()
+        assert self.spool.state_of(writer.queue_id) is None
         assert self.service._protocols[self.service._index(writer.queue_id)] is not None
         second = self.service.open_message()
         second.write(b"y\r\n")
         queue_id = yield second.commit(envelope(second.queue_id, "example.test/dave"))
-        assert (self.spool.root / "incoming" / f"{queue_id}.env").exists()
+        assert self.spool.state_of(queue_id) == "incoming"
 
     @defer.inlineCallbacks
     def test_a_commit_sent_before_the_stop_is_answered_and_one_after_it_is_spool_stopping(self):
@@ -208,7 +208,7 @@ class WorkerProcessTests(unittest.TestCase):
         late.write(b"y\r\n")
         stopped = self.service.stopService()
         queue_id = yield committed
-        assert (self.spool.root / "incoming" / f"{queue_id}.env").exists()
+        assert self.spool.state_of(queue_id) == "incoming"
         yield self.assertFailure(late.commit(envelope(late.queue_id, "example.test/dave")), SpoolStopping)
         yield stopped
 
@@ -229,4 +229,11 @@ class WorkerProcessTests(unittest.TestCase):
             writer = self.service.open_message()
             writer.write(b"x\r\n")
             queue_id = yield writer.commit(envelope(writer.queue_id, "example.test/dave"))
-            assert (self.spool.root / "incoming" / f"{queue_id}.env").exists()
+            assert self.spool.state_of(queue_id) == "incoming"
+
+
+def test_one_worker_process_by_default_and_more_on_request():
+    """The queue store serialises writers: one process's group commit is the default."""
+    spool = Spool(Path("/nonexistent"), reactor=None, threadpool=None)
+    assert len(SpoolWorkerService(spool, "mx.test", reactor)._protocols) == 1
+    assert len(SpoolWorkerService(spool, "mx.test", reactor, processes=3)._protocols) == 3

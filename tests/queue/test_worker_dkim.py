@@ -36,7 +36,7 @@ def keys(tmp_path_factory):
 def spool():
     root = Path(tempfile.mkdtemp(prefix="epost-worker-dkim-"))
     spool = Spool(root, reactor=None, threadpool=None)
-    spool.create_folders()
+    spool.open()
     yield spool
     shutil.rmtree(root)
 
@@ -55,7 +55,7 @@ def commit(worker, spool, content: bytes, trusted: bool, *routes) -> tuple[str, 
     worker.handle(b"C", queue_id, Envelope(queue_id, "alice@example.test", recipients, time.time(), len(content),
                                            trusted=trusted).to_bytes())
     worker.work()
-    stored = Envelope.from_bytes((spool.root / "incoming" / f"{queue_id}.env").read_bytes(), queue_id)
+    stored = spool.load(queue_id, "incoming")
     return queue_id, stored
 
 
@@ -80,7 +80,7 @@ def test_trusted_mail_leaving_over_smtp_is_signed_once_into_its_envelope(spool, 
     assert stored.dkim.count("DKIM-Signature:") == 2  # RSA and Ed25519
     assert "a=rsa-sha256" in stored.dkim and "a=ed25519-sha256" in stored.dkim
     # the content on disk is untouched: local copies and `epost show` never carry it
-    assert (spool.root / "incoming" / f"{queue_id}.msg").read_bytes() == CONTENT
+    assert spool.content(queue_id) == CONTENT
     # the daemon learns the signature with the commit (its envelope in memory is the one it sends from)
     kind, qid, b64 = replies[-1].decode().split()
     assert (kind, qid) == ("C", queue_id) and base64.b64decode(b64).decode() == stored.dkim
@@ -118,7 +118,7 @@ def test_a_message_spilled_to_its_tmp_file_is_signed_whole(spool, keys):
     worker.handle(b"C", queue_id, Envelope(queue_id, "a@example.test", (Recipient("b@far.test", RELAY),),
                                            time.time(), len(big), trusted=True).to_bytes())
     worker.work()
-    stored = Envelope.from_bytes((spool.root / "incoming" / f"{queue_id}.env").read_bytes(), queue_id)
+    stored = spool.load(queue_id, "incoming")
     assert verifies(stored.dkim.encode() + big, keys)
     assert not verifies(stored.dkim.encode() + big[:-3] + b"z\r\n", keys)
 
@@ -159,12 +159,12 @@ def test_a_large_message_is_signed_after_the_batch_it_came_with_is_answered(spoo
     assert len(signed_after) == 1  # only the small one was signed in handle()
     worker.work()
     assert replies[-1].startswith(f"C {small_id} ".encode())
-    assert not (spool.root / "incoming" / f"{large_id}.env").exists()  # never queued unsigned
+    assert spool.state_of(large_id) is None  # never queued unsigned
     while worker.busy:
         worker.work()
     assert [r.split()[1] for r in signed_after[1]] == [small_id.encode()]  # signed once the small one was answered
     kind, qid, b64 = replies[-1].decode().split()
-    stored = Envelope.from_bytes((spool.root / "incoming" / f"{large_id}.env").read_bytes(), large_id)
+    stored = spool.load(large_id, "incoming")
     assert (kind, qid) == ("C", large_id) and base64.b64decode(b64).decode() == stored.dkim
     assert verifies(stored.dkim.encode() + big, keys)
 
@@ -236,6 +236,6 @@ def test_epost_s_own_bounces_count_as_a_trusted_origin_and_are_signed(spool, key
     original = Envelope("1" * 17, "carol@far.test", (), time.time(), 10)
     BounceSender(store, lambda address: Resolution, "mx.example.test", time.time).send(
         original, b"Subject: x\r\n\r\n", [FailedRecipient("dan@elsewhere.test", "5.1.1")])
-    stored = Envelope.from_bytes((spool.root / "incoming" / f"{store.queue_id}.env").read_bytes(), store.queue_id)
+    stored = spool.load(store.queue_id, "incoming")
     assert stored.trusted and stored.dkim.count("DKIM-Signature:") == 2
     assert verifies(stored.dkim.encode() + b"".join(store.chunks), keys)

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import epost.store.database as database
-from epost.queue.envelope import Envelope, Recipient
+from epost.queue.envelope import Envelope, EnvelopeError, Recipient
 from epost.queue.spool import QUEUES, SpoolError
 from epost.store.database import QueueStore, StoreError, StoreUnavailable
 
@@ -149,6 +149,17 @@ def test_put_batch_a_duplicate_fails_alone(store):
     assert store.ids("incoming") == [qid(1), qid(2), qid(3)]
 
 
+def test_an_item_failing_half_way_leaves_no_half_message(tmp_path, store):
+    """The savepoint undoes the item's message row when its content row fails."""
+    conn = sqlite3.connect(tmp_path / "queue" / "queue.db")
+    conn.execute("INSERT INTO content (id, data) VALUES (?, ?)", (qid(2), b"stray"))
+    conn.commit()
+    conn.close()
+    results = store.put_batch([(envelope_for(qid(1)), b"a"), (envelope_for(qid(2)), b"b")])
+    assert results[0] is None and results[1].errno == errno.EEXIST
+    assert store.ids("incoming") == [qid(1)]
+
+
 def test_put_into_another_state_and_false_for_a_queued_id(store):
     assert store.put(envelope_for(qid(1)), b"bounce", "deferred", durable=False) is True
     assert store.put(envelope_for(qid(1)), b"again", "hold") is False
@@ -186,6 +197,15 @@ def test_a_duplicate_large_item_keeps_both_files(tmp_path, store):
     assert error.errno == errno.EEXIST
     assert store.content(qid(1)).read_bytes() == b"queued"
     assert second.read_bytes() == b"newcomer"  # the caller's to delete or keep
+
+
+def test_an_id_twice_in_one_batch_keeps_the_first_content(tmp_path, store):
+    (tmp_path / "tmp").mkdir()
+    second = large_file(tmp_path / "tmp", "b", b"second")
+    results = store.put_batch([(envelope_for(qid(1)), large_file(tmp_path / "tmp", "a", b"first")), (envelope_for(qid(1)), second)])
+    assert results[0] is None and results[1].errno == errno.EEXIST
+    assert store.content(qid(1)).read_bytes() == b"first"
+    assert second.read_bytes() == b"second"
 
 
 def test_debris_in_large_is_replaced_by_a_new_message(tmp_path, store):
@@ -304,6 +324,24 @@ def test_load_many_pages_through_every_envelope_in_id_order(store, monkeypatch):
     assert [e.queue_id for e in store.load_many("incoming")] == [qid(n) for n in range(1, 11) if n != 5]
     assert [e.queue_id for e in store.load_many("hold")] == [qid(5)]
     assert list(store.load_many("deferred")) == []
+
+
+def test_a_corrupt_envelope_is_skipped_by_load_many_and_refused_by_load(tmp_path, store):
+    store.put_batch([(envelope_for(qid(n)), b"") for n in (1, 2, 3)])
+    conn = sqlite3.connect(tmp_path / "queue" / "queue.db")
+    conn.execute("UPDATE message SET envelope = ? WHERE id = ?", (b"{not json", qid(2)))
+    conn.commit()
+    conn.close()
+    assert [e.queue_id for e in store.load_many("incoming")] == [qid(1), qid(3)]
+    with pytest.raises(EnvelopeError, match=f"queue.db:{qid(2)}: corrupt envelope"):
+        store.load(qid(2))
+
+
+def test_an_envelope_json_cannot_say_fails_alone(store):
+    odd = dataclasses.replace(envelope_for(qid(2)), retries={"example.jp": {"at": object()}})
+    results = store.put_batch([(envelope_for(qid(1)), b""), (odd, b"")])
+    assert results[0] is None and results[1].errno == errno.EIO
+    assert store.ids("incoming") == [qid(1)]
 
 
 def test_ids_for_destination_picks_pending_relay_recipients(store):

@@ -42,7 +42,7 @@ def attempts(d) -> int:
 
 
 def deferred_ids(d) -> list[str]:
-    return [name[:-4] for name in queued(d.spool, "deferred") if name.endswith(".env")]
+    return queued(d.spool, "deferred")
 
 
 def alive(pid: int) -> bool:
@@ -111,10 +111,26 @@ def test_a_second_daemon_on_the_same_spool_refuses_with_one_line_and_touches_not
     assert sorted(p.name for p in first.spool.iterdir()) == before
     assert first.proc.poll() is None
     flushed = epost(first, "flush")  # the first daemon's control socket still answers
-    assert flushed.returncode == 0 and "working on the spool files" not in flushed.stderr, flushed
+    assert flushed.returncode == 0 and "working on the queue store" not in flushed.stderr, flushed
     with smtplib.SMTP("127.0.0.1", first.relay_port, timeout=10) as client:
         assert client.sendmail("bob@example.test", [ALICE], b"Subject: still here\r\n\r\nhi\r\n") == {}
     wait_for(lambda: maildir_messages(first.spool, "example.test/alice"), 10, message="delivery by the first daemon")
+
+
+def test_a_queue_store_it_cannot_open_stops_start_up_with_one_line_and_is_left_alone(daemon):
+    """Never a silently new, empty queue (issue 16): a damaged queue.db ends start-up, exit 1."""
+    d = daemon(start=False)
+    database = d.spool / "queue" / "queue.db"
+    database.parent.mkdir(parents=True)
+    database.write_bytes(b"a disk that lost its superblock " * 512)
+
+    result = subprocess.run(d.argv(), cwd=d.folder, capture_output=True, text=True, timeout=30)
+
+    output = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 1 and len(output) == 1, output
+    assert output[0].startswith(f"epost: {database}: corrupt or not an SQLite database"), output
+    assert database.read_bytes() == b"a disk that lost its superblock " * 512
+    assert not port_answers(d.relay_port)
 
 
 def test_a_daemonized_daemon_keeps_the_lock_after_twistds_parent_exits(daemon):

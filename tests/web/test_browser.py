@@ -23,6 +23,7 @@ import pytest
 
 from e2e_support import Daemon, free_port, wait_for, write_config
 from epost.auth import hash_password
+from fakes import queued_ids
 from sinks import Sink
 
 CHROMIUM = "/usr/bin/chromium"
@@ -120,8 +121,7 @@ def send(daemon, recipient: str, subject: str) -> None:
 
 
 def deferred(daemon) -> list[str]:
-    folder = daemon.spool / "deferred"
-    return sorted(n[:-4] for n in os.listdir(folder) if n.endswith(".env")) if folder.is_dir() else []
+    return queued_ids(daemon.spool)["deferred"]
 
 
 def test_mail_control_in_a_browser(mail_control, browser):

@@ -17,14 +17,10 @@ from epost.web.gateway_edit import check
 from epost.smtp.throttle import client_key
 from epost.web.logtail import last_lines
 from epost.web.site import loopback_by_default
+from fakes import queue_message
 from web_support import ADMIN, PASSWORD, make_world
 
 QID = "0190000000000A000"
-
-
-def queue_message(spool, queue: str, envelope: Envelope) -> None:
-    (spool / queue / f"{envelope.queue_id}.msg").write_bytes(b"Subject: hi\r\n\r\nhello\r\n")
-    (spool / queue / f"{envelope.queue_id}.env").write_bytes(envelope.to_bytes())
 
 
 # --- login ------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from epost.admin.dns_check import Finding
 from epost.config import load_config
 from epost.queue.domain_state import DomainState
 from epost.queue.manager import OperationResult
+from epost.queue.spool import Spool
 from epost.routing_chain import build_routing
 from epost.web import make_admin_site
 from fakes import ClockReactor, SynchronousThreadPool
@@ -102,7 +103,8 @@ class FakeManager:
     """The delivery manager's operator face: records each action, answers done for every ID."""
 
     def __init__(self, spool: Path) -> None:
-        self.spool = type("SpoolStub", (), {"root": spool})()
+        self.spool = Spool(spool, reactor=None, threadpool=None)  # the pages read the queue store through it
+        self.spool.open()
         self.calls: list[tuple[str, list[str], str | None]] = []
         self.states: list[DomainState] = []
 
@@ -144,8 +146,7 @@ def make_world(folder: Path, gateway: str = "*.partner.test,127.0.0.1,2525\n") -
     """A site over a real config, users file and gateway.dat, with a fake manager and a Clock."""
     auth.SCRYPT_LOG2_N = 4  # fast hashes for tests
     spool = folder / "spool"
-    for queue in ("incoming", "deferred", "hold", "log"):
-        (spool / queue).mkdir(parents=True, exist_ok=True)
+    (spool / "log").mkdir(parents=True, exist_ok=True)
     (folder / "users").write_text(
         f"{ADMIN}:{auth.hash_password(PASSWORD)}\nbob@example.test:{auth.hash_password(PASSWORD)}\n"
     )
