@@ -32,6 +32,7 @@ from epost.queue.receivers import DEFAULT_THROTTLE_RULES, Settings as ReceiverSe
 from epost.queue.runner import LocalDeliveryRunner
 from epost.queue.spool import Spool
 from epost.queue.worker_client import SpoolWorkerService
+from epost.store.upgrade import import_file_spool
 from epost.routing.live import TableWatcher
 from epost.routing_chain import Routing, build_routing
 from epost.smtp.events import SessionEvents
@@ -212,7 +213,9 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
 
     spool = Spool(config.server.spool, reactor=reactor, threadpool=pool)
     spool.open()  # the queue store: StoreUnavailable ends start-up with one line (epost/tap.py)
-    import_file_spool_once(spool)
+    # A spool of the release that queued in folders goes into the store once,
+    # before the runner's recovery lists incoming (docs/operating.md).
+    import_file_spool(spool.root, spool.store)
     worker = SpoolWorkerService(spool, config.server.hostname, reactor, give_up_after=config.retry.period_4xx,
                                 dkim_keys=dkim_keys)  # the workers sign at commit (docs/authentication.md)
     worker.setServiceParent(top)
@@ -289,18 +292,6 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
 
     top.spool, top.runner, top.manager, top.routing, top.limits = spool, runner, manager, routing, limits
     return top
-
-
-def import_file_spool_once(spool: Spool) -> None:
-    """Upgrade from a release that queued in folders: their messages go into the
-    store, with their state, before the runner's recovery lists incoming."""
-    try:
-        from epost.store.upgrade import import_file_spool
-    except ModuleNotFoundError as error:  # UPGRADE CALL SITE: until epost/store/upgrade.py (wip-upgrade) is merged
-        if error.name != "epost.store.upgrade":
-            raise
-        return
-    import_file_spool(spool.root, spool.store)
 
 
 def courier_settings(config: Config) -> dict:

@@ -108,5 +108,5 @@ def makeService(options: usage.Options):  # noqa: N802 - twistd's IServiceMaker 
     except (ConfigError, TableError, TLSConfigError, SpoolBusy, DkimKeyError, StoreUnavailable) as e:
         sys.stderr.write(f"epost: {e}\n")
     except OSError as e:
-        sys.stderr.write(f"epost: {e.filename or ''}: {e.strerror}\n")
+        sys.stderr.write(f"epost: {e.filename}: {e.strerror}\n" if e.filename else f"epost: {e.strerror or e}\n")
     raise SystemExit(1)

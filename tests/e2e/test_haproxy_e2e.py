@@ -106,7 +106,9 @@ def test_a_client_outside_relay_networks_may_not_relay_through_a_trusted_balance
 
 def test_a_connection_straight_to_a_proxied_listener_gets_no_greeting(daemon):
     node = proxied_node(daemon)
-    with pytest.raises(smtplib.SMTPServerDisconnected):
+    # The node resets the connection: smtplib sees it while reading the greeting, or,
+    # on a loaded machine, the reset beats connect() itself.
+    with pytest.raises((smtplib.SMTPServerDisconnected, ConnectionResetError)):
         smtplib.SMTP("127.0.0.1", node.relay_port, timeout=5, source_address=(CLIENT, 0))
     wait_for(lambda: "reason=proxy_untrusted" in node.log.read_text(), message="no log line")
 

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from e2e_support import maildir_messages, queued, restart, wait_for
 from epost.queue.envelope import Envelope, Recipient
 
-pytest.importorskip("epost.store.upgrade")  # until the importer (branch wip-upgrade) is merged
 
 ALICE = {"kind": "local", "rule": "local", "mailbox": "example.test/alice"}
 
