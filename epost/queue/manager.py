@@ -40,7 +40,7 @@ from epost.logs import LineLog, faillog_line, senderlog_line
 from epost.queue.bounces import original_headers
 from epost.queue.domain_books import DomainBooks
 from epost.queue.domain_state import DomainState, DomainStateStore
-from epost.queue.envelope import Envelope
+from epost.store.envelope import Envelope
 from epost.queue.destinations import Destinations, replies_of
 from epost.queue.outcomes import (
     Applied,
@@ -60,7 +60,7 @@ from epost.queue.outcomes import (
 from epost.queue import surgery
 from epost.queue.receivers import Settings as ReceiverSettings
 from epost.queue.scheduler import Job, Scheduler
-from epost.queue.spool import DISK_FULL_ERRNOS, Spool, SpooledContent
+from epost.store.spool import DISK_FULL_ERRNOS, Spool, SpooledContent
 from epost.routing.resolver import Route
 from epost.address import AddressError, parse_mailbox
 

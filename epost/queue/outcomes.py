@@ -18,7 +18,7 @@ from typing import Any
 from epost.config import RetryConfig
 from epost.delivery.smtp_client import Outcome
 from epost.delivery.stuffing import failure_kind
-from epost.queue.envelope import Envelope
+from epost.store.envelope import Envelope
 from epost.queue.retry import Episode, next_attempt
 
 RELAY = "relay"

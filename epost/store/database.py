@@ -19,8 +19,8 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from epost.fsutil import fsync_dir, unlink_if_present
-from epost.queue.envelope import Envelope, EnvelopeError
-from epost.queue.spool import DISK_FULL_ERRNOS, QUEUE_ID, QUEUES, SpoolError
+from epost.store.envelope import Envelope, EnvelopeError
+from epost.store.spool import DISK_FULL_ERRNOS, QUEUE_ID, QUEUES, SpoolError
 
 SCHEMA_VERSION = 1
 SCHEMA = (

@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 
 from epost.config import RetryConfig
 from epost.delivery.smtp_client import Outcome
-from epost.queue.envelope import Envelope, Recipient
+from epost.store.envelope import Envelope, Recipient
 from epost.queue.outcomes import apply_attempt, destination_of, relay_groups, status_code
 from test_retry import policies  # the same random E-Post policies as the retry rules' own tests
 

@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from epost.fsutil import unlink_if_present
 
-from epost.queue.envelope import Envelope, EnvelopeError
+from epost.store.envelope import Envelope, EnvelopeError
 
 QUEUES = ("incoming", "deferred", "hold")
 FOLDERS = ("tmp", "domains", "mailboxes", "log")  # beside queue/, which the store makes
