@@ -39,7 +39,8 @@ def queue_message(spool, queue: str, envelope, content=HELLO) -> None:
 
 def queued_ids(spool) -> dict[str, list[str]]:
     """Every queued ID by state, as the spool's queue store holds them (none without a store)."""
-    from epost.store.spool import QUEUES, Spool
+    from epost.store.database import QUEUES
+    from epost.store.spool import Spool
 
     reader = Spool(spool, reactor=None, threadpool=None)
     if not reader.exists():

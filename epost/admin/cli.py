@@ -236,8 +236,8 @@ def show_message(args: argparse.Namespace, now: float) -> int:
     from epost.admin.show import envelope_lines, open_queued
     from epost.logs import printable
     from epost.store.envelope import EnvelopeError
-    from epost.store.spool import QUEUE_ID, Spool
-    from epost.store.database import StoreUnavailable
+    from epost.store.database import QUEUE_ID, StoreUnavailable
+    from epost.store.spool import Spool
 
     config = _load_with_spool(args)
     if config is None:

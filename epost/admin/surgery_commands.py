@@ -13,8 +13,8 @@ from epost.config import Config
 from epost.queue import surgery
 from epost.store.envelope import EnvelopeError
 from epost.store.lock import lock_path, try_lock
-from epost.store.spool import QUEUES, Spool
-from epost.store.database import StoreUnavailable
+from epost.store.database import QUEUES, StoreUnavailable
+from epost.store.spool import Spool
 
 HELP = {
     "flush": "retry deferred mail now (all, some IDs, or one --domain)",

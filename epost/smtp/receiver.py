@@ -11,7 +11,8 @@ from zope.interface import implementer
 
 from epost import metrics
 from epost.store.envelope import Envelope, Recipient
-from epost.store.spool import SpoolError, SpoolStopping
+from epost.store.database import SpoolError
+from epost.store.spool import SpoolStopping
 from epost.address import Address
 from epost.smtp.authresults import ResultsFilter, authentication_results
 from epost.reply import Reply

@@ -549,7 +549,7 @@ def test_two_destinations_failing_together_bounce_each_recipient_once(tmp_path):
 
 
 def test_a_bounce_that_cannot_be_queued_now_is_tried_again(tmp_path):
-    from epost.store.spool import SpoolError
+    from epost.store.database import SpoolError
 
     h = Harness(tmp_path, {"a@far.test": [(550, "5.1.1 no")]}, RetryConfig(count_5xx=0))
     calls = []

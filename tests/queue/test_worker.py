@@ -13,7 +13,8 @@ from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from epost.store.envelope import Envelope, Recipient
-from epost.store.spool import Spool, SpoolError
+from epost.store.database import SpoolError
+from epost.store.spool import Spool
 from epost.queue.worker import Worker
 from epost.queue.worker_client import RemoteMessageWriter, SpoolWorkerService
 

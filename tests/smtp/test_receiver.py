@@ -74,7 +74,7 @@ def _failing_commit(error):
 def test_a_storage_failure_is_logged_before_its_451():
     import errno
 
-    from epost.store.spool import SpoolError
+    from epost.store.database import SpoolError
 
     reply, logged = _failing_commit(SpoolError(errno.EIO, "spool worker process ended"))
     assert (reply.code, reply.enhanced) == (451, "4.3.0")

@@ -18,8 +18,7 @@ from hypothesis import strategies as st
 
 import epost.store.database as database
 from epost.store.envelope import Envelope, EnvelopeError, Recipient
-from epost.store.spool import QUEUES, SpoolError
-from epost.store.database import QueueStore, StoreError, StoreUnavailable
+from epost.store.database import QUEUES, QueueStore, SpoolError, StoreError, StoreUnavailable
 
 
 def envelope_for(queue_id: str, domain: str = "example.jp", attempts: int = 0) -> Envelope:
