@@ -136,7 +136,8 @@ def plan(unknown: int, valid: int, rng: random.Random) -> list[tuple[str, str]]:
 
 
 def epost_bounces(spool: Path) -> int:
-    from epost.queue.spool import QUEUES, Spool
+    from epost.store.database import QUEUES
+    from epost.store.spool import Spool
 
     count = 0
     reader = Spool(spool, reactor=None, threadpool=None)

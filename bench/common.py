@@ -227,7 +227,8 @@ class Postfix:
 
 def queue_counts(spool: Path) -> dict[str, int]:
     """Messages per state in epost's queue store, read on a connection of our own (zeros before it exists)."""
-    from epost.queue.spool import QUEUES, Spool
+    from epost.store.database import QUEUES
+    from epost.store.spool import Spool
 
     reader = Spool(spool, reactor=None, threadpool=None)
     if not reader.exists():

@@ -29,8 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import Epost, Sink, bench_base, children, process_cpu, rss_kib  # noqa: E402
-from epost.queue.envelope import Envelope, Recipient  # noqa: E402
-from epost.queue.spool import Spool  # noqa: E402
+from epost.store.envelope import Envelope, Recipient  # noqa: E402
+from epost.store.spool import Spool  # noqa: E402
 
 BODY = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\r\n" * 20).encode()
 

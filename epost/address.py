@@ -80,6 +80,11 @@ def normalize_domain(domain: str) -> str:
     return domain
 
 
+def destination_of(address: str) -> str:
+    """The destination domain of an address: what Domain.mri and the connection limits count by."""
+    return address.rpartition("@")[2].rstrip(".").lower()
+
+
 def _normalize_literal(literal: str) -> str:
     inner = literal[1:-1]
     try:

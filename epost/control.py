@@ -105,7 +105,7 @@ def control_service(spool: Path, manager: Any, reactor: Any) -> internet.StreamS
 
     No PID lock beside the socket (`wantPID`): a dead daemon's PID, still a
     zombie or reused after a reboot, kept the socket from being served. The
-    daemon holds the spool's lock (epost.queue.lock) before this starts, so
+    daemon holds the spool's lock (epost.store.lock) before this starts, so
     whatever sits at the path is a leftover; and a socket that cannot be
     served stops start-up, so `epost` never meets a live daemon without one."""
     path = socket_path(spool)

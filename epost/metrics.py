@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from epost.queue.spool import Spool
+    from epost.store.spool import Spool
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -62,7 +62,7 @@ class LiveState:
     """Collects what is measured at scrape time: messages per queue, open SMTP connections."""
 
     def __init__(self, spool: Spool, open_connections: Callable[[], int]) -> None:
-        self.spool = spool  # epost.queue.spool.Spool: its queue store counts the messages
+        self.spool = spool  # epost.store.spool.Spool: its queue store counts the messages
         self.open_connections = open_connections
 
     def describe(self) -> list[Any]:

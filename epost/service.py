@@ -26,11 +26,11 @@ from epost.smtp.proxy import ProxyFactory
 from epost.control import RouteAnswers, control_service
 from epost.delivery.remote_courier import RemoteCourier
 from epost.queue.bounces import BounceSender
-from epost.queue.lock import SpoolLock
+from epost.store.lock import SpoolLock
 from epost.queue.manager import DeliveryManager
 from epost.queue.receivers import DEFAULT_THROTTLE_RULES, Settings as ReceiverSettings
 from epost.queue.runner import LocalDeliveryRunner
-from epost.queue.spool import Spool
+from epost.store.spool import Spool
 from epost.queue.worker_client import SpoolWorkerService
 from epost.store.upgrade import import_file_spool
 from epost.routing.live import TableWatcher

@@ -96,7 +96,7 @@ def makeService(options: usage.Options):  # noqa: N802 - twistd's IServiceMaker 
     queue store that cannot be opened, or another daemon holding the
     spool's lock) ends
     twistd with one line on stderr and exit status 1, never a traceback."""
-    from epost.queue.lock import SpoolBusy
+    from epost.store.lock import SpoolBusy
     from epost.routing.tables import TableError
     from epost.service import make_service
     from epost.tls import TLSConfigError

@@ -39,7 +39,8 @@ def queue_message(spool, queue: str, envelope, content=HELLO) -> None:
 
 def queued_ids(spool) -> dict[str, list[str]]:
     """Every queued ID by state, as the spool's queue store holds them (none without a store)."""
-    from epost.queue.spool import QUEUES, Spool
+    from epost.store.database import QUEUES
+    from epost.store.spool import Spool
 
     reader = Spool(spool, reactor=None, threadpool=None)
     if not reader.exists():
@@ -53,7 +54,7 @@ def queued_ids(spool) -> dict[str, list[str]]:
 
 def stored_envelope(spool, queue_id: str, queue: str):
     """The envelope the queue store holds for `queue_id` in `queue`."""
-    from epost.queue.spool import Spool
+    from epost.store.spool import Spool
 
     reader = Spool(spool, reactor=None, threadpool=None)
     reader.open(create=False)

@@ -167,6 +167,13 @@ def test_routing_imports_only_values_config_and_metrics():
     assert bad == [], "\n".join(bad)
 
 
+def test_the_store_imports_only_the_file_helpers_and_addresses():
+    """Storage below scheduling: epost/store/ knows files and addresses, not the queue manager, delivery, SMTP, web or admin."""
+    allowed = ("epost.store", "epost.fsutil", "epost.address")
+    bad = violations(EPOST_FILES, lambda importer, module, _: inside(importer, "epost.store") and not inside(module, *allowed))
+    assert bad == [], "\n".join(bad)
+
+
 def test_web_never_imports_the_epost_command():
     bad = violations(EPOST_FILES, lambda importer, module, _: inside(importer, "epost.web") and inside(module, "epost.admin.cli"))
     assert bad == [], "\n".join(bad)

@@ -212,7 +212,7 @@ def list_queue(args: argparse.Namespace, now: float) -> int:
     config = _load_with_spool(args)
     if config is None:
         return 1
-    from epost.queue.spool import Spool
+    from epost.store.spool import Spool
     from epost.store.database import StoreUnavailable
 
     spool = Spool(config.server.spool, reactor=None, threadpool=None)
@@ -235,9 +235,9 @@ def show_message(args: argparse.Namespace, now: float) -> int:
     """SPEC §4: the envelope as `key: value` lines, a blank line, the content as stored; 1 when not queued."""
     from epost.admin.show import envelope_lines, open_queued
     from epost.logs import printable
-    from epost.queue.envelope import EnvelopeError
-    from epost.queue.spool import QUEUE_ID, Spool
-    from epost.store.database import StoreUnavailable
+    from epost.store.envelope import EnvelopeError
+    from epost.store.database import QUEUE_ID, StoreUnavailable
+    from epost.store.spool import Spool
 
     config = _load_with_spool(args)
     if config is None:

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from epost.logs import printable
-from epost.queue.envelope import Envelope, EnvelopeError, Recipient
-from epost.queue.outcomes import destination_of
-from epost.queue.spool import QUEUES, Spool
+from epost.store.envelope import Envelope, EnvelopeError, Recipient
+from epost.address import destination_of
+from epost.store.database import QUEUES
+from epost.store.spool import Spool
 
 # What a pending recipient is called in each queue (SPEC §8).
 PENDING_STATE = {"incoming": "incoming", "deferred": "deferred", "hold": "held"}

@@ -18,8 +18,9 @@ from typing import Any
 from epost.admin.queue_listing import PENDING_STATE
 from epost.logs import printable
 from epost.queue import surgery
-from epost.queue.envelope import Envelope
-from epost.queue.spool import QUEUE_ID, ContentHandle, Spool
+from epost.store.envelope import Envelope
+from epost.store.database import QUEUE_ID
+from epost.store.spool import ContentHandle, Spool
 
 
 def open_queued(spool: Spool, queue_id: str) -> tuple[str, Envelope, ContentHandle]:

@@ -1,6 +1,6 @@
 """`epost flush|hold|release|delete|reroute`: through the running daemon, or on the queue store when it is down.
 
-"Down" means nobody holds the spool's lock (epost.queue.lock): a daemon that
+"Down" means nobody holds the spool's lock (epost.store.lock): a daemon that
 holds it but does not answer (starting, stopping, stuck) is never worked
 around behind its back."""
 
@@ -11,10 +11,10 @@ import sys
 
 from epost.config import Config
 from epost.queue import surgery
-from epost.queue.envelope import EnvelopeError
-from epost.queue.lock import lock_path, try_lock
-from epost.queue.spool import QUEUES, Spool
-from epost.store.database import StoreUnavailable
+from epost.store.envelope import EnvelopeError
+from epost.store.lock import lock_path, try_lock
+from epost.store.database import QUEUES, StoreUnavailable
+from epost.store.spool import Spool
 
 HELP = {
     "flush": "retry deferred mail now (all, some IDs, or one --domain)",

@@ -47,7 +47,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from zope.interface import implementer
 
 from epost.delivery.courier import Attempt
-from epost.queue.spool import Spool, SpooledContent
+from epost.store.spool import Spool, SpooledContent
 
 log = Logger()
 

@@ -110,7 +110,7 @@ def deliver_lmtp_batch(
 
 
 async def _lmtp_batch(spool, queue_ids, reactor, threadpool, endpoint, hostname, give_up_after, now):
-    from epost.queue.envelope import EnvelopeError
+    from epost.store.envelope import EnvelopeError
     from epost.queue.outcomes import needs_manager
     from epost.queue.runner import DONE, batch_verdict, settle_recipient, spool_action
 

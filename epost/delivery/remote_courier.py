@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from epost.child_process import LineChild
 from epost.delivery.courier import Attempt, CourierError
 from epost.delivery.smtp_client import Outcome
-from epost.queue.spool import SpooledContent
+from epost.store.spool import SpooledContent
 from epost.routing.resolver import Route
 
 log = Logger()

@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
 from epost.delivery.bounce import FailedRecipient, build_dsn
-from epost.queue.envelope import Envelope, Recipient
+from epost.store.envelope import Envelope, Recipient
 from epost.address import parse_mailbox
 
 log = Logger()

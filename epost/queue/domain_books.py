@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from epost.delivery.courier import Attempt
 from epost.queue.domain_state import DomainState, DomainStateStore
 from epost.queue.outcomes import Applied
-from epost.queue.spool import DISK_FULL_ERRNOS
+from epost.store.database import DISK_FULL_ERRNOS
 
 log = Logger()
 

@@ -40,7 +40,7 @@ from epost.logs import LineLog, faillog_line, senderlog_line
 from epost.queue.bounces import original_headers
 from epost.queue.domain_books import DomainBooks
 from epost.queue.domain_state import DomainState, DomainStateStore
-from epost.queue.envelope import Envelope
+from epost.store.envelope import Envelope, relay_groups
 from epost.queue.destinations import Destinations, replies_of
 from epost.queue.outcomes import (
     Applied,
@@ -48,11 +48,9 @@ from epost.queue.outcomes import (
     apply_greylist,
     apply_throttle,
     greylisted_only,
-    destination_of,
     finished,
     has_local_pending,
     next_due,
-    relay_groups,
     reply_text,
     status_code,
     unreported_failures,
@@ -60,9 +58,10 @@ from epost.queue.outcomes import (
 from epost.queue import surgery
 from epost.queue.receivers import Settings as ReceiverSettings
 from epost.queue.scheduler import Job, Scheduler
-from epost.queue.spool import DISK_FULL_ERRNOS, Spool, SpooledContent
+from epost.store.database import DISK_FULL_ERRNOS
+from epost.store.spool import Spool, SpooledContent
 from epost.routing.resolver import Route
-from epost.address import AddressError, parse_mailbox
+from epost.address import AddressError, destination_of, parse_mailbox
 
 log = Logger()
 

@@ -18,26 +18,10 @@ from typing import Any
 from epost.config import RetryConfig
 from epost.delivery.smtp_client import Outcome
 from epost.delivery.stuffing import failure_kind
-from epost.queue.envelope import Envelope
+from epost.store.envelope import Envelope, relay_groups
 from epost.queue.retry import Episode, next_attempt
 
-RELAY = "relay"
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\b")
-
-
-def destination_of(address: str) -> str:
-    """The destination domain of an address: what Domain.mri and the connection limits count by."""
-    return address.rpartition("@")[2].rstrip(".").lower()
-
-
-def relay_groups(envelope: Envelope) -> dict[str, list[int]]:
-    """Pending recipients that leave by SMTP, by destination domain, in envelope order."""
-    groups: dict[str, list[int]] = {}
-    for index in envelope.pending():
-        recipient = envelope.recipients[index]
-        if (recipient.route or {}).get("kind") == RELAY:
-            groups.setdefault(destination_of(recipient.address), []).append(index)
-    return groups
 
 
 def has_local_pending(envelope: Envelope) -> bool:

@@ -25,9 +25,9 @@ from twisted.python.failure import Failure
 
 from epost import metrics
 from epost.delivery.maildir import MaildirBatch
-from epost.queue.envelope import Envelope, EnvelopeError, Recipient
+from epost.store.envelope import Envelope, EnvelopeError, Recipient
 from epost.queue.outcomes import has_local_pending, needs_manager
-from epost.queue.spool import Spool
+from epost.store.spool import Spool
 
 log = Logger()
 

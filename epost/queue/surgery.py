@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from epost.queue.envelope import Envelope
-from epost.queue.outcomes import RELAY, has_local_pending
-from epost.queue.spool import Spool
+from epost.store.envelope import RELAY, Envelope
+from epost.queue.outcomes import has_local_pending
+from epost.store.spool import Spool
 from epost.routing.resolver import Route
 from epost.address import AddressError, parse_mailbox
 

@@ -44,9 +44,9 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
 from epost.delivery import signing
 
-from epost.queue.envelope import Envelope
+from epost.store.envelope import Envelope
 from epost.queue.runner import deliver_local_batch
-from epost.queue.spool import MessageWriter, Spool
+from epost.store.spool import MessageWriter, Spool
 
 FRAME = struct.Struct(">c17sI")
 DELIVERY_BATCH = 8

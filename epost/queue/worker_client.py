@@ -24,8 +24,9 @@ from zope.interface import implementer
 
 from epost.child_process import LineChild
 from epost.delivery.signing import keys_to_json
-from epost.queue.envelope import Envelope
-from epost.queue.spool import Spool, SpoolError, SpoolStopping
+from epost.store.envelope import Envelope
+from epost.store.database import SpoolError
+from epost.store.spool import Spool, SpoolStopping
 from epost.queue.worker import FRAME
 
 log = Logger()

@@ -10,8 +10,9 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from epost import metrics
-from epost.queue.envelope import Envelope, Recipient
-from epost.queue.spool import SpoolError, SpoolStopping
+from epost.store.envelope import Envelope, Recipient
+from epost.store.database import SpoolError
+from epost.store.spool import SpoolStopping
 from epost.address import Address
 from epost.smtp.authresults import ResultsFilter, authentication_results
 from epost.reply import Reply

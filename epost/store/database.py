@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -19,8 +20,7 @@ from pathlib import Path
 from twisted.logger import Logger
 
 from epost.fsutil import fsync_dir, unlink_if_present
-from epost.queue.envelope import Envelope, EnvelopeError
-from epost.queue.spool import DISK_FULL_ERRNOS, QUEUE_ID, QUEUES, SpoolError
+from epost.store.envelope import Envelope, EnvelopeError, relay_groups
 
 SCHEMA_VERSION = 1
 SCHEMA = (
@@ -35,7 +35,29 @@ SQLITE_FULL = 13
 SQLITE_NOTADB = 26
 PAGE = 1000  # envelopes per query in load_many
 
+QUEUES = ("incoming", "deferred", "hold")  # a message's state
+QUEUE_ID = re.compile(r"[0-9A-F]{17}")  # microseconds then a counter, in hex: sorts by arrival
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
 log = Logger()
+
+
+class SpoolError(OSError):
+    """The spool could not store a message; ``disk_full`` tells SMTP to say 452 4.3.1 rather than 451.
+
+    An OSError (``.errno``, ``.strerror`` = message), so callers catching OSError catch it too.
+    """
+
+    def __init__(self, errno_code: int, message: str) -> None:
+        super().__init__(errno_code, message)
+
+    @property
+    def disk_full(self) -> bool:
+        return self.errno in DISK_FULL_ERRNOS
+
+    @classmethod
+    def from_oserror(cls, error: OSError, doing: str) -> SpoolError:
+        return cls(error.errno or errno.EIO, f"{doing}: {error}")
 
 
 class StoreError(SpoolError):
@@ -419,7 +441,6 @@ class QueueStore:
     def ids_for_destination(self, domain: str, states: tuple[str, ...] | list[str]) -> list[str]:
         """IDs in `states` with recipients still to relay to `domain` (what ``--domain`` picks)."""
         # Imported here: the store stays free of the delivery modules outcomes needs.
-        from epost.queue.outcomes import relay_groups
 
         found = []
         for state in states:

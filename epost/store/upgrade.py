@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from twisted.logger import Logger
 
 from epost.fsutil import unlink_if_present
-from epost.queue.envelope import Envelope, EnvelopeError
+from epost.store.envelope import Envelope, EnvelopeError
 
 if TYPE_CHECKING:
     from epost.store.database import QueueStore

@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import urlencode
 
 from epost.queue.domain_state import format_mri
-from epost.queue.spool import Spool
+from epost.store.spool import Spool
 from epost.web import dns_panel
 from epost.web.base import Page, Redirect, field
 from epost.web.html import esc, when

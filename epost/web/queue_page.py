@@ -11,8 +11,8 @@ import time
 from urllib.parse import urlencode
 
 from epost.admin.queue_listing import QueuedMessage, format_age, read_queue, recipient_details
-from epost.queue.outcomes import destination_of
-from epost.queue.spool import QUEUE_ID
+from epost.address import destination_of
+from epost.store.database import QUEUE_ID
 from epost.web.base import Page, Redirect, field
 from epost.web.html import csrf_field, esc, post_button, when
 

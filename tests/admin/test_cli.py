@@ -12,7 +12,7 @@ import pytest
 
 from epost.admin import queue_listing
 from epost.admin.cli import main
-from epost.queue.envelope import Envelope, Recipient
+from epost.store.envelope import Envelope, Recipient
 from epost.store.database import QueueStore
 from epost.tls import ensure_self_signed
 from fakes import damage_envelope, queue_message

@@ -8,8 +8,8 @@ import pytest
 
 from epost.admin import show
 from epost.admin.cli import main
-from epost.queue.envelope import Envelope, Recipient
-from epost.queue.spool import ContentHandle, Spool
+from epost.store.envelope import Envelope, Recipient
+from epost.store.spool import ContentHandle, Spool
 from fakes import damage_envelope, queue_message
 
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 
 from epost.admin.cli import main
-from epost.queue.lock import SpoolLock, lock_path
+from epost.store.lock import SpoolLock, lock_path
 from test_surgery_offline import NOW, SLOW, deferred, queue_message, where
 
 

@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 
 from epost.admin.cli import main
-from epost.queue.envelope import Envelope, Recipient
+from epost.store.envelope import Envelope, Recipient
 from fakes import queue_message, queued_ids, stored_envelope
 
 NOW = 1_800_000_000.0

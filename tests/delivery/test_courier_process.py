@@ -15,8 +15,8 @@ from twisted.trial import unittest
 from epost.delivery.courier import Attempt
 from epost.delivery.courier_process import CourierServer
 from epost.delivery.smtp_client import Outcome
-from epost.queue.envelope import Envelope, Recipient
-from epost.queue.spool import Spool
+from epost.store.envelope import Envelope, Recipient
+from epost.store.spool import Spool
 
 CONTENT = b"Subject: over there\r\n\r\n.leading dot\r\nbody\r\n"
 

@@ -18,8 +18,8 @@ from epost.config import HostPort
 from epost.delivery.courier import CourierError
 from epost.delivery.courier_process import NICENESS
 from epost.delivery.remote_courier import RemoteCourier
-from epost.queue.envelope import Envelope, Recipient
-from epost.queue.spool import Spool, SpooledContent
+from epost.store.envelope import Envelope, Recipient
+from epost.store.spool import Spool, SpooledContent
 from epost.routing.resolver import Route
 from sinks import Sink
 

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from e2e_support import QUEUED, VENV_BIN, free_port, port_answers, wait_for
-from epost.queue.spool import Spool
+from epost.store.spool import Spool
 
 EPOST = str(VENV_BIN / "epost")
 ALICE = "alice@example.test"

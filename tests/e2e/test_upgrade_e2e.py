@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from e2e_support import maildir_messages, queued, restart, wait_for
-from epost.queue.envelope import Envelope, Recipient
+from epost.store.envelope import Envelope, Recipient
 
 
 ALICE = {"kind": "local", "rule": "local", "mailbox": "example.test/alice"}

@@ -17,9 +17,9 @@ from epost.delivery.courier import Attempt, CourierError
 from epost.delivery.smtp_client import Outcome
 from epost.logs import parse_senderlog_line
 from epost.queue.domain_state import parse_mri
-from epost.queue.envelope import Envelope, Recipient
+from epost.store.envelope import Envelope, Recipient
 from epost.queue.manager import DeliveryManager
-from epost.queue.spool import Spool
+from epost.store.spool import Spool
 from epost.routing.resolver import Route
 from fakes import ClockReactor, SynchronousThreadPool
 
@@ -549,7 +549,7 @@ def test_two_destinations_failing_together_bounce_each_recipient_once(tmp_path):
 
 
 def test_a_bounce_that_cannot_be_queued_now_is_tried_again(tmp_path):
-    from epost.queue.spool import SpoolError
+    from epost.store.database import SpoolError
 
     h = Harness(tmp_path, {"a@far.test": [(550, "5.1.1 no")]}, RetryConfig(count_5xx=0))
     calls = []

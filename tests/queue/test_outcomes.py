@@ -6,8 +6,9 @@ from hypothesis import given, strategies as st
 
 from epost.config import RetryConfig
 from epost.delivery.smtp_client import Outcome
-from epost.queue.envelope import Envelope, Recipient
-from epost.queue.outcomes import apply_attempt, destination_of, relay_groups, status_code
+from epost.address import destination_of
+from epost.queue.outcomes import apply_attempt, status_code
+from epost.store.envelope import Envelope, Recipient, relay_groups
 from test_retry import policies  # the same random E-Post policies as the retry rules' own tests
 
 NOW = 1_800_000_000.0

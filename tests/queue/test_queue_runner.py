@@ -15,9 +15,9 @@ import epost.queue.runner as runner_module
 from fakes import ClockReactor, SynchronousThreadPool
 
 from epost.delivery.maildir import MaildirBatch
-from epost.queue.envelope import Envelope, Recipient
+from epost.store.envelope import Envelope, Recipient
 from epost.queue.runner import LocalDeliveryRunner
-from epost.queue.spool import Spool
+from epost.store.spool import Spool
 
 CONTENT = b"Subject: hi\r\n\r\nbody\r\n"
 

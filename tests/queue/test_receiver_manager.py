@@ -14,9 +14,9 @@ from epost.delivery.smtp_client import Outcome
 from epost.logs import parse_senderlog_line
 from epost.queue import receivers as rx
 from epost.queue.domain_state import parse_mri
-from epost.queue.envelope import Envelope, Recipient
+from epost.store.envelope import Envelope, Recipient
 from epost.queue.manager import DeliveryManager
-from epost.queue.spool import Spool
+from epost.store.spool import Spool
 from epost.routing.resolver import Route
 from fakes import ClockReactor, SynchronousThreadPool
 

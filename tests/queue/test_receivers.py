@@ -13,7 +13,7 @@ from epost.config import RetryConfig
 from epost.delivery.smtp_client import Outcome
 from epost.queue import receivers as rx
 from epost.queue.domain_state import DomainState, format_mri, parse_mri
-from epost.queue.envelope import Envelope, Recipient
+from epost.store.envelope import Envelope, Recipient
 from epost.queue.outcomes import apply_attempt, apply_throttle
 
 RULES = rx.DEFAULT_THROTTLE_RULES

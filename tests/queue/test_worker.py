@@ -12,8 +12,9 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
-from epost.queue.envelope import Envelope, Recipient
-from epost.queue.spool import Spool, SpoolError
+from epost.store.envelope import Envelope, Recipient
+from epost.store.database import SpoolError
+from epost.store.spool import Spool
 from epost.queue.worker import Worker
 from epost.queue.worker_client import RemoteMessageWriter, SpoolWorkerService
 
@@ -199,7 +200,7 @@ class WorkerProcessTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_commit_sent_before_the_stop_is_answered_and_one_after_it_is_spool_stopping(self):
         """The daemon's stop closes the workers' stdin: what they were sent is still committed."""
-        from epost.queue.spool import SpoolStopping
+        from epost.store.spool import SpoolStopping
 
         writer = self.service.open_message()
         writer.write(b"Subject: in flight\r\n\r\nx\r\n")

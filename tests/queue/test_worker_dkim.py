@@ -12,8 +12,8 @@ import dkim
 import pytest
 
 from epost.delivery import signing
-from epost.queue.envelope import Envelope, Recipient
-from epost.queue.spool import MessageWriter, Spool
+from epost.store.envelope import Envelope, Recipient
+from epost.store.spool import MessageWriter, Spool
 from epost.queue.worker import Worker
 
 CONTENT = (
@@ -193,7 +193,7 @@ def test_an_envelope_queued_before_signing_existed_reads_as_untrusted_and_unsign
 
 
 def test_an_smtp_attempt_sends_the_stored_signature_before_the_content(spool):
-    from epost.queue.spool import SpooledContent
+    from epost.store.spool import SpooledContent
 
     queue_id, _ = commit(Worker(spool.root, "mx.test", reply=lambda line: None), spool, CONTENT, False, RELAY)
     content = SpooledContent(spool, queue_id, "incoming", b"DKIM-Signature: v=1; x\r\n")

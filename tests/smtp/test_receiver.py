@@ -74,7 +74,7 @@ def _failing_commit(error):
 def test_a_storage_failure_is_logged_before_its_451():
     import errno
 
-    from epost.queue.spool import SpoolError
+    from epost.store.database import SpoolError
 
     reply, logged = _failing_commit(SpoolError(errno.EIO, "spool worker process ended"))
     assert (reply.code, reply.enhanced) == (451, "4.3.0")
@@ -84,7 +84,7 @@ def test_a_storage_failure_is_logged_before_its_451():
 def test_a_commit_after_the_spool_workers_stopped_is_421_not_451():
     import errno
 
-    from epost.queue.spool import SpoolStopping
+    from epost.store.spool import SpoolStopping
 
     reply, logged = _failing_commit(SpoolStopping(errno.ESHUTDOWN, "spool workers stopped"))
     assert (reply.code, reply.enhanced) == (421, "4.3.2")

@@ -17,9 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import epost.store.database as database
-from epost.queue.envelope import Envelope, EnvelopeError, Recipient
-from epost.queue.spool import QUEUES, SpoolError
-from epost.store.database import QueueStore, StoreError, StoreUnavailable
+from epost.store.envelope import Envelope, EnvelopeError, Recipient
+from epost.store.database import QUEUES, QueueStore, SpoolError, StoreError, StoreUnavailable
 
 
 def envelope_for(queue_id: str, domain: str = "example.jp", attempts: int = 0) -> Envelope:
@@ -406,7 +405,7 @@ def test_another_process_sees_committed_messages_and_we_see_its(tmp_path, store)
         import sys
         from pathlib import Path
         from epost.store.database import QueueStore
-        from epost.queue.envelope import Envelope, Recipient
+        from epost.store.envelope import Envelope, Recipient
         store = QueueStore(Path(sys.argv[1]))
         store.open(create=False)
         print(store.content(sys.argv[2]).decode())
@@ -422,7 +421,7 @@ KILLED_WRITER = """
     import sys
     from pathlib import Path
     from epost.store.database import QueueStore
-    from epost.queue.envelope import Envelope, Recipient
+    from epost.store.envelope import Envelope, Recipient
     root = Path(sys.argv[1])
     (root / "tmp").mkdir(exist_ok=True)
     store = QueueStore(root)

@@ -26,7 +26,7 @@ import pytest
 
 from stress_support import scale
 from e2e_support import TWISTD, free_port, maildir_messages, port_answers, queued, wait_for
-from epost.queue.lock import try_lock
+from epost.store.lock import try_lock
 
 EPOST = shutil.which("epost", path=str(Path(sys.executable).parent))
 ALICE = "alice@example.test"

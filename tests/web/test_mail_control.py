@@ -12,7 +12,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
 from epost.queue.domain_state import DomainState
-from epost.queue.envelope import Envelope, Recipient
+from epost.store.envelope import Envelope, Recipient
 from epost.web.gateway_edit import check
 from epost.smtp.throttle import client_key
 from epost.web.logtail import last_lines

@@ -15,7 +15,7 @@ from epost.admin.dns_check import Finding
 from epost.config import load_config
 from epost.queue.domain_state import DomainState
 from epost.queue.manager import OperationResult
-from epost.queue.spool import Spool
+from epost.store.spool import Spool
 from epost.routing_chain import build_routing
 from epost.web import make_admin_site
 from fakes import ClockReactor, SynchronousThreadPool

@@ -1,4 +1,4 @@
-"""The spool lock (epost.queue.lock): one daemon per spool, and nothing stale can block it."""
+"""The spool lock (epost.store.lock): one daemon per spool, and nothing stale can block it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from epost.queue.lock import SpoolBusy, SpoolLock, lock_path, try_lock
+from epost.store.lock import SpoolBusy, SpoolLock, lock_path, try_lock
 
 HOLD = "import sys, time; sys.stdout.write('held\\n'); sys.stdout.flush(); time.sleep(60)"
 
@@ -51,7 +51,7 @@ def test_the_lock_survives_the_taker_handing_it_to_a_child_and_exiting(tmp_path)
 
 
 def test_a_killed_holder_frees_the_lock(tmp_path):
-    take = f"from epost.queue.lock import SpoolLock; SpoolLock.acquire({str(tmp_path)!r}); {HOLD}"
+    take = f"from epost.store.lock import SpoolLock; SpoolLock.acquire({str(tmp_path)!r}); {HOLD}"
     child = subprocess.Popen([sys.executable, "-c", take], stdout=subprocess.PIPE)
     assert child.stdout.readline() == b"held\n"
     with pytest.raises(SpoolBusy) as refused:

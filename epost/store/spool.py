@@ -14,9 +14,7 @@ delivery, never a loss.
 
 from __future__ import annotations
 
-import errno
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -29,33 +27,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from epost.fsutil import unlink_if_present
+from epost.store.database import QUEUE_ID, QUEUES, QueueStore, SpoolError
+from epost.store.envelope import Envelope, EnvelopeError
 
-from epost.queue.envelope import Envelope, EnvelopeError
-
-QUEUES = ("incoming", "deferred", "hold")
 FOLDERS = ("tmp", "domains", "mailboxes", "log")  # beside queue/, which the store makes
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-QUEUE_ID = re.compile(r"[0-9A-F]{17}")
 
 log = Logger()
-
-
-class SpoolError(OSError):
-    """The spool could not store a message; ``disk_full`` tells SMTP to say 452 4.3.1 rather than 451.
-
-    An OSError (``.errno``, ``.strerror`` = message), so callers catching OSError catch it too.
-    """
-
-    def __init__(self, errno_code: int, message: str) -> None:
-        super().__init__(errno_code, message)
-
-    @property
-    def disk_full(self) -> bool:
-        return self.errno in DISK_FULL_ERRNOS
-
-    @classmethod
-    def from_oserror(cls, error: OSError, doing: str) -> SpoolError:
-        return cls(error.errno or errno.EIO, f"{doing}: {error}")
 
 
 class SpoolStopping(SpoolError):
@@ -197,7 +174,6 @@ class Spool:
         threadpool: Any,
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
-        from epost.store.database import QueueStore  # the store imports SpoolError from here
 
         self.root = Path(root)
         self.tmp = self.root / "tmp"

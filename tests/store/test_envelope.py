@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from epost.queue.envelope import Envelope, EnvelopeError, Recipient
+from epost.store.envelope import Envelope, EnvelopeError, Recipient
 
 ENVELOPE = Envelope(
     queue_id="0006123456789AB0001",

@@ -13,8 +13,9 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 import epost.store.database as database_module
-from epost.queue.envelope import Envelope, Recipient
-from epost.queue.spool import Spool, SpoolError
+from epost.store.envelope import Envelope, Recipient
+from epost.store.database import SpoolError
+from epost.store.spool import Spool
 
 LARGE = b"Subject: large\r\n\r\n" + b"x" * (300 * 1024)  # past MessageWriter.spill_size: spilled to tmp/
 

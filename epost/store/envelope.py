@@ -1,7 +1,7 @@
 """A queued message's envelope: who sent it, who gets it, and how far each recipient got.
 
-The envelope lives in its own small file next to the content, so recording a
-recipient's progress never rewrites the message itself.
+The envelope is its own small row beside the content (epost.store.database),
+so recording a recipient's progress never rewrites the message itself.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from epost.address import destination_of
+
 FORMAT_VERSION = 1
+RELAY = "relay"  # a recipient's route kind when it leaves by SMTP
 RECIPIENT_STATES = ("pending", "delivered", "failed")
 
 
@@ -93,6 +96,16 @@ class Envelope:
             )
         except (ValueError, UnicodeDecodeError) as e:
             raise EnvelopeError(f"{name_for_errors}: corrupt envelope: {e}") from None
+
+
+def relay_groups(envelope: Envelope) -> dict[str, list[int]]:
+    """Pending recipients that leave by SMTP, by destination domain, in envelope order."""
+    groups: dict[str, list[int]] = {}
+    for index in envelope.pending():
+        recipient = envelope.recipients[index]
+        if (recipient.route or {}).get("kind") == RELAY:
+            groups.setdefault(destination_of(recipient.address), []).append(index)
+    return groups
 
 
 def _recipient(obj: Any) -> Recipient:
