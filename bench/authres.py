@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests/e2e"), str(REPO / "tests/routing")]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests/e2e"), str(REPO / "tests/routing")]
 
 from common import children, process_cpu, smtp_source  # noqa: E402
 from dnsmasq import Dnsmasq  # noqa: E402

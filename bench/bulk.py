@@ -38,7 +38,7 @@ from pathlib import Path
 
 from common import Epost
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "e2e"))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent / "tests" / sub) for sub in ("", "e2e")]
 from bulk_peers import (  # noqa: E402
     GreylistReceiver, Postgrey, RateLimiter, Receiver, bounces, daemon_knows_receiver_aware, percentile,
     receiver_aware_line, send_bulk, sustained_rate,

@@ -38,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "e2e"))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent / "tests" / sub) for sub in ("", "e2e")]
 from e2e_support import Daemon, free_port, port_answers, wait_for, write_config  # noqa: E402
 from test_haproxy_e2e import BEHIND, haproxy_config  # noqa: E402
 

@@ -3,7 +3,7 @@ Run from the checkout: .venv/bin/python bench/screening.py"""
 import os, socket, statistics, sys, tempfile, time
 from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests/e2e"), str(REPO / "tests/routing")]
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests/e2e"), str(REPO / "tests/routing")]
 from e2e_support import daemons
 from dnsmasq import Dnsmasq
 
