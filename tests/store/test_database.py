@@ -57,6 +57,7 @@ def test_open_creates_folders_and_a_wal_database(tmp_path, store):
     assert (tmp_path / "queue" / "large").is_dir()
     conn = sqlite3.connect(tmp_path / "queue" / "queue.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == 16384
     assert conn.execute("PRAGMA user_version").fetchone()[0] == database.SCHEMA_VERSION
     conn.close()
 
