@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
-from epost.fsutil import unlink_if_present
+from epost.fsutil import fsync_dir, unlink_if_present
 from epost.store.envelope import Envelope, EnvelopeError
 
 if TYPE_CHECKING:
@@ -149,6 +149,10 @@ def _commit(store: QueueStore, state: str, batch: list[tuple[Envelope, bytes | P
             unlink_if_present(content)  # still there only if the store did not take it
         if error is None or error.errno == errno.EEXIST:
             _remove(files)
+    # The removals made durable once per batch: after a power cut, files of
+    # messages imported (and maybe delivered since) must not come back.
+    for folder in {path.parent for _, _, files in batch for path in files}:
+        fsync_dir(folder)
     errors = [error for error in results if error is not None and error.errno != errno.EEXIST]
     if errors:
         raise errors[0]

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from epost.store.envelope import Envelope, Recipient
+from epost.store import upgrade
 from epost.store.database import QueueStore, StoreError
 from epost.store.upgrade import import_file_spool
 
@@ -275,3 +276,13 @@ def test_any_set_of_messages_over_the_three_states_round_trips(messages):
             assert old_files(root) == []
         finally:
             store.close()
+
+
+def test_the_removal_of_each_batch_s_old_files_is_made_durable_by_a_folder_fsync(root, store, monkeypatch):
+    """Else a power cut could bring back the files of messages imported (and since delivered): imported again."""
+    for n in range(3):
+        write_old(root, "hold" if n else "incoming", envelope(f"{n + 1:017X}"), b"m\r\n")
+    synced = []
+    monkeypatch.setattr(upgrade, "fsync_dir", lambda folder: synced.append(Path(folder)))
+    import_file_spool(root, store)
+    assert set(synced) == {root / "incoming", root / "hold"}
