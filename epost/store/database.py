@@ -19,7 +19,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from epost.fsutil import fsync_dir, unlink_if_present
+from epost.fsutil import fsync_dir, take_owner_of, unlink_if_present
 from epost.store.envelope import Envelope, EnvelopeError, relay_groups
 
 SCHEMA_VERSION = 1
@@ -128,9 +128,13 @@ class QueueStore:
                 raise StoreUnavailable(
                     f"{self.path}: not an epost queue (version {version}, tables {', '.join(sorted(tables)) or 'none'})"
                 )
-            elif create:  # this process will write: a read-only file must stop start-up, not every commit
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute("ROLLBACK")
+            else:
+                self._use_wal(conn)
+                if create:  # this process will write: a read-only file must stop start-up, not every commit
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.execute("ROLLBACK")
+            if create and os.geteuid() == 0:
+                self._give_to_spool_owner()
         except OSError as e:
             self.close()
             raise StoreUnavailable(f"{self.path}: cannot create: {e}") from None
@@ -165,6 +169,46 @@ class QueueStore:
             conn.rollback()
             raise
         fsync_dir(self.folder)  # the new database's name is durable before any mail is acknowledged
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        """An existing database in another journal mode (a restored copy) is switched to WAL:
+        NORMAL bookkeeping is only safe against a power cut in WAL mode (docs/queue.md)."""
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+            return
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise StoreUnavailable(f"{self.path}: cannot switch to WAL mode (still {mode})")
+        log.info("{path}: switched to WAL mode", path=self.path)
+
+    def _give_to_spool_owner(self) -> None:
+        """Run as root (twistd before -u/-g, or a root `epost`): the store belongs to the owner of the spool.
+
+        The daemon makes the store before it switches user: a root-owned
+        queue.db, -wal or -shm, or folder, would refuse every commit after
+        the switch ("attempt to write a readonly database"). SQLite itself
+        gives a -wal or -shm it creates as root the owner of queue.db.
+        """
+        for path in (self.folder, self.large, self.path, *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm"))):
+            try:
+                take_owner_of(self.root, path)
+            except FileNotFoundError:
+                pass  # no -wal or -shm (yet)
+            except OSError as e:
+                raise StoreUnavailable(f"{path}: cannot give it the owner of {self.root}: {e}") from None
+
+    def drop_connections(self) -> None:
+        """Close every thread's connection but stay open: each thread's next call opens a new one.
+
+        For the daemon's start-up: twistd forks and switches user after
+        make_service, and an SQLite connection must not cross a fork
+        (sqlite.org/howtocorrupt.html 2.6) nor serve another user. Call it only
+        while no other thread uses the store.
+        """
+        with self._lock:
+            connections, self._connections = self._connections, []
+            self._local = threading.local()
+        for conn in connections:
+            conn.close()
 
     def close(self) -> None:
         """Close every thread's connection (they are idle by now: the daemon is stopping)."""
@@ -319,6 +363,8 @@ class QueueStore:
                     os.close(fd)
                 if Path(source) != target:
                     os.replace(source, target)
+                if os.geteuid() == 0:  # the import, before twistd's -u: a copied file must not stay root's
+                    take_owner_of(self.large, target)
                 moved[i] = Path(source)
             except OSError as e:
                 results[i] = store_error(e, f"cannot place {queue_id} in {self.large}")

@@ -117,6 +117,66 @@ def test_without_create_a_missing_database_is_refused_not_made(tmp_path):
     assert not (tmp_path / "queue").exists()
 
 
+def test_an_existing_database_in_another_journal_mode_is_switched_to_wal(tmp_path, store):
+    """A restored copy in DELETE mode: NORMAL bookkeeping is only power-cut safe in WAL (docs/queue.md)."""
+    store.put_batch([(envelope_for(qid(1)), b"kept")])
+    store.close()
+    conn = sqlite3.connect(tmp_path / "queue" / "queue.db")
+    assert conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0] == "delete"
+    conn.close()
+    for create in (True, False):
+        again = QueueStore(tmp_path)
+        again.open(create=create)
+        assert again._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert again.content(qid(1)) == b"kept"
+        again.close()
+        conn = sqlite3.connect(tmp_path / "queue" / "queue.db")
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # stored in the file, not per connection
+        conn.execute("PRAGMA journal_mode = DELETE")
+        conn.close()
+
+
+def owner(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_uid, st.st_gid
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give files away")
+def test_opened_by_root_the_store_belongs_to_the_owner_of_the_spool(tmp_path):
+    """twistd makes the store as root, then becomes its -u user: that user must be able to write it."""
+    os.chown(tmp_path, 65534, 65534)
+    store = QueueStore(tmp_path)
+    store.open()
+    queue = tmp_path / "queue"
+    parts = [queue, queue / "large", queue / "queue.db", queue / "queue.db-wal", queue / "queue.db-shm"]
+    assert {path.name: owner(path) for path in parts} == {path.name: (65534, 65534) for path in parts}
+    store.put(envelope_for(qid(1)), large_file(tmp_path, "big", b"big"), "incoming")
+    assert owner(queue / "large" / qid(1)) == (65534, 65534)  # an imported copy is root's until placed
+    store.close()
+    # An old store left root's by an earlier start is given back at the next.
+    for path in parts[:3]:
+        os.chown(path, 0, 0)
+    store.open()
+    assert {path.name: owner(path) for path in parts} == {path.name: (65534, 65534) for path in parts}
+    store.close()
+
+
+def test_drop_connections_closes_them_all_and_the_store_stays_usable(store):
+    store.put_batch([(envelope_for(qid(1)), b"before")])
+    seen = {"main": store._conn()}
+    thread = threading.Thread(target=lambda: seen.update(thread=store._conn()))
+    thread.start()
+    thread.join()
+    store.drop_connections()
+    for conn in seen.values():
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")
+    assert store._conn() is not seen["main"]  # a new one, on first use
+    assert store.content(qid(1)) == b"before"
+    store.put_batch([(envelope_for(qid(2)), b"after")])
+    assert store.ids("incoming") == [qid(1), qid(2)]
+
+
 # -- put ---------------------------------------------------------------------
 
 
