@@ -65,6 +65,10 @@ class StoreError(SpoolError):
     """The store could not do a write or read; ``disk_full`` (ENOSPC) makes SMTP say 452 4.3.1, else 451 4.3.0."""
 
 
+class _LargeContent(Exception):
+    """A NORMAL removal found a large content: it is redone FULL (QueueStore.remove)."""
+
+
 class StoreUnavailable(Exception):
     """The database cannot be opened; the message is one line naming the file and why, for the log and exit."""
 
@@ -429,19 +433,37 @@ class QueueStore:
             raise store_error(e, f"cannot {doing} {queue_id}") from e
 
     def remove(self, queue_id: str, state: str, *, durable: bool = True) -> None:
-        """Delete the row and its content in one transaction, then the large file (a crash between: sweep's debris)."""
+        """Delete the row and its content in one transaction, then the large file (a crash between: sweep's debris).
+
+        The removal of a message whose content is a large file is always
+        FULL: after a NORMAL one a power cut could bring the row back without
+        its file, and a delivered message would be retried and bounced.
+        """
         _check_id(queue_id)
         _check_state(state)
         try:
-            with self._write(durable) as conn:
-                cursor = conn.execute("DELETE FROM message WHERE id = ? AND state = ?", (queue_id, state))
-                if cursor.rowcount == 0:
-                    raise FileNotFoundError(f"{queue_id}: not in {state}")
-                rows = conn.execute("DELETE FROM content WHERE id = ? RETURNING data IS NULL", (queue_id,)).fetchall()
+            try:
+                large = self._delete(queue_id, state, durable)
+            except _LargeContent:  # found under the write lock, before any write: redone FULL
+                large = self._delete(queue_id, state, True)
         except sqlite3.Error as e:
             raise store_error(e, f"cannot remove {queue_id}") from e
-        if rows and rows[0][0]:
+        if large:
             unlink_if_present(self.large / queue_id)
+
+    def _delete(self, queue_id: str, state: str, durable: bool) -> bool:
+        """One removal transaction; True when the content was a large file. _LargeContent (nothing written)
+        when it is one and the transaction is not FULL."""
+        with self._write(durable) as conn:
+            row = conn.execute("SELECT data IS NULL FROM content WHERE id = ?", (queue_id,)).fetchone()
+            large = bool(row and row[0])
+            if large and not durable:
+                raise _LargeContent(queue_id)
+            cursor = conn.execute("DELETE FROM message WHERE id = ? AND state = ?", (queue_id, state))
+            if cursor.rowcount == 0:
+                raise FileNotFoundError(f"{queue_id}: not in {state}")
+            conn.execute("DELETE FROM content WHERE id = ?", (queue_id,))
+        return large
 
     # -- reading -------------------------------------------------------------
 
@@ -526,21 +548,22 @@ class QueueStore:
     # -- start-up ------------------------------------------------------------
 
     def sweep(self) -> None:
-        """Remove large/ files no row references (a crash between rename and commit, or after a removal).
+        """Remove large/ files no row references (a crash between rename and commit, or after a removal),
+        and log each row whose large file is missing.
 
         Only at start-up, before any writer runs: a put in flight has its
         file in place before its row is committed.
         """
         try:
-            names = os.listdir(self.large)
+            names = set(os.listdir(self.large))
         except FileNotFoundError:
-            return
-        if not names:
-            return
+            names = set()
         referenced = {row[0] for row in self._read("SELECT id FROM content WHERE data IS NULL", ())}
-        for name in names:
-            if name not in referenced:
-                unlink_if_present(self.large / name)
+        for name in names - referenced:
+            unlink_if_present(self.large / name)
+        for queue_id in sorted(referenced - names):  # said now, once, rather than at each attempt
+            log.error("{path}: missing: queued message {queue_id} has lost its content",
+                      path=self.large / queue_id, queue_id=queue_id)
 
 
 def _check_id(queue_id: str) -> str:

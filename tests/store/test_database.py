@@ -3,6 +3,7 @@
 import dataclasses
 import errno
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 import epost.store.database as database
 from epost.store.envelope import Envelope, EnvelopeError, Recipient
@@ -372,6 +374,61 @@ def test_remove_of_a_large_message_whose_file_is_gone(tmp_path, store):
     path.unlink()
     store.remove(qid(1), "incoming")
     assert store.state_of(qid(1)) is None
+
+
+def synchronous_levels(store, monkeypatch) -> list[bool]:
+    """The `durable` of each write transaction the store begins, in order."""
+    levels = []
+    write = store._write
+
+    def recording(durable):
+        levels.append(durable)
+        return write(durable)
+
+    monkeypatch.setattr(store, "_write", recording)
+    return levels
+
+
+def test_a_bookkeeping_removal_of_a_large_message_is_flushed_anyway(tmp_path, store, monkeypatch):
+    """After a NORMAL delete a power cut could bring the row back without its unlinked file:
+    a delivered message retried and bounced. So it is FULL, decided before anything is written."""
+    large = tmp_path / "queue" / "large"
+    store.put(envelope_for(qid(1)), large_file(large, qid(1), b"big"), "incoming")
+    store.put(envelope_for(qid(2)), b"inline", "incoming")
+    levels = synchronous_levels(store, monkeypatch)
+    store.remove(qid(1), "incoming", durable=False)
+    assert levels == [False, True]  # the NORMAL transaction found the file and wrote nothing
+    assert store._conn().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store.state_of(qid(1)) is None and not (large / qid(1)).exists()
+    store.remove(qid(2), "incoming", durable=False)
+    assert levels == [False, True, False]  # inline content: NORMAL, as delivery bookkeeping is
+    assert store._conn().execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert store.ids("incoming") == []
+
+
+def test_removing_a_large_message_from_the_wrong_state_changes_nothing(tmp_path, store):
+    path = large_file(tmp_path / "queue" / "large", qid(1), b"big")
+    store.put(envelope_for(qid(1)), path, "incoming")
+    with pytest.raises(FileNotFoundError, match="not in deferred"):
+        store.remove(qid(1), "deferred", durable=False)
+    assert store.content(qid(1)) == path and path.read_bytes() == b"big"
+
+
+def test_sweep_logs_each_message_whose_large_file_is_missing_once(tmp_path, store):
+    large = tmp_path / "queue" / "large"
+    for n in (1, 2):
+        store.put(envelope_for(qid(n)), large_file(large, qid(n), b"big"), "incoming")
+    (large / qid(2)).unlink()
+    with capturedLogs() as events:
+        store.sweep()
+    errors = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
+    assert errors == [f"{large / qid(2)}: missing: queued message {qid(2)} has lost its content"]
+    assert store.ids("incoming") == [qid(1), qid(2)]  # the row stays, for the operator
+    (large / qid(1)).unlink()
+    shutil.rmtree(large)
+    with capturedLogs() as events:
+        store.sweep()  # large/ gone too: each still said
+    assert len([e for e in events if e["log_level"] == LogLevel.error]) == 2
 
 
 # -- listing -------------------------------------------------------------------
