@@ -24,6 +24,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def take_owner_of(folder: str | Path, target: int | Path) -> None:
+    """Run as root, give a file or folder we made the owner and group of `folder` (the one it is in).
+
+    The daemon starts as root and only then becomes its user (twistd -u/-g):
+    what it makes before that (Maildirs, the queue store) must belong to
+    whoever owns the folder the operator set up, not to root.
+    """
+    st = os.stat(folder)
+    if isinstance(target, int):
+        os.fchown(target, st.st_uid, st.st_gid)
+    else:
+        os.chown(target, st.st_uid, st.st_gid)
+
+
 def write_atomically(path: Path, data: bytes, *, mode: int = 0o600, temp_dir: Path | None = None) -> None:
     """Temp file, fsync, rename, fsync the folder: readers and a crash see
     the old file or the whole new one, never a part. `temp_dir` (same file

@@ -291,6 +291,9 @@ def make_service(config: Config, reactor=None) -> service.MultiService:
     top.portal = portal
 
     top.spool, top.runner, top.manager, top.routing, top.limits = spool, runner, manager, routing, limits
+    # twistd forks and switches to its -u/-g user after this returns: no
+    # SQLite connection may cross either (docs/queue.md); each thread opens its own later.
+    spool.drop_connections()
     return top
 
 

@@ -149,3 +149,12 @@ def test_every_listener_gets_the_default_backlog_unless_its_endpoint_sets_one(tm
     backlogs = sorted(backlog for _port, _factory, backlog, _interface in reactor.tcpServers)
     assert backlogs == sorted([default_backlog()] * 3 + [7])
     assert listener_settings(config, "relay").session_deadline == 42
+
+
+def test_no_queue_store_connection_outlives_make_service(tmp_path):
+    """twistd forks and switches user after make_service: an SQLite connection must cross neither."""
+    config = Config(server=ServerConfig(hostname="mx.example.test", spool=tmp_path / "spool", relay=(), submission=()))
+    top = make_service(config, reactor=MemoryReactorClock())
+    assert top.spool.store._connections == []
+    assert top.spool.queued_ids("incoming") == []  # still open: a connection is made again on first use
+    top.spool.close()

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from epost.fsutil import fsync_dir, unlink_if_present
+from epost.fsutil import fsync_dir, take_owner_of, unlink_if_present
 
 CHUNK = 64 * 1024
 
@@ -43,7 +43,7 @@ class MaildirBatch:
         name, fd = _create_unique(f"{maildir}/tmp", self.hostname)
         try:
             if os.geteuid() == 0:
-                _take_owner_of(f"{maildir}/tmp", fd)
+                take_owner_of(f"{maildir}/tmp", fd)
             size = 0
             with contextlib.ExitStack() as stack:
                 if isinstance(content, bytes):
@@ -138,20 +138,7 @@ def _make_dir_durably(path: Path) -> None:
         path.mkdir(mode=0o700)
     except FileExistsError:
         return
-    if os.geteuid() == 0:
-        _take_owner_of(path.parent, path)
+    if os.geteuid() == 0:  # Dovecot refuses uid 0: Maildirs belong to the owner of <spool>/mailboxes (docs/mailboxes.md)
+        take_owner_of(path.parent, path)
     fsync_dir(path.parent)
 
-
-def _take_owner_of(folder: str | Path, target: int | Path) -> None:
-    """Run as root, give a new Maildir file or folder the owner and group of the folder it is in.
-
-    Dovecot refuses uid 0 for mail, so the Maildirs belong to whoever owns
-    `<spool>/mailboxes` (docs/mailboxes.md); a daemon still running as root
-    (tests, twistd before -u) keeps them that way.
-    """
-    st = os.stat(folder)
-    if isinstance(target, int):
-        os.fchown(target, st.st_uid, st.st_gid)
-    else:
-        os.chown(target, st.st_uid, st.st_gid)

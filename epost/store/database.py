@@ -19,7 +19,7 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
-from epost.fsutil import fsync_dir, unlink_if_present
+from epost.fsutil import fsync_dir, take_owner_of, unlink_if_present
 from epost.store.envelope import Envelope, EnvelopeError, relay_groups
 
 SCHEMA_VERSION = 1
@@ -63,6 +63,10 @@ class SpoolError(OSError):
 
 class StoreError(SpoolError):
     """The store could not do a write or read; ``disk_full`` (ENOSPC) makes SMTP say 452 4.3.1, else 451 4.3.0."""
+
+
+class _LargeContent(Exception):
+    """A NORMAL removal found a large content: it is redone FULL (QueueStore.remove)."""
 
 
 class StoreUnavailable(Exception):
@@ -128,9 +132,13 @@ class QueueStore:
                 raise StoreUnavailable(
                     f"{self.path}: not an epost queue (version {version}, tables {', '.join(sorted(tables)) or 'none'})"
                 )
-            elif create:  # this process will write: a read-only file must stop start-up, not every commit
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute("ROLLBACK")
+            else:
+                self._use_wal(conn)
+                if create:  # this process will write: a read-only file must stop start-up, not every commit
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.execute("ROLLBACK")
+            if create and os.geteuid() == 0:
+                self._give_to_spool_owner()
         except OSError as e:
             self.close()
             raise StoreUnavailable(f"{self.path}: cannot create: {e}") from None
@@ -165,6 +173,46 @@ class QueueStore:
             conn.rollback()
             raise
         fsync_dir(self.folder)  # the new database's name is durable before any mail is acknowledged
+
+    def _use_wal(self, conn: sqlite3.Connection) -> None:
+        """An existing database in another journal mode (a restored copy) is switched to WAL:
+        NORMAL bookkeeping is only safe against a power cut in WAL mode (docs/queue.md)."""
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+            return
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise StoreUnavailable(f"{self.path}: cannot switch to WAL mode (still {mode})")
+        log.info("{path}: switched to WAL mode", path=self.path)
+
+    def _give_to_spool_owner(self) -> None:
+        """Run as root (twistd before -u/-g, or a root `epost`): the store belongs to the owner of the spool.
+
+        The daemon makes the store before it switches user: a root-owned
+        queue.db, -wal or -shm, or folder, would refuse every commit after
+        the switch ("attempt to write a readonly database"). SQLite itself
+        gives a -wal or -shm it creates as root the owner of queue.db.
+        """
+        for path in (self.folder, self.large, self.path, *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm"))):
+            try:
+                take_owner_of(self.root, path)
+            except FileNotFoundError:
+                pass  # no -wal or -shm (yet)
+            except OSError as e:
+                raise StoreUnavailable(f"{path}: cannot give it the owner of {self.root}: {e}") from None
+
+    def drop_connections(self) -> None:
+        """Close every thread's connection but stay open: each thread's next call opens a new one.
+
+        For the daemon's start-up: twistd forks and switches user after
+        make_service, and an SQLite connection must not cross a fork
+        (sqlite.org/howtocorrupt.html 2.6) nor serve another user. Call it only
+        while no other thread uses the store.
+        """
+        with self._lock:
+            connections, self._connections = self._connections, []
+            self._local = threading.local()
+        for conn in connections:
+            conn.close()
 
     def close(self) -> None:
         """Close every thread's connection (they are idle by now: the daemon is stopping)."""
@@ -319,6 +367,8 @@ class QueueStore:
                     os.close(fd)
                 if Path(source) != target:
                     os.replace(source, target)
+                if os.geteuid() == 0:  # the import, before twistd's -u: a copied file must not stay root's
+                    take_owner_of(self.large, target)
                 moved[i] = Path(source)
             except OSError as e:
                 results[i] = store_error(e, f"cannot place {queue_id} in {self.large}")
@@ -383,19 +433,37 @@ class QueueStore:
             raise store_error(e, f"cannot {doing} {queue_id}") from e
 
     def remove(self, queue_id: str, state: str, *, durable: bool = True) -> None:
-        """Delete the row and its content in one transaction, then the large file (a crash between: sweep's debris)."""
+        """Delete the row and its content in one transaction, then the large file (a crash between: sweep's debris).
+
+        The removal of a message whose content is a large file is always
+        FULL: after a NORMAL one a power cut could bring the row back without
+        its file, and a delivered message would be retried and bounced.
+        """
         _check_id(queue_id)
         _check_state(state)
         try:
-            with self._write(durable) as conn:
-                cursor = conn.execute("DELETE FROM message WHERE id = ? AND state = ?", (queue_id, state))
-                if cursor.rowcount == 0:
-                    raise FileNotFoundError(f"{queue_id}: not in {state}")
-                rows = conn.execute("DELETE FROM content WHERE id = ? RETURNING data IS NULL", (queue_id,)).fetchall()
+            try:
+                large = self._delete(queue_id, state, durable)
+            except _LargeContent:  # found under the write lock, before any write: redone FULL
+                large = self._delete(queue_id, state, True)
         except sqlite3.Error as e:
             raise store_error(e, f"cannot remove {queue_id}") from e
-        if rows and rows[0][0]:
+        if large:
             unlink_if_present(self.large / queue_id)
+
+    def _delete(self, queue_id: str, state: str, durable: bool) -> bool:
+        """One removal transaction; True when the content was a large file. _LargeContent (nothing written)
+        when it is one and the transaction is not FULL."""
+        with self._write(durable) as conn:
+            row = conn.execute("SELECT data IS NULL FROM content WHERE id = ?", (queue_id,)).fetchone()
+            large = bool(row and row[0])
+            if large and not durable:
+                raise _LargeContent(queue_id)
+            cursor = conn.execute("DELETE FROM message WHERE id = ? AND state = ?", (queue_id, state))
+            if cursor.rowcount == 0:
+                raise FileNotFoundError(f"{queue_id}: not in {state}")
+            conn.execute("DELETE FROM content WHERE id = ?", (queue_id,))
+        return large
 
     # -- reading -------------------------------------------------------------
 
@@ -480,21 +548,22 @@ class QueueStore:
     # -- start-up ------------------------------------------------------------
 
     def sweep(self) -> None:
-        """Remove large/ files no row references (a crash between rename and commit, or after a removal).
+        """Remove large/ files no row references (a crash between rename and commit, or after a removal),
+        and log each row whose large file is missing.
 
         Only at start-up, before any writer runs: a put in flight has its
         file in place before its row is committed.
         """
         try:
-            names = os.listdir(self.large)
+            names = set(os.listdir(self.large))
         except FileNotFoundError:
-            return
-        if not names:
-            return
+            names = set()
         referenced = {row[0] for row in self._read("SELECT id FROM content WHERE data IS NULL", ())}
-        for name in names:
-            if name not in referenced:
-                unlink_if_present(self.large / name)
+        for name in names - referenced:
+            unlink_if_present(self.large / name)
+        for queue_id in sorted(referenced - names):  # said now, once, rather than at each attempt
+            log.error("{path}: missing: queued message {queue_id} has lost its content",
+                      path=self.large / queue_id, queue_id=queue_id)
 
 
 def _check_id(queue_id: str) -> str:

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 
 from twisted.python.failure import Failure
 
-from epost.fsutil import unlink_if_present
+from epost.fsutil import take_owner_of, unlink_if_present
 from epost.store.database import QUEUE_ID, QUEUES, QueueStore, SpoolError
 from epost.store.envelope import Envelope, EnvelopeError
 
@@ -192,8 +192,17 @@ class Spool:
         never a silently new, empty queue."""
         if create:
             for name in FOLDERS:
-                (self.root / name).mkdir(parents=True, exist_ok=True)
+                folder = self.root / name
+                if folder.is_dir():
+                    continue  # the operator's (mailboxes/ may belong to Dovecot's user): left as it is
+                folder.mkdir(parents=True, exist_ok=True)
+                if os.geteuid() == 0:  # twistd switches to its -u user after this: the spool's owner
+                    take_owner_of(self.root, folder)
         self.store.open(create=create)
+
+    def drop_connections(self) -> None:
+        """The daemon's start-up is done: no connection may cross twistd's fork and user switch."""
+        self.store.drop_connections()
 
     def exists(self) -> bool:
         """Whether this spool has a queue store yet (a reader finds an empty queue when not)."""

@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import smtplib
 import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-from e2e_support import maildir_messages, queued, wait_for
-from test_daemon import ALICE, SENDER, Senders, message, message_ids
+from e2e_support import REPO, TWISTD, free_port, maildir_messages, port_answers, queued, wait_for, write_config
+from test_daemon import _RUN_TWISTD, ALICE, SENDER, Senders, message, message_ids
+
+NOBODY = 65534  # nobody / nogroup
 
 
 def children(pid: int) -> dict[int, str]:
@@ -115,3 +122,101 @@ def test_a_full_disk_answers_452_4_3_1_and_after_space_is_freed_mail_flows_again
     wait_for(lambda: "<after@e2e.test>" in message_ids(d.spool), message="mail flows again")
     assert "<full@e2e.test>" not in message_ids(d.spool)  # refused with a 4xx: the client keeps it
     assert len(maildir_messages(d.spool, "example.test/alice")) == 2
+
+
+# -- started as root, daemonized, then -u nobody -g nogroup ------------------------
+
+
+def runs_as(uid: int, command: list[str], env: dict | None = None) -> bool:
+    """Whether `command` runs once the user is `uid` (a python under /root, mode 0700, does not)."""
+    def become() -> None:
+        os.setgid(uid)
+        os.setuid(uid)
+
+    try:
+        return subprocess.run(command, env=env, cwd="/", preexec_fn=become, capture_output=True).returncode == 0
+    except PermissionError:  # the exec itself
+        return False
+
+
+def twistd_for(uid: int) -> tuple[list[str], dict]:
+    """A twistd the daemon can still run after switching to `uid`, and its environment.
+
+    It is this venv's when `uid` may run its python; else (a python under a
+    0700 /root) the system's python of the same version with this venv's
+    packages and the work tree on PYTHONPATH. Both must be readable by `uid`."""
+    env = dict(os.environ)
+    if runs_as(uid, [sys.executable, "-c", "import epost, twisted"]):
+        return [TWISTD], env
+    env["PYTHONPATH"] = f"{REPO}:{sysconfig.get_paths()['purelib']}"
+    python = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+    if not os.path.exists(python) or not runs_as(uid, [python, "-c", "import epost, twisted, cryptography"], env):
+        pytest.skip(f"no python that uid {uid} can run with epost's packages ({sys.executable} is not readable)")
+    return [python, "-c", _RUN_TWISTD], env
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (the daemonized process is not our child: init reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starts the daemon as root, as init does")
+def test_started_as_root_daemonized_with_u_nobody_the_store_is_nobodys_and_mail_is_delivered():
+    """The documented start (twistd --pidfile --logfile -u -g, no -n): twistd runs
+    make_service as root, then forks and switches user. The queue store it made
+    must be writable by that user, and no SQLite connection may cross the fork."""
+    folder = Path(tempfile.mkdtemp(dir="/tmp", prefix="epost-root-"))  # pytest's tmp_path is 0700 root's
+    pid = None
+    try:
+        os.chmod(folder, 0o755)
+        relay, submission = free_port(), free_port()
+        config = write_config(folder, relay, submission)
+        for path in (config, folder / "users"):
+            path.chmod(0o644)
+        spool = folder / "spool"
+        spool.mkdir()
+        os.chown(spool, NOBODY, NOBODY)  # as the operator does (docs/operating.md)
+        command, env = twistd_for(NOBODY)
+        pidfile, logfile = folder / "epost.pid", folder / "epost.log"
+        started = subprocess.run(
+            [*command, "--pidfile", str(pidfile), "--logfile", str(logfile), "-u", "nobody", "-g", "nogroup",
+             "epost", "--config", str(config)],
+            cwd=folder, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+        )
+        assert started.returncode == 0, started.stdout + started.stderr + (logfile.read_text() if logfile.exists() else "")
+        pid = int(pidfile.read_text())
+        wait_for(lambda: port_answers(relay), timeout=20, message="the relay port")
+        assert os.stat(f"/proc/{pid}").st_uid == NOBODY
+
+        large = "".join(f"{i:08d} ".ljust(78, "x") + "\r\n" for i in range(4000))  # 320 KB: queue/large/
+        with smtplib.SMTP("127.0.0.1", relay, timeout=20) as smtp:
+            smtp.sendmail(SENDER, [ALICE], message("small", message_id="<small@e2e.test>"))
+            smtp.sendmail(SENDER, [ALICE], message(large, message_id="<large@e2e.test>"))
+        wait_for(lambda: len(maildir_messages(spool, "example.test/alice")) == 2, timeout=30,
+                 message="both messages in alice's Maildir:\n" + logfile.read_text())
+        wait_for(lambda: not any(queued(spool, state) for state in ("incoming", "deferred", "hold")), timeout=30,
+                 message="the queue to empty")
+        assert sorted(message_ids(spool)) == ["<large@e2e.test>", "<small@e2e.test>"]
+        queue = spool / "queue"
+        for path in (queue, queue / "large", queue / "queue.db", spool / "tmp", spool / "mailboxes"):
+            assert (os.stat(path).st_uid, os.stat(path).st_gid) == (NOBODY, NOBODY), path
+        log = logfile.read_text()
+        assert "readonly database" not in log and "Traceback" not in log, log
+
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while running(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(pid), "the daemon did not stop within 30 s of SIGTERM"
+        pid = None
+    finally:
+        if pid is not None and running(pid):
+            for child in [*children(pid), pid]:
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        shutil.rmtree(folder, ignore_errors=True)

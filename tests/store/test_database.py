@@ -3,6 +3,7 @@
 import dataclasses
 import errno
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 import epost.store.database as database
 from epost.store.envelope import Envelope, EnvelopeError, Recipient
@@ -115,6 +117,66 @@ def test_a_database_that_cannot_be_opened_is_refused(tmp_path):
 def test_without_create_a_missing_database_is_refused_not_made(tmp_path):
     assert "no queue database" in assert_refused(tmp_path, create=False)
     assert not (tmp_path / "queue").exists()
+
+
+def test_an_existing_database_in_another_journal_mode_is_switched_to_wal(tmp_path, store):
+    """A restored copy in DELETE mode: NORMAL bookkeeping is only power-cut safe in WAL (docs/queue.md)."""
+    store.put_batch([(envelope_for(qid(1)), b"kept")])
+    store.close()
+    conn = sqlite3.connect(tmp_path / "queue" / "queue.db")
+    assert conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0] == "delete"
+    conn.close()
+    for create in (True, False):
+        again = QueueStore(tmp_path)
+        again.open(create=create)
+        assert again._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert again.content(qid(1)) == b"kept"
+        again.close()
+        conn = sqlite3.connect(tmp_path / "queue" / "queue.db")
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # stored in the file, not per connection
+        conn.execute("PRAGMA journal_mode = DELETE")
+        conn.close()
+
+
+def owner(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_uid, st.st_gid
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give files away")
+def test_opened_by_root_the_store_belongs_to_the_owner_of_the_spool(tmp_path):
+    """twistd makes the store as root, then becomes its -u user: that user must be able to write it."""
+    os.chown(tmp_path, 65534, 65534)
+    store = QueueStore(tmp_path)
+    store.open()
+    queue = tmp_path / "queue"
+    parts = [queue, queue / "large", queue / "queue.db", queue / "queue.db-wal", queue / "queue.db-shm"]
+    assert {path.name: owner(path) for path in parts} == {path.name: (65534, 65534) for path in parts}
+    store.put(envelope_for(qid(1)), large_file(tmp_path, "big", b"big"), "incoming")
+    assert owner(queue / "large" / qid(1)) == (65534, 65534)  # an imported copy is root's until placed
+    store.close()
+    # An old store left root's by an earlier start is given back at the next.
+    for path in parts[:3]:
+        os.chown(path, 0, 0)
+    store.open()
+    assert {path.name: owner(path) for path in parts} == {path.name: (65534, 65534) for path in parts}
+    store.close()
+
+
+def test_drop_connections_closes_them_all_and_the_store_stays_usable(store):
+    store.put_batch([(envelope_for(qid(1)), b"before")])
+    seen = {"main": store._conn()}
+    thread = threading.Thread(target=lambda: seen.update(thread=store._conn()))
+    thread.start()
+    thread.join()
+    store.drop_connections()
+    for conn in seen.values():
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")
+    assert store._conn() is not seen["main"]  # a new one, on first use
+    assert store.content(qid(1)) == b"before"
+    store.put_batch([(envelope_for(qid(2)), b"after")])
+    assert store.ids("incoming") == [qid(1), qid(2)]
 
 
 # -- put ---------------------------------------------------------------------
@@ -312,6 +374,61 @@ def test_remove_of_a_large_message_whose_file_is_gone(tmp_path, store):
     path.unlink()
     store.remove(qid(1), "incoming")
     assert store.state_of(qid(1)) is None
+
+
+def synchronous_levels(store, monkeypatch) -> list[bool]:
+    """The `durable` of each write transaction the store begins, in order."""
+    levels = []
+    write = store._write
+
+    def recording(durable):
+        levels.append(durable)
+        return write(durable)
+
+    monkeypatch.setattr(store, "_write", recording)
+    return levels
+
+
+def test_a_bookkeeping_removal_of_a_large_message_is_flushed_anyway(tmp_path, store, monkeypatch):
+    """After a NORMAL delete a power cut could bring the row back without its unlinked file:
+    a delivered message retried and bounced. So it is FULL, decided before anything is written."""
+    large = tmp_path / "queue" / "large"
+    store.put(envelope_for(qid(1)), large_file(large, qid(1), b"big"), "incoming")
+    store.put(envelope_for(qid(2)), b"inline", "incoming")
+    levels = synchronous_levels(store, monkeypatch)
+    store.remove(qid(1), "incoming", durable=False)
+    assert levels == [False, True]  # the NORMAL transaction found the file and wrote nothing
+    assert store._conn().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store.state_of(qid(1)) is None and not (large / qid(1)).exists()
+    store.remove(qid(2), "incoming", durable=False)
+    assert levels == [False, True, False]  # inline content: NORMAL, as delivery bookkeeping is
+    assert store._conn().execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert store.ids("incoming") == []
+
+
+def test_removing_a_large_message_from_the_wrong_state_changes_nothing(tmp_path, store):
+    path = large_file(tmp_path / "queue" / "large", qid(1), b"big")
+    store.put(envelope_for(qid(1)), path, "incoming")
+    with pytest.raises(FileNotFoundError, match="not in deferred"):
+        store.remove(qid(1), "deferred", durable=False)
+    assert store.content(qid(1)) == path and path.read_bytes() == b"big"
+
+
+def test_sweep_logs_each_message_whose_large_file_is_missing_once(tmp_path, store):
+    large = tmp_path / "queue" / "large"
+    for n in (1, 2):
+        store.put(envelope_for(qid(n)), large_file(large, qid(n), b"big"), "incoming")
+    (large / qid(2)).unlink()
+    with capturedLogs() as events:
+        store.sweep()
+    errors = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
+    assert errors == [f"{large / qid(2)}: missing: queued message {qid(2)} has lost its content"]
+    assert store.ids("incoming") == [qid(1), qid(2)]  # the row stays, for the operator
+    (large / qid(1)).unlink()
+    shutil.rmtree(large)
+    with capturedLogs() as events:
+        store.sweep()  # large/ gone too: each still said
+    assert len([e for e in events if e["log_level"] == LogLevel.error]) == 2
 
 
 # -- listing -------------------------------------------------------------------

@@ -335,3 +335,19 @@ class QueuedMessageTests(SpoolTestCase):
         self.assertRaises(ValueError, self.spool.state_of, "../../etc/passwd")
         self.assertRaises(ValueError, self.spool.remove, "../../etc/passwd")
         self.assertRaises(ValueError, self.spool.load, "0006123456789AB00", queue="../tmp")
+
+    def test_opened_by_root_the_folders_it_makes_belong_to_the_owner_of_the_spool(self):
+        """twistd opens the spool as root before -u/-g; the operator's own folders are left as they are."""
+        if os.geteuid() != 0:
+            raise unittest.SkipTest("only root can give files away")
+        root = Path(tempfile.mkdtemp(prefix="epost-test-"))
+        self.addCleanup(shutil.rmtree, root, ignore_errors=True)
+        os.chown(root, 65534, 65534)
+        (root / "mailboxes").mkdir()  # e.g. Dovecot's user's (docs/mailboxes.md)
+        spool = Spool(root, reactor=reactor, threadpool=self.pool)
+        spool.open()
+        self.addCleanup(spool.close)
+        owners = {name: (os.stat(root / name).st_uid, os.stat(root / name).st_gid)
+                  for name in ("tmp", "domains", "log", "mailboxes", "queue", "queue/queue.db")}
+        assert owners == {"tmp": (65534, 65534), "domains": (65534, 65534), "log": (65534, 65534),
+                          "mailboxes": (0, 0), "queue": (65534, 65534), "queue/queue.db": (65534, 65534)}
