@@ -127,6 +127,7 @@ class QueueStore:
             if version == 0 and not tables:
                 if not create:
                     raise StoreUnavailable(f"{self.path}: empty, no queue created in it yet")
+                self._refuse_if_it_was_lost()
                 self._create_schema(conn)
             elif version != SCHEMA_VERSION or not TABLES <= tables:
                 raise StoreUnavailable(
@@ -150,6 +151,18 @@ class QueueStore:
         except StoreUnavailable:
             self.close()
             raise
+
+    def _refuse_if_it_was_lost(self) -> None:
+        """A new database beside large contents or a WAL means the old one was moved or
+        deleted: starting would sweep those contents away and run on an empty queue."""
+        left = os.listdir(self.large)
+        wal = self.path.with_name(self.path.name + "-wal")
+        if left or (wal.exists() and wal.stat().st_size):
+            what = f"{len(left)} message content(s) in {self.large}" if left else f"a non-empty {wal.name}"
+            raise StoreUnavailable(
+                f"{self.path}: missing or empty, but {what} remain: the queue database was moved or deleted; "
+                f"restore it, or move {self.folder} away to start on an empty queue"
+            )
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         """WAL first (it cannot change inside a transaction), then the schema in one transaction.

@@ -667,3 +667,19 @@ def test_envelopes_are_stored_whole(store):
     )
     store.put(rich, b"", "hold")
     assert store.load(qid(1), "hold") == rich
+
+
+def test_a_lost_database_beside_large_contents_is_refused_not_made_anew(tmp_path):
+    """Making a new one would sweep large/ and run on an empty queue."""
+    first = QueueStore(tmp_path)
+    first.open()
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 1000)
+    assert first.put_batch([(envelope_for(qid(1)), big)]) == [None]
+    first.close()
+    for name in ("queue.db", "queue.db-wal", "queue.db-shm"):
+        (tmp_path / "queue" / name).unlink(missing_ok=True)
+    with pytest.raises(StoreUnavailable, match=r"queue\.db: missing or empty, but 1 message content\(s\) in .*large remain"):
+        QueueStore(tmp_path).open()
+    assert (tmp_path / "queue" / "large" / qid(1)).exists()
+    assert not (tmp_path / "queue" / "queue.db").exists() or (tmp_path / "queue" / "queue.db").stat().st_size == 0
