@@ -214,6 +214,7 @@ def list_queue(args: argparse.Namespace, now: float) -> int:
         return 1
     from epost.store.spool import Spool
     from epost.store.database import StoreUnavailable
+    from epost.store.upgrade import not_imported
 
     spool = Spool(config.server.spool, reactor=None, threadpool=None)
     domain = args.domain.strip().rstrip(".").lower() if args.domain else None
@@ -224,6 +225,9 @@ def list_queue(args: argparse.Namespace, now: float) -> int:
     except (StoreUnavailable, OSError) as error:
         print(f"epost queue: {error}", file=sys.stderr)
         return 1
+    if waiting := not_imported(config.server.spool):
+        print(f"epost queue: {waiting} message(s) of the file spool in {config.server.spool}/incoming, deferred "
+              "and hold are not in the queue store yet: the daemon imports them at its next start", file=sys.stderr)
     if args.json:
         print(json.dumps(to_json(messages, now), indent=1))
     else:

@@ -75,6 +75,17 @@ def import_file_spool(root: Path, store: QueueStore) -> dict[str, int]:
     return counts
 
 
+def not_imported(root: Path) -> int:
+    """Envelopes of the file spool still in its folders: what the daemon's next start imports."""
+    count = 0
+    for state in STATES:
+        try:
+            count += sum(1 for name in os.listdir(Path(root) / state) if name.endswith(".env") and OLD_FILE.fullmatch(name))
+        except FileNotFoundError:
+            continue
+    return count
+
+
 def _locate(env_in: list[str], msg_in: list[str]) -> tuple[str | None, str | None]:
     """(state, state of the envelope to use), or (None, None) for a message with no content or no envelope.
 

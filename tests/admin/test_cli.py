@@ -106,6 +106,18 @@ def test_queue_on_an_empty_spool(tmp_path, capsys):
     assert run(capsys, "queue", "--spool", "spool") == (0, ["queue is empty"], "")
 
 
+def test_queue_on_a_file_spool_not_imported_yet_says_so_instead_of_seeming_empty(tmp_path, capsys):
+    """Before the new release's first start its queue store is empty; the old files still hold the mail."""
+    for state, queue_id in (("incoming", "0" * 16 + "1"), ("hold", "0" * 16 + "2")):
+        (tmp_path / "spool" / state).mkdir(parents=True)
+        (tmp_path / "spool" / state / f"{queue_id}.env").write_text("{}")
+        (tmp_path / "spool" / state / f"{queue_id}.msg").write_text("x")
+    status, out, err = run(capsys, "queue", "--spool", "spool")
+    assert (status, out) == (0, ["queue is empty"])
+    assert err == (f"epost queue: 2 message(s) of the file spool in {tmp_path / 'spool'}/incoming, deferred and hold "
+                   "are not in the queue store yet: the daemon imports them at its next start\n")
+
+
 def test_queue_on_a_damaged_store_says_so_in_one_line(tmp_path, capsys):
     (tmp_path / "spool" / "queue").mkdir(parents=True)
     (tmp_path / "spool" / "queue" / "queue.db").write_bytes(b"not a database at all" * 100)
