@@ -409,17 +409,17 @@ class QueueStore:
             raise FileNotFoundError(f"{queue_id}: not in {state}" if state else f"{queue_id}: not queued")
         return Envelope.from_bytes(row[1], f"{self.path}:{queue_id}")
 
-    def load_many(self, state: str) -> Iterator[Envelope]:
-        """Every envelope in `state`, ID order, fetched a page at a time: bounded memory and no
-        read transaction held open while the caller works (a restart with 100,000 messages).
+    def load_many(self, state: str, after: str = "") -> Iterator[Envelope]:
+        """Every envelope in `state` (with an ID past `after`), ID order, fetched a page at a time:
+        bounded memory and no read transaction held open while the caller works (a restart with
+        100,000 messages).
 
         A corrupt envelope is logged and skipped, so one bad row cannot stop a
         restart; ``load`` still raises EnvelopeError for it."""
         _check_state(state)
-        return self._pages(state)
+        return self._pages(state, after)
 
-    def _pages(self, state: str) -> Iterator[Envelope]:
-        after = ""
+    def _pages(self, state: str, after: str) -> Iterator[Envelope]:
         while True:
             rows = self._read(
                 "SELECT id, envelope FROM message WHERE state = ? AND id > ? ORDER BY id LIMIT ?", (state, after, PAGE)
