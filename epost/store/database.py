@@ -70,7 +70,9 @@ class StoreUnavailable(Exception):
 
 
 def store_error(error: Exception, doing: str) -> StoreError:
-    """Map an sqlite3 or OS error to ENOSPC (disk full) or EIO: the only two answers SMTP needs."""
+    """Map an sqlite3 or OS error to ENOSPC (disk full) or EIO: the only two answers SMTP needs.
+
+    A quota met by SQLite's own write is SQLITE_IOERR_WRITE with no errno: EIO (docs/queue.md)."""
     code = getattr(error, "sqlite_errorcode", None)
     full = (code is not None and code & 0xFF == SQLITE_FULL) or (
         isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
@@ -445,8 +447,6 @@ class QueueStore:
 
     def ids_for_destination(self, domain: str, states: tuple[str, ...] | list[str]) -> list[str]:
         """IDs in `states` with recipients still to relay to `domain` (what ``--domain`` picks)."""
-        # Imported here: the store stays free of the delivery modules outcomes needs.
-
         found = []
         for state in states:
             found.extend(e.queue_id for e in self.load_many(state) if domain in relay_groups(e))
