@@ -67,16 +67,25 @@ def lmtp_endpoint(reactor: Any, transport: str) -> Any:
 
 
 def deliver_lmtp(
-    reactor: Any, endpoint: Any, hostname: str, sender: str, recipients: list[str], content: bytes,
-    timeouts: dict[str, float] | None = None,
+    reactor: Any, endpoint: Any, hostname: str, sender: str, recipients: list[str],
+    content: bytes | Callable[[], Iterable[bytes]], timeouts: dict[str, float] | None = None,
+    size: int | None = None,
 ) -> defer.Deferred[TransactionResult]:
     """One LMTP transaction; fires with every recipient's Outcome. Never fails: a refused
-    connection is an Outcome with code None for everyone (deferred, nothing lost)."""
+    connection is an Outcome with code None for everyone (deferred, nothing lost).
 
-    def chunks() -> Iterable[bytes]:
-        return [content]
+    `content`: the bytes, or a callable giving its chunks (a fresh pass each call)
+    with `size`, so a large message is streamed, never held whole."""
+    if isinstance(content, bytes):
+        data = content
+        chunks: Callable[[], Iterable[bytes]] = lambda: [data]
+        size = len(data)
+    elif size is None:
+        raise ValueError("deliver_lmtp: the size of streamed content is needed")
+    else:
+        chunks = content
 
-    client = LMTPClient(hostname, sender, recipients, chunks, len(content), True, reactor, timeouts=timeouts)
+    client = LMTPClient(hostname, sender, recipients, chunks, size, True, reactor, timeouts=timeouts)
 
     def not_connected(failure: Any) -> TransactionResult:
         text = f"4.4.1 LMTP connection failed: {failure.getErrorMessage()}"
@@ -130,9 +139,13 @@ async def _lmtp_batch(spool, queue_ids, reactor, threadpool, endpoint, hostname,
         failed = False
         if local:
             rcpt = {i: _lmtp_address(envelope.recipients[i]) for i in local}
-            content = await in_thread(_content_bytes, spool, queue_id)
-            result = await deliver_lmtp(reactor, endpoint, hostname, envelope.sender,
-                                        sorted(set(rcpt.values())), content)
+            # Streamed from the store a chunk at a time: a large message never sits whole in the daemon.
+            content = await in_thread(spool.open_content, queue_id)
+            try:
+                result = await deliver_lmtp(reactor, endpoint, hostname, envelope.sender,
+                                            sorted(set(rcpt.values())), content.chunks, size=envelope.size)
+            finally:
+                content.close()
             for index in local:
                 outcome = result.recipients[rcpt[index]]
                 reply = f"{outcome.code} {outcome.text}" if outcome.code else outcome.text
@@ -152,12 +165,6 @@ async def _lmtp_batch(spool, queue_ids, reactor, threadpool, endpoint, hostname,
             failed = True
         verdicts[envelope.queue_id] = batch_verdict(failed, left_for_manager)
     return verdicts
-
-
-def _content_bytes(spool: Any, queue_id: str) -> bytes:
-    """The whole stored content (LMTP sends it in one transaction)."""
-    stored = spool.content(queue_id)
-    return stored if isinstance(stored, bytes) else stored.read_bytes()
 
 
 def _lmtp_address(recipient: Any) -> str:

@@ -66,6 +66,20 @@ from epost.address import AddressError, destination_of, parse_mailbox
 log = Logger()
 
 LOAD_BATCH = 500  # envelopes read per thread hop when the deferred queue is loaded at start
+LOAD_RETRY = 5.0  # seconds before a failed load of the deferred queue resumes; doubled each failure
+LOAD_RETRY_MAX = 60.0
+
+
+def _next_batch(envelopes) -> tuple[list[Envelope], Exception | None]:
+    """Runs in a thread: up to LOAD_BATCH envelopes, and the error that cut the batch short
+    (a failed page), so what was read is scheduled before the load resumes past it."""
+    batch: list[Envelope] = []
+    try:
+        for envelope in itertools.islice(envelopes, LOAD_BATCH):
+            batch.append(envelope)
+    except Exception as error:
+        return batch, error
+    return batch, None
 
 
 @dataclass
@@ -134,6 +148,9 @@ class DeliveryManager(Service):
         self._messages: dict[str, _Message] = {}
         self._jobs_running: dict[Job, defer.Deferred] = {}
         self.loaded: defer.Deferred[None] = defer.Deferred()  # the deferred queue is scheduled
+        self._loaded_up_to = ""  # the last deferred ID the start-up load scheduled: a retry resumes past it
+        self._load_retry_delay = LOAD_RETRY
+        self._load_retry: Any = None  # the pending IDelayedCall of a retry
         self.local_enqueue: Callable[[str], None] | None = None  # the local runner, for released mail
         self.local_claim: Callable[[str], bool] | None = None  # False while the local runner is delivering it
 
@@ -148,7 +165,7 @@ class DeliveryManager(Service):
         if self.handle_signals:
             signal.signal(signal.SIGUSR2, lambda *_: self.reactor.callFromThread(self.flush))
         # After start-up: the local runner's recover() sweeps crash debris first.
-        self.reactor.callLater(0, lambda: self._load_deferred().addBoth(self._loaded))
+        self._load_retry = self.reactor.callLater(0, self._start_load)
 
     stop_grace = 10.0  # seconds given to attempts in progress at shutdown
 
@@ -157,6 +174,8 @@ class DeliveryManager(Service):
         finish and be recorded. One cut short leaves its message as it was
         queued: it is tried again after the restart (at worst a duplicate)."""
         super().stopService()
+        if self._load_retry is not None and self._load_retry.active():
+            self._load_retry.cancel()
         self.scheduler.stop()
         self.courier.close_idle()
         running = list(self._jobs_running.values())
@@ -213,22 +232,36 @@ class DeliveryManager(Service):
 
     # -- start-up: the deferred queue -------------------------------------
 
+    def _start_load(self) -> None:
+        self._load_retry = None
+        if self.running:
+            self._load_deferred().addBoth(self._loaded)
+
     @defer.inlineCallbacks
     def _load_deferred(self):
         """Schedule every deferred message at its saved time, in batches off the reactor.
 
         One query (`load_many`, read a page at a time) instead of one read per
-        message; memory holds one batch, and the reactor serves SMTP between them."""
-        envelopes = self.spool.load_many("deferred")  # a generator: no query yet
+        message; memory holds one batch, and the reactor serves SMTP between them.
+        Resumes past the last ID a previous, failed load scheduled."""
+        envelopes = self.spool.load_many("deferred", after=self._loaded_up_to)  # a generator: no query yet
         while self.running:
-            batch = yield deferToThreadPool(self.reactor, self.pool, list, itertools.islice(envelopes, LOAD_BATCH))
+            batch, error = yield deferToThreadPool(self.reactor, self.pool, _next_batch, envelopes)
+            if batch:
+                self._schedule_loaded(batch)
+                self._loaded_up_to = batch[-1].queue_id
+            if error is not None:
+                raise error
             if not batch:
                 return
-            self._schedule_loaded(batch)
 
     def _schedule_loaded(self, envelopes: list[Envelope]) -> None:
         now = self.reactor.seconds()
         for envelope in envelopes:
+            if envelope.queue_id in self._messages:
+                # In hand already (new mail deferred while the load ran, read
+                # again by a later page): its jobs are scheduled, its envelope is newer.
+                continue
             groups = relay_groups(envelope)
             for destination in groups:
                 try:
@@ -243,7 +276,17 @@ class DeliveryManager(Service):
 
     def _loaded(self, result) -> None:
         if isinstance(result, Failure):
-            log.failure("loading the deferred queue failed", result)
+            # Domain.mri files stay as they are (save_all would drop those of
+            # destinations not read yet): the load resumes where it stopped.
+            if self.running:
+                delay = self._load_retry_delay
+                self._load_retry_delay = min(delay * 2, LOAD_RETRY_MAX)
+                log.error("loading the deferred queue failed after {up_to} ({error}); trying again in {delay:.0f} s",
+                          up_to=self._loaded_up_to or "the start", error=result.value, delay=delay)
+                self._load_retry = self.reactor.callLater(delay, self._start_load)
+            return
+        if not self.running:
+            return  # stopped half-way: what was not read is not waiting for nothing
         # Domain.mri files are brought in line with what is actually waiting.
         self.domains.save_all()
         if not self.loaded.called:

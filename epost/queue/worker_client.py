@@ -19,6 +19,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -143,8 +144,9 @@ class SpoolWorkerService(Service):
     restart_delay = 1.0
 
     def __init__(self, spool: Spool, hostname: str, reactor: Any, processes: int = 1, give_up_after: float = 8 * 3600,
-                 dkim_keys: tuple = ()):
+                 dkim_keys: tuple = (), threadpool: Any = None):
         self.spool = spool
+        self.threadpool = threadpool  # store reads after a worker died; None: the reactor's pool
         self.dkim_keys = dkim_keys  # epost.delivery.signing.DkimKey: the workers sign at commit
         self.hostname = hostname
         self.give_up_after = give_up_after
@@ -204,19 +206,54 @@ class SpoolWorkerService(Service):
         return zlib.crc32(queue_id.encode("ascii")) % len(self._protocols)
 
     def worker_ended(self, index: int, reason) -> None:
+        """A child ended: its pending commits are answered by what the store
+        holds (see `_settle_orphan`), its deliveries are retried later, and
+        it is restarted unless the daemon is stopping."""
         self._protocols[index] = None
         failure = SpoolError(errno.EIO, "spool worker process ended")
         if not self.running:
             failure = SpoolStopping(errno.ESHUTDOWN, "spool worker process ended while the daemon was stopping")
-        for queue_id in [q for q in self._commits if self._index(q) == index]:
-            self._commits.pop(queue_id)[0].errback(failure)
+        orphans = [(q, self._commits.pop(q)[0]) for q in [q for q in self._commits if self._index(q) == index]]
+        settled = defer.DeferredList([self._settle_orphan(q, d, failure) for q, d in orphans])
         for queue_id in [q for q in self._deliveries if self._index(q) == index]:
             self.reply_received(f"R {queue_id}")
         if self._stopping:
-            self._stopping.pop().callback(None)
+            stopped = self._stopping.pop()
+            settled.addCallback(lambda _: stopped.callback(None))  # the pool and the store are still needed
         elif self.running:
             log.error("spool worker ended ({reason}); restarting", reason=reason.value)
             self.reactor.callLater(self.restart_delay, self._restart, index)
+
+    def _settle_orphan(self, queue_id: str, d: defer.Deferred, failure: SpoolError) -> defer.Deferred:
+        """A commit the dead child never answered: its batch may have been
+        durable before it could write `C ID`. The store decides: queued, the
+        client gets its 250 and the runner the message (the stored envelope
+        holds any DKIM signature); not queued, `failure` (451, or 421 when
+        stopping) and the client sends it again. Read in the thread pool."""
+
+        def stored() -> tuple[str, Envelope] | None:
+            state = self.spool.state_of(queue_id)
+            return None if state is None else (state, self.spool.load(queue_id, state))
+
+        def answer(found: tuple[str, Envelope] | None) -> None:
+            if found is None:
+                d.errback(failure)
+                return
+            state, envelope = found
+            log.info("{queue_id}: committed before the spool worker ended", queue_id=queue_id)
+            if state == "incoming":  # else someone (the operator) has it already
+                self.spool.notify_committed(queue_id, envelope)
+            d.callback(queue_id)
+
+        def unknown(error) -> None:
+            log.error("{queue_id}: cannot tell whether the ended spool worker committed it ({error}); answered 4xx",
+                      queue_id=queue_id, error=error.value)
+            d.errback(failure)
+
+        pool = self.threadpool if self.threadpool is not None else self.reactor.getThreadPool()
+        looked = deferToThreadPool(self.reactor, pool, stored)
+        looked.addCallbacks(answer, unknown)
+        return looked
 
     def _restart(self, index: int) -> None:
         if self.running and self._protocols[index] is None:

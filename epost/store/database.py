@@ -74,7 +74,9 @@ class StoreUnavailable(Exception):
 
 
 def store_error(error: Exception, doing: str) -> StoreError:
-    """Map an sqlite3 or OS error to ENOSPC (disk full) or EIO: the only two answers SMTP needs."""
+    """Map an sqlite3 or OS error to ENOSPC (disk full) or EIO: the only two answers SMTP needs.
+
+    A quota met by SQLite's own write is SQLITE_IOERR_WRITE with no errno: EIO (docs/queue.md)."""
     code = getattr(error, "sqlite_errorcode", None)
     full = (code is not None and code & 0xFF == SQLITE_FULL) or (
         isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
@@ -490,17 +492,17 @@ class QueueStore:
             raise FileNotFoundError(f"{queue_id}: not in {state}" if state else f"{queue_id}: not queued")
         return Envelope.from_bytes(row[1], f"{self.path}:{queue_id}")
 
-    def load_many(self, state: str) -> Iterator[Envelope]:
-        """Every envelope in `state`, ID order, fetched a page at a time: bounded memory and no
-        read transaction held open while the caller works (a restart with 100,000 messages).
+    def load_many(self, state: str, after: str = "") -> Iterator[Envelope]:
+        """Every envelope in `state` (with an ID past `after`), ID order, fetched a page at a time:
+        bounded memory and no read transaction held open while the caller works (a restart with
+        100,000 messages).
 
         A corrupt envelope is logged and skipped, so one bad row cannot stop a
         restart; ``load`` still raises EnvelopeError for it."""
         _check_state(state)
-        return self._pages(state)
+        return self._pages(state, after)
 
-    def _pages(self, state: str) -> Iterator[Envelope]:
-        after = ""
+    def _pages(self, state: str, after: str) -> Iterator[Envelope]:
         while True:
             rows = self._read(
                 "SELECT id, envelope FROM message WHERE state = ? AND id > ? ORDER BY id LIMIT ?", (state, after, PAGE)
@@ -526,8 +528,6 @@ class QueueStore:
 
     def ids_for_destination(self, domain: str, states: tuple[str, ...] | list[str]) -> list[str]:
         """IDs in `states` with recipients still to relay to `domain` (what ``--domain`` picks)."""
-        # Imported here: the store stays free of the delivery modules outcomes needs.
-
         found = []
         for state in states:
             found.extend(e.queue_id for e in self.load_many(state) if domain in relay_groups(e))

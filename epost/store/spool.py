@@ -326,23 +326,26 @@ class Spool:
         """The envelope; FileNotFoundError when the message is not in `queue`."""
         return self.store.load(self._checked(queue_id), self._state(queue))
 
-    def load_many(self, queue: str, damaged: Callable[[str, EnvelopeError], None] | None = None) -> Iterator[Envelope]:
+    def load_many(
+        self, queue: str, damaged: Callable[[str, EnvelopeError], None] | None = None, after: str = ""
+    ) -> Iterator[Envelope]:
         """Every envelope in `queue`, in ID order, read a page per query (the
-        restart, `epost queue`); any thread may take the next one.
+        restart, `epost queue`); any thread may take the next one. `after`:
+        only IDs past it (a restart's load resuming after a failed page).
 
         A damaged envelope is skipped (the store logs it, left for the
         operator). With `damaged`, each is also told there, after the
         readable ones: the IDs the pages did not yield are looked up one by one."""
         state = self._state(queue)
         loaded: set[str] = set()
-        for envelope in self.store.load_many(state):
+        for envelope in self.store.load_many(state, after):
             if damaged is not None:
                 loaded.add(envelope.queue_id)
             yield envelope
         if damaged is None:
             return
         for queue_id in self.store.ids(state):
-            if queue_id in loaded:
+            if queue_id <= after or queue_id in loaded:
                 continue
             try:
                 envelope = self.store.load(queue_id, state)

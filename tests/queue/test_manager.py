@@ -681,3 +681,91 @@ def test_a_full_disk_under_domain_mri_is_one_warning_and_the_file_is_written_lat
     h.manager.domains.store.write = write
     h.clock.advance(h.manager.error_retry)
     assert h.mri("far.test").err_code == 451
+
+
+def _deferred_everywhere(tmp_path, count: int) -> list[Envelope]:
+    """A first run leaves `count` messages deferred, one per destination, each with its Domain.mri."""
+    first = Harness(tmp_path, {f"a@d{i}.test": [(451, "4.7.1 later")] for i in range(count)})
+    first.start()
+    envelopes = [first.queue(relay(f"a@d{i}.test")) for i in range(count)]
+    first.clock.advance(1)
+    assert len(first.queued("deferred")) == count and all(first.mri(f"d{i}.test") for i in range(count))
+    first.manager.stopService()
+    return envelopes
+
+
+def test_a_failed_page_at_restart_keeps_domain_files_and_the_load_resumes_after_a_backoff(tmp_path, monkeypatch):
+    from twisted.logger import LogLevel, capturedLogs
+
+    from epost.store import database
+    from epost.store.database import StoreError
+
+    envelopes = _deferred_everywhere(tmp_path, 6)
+    monkeypatch.setattr(database, "PAGE", 2)
+    again = Harness(tmp_path, {})
+    real_read = again.spool.store._read
+    pages: list[str] = []  # the `after` of each page read
+    failures = [2, 3]  # the 2nd page fails, then the retry's first page fails too
+
+    def read(sql, parameters):
+        if "LIMIT" in sql:
+            pages.append(parameters[1])
+            if len(pages) in failures:
+                raise StoreError(errno.EIO, "disk I/O error")
+        return real_read(sql, parameters)
+
+    monkeypatch.setattr(again.spool.store, "_read", read)
+    with capturedLogs() as events:
+        again.start()
+        ids = [e.queue_id for e in envelopes]
+        assert pages == ["", ids[1]]
+        assert not again.manager.loaded.called
+        # Not read yet, but still waiting: their Domain.mri must not go.
+        assert all(again.mri(f"d{i}.test") is not None for i in range(6))
+        again.clock.advance(4.9)
+        assert pages == ["", ids[1]]
+        again.clock.advance(0.1)  # 5 s
+        assert pages == ["", ids[1], ids[1]]  # resumed past the last ID scheduled; failed again
+        again.clock.advance(9.9)
+        assert len(pages) == 3
+        again.clock.advance(0.1)  # then 10 s
+        assert pages == ["", ids[1], ids[1], ids[1], ids[3], ids[5]]
+    assert again.manager.loaded.called
+    errors = [e for e in events if e["log_level"] == LogLevel.error]
+    assert len(errors) == 2 and all("loading the deferred queue failed" in e["log_format"] for e in errors)
+    scheduled = sorted(job.queue_id for i in range(6) for job in again.manager.scheduler.jobs_for(f"d{i}.test"))
+    assert scheduled == ids
+    assert [again.mri(f"d{i}.test").messages for i in range(6)] == [1] * 6
+
+
+def test_the_load_retry_waits_at_most_a_minute(tmp_path, monkeypatch):
+    from epost.store.database import StoreError
+
+    _deferred_everywhere(tmp_path, 1)
+    again = Harness(tmp_path, {})
+    calls: list[float] = []
+
+    def broken(*args, **kwargs):
+        calls.append(again.clock.seconds())
+        raise StoreError(errno.EIO, "disk I/O error")
+
+    monkeypatch.setattr(again.spool.store, "_read", broken)
+    again.start()
+    again.clock.pump([1.0] * 400)
+    gaps = [round(b - a) for a, b in zip(calls, calls[1:])]
+    assert gaps[:6] == [5, 10, 20, 40, 60, 60]
+    assert again.mri("d0.test") is not None and not again.manager.loaded.called
+
+
+def test_a_message_in_hand_is_not_scheduled_again_by_a_later_page_of_the_restart_load(tmp_path):
+    """New mail deferred during the load lands in the deferred queue ahead of the pages still to read."""
+    h = Harness(tmp_path, {"a@near.test": [(250, "ok")]})
+    h.courier.hold = defer.Deferred()  # its attempt is under way
+    h.manager.startService()  # the load is due, not run yet
+    envelope = h.queue(relay("a@near.test"))
+    h.clock.advance(0)
+    in_hand = h.manager._messages[envelope.queue_id]
+    # Its envelope as a page would read it: already settled (no relay group left), a stale copy.
+    h.spool.move(envelope.with_recipient(0, state="delivered"), "incoming", "deferred")
+    h.manager._schedule_loaded([h.spool.load(envelope.queue_id, "deferred")])
+    assert h.manager._messages.get(envelope.queue_id) is in_hand  # not replaced by the page's copy

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import time
 import shutil
 from pathlib import Path
 
+from dataclasses import replace
+
 from twisted.internet import defer, reactor
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from epost.store.envelope import Envelope, Recipient
 from epost.store.database import SpoolError
-from epost.store.spool import Spool
+from epost.store.spool import MessageWriter, Spool
 from epost.queue.worker import Worker
 from epost.queue.worker_client import RemoteMessageWriter, SpoolWorkerService
+from fakes import ClockReactor, SynchronousThreadPool
 
 
 def envelope(queue_id: str, *mailboxes: str) -> Envelope:
@@ -146,6 +152,92 @@ class RemoteWriterTests(unittest.SynchronousTestCase):
         self.writer.write(b"held")
         self.writer.abort()
         assert self.service.frames == [(b"A", b"")]
+
+
+class _Pipe:
+    def __init__(self):
+        self.frames: list[bytes] = []
+
+    def writeSequence(self, data):
+        self.frames.append(b"".join(data))
+
+
+class _Child:
+    """Stands in for the LineChild of a spawned worker: frames go nowhere."""
+
+    def __init__(self):
+        self.transport = _Pipe()
+
+
+class DeadWorkerTests(unittest.SynchronousTestCase):
+    """A worker killed (kill -9, OOM) between its batch's durable COMMIT and its `C ID` lines."""
+
+    def setUp(self):
+        self.spool = make_spool()
+        self.addCleanup(shutil.rmtree, self.spool.root)
+        self.addCleanup(self.spool.close)
+        self.clock = ClockReactor()
+        self.service = SpoolWorkerService(self.spool, "mx.test", self.clock, threadpool=SynchronousThreadPool())
+        self.service.running = True  # started, without spawning a child
+        self.service._protocols = [_Child()]
+        self.handed_on: list[tuple[str, Envelope]] = []
+        self.spool.on_commit.append(lambda queue_id, envelope: self.handed_on.append((queue_id, envelope)))
+
+    def send(self, content: bytes) -> tuple[str, Envelope, defer.Deferred]:
+        writer = self.service.open_message()
+        writer.write(content)
+        sent = envelope(writer.queue_id, "example.test/carol")
+        return writer.queue_id, sent, writer.commit(sent)
+
+    def died(self) -> None:
+        self.service.worker_ended(0, Failure(ProcessTerminated(signal=9)))
+
+    def test_a_commit_durable_before_the_worker_died_is_answered_and_handed_on_with_its_signature(self):
+        queue_id, sent, answered = self.send(b"Subject: hi\r\n\r\nhello\r\n")
+        # What the child did before it died: its batch is in the store, signed, its `C` line never written.
+        signed = replace(sent, dkim="DKIM-Signature: v=1; d=example.org; b=abc\r\n")
+        content = MessageWriter(self.spool, queue_id)
+        content.write(b"Subject: hi\r\n\r\nhello\r\n")
+        assert self.spool.commit_batch([(content, signed)]) == [None]
+        self.died()
+        assert self.successResultOf(answered) == queue_id  # the client's 250: it does not send it again
+        assert self.handed_on == [(queue_id, signed)]  # the runner has it now, with the signature made at commit
+        assert [call.getTime() for call in self.clock.getDelayedCalls()] == [self.service.restart_delay]
+
+    def test_a_commit_not_in_the_store_when_the_worker_died_fails_with_a_spool_error(self):
+        queue_id, _, answered = self.send(b"x\r\n")
+        self.died()
+        error = self.failureResultOf(answered, SpoolError).value
+        assert error.errno == errno.EIO and not error.disk_full  # 451: the client sends it again
+        assert self.handed_on == []
+        assert self.spool.state_of(queue_id) is None
+
+    def test_a_store_that_cannot_be_read_after_the_death_answers_4xx(self):
+        from epost.store.database import StoreError
+
+        def unreadable(queue_id):
+            raise StoreError(errno.EIO, "cannot read queue.db")
+
+        self.spool.state_of = unreadable
+        _, _, answered = self.send(b"x\r\n")
+        self.died()
+        assert self.failureResultOf(answered, SpoolError).value.errno == errno.EIO
+        assert self.handed_on == []
+
+    def test_the_commits_of_other_workers_wait_for_their_own_answer(self):
+        self.service = SpoolWorkerService(self.spool, "mx.test", self.clock, processes=2,
+                                          threadpool=SynchronousThreadPool())
+        self.service.running = True
+        self.service._protocols = [_Child(), _Child()]
+        answers: dict[int, list[defer.Deferred]] = {0: [], 1: []}
+        while not (answers[0] and answers[1]):
+            queue_id, _, answered = self.send(b"x\r\n")
+            answers[self.service._index(queue_id)].append(answered)
+        self.died()
+        for answered in answers[0]:
+            self.failureResultOf(answered, SpoolError)
+        for answered in answers[1]:
+            self.assertNoResult(answered)
 
 
 class WorkerProcessTests(unittest.TestCase):

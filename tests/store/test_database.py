@@ -443,6 +443,13 @@ def test_load_many_pages_through_every_envelope_in_id_order(store, monkeypatch):
     assert list(store.load_many("deferred")) == []
 
 
+def test_load_many_after_an_id_starts_past_it(store, monkeypatch):
+    """A restart's load that failed on a page resumes past the last envelope it scheduled."""
+    monkeypatch.setattr(database, "PAGE", 3)
+    store.put_batch([(envelope_for(qid(n)), b"") for n in range(1, 11)])
+    assert [e.queue_id for e in store.load_many("incoming", after=qid(4))] == [qid(n) for n in range(5, 11)]
+
+
 def test_a_corrupt_envelope_is_skipped_by_load_many_and_refused_by_load(tmp_path, store):
     store.put_batch([(envelope_for(qid(n)), b"") for n in (1, 2, 3)])
     conn = sqlite3.connect(tmp_path / "queue" / "queue.db")

@@ -330,6 +330,10 @@ class QueuedMessageTests(SpoolTestCase):
         assert loaded == [ids[0], ids[2]]
         assert damaged == [ids[1]]
 
+        damaged = []
+        after = [e.queue_id for e in self.spool.load_many("incoming", lambda q, error: damaged.append(q), after=ids[1])]
+        assert after == [ids[2]] and damaged == []
+
     def test_ids_and_queue_names_cannot_reach_outside_the_spool(self):
         self.assertRaises(ValueError, self.spool.content, "../../etc/passwd")
         self.assertRaises(ValueError, self.spool.state_of, "../../etc/passwd")
