@@ -89,13 +89,14 @@ def small_disk(tmp_path):
 def fill(folder: Path) -> Path:
     """Write a file until the file system is full; returns it (delete it to free the space)."""
     filler = folder / "filler"
-    with open(filler, "wb") as out:
-        try:
-            while True:
-                out.write(b"x" * 65536)
-                out.flush()
-        except OSError as error:
-            assert error.errno == errno.ENOSPC, error
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        while True:  # unbuffered: no flush at close to meet the full disk again
+            os.write(fd, b"x" * 65536)
+    except OSError as error:
+        assert error.errno == errno.ENOSPC, error
+    finally:
+        os.close(fd)
     return filler
 
 
