@@ -13,6 +13,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,10 +31,12 @@ SCHEMA = (
     "CREATE TABLE content (id TEXT PRIMARY KEY, data BLOB)",
 )
 TABLES = frozenset({"message", "content"})
+SQLITE_BUSY = 5
 SQLITE_CORRUPT = 11
 SQLITE_FULL = 13
 SQLITE_NOTADB = 26
 PAGE = 1000  # envelopes per query in load_many
+BUSY_TIMEOUT = 10.0  # seconds a writer waits for the write lock
 PAGE_SIZE = 16384  # bytes; fixed when the database is created
 
 QUEUES = ("incoming", "deferred", "hold")  # a message's state
@@ -267,7 +270,7 @@ class QueueStore:
         if self._local.durable != durable:
             conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
             self._local.durable = durable
-        conn.execute("BEGIN IMMEDIATE")
+        _begin_immediate(conn)
         try:
             yield conn
             conn.execute("COMMIT")
@@ -589,3 +592,30 @@ def _check_id(queue_id: str) -> str:
 def _check_state(state: str) -> None:
     if state not in QUEUES:
         raise ValueError(f"unknown queue {state!r}")
+
+
+def _begin_immediate(conn: sqlite3.Connection) -> None:
+    """Take the write lock, polling every 0.1 ms, then doubling to 5 ms.
+
+    SQLite's own busy handler sleeps 1, 2, 5, 10 ms and more between tries:
+    the spool worker's commit, meeting a bookkeeping write of the daemon
+    that holds the lock for tens of microseconds, slept a whole millisecond
+    or more before its 250 could go out."""
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        delay, deadline = 0.0001, None
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as e:
+                if getattr(e, "sqlite_errorcode", 0) & 0xFF != SQLITE_BUSY:
+                    raise
+                now = time.monotonic()
+                deadline = deadline or now + BUSY_TIMEOUT
+                if now >= deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.005)
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")

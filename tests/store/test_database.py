@@ -12,6 +12,7 @@ import tempfile
 import textwrap
 import threading
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -277,12 +278,27 @@ def test_debris_in_large_is_replaced_by_a_new_message(tmp_path, store):
     assert store.content(qid(1)).read_bytes() == b"mail"
 
 
-def test_a_failed_transaction_fails_every_item_and_returns_the_files(tmp_path, store):
+def test_a_writer_waits_for_the_write_lock_in_short_polls_and_gets_it(tmp_path, store):
+    """SQLite's busy handler would sleep 1 ms and more; ours polls from 0.1 ms (the
+    worker's commit meets the daemon's tiny bookkeeping writes all the time)."""
+    blocker = sqlite3.connect(tmp_path / "queue" / "queue.db", isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")
+    threading.Timer(0.02, blocker.rollback).start()
+    polls = []
+    real_sleep = database.time.sleep
+    with mock.patch.object(database.time, "sleep", lambda s: (polls.append(s), real_sleep(s))):
+        assert store.put_batch([(envelope_for(qid(1)), b"after the lock")]) == [None]
+    blocker.close()
+    assert polls and polls[0] == 0.0001 and max(polls) <= 0.005, polls
+    assert store.content(qid(1)) == b"after the lock"
+
+
+def test_a_failed_transaction_fails_every_item_and_returns_the_files(tmp_path, store, monkeypatch):
     (tmp_path / "tmp").mkdir()
     source = large_file(tmp_path / "tmp", "m", b"mail")
     blocker = sqlite3.connect(tmp_path / "queue" / "queue.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
-    store._conn().execute("PRAGMA busy_timeout = 50")
+    monkeypatch.setattr(database, "BUSY_TIMEOUT", 0.05)
     try:
         results = store.put_batch([(envelope_for(qid(1)), b"small"), (envelope_for(qid(2)), source)])
     finally:
