@@ -94,20 +94,16 @@ def test_a_file_that_is_not_a_database_is_refused(tmp_path):
     assert "not an SQLite database" in assert_refused(tmp_path)
 
 
-def test_a_database_from_a_newer_epost_is_refused(tmp_path):
+@pytest.mark.parametrize("statement, why", [
+    ("PRAGMA user_version = 7", "newer epost (queue version 7"),  # from a newer epost
+    ("CREATE TABLE other (x)", "not an epost queue"),  # a foreign database is never adopted
+])
+def test_a_database_epost_did_not_write_is_refused(tmp_path, statement, why):
     (tmp_path / "queue").mkdir()
     conn = sqlite3.connect(tmp_path / "queue" / "queue.db")
-    conn.execute("PRAGMA user_version = 7")
+    conn.execute(statement)
     conn.close()
-    assert "newer epost (queue version 7" in assert_refused(tmp_path)
-
-
-def test_a_foreign_database_is_refused_not_adopted(tmp_path):
-    (tmp_path / "queue").mkdir()
-    conn = sqlite3.connect(tmp_path / "queue" / "queue.db")
-    conn.execute("CREATE TABLE other (x)")
-    conn.close()
-    assert "not an epost queue" in assert_refused(tmp_path)
+    assert why in assert_refused(tmp_path)
 
 
 def test_a_database_that_cannot_be_opened_is_refused(tmp_path):
