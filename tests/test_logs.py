@@ -42,6 +42,12 @@ EXAMPLE_LINE = (
 )
 
 
+def test_a_tab_in_a_reply_is_written_backslash_t_on_the_one_senderlog_line():
+    line = senderlog_line(**{**EXAMPLE, "reply": "451 4.7.1\tgreylisted"})
+    assert line.endswith(r'reply="451 4.7.1\\tgreylisted"') and "\t" not in line
+    assert parse_senderlog_line(line + "\n")["reply"] == "451 4.7.1\\tgreylisted"
+
+
 def test_senderlog_spec_example():
     assert senderlog_line(**EXAMPLE) == EXAMPLE_LINE
 

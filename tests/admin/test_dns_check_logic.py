@@ -129,8 +129,21 @@ def test_all_gives_its_qualifiers_result(qualifier, address):
     assert spf(f"v=spf1 {qualifier}all", address) == QUALIFIED[qualifier]
 
 
-@given(network=ipv4, prefix=st.integers(8, 32), address=ipv4, inner_all=st.sampled_from(["-all", "~all", "?all"]))
-def test_include_passes_what_the_included_record_passes_and_otherwise_goes_on(network, prefix, address, inner_all):
+def drawn_address(network: str, prefix: int, address: str, host: int | None) -> str:
+    """`address`, or (host given) an address inside the network: a uniform one falls inside a /N only 2**-N of the time."""
+    if host is None:
+        return address
+    net = ipaddress.ip_network(f"{network}/{prefix}", strict=False)
+    return str(net.network_address + host % net.num_addresses)
+
+
+inside_host = st.none() | st.integers(0, 2**32 - 1)
+
+
+@given(network=ipv4, prefix=st.integers(8, 32), address=ipv4, host=inside_host,
+       inner_all=st.sampled_from(["-all", "~all", "?all"]))
+def test_include_passes_what_the_included_record_passes_and_otherwise_goes_on(network, prefix, address, host, inner_all):
+    address = drawn_address(network, prefix, address, host)
     dns = spf_dns("v=spf1 include:_spf.example.test ~all",
                   {("_spf.example.test", "TXT"): [f"v=spf1 ip4:{network}/{prefix} {inner_all}"]})
     inside = ipaddress.ip_address(address) in ipaddress.ip_network(f"{network}/{prefix}", strict=False)
@@ -138,8 +151,10 @@ def test_include_passes_what_the_included_record_passes_and_otherwise_goes_on(ne
     assert spf("", address, dns) == ("pass" if inside else "softfail")
 
 
-@given(network=ipv4, prefix=st.integers(8, 32), address=ipv4, qualifier=st.sampled_from(["-", "~", "?"]))
-def test_redirect_hands_the_whole_verdict_to_the_other_record(network, prefix, address, qualifier):
+@given(network=ipv4, prefix=st.integers(8, 32), address=ipv4, host=inside_host,
+       qualifier=st.sampled_from(["-", "~", "?"]))
+def test_redirect_hands_the_whole_verdict_to_the_other_record(network, prefix, address, host, qualifier):
+    address = drawn_address(network, prefix, address, host)
     dns = spf_dns("v=spf1 redirect=spf.other.test", {("spf.other.test", "TXT"): [f"v=spf1 ip4:{network}/{prefix} {qualifier}all"]})
     inside = ipaddress.ip_address(address) in ipaddress.ip_network(f"{network}/{prefix}", strict=False)
     assert spf("", address, dns) == ("pass" if inside else QUALIFIED[qualifier])

@@ -82,6 +82,16 @@ def test_two_keys_canonicalize_the_body_once_and_sign_as_dkimpy_alone_would(keys
     assert b"h=from:to:subject:date:message-id:mime-version:content-type:from;" in re.sub(rb"\s+", b"", ours)
 
 
+@pytest.mark.skipif(OPENDKIM is None, reason="opendkim not installed (Debian: opendkim)")
+def test_the_commit_path_signatures_pass_opendkim(keys, tmp_path):
+    """The comparison above is with dkimpy, whose RSA signing and body canonicalization
+    this module replaces: OpenDKIM checks the signatures the spool worker makes."""
+    message = MESSAGE.replace(b"Hello,  relaxed   world.\r\n", b"Hello,\t relaxed   world.  \r\n\r\n \r\n\r\n")
+    out = _opendkim_verify(signing.commit_signature(message, keys) + message, keys, tmp_path)
+    assert "dkim=pass" in out and "header.s=r202612" in out and "header.s=e202612" in out, out
+    assert "dkim=fail" not in out and "failed" not in out, out
+
+
 def test_keys_of_closest_matching_domain_sign(keys, tmp_path):
     _, other = signing.keygen("sub.example.test", tmp_path / "dkim", "s1", "ed25519")
     all_keys = (*keys, other)

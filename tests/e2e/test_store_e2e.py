@@ -114,8 +114,10 @@ def test_a_full_disk_answers_452_4_3_1_and_after_space_is_freed_mail_flows_again
             smtp.sendmail(SENDER, [ALICE], message(body, message_id="<full@e2e.test>"))
     assert refused.value.smtp_code == 452, refused.value
     assert refused.value.smtp_error.startswith(b"4.3.1"), refused.value
-    wait_for(lambda: "No space left on device" in d.log.read_text() or "disk is full" in d.log.read_text(),
-             message="a log line naming the full disk")
+    full = lambda: [line for line in d.log.read_text().splitlines()
+                    if "No space left on device" in line or "disk is full" in line]
+    wait_for(full, message="a log line naming the full disk")
+    assert any("spool/queue/queue.db" in line for line in full()), full()
 
     filler.unlink()
     with smtplib.SMTP("127.0.0.1", d.relay_port, timeout=10) as smtp:
