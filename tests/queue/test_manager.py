@@ -392,21 +392,25 @@ def test_a_move_is_one_transaction_whatever_the_crash_point(tmp_path, crash_poin
     h.spool.commit_batch([(writer, envelope)])
     queue_id = envelope.queue_id
     deferred = envelope.with_recipient(0, attempts=1)
-    if crash_point == "before_commit":
-        real_write = h.spool.store._write
+    real_write = h.spool.store._write
+    transactions = []
 
-        @contextmanager
-        def dies_before_commit(durable):
-            with real_write(durable) as conn:
-                yield conn
+    @contextmanager
+    def counted(durable):
+        transactions.append(durable)
+        with real_write(durable) as conn:
+            yield conn
+            if crash_point == "before_commit":
                 raise sqlite3.OperationalError("disk I/O error")  # the process dies here
 
-        h.spool.store._write = dies_before_commit
+    h.spool.store._write = counted
+    if crash_point == "before_commit":
         with pytest.raises(OSError):
             h.spool.move(deferred, "incoming", "deferred", durable=False)
-        h.spool.store._write = real_write
     else:
         h.spool.move(deferred, "incoming", "deferred", durable=False)
+    h.spool.store._write = real_write
+    assert transactions == [False]  # one write transaction: no point between two to crash at
     incoming = h.spool.recover()
     if crash_point == "before_commit":  # nothing of the move happened: the incoming message stands
         assert incoming == [queue_id] and h.queued("deferred") == []

@@ -255,7 +255,7 @@ def test_messages_are_committed_in_transactions_of_500(root, store):
 
 
 queue_ids = st.integers(1, 2**68 - 1).map(lambda n: f"{n:017X}")
-old_messages = st.dictionaries(queue_ids, st.tuples(st.sampled_from(["incoming", "deferred", "hold"]), st.binary(max_size=300), st.text(max_size=20)), max_size=20)
+old_messages = st.dictionaries(queue_ids, st.tuples(st.sampled_from(["incoming", "deferred", "hold"]), st.binary(max_size=300) | st.just(LARGE), st.text(max_size=20)), max_size=20)
 
 
 @settings(max_examples=40)
