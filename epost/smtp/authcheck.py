@@ -35,6 +35,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from epost.headers import header_end, header_from_domains
 from epost.routing.dns import make_resolver
 from epost.routing.records import DnspythonLookup, DnsUnavailable, Lookup, SpfQuery, memoized
 from epost.smtp.authresults import (
@@ -44,8 +45,6 @@ from epost.smtp.authresults import (
     dkim_properties,
     dmarc_comment,
     dmarc_verdict,
-    header_end,
-    header_from_domains,
     parse_dmarc_record,
 )
 from epost.smtp.policy import client_address

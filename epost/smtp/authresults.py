@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from epost.headers import header_end
+
 # RFC 2045 token: what a property value may be without quotes.
 _TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+\Z")
 # RFC 8601 pvalue's other bare form, [local-part] "@" domain-name, with a dot-atom local-part.
@@ -162,14 +164,6 @@ def _skip_cfws(text: str, position: int) -> int:
     return position
 
 
-def header_end(message: bytes) -> int:
-    """Offset just past the header section's last field (before the empty line), or len(message)."""
-    if message.startswith(b"\r\n"):
-        return 0
-    end = message.find(b"\r\n\r\n")
-    return len(message) if end < 0 else end + 2
-
-
 class ResultsFilter:
     """A message, arriving in chunks, without the Authentication-Results fields
     whose authserv-id is ours (RFC 8601 §5: a forged claim of our own checks);
@@ -194,8 +188,8 @@ class ResultsFilter:
         buffer, out = self._partial + data, []
         # The buffer starts at a line's start: complete lines up to the empty
         # line that ends the header section, else up to the last line break.
-        blank = 0 if buffer.startswith(b"\r\n") else buffer.find(b"\r\n\r\n") + 2
-        if blank >= 2 or buffer.startswith(b"\r\n"):
+        blank = header_end(buffer)
+        if blank < len(buffer):  # the empty line is in the buffer
             start = self._fields(buffer, blank, out)
             out.append(self._line(b"\r\n"))  # the header section ends
             start += 2
@@ -364,17 +358,3 @@ def dkim_properties(domain: str, selector: str, signature_b: str, identity: str 
     if b:
         properties.append(("header.b", b))
     return tuple(properties)
-
-
-def header_from_domains(head: bytes) -> list[str]:
-    """The domains of the RFC 5322 From addresses (DMARC's identifier), lower case, in order."""
-    from email.parser import BytesHeaderParser
-    from email.policy import compat32
-    from email.utils import getaddresses
-
-    fields = BytesHeaderParser(policy=compat32).parsebytes(head + b"\r\n").get_all("From") or []
-    domains = []
-    for _name, address in getaddresses([str(value) for value in fields]):
-        local, at, domain = address.rpartition("@")
-        domains.append(domain.strip().rstrip(".").lower() if at and local and domain.strip() else "")
-    return domains
