@@ -24,6 +24,7 @@ from epost.logs import printable
 # The lookup seam and pyspf over it live in epost/routing/records.py (inbound
 # Authentication-Results uses them too); DnsUnavailable stays importable from here.
 from epost.routing.records import DnspythonLookup, DnsUnavailable, Lookup, SpfQuery, memoized
+from epost.smtp.authresults import POLICIES, dmarc_tags, is_dmarc_record, tag_list  # one DMARC reading for both
 
 STATUSES = ("ok", "warn", "fail")
 
@@ -172,25 +173,6 @@ def check_spf(domain: str, addresses: Sequence[str], helo: str, lookup: Lookup) 
 # --- DKIM ------------------------------------------------------------------------
 
 
-def tag_list(text: str) -> tuple[dict[str, str], list[str]]:
-    """RFC 6376 3.2 / RFC 7489 6.4 `tag=value; ...` -> (tags, problems); whitespace around
-    tags and values is dropped, an empty last element allowed."""
-    tags: dict[str, str] = {}
-    problems: list[str] = []
-    for part in text.split(";"):
-        if not part.strip():
-            continue
-        name, equals, value = part.partition("=")
-        name = name.strip()
-        if not equals or not name:
-            problems.append(f"{part.strip()!r} is not tag=value")
-        elif name in tags:
-            problems.append(f"{name}= given twice")
-        else:
-            tags[name] = value.strip()
-    return tags, problems
-
-
 def _public_key(der: bytes):
     """A public key from DKIM's p= bytes: SubjectPublicKeyInfo or PKCS#1 RSAPublicKey; None if neither."""
     from cryptography.hazmat.primitives import serialization
@@ -272,17 +254,14 @@ def check_dkim(domain: str, specs: Sequence, lookup: Lookup) -> list[Finding]:
 
 # --- DMARC -----------------------------------------------------------------------
 
-_POLICIES = ("none", "quarantine", "reject")
-
-
 def dmarc_problems(record: str) -> tuple[dict[str, str], list[str]]:
     """RFC 7489 6.3: the record's tags, and what makes it unusable."""
-    tags, problems = tag_list(record)
-    if record.split(";")[0].replace(" ", "") != "v=DMARC1":
+    tags, problems = dmarc_tags(record)
+    if not is_dmarc_record(record):
         problems.append("must start with v=DMARC1")
-    if tags.get("p") not in _POLICIES:
+    if tags.get("p") not in POLICIES:
         problems.append("p= must be none, quarantine or reject" + (f", got {tags['p']!r}" if "p" in tags else ""))
-    if "sp" in tags and tags["sp"] not in _POLICIES:
+    if "sp" in tags and tags["sp"] not in POLICIES:
         problems.append(f"sp= must be none, quarantine or reject, got {tags['sp']!r}")
     for name in ("adkim", "aspf"):
         if name in tags and tags[name] not in ("r", "s"):
@@ -304,7 +283,7 @@ def dmarc_record(policy: str, tags: dict[str, str], domain: str) -> str:
 def check_dmarc(domain: str, lookup: Lookup) -> list[Finding]:
     name = f"_dmarc.{domain}"
     try:
-        records = [t for t in lookup(name, "TXT") if t.split(";")[0].replace(" ", "").lower() == "v=dmarc1"]
+        records = [t for t in lookup(name, "TXT") if is_dmarc_record(t)]
     except DnsUnavailable as error:
         return [Finding("warn", "dmarc", f"{name}: lookup failed ({error}); run again")]
     if not records:
@@ -315,7 +294,7 @@ def check_dmarc(domain: str, lookup: Lookup) -> list[Finding]:
                         + " | ".join(records), f"publish {zone_txt(name, dmarc_record('none', {}, domain))} and remove the others")]
     tags, problems = dmarc_problems(records[0])
     if problems:
-        policy = tags["p"] if tags.get("p") in _POLICIES else "none"
+        policy = tags["p"] if tags.get("p") in POLICIES else "none"
         return [Finding("fail", "dmarc", f"{name}: {'; '.join(problems)}: {records[0]}",
                         f"publish {zone_txt(name, dmarc_record(policy, tags, domain))}")]
     if tags["p"] == "none":

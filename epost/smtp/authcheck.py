@@ -45,6 +45,7 @@ from epost.smtp.authresults import (
     dkim_properties,
     dmarc_comment,
     dmarc_verdict,
+    is_dmarc_record,
     parse_dmarc_record,
 )
 from epost.smtp.policy import client_address
@@ -227,7 +228,7 @@ def dmarc_result(lookup: Lookup, head: bytes, spf_domain: str | None, dkim_domai
 
 
 def _dmarc_policy(lookup: Lookup, domain: str):
-    records = [text for text in lookup(f"_dmarc.{domain}", "TXT") if text.replace(" ", "").startswith("v=DMARC1")]
+    records = [text for text in lookup(f"_dmarc.{domain}", "TXT") if is_dmarc_record(text)]
     if len(records) != 1:  # none, or several: no DMARC (RFC 7489 §6.6.3)
         return None
     return parse_dmarc_record(records[0])

@@ -287,7 +287,44 @@ class DmarcPolicy:
     extra: dict = field(default_factory=dict, compare=False)
 
 
-_POLICIES = ("none", "quarantine", "reject")
+POLICIES = ("none", "quarantine", "reject")  # RFC 7489 §6.3 p= and sp=
+
+
+def tag_list(text: str) -> tuple[dict[str, str], list[str]]:
+    """RFC 6376 3.2 / RFC 7489 6.4 `tag=value; ...` -> (tags, problems); whitespace around
+    tags and values is dropped, an empty last element allowed; a repeated tag keeps its first value."""
+    tags: dict[str, str] = {}
+    problems: list[str] = []
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        name, equals, value = part.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            problems.append(f"{part.strip()!r} is not tag=value")
+        elif name in tags:
+            problems.append(f"{name}= given twice")
+        else:
+            tags[name] = value.strip()
+    return tags, problems
+
+
+def is_dmarc_record(text: str) -> bool:
+    """RFC 7489 §6.3: a DMARC record's first tag is `v=DMARC1`, matched precisely
+    (`v=DMARC10` and `v=dmarc1` are not DMARC records); whitespace around it is allowed."""
+    name, equals, value = text.split(";", 1)[0].partition("=")
+    return bool(equals) and name.strip().lower() == "v" and value.strip() == "DMARC1"
+
+
+def dmarc_tags(text: str) -> tuple[dict[str, str], list[str]]:
+    """tag_list with DMARC's tag names, and the keyword values of p, sp, adkim and aspf,
+    in lower case (RFC 7489 §6.4: they are case-insensitive)."""
+    tags, problems = tag_list(text)
+    lowered: dict[str, str] = {}
+    for name, value in tags.items():
+        name = name.lower()
+        lowered.setdefault(name, value.lower() if name in ("p", "sp", "adkim", "aspf") else value)
+    return lowered, problems
 
 
 def parse_dmarc_record(text: str) -> DmarcPolicy | None:
@@ -295,24 +332,19 @@ def parse_dmarc_record(text: str) -> DmarcPolicy | None:
 
     RFC 7489 §6.6.3: an invalid or missing `p` counts as `p=none` when the
     record has an `rua` tag, otherwise the record is ignored."""
-    tags: dict[str, str] = {}
-    for part in text.split(";"):
-        name, equals, value = part.partition("=")
-        if equals:
-            tags.setdefault(name.strip().lower(), value.strip())
-    parts = [part.strip() for part in text.split(";")]
-    if not parts or parts[0].replace(" ", "") != "v=DMARC1":
+    if not is_dmarc_record(text):
         return None
-    p = tags.get("p", "").lower()
-    if p not in _POLICIES:
+    tags, _ = dmarc_tags(text)
+    p = tags.get("p", "")
+    if p not in POLICIES:
         if "rua" not in tags:
             return None
         p = "none"
-    sp = tags.get("sp", "").lower() or None
-    if sp is not None and sp not in _POLICIES:
+    sp = tags.get("sp") or None
+    if sp is not None and sp not in POLICIES:
         sp = None
-    adkim = "s" if tags.get("adkim", "r").lower() == "s" else "r"
-    aspf = "s" if tags.get("aspf", "r").lower() == "s" else "r"
+    adkim = "s" if tags.get("adkim") == "s" else "r"
+    aspf = "s" if tags.get("aspf") == "s" else "r"
     return DmarcPolicy(p, sp, adkim, aspf)
 
 
