@@ -26,8 +26,6 @@ from epost.logs import printable
 from epost.routing.records import DnspythonLookup, DnsUnavailable, Lookup, SpfQuery, memoized
 from epost.smtp.authresults import POLICIES, dmarc_tags, is_dmarc_record, tag_list  # one DMARC reading for both
 
-STATUSES = ("ok", "warn", "fail")
-
 
 @dataclass(frozen=True)
 class Finding:

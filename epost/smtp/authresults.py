@@ -23,10 +23,8 @@ _FIELD_NAME = b"authentication-results"
 FOLD = "\r\n\t"
 _NEXT_FIELD = re.compile(rb"\r\n(?![ \t])")  # a line break not followed by a continuation
 
-# RFC 8601 §2.7 result words, per method.
+# RFC 8601 §2.7.2 SPF result words (pyspf may answer others).
 SPF_RESULTS = frozenset({"none", "neutral", "pass", "fail", "softfail", "temperror", "permerror"})
-DKIM_RESULTS = frozenset({"none", "pass", "fail", "policy", "neutral", "temperror", "permerror"})
-DMARC_RESULTS = frozenset({"none", "pass", "fail", "temperror", "permerror"})
 
 
 @dataclass(frozen=True)
