@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable, Sequence
 
 import dkim
-import dns.resolver
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -84,8 +83,7 @@ def _left(deadline: float) -> float:
 def check_resolver(servers: Sequence = ()):
     """A resolver for the checks: `[routing] dns_servers` (else the system's),
     answers kept for their TTL (dnspython's cache is thread-safe: the pool shares it)."""
-    resolver = make_resolver(servers)
-    resolver.cache = dns.resolver.LRUCache()
+    resolver = make_resolver(servers, cache=True)
     resolver.timeout = 1.5  # per server try; the budget caps the whole query
     return resolver
 
