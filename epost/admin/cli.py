@@ -212,15 +212,13 @@ def list_queue(args: argparse.Namespace, now: float) -> int:
     config = _load_with_spool(args)
     if config is None:
         return 1
-    from epost.store.spool import Spool
+    from epost.admin.store import open_store
     from epost.store.database import StoreUnavailable
     from epost.store.upgrade import not_imported
 
-    spool = Spool(config.server.spool, reactor=None, threadpool=None)
     domain = args.domain.strip().rstrip(".").lower() if args.domain else None
     try:
-        if spool.exists():
-            spool.open(create=False)
+        spool = open_store(config)
         messages = [m for m in read_queue(spool) if matches(m, domain, args.state)]
     except (StoreUnavailable, OSError) as error:
         print(f"epost queue: {error}", file=sys.stderr)
@@ -241,17 +239,15 @@ def show_message(args: argparse.Namespace, now: float) -> int:
     from epost.logs import printable
     from epost.store.envelope import EnvelopeError
     from epost.store.database import QUEUE_ID, StoreUnavailable
-    from epost.store.spool import Spool
+    from epost.admin.store import open_store
 
     config = _load_with_spool(args)
     if config is None:
         return 1
-    spool = Spool(config.server.spool, reactor=None, threadpool=None)
     asked = args.id.strip()
     queue_id = asked.upper() if QUEUE_ID.fullmatch(asked.upper()) else asked  # `epost show 0190...a000` too
     try:
-        if spool.exists():
-            spool.open(create=False)
+        spool = open_store(config)
         queue, envelope, content = open_queued(spool, queue_id)
     except LookupError as error:
         print(printable(f"epost show: {error}", join_lines=False), file=sys.stderr)

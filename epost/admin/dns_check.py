@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import dns.reversename
@@ -24,8 +24,7 @@ from epost.logs import printable
 # The lookup seam and pyspf over it live in epost/routing/records.py (inbound
 # Authentication-Results uses them too); DnsUnavailable stays importable from here.
 from epost.routing.records import DnspythonLookup, DnsUnavailable, Lookup, SpfQuery, memoized
-
-STATUSES = ("ok", "warn", "fail")
+from epost.smtp.authresults import POLICIES, dmarc_tags, is_dmarc_record, tag_list  # one DMARC reading for both
 
 
 @dataclass(frozen=True)
@@ -172,25 +171,6 @@ def check_spf(domain: str, addresses: Sequence[str], helo: str, lookup: Lookup) 
 # --- DKIM ------------------------------------------------------------------------
 
 
-def tag_list(text: str) -> tuple[dict[str, str], list[str]]:
-    """RFC 6376 3.2 / RFC 7489 6.4 `tag=value; ...` -> (tags, problems); whitespace around
-    tags and values is dropped, an empty last element allowed."""
-    tags: dict[str, str] = {}
-    problems: list[str] = []
-    for part in text.split(";"):
-        if not part.strip():
-            continue
-        name, equals, value = part.partition("=")
-        name = name.strip()
-        if not equals or not name:
-            problems.append(f"{part.strip()!r} is not tag=value")
-        elif name in tags:
-            problems.append(f"{name}= given twice")
-        else:
-            tags[name] = value.strip()
-    return tags, problems
-
-
 def _public_key(der: bytes):
     """A public key from DKIM's p= bytes: SubjectPublicKeyInfo or PKCS#1 RSAPublicKey; None if neither."""
     from cryptography.hazmat.primitives import serialization
@@ -244,7 +224,7 @@ def dkim_verdict(texts: Sequence[str], algorithm: str, public_b64: str) -> tuple
     return "ok", f"publishes the key epost signs with ({algorithm})"
 
 
-def check_dkim(domain: str, specs: Sequence, lookup: Lookup) -> list[Finding]:
+def check_dkim(domain: str, specs: Sequence, lookup: Lookup, load=None) -> list[Finding]:
     """Each [[dkim.keys]] entry of the closest matching domain: its selector publishes our public key."""
     from epost.delivery.signing import DkimKeyError, keys_for, load_key, txt_record
 
@@ -256,7 +236,7 @@ def check_dkim(domain: str, specs: Sequence, lookup: Lookup) -> list[Finding]:
     for spec in specs:
         name = f"{spec.selector}._domainkey.{spec.domain}"
         try:
-            key = load_key(spec.domain, spec.selector, spec.key)
+            key = (load or load_key)(spec.domain, spec.selector, spec.key)
         except DkimKeyError as error:
             findings.append(Finding("fail", "dkim", f"{name}: {error}", "epost check-config names the key's problem"))
             continue
@@ -272,17 +252,14 @@ def check_dkim(domain: str, specs: Sequence, lookup: Lookup) -> list[Finding]:
 
 # --- DMARC -----------------------------------------------------------------------
 
-_POLICIES = ("none", "quarantine", "reject")
-
-
 def dmarc_problems(record: str) -> tuple[dict[str, str], list[str]]:
     """RFC 7489 6.3: the record's tags, and what makes it unusable."""
-    tags, problems = tag_list(record)
-    if record.split(";")[0].replace(" ", "") != "v=DMARC1":
+    tags, problems = dmarc_tags(record)
+    if not is_dmarc_record(record):
         problems.append("must start with v=DMARC1")
-    if tags.get("p") not in _POLICIES:
+    if tags.get("p") not in POLICIES:
         problems.append("p= must be none, quarantine or reject" + (f", got {tags['p']!r}" if "p" in tags else ""))
-    if "sp" in tags and tags["sp"] not in _POLICIES:
+    if "sp" in tags and tags["sp"] not in POLICIES:
         problems.append(f"sp= must be none, quarantine or reject, got {tags['sp']!r}")
     for name in ("adkim", "aspf"):
         if name in tags and tags[name] not in ("r", "s"):
@@ -304,7 +281,7 @@ def dmarc_record(policy: str, tags: dict[str, str], domain: str) -> str:
 def check_dmarc(domain: str, lookup: Lookup) -> list[Finding]:
     name = f"_dmarc.{domain}"
     try:
-        records = [t for t in lookup(name, "TXT") if t.split(";")[0].replace(" ", "").lower() == "v=dmarc1"]
+        records = [t for t in lookup(name, "TXT") if is_dmarc_record(t)]
     except DnsUnavailable as error:
         return [Finding("warn", "dmarc", f"{name}: lookup failed ({error}); run again")]
     if not records:
@@ -315,7 +292,7 @@ def check_dmarc(domain: str, lookup: Lookup) -> list[Finding]:
                         + " | ".join(records), f"publish {zone_txt(name, dmarc_record('none', {}, domain))} and remove the others")]
     tags, problems = dmarc_problems(records[0])
     if problems:
-        policy = tags["p"] if tags.get("p") in _POLICIES else "none"
+        policy = tags["p"] if tags.get("p") in POLICIES else "none"
         return [Finding("fail", "dmarc", f"{name}: {'; '.join(problems)}: {records[0]}",
                         f"publish {zone_txt(name, dmarc_record(policy, tags, domain))}")]
     if tags["p"] == "none":
@@ -380,21 +357,34 @@ def public_addresses(config_addresses: Sequence, hostname: str, lookup: Lookup) 
 def run_checks(domain: str, hostname: str, config_addresses: Sequence, dkim_specs: Sequence,
                lookup: Lookup) -> list[Finding]:
     """Every check for `domain`, in report order. Blocking (DNS, key files): run it off the reactor."""
-    domain = domain.rstrip(".").lower()
     lookup = memoized(lookup)
+    return domain_checks(domain, hostname, dkim_specs, lookup, lambda: shared_checks(config_addresses, hostname, lookup))
+
+
+def shared_checks(config_addresses: Sequence, hostname: str, lookup: Lookup) -> tuple[list[str], list[Finding], list[Finding]]:
+    """What every domain's report shares: (public addresses, the lines on them, their reverse DNS)."""
+    addresses, notes = public_addresses(config_addresses, hostname, lookup)
+    return addresses, notes, check_rdns(addresses, hostname, lookup)
+
+
+def domain_checks(domain: str, hostname: str, dkim_specs: Sequence, lookup: Lookup, shared: Callable[[], tuple],
+                  load=None) -> list[Finding]:
+    """run_checks, the domain-independent part (`shared_checks`) asked of `shared()`
+    (once the DNS answers at all), DKIM keys read with `load` (default: load_key)."""
+    domain = domain.rstrip(".").lower()
     try:
         lookup(domain, "MX")
     except DnsUnavailable as error:  # nothing else would answer either: one clear line, not twenty
         return [Finding("fail", "dns", f"no answer from the DNS: {error}",
                         "check [routing] dns_servers (or /etc/resolv.conf) and the network, then run again")]
-    addresses, notes = public_addresses(config_addresses, hostname, lookup)
+    addresses, notes, rdns = shared()
     return [
         *check_mx(domain, hostname, lookup),
         *notes,
         *(check_spf(domain, addresses, hostname, lookup) if addresses else []),
-        *check_dkim(domain, dkim_specs, lookup),
+        *check_dkim(domain, dkim_specs, lookup, load),
         *check_dmarc(domain, lookup),
-        *check_rdns(addresses, hostname, lookup),
+        *rdns,
     ]
 
 
@@ -404,3 +394,55 @@ def check_config_domain(config, domain: str, lifetime: float = 4.0) -> list[Find
 
     lookup = DnspythonLookup(make_resolver(config.routing.dns_servers), lifetime)
     return run_checks(domain, config.server.hostname, config.server.public_addresses, config.dkim.keys, lookup)
+
+
+RUN_SECONDS = 60.0  # the dashboard starts every domain's check at once: one run
+
+
+class ConfigDnsChecks:
+    """check_config_domain for the dashboard, one domain a call from a thread pool: one
+    resolver whose answers are kept for their TTL, and per run (calls within RUN_SECONDS
+    of its first) the public addresses, their reverse DNS and the DKIM key files done once."""
+
+    def __init__(self, config, seconds: Callable[[], float], lifetime: float = 4.0, lookup: Lookup | None = None) -> None:
+        import threading
+
+        from epost.routing.dns import make_resolver
+
+        self._config = config
+        self._seconds = seconds  # the reactor's clock (IReactorTime.seconds)
+        self._lookup = lookup or DnspythonLookup(make_resolver(config.routing.dns_servers, cache=True), lifetime)
+        self._lock = threading.Lock()
+        self._run_at: float | None = None
+        self._shared = None
+        self._keys: dict = {}
+
+    def __call__(self, domain: str) -> list[Finding]:
+        with self._lock:
+            now = self._seconds()
+            if self._run_at is None or now - self._run_at >= RUN_SECONDS:
+                self._run_at, self._keys, self._shared = now, {}, None
+        server = self._config.server
+        return domain_checks(domain, server.hostname, self._config.dkim.keys, self._lookup, self._shared_checks, self._load_key)
+
+    def _shared_checks(self) -> tuple:
+        with self._lock:  # the other domains of the run wait for it rather than ask the same
+            if self._shared is None:
+                server = self._config.server
+                self._shared = shared_checks(server.public_addresses, server.hostname, self._lookup)
+            return self._shared
+
+    def _load_key(self, domain: str, selector: str, path):
+        from epost.delivery.signing import DkimKeyError, load_key
+
+        name = (domain, selector, str(path))
+        found = self._keys.get(name)
+        if found is None:
+            try:
+                found = load_key(domain, selector, path)
+            except DkimKeyError as error:
+                found = error
+            self._keys[name] = found  # a dict item set: safe from the pool's threads
+        if isinstance(found, DkimKeyError):
+            raise found
+        return found

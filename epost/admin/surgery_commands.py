@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from epost.admin.store import open_store
 from epost.config import Config
 from epost.queue import surgery
 from epost.store.envelope import EnvelopeError
 from epost.store.lock import lock_path, try_lock
 from epost.store.database import QUEUES, StoreUnavailable
-from epost.store.spool import Spool
 
 HELP = {
     "flush": "retry deferred mail now (all, some IDs, or one --domain)",
@@ -89,10 +89,9 @@ def _on_the_store_if_no_daemon(config: Config, action: str, ids, domain, now: fl
 
 def on_the_store(config: Config, action: str, ids: list[str], domain: str | None, now: float) -> dict:
     """The same actions with no daemon running: straight on the queue store (each change durable)."""
-    spool = Spool(config.server.spool, reactor=None, threadpool=None)
+    spool = open_store(config)
     if not spool.exists():
         return {"done": [], "errors": [f"{queue_id}: not queued" for queue_id in ids]}
-    spool.open(create=False)
     queues = ("hold",) if action == "release" else tuple(q for q in QUEUES if q != "hold")
     chosen = list(dict.fromkeys([*ids, *(surgery.waiting_for(spool, domain, queues) if domain else [])]))
     if action == "flush" and not chosen and domain is None:

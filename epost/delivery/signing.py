@@ -20,6 +20,8 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from epost.headers import from_domain  # also signing.from_domain, for the queue worker
+
 def _openssl_rsa_sign(hash, private_key, _cache={}):
     """dkimpy's RSA is pure Python (~6 ms for 2048 bits); the same PKCS#1 v1.5
     signature (deterministic, so byte-identical) from OpenSSL costs ~0.3 ms."""
@@ -199,18 +201,6 @@ def keys_for(domain: str, keys: tuple[DkimKey, ...]) -> tuple[DkimKey, ...]:
     return ()
 
 
-def _parse_head(message: bytes):
-    """The header fields of a message, parsed from its header block only (never the body)."""
-    import email.parser
-    return email.parser.BytesHeaderParser().parsebytes(_header_block(message))
-
-
-def _domain_of(headers) -> str | None:
-    import email.utils
-    addr = email.utils.parseaddr(str(headers.get("From", "")))[1]
-    return addr.rpartition("@")[2] or None
-
-
 def sign(message: bytes, keys: tuple[DkimKey, ...], signing_domain: str | None = None) -> bytes:
     """The DKIM-Signature header lines (CRLF-ended) to prepend; b'' if no key matches.
 
@@ -220,7 +210,7 @@ def sign(message: bytes, keys: tuple[DkimKey, ...], signing_domain: str | None =
     and its body canonicalized once, whatever the number of keys (dkimpy's
     own sign() redoes the body for each).
     """
-    domain = signing_domain or _domain_of(_parse_head(message))
+    domain = signing_domain or from_domain(message)
     if not domain:
         return b""
     chosen = keys_for(domain, keys)
@@ -269,16 +259,6 @@ def signing_keys(*, trusted: bool, leaves_over_smtp: bool, from_domain: str | No
     if not (trusted and leaves_over_smtp and from_domain):
         return ()
     return keys_for(from_domain, keys)
-
-
-def _header_block(message: bytes) -> bytes:
-    end = message.find(b"\r\n\r\n")
-    return message if end < 0 else message[: end + 4]
-
-
-def from_domain(head: bytes) -> str | None:
-    """The From: address's domain, read from the message's first bytes (its header block)."""
-    return _domain_of(_parse_head(head))
 
 
 def commit_signature(message: bytes, chosen: tuple[DkimKey, ...]) -> bytes:

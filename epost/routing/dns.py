@@ -106,12 +106,16 @@ def _ipv4_first(addresses: list[str]) -> list[str]:
     return sorted(addresses, key=lambda address: ":" in address)
 
 
-def make_resolver(servers: Sequence[HostPort] = ()) -> dns.resolver.Resolver:
-    """A dnspython resolver asking `servers` ([routing] dns_servers), or the system's when there are none."""
+def make_resolver(servers: Sequence[HostPort] = (), cache: bool = False) -> dns.resolver.Resolver:
+    """A dnspython resolver asking `servers` ([routing] dns_servers), or the system's when there are none;
+    with `cache`, answers are kept for their TTL (dnspython's LRUCache is thread-safe: a pool may share it)."""
     if not servers:
-        return dns.resolver.Resolver(configure=True)
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = [dns.nameserver.Do53Nameserver(s.host, port=s.port) for s in servers]
+        resolver = dns.resolver.Resolver(configure=True)
+    else:
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(s.host, port=s.port) for s in servers]
+    if cache:
+        resolver.cache = dns.resolver.LRUCache()
     return resolver
 
 
@@ -138,9 +142,7 @@ class MXResolver:
         self._timeout = timeout
         self._rng = rng if rng is not None else random.Random()
         self._hosts_file = hosts_file
-        resolver = make_resolver(servers)
-        resolver.cache = dns.resolver.LRUCache()
-        self._resolver = resolver
+        self._resolver = make_resolver(servers, cache=True)
 
     def resolve_mx(self, domain: str) -> Deferred[list[str]]:
         """Host names to try for `domain`, in order; fails with DNSError.

@@ -30,11 +30,11 @@ import time
 from collections.abc import Callable, Sequence
 
 import dkim
-import dns.resolver
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from epost.headers import header_end, header_from_domains
 from epost.routing.dns import make_resolver
 from epost.routing.records import DnspythonLookup, DnsUnavailable, Lookup, SpfQuery, memoized
 from epost.smtp.authresults import (
@@ -44,8 +44,7 @@ from epost.smtp.authresults import (
     dkim_properties,
     dmarc_comment,
     dmarc_verdict,
-    header_end,
-    header_from_domains,
+    is_dmarc_record,
     parse_dmarc_record,
 )
 from epost.smtp.policy import client_address
@@ -84,8 +83,7 @@ def _left(deadline: float) -> float:
 def check_resolver(servers: Sequence = ()):
     """A resolver for the checks: `[routing] dns_servers` (else the system's),
     answers kept for their TTL (dnspython's cache is thread-safe: the pool shares it)."""
-    resolver = make_resolver(servers)
-    resolver.cache = dns.resolver.LRUCache()
+    resolver = make_resolver(servers, cache=True)
     resolver.timeout = 1.5  # per server try; the budget caps the whole query
     return resolver
 
@@ -228,7 +226,7 @@ def dmarc_result(lookup: Lookup, head: bytes, spf_domain: str | None, dkim_domai
 
 
 def _dmarc_policy(lookup: Lookup, domain: str):
-    records = [text for text in lookup(f"_dmarc.{domain}", "TXT") if text.replace(" ", "").startswith("v=DMARC1")]
+    records = [text for text in lookup(f"_dmarc.{domain}", "TXT") if is_dmarc_record(text)]
     if len(records) != 1:  # none, or several: no DMARC (RFC 7489 §6.6.3)
         return None
     return parse_dmarc_record(records[0])

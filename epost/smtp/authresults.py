@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from epost.headers import header_end
+
 # RFC 2045 token: what a property value may be without quotes.
 _TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+\Z")
 # RFC 8601 pvalue's other bare form, [local-part] "@" domain-name, with a dot-atom local-part.
@@ -21,10 +23,8 @@ _FIELD_NAME = b"authentication-results"
 FOLD = "\r\n\t"
 _NEXT_FIELD = re.compile(rb"\r\n(?![ \t])")  # a line break not followed by a continuation
 
-# RFC 8601 §2.7 result words, per method.
+# RFC 8601 §2.7.2 SPF result words (pyspf may answer others).
 SPF_RESULTS = frozenset({"none", "neutral", "pass", "fail", "softfail", "temperror", "permerror"})
-DKIM_RESULTS = frozenset({"none", "pass", "fail", "policy", "neutral", "temperror", "permerror"})
-DMARC_RESULTS = frozenset({"none", "pass", "fail", "temperror", "permerror"})
 
 
 @dataclass(frozen=True)
@@ -162,14 +162,6 @@ def _skip_cfws(text: str, position: int) -> int:
     return position
 
 
-def header_end(message: bytes) -> int:
-    """Offset just past the header section's last field (before the empty line), or len(message)."""
-    if message.startswith(b"\r\n"):
-        return 0
-    end = message.find(b"\r\n\r\n")
-    return len(message) if end < 0 else end + 2
-
-
 class ResultsFilter:
     """A message, arriving in chunks, without the Authentication-Results fields
     whose authserv-id is ours (RFC 8601 §5: a forged claim of our own checks);
@@ -194,8 +186,8 @@ class ResultsFilter:
         buffer, out = self._partial + data, []
         # The buffer starts at a line's start: complete lines up to the empty
         # line that ends the header section, else up to the last line break.
-        blank = 0 if buffer.startswith(b"\r\n") else buffer.find(b"\r\n\r\n") + 2
-        if blank >= 2 or buffer.startswith(b"\r\n"):
+        blank = header_end(buffer)
+        if blank < len(buffer):  # the empty line is in the buffer
             start = self._fields(buffer, blank, out)
             out.append(self._line(b"\r\n"))  # the header section ends
             start += 2
@@ -293,7 +285,44 @@ class DmarcPolicy:
     extra: dict = field(default_factory=dict, compare=False)
 
 
-_POLICIES = ("none", "quarantine", "reject")
+POLICIES = ("none", "quarantine", "reject")  # RFC 7489 §6.3 p= and sp=
+
+
+def tag_list(text: str) -> tuple[dict[str, str], list[str]]:
+    """RFC 6376 3.2 / RFC 7489 6.4 `tag=value; ...` -> (tags, problems); whitespace around
+    tags and values is dropped, an empty last element allowed; a repeated tag keeps its first value."""
+    tags: dict[str, str] = {}
+    problems: list[str] = []
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        name, equals, value = part.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            problems.append(f"{part.strip()!r} is not tag=value")
+        elif name in tags:
+            problems.append(f"{name}= given twice")
+        else:
+            tags[name] = value.strip()
+    return tags, problems
+
+
+def is_dmarc_record(text: str) -> bool:
+    """RFC 7489 §6.3: a DMARC record's first tag is `v=DMARC1`, matched precisely
+    (`v=DMARC10` and `v=dmarc1` are not DMARC records); whitespace around it is allowed."""
+    name, equals, value = text.split(";", 1)[0].partition("=")
+    return bool(equals) and name.strip().lower() == "v" and value.strip() == "DMARC1"
+
+
+def dmarc_tags(text: str) -> tuple[dict[str, str], list[str]]:
+    """tag_list with DMARC's tag names, and the keyword values of p, sp, adkim and aspf,
+    in lower case (RFC 7489 §6.4: they are case-insensitive)."""
+    tags, problems = tag_list(text)
+    lowered: dict[str, str] = {}
+    for name, value in tags.items():
+        name = name.lower()
+        lowered.setdefault(name, value.lower() if name in ("p", "sp", "adkim", "aspf") else value)
+    return lowered, problems
 
 
 def parse_dmarc_record(text: str) -> DmarcPolicy | None:
@@ -301,24 +330,19 @@ def parse_dmarc_record(text: str) -> DmarcPolicy | None:
 
     RFC 7489 §6.6.3: an invalid or missing `p` counts as `p=none` when the
     record has an `rua` tag, otherwise the record is ignored."""
-    tags: dict[str, str] = {}
-    for part in text.split(";"):
-        name, equals, value = part.partition("=")
-        if equals:
-            tags.setdefault(name.strip().lower(), value.strip())
-    parts = [part.strip() for part in text.split(";")]
-    if not parts or parts[0].replace(" ", "") != "v=DMARC1":
+    if not is_dmarc_record(text):
         return None
-    p = tags.get("p", "").lower()
-    if p not in _POLICIES:
+    tags, _ = dmarc_tags(text)
+    p = tags.get("p", "")
+    if p not in POLICIES:
         if "rua" not in tags:
             return None
         p = "none"
-    sp = tags.get("sp", "").lower() or None
-    if sp is not None and sp not in _POLICIES:
+    sp = tags.get("sp") or None
+    if sp is not None and sp not in POLICIES:
         sp = None
-    adkim = "s" if tags.get("adkim", "r").lower() == "s" else "r"
-    aspf = "s" if tags.get("aspf", "r").lower() == "s" else "r"
+    adkim = "s" if tags.get("adkim") == "s" else "r"
+    aspf = "s" if tags.get("aspf") == "s" else "r"
     return DmarcPolicy(p, sp, adkim, aspf)
 
 
@@ -364,17 +388,3 @@ def dkim_properties(domain: str, selector: str, signature_b: str, identity: str 
     if b:
         properties.append(("header.b", b))
     return tuple(properties)
-
-
-def header_from_domains(head: bytes) -> list[str]:
-    """The domains of the RFC 5322 From addresses (DMARC's identifier), lower case, in order."""
-    from email.parser import BytesHeaderParser
-    from email.policy import compat32
-    from email.utils import getaddresses
-
-    fields = BytesHeaderParser(policy=compat32).parsebytes(head + b"\r\n").get_all("From") or []
-    domains = []
-    for _name, address in getaddresses([str(value) for value in fields]):
-        local, at, domain = address.rpartition("@")
-        domains.append(domain.strip().rstrip(".").lower() if at and local and domain.strip() else "")
-    return domains

@@ -111,9 +111,13 @@ class RecipientPolicy:
         users' own (verification skipped, DKIM-signed when it leaves)."""
         if session.user is not None:
             return True
-        if not session.client_known:  # the balancer's own address (a PROXY header naming no client)
-            return False
-        return in_networks(session.client_ip, self.relay_networks)
+        return in_networks(session.client_ip, self.vouching_networks(session))
+
+    def vouching_networks(self, session: Session) -> tuple:
+        """The networks whose clients are trusted for this session: none when
+        the client is unknown (the balancer's own address, a PROXY header
+        naming no client), else relay_networks."""
+        return self.relay_networks if session.client_known else ()
 
     def open_destination(self, recipient: Address) -> bool:
         domain = recipient.domain
@@ -132,7 +136,7 @@ class RecipientPolicy:
             recipient,
             client_ip=session.client_ip,
             authenticated=session.user is not None,
-            relay_networks=self.relay_networks if session.client_known else (),
+            relay_networks=self.vouching_networks(session),
             open_destination=self.open_destination,
         ):
             raise Rejected(RELAY_DENIED)

@@ -28,7 +28,6 @@ from epost.smtp.events import SessionEvents
 from epost.smtp.policy import in_networks
 
 HEADER_TIMEOUT = 10.0  # seconds; HAProxy sends the header with its first packet
-MAX_VERDICTS = 1024  # source addresses whose trust is remembered
 
 # Reasons in `smtp refused: ... reason=` lines (docs/operating.md).
 PROXY_UNTRUSTED = "proxy_untrusted"  # the connection is not from proxy_networks
@@ -161,7 +160,7 @@ class ProxyHeaderProtocol(Protocol):
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
-        if not self.factory.trusts(getattr(peer, "host", "")):
+        if not is_trusted(getattr(peer, "host", ""), self.factory.networks):
             self._refuse(PROXY_UNTRUSTED, "not in proxy_networks")
             return
         self.factory.registerProtocol(self)  # waiting for its header
@@ -251,16 +250,6 @@ class ProxyFactory(WrappingFactory):
         self.events = events
         self.listener = listener
         self.timeout = timeout
-        self._verdicts: dict[str, bool] = {}  # host -> is_trusted: every connection comes from the few balancers
-
-    def trusts(self, host: str) -> bool:
-        """is_trusted(host, networks), remembered (for at most MAX_VERDICTS hosts)."""
-        verdict = self._verdicts.get(host)
-        if verdict is None:
-            if len(self._verdicts) >= MAX_VERDICTS:
-                self._verdicts.clear()  # a scan from many addresses: start over rather than grow
-            verdict = self._verdicts[host] = is_trusted(host, self.networks)
-        return verdict
 
     def buildProtocol(self, addr):
         return self.protocol(self)

@@ -10,7 +10,6 @@ are mounted as they are, without the login check (they decide themselves).
 
 from __future__ import annotations
 
-from functools import partial
 
 from twisted.application import service, strports
 from twisted.logger import Logger
@@ -18,7 +17,7 @@ from twisted.web.resource import Resource
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.server import Request, Site
 
-from epost.admin.dns_check import check_config_domain
+from epost.admin.dns_check import ConfigDnsChecks
 from epost.listening import default_backlog, with_backlog
 from epost.smtp.throttle import AuthThrottle
 from epost.web.base import Context
@@ -104,7 +103,7 @@ def make_admin_site(
         auth_threadpool=auth_threadpool,
         sessions=SessionStore(reactor),
         throttle=AuthThrottle(reactor, cutoff=config.server.auth_failures_before_cutoff),
-        dns_checks=DnsChecks(reactor, dns_threadpool or threadpool, dns_check or partial(check_config_domain, config)),
+        dns_checks=DnsChecks(reactor, dns_threadpool or threadpool, dns_check or ConfigDnsChecks(config, reactor.seconds)),
     )
     root = Resource()
     root.putChild(b"", Dashboard(context))

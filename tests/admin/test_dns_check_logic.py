@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epost.admin.dns_check import (
+    RUN_SECONDS,
+    ConfigDnsChecks,
     DnsUnavailable,
     Finding,
     check_dmarc,
@@ -377,3 +379,25 @@ def test_record_text_is_printed_escaped_and_encodes_as_strict_utf8():
     assert "\\x1b[2J" in line and "\\udcff" in line
     assert line.endswith('fix: publish example.test. IN TXT "v=spf1 \\x1b[31m"')
     line.encode("utf-8", "strict")  # `check-dns` under PYTHONIOENCODING=utf-8:strict
+
+
+def test_the_dashboards_checks_do_the_domain_independent_part_once_per_run(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from epost.delivery import signing
+
+    path, _ = signing.keygen(DOMAIN, tmp_path, "s1", "ed25519")
+    spec = SimpleNamespace(domain=DOMAIN, selector="s1", key=path)
+    config = SimpleNamespace(server=SimpleNamespace(hostname=HOST, public_addresses=()), dkim=SimpleNamespace(keys=(spec,)))
+    dns = FakeDns({(HOST, "A"): ["192.0.2.25"]})
+    loaded, real = [], signing.load_key
+    monkeypatch.setattr(signing, "load_key", lambda *args: loaded.append(args) or real(*args))
+    now = [0.0]
+    checks = ConfigDnsChecks(config, lambda: now[0], lookup=dns)
+    shared = lambda findings: [f for f in findings if f.check in ("addresses", "rdns")]
+    first, other = checks(DOMAIN), checks("sub." + DOMAIN)
+    assert [f.check for f in shared(first)] == ["addresses", "rdns"] and shared(other) == shared(first)
+    assert dns.asked.count((HOST, "A")) == 1 and len(loaded) == 1  # sub. signs with the parent's key: read once
+    now[0] += RUN_SECONDS
+    checks(DOMAIN)
+    assert dns.asked.count((HOST, "A")) == 2 and len(loaded) == 2  # a new run reads again

@@ -111,6 +111,16 @@ def test_dmarc_without_a_record_is_none_and_with_two_records_too():
     assert dmarc_result(two, MESSAGE, None, [], org).result == "none"
 
 
+def test_a_v_dmarc10_record_is_not_a_dmarc_record():
+    """RFC 7489 §6.3: v=DMARC1 matched precisely; the look-alike is not counted, so the real record stands alone."""
+    alone = Answers({"_dmarc.mail.example.org": ["v=DMARC10; p=reject"]})
+    assert dmarc_result(alone, MESSAGE, None, [], org).result == "none"
+    assert alone.asked == ["_dmarc.mail.example.org", "_dmarc.example.org"]
+    beside = Answers({"_dmarc.mail.example.org": ["v=DMARC10; p=none", "v=DMARC1; p=reject"]})
+    result = dmarc_result(beside, MESSAGE, None, [], org)
+    assert (result.result, result.comment) == ("fail", "p=reject")
+
+
 def test_dmarc_temperror_and_no_single_from():
     slow = Answers({"_dmarc.mail.example.org": DnsUnavailable})
     assert dmarc_result(slow, MESSAGE, "example.org", [], org).result == "temperror"

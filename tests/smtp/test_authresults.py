@@ -7,6 +7,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
+from epost.headers import header_from_domains
 from epost.smtp.authresults import (
     DmarcPolicy,
     MethodResult,
@@ -16,7 +17,6 @@ from epost.smtp.authresults import (
     authserv_id,
     dkim_properties,
     dmarc_verdict,
-    header_from_domains,
     parse_dmarc_record,
     property_value,
 )

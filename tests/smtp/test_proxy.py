@@ -18,7 +18,6 @@ from test_server import FakeReceiver
 
 from epost.smtp.factory import ConnectionLimits, SMTPFactory
 from epost.smtp.proxy import (
-    MAX_VERDICTS,
     PROXY_BAD_HEADER,
     PROXY_TIMEOUT,
     PROXY_UNTRUSTED,
@@ -390,15 +389,6 @@ def test_headers_without_a_tcp_client_stand_for_the_balancer(header):
 def test_an_ipv6_client_is_spelt_canonically():
     source, _, _ = parse_header(b"PROXY TCP6 2001:DB8:0:0::5 2001:db8::25 1 2\r\n")
     assert source == IPv6Address("TCP", "2001:db8::5", 1)
-
-
-def test_trust_is_remembered_per_host_and_the_memory_stays_bounded():
-    factory, clock, events, receiver, limits = setup()
-    assert factory.trusts(BALANCER) and not factory.trusts("192.0.2.7")
-    for i in range(MAX_VERDICTS + 10):
-        assert not factory.trusts(f"10.0.{i // 256}.{i % 256}")
-    assert len(factory._verdicts) <= MAX_VERDICTS
-    assert factory.trusts(BALANCER)
 
 
 def test_a_connection_lost_before_its_header_leaves_no_timer_and_no_registration():
