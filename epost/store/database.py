@@ -14,9 +14,10 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from twisted.logger import Logger
 
@@ -44,6 +45,7 @@ QUEUE_ID = re.compile(r"[0-9A-F]{17}")  # microseconds then a counter, in hex: s
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 log = Logger()
+T = TypeVar("T")
 
 
 class SpoolError(OSError):
@@ -90,8 +92,9 @@ def store_error(error: Exception, doing: str) -> StoreError:
 class QueueStore:
     """``<root>/queue/queue.db`` plus ``<root>/queue/large/``; blocking, one connection per thread.
 
-    Writes use ``BEGIN IMMEDIATE`` so two writers wait on the lock (busy
-    timeout 10 s) instead of failing half-way with SQLITE_BUSY.
+    Writes use ``BEGIN IMMEDIATE`` so two writers wait on the lock (polled,
+    up to BUSY_TIMEOUT) instead of failing half-way with SQLITE_BUSY; every
+    other statement that meets a lock is retried the same way (``_retry``).
     """
 
     def __init__(self, root: Path) -> None:
@@ -123,8 +126,8 @@ class QueueStore:
         self._open = True
         try:
             conn = self._conn()
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            version = _retry(lambda: conn.execute("PRAGMA user_version").fetchone()[0])
+            tables = {row[0] for row in _retry(lambda: conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall())}
             if version > SCHEMA_VERSION:
                 raise StoreUnavailable(
                     f"{self.path}: written by a newer epost (queue version {version}, this one reads up to {SCHEMA_VERSION})"
@@ -141,7 +144,7 @@ class QueueStore:
             else:
                 self._use_wal(conn)
                 if create:  # this process will write: a read-only file must stop start-up, not every commit
-                    conn.execute("BEGIN IMMEDIATE")
+                    _begin_immediate(conn)
                     conn.execute("ROLLBACK")
             if create and os.geteuid() == 0:
                 self._give_to_spool_owner()
@@ -179,8 +182,8 @@ class QueueStore:
         # checkpoint writes it would at 4 KiB (bench/relay.py, 100 KiB messages:
         # 3.3 disk write requests a message instead of 4.9; Postfix 4.6).
         conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("BEGIN IMMEDIATE")
+        _retry(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchall())
+        _begin_immediate(conn)
         try:
             if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
                 for statement in SCHEMA:
@@ -195,9 +198,9 @@ class QueueStore:
     def _use_wal(self, conn: sqlite3.Connection) -> None:
         """An existing database in another journal mode (a restored copy) is switched to WAL:
         NORMAL bookkeeping is only safe against a power cut in WAL mode (docs/queue.md)."""
-        if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+        if _retry(lambda: conn.execute("PRAGMA journal_mode").fetchone()[0]) == "wal":
             return
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = _retry(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
         if mode != "wal":
             raise StoreUnavailable(f"{self.path}: cannot switch to WAL mode (still {mode})")
         log.info("{path}: switched to WAL mode", path=self.path)
@@ -249,10 +252,10 @@ class QueueStore:
         if not self._open:
             raise RuntimeError(f"{self.path}: QueueStore.open() was not called")
         # check_same_thread off only so close() may close other threads' idle connections.
-        conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        # timeout=0: no SQLite busy handler; a statement meeting a lock is retried by _retry.
+        conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA journal_size_limit = 67108864")
-            conn.execute("PRAGMA foreign_keys = OFF")
             conn.execute("PRAGMA synchronous = FULL")
         except BaseException:
             conn.close()
@@ -403,7 +406,8 @@ class QueueStore:
         if not queue_ids:
             return set()
         marks = ",".join("?" * len(queue_ids))
-        rows = self._conn().execute(f"SELECT id FROM content WHERE id IN ({marks})", sorted(queue_ids))
+        conn = self._conn()
+        rows = _retry(lambda: conn.execute(f"SELECT id FROM content WHERE id IN ({marks})", sorted(queue_ids)).fetchall())
         return {row[0] for row in rows}
 
     def _return_large_files(
@@ -557,7 +561,8 @@ class QueueStore:
     def _read(self, sql: str, parameters: tuple) -> list[tuple]:
         """All rows at once, so an error while stepping is a StoreError too."""
         try:
-            return self._conn().execute(sql, parameters).fetchall()
+            conn = self._conn()
+            return _retry(lambda: conn.execute(sql, parameters).fetchall())
         except sqlite3.Error as e:
             raise store_error(e, f"cannot read {self.path}") from e
 
@@ -594,28 +599,26 @@ def _check_state(state: str) -> None:
         raise ValueError(f"unknown queue {state!r}")
 
 
-def _begin_immediate(conn: sqlite3.Connection) -> None:
-    """Take the write lock, polling every 0.1 ms, then doubling to 5 ms.
+def _retry(statement: Callable[[], T]) -> T:
+    """Run `statement`, again while it meets SQLITE_BUSY: every 0.1 ms, then doubling to 5 ms, for up
+    to BUSY_TIMEOUT. Connections have no busy handler (timeout=0): SQLite's sleeps 1, 2, 5, 10 ms and
+    more between tries, and the spool worker's commit, meeting a bookkeeping write of the daemon that
+    holds the lock for tens of microseconds, slept a whole millisecond or more before its 250 could go out."""
+    delay, deadline = 0.0001, None
+    while True:
+        try:
+            return statement()
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorcode", 0) & 0xFF != SQLITE_BUSY:
+                raise
+            now = time.monotonic()
+            deadline = deadline or now + BUSY_TIMEOUT
+            if now >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
 
-    SQLite's own busy handler sleeps 1, 2, 5, 10 ms and more between tries:
-    the spool worker's commit, meeting a bookkeeping write of the daemon
-    that holds the lock for tens of microseconds, slept a whole millisecond
-    or more before its 250 could go out."""
-    conn.execute("PRAGMA busy_timeout = 0")
-    try:
-        delay, deadline = 0.0001, None
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as e:
-                if getattr(e, "sqlite_errorcode", 0) & 0xFF != SQLITE_BUSY:
-                    raise
-                now = time.monotonic()
-                deadline = deadline or now + BUSY_TIMEOUT
-                if now >= deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 0.005)
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+
+def _begin_immediate(conn: sqlite3.Connection) -> None:
+    """Take the write lock, polling (``_retry``) rather than through SQLite's busy handler."""
+    _retry(lambda: conn.execute("BEGIN IMMEDIATE"))
