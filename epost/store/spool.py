@@ -79,7 +79,10 @@ class MessageWriter:
         return not self._spilled and self.error is None
 
     def content(self) -> bytes:
-        return b"".join(self._chunks)
+        """The buffered content, collapsed into one chunk: a second call joins nothing again."""
+        if len(self._chunks) != 1:
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0]
 
     def read_all(self) -> bytes:
         """The whole content so far, also once it spilled to its tmp/ file (to sign it)."""
