@@ -491,13 +491,19 @@ class QueueStore:
 
     def load(self, queue_id: str, state: str | None = None) -> Envelope:
         """The envelope; FileNotFoundError when not queued (in `state`, if given)."""
-        _check_id(queue_id)
         if state is not None:
             _check_state(state)
-        [row] = self._read("SELECT state, envelope FROM message WHERE id = ?", (queue_id,)) or [None]
-        if row is None or (state is not None and row[0] != state):
+        found = self.find(queue_id)
+        if found is None or (state is not None and found[0] != state):
             raise FileNotFoundError(f"{queue_id}: not in {state}" if state else f"{queue_id}: not queued")
-        return Envelope.from_bytes(row[1], f"{self.path}:{queue_id}")
+        return found[1]
+
+    def find(self, queue_id: str) -> tuple[str, Envelope] | None:
+        """The state holding the message and its envelope, read by one query; None when not queued.
+        EnvelopeError when its envelope is damaged."""
+        _check_id(queue_id)
+        [row] = self._read("SELECT state, envelope FROM message WHERE id = ?", (queue_id,)) or [None]
+        return None if row is None else (row[0], Envelope.from_bytes(row[1], f"{self.path}:{queue_id}"))
 
     def load_many(self, state: str, after: str = "") -> Iterator[Envelope]:
         """Every envelope in `state` (with an ID past `after`), ID order, fetched a page at a time:

@@ -316,6 +316,10 @@ class Spool:
         """The queue holding the message, None when it is in none."""
         return self.store.state_of(self._checked(queue_id))
 
+    def find(self, queue_id: str) -> tuple[str, Envelope] | None:
+        """The queue holding the message and its envelope (one query); None when it is in none."""
+        return self.store.find(queue_id)
+
     def ids_for_destination(self, domain: str, queues: Iterable[str]) -> list[str]:
         """IDs in `queues` with recipients still to deliver to `domain`."""
         return self.store.ids_for_destination(domain, [self._state(q) for q in queues])
