@@ -505,26 +505,31 @@ class QueueStore:
         [row] = self._read("SELECT state, envelope FROM message WHERE id = ?", (queue_id,)) or [None]
         return None if row is None else (row[0], Envelope.from_bytes(row[1], f"{self.path}:{queue_id}"))
 
-    def load_many(self, state: str, after: str = "") -> Iterator[Envelope]:
+    def load_many(
+        self, state: str, after: str = "", on_damaged: Callable[[str, EnvelopeError], None] | None = None
+    ) -> Iterator[Envelope]:
         """Every envelope in `state` (with an ID past `after`), ID order, fetched a page at a time:
         bounded memory and no read transaction held open while the caller works (a restart with
         100,000 messages).
 
-        A corrupt envelope is logged and skipped, so one bad row cannot stop a
-        restart; ``load`` still raises EnvelopeError for it."""
+        A corrupt envelope is skipped, so one bad row cannot stop a restart, and
+        told to ``on_damaged(queue_id, error)`` (by default: logged, left for the
+        operator); ``load`` still raises EnvelopeError for it."""
         _check_state(state)
-        return self._pages(state, after)
+        return self._pages(state, after, on_damaged or _log_damaged)
 
-    def _pages(self, state: str, after: str) -> Iterator[Envelope]:
+    def _pages(self, state: str, after: str, on_damaged: Callable[[str, EnvelopeError], None]) -> Iterator[Envelope]:
         while True:
             rows = self._read(
                 "SELECT id, envelope FROM message WHERE state = ? AND id > ? ORDER BY id LIMIT ?", (state, after, PAGE)
             )
             for queue_id, data in rows:
                 try:
-                    yield Envelope.from_bytes(data, f"{self.path}:{queue_id}")
+                    envelope = Envelope.from_bytes(data, f"{self.path}:{queue_id}")
                 except EnvelopeError as e:
-                    log.error("{error}; left for the operator", error=e)
+                    on_damaged(queue_id, e)
+                    continue
+                yield envelope
             if len(rows) < PAGE:
                 return
             after = rows[-1][0]
@@ -591,6 +596,10 @@ class QueueStore:
         for queue_id in sorted(referenced - names):  # said now, once, rather than at each attempt
             log.error("{path}: missing: queued message {queue_id} has lost its content",
                       path=self.large / queue_id, queue_id=queue_id)
+
+
+def _log_damaged(queue_id: str, error: EnvelopeError) -> None:
+    log.error("{error}; left for the operator", error=error)
 
 
 def _check_id(queue_id: str) -> str:

@@ -334,34 +334,15 @@ class Spool:
         return self.store.load(self._checked(queue_id), self._state(queue))
 
     def load_many(
-        self, queue: str, damaged: Callable[[str, EnvelopeError], None] | None = None, after: str = ""
+        self, queue: str, on_damaged: Callable[[str, EnvelopeError], None] | None = None, after: str = ""
     ) -> Iterator[Envelope]:
         """Every envelope in `queue`, in ID order, read a page per query (the
         restart, `epost queue`); any thread may take the next one. `after`:
         only IDs past it (a restart's load resuming after a failed page).
 
-        A damaged envelope is skipped (the store logs it, left for the
-        operator). With `damaged`, each is also told there, after the
-        readable ones: the IDs the pages did not yield are looked up one by one."""
-        state = self._state(queue)
-        loaded: set[str] = set()
-        for envelope in self.store.load_many(state, after):
-            if damaged is not None:
-                loaded.add(envelope.queue_id)
-            yield envelope
-        if damaged is None:
-            return
-        for queue_id in self.store.ids(state):
-            if queue_id <= after or queue_id in loaded:
-                continue
-            try:
-                envelope = self.store.load(queue_id, state)
-            except FileNotFoundError:
-                continue  # gone since listed
-            except EnvelopeError as error:
-                damaged(queue_id, error)
-                continue
-            yield envelope  # queued after its page was read
+        A damaged envelope is skipped and told to `on_damaged(queue_id, error)`
+        (by default the store logs it, left for the operator)."""
+        return self.store.load_many(self._state(queue), after, on_damaged)
 
     def update(self, envelope: Envelope, queue: str = "incoming", *, durable: bool = True) -> None:
         """Replace a queued envelope (blocking); `durable=False` for delivery bookkeeping."""
