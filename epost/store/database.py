@@ -296,18 +296,6 @@ class QueueStore:
         A failed item's file is renamed back to its path, for the caller to
         delete or keep (an import keeps it).
         """
-        return self._put(items, state, durable=True)
-
-    def put(self, envelope: Envelope, content: bytes | Path, state: str, *, durable: bool = True) -> bool:
-        """Queue one message (import, bounces); False if its ID is already queued, StoreError on failure."""
-        [error] = self._put([(envelope, content)], state, durable)
-        if error is None:
-            return True
-        if error.errno == errno.EEXIST:
-            return False
-        raise error
-
-    def _put(self, items: list[tuple[Envelope, bytes | Path]], state: str, durable: bool) -> list[SpoolError | None]:
         _check_state(state)
         for envelope, _ in items:
             _check_id(envelope.queue_id)
@@ -322,7 +310,7 @@ class QueueStore:
         moved = self._place_large_files(items, results)
         if any(result is None for result in results):
             try:
-                with self._write(durable) as conn:  # serialised and files placed already: the lock is held briefly
+                with self._write(True) as conn:  # serialised and files placed already: the lock is held briefly
                     for i, (envelope, content) in enumerate(items):
                         if results[i] is None:
                             results[i] = self._insert(conn, envelope.queue_id, envelopes[i], content, state)
