@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from epost.fsutil import take_owner_of, unlink_if_present
-from epost.store.database import QUEUE_ID, QUEUES, QueueStore, SpoolError
+from epost.store.database import QueueStore, SpoolError
 from epost.store.envelope import Envelope, EnvelopeError
 
 FOLDERS = ("tmp", "domains", "mailboxes", "log")  # beside queue/, which the store makes
@@ -310,11 +310,11 @@ class Spool:
 
     def queued_ids(self, queue: str) -> list[str]:
         """IDs in `queue`, in arrival order."""
-        return self.store.ids(self._state(queue))
+        return self.store.ids(queue)
 
     def state_of(self, queue_id: str) -> str | None:
         """The queue holding the message, None when it is in none."""
-        return self.store.state_of(self._checked(queue_id))
+        return self.store.state_of(queue_id)
 
     def find(self, queue_id: str) -> tuple[str, Envelope] | None:
         """The queue holding the message and its envelope (one query); None when it is in none."""
@@ -322,16 +322,15 @@ class Spool:
 
     def ids_for_destination(self, domain: str, queues: Iterable[str]) -> list[str]:
         """IDs in `queues` with recipients still to deliver to `domain`."""
-        return self.store.ids_for_destination(domain, [self._state(q) for q in queues])
+        return self.store.ids_for_destination(domain, [q for q in queues])
 
     def counts(self) -> dict[str, int]:
         """Messages in each queue, every queue named."""
-        found = self.store.counts()
-        return {queue: found.get(queue, 0) for queue in QUEUES}
+        return self.store.counts()
 
     def load(self, queue_id: str, queue: str = "incoming") -> Envelope:
         """The envelope; FileNotFoundError when the message is not in `queue`."""
-        return self.store.load(self._checked(queue_id), self._state(queue))
+        return self.store.load(queue_id, queue)
 
     def load_many(
         self, queue: str, on_damaged: Callable[[str, EnvelopeError], None] | None = None, after: str = ""
@@ -342,26 +341,26 @@ class Spool:
 
         A damaged envelope is skipped and told to `on_damaged(queue_id, error)`
         (by default the store logs it, left for the operator)."""
-        return self.store.load_many(self._state(queue), after, on_damaged)
+        return self.store.load_many(queue, after, on_damaged)
 
     def update(self, envelope: Envelope, queue: str = "incoming", *, durable: bool = True) -> None:
         """Replace a queued envelope (blocking); `durable=False` for delivery bookkeeping."""
-        self.store.update(envelope, self._state(queue), durable=durable)
+        self.store.update(envelope, queue, durable=durable)
 
     def move(self, envelope: Envelope, source: str, target: str, *, durable: bool = True) -> None:
         """Move a message to another queue, with `envelope` as its new envelope (blocking, one transaction)."""
-        self.store.move(envelope, self._state(source), self._state(target), durable=durable)
+        self.store.move(envelope, source, target, durable=durable)
 
     def remove(self, queue_id: str, queue: str = "incoming", *, durable: bool = True) -> None:
         """Take a message out of the queue, envelope and content in one transaction.
 
         Delivery passes durable=False, as Postfix does not fsync a removal: a
         power cut may bring the message back (delivered again), never lose one."""
-        self.store.remove(self._checked(queue_id), self._state(queue), durable=durable)
+        self.store.remove(queue_id, queue, durable=durable)
 
     def content(self, queue_id: str) -> bytes | Path:
         """The stored content: its bytes, or the Path of its large file; FileNotFoundError when not queued."""
-        return self.store.content(self._checked(queue_id))
+        return self.store.content(queue_id)
 
     def open_content(self, queue_id: str) -> ContentHandle:
         """The content, open for reading: a large file stays readable even if the
@@ -375,18 +374,6 @@ class Spool:
             except FileNotFoundError:
                 continue  # removed between the query and the open: asked again, the store says so
         raise FileNotFoundError(f"{queue_id}: content is gone")
-
-    def _checked(self, queue_id: str) -> str:
-        """An ID from the command line can never reach outside the spool."""
-        if not QUEUE_ID.fullmatch(queue_id):
-            raise ValueError(f"bad queue id {queue_id!r}")
-        return queue_id
-
-    @staticmethod
-    def _state(queue: str) -> str:
-        if queue not in QUEUES:
-            raise ValueError(f"unknown queue {queue!r}")
-        return queue
 
 
 class ContentHandle:
