@@ -61,10 +61,6 @@ class SpoolError(OSError):
     def disk_full(self) -> bool:
         return self.errno in DISK_FULL_ERRNOS
 
-    @classmethod
-    def from_oserror(cls, error: OSError, doing: str) -> SpoolError:
-        return cls(error.errno or errno.EIO, f"{doing}: {error}")
-
 
 class StoreError(SpoolError):
     """The store could not do a write or read; ``disk_full`` (ENOSPC) makes SMTP say 452 4.3.1, else 451 4.3.0."""

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from epost.fsutil import take_owner_of, unlink_if_present
-from epost.store.database import QueueStore, SpoolError
+from epost.store.database import QueueStore, SpoolError, store_error
 from epost.store.envelope import Envelope, EnvelopeError
 
 FOLDERS = ("tmp", "domains", "mailboxes", "log")  # beside queue/, which the store makes
@@ -280,15 +280,9 @@ class Spool:
                 stored.append((envelope, writer._stored_form()))
                 positions.append(i)
             except OSError as e:
-                results[i] = SpoolError.from_oserror(e, f"cannot write {writer.queue_id}")
+                results[i] = store_error(e, f"cannot write {writer.queue_id}")
         if stored:
-            try:
-                outcomes: list[SpoolError | None] = list(self.store.put_batch(stored))
-            except SpoolError as e:
-                outcomes = [e] * len(stored)
-            except OSError as e:
-                outcomes = [SpoolError.from_oserror(e, "cannot queue")] * len(stored)
-            for i, outcome in zip(positions, outcomes):
+            for i, outcome in zip(positions, self.store.put_batch(stored)):
                 results[i] = outcome
         for i, (writer, _) in enumerate(items):
             if results[i] is not None:
