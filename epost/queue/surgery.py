@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from epost.store.envelope import RELAY, Envelope
+from epost.store.envelope import RELAY, Envelope, relay_groups
 from epost.queue.outcomes import has_local_pending
 from epost.store.spool import Spool
 from epost.routing.resolver import Route
@@ -44,7 +44,7 @@ def find(spool: Spool, queue_id: str) -> tuple[str, Envelope]:
 
 def waiting_for(spool: Spool, domain: str, queues: tuple[str, ...]) -> list[str]:
     """IDs in `queues` with recipients still to deliver to `domain` (what `--domain` picks)."""
-    return spool.ids_for_destination(domain, queues)
+    return [e.queue_id for queue in queues for e in spool.load_many(queue) if domain in relay_groups(e)]
 
 
 def hold(spool: Spool, queue_id: str) -> Envelope:

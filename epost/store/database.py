@@ -22,7 +22,7 @@ from typing import TypeVar
 from twisted.logger import Logger
 
 from epost.fsutil import fsync_dir, take_owner_of, unlink_if_present
-from epost.store.envelope import Envelope, EnvelopeError, relay_groups
+from epost.store.envelope import Envelope, EnvelopeError
 
 SCHEMA_VERSION = 1
 SCHEMA = (
@@ -527,13 +527,6 @@ class QueueStore:
         """IDs in `state`; ID order is arrival order."""
         _check_state(state)
         return [row[0] for row in self._read("SELECT id FROM message WHERE state = ? ORDER BY id", (state,))]
-
-    def ids_for_destination(self, domain: str, states: tuple[str, ...] | list[str]) -> list[str]:
-        """IDs in `states` with recipients still to relay to `domain` (what ``--domain`` picks)."""
-        found = []
-        for state in states:
-            found.extend(e.queue_id for e in self.load_many(state) if domain in relay_groups(e))
-        return found
 
     def counts(self) -> dict[str, int]:
         """Messages per state, every state present (metrics, dashboard)."""

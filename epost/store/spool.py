@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -313,10 +313,6 @@ class Spool:
     def find(self, queue_id: str) -> tuple[str, Envelope] | None:
         """The queue holding the message and its envelope (one query); None when it is in none."""
         return self.store.find(queue_id)
-
-    def ids_for_destination(self, domain: str, queues: Iterable[str]) -> list[str]:
-        """IDs in `queues` with recipients still to deliver to `domain`."""
-        return self.store.ids_for_destination(domain, [q for q in queues])
 
     def counts(self) -> dict[str, int]:
         """Messages in each queue, every queue named."""

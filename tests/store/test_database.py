@@ -481,14 +481,6 @@ def test_an_envelope_json_cannot_say_fails_alone(store):
     assert store.ids("incoming") == [qid(1)]
 
 
-def test_ids_for_destination_picks_pending_relay_recipients(store):
-    store.put_batch([(envelope_for(qid(1), "example.com"), b""), (envelope_for(qid(2), "example.net"), b"")])
-    put_one(store, envelope_for(qid(3), "example.com"), b"", "deferred")
-    put_one(store, envelope_for(qid(4), "example.com").with_recipient(0, state="delivered"), b"", "deferred")
-    assert store.ids_for_destination("example.com", ("incoming", "deferred")) == [qid(1), qid(3)]
-    assert store.ids_for_destination("example.com", ("hold",)) == []
-
-
 def test_sweep_removes_only_unreferenced_large_files(tmp_path, store):
     large = tmp_path / "queue" / "large"
     put_one(store, envelope_for(qid(1)), large_file(large, qid(1), b"queued"), "incoming")
