@@ -14,7 +14,7 @@ import re
 from datetime import datetime, timezone
 from typing import Any
 
-from epost.admin.queue_listing import PENDING_STATE
+from epost.admin.queue_listing import recipient_state
 from epost.logs import printable
 from epost.store.envelope import Envelope
 from epost.store.database import QUEUE_ID
@@ -62,9 +62,8 @@ def envelope_lines(queue: str, envelope: Envelope) -> list[str]:
     lines += [f"dkim: {' '.join(field.split())}" for field in re.split(r"\r\n(?=\S)", envelope.dkim) if field.strip()]
     for recipient in envelope.recipients:
         lines.append(f"recipient: <{recipient.address}>")
-        state = PENDING_STATE[queue] if recipient.state == "pending" else recipient.state
         lines += [
-            f"  state: {state}",
+            f"  state: {recipient_state(queue, recipient.state)}",
             f"  attempts: {recipient.attempts}",
             f"  failures-5xx: {recipient.failures_5xx}",
             f"  dsn-sent: {_yes(recipient.dsn_sent)}",
