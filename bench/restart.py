@@ -3,7 +3,7 @@
     .venv/bin/python bench/restart.py [--messages 100000] [--domains 100] [--watch 20]
                                       [--incoming 0]
 
-Builds a spool through epost's own QueueStore (`put`, 5,000 messages a
+Builds a spool through epost's own QueueStore (`put_batch`, 5,000 messages a
 transaction): deferred messages (Envelope JSON, one relay recipient routed by
 MX, `retries[domain]` with `next_attempt` a month ahead, so nothing is
 attempted), IDs as Spool.new_queue_id makes them. Then starts `twistd -n epost` and measures

@@ -32,9 +32,21 @@ def queue_message(spool, queue: str, envelope, content=HELLO) -> None:
     store = QueueStore(spool)
     store.open()
     try:
-        assert store.put(envelope, content, queue), f"{envelope.queue_id} already queued"
+        assert put_one(store, envelope, content, queue), f"{envelope.queue_id} already queued"
     finally:
         store.close()
+
+
+def put_one(store, envelope, content, state: str) -> bool:
+    """Queue one message by the store's put_batch: False if its ID is already queued, its StoreError on failure."""
+    import errno
+
+    [error] = store.put_batch([(envelope, content)], state)
+    if error is None:
+        return True
+    if error.errno == errno.EEXIST:
+        return False
+    raise error
 
 
 def queued_ids(spool) -> dict[str, list[str]]:

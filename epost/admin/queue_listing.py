@@ -22,6 +22,11 @@ from epost.store.spool import Spool
 PENDING_STATE = {"incoming": "incoming", "deferred": "deferred", "hold": "held"}
 
 
+def recipient_state(queue: str, state: str) -> str:
+    """`incoming`/`deferred`/`held` for a recipient pending in `queue`, else its own `delivered`/`failed`."""
+    return PENDING_STATE[queue] if state == "pending" else state
+
+
 @dataclass(frozen=True)
 class QueuedMessage:
     queue_id: str
@@ -30,8 +35,7 @@ class QueuedMessage:
     error: str = ""  # why the envelope is unreadable
 
     def recipient_state(self, state: str) -> str:
-        """`incoming`/`deferred`/`held` for a pending recipient, else its own `delivered`/`failed`."""
-        return PENDING_STATE[self.queue] if state == "pending" else state
+        return recipient_state(self.queue, state)
 
 
 def read_queue(spool: Spool) -> list[QueuedMessage]:

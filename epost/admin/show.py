@@ -2,9 +2,8 @@
 
 Read-only and without the spool lock, so it works while the daemon runs: the
 queue store gives a reader a consistent snapshot. The envelope is read first,
-then the content is opened; should the daemon finish the message in between,
-the lookup is tried again, so a message being moved is found in its new
-queue. Once open, the content stays readable to the end even if the message
+in one query with its queue, then the content is opened (a move leaves the
+content as it is; a message finished in between is not queued). Once open, the content stays readable to the end even if the message
 leaves the queue meanwhile (a large message's file is unlinked, never reused).
 """
 
@@ -15,9 +14,8 @@ import re
 from datetime import datetime, timezone
 from typing import Any
 
-from epost.admin.queue_listing import PENDING_STATE
+from epost.admin.queue_listing import recipient_state
 from epost.logs import printable
-from epost.queue import surgery
 from epost.store.envelope import Envelope
 from epost.store.database import QUEUE_ID
 from epost.store.spool import ContentHandle, Spool
@@ -26,21 +24,22 @@ from epost.store.spool import ContentHandle, Spool
 def open_queued(spool: Spool, queue_id: str) -> tuple[str, Envelope, ContentHandle]:
     """The queue holding `queue_id`, its envelope and its content, open for reading.
 
-    LookupError when it is not queued (after a second look, so a message
-    that was being moved is found in its new queue); EnvelopeError when
-    its envelope cannot be read."""
+    LookupError when it is not queued (the queue and envelope are read by
+    one query, so a message being moved is found in one queue or the
+    other); EnvelopeError when its envelope cannot be read."""
     if not QUEUE_ID.fullmatch(queue_id):
         raise LookupError(f"{queue_id}: not a queue ID (17 hex digits, as `epost queue` shows)")
     if not spool.exists():
         raise LookupError(f"{queue_id}: not queued (the spool has no queue yet)")
-    for _ in range(2):
-        try:
-            queue = surgery.locate(spool, queue_id)
-            envelope = spool.load(queue_id, queue)
-            return queue, envelope, spool.open_content(queue_id)
-        except (LookupError, FileNotFoundError):
-            continue
-    raise LookupError(f"{queue_id}: not queued (delivered, deleted, or never here)")
+    gone = LookupError(f"{queue_id}: not queued (delivered, deleted, or never here)")
+    found = spool.find(queue_id)
+    if found is None:
+        raise gone
+    try:
+        content = spool.open_content(queue_id)  # it retries once itself
+    except FileNotFoundError:
+        raise gone from None
+    return *found, content
 
 
 def envelope_lines(queue: str, envelope: Envelope) -> list[str]:
@@ -63,9 +62,8 @@ def envelope_lines(queue: str, envelope: Envelope) -> list[str]:
     lines += [f"dkim: {' '.join(field.split())}" for field in re.split(r"\r\n(?=\S)", envelope.dkim) if field.strip()]
     for recipient in envelope.recipients:
         lines.append(f"recipient: <{recipient.address}>")
-        state = PENDING_STATE[queue] if recipient.state == "pending" else recipient.state
         lines += [
-            f"  state: {state}",
+            f"  state: {recipient_state(queue, recipient.state)}",
             f"  attempts: {recipient.attempts}",
             f"  failures-5xx: {recipient.failures_5xx}",
             f"  dsn-sent: {_yes(recipient.dsn_sent)}",

@@ -10,7 +10,6 @@ accepted recipient in RCPT order, so Sieve and quotas can answer each one
 from __future__ import annotations
 
 import time
-from functools import partial
 from typing import Any, Callable, Iterable
 
 from twisted.internet import defer
@@ -120,8 +119,7 @@ def deliver_lmtp_batch(
 
 async def _lmtp_batch(spool, queue_ids, reactor, threadpool, endpoint, hostname, give_up_after, now):
     from epost.store.envelope import EnvelopeError
-    from epost.queue.outcomes import needs_manager
-    from epost.queue.runner import DONE, batch_verdict, settle_recipient, spool_action
+    from epost.queue.runner import DONE, record_pass, settle_recipient
 
     def in_thread(f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         return deferToThreadPool(reactor, threadpool, f, *args)
@@ -153,17 +151,7 @@ async def _lmtp_batch(spool, queue_ids, reactor, threadpool, endpoint, hostname,
                 envelope, retry = settle_recipient(envelope, index, f"lmtp: {reply}", delivered=klass == 2,
                                                    permanent=klass == 5, give_up_after=give_up_after, now=now)
                 failed = failed or retry
-        left_for_manager = needs_manager(envelope)
-        try:
-            action = spool_action(envelope, bool(local))
-            if action == "update":  # delivery bookkeeping: no flush of its own (docs/queue.md)
-                await in_thread(partial(spool.update, envelope, durable=False))
-            elif action == "remove":
-                await in_thread(partial(spool.remove, envelope.queue_id, durable=False))
-        except OSError:
-            log.failure("{queue_id}: cannot record delivery", queue_id=envelope.queue_id)
-            failed = True
-        verdicts[envelope.queue_id] = batch_verdict(failed, left_for_manager)
+        verdicts[envelope.queue_id] = await in_thread(record_pass, spool, envelope, bool(local), failed)
     return verdicts
 
 

@@ -236,17 +236,7 @@ def deliver_local_batch(
             else:
                 envelope, _ = settle_recipient(envelope, index, "delivered to maildir", delivered=True,
                                                give_up_after=give_up_after, now=now)
-        left_for_manager = needs_manager(envelope)
-        try:
-            action = spool_action(envelope, bool(slots))
-            if action == "update":
-                spool.update(envelope, durable=False)
-            elif action == "remove":
-                spool.remove(envelope.queue_id, durable=False)
-        except OSError:
-            log.failure("{queue_id}: cannot record delivery", queue_id=envelope.queue_id)
-            failed = True
-        verdicts[envelope.queue_id] = batch_verdict(failed, left_for_manager)
+        verdicts[envelope.queue_id] = record_pass(spool, envelope, bool(slots), failed)
     return verdicts
 
 
@@ -266,15 +256,22 @@ def settle_recipient(
     return envelope.with_recipient(index, attempts=attempts, last_reply=reply), True
 
 
-def spool_action(envelope: Envelope, touched: bool) -> str | None:
-    """What to write after a local pass: "remove" a finished message, "update"
-    one with work left (only if this pass changed it), None otherwise."""
-    if envelope.pending() or needs_manager(envelope):
-        return "update" if touched else None
-    return "remove"
+def record_pass(spool: Spool, envelope: Envelope, touched: bool, failed: bool) -> str:
+    """Write what a local pass (Maildir, LMTP) did and return its verdict (blocking).
 
-
-def batch_verdict(failed: bool, left_for_manager: bool) -> str:
+    A finished message is removed; one with work left is updated, only if
+    this pass changed it (`touched`). Delivery bookkeeping: no flush of its
+    own (docs/queue.md). A write that fails makes the verdict RETRY."""
+    left_for_manager = needs_manager(envelope)
+    try:
+        if envelope.pending() or left_for_manager:
+            if touched:
+                spool.update(envelope, durable=False)
+        else:
+            spool.remove(envelope.queue_id, durable=False)
+    except OSError:
+        log.failure("{queue_id}: cannot record delivery", queue_id=envelope.queue_id)
+        failed = True
     return RETRY if failed else PASSED if left_for_manager else DONE
 
 

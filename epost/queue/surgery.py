@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from epost.store.envelope import RELAY, Envelope
+from epost.store.envelope import RELAY, Envelope, relay_groups
 from epost.queue.outcomes import has_local_pending
 from epost.store.spool import Spool
 from epost.routing.resolver import Route
@@ -30,15 +30,26 @@ def locate(spool: Spool, queue_id: str) -> str:
     return queue
 
 
+def find(spool: Spool, queue_id: str) -> tuple[str, Envelope]:
+    """The queue holding the message and its envelope, read together; LookupError when it is
+    in none (or the ID is malformed)."""
+    try:
+        found = spool.find(queue_id)
+    except ValueError:  # not a queue ID at all
+        found = None
+    if found is None:
+        raise LookupError(f"{queue_id}: not queued")
+    return found
+
+
 def waiting_for(spool: Spool, domain: str, queues: tuple[str, ...]) -> list[str]:
     """IDs in `queues` with recipients still to deliver to `domain` (what `--domain` picks)."""
-    return spool.ids_for_destination(domain, queues)
+    return [e.queue_id for queue in queues for e in spool.load_many(queue) if domain in relay_groups(e)]
 
 
 def hold(spool: Spool, queue_id: str) -> Envelope:
     """Move the message to hold, where nothing is tried until it is released."""
-    queue = locate(spool, queue_id)
-    envelope = spool.load(queue_id, queue)
+    queue, envelope = find(spool, queue_id)
     if queue != "hold":
         spool.move(envelope, queue, "hold")
     return envelope
@@ -47,10 +58,10 @@ def hold(spool: Spool, queue_id: str) -> Envelope:
 def release(spool: Spool, queue_id: str, now: float) -> tuple[Envelope, str]:
     """Move a held message back, due now: to incoming when local recipients
     still wait (the local runner takes them first), else to deferred."""
-    queue = locate(spool, queue_id)
+    queue, envelope = find(spool, queue_id)
     if queue != "hold":
         raise LookupError(f"{queue_id}: not on hold")
-    envelope = _due_now(spool.load(queue_id, "hold"), now)
+    envelope = _due_now(envelope, now)
     target = "incoming" if has_local_pending(envelope) else "deferred"
     spool.move(envelope, "hold", target)
     return envelope, target
@@ -58,16 +69,14 @@ def release(spool: Spool, queue_id: str, now: float) -> tuple[Envelope, str]:
 
 def delete(spool: Spool, queue_id: str) -> Envelope:
     """Remove the message for good: no delivery, no bounce."""
-    queue = locate(spool, queue_id)
-    envelope = spool.load(queue_id, queue)
+    queue, envelope = find(spool, queue_id)
     spool.remove(queue_id, queue)
     return envelope
 
 
 def make_due(spool: Spool, queue_id: str, now: float) -> Envelope:
     """Every retry of a deferred message due now (what `epost flush` does with the daemon down)."""
-    queue = locate(spool, queue_id)
-    envelope = spool.load(queue_id, queue)
+    queue, envelope = find(spool, queue_id)
     if queue == "deferred" and envelope.retries:
         envelope = _due_now(envelope, now)
         spool.update(envelope, queue)
@@ -80,8 +89,7 @@ def reroute(spool: Spool, queue_id: str, route_final: Callable[[object], Route])
     A recipient whose new route is no longer SMTP (now local, or refused)
     keeps its route and is reported: moving it between delivery agents is
     a job for re-sending, not for surgery. Returns the envelope and the reports."""
-    queue = locate(spool, queue_id)
-    envelope = spool.load(queue_id, queue)
+    queue, envelope = find(spool, queue_id)
     problems = []
     for index in envelope.pending():
         recipient = envelope.recipients[index]

@@ -44,7 +44,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
 from epost.delivery import signing
 
-from epost.store.envelope import Envelope
+from epost.store.envelope import RELAY, Envelope
 from epost.queue.runner import deliver_local_batch
 from epost.store.spool import MessageWriter, Spool
 
@@ -111,9 +111,7 @@ class Worker:
             return ()
         if not (self.dkim_keys and envelope.trusted):
             return ()  # no key could sign it: From: is not parsed (~60 us a message)
-        leaves = any(r.route is not None and r.route.get("kind") == "relay" for r in envelope.recipients)
-        if not leaves:
-            return ()
+        leaves = any((r.route or {}).get("kind") == RELAY for r in envelope.recipients)
         return signing.signing_keys(trusted=envelope.trusted, leaves_over_smtp=leaves,
                                     from_domain=signing.from_domain(writer.head()), keys=self.dkim_keys)
 

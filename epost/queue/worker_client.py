@@ -231,10 +231,6 @@ class SpoolWorkerService(Service):
         holds any DKIM signature); not queued, `failure` (451, or 421 when
         stopping) and the client sends it again. Read in the thread pool."""
 
-        def stored() -> tuple[str, Envelope] | None:
-            state = self.spool.state_of(queue_id)
-            return None if state is None else (state, self.spool.load(queue_id, state))
-
         def answer(found: tuple[str, Envelope] | None) -> None:
             if found is None:
                 d.errback(failure)
@@ -251,7 +247,7 @@ class SpoolWorkerService(Service):
             d.errback(failure)
 
         pool = self.threadpool if self.threadpool is not None else self.reactor.getThreadPool()
-        looked = deferToThreadPool(self.reactor, pool, stored)
+        looked = deferToThreadPool(self.reactor, pool, self.spool.find, queue_id)
         looked.addCallbacks(answer, unknown)
         return looked
 

@@ -14,14 +14,15 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from twisted.logger import Logger
 
 from epost.fsutil import fsync_dir, take_owner_of, unlink_if_present
-from epost.store.envelope import Envelope, EnvelopeError, relay_groups
+from epost.store.envelope import Envelope, EnvelopeError
 
 SCHEMA_VERSION = 1
 SCHEMA = (
@@ -44,6 +45,7 @@ QUEUE_ID = re.compile(r"[0-9A-F]{17}")  # microseconds then a counter, in hex: s
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 log = Logger()
+T = TypeVar("T")
 
 
 class SpoolError(OSError):
@@ -58,10 +60,6 @@ class SpoolError(OSError):
     @property
     def disk_full(self) -> bool:
         return self.errno in DISK_FULL_ERRNOS
-
-    @classmethod
-    def from_oserror(cls, error: OSError, doing: str) -> SpoolError:
-        return cls(error.errno or errno.EIO, f"{doing}: {error}")
 
 
 class StoreError(SpoolError):
@@ -90,8 +88,9 @@ def store_error(error: Exception, doing: str) -> StoreError:
 class QueueStore:
     """``<root>/queue/queue.db`` plus ``<root>/queue/large/``; blocking, one connection per thread.
 
-    Writes use ``BEGIN IMMEDIATE`` so two writers wait on the lock (busy
-    timeout 10 s) instead of failing half-way with SQLITE_BUSY.
+    Writes use ``BEGIN IMMEDIATE`` so two writers wait on the lock (polled,
+    up to BUSY_TIMEOUT) instead of failing half-way with SQLITE_BUSY; every
+    other statement that meets a lock is retried the same way (``_retry``).
     """
 
     def __init__(self, root: Path) -> None:
@@ -123,8 +122,8 @@ class QueueStore:
         self._open = True
         try:
             conn = self._conn()
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            version = _retry(lambda: conn.execute("PRAGMA user_version").fetchone()[0])
+            tables = {row[0] for row in _retry(lambda: conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall())}
             if version > SCHEMA_VERSION:
                 raise StoreUnavailable(
                     f"{self.path}: written by a newer epost (queue version {version}, this one reads up to {SCHEMA_VERSION})"
@@ -141,7 +140,7 @@ class QueueStore:
             else:
                 self._use_wal(conn)
                 if create:  # this process will write: a read-only file must stop start-up, not every commit
-                    conn.execute("BEGIN IMMEDIATE")
+                    _begin_immediate(conn)
                     conn.execute("ROLLBACK")
             if create and os.geteuid() == 0:
                 self._give_to_spool_owner()
@@ -179,8 +178,8 @@ class QueueStore:
         # checkpoint writes it would at 4 KiB (bench/relay.py, 100 KiB messages:
         # 3.3 disk write requests a message instead of 4.9; Postfix 4.6).
         conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("BEGIN IMMEDIATE")
+        _retry(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchall())
+        _begin_immediate(conn)
         try:
             if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
                 for statement in SCHEMA:
@@ -195,9 +194,9 @@ class QueueStore:
     def _use_wal(self, conn: sqlite3.Connection) -> None:
         """An existing database in another journal mode (a restored copy) is switched to WAL:
         NORMAL bookkeeping is only safe against a power cut in WAL mode (docs/queue.md)."""
-        if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+        if _retry(lambda: conn.execute("PRAGMA journal_mode").fetchone()[0]) == "wal":
             return
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = _retry(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
         if mode != "wal":
             raise StoreUnavailable(f"{self.path}: cannot switch to WAL mode (still {mode})")
         log.info("{path}: switched to WAL mode", path=self.path)
@@ -249,10 +248,10 @@ class QueueStore:
         if not self._open:
             raise RuntimeError(f"{self.path}: QueueStore.open() was not called")
         # check_same_thread off only so close() may close other threads' idle connections.
-        conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        # timeout=0: no SQLite busy handler; a statement meeting a lock is retried by _retry.
+        conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA journal_size_limit = 67108864")
-            conn.execute("PRAGMA foreign_keys = OFF")
             conn.execute("PRAGMA synchronous = FULL")
         except BaseException:
             conn.close()
@@ -293,18 +292,6 @@ class QueueStore:
         A failed item's file is renamed back to its path, for the caller to
         delete or keep (an import keeps it).
         """
-        return self._put(items, state, durable=True)
-
-    def put(self, envelope: Envelope, content: bytes | Path, state: str, *, durable: bool = True) -> bool:
-        """Queue one message (import, bounces); False if its ID is already queued, StoreError on failure."""
-        [error] = self._put([(envelope, content)], state, durable)
-        if error is None:
-            return True
-        if error.errno == errno.EEXIST:
-            return False
-        raise error
-
-    def _put(self, items: list[tuple[Envelope, bytes | Path]], state: str, durable: bool) -> list[SpoolError | None]:
         _check_state(state)
         for envelope, _ in items:
             _check_id(envelope.queue_id)
@@ -319,7 +306,7 @@ class QueueStore:
         moved = self._place_large_files(items, results)
         if any(result is None for result in results):
             try:
-                with self._write(durable) as conn:  # serialised and files placed already: the lock is held briefly
+                with self._write(True) as conn:  # serialised and files placed already: the lock is held briefly
                     for i, (envelope, content) in enumerate(items):
                         if results[i] is None:
                             results[i] = self._insert(conn, envelope.queue_id, envelopes[i], content, state)
@@ -403,7 +390,8 @@ class QueueStore:
         if not queue_ids:
             return set()
         marks = ",".join("?" * len(queue_ids))
-        rows = self._conn().execute(f"SELECT id FROM content WHERE id IN ({marks})", sorted(queue_ids))
+        conn = self._conn()
+        rows = _retry(lambda: conn.execute(f"SELECT id FROM content WHERE id IN ({marks})", sorted(queue_ids)).fetchall())
         return {row[0] for row in rows}
 
     def _return_large_files(
@@ -487,34 +475,45 @@ class QueueStore:
 
     def load(self, queue_id: str, state: str | None = None) -> Envelope:
         """The envelope; FileNotFoundError when not queued (in `state`, if given)."""
-        _check_id(queue_id)
         if state is not None:
             _check_state(state)
-        [row] = self._read("SELECT state, envelope FROM message WHERE id = ?", (queue_id,)) or [None]
-        if row is None or (state is not None and row[0] != state):
+        found = self.find(queue_id)
+        if found is None or (state is not None and found[0] != state):
             raise FileNotFoundError(f"{queue_id}: not in {state}" if state else f"{queue_id}: not queued")
-        return Envelope.from_bytes(row[1], f"{self.path}:{queue_id}")
+        return found[1]
 
-    def load_many(self, state: str, after: str = "") -> Iterator[Envelope]:
+    def find(self, queue_id: str) -> tuple[str, Envelope] | None:
+        """The state holding the message and its envelope, read by one query; None when not queued.
+        EnvelopeError when its envelope is damaged."""
+        _check_id(queue_id)
+        [row] = self._read("SELECT state, envelope FROM message WHERE id = ?", (queue_id,)) or [None]
+        return None if row is None else (row[0], Envelope.from_bytes(row[1], f"{self.path}:{queue_id}"))
+
+    def load_many(
+        self, state: str, after: str = "", on_damaged: Callable[[str, EnvelopeError], None] | None = None
+    ) -> Iterator[Envelope]:
         """Every envelope in `state` (with an ID past `after`), ID order, fetched a page at a time:
         bounded memory and no read transaction held open while the caller works (a restart with
         100,000 messages).
 
-        A corrupt envelope is logged and skipped, so one bad row cannot stop a
-        restart; ``load`` still raises EnvelopeError for it."""
+        A corrupt envelope is skipped, so one bad row cannot stop a restart, and
+        told to ``on_damaged(queue_id, error)`` (by default: logged, left for the
+        operator); ``load`` still raises EnvelopeError for it."""
         _check_state(state)
-        return self._pages(state, after)
+        return self._pages(state, after, on_damaged or _log_damaged)
 
-    def _pages(self, state: str, after: str) -> Iterator[Envelope]:
+    def _pages(self, state: str, after: str, on_damaged: Callable[[str, EnvelopeError], None]) -> Iterator[Envelope]:
         while True:
             rows = self._read(
                 "SELECT id, envelope FROM message WHERE state = ? AND id > ? ORDER BY id LIMIT ?", (state, after, PAGE)
             )
             for queue_id, data in rows:
                 try:
-                    yield Envelope.from_bytes(data, f"{self.path}:{queue_id}")
+                    envelope = Envelope.from_bytes(data, f"{self.path}:{queue_id}")
                 except EnvelopeError as e:
-                    log.error("{error}; left for the operator", error=e)
+                    on_damaged(queue_id, e)
+                    continue
+                yield envelope
             if len(rows) < PAGE:
                 return
             after = rows[-1][0]
@@ -528,13 +527,6 @@ class QueueStore:
         """IDs in `state`; ID order is arrival order."""
         _check_state(state)
         return [row[0] for row in self._read("SELECT id FROM message WHERE state = ? ORDER BY id", (state,))]
-
-    def ids_for_destination(self, domain: str, states: tuple[str, ...] | list[str]) -> list[str]:
-        """IDs in `states` with recipients still to relay to `domain` (what ``--domain`` picks)."""
-        found = []
-        for state in states:
-            found.extend(e.queue_id for e in self.load_many(state) if domain in relay_groups(e))
-        return found
 
     def counts(self) -> dict[str, int]:
         """Messages per state, every state present (metrics, dashboard)."""
@@ -557,7 +549,8 @@ class QueueStore:
     def _read(self, sql: str, parameters: tuple) -> list[tuple]:
         """All rows at once, so an error while stepping is a StoreError too."""
         try:
-            return self._conn().execute(sql, parameters).fetchall()
+            conn = self._conn()
+            return _retry(lambda: conn.execute(sql, parameters).fetchall())
         except sqlite3.Error as e:
             raise store_error(e, f"cannot read {self.path}") from e
 
@@ -582,6 +575,10 @@ class QueueStore:
                       path=self.large / queue_id, queue_id=queue_id)
 
 
+def _log_damaged(queue_id: str, error: EnvelopeError) -> None:
+    log.error("{error}; left for the operator", error=error)
+
+
 def _check_id(queue_id: str) -> str:
     """An ID from the command line must be a queue ID before it reaches a path or a query."""
     if not isinstance(queue_id, str) or not QUEUE_ID.fullmatch(queue_id):
@@ -594,28 +591,26 @@ def _check_state(state: str) -> None:
         raise ValueError(f"unknown queue {state!r}")
 
 
-def _begin_immediate(conn: sqlite3.Connection) -> None:
-    """Take the write lock, polling every 0.1 ms, then doubling to 5 ms.
+def _retry(statement: Callable[[], T]) -> T:
+    """Run `statement`, again while it meets SQLITE_BUSY: every 0.1 ms, then doubling to 5 ms, for up
+    to BUSY_TIMEOUT. Connections have no busy handler (timeout=0): SQLite's sleeps 1, 2, 5, 10 ms and
+    more between tries, and the spool worker's commit, meeting a bookkeeping write of the daemon that
+    holds the lock for tens of microseconds, slept a whole millisecond or more before its 250 could go out."""
+    delay, deadline = 0.0001, None
+    while True:
+        try:
+            return statement()
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorcode", 0) & 0xFF != SQLITE_BUSY:
+                raise
+            now = time.monotonic()
+            deadline = deadline or now + BUSY_TIMEOUT
+            if now >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
 
-    SQLite's own busy handler sleeps 1, 2, 5, 10 ms and more between tries:
-    the spool worker's commit, meeting a bookkeeping write of the daemon
-    that holds the lock for tens of microseconds, slept a whole millisecond
-    or more before its 250 could go out."""
-    conn.execute("PRAGMA busy_timeout = 0")
-    try:
-        delay, deadline = 0.0001, None
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as e:
-                if getattr(e, "sqlite_errorcode", 0) & 0xFF != SQLITE_BUSY:
-                    raise
-                now = time.monotonic()
-                deadline = deadline or now + BUSY_TIMEOUT
-                if now >= deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 0.005)
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+
+def _begin_immediate(conn: sqlite3.Connection) -> None:
+    """Take the write lock, polling (``_retry``) rather than through SQLite's busy handler."""
+    _retry(lambda: conn.execute("BEGIN IMMEDIATE"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from epost.fsutil import take_owner_of, unlink_if_present
-from epost.store.database import QUEUE_ID, QUEUES, QueueStore, SpoolError
+from epost.store.database import QueueStore, SpoolError, store_error
 from epost.store.envelope import Envelope, EnvelopeError
 
 FOLDERS = ("tmp", "domains", "mailboxes", "log")  # beside queue/, which the store makes
@@ -79,7 +79,10 @@ class MessageWriter:
         return not self._spilled and self.error is None
 
     def content(self) -> bytes:
-        return b"".join(self._chunks)
+        """The buffered content, collapsed into one chunk: a second call joins nothing again."""
+        if len(self._chunks) != 1:
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0]
 
     def read_all(self) -> bytes:
         """The whole content so far, also once it spilled to its tmp/ file (to sign it)."""
@@ -277,15 +280,9 @@ class Spool:
                 stored.append((envelope, writer._stored_form()))
                 positions.append(i)
             except OSError as e:
-                results[i] = SpoolError.from_oserror(e, f"cannot write {writer.queue_id}")
+                results[i] = store_error(e, f"cannot write {writer.queue_id}")
         if stored:
-            try:
-                outcomes: list[SpoolError | None] = list(self.store.put_batch(stored))
-            except SpoolError as e:
-                outcomes = [e] * len(stored)
-            except OSError as e:
-                outcomes = [SpoolError.from_oserror(e, "cannot queue")] * len(stored)
-            for i, outcome in zip(positions, outcomes):
+            for i, outcome in zip(positions, self.store.put_batch(stored)):
                 results[i] = outcome
         for i, (writer, _) in enumerate(items):
             if results[i] is not None:
@@ -307,73 +304,53 @@ class Spool:
 
     def queued_ids(self, queue: str) -> list[str]:
         """IDs in `queue`, in arrival order."""
-        return self.store.ids(self._state(queue))
+        return self.store.ids(queue)
 
     def state_of(self, queue_id: str) -> str | None:
         """The queue holding the message, None when it is in none."""
-        return self.store.state_of(self._checked(queue_id))
+        return self.store.state_of(queue_id)
 
-    def ids_for_destination(self, domain: str, queues: Iterable[str]) -> list[str]:
-        """IDs in `queues` with recipients still to deliver to `domain`."""
-        return self.store.ids_for_destination(domain, [self._state(q) for q in queues])
+    def find(self, queue_id: str) -> tuple[str, Envelope] | None:
+        """The queue holding the message and its envelope (one query); None when it is in none."""
+        return self.store.find(queue_id)
 
     def counts(self) -> dict[str, int]:
         """Messages in each queue, every queue named."""
-        found = self.store.counts()
-        return {queue: found.get(queue, 0) for queue in QUEUES}
+        return self.store.counts()
 
     def load(self, queue_id: str, queue: str = "incoming") -> Envelope:
         """The envelope; FileNotFoundError when the message is not in `queue`."""
-        return self.store.load(self._checked(queue_id), self._state(queue))
+        return self.store.load(queue_id, queue)
 
     def load_many(
-        self, queue: str, damaged: Callable[[str, EnvelopeError], None] | None = None, after: str = ""
+        self, queue: str, on_damaged: Callable[[str, EnvelopeError], None] | None = None, after: str = ""
     ) -> Iterator[Envelope]:
         """Every envelope in `queue`, in ID order, read a page per query (the
         restart, `epost queue`); any thread may take the next one. `after`:
         only IDs past it (a restart's load resuming after a failed page).
 
-        A damaged envelope is skipped (the store logs it, left for the
-        operator). With `damaged`, each is also told there, after the
-        readable ones: the IDs the pages did not yield are looked up one by one."""
-        state = self._state(queue)
-        loaded: set[str] = set()
-        for envelope in self.store.load_many(state, after):
-            if damaged is not None:
-                loaded.add(envelope.queue_id)
-            yield envelope
-        if damaged is None:
-            return
-        for queue_id in self.store.ids(state):
-            if queue_id <= after or queue_id in loaded:
-                continue
-            try:
-                envelope = self.store.load(queue_id, state)
-            except FileNotFoundError:
-                continue  # gone since listed
-            except EnvelopeError as error:
-                damaged(queue_id, error)
-                continue
-            yield envelope  # queued after its page was read
+        A damaged envelope is skipped and told to `on_damaged(queue_id, error)`
+        (by default the store logs it, left for the operator)."""
+        return self.store.load_many(queue, after, on_damaged)
 
     def update(self, envelope: Envelope, queue: str = "incoming", *, durable: bool = True) -> None:
         """Replace a queued envelope (blocking); `durable=False` for delivery bookkeeping."""
-        self.store.update(envelope, self._state(queue), durable=durable)
+        self.store.update(envelope, queue, durable=durable)
 
     def move(self, envelope: Envelope, source: str, target: str, *, durable: bool = True) -> None:
         """Move a message to another queue, with `envelope` as its new envelope (blocking, one transaction)."""
-        self.store.move(envelope, self._state(source), self._state(target), durable=durable)
+        self.store.move(envelope, source, target, durable=durable)
 
     def remove(self, queue_id: str, queue: str = "incoming", *, durable: bool = True) -> None:
         """Take a message out of the queue, envelope and content in one transaction.
 
         Delivery passes durable=False, as Postfix does not fsync a removal: a
         power cut may bring the message back (delivered again), never lose one."""
-        self.store.remove(self._checked(queue_id), self._state(queue), durable=durable)
+        self.store.remove(queue_id, queue, durable=durable)
 
     def content(self, queue_id: str) -> bytes | Path:
         """The stored content: its bytes, or the Path of its large file; FileNotFoundError when not queued."""
-        return self.store.content(self._checked(queue_id))
+        return self.store.content(queue_id)
 
     def open_content(self, queue_id: str) -> ContentHandle:
         """The content, open for reading: a large file stays readable even if the
@@ -387,18 +364,6 @@ class Spool:
             except FileNotFoundError:
                 continue  # removed between the query and the open: asked again, the store says so
         raise FileNotFoundError(f"{queue_id}: content is gone")
-
-    def _checked(self, queue_id: str) -> str:
-        """An ID from the command line can never reach outside the spool."""
-        if not QUEUE_ID.fullmatch(queue_id):
-            raise ValueError(f"bad queue id {queue_id!r}")
-        return queue_id
-
-    @staticmethod
-    def _state(queue: str) -> str:
-        if queue not in QUEUES:
-            raise ValueError(f"unknown queue {queue!r}")
-        return queue
 
 
 class ContentHandle:

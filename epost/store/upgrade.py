@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING
 from twisted.logger import Logger
 
 from epost.fsutil import fsync_dir, unlink_if_present
+from epost.store.database import QUEUES
 from epost.store.envelope import Envelope, EnvelopeError
+from epost.store.spool import MessageWriter  # its spill_size: bigger content becomes a file in queue/large/, as new mail does
 
 if TYPE_CHECKING:
     from epost.store.database import QueueStore
 
-STATES = ("incoming", "deferred", "hold")
 OLD_FILE = re.compile(r"([0-9A-F]{17})\.(env|msg)")  # a queue ID (17 upper-case hex digits) and a suffix
-INLINE_LIMIT = 256 * 1024  # bigger content becomes a file in queue/large/, as new mail does
 BATCH_MESSAGES = 500  # per transaction
 BATCH_BYTES = 32 * 1024 * 1024  # inline content held in memory for one transaction
 
@@ -47,7 +47,7 @@ def import_file_spool(root: Path, store: QueueStore) -> dict[str, int]:
     root = Path(root)
     _empty_pool(root / "free")
     found: dict[str, tuple[list[str], list[str]]] = {}  # ID -> (states holding its .env, states holding its .msg)
-    for state in STATES:
+    for state in QUEUES:
         try:
             names = os.listdir(root / state)
         except FileNotFoundError:
@@ -55,7 +55,7 @@ def import_file_spool(root: Path, store: QueueStore) -> dict[str, int]:
         for name in names:
             if match := OLD_FILE.fullmatch(name):
                 found.setdefault(match[1], ([], []))[match[2] == "msg"].append(state)
-    plan: dict[str, list[tuple[str, Path, list[Path]]]] = {state: [] for state in STATES}
+    plan: dict[str, list[tuple[str, Path, list[Path]]]] = {state: [] for state in QUEUES}
     for queue_id, (env_in, msg_in) in sorted(found.items()):
         files = [root / s / f"{queue_id}.env" for s in env_in] + [root / s / f"{queue_id}.msg" for s in msg_in]
         state, env_state = _locate(env_in, msg_in)
@@ -65,7 +65,7 @@ def import_file_spool(root: Path, store: QueueStore) -> dict[str, int]:
             _remove(files)  # a lone .msg is crash debris; a lone .env of a stored message, a left-over
         else:
             log.error("{path} has no content; left for the operator", path=files[0])
-    counts = {state: _import_state(root, store, state, plan[state]) for state in STATES}
+    counts = {state: _import_state(root, store, state, plan[state]) for state in QUEUES}
     if total := sum(counts.values()):
         log.info(
             "imported {total} messages from the file spool (incoming {incoming}, deferred {deferred}, hold {hold})",
@@ -78,7 +78,7 @@ def import_file_spool(root: Path, store: QueueStore) -> dict[str, int]:
 def not_imported(root: Path) -> int:
     """Envelopes of the file spool still in its folders: what the daemon's next start imports."""
     count = 0
-    for state in STATES:
+    for state in QUEUES:
         try:
             count += sum(1 for name in os.listdir(Path(root) / state) if name.endswith(".env") and OLD_FILE.fullmatch(name))
         except FileNotFoundError:
@@ -133,8 +133,8 @@ def _content(root: Path, path: Path, queue_id: str) -> bytes | Path:
     orphan there. The link goes instead; the ``.msg`` stays until the commit.
     """
     with open(path, "rb") as f:
-        data = f.read(INLINE_LIMIT + 1)
-    if len(data) <= INLINE_LIMIT:
+        data = f.read(MessageWriter.spill_size + 1)
+    if len(data) <= MessageWriter.spill_size:
         return data
     link = root / "tmp" / f"{queue_id}.import"
     link.parent.mkdir(exist_ok=True)

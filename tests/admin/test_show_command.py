@@ -135,18 +135,19 @@ def test_an_unknown_id_is_one_line_on_stderr_and_exit_1(tmp_path, capsysbinary, 
 
 
 def test_a_message_moved_during_the_first_look_is_found_in_its_new_queue(tmp_path, capsysbinary, monkeypatch):
-    """hold -> incoming (a release) while `show` looks: it was in hold when located, in incoming when read."""
+    """hold -> incoming (a release) while `show` looks: it was in hold when `show` began, and its
+    queue and envelope are read together (one query), so it is shown in incoming."""
     queue(tmp_path, "hold", make_envelope())
-    original, looks = Spool.load, []
+    original, looks = Spool.find, []
 
-    def load_while_released(self, queue_id, where="incoming"):
-        looks.append(where)
-        if len(looks) == 1:
-            self.move(original(self, queue_id, "hold"), "hold", "incoming")  # the daemon, meanwhile
-            raise FileNotFoundError(where)
-        return original(self, queue_id, where)
+    def find_while_released(self, queue_id):
+        looks.append(self.state_of(queue_id))
+        self.move(self.load(queue_id, "hold"), "hold", "incoming")  # the daemon, meanwhile
+        found = original(self, queue_id)
+        looks.append(found[0])
+        return found
 
-    monkeypatch.setattr(Spool, "load", load_while_released)
+    monkeypatch.setattr(Spool, "find", find_while_released)
     status, out, err = run(capsysbinary, tmp_path, QUEUE_ID)
 
     assert (status, err, looks) == (0, "", ["hold", "incoming"])

@@ -17,6 +17,7 @@ from epost.delivery.courier_process import CourierServer
 from epost.delivery.smtp_client import Outcome
 from epost.store.envelope import Envelope, Recipient
 from epost.store.spool import Spool
+from fakes import put_one
 
 CONTENT = b"Subject: over there\r\n\r\n.leading dot\r\nbody\r\n"
 
@@ -26,7 +27,7 @@ def queued_spool(queue_id: str = "0190000000000A000") -> Spool:
     spool = Spool(root, reactor=None, threadpool=None)
     spool.open()
     envelope = Envelope(queue_id, "a@here.test", (Recipient("b@there.test"), Recipient("c@there.test")), 1.0, len(CONTENT))
-    assert spool.store.put(envelope, CONTENT, "incoming")
+    assert put_one(spool.store, envelope, CONTENT, "incoming")
     return spool
 
 
@@ -120,7 +121,7 @@ class CourierServerTests(unittest.SynchronousTestCase):
         spilled = self.spool.root / "tmp" / "big.msg"
         spilled.write_bytes(large)
         envelope = Envelope("0190000000000C000", "a@here.test", (Recipient("b@there.test"),), 1.0, len(large))
-        assert self.spool.store.put(envelope, spilled, "deferred")
+        assert put_one(self.spool.store, envelope, spilled, "deferred")
         self.server.dataReceived(json.dumps(dict(REQUEST, queue_id="0190000000000C000", size=len(large))).encode() + b"\n")
         [call] = self.courier.calls
         content = call[3]

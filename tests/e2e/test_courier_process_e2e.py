@@ -21,6 +21,7 @@ from epost.delivery.remote_courier import RemoteCourier
 from epost.store.envelope import Envelope, Recipient
 from epost.store.spool import Spool, SpooledContent
 from epost.routing.resolver import Route
+from fakes import put_one
 from sinks import Sink
 
 CONTENT = b"Subject: over there\r\n\r\n.leading dot\r\nbody\r\n"
@@ -52,7 +53,7 @@ class RemoteCourierTests(unittest.TestCase):
         self.spool = Spool(root, reactor=None, threadpool=None)
         self.spool.open()
         envelope = Envelope(QUEUE_ID, "a@here.test", (Recipient("b@there.test"), Recipient("c@there.test")), 1.0, len(CONTENT))
-        assert self.spool.store.put(envelope, CONTENT, "incoming")
+        assert put_one(self.spool.store, envelope, CONTENT, "incoming")
         self.service = RemoteCourier(reactor, {
             "spool": str(root), "hostname": "mx.here.test", "dns_servers": [["127.0.0.1", 9]],
             "connect_timeout": 5, "timeouts": {"greeting": 5}})

@@ -21,7 +21,7 @@ from epost.store.envelope import Envelope, Recipient
 from epost.queue.manager import DeliveryManager
 from epost.store.spool import Spool
 from epost.routing.resolver import Route
-from fakes import ClockReactor, SynchronousThreadPool
+from fakes import ClockReactor, SynchronousThreadPool, put_one
 
 T0 = 1_800_000_000.0
 CONTENT = b"Subject: hello\r\nMessage-ID: <m1@example.org>\r\n\r\nbody\r\n"
@@ -357,7 +357,7 @@ def test_restart_reads_the_deferred_queue_by_pages_not_one_load_per_message(tmp_
         queue_id = h.spool.new_queue_id()
         retries = {f"d{i % 7}.test": {"first_failure": T0, "failures": 1, "next_attempt": T0 + 3600}}
         envelope = Envelope(queue_id, "bob@example.org", (relay(f"u{i}@d{i % 7}.test"),), T0, 10, retries=retries)
-        assert h.spool.store.put(envelope, b"x", "deferred")
+        assert put_one(h.spool.store, envelope, b"x", "deferred")
         ids.append(queue_id)
     monkeypatch.setattr(h.spool, "load", lambda *args: pytest.fail("one load per message"))
     hops = []

@@ -16,6 +16,7 @@ import epost.store.database as database_module
 from epost.store.envelope import Envelope, Recipient
 from epost.store.database import SpoolError
 from epost.store.spool import Spool
+from fakes import put_one
 
 LARGE = b"Subject: large\r\n\r\n" + b"x" * (300 * 1024)  # past MessageWriter.spill_size: spilled to tmp/
 
@@ -78,7 +79,7 @@ class QueueIdTests(SpoolTestCase):
         first = self.make_spool(clock=lambda: 9_000_000_000_000)
         first.open()
         queue_id = first.new_queue_id()
-        assert first.store.put(envelope_for(queue_id), b"x", "deferred")
+        assert put_one(first.store, envelope_for(queue_id), b"x", "deferred")
         restarted = self.make_spool(clock=lambda: 1_000_000_000)
         restarted.open()
         assert restarted.new_queue_id() > queue_id
@@ -244,8 +245,8 @@ class RecoveryTests(SpoolTestCase):
     def test_recover_removes_debris_and_lists_incoming_ids_in_order(self):
         ids = [self.spool.new_queue_id() for _ in range(5)]
         for queue_id in (ids[2], ids[0], ids[3]):
-            assert self.spool.store.put(envelope_for(queue_id), b"x", "incoming")
-        assert self.spool.store.put(envelope_for(ids[4]), b"x", "deferred")
+            assert put_one(self.spool.store, envelope_for(queue_id), b"x", "incoming")
+        assert put_one(self.spool.store, envelope_for(ids[4]), b"x", "deferred")
         (self.root / "queue" / "large" / ids[1]).write_bytes(b"placed, crashed before its commit")
         (self.root / "tmp" / f"{self.spool.new_queue_id()}.msg").write_bytes(b"half")
 
@@ -274,7 +275,7 @@ class RecoveryTests(SpoolTestCase):
         queue_id = self.spool.new_queue_id()
         source = self.root / "tmp" / "import.msg"
         source.write_bytes(LARGE)
-        assert self.spool.store.put(envelope_for(queue_id), source, "deferred")
+        assert put_one(self.spool.store, envelope_for(queue_id), source, "deferred")
         self.spool.recover()
         assert self.spool.content(queue_id).read_bytes() == LARGE
 

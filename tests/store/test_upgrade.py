@@ -14,6 +14,7 @@ from epost.store.envelope import Envelope, Recipient
 from epost.store import upgrade
 from epost.store.database import QueueStore, StoreError
 from epost.store.upgrade import import_file_spool
+from fakes import put_one
 
 LARGE = b"X" * (300 * 1024) + b"\r\nend\r\n"  # over the 256 KiB kept inline
 ZERO = {"incoming": 0, "deferred": 0, "hold": 0}
@@ -174,8 +175,8 @@ def test_a_run_stopped_after_the_commit_imports_nothing_twice_and_removes_the_fi
     (root / "tmp").mkdir()
     (root / "tmp" / "large copy").write_bytes(LARGE)
     for env, content, state in ((small, b"small\r\n", "deferred"), (large, root / "tmp" / "large copy", "incoming"), (half_removed, b"whole", "hold")):
-        assert store.put(env, content, state)  # what the interrupted run committed
-    assert store.put(envelope("00000000000000004"), b"four", "deferred")
+        assert put_one(store, env, content, state)  # what the interrupted run committed
+    assert put_one(store, envelope("00000000000000004"), b"four", "deferred")
 
     assert run(root, store) == (ZERO, [])
     assert old_files(root) == []
