@@ -21,13 +21,7 @@ from epost.address import AddressError, parse_mailbox
 
 def locate(spool: Spool, queue_id: str) -> str:
     """The queue holding the message; LookupError when it is in none (or the ID is malformed)."""
-    try:
-        queue = spool.state_of(queue_id)
-    except ValueError:  # not a queue ID at all
-        queue = None
-    if queue is None:
-        raise LookupError(f"{queue_id}: not queued")
-    return queue
+    return find(spool, queue_id)[0]
 
 
 def find(spool: Spool, queue_id: str) -> tuple[str, Envelope]:
