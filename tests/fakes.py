@@ -17,6 +17,24 @@ class SynchronousThreadPool:
             on_result(True, result)
 
 
+class HeldThreadPool:
+    """Runs 'threaded' work only when the test says so, to have work in progress."""
+
+    def __init__(self):
+        self.calls = []
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        self.calls.append((on_result, f, args, kwargs))
+
+    def run_one(self):
+        on_result, f, args, kwargs = self.calls.pop(0)
+        SynchronousThreadPool().callInThreadWithCallback(on_result, f, *args, **kwargs)
+
+    def run_all(self):
+        while self.calls:
+            self.run_one()
+
+
 class ClockReactor(Clock):
     def callFromThread(self, f, *args, **kwargs):
         f(*args, **kwargs)

@@ -58,7 +58,7 @@ from epost.queue.outcomes import (
 from epost.queue import surgery
 from epost.queue.receivers import Settings as ReceiverSettings
 from epost.queue.scheduler import Job, Scheduler
-from epost.store.database import DISK_FULL_ERRNOS
+from epost.store.database import DISK_FULL_ERRNOS, Change
 from epost.store.spool import Spool, SpooledContent
 from epost.routing.resolver import Route
 from epost.address import AddressError, destination_of, parse_mailbox
@@ -487,22 +487,23 @@ class DeliveryManager(Service):
                 message.bouncing.difference_update(failed)
             if not queued:
                 self.reactor.callLater(self.error_retry, self._resettle, queue_id)
-        # In the pool, even a removal: a write may wait for the store's lock
-        # while a spool worker's commit is being flushed, and the reactor must not.
-        await message.lock.run(deferToThreadPool, self.reactor, self.pool, self._save, message)
+        await message.lock.run(self._save, message)
 
-    def _save(self, message: _Message) -> None:
-        """Runs in a thread, holding the message's lock; writes the newest envelope.
-
-        Delivery bookkeeping: durable=False (see the module's docstring)."""
+    async def _save(self, message: _Message) -> None:
+        """Write the newest envelope, holding the message's lock: grouped with every
+        other message's (Spool.record), in the pool, since a write may wait for the
+        store's lock while a spool worker's commit is being flushed, and the reactor
+        must not. Delivery bookkeeping: durable=False (see the module's docstring)."""
         envelope = message.envelope
         if finished(envelope):
-            self.spool.remove(envelope.queue_id, message.queue, durable=False)
+            change = Change(envelope.queue_id, message.queue)
         elif message.queue == "incoming" and envelope.retries:
-            self.spool.move(envelope, "incoming", "deferred", durable=False)
-            message.queue = "deferred"
+            change = Change(envelope.queue_id, "incoming", envelope, "deferred")
         else:
-            self.spool.update(envelope, message.queue, durable=False)
+            change = Change(envelope.queue_id, message.queue, envelope)
+        await self.spool.record(change)
+        if change.target:
+            message.queue = change.target
         if message.envelope is envelope:
             message.unsaved = False
 

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -66,8 +67,19 @@ class StoreError(SpoolError):
     """The store could not do a write or read; ``disk_full`` (ENOSPC) makes SMTP say 452 4.3.1, else 451 4.3.0."""
 
 
-class _LargeContent(Exception):
-    """A NORMAL removal found a large content: it is redone FULL (QueueStore.remove)."""
+@dataclass(frozen=True)
+class Change:
+    """One message's bookkeeping for ``QueueStore.apply``: its new `envelope`,
+    in `target` if it moves, or its removal when `envelope` is None."""
+
+    queue_id: str
+    source: str  # the state it must be in
+    envelope: Envelope | None = None
+    target: str | None = None
+
+    @property
+    def doing(self) -> str:
+        return "remove" if self.envelope is None else f"move to {self.target}" if self.target else "update"
 
 
 class StoreUnavailable(Exception):
@@ -416,60 +428,79 @@ class QueueStore:
 
     def update(self, envelope: Envelope, state: str, *, durable: bool = True) -> None:
         """Replace the envelope only, never the content; FileNotFoundError when not in `state`."""
-        self._set(envelope, state, state, durable, "update")
+        self._apply_one(Change(envelope.queue_id, state, envelope), durable)
 
     def move(self, envelope: Envelope, source: str, target: str, *, durable: bool = True) -> None:
         """Move to `target` with `envelope` as the new envelope, in one statement; FileNotFoundError when not in `source`."""
-        _check_state(target)
-        self._set(envelope, source, target, durable, f"move to {target}")
-
-    def _set(self, envelope: Envelope, source: str, target: str, durable: bool, doing: str) -> None:
-        _check_state(source)
-        queue_id = _check_id(envelope.queue_id)
-        data = envelope.to_bytes()
-        try:
-            with self._write(durable) as conn:
-                cursor = conn.execute(
-                    "UPDATE message SET state = ?, envelope = ? WHERE id = ? AND state = ?",
-                    (target, data, queue_id, source),
-                )
-                if cursor.rowcount == 0:
-                    raise FileNotFoundError(f"{queue_id}: not in {source}")
-        except sqlite3.Error as e:
-            raise store_error(e, f"cannot {doing} {queue_id}") from e
+        self._apply_one(Change(envelope.queue_id, source, envelope, target), durable)
 
     def remove(self, queue_id: str, state: str, *, durable: bool = True) -> None:
-        """Delete the row and its content in one transaction, then the large file (a crash between: sweep's debris).
+        """Delete the row and its content in one transaction, then the large file (a crash between: sweep's debris)."""
+        self._apply_one(Change(queue_id, state), durable)
 
-        The removal of a message whose content is a large file is always
-        FULL: after a NORMAL one a power cut could bring the row back without
-        its file, and a delivered message would be retried and bounced.
+    def _apply_one(self, change: Change, durable: bool) -> None:
+        error = self.apply([change], durable=durable)[0]
+        if error is not None:
+            raise error
+
+    def apply(self, changes: list[Change], *, durable: bool = True) -> list[OSError | None]:
+        """Many messages' updates, moves and removals in one transaction: None for each done, else its error.
+
+        The delivery manager's group commit: one write lock and one commit for
+        every message settled meanwhile, not one each. A change whose message
+        is not in its `source` state fails alone (FileNotFoundError); an error
+        of the store fails them all. The removal of a message whose content
+        is a large file is always FULL: after a NORMAL one a power cut could
+        bring the row back without its file, and a delivered message would be
+        retried and bounced; so a NORMAL batch leaves it to a FULL one of its own.
         """
-        _check_id(queue_id)
-        _check_state(state)
-        try:
+        results: list[OSError | None] = [None] * len(changes)
+        envelopes: list[bytes | None] = []
+        for i, change in enumerate(changes):
+            _check_id(change.queue_id)
+            _check_state(change.source)
+            if change.target is not None:
+                _check_state(change.target)
             try:
-                large = self._delete(queue_id, state, durable)
-            except _LargeContent:  # found under the write lock, before any write: redone FULL
-                large = self._delete(queue_id, state, True)
+                envelopes.append(None if change.envelope is None else change.envelope.to_bytes())
+            except (TypeError, ValueError) as e:  # a route holding something JSON cannot say
+                envelopes.append(None)
+                results[i] = StoreError(errno.EIO, f"cannot serialise the envelope of {change.queue_id}: {e}")
+        removed_large: list[str] = []
+        left_for_full: list[int] = []
+        try:
+            with self._write(durable) as conn:
+                for i, change in enumerate(changes):
+                    if results[i] is not None:
+                        continue
+                    if change.envelope is None:
+                        row = conn.execute("SELECT data IS NULL FROM content WHERE id = ?", (change.queue_id,)).fetchone()
+                        large = bool(row and row[0])
+                        if large and not durable:
+                            left_for_full.append(i)
+                            continue
+                        cursor = conn.execute("DELETE FROM message WHERE id = ? AND state = ?", (change.queue_id, change.source))
+                        if cursor.rowcount:
+                            conn.execute("DELETE FROM content WHERE id = ?", (change.queue_id,))
+                            if large:
+                                removed_large.append(change.queue_id)
+                    else:
+                        cursor = conn.execute(
+                            "UPDATE message SET state = ?, envelope = ? WHERE id = ? AND state = ?",
+                            (change.target or change.source, envelopes[i], change.queue_id, change.source),
+                        )
+                    if cursor.rowcount == 0:
+                        results[i] = FileNotFoundError(f"{change.queue_id}: not in {change.source}")
         except sqlite3.Error as e:
-            raise store_error(e, f"cannot remove {queue_id}") from e
-        if large:
+            doing = f"cannot {changes[0].doing} {changes[0].queue_id}" if len(changes) == 1 else f"cannot record {len(changes)} changes"
+            error = store_error(e, doing)
+            return [result or error for result in results]
+        for queue_id in removed_large:
             unlink_if_present(self.large / queue_id)
-
-    def _delete(self, queue_id: str, state: str, durable: bool) -> bool:
-        """One removal transaction; True when the content was a large file. _LargeContent (nothing written)
-        when it is one and the transaction is not FULL."""
-        with self._write(durable) as conn:
-            row = conn.execute("SELECT data IS NULL FROM content WHERE id = ?", (queue_id,)).fetchone()
-            large = bool(row and row[0])
-            if large and not durable:
-                raise _LargeContent(queue_id)
-            cursor = conn.execute("DELETE FROM message WHERE id = ? AND state = ?", (queue_id, state))
-            if cursor.rowcount == 0:
-                raise FileNotFoundError(f"{queue_id}: not in {state}")
-            conn.execute("DELETE FROM content WHERE id = ?", (queue_id,))
-        return large
+        if left_for_full:
+            for i, result in zip(left_for_full, self.apply([changes[i] for i in left_for_full], durable=True)):
+                results[i] = result
+        return results
 
     # -- reading -------------------------------------------------------------
 

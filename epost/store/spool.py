@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from twisted.python.failure import Failure
 
 from epost.fsutil import take_owner_of, unlink_if_present
-from epost.store.database import QueueStore, SpoolError, store_error
+from epost.store.database import Change, QueueStore, SpoolError, store_error
 from epost.store.envelope import Envelope, EnvelopeError
+from epost.store.group_commit import GroupCommit
 
 FOLDERS = ("tmp", "domains", "mailboxes", "log")  # beside queue/, which the store makes
 
@@ -186,8 +185,10 @@ class Spool:
         self._threadpool = threadpool
         self._clock = clock
         self._last_id: int | None = None  # seeded from the store on first use
-        self._waiting: list[tuple[MessageWriter, Envelope, Deferred[str]]] = []
-        self._committing = False
+        self._commits: GroupCommit[tuple[MessageWriter, Envelope]] = GroupCommit(reactor, threadpool, self.commit_batch)
+        self._changes: GroupCommit[Change] = GroupCommit(
+            reactor, threadpool, lambda changes: self.store.apply(changes, durable=False)
+        )
 
     def open(self, create: bool = True) -> None:
         """Open the queue store; `create` (the daemon) also makes it and the spool's
@@ -235,31 +236,12 @@ class Spool:
         return MessageWriter(self, self.new_queue_id())
 
     def _request_commit(self, writer: MessageWriter, envelope: Envelope) -> Deferred[str]:
-        d: Deferred[str] = Deferred()
-        self._waiting.append((writer, envelope, d))
-        self._start_batch()
-        return d
+        d = self._commits.submit((writer, envelope))
+        return d.addCallback(self._committed, writer.queue_id, envelope)
 
-    def _start_batch(self) -> None:
-        """Group commit: while one batch is on disk the next ones gather, so one flush serves many."""
-        if self._committing or not self._waiting:
-            return
-        batch, self._waiting = self._waiting, []
-        self._committing = True
-        items = [(w, e) for w, e, _ in batch]
-        done = deferToThreadPool(self._reactor, self._threadpool, self.commit_batch, items)
-        done.addBoth(self._batch_done, batch)
-
-    def _batch_done(self, results: list[SpoolError | None] | Failure, batch: list[Any]) -> None:
-        self._committing = False
-        self._start_batch()
-        for i, (writer, envelope, d) in enumerate(batch):
-            outcome = results if isinstance(results, Failure) else results[i]
-            if outcome is None:
-                self.notify_committed(writer.queue_id, envelope)
-                d.callback(writer.queue_id)
-            else:
-                d.errback(outcome)
+    def _committed(self, _: None, queue_id: str, envelope: Envelope) -> str:
+        self.notify_committed(queue_id, envelope)
+        return queue_id
 
     def notify_committed(self, queue_id: str, envelope: Envelope) -> None:
         for hook in list(self.on_commit):
@@ -347,6 +329,11 @@ class Spool:
         Delivery passes durable=False, as Postfix does not fsync a removal: a
         power cut may bring the message back (delivered again), never lose one."""
         self.store.remove(queue_id, queue, durable=durable)
+
+    def record(self, change: Change) -> Deferred[None]:
+        """Delivery bookkeeping (durable=False, as `remove` says), in a thread and in one
+        transaction with every change recorded meanwhile; fails with that change's error."""
+        return self._changes.submit(change)
 
     def content(self, queue_id: str) -> bytes | Path:
         """The stored content: its bytes, or the Path of its large file; FileNotFoundError when not queued."""

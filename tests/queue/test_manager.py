@@ -427,14 +427,18 @@ def test_delivery_bookkeeping_is_written_without_a_flush_of_its_own(tmp_path):
     h = Harness(tmp_path, {"a@far.test": [(451, "4.7.1 later"), (250, "ok")], "b@far.test": [(451, "4.7.1 later"), (451, "4.7.1 later"), (250, "ok")]},
                 RetryConfig(interval=60, fixed_interval=True))
     writes = []
-    for name in ("update", "move", "remove"):
-        real = getattr(h.spool, name)
-        setattr(h.spool, name, lambda *args, _real=real, _name=name, **kwargs: (writes.append((_name, kwargs.get("durable", True))), _real(*args, **kwargs))[1])
+    real_apply = h.spool.store.apply
+
+    def apply(changes, *, durable=True):
+        writes.extend((change.doing, durable) for change in changes)
+        return real_apply(changes, durable=durable)
+
+    h.spool.store.apply = apply
     h.start()
     h.queue(relay("a@far.test"), relay("b@far.test"))
     h.run_until(400, step=10)
     assert h.queued("incoming") == [] and h.queued("deferred") == []
-    assert {name for name, _ in writes} == {"update", "move", "remove"}
+    assert {name for name, _ in writes} == {"update", "move to deferred", "remove"}
     assert all(durable is False for _, durable in writes), writes
 
 
@@ -637,8 +641,8 @@ def test_a_full_disk_when_saving_the_envelope_is_one_warning_and_what_was_settle
     h = Harness(tmp_path, {"a@far.test": [(250, "2.0.0 ok")], "b@far.test": [(451, "4.7.1 greylisted"), (250, "2.0.0 ok")]},
                 RetryConfig(interval=600, fixed_interval=True))
     h.start()
-    move = h.spool.move
-    h.spool.move = full_disk
+    apply = h.spool.store.apply
+    h.spool.store.apply = lambda changes, **_: [OSError(errno.ENOSPC, "No space left on device") for _ in changes]
     with Captured() as log:
         envelope = h.queue(relay("a@far.test"), relay("b@far.test"))
     (warning,) = log.at_least(LogLevel.warn)
@@ -648,7 +652,7 @@ def test_a_full_disk_when_saving_the_envelope_is_one_warning_and_what_was_settle
     # Nothing lost: the message stays in incoming/ as it was queued...
     assert h.queued("incoming") == [envelope.queue_id]
     assert h.spool.load(envelope.queue_id, "incoming").recipients[0].state == "pending"
-    h.spool.move = move
+    h.spool.store.apply = apply
     h.clock.advance(h.manager.error_retry)
     # ... and a minute later only b@ is tried again: a@'s 250 was kept in memory.
     assert [c[1] for c in h.courier.calls] == [["a@far.test", "b@far.test"], ["b@far.test"]]
@@ -660,12 +664,12 @@ def test_a_full_disk_when_saving_the_envelope_is_one_warning_and_what_was_settle
 def test_after_a_full_disk_a_settled_destination_is_saved_at_its_retry_without_a_new_attempt(tmp_path):
     h = Harness(tmp_path, {"a@far.test": [(250, "2.0.0 ok")], "c@near.test": [(250, "2.0.0 ok")]})
     h.start()
-    update = h.spool.update
-    h.spool.update = full_disk
+    apply = h.spool.store.apply
+    h.spool.store.apply = full_disk  # the whole group commit fails
     h.manager.scheduler.add_new = lambda job, add=h.manager.scheduler.add_new: add(job) if job.destination == "far.test" else None
     envelope = h.queue(relay("a@far.test"), relay("c@near.test"))  # near.test's job is left out for now
     assert h.spool.load(envelope.queue_id, "incoming").recipients[0].state == "pending"
-    h.spool.update = update
+    h.spool.store.apply = apply
     h.clock.advance(h.manager.error_retry)
     assert [c[1] for c in h.courier.calls] == [["a@far.test"]]  # saved, not sent again
     assert h.spool.load(envelope.queue_id, "incoming").recipients[0].state == "delivered"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from fakes import ClockReactor, SynchronousThreadPool
+from fakes import ClockReactor, HeldThreadPool, SynchronousThreadPool
 from twisted.logger import globalLogPublisher
 
 from epost.routing import live
@@ -190,21 +190,6 @@ def test_a_reload_gives_freed_memory_back(tmp_path, monkeypatch):
 
 def test_release_memory_runs_here():
     live.release_memory()  # glibc: malloc_trim; elsewhere nothing, and no error
-
-
-class HeldThreadPool:
-    """Runs 'threaded' work only when the test says so, to have a read in progress."""
-
-    def __init__(self):
-        self.calls = []
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        self.calls.append((on_result, f, args, kwargs))
-
-    def run_all(self):
-        while self.calls:
-            on_result, f, args, kwargs = self.calls.pop(0)
-            SynchronousThreadPool().callInThreadWithCallback(on_result, f, *args, **kwargs)
 
 
 def test_sighup_during_a_read_reads_the_file_again_and_applies_it(tmp_path):

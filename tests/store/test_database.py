@@ -21,7 +21,7 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 import epost.store.database as database
 from epost.store.envelope import Envelope, EnvelopeError, Recipient
-from epost.store.database import QUEUES, QueueStore, SpoolError, StoreError, StoreUnavailable
+from epost.store.database import QUEUES, Change, QueueStore, SpoolError, StoreError, StoreUnavailable
 from fakes import put_one
 
 
@@ -425,6 +425,50 @@ def test_removing_a_large_message_from_the_wrong_state_changes_nothing(tmp_path,
     with pytest.raises(FileNotFoundError, match="not in deferred"):
         store.remove(qid(1), "deferred", durable=False)
     assert store.content(qid(1)) == path and path.read_bytes() == b"big"
+
+
+def test_apply_records_many_messages_in_one_transaction_and_a_missing_one_fails_alone(store, monkeypatch):
+    store.put_batch([(envelope_for(qid(n)), f"content {n}".encode()) for n in (1, 2, 3)])
+    levels = synchronous_levels(store, monkeypatch)
+    later = envelope_for(qid(2), attempts=1)
+    results = store.apply([
+        Change(qid(1), "incoming"),  # removed
+        Change(qid(2), "incoming", later, "deferred"),  # moved
+        Change(qid(9), "incoming"),  # not queued
+        Change(qid(3), "deferred", envelope_for(qid(3), attempts=5)),  # in the wrong state
+    ], durable=False)
+    assert levels == [False]  # one NORMAL transaction for all four
+    assert results[:2] == [None, None]
+    assert isinstance(results[2], FileNotFoundError) and "not in incoming" in str(results[2])
+    assert isinstance(results[3], FileNotFoundError) and "not in deferred" in str(results[3])
+    assert store.state_of(qid(1)) is None
+    assert store.load(qid(2), "deferred") == later and store.content(qid(2)) == b"content 2"
+    assert store.load(qid(3), "incoming") == envelope_for(qid(3))  # untouched
+
+
+def test_apply_leaves_a_large_removal_to_a_full_transaction_of_its_own(tmp_path, store, monkeypatch):
+    large = tmp_path / "queue" / "large"
+    put_one(store, envelope_for(qid(1)), large_file(large, qid(1), b"big"), "incoming")
+    put_one(store, envelope_for(qid(2)), b"inline", "incoming")
+    levels = synchronous_levels(store, monkeypatch)
+    assert store.apply([Change(qid(1), "incoming"), Change(qid(2), "incoming")], durable=False) == [None, None]
+    assert levels == [False, True]
+    assert store.ids("incoming") == [] and not (large / qid(1)).exists()
+
+
+def test_a_store_error_fails_every_change_of_the_batch(store, monkeypatch):
+    store.put_batch([(envelope_for(qid(n)), b"x") for n in (1, 2)])
+
+    def broken(durable):
+        error = sqlite3.OperationalError("database or disk is full")
+        error.sqlite_errorcode = database.SQLITE_FULL
+        raise error
+
+    monkeypatch.setattr(store, "_write", broken)
+    results = store.apply([Change(qid(1), "incoming"), Change(qid(2), "incoming")], durable=False)
+    assert all(isinstance(r, StoreError) and r.disk_full for r in results), results
+    monkeypatch.undo()
+    assert store.ids("incoming") == [qid(1), qid(2)]
 
 
 def test_sweep_logs_each_message_whose_large_file_is_missing_once(tmp_path, store):

@@ -17,7 +17,7 @@ from epost.web.gateway_edit import check
 from epost.smtp.throttle import client_key
 from epost.web.logtail import last_lines
 from epost.web.site import loopback_by_default
-from fakes import queue_message
+from fakes import HeldThreadPool, queue_message
 from web_support import ADMIN, PASSWORD, make_world
 
 QID = "0190000000000A000"
@@ -337,26 +337,11 @@ def test_a_request_body_over_the_limit_is_refused_before_it_is_read(world):
     assert chunked.value().startswith(b"HTTP/1.1 413 ") and MAX_BODY < sent <= MAX_BODY + len(chunk)
 
 
-class HeldPool:
-    """A thread pool whose work waits until `run_all()`: password checks that are still in progress."""
-
-    def __init__(self):
-        self.held = []
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        self.held.append((on_result, f, args, kwargs))
-
-    def run_all(self):
-        while self.held:
-            on_result, f, args, kwargs = self.held.pop(0)
-            on_result(True, f(*args, **kwargs))
-
-
 def test_parallel_login_guesses_cannot_pass_the_cutoff_nor_hide_behind_other_loopback_addresses(tmp_path):
     from epost.web import make_admin_site
 
     world = make_world(tmp_path)
-    pool = HeldPool()
+    pool = HeldThreadPool()
     world.site = make_admin_site(world.config, world.manager, world.routing, world.clock, pool, pool)
     form = world.client().get("/login")
     cookie = "; ".join(h.split(";")[0] for h in form.headers.get("set-cookie", []))
