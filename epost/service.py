@@ -313,7 +313,7 @@ def make_delivery_manager(config: Config, reactor, pool, courier, spool: Spool, 
     """Outbound SMTP with its retry books; `courier` makes the attempts, `store` queues the bounces."""
     delivery = config.delivery
     bounces = BounceSender(store, routing.resolver.resolve, config.server.hostname, reactor.seconds)
-    return DeliveryManager(
+    manager = DeliveryManager(
         spool,
         reactor,
         pool,
@@ -328,6 +328,8 @@ def make_delivery_manager(config: Config, reactor, pool, courier, spool: Spool, 
         delay_warning=delivery.delay_warning,
         receivers=receiver_settings(delivery),
     )
+    manager.record = store.record  # bookkeeping in the spool worker's transactions, not the daemon's threads
+    return manager
 
 
 def receiver_settings(delivery) -> ReceiverSettings:

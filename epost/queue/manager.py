@@ -116,6 +116,7 @@ class DeliveryManager(Service):
         receivers: ReceiverSettings | None = None,
     ) -> None:
         self.spool = spool
+        self.record: Callable[[Change], defer.Deferred] = spool.record  # the daemon: the spool worker's (service.py)
         self.reactor = reactor
         self.pool = pool
         self.courier = courier
@@ -491,9 +492,10 @@ class DeliveryManager(Service):
 
     async def _save(self, message: _Message) -> None:
         """Write the newest envelope, holding the message's lock: grouped with every
-        other message's (Spool.record), in the pool, since a write may wait for the
-        store's lock while a spool worker's commit is being flushed, and the reactor
-        must not. Delivery bookkeeping: durable=False (see the module's docstring)."""
+        other message's, never on the reactor (a write may wait for the store's lock
+        while a commit is being flushed), by the spool worker in the daemon
+        (`SpoolWorkerService.record`), else in the pool (`Spool.record`).
+        Delivery bookkeeping: durable=False (see the module's docstring)."""
         envelope = message.envelope
         if finished(envelope):
             change = Change(envelope.queue_id, message.queue)
@@ -501,7 +503,7 @@ class DeliveryManager(Service):
             change = Change(envelope.queue_id, "incoming", envelope, "deferred")
         else:
             change = Change(envelope.queue_id, message.queue, envelope)
-        await self.spool.record(change)
+        await self.record(change)
         if change.target:
             message.queue = change.target
         if message.envelope is envelope:

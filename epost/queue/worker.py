@@ -18,6 +18,8 @@ Requests arrive on stdin as frames `op(1) queue-id(17) length(4) payload`:
   C  commit: payload is the envelope (JSON); group-committed with the others
   A  abort: forget the message
   L  deliver the queued message's local recipients into their Maildirs
+  B  delivery bookkeeping (change_frame): the daemon's updates, moves and
+     removals, one NORMAL transaction for all that gathered
   K  the DKIM keys (JSON, epost.delivery.signing.keys_to_json), sent first
 Replies go to stdout, one line each:
   C ID [SIG]        committed (durable in the queue store, state incoming); SIG: base64 of the
@@ -26,13 +28,16 @@ Replies go to stdout, one line each:
   D ID              local delivery done, nothing left of the message
   R ID              local delivery must be retried later
   P ID              local delivery done, the rest is the delivery manager's
-Commits always go before deliveries, so new mail is never held up by them.
+  S ID              bookkeeping written
+  E ID ERRNO TEXT   bookkeeping not written (ERRNO 2: the message is not in that state)
+Commits always go before bookkeeping and deliveries, so new mail is never held up by them.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import errno
 import os
 import select
 import signal
@@ -44,6 +49,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
 from epost.delivery import signing
 
+from epost.store.database import Change
 from epost.store.envelope import RELAY, Envelope
 from epost.queue.runner import deliver_local_batch
 from epost.store.spool import MessageWriter, Spool
@@ -54,6 +60,19 @@ RECENT_BYTES = 32 * 1024 * 1024  # content kept for delivery from memory, at mos
 SIGN_APART_BYTES = 1024 * 1024  # larger messages are signed between batches, not inside one
 
 log = Logger()
+
+
+def change_frame(change: Change) -> bytes:
+    """A `B` frame's payload: "SOURCE TARGET" (`-`: it stays), a newline, the new envelope (none: removed)."""
+    head = f"{change.source} {change.target or '-'}\n".encode("ascii")
+    return head + (change.envelope.to_bytes() if change.envelope is not None else b"")
+
+
+def change_from_frame(queue_id: str, payload: bytes) -> Change:
+    head, _, data = payload.partition(b"\n")
+    source, target = head.decode("ascii").split(" ")
+    envelope = Envelope.from_bytes(data, queue_id) if data else None
+    return Change(queue_id, source, envelope, None if target == "-" else target)
 
 
 class Worker:
@@ -67,6 +86,7 @@ class Worker:
         self.writers: dict[str, MessageWriter] = {}
         self.commits: list[tuple[MessageWriter, Envelope]] = []
         self.deliveries: dict[str, None] = {}
+        self.changes: list[Change] = []
         # Envelope and content of small messages just committed, for their
         # local delivery without reading them back; bounded, oldest dropped.
         self.recent: dict[str, tuple[Envelope, bytes]] = {}
@@ -102,6 +122,11 @@ class Worker:
                 writer.abort()
         elif op == b"L":
             self.deliveries[queue_id] = None
+        elif op == b"B":
+            try:
+                self.changes.append(change_from_frame(queue_id, payload))
+            except ValueError as error:
+                self.reply(f"E {queue_id} {errno.EINVAL} {' '.join(str(error).split())}\n".encode())
         elif op == b"K":
             self.dkim_keys = signing.keys_from_json(payload)
 
@@ -136,7 +161,8 @@ class Worker:
             self._remember(writer.queue_id, envelope, writer.content())
 
     def work(self) -> None:
-        """One step: every pending commit as one batch, else sign one large
+        """One step: every pending commit as one batch, else all the
+        bookkeeping that gathered as one transaction, else sign one large
         message (its commit is the next batch), else some deliveries.
 
         A large message is signed only once the commits that came with it are
@@ -155,6 +181,10 @@ class Worker:
                     text = " ".join(str(error.strerror).split())
                     lines.append(f"F {writer.queue_id} {error.errno} {text}\n")
             self.reply("".join(lines).encode())
+        elif self.changes:
+            batch, self.changes = self.changes, []
+            results = self.spool.store.apply(batch, durable=False)
+            self.reply("".join(_change_reply(c.queue_id, e) for c, e in zip(batch, results)).encode())
         elif self.to_sign:
             writer, envelope, chosen = self.to_sign.pop(0)
             self._queue_commit(writer, self._signed(writer, envelope, chosen))
@@ -185,7 +215,15 @@ class Worker:
 
     @property
     def busy(self) -> bool:
-        return bool(self.commits or self.to_sign or self.deliveries)
+        return bool(self.commits or self.changes or self.to_sign or self.deliveries)
+
+
+def _change_reply(queue_id: str, error: OSError | None) -> str:
+    if error is None:
+        return f"S {queue_id}\n"
+    code = errno.ENOENT if isinstance(error, FileNotFoundError) else error.errno or errno.EIO
+    text = " ".join(str(error.strerror or error).split())
+    return f"E {queue_id} {code} {text}\n"
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -222,7 +260,7 @@ def run(root: Path, hostname: str, give_up_after: float = 8 * 3600) -> None:
                 position = end
             buffer = buffer[position:]
         worker.work()
-    while worker.commits or worker.to_sign:  # finish what was asked; deliveries wait for the next start
+    while worker.commits or worker.changes or worker.to_sign:  # finish what was asked; deliveries wait for the next start
         worker.work()
 
 

@@ -26,9 +26,9 @@ from zope.interface import implementer
 from epost.child_process import LineChild
 from epost.delivery.signing import keys_to_json
 from epost.store.envelope import Envelope
-from epost.store.database import SpoolError
+from epost.store.database import Change, SpoolError
 from epost.store.spool import Spool, SpoolStopping
-from epost.queue.worker import FRAME
+from epost.queue.worker import FRAME, change_frame
 
 log = Logger()
 
@@ -96,6 +96,10 @@ class RemoteMessageWriter:
             self._producer = None
 
 
+def _written_already(failure) -> None:
+    failure.trap(FileNotFoundError)
+
+
 @implementer(IPushProducer)
 class _PipeThrottle:
     """Registered on a worker's stdin: when the pipe backs up, every SMTP
@@ -156,6 +160,7 @@ class SpoolWorkerService(Service):
         self._generations = [0] * processes
         self._commits: dict[str, tuple[defer.Deferred, Envelope]] = {}
         self._deliveries: dict[str, tuple[defer.Deferred, set[str], dict[str, str]]] = {}
+        self._changes: dict[str, list[tuple[defer.Deferred, Change]]] = {}  # in the order sent
         self._stopping: list[defer.Deferred] = []
 
     # -- lifecycle ---------------------------------------------------------
@@ -217,6 +222,9 @@ class SpoolWorkerService(Service):
         settled = defer.DeferredList([self._settle_orphan(q, d, failure) for q, d in orphans])
         for queue_id in [q for q in self._deliveries if self._index(q) == index]:
             self.reply_received(f"R {queue_id}")
+        for queue_id in [q for q in self._changes if self._index(q) == index]:
+            for d, change in self._changes.pop(queue_id):
+                self._redo(change).chainDeferred(d)
         if self._stopping:
             stopped = self._stopping.pop()
             settled.addCallback(lambda _: stopped.callback(None))  # the pool and the store are still needed
@@ -251,6 +259,14 @@ class SpoolWorkerService(Service):
         looked.addCallbacks(answer, unknown)
         return looked
 
+    def _redo(self, change: Change) -> defer.Deferred:
+        """Bookkeeping the dead child never answered, written again from the daemon's pool.
+
+        The delivery manager holds the message's lock until it is answered, so
+        nobody else changed it meanwhile: a message no longer in its source
+        state means the child had written the change before it died."""
+        return self.spool.record(change).addErrback(_written_already)
+
     def _restart(self, index: int) -> None:
         if self.running and self._protocols[index] is None:
             self._spawn(index)
@@ -274,6 +290,17 @@ class SpoolWorkerService(Service):
         d: defer.Deferred = defer.Deferred()
         self._commits[queue_id] = (d, envelope)
         self.send(b"C", queue_id, envelope.to_bytes())
+        return d
+
+    def record(self, change: Change) -> defer.Deferred:
+        """Delivery bookkeeping (`Spool.record`), written by the worker: one
+        transaction for all that gathered, and no thread hand-off in the daemon.
+        Without a worker to send it to (stopping, restarting), the daemon's pool writes it."""
+        if not self.running or self._protocols[self._index(change.queue_id)] is None:
+            return self.spool.record(change)
+        d: defer.Deferred = defer.Deferred()
+        self._changes.setdefault(change.queue_id, []).append((d, change))
+        self.send(b"B", change.queue_id, change_frame(change))
         return d
 
     def deliver(self, queue_ids: list[str]) -> defer.Deferred:
@@ -301,6 +328,17 @@ class SpoolWorkerService(Service):
         elif kind == "F" and queue_id in self._commits:
             code, _, text = detail.partition(" ")
             self._commits.pop(queue_id)[0].errback(SpoolError(int(code) if code.isdigit() else errno.EIO, text))
+        elif kind in ("S", "E") and queue_id in self._changes:
+            waiting = self._changes[queue_id]
+            d, _ = waiting.pop(0)
+            if not waiting:
+                del self._changes[queue_id]
+            if kind == "S":
+                d.callback(None)
+            else:
+                code, _, text = detail.partition(" ")
+                number = int(code) if code.isdigit() else errno.EIO
+                d.errback(FileNotFoundError(text) if number == errno.ENOENT else SpoolError(number, text))
         elif kind in ("D", "R", "P") and queue_id in self._deliveries:
             d, waiting, verdicts = self._deliveries.pop(queue_id)
             waiting.discard(queue_id)

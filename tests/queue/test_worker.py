@@ -18,7 +18,8 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from epost.store.envelope import Envelope, Recipient
-from epost.store.database import SpoolError
+from epost.store.database import Change, SpoolError
+from epost.store.group_commit import GroupCommit
 from epost.store.spool import MessageWriter, Spool
 from epost.queue.worker import Worker
 from epost.queue.worker_client import RemoteMessageWriter, SpoolWorkerService
@@ -104,6 +105,39 @@ class WorkerLoopTests(unittest.SynchronousTestCase):
         self.worker.handle(b"C", queue_id, b"{not json")
         assert self.replies[0].startswith(f"F {queue_id} 22 ".encode())
         assert self.spool.queued_ids("incoming") == []
+
+
+    def test_bookkeeping_that_gathered_is_one_transaction_after_the_commits(self):
+        from epost.queue.worker import change_frame
+
+        ids = [self.spool.new_queue_id() for _ in range(4)]
+        for queue_id in ids[:2]:
+            self.worker.handle(b"C", queue_id, envelope(queue_id, "example.test/bob").to_bytes())
+        self.worker.work()
+        later = envelope(ids[1], "example.test/bob").with_recipient(0, attempts=1)
+        self.worker.handle(b"B", ids[0], change_frame(Change(ids[0], "incoming")))
+        self.worker.handle(b"B", ids[1], change_frame(Change(ids[1], "incoming", later, "deferred")))
+        self.worker.handle(b"B", ids[2], change_frame(Change(ids[2], "incoming")))  # never queued
+        self.worker.handle(b"C", ids[3], envelope(ids[3], "example.test/bob").to_bytes())
+        transactions = []
+        store = self.worker.spool.store
+        apply = store.apply
+        self.patch(store, "apply", lambda changes, **kw: (transactions.append((len(changes), kw)), apply(changes, **kw))[1])
+        self.worker.work()
+        assert self.replies[-1] == f"C {ids[3]}\n".encode()  # the commit first
+        self.worker.work()
+        assert transactions == [(3, {"durable": False})]
+        assert self.replies[-1].decode().splitlines() == [
+            f"S {ids[0]}", f"S {ids[1]}", f"E {ids[2]} {errno.ENOENT} {ids[2]}: not in incoming"]
+        assert self.spool.state_of(ids[0]) is None
+        assert self.spool.load(ids[1], "deferred") == later
+        assert not self.worker.busy
+
+    def test_a_bookkeeping_frame_that_cannot_be_read_is_answered_with_an_error(self):
+        queue_id = self.spool.new_queue_id()
+        self.worker.handle(b"B", queue_id, b"incoming -\n{not json")
+        assert self.replies == [f"E {queue_id} {errno.EINVAL} ".encode() + self.replies[0].split(b" ", 3)[3]]
+        assert not self.worker.busy
 
 
 class RecordingService:
@@ -240,6 +274,46 @@ class DeadWorkerTests(unittest.SynchronousTestCase):
             self.assertNoResult(answered)
 
 
+    def record(self, change: Change) -> defer.Deferred:
+        answered = self.service.record(change)
+        assert self.service._protocols[0].transport.frames[-1][:1] == b"B"  # sent to the child
+        return answered
+
+    def test_bookkeeping_answers_become_the_deferreds_results(self):
+        ids = [self.spool.new_queue_id() for _ in range(3)]
+        saved, missing, failed = (self.record(Change(q, "incoming")) for q in ids)
+        self.service.reply_received(f"S {ids[0]}")
+        self.service.reply_received(f"E {ids[1]} {errno.ENOENT} {ids[1]}: not in incoming")
+        self.service.reply_received(f"E {ids[2]} {errno.ENOSPC} database or disk is full")
+        assert self.successResultOf(saved) is None
+        assert str(self.failureResultOf(missing, FileNotFoundError).value) == f"{ids[1]}: not in incoming"
+        assert self.failureResultOf(failed, SpoolError).value.disk_full
+        assert self.service._changes == {}
+
+    def test_bookkeeping_the_dead_worker_never_answered_is_written_by_the_daemon(self):
+        done, pending = self.spool.new_queue_id(), self.spool.new_queue_id()
+        for queue_id in (done, pending):
+            content = MessageWriter(self.spool, queue_id)
+            content.write(b"x\r\n")
+            assert self.spool.commit_batch([(content, envelope(queue_id, "example.test/carol"))]) == [None]
+        self.spool._changes = GroupCommit(self.clock, SynchronousThreadPool(), self.spool._changes._run_batch)
+        first, second = self.record(Change(done, "incoming")), self.record(Change(pending, "incoming"))
+        self.spool.store.remove(done, "incoming", durable=False)  # the child wrote this one, then died
+        self.died()
+        assert self.successResultOf(first) is None and self.successResultOf(second) is None
+        assert self.spool.state_of(done) is None and self.spool.state_of(pending) is None
+
+    def test_without_a_running_worker_bookkeeping_is_written_in_the_pool(self):
+        queue_id = self.spool.new_queue_id()
+        content = MessageWriter(self.spool, queue_id)
+        content.write(b"x\r\n")
+        self.spool.commit_batch([(content, envelope(queue_id, "example.test/carol"))])
+        self.spool._changes = GroupCommit(self.clock, SynchronousThreadPool(), self.spool._changes._run_batch)
+        self.service._protocols = [None]
+        assert self.successResultOf(self.service.record(Change(queue_id, "incoming"))) is None
+        assert self.spool.state_of(queue_id) is None
+
+
 class WorkerProcessTests(unittest.TestCase):
     """The real child process, spawned by the service as the daemon does."""
 
@@ -263,6 +337,18 @@ class WorkerProcessTests(unittest.TestCase):
         assert verdicts == {queue_id: "D"}
         [mail] = new_mail(self.spool.root, "example.test/carol")
         assert mail.endswith(b"hello\n")
+
+    @defer.inlineCallbacks
+    def test_the_child_writes_the_bookkeeping(self):
+        writer = self.service.open_message()
+        writer.write(b"x\r\n")
+        queue_id = yield writer.commit(envelope(writer.queue_id, "example.test/carol"))
+        later = envelope(queue_id, "example.test/carol").with_recipient(0, attempts=1)
+        yield self.service.record(Change(queue_id, "incoming", later, "deferred"))
+        assert self.spool.load(queue_id, "deferred") == later
+        yield self.service.record(Change(queue_id, "deferred"))
+        assert self.spool.state_of(queue_id) is None
+        yield self.assertFailure(self.service.record(Change(queue_id, "deferred")), FileNotFoundError)
 
     @defer.inlineCallbacks
     def test_bad_mailbox_fails_and_is_passed_on_for_the_bounce(self):
