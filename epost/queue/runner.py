@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from epost import metrics
 from epost.delivery.maildir import MaildirBatch
+from epost.store.database import Change
 from epost.store.envelope import Envelope, EnvelopeError, Recipient
 from epost.queue.outcomes import has_local_pending, needs_manager
 from epost.store.spool import Spool
@@ -216,6 +217,7 @@ def deliver_local_batch(
                 slots.append((index, e))
         staged.append((envelope, slots))
     results = batch.commit()
+    passes: list[tuple[Envelope, bool, bool]] = []
     for envelope, slots in staged:
         failed = False
         for index, slot in slots:
@@ -236,7 +238,8 @@ def deliver_local_batch(
             else:
                 envelope, _ = settle_recipient(envelope, index, "delivered to maildir", delivered=True,
                                                give_up_after=give_up_after, now=now)
-        verdicts[envelope.queue_id] = record_pass(spool, envelope, bool(slots), failed)
+        passes.append((envelope, bool(slots), failed))
+    verdicts.update(record_passes(spool, passes))
     return verdicts
 
 
@@ -257,22 +260,32 @@ def settle_recipient(
 
 
 def record_pass(spool: Spool, envelope: Envelope, touched: bool, failed: bool) -> str:
-    """Write what a local pass (Maildir, LMTP) did and return its verdict (blocking).
+    """`record_passes` for one message (LMTP)."""
+    return record_passes(spool, [(envelope, touched, failed)])[envelope.queue_id]
 
-    A finished message is removed; one with work left is updated, only if
-    this pass changed it (`touched`). Delivery bookkeeping: no flush of its
-    own (docs/queue.md). A write that fails makes the verdict RETRY."""
-    left_for_manager = needs_manager(envelope)
-    try:
-        if envelope.pending() or left_for_manager:
-            if touched:
-                spool.update(envelope, durable=False)
-        else:
-            spool.remove(envelope.queue_id, durable=False)
-    except OSError:
-        log.failure("{queue_id}: cannot record delivery", queue_id=envelope.queue_id)
-        failed = True
-    return RETRY if failed else PASSED if left_for_manager else DONE
+
+def record_passes(spool: Spool, passes: list[tuple[Envelope, bool, bool]]) -> dict[str, str]:
+    """Write what a local pass (Maildir, LMTP) did to these messages, in one
+    transaction, and return each one's verdict (blocking).
+
+    Each pass is (envelope, touched, failed). A finished message is removed;
+    one with work left is updated, only if this pass changed it (`touched`).
+    Delivery bookkeeping: no flush of its own (docs/queue.md). A write that
+    fails makes the verdict RETRY."""
+    changes: dict[str, Change] = {}
+    for envelope, touched, _ in passes:
+        if not (envelope.pending() or needs_manager(envelope)):
+            changes[envelope.queue_id] = Change(envelope.queue_id, "incoming")
+        elif touched:
+            changes[envelope.queue_id] = Change(envelope.queue_id, "incoming", envelope)
+    errors = dict(zip(changes, spool.store.apply(list(changes.values()), durable=False))) if changes else {}
+    verdicts = {}
+    for envelope, _, failed in passes:
+        error = errors.get(envelope.queue_id)
+        if error is not None:
+            log.error("{queue_id}: cannot record delivery: {error}", queue_id=envelope.queue_id, error=error)
+        verdicts[envelope.queue_id] = RETRY if failed or error else PASSED if needs_manager(envelope) else DONE
+    return verdicts
 
 
 def mailbox_path(mailbox_root: Path, recipient: Recipient) -> Path:

@@ -12,9 +12,10 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 import epost.queue.runner as runner_module
-from fakes import ClockReactor, SynchronousThreadPool
+from fakes import ClockReactor, SynchronousThreadPool, put_one
 
 from epost.delivery.maildir import MaildirBatch
+from epost.store.database import Change
 from epost.store.envelope import Envelope, Recipient
 from epost.queue.runner import LocalDeliveryRunner
 from epost.store.spool import Spool
@@ -199,3 +200,40 @@ class FailureTests(RunnerTestCase):
                 return super().add(maildir, content_path, prefix)
 
         return BrokenBatch
+
+
+class BatchBookkeepingTests(unittest.SynchronousTestCase):
+    """deliver_local_batch writes what its pass did to all its messages in one transaction."""
+
+    def setUp(self):
+        self.root = Path(tempfile.mkdtemp(prefix="epost-test-"))
+        self.addCleanup(shutil.rmtree, self.root, ignore_errors=True)
+        self.spool = Spool(self.root, reactor=None, threadpool=None)
+        self.spool.open()
+        self.addCleanup(self.spool.close)
+
+    def put(self, *recipients: Recipient) -> str:
+        queue_id = self.spool.new_queue_id()
+        put_one(self.spool.store, Envelope(queue_id, "bob@example.org", recipients, time.time(), len(CONTENT)), CONTENT, "incoming")
+        return queue_id
+
+    def test_one_transaction_for_the_batch_and_a_failed_write_is_retried(self):
+        from epost.queue.runner import DONE, PASSED, RETRY, deliver_local_batch
+
+        done = self.put(local("alice@example.jp"))
+        passed = self.put(local("carol@example.jp"), Recipient("x@far.test", {"kind": "relay"}))
+        gone = self.put(local("dave@example.jp"))
+        transactions = []
+        apply = self.spool.store.apply
+
+        def counted(changes, *, durable=True):
+            transactions.append(([c.doing for c in changes], durable))
+            assert apply([Change(gone, "incoming")]) == [None]  # the operator deletes it meanwhile
+            return apply(changes, durable=durable)
+
+        self.patch(self.spool.store, "apply", counted)
+        verdicts = deliver_local_batch(self.spool, [done, passed, gone], "mx.example.jp", self.root / "mailboxes")
+        assert transactions == [(["remove", "update", "remove"], False)]
+        assert verdicts == {done: DONE, passed: PASSED, gone: RETRY}
+        assert self.spool.queued_ids("incoming") == [passed]
+        assert self.spool.load(passed).recipients[0].state == "delivered"
