@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from email.utils import format_datetime
 from datetime import datetime, timezone
 from typing import Callable
@@ -63,8 +64,13 @@ def received_header(session: Session, hostname: str, queue_id: str, recipients: 
     if len(recipients) == 1:
         lines.append(f"for <{recipients[0]}>")
     lines[-1] += ";"
-    lines.append(format_datetime(datetime.fromtimestamp(when, timezone.utc)))
+    lines.append(_received_date(int(when)))
     return "\r\n\t".join(lines).encode("utf-8", "replace") + b"\r\n"
+
+
+@functools.lru_cache(maxsize=4)  # messages come in bursts within the same second
+def _received_date(seconds: int) -> str:
+    return format_datetime(datetime.fromtimestamp(seconds, timezone.utc))
 
 
 def envelope_recipients(accepted: list[tuple[Address, list[dict]]]) -> tuple[Recipient, ...]:

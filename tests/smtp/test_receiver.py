@@ -89,3 +89,17 @@ def test_a_commit_after_the_spool_workers_stopped_is_421_not_451():
     reply, logged = _failing_commit(SpoolStopping(errno.ESHUTDOWN, "spool workers stopped"))
     assert (reply.code, reply.enhanced) == (421, "4.3.2")
     assert [line for line in logged if "0190000000000A000" in line and "not queued" in line]
+
+
+def test_the_received_header_dates_each_message_to_its_own_second():
+    from email.utils import parsedate_to_datetime
+
+    from epost.smtp.receiver import received_header
+
+    session = SESSION
+    dates = []
+    for when in (1_700_000_000.2, 1_700_000_000.9, 1_700_000_001.0, 1_700_000_000.5):
+        header = received_header(session, "mx.test", "0" * 17, [parse_mailbox("a@b.test")], when).decode()
+        assert header.startswith("Received: from client.example ([127.0.0.1])") and header.endswith(" +0000\r\n")
+        dates.append(parsedate_to_datetime(header.rsplit(";", 1)[1].strip()).timestamp())
+    assert dates == [1_700_000_000, 1_700_000_000, 1_700_000_001, 1_700_000_000]
