@@ -107,3 +107,11 @@ def test_oversize_message_keeps_reading_but_stores_nothing_more():
     last = reader.feed(b"more\r\n.\r\n")
     assert reader.too_big and last.done
     assert first.content == b"" and last.content == b""
+
+
+@given(st.lists(st.integers(min_value=0, max_value=60), max_size=40), st.integers(min_value=2, max_value=50))
+def test_the_windowed_line_check_agrees_with_splitting_into_lines(lengths, limit):
+    from epost.smtp.data import _has_line_over
+
+    data = b"\n".join(b"x" * n for n in lengths)
+    assert _has_line_over(data, limit) == (max(map(len, data.split(b"\n"))) + 1 > limit)
