@@ -7,8 +7,9 @@ from incoming to deferred on its first deferral), senderlog and faillog
 lines, Domain.mri files and DSN bounces.
 
 It is the only writer of a message's envelope once the local runner has
-passed the message on. Queue work runs in the thread pool, serialised per
-message by a DeferredLock. Recording an attempt is delivery bookkeeping,
+passed the message on. Its writes never run on the reactor: recording an
+attempt goes to the spool worker (`record`), the rest to the thread pool,
+serialised per message by a DeferredLock. Recording an attempt is delivery bookkeeping,
 written without a flush of its own (`durable=False`): a power cut may undo
 it, and the message is then tried again (a duplicate, never a loss); the
 next durable commit of anyone makes it durable too (docs/queue.md).

@@ -278,7 +278,10 @@ def record_passes(spool: Spool, passes: list[tuple[Envelope, bool, bool]]) -> di
             changes[envelope.queue_id] = Change(envelope.queue_id, "incoming")
         elif touched:
             changes[envelope.queue_id] = Change(envelope.queue_id, "incoming", envelope)
-    errors = dict(zip(changes, spool.store.apply(list(changes.values()), durable=False))) if changes else {}
+    try:
+        errors = dict(zip(changes, spool.store.apply(list(changes.values()), durable=False))) if changes else {}
+    except OSError as error:  # whatever the store could not do: retried, never a dead worker
+        errors = dict.fromkeys(changes, error)
     verdicts = {}
     for envelope, _, failed in passes:
         error = errors.get(envelope.queue_id)

@@ -49,7 +49,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
 from epost.delivery import signing
 
-from epost.store.database import Change
+from epost.store.database import QUEUE_ID, QUEUES, Change
 from epost.store.envelope import RELAY, Envelope
 from epost.queue.runner import deliver_local_batch
 from epost.store.spool import MessageWriter, Spool
@@ -69,8 +69,11 @@ def change_frame(change: Change) -> bytes:
 
 
 def change_from_frame(queue_id: str, payload: bytes) -> Change:
+    """ValueError for anything that is not a change of a queued message's state."""
     head, _, data = payload.partition(b"\n")
     source, target = head.decode("ascii").split(" ")
+    if source not in QUEUES or target not in (*QUEUES, "-") or not QUEUE_ID.fullmatch(queue_id):
+        raise ValueError(f"not a change: {head!r} for {queue_id!r}")
     envelope = Envelope.from_bytes(data, queue_id) if data else None
     return Change(queue_id, source, envelope, None if target == "-" else target)
 
@@ -161,30 +164,20 @@ class Worker:
             self._remember(writer.queue_id, envelope, writer.content())
 
     def work(self) -> None:
-        """One step: every pending commit as one batch, else all the
+        """One step: every pending commit as one batch and then all the
         bookkeeping that gathered as one transaction, else sign one large
         message (its commit is the next batch), else some deliveries.
 
         A large message is signed only once the commits that came with it are
         on disk and answered, and one at a time, so no message waits for more
         than one large signature; it is committed only once signed."""
-        if self.commits:
-            batch, self.commits = self.commits, []
-            results = self.spool.commit_batch(batch)
-            lines = []
-            for (writer, envelope), error in zip(batch, results):
-                if error is None:
-                    signature = f" {base64.b64encode(envelope.dkim.encode('ascii')).decode()}" if envelope.dkim else ""
-                    lines.append(f"C {writer.queue_id}{signature}\n")
-                else:
-                    self._forget(writer.queue_id)
-                    text = " ".join(str(error.strerror).split())
-                    lines.append(f"F {writer.queue_id} {error.errno} {text}\n")
-            self.reply("".join(lines).encode())
-        elif self.changes:
-            batch, self.changes = self.changes, []
-            results = self.spool.store.apply(batch, durable=False)
-            self.reply("".join(_change_reply(c.queue_id, e) for c, e in zip(batch, results)).encode())
+        if self.commits or self.changes:
+            if self.commits:
+                self._commit()
+            if self.changes:  # never held off by new commits: each message's bookkeeping waits for it
+                batch, self.changes = self.changes, []
+                results = self.spool.store.apply(batch, durable=False)
+                self.reply("".join(_change_reply(c.queue_id, e) for c, e in zip(batch, results)).encode())
         elif self.to_sign:
             writer, envelope, chosen = self.to_sign.pop(0)
             self._queue_commit(writer, self._signed(writer, envelope, chosen))
@@ -198,6 +191,20 @@ class Worker:
             for queue_id in batch:
                 self._forget(queue_id)
             self.reply("".join(f"{verdicts[q]} {q}\n" for q in batch).encode())
+
+    def _commit(self) -> None:
+        batch, self.commits = self.commits, []
+        results = self.spool.commit_batch(batch)
+        lines = []
+        for (writer, envelope), error in zip(batch, results):
+            if error is None:
+                signature = f" {base64.b64encode(envelope.dkim.encode('ascii')).decode()}" if envelope.dkim else ""
+                lines.append(f"C {writer.queue_id}{signature}\n")
+            else:
+                self._forget(writer.queue_id)
+                text = " ".join(str(error.strerror).split())
+                lines.append(f"F {writer.queue_id} {error.errno} {text}\n")
+        self.reply("".join(lines).encode())
 
     def _remember(self, queue_id: str, envelope: Envelope, content: bytes) -> None:
         """Keep a small message for its delivery; the oldest go when over RECENT_BYTES

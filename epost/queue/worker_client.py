@@ -219,12 +219,15 @@ class SpoolWorkerService(Service):
         if not self.running:
             failure = SpoolStopping(errno.ESHUTDOWN, "spool worker process ended while the daemon was stopping")
         orphans = [(q, self._commits.pop(q)[0]) for q in [q for q in self._commits if self._index(q) == index]]
-        settled = defer.DeferredList([self._settle_orphan(q, d, failure) for q, d in orphans])
+        pending = [self._settle_orphan(q, d, failure) for q, d in orphans]
         for queue_id in [q for q in self._deliveries if self._index(q) == index]:
             self.reply_received(f"R {queue_id}")
         for queue_id in [q for q in self._changes if self._index(q) == index]:
             for d, change in self._changes.pop(queue_id):
-                self._redo(change).chainDeferred(d)
+                redone = self._redo(change)
+                redone.chainDeferred(d)
+                pending.append(redone)
+        settled = defer.DeferredList(pending, consumeErrors=True)
         if self._stopping:
             stopped = self._stopping.pop()
             settled.addCallback(lambda _: stopped.callback(None))  # the pool and the store are still needed
@@ -263,9 +266,13 @@ class SpoolWorkerService(Service):
         """Bookkeeping the dead child never answered, written again from the daemon's pool.
 
         The delivery manager holds the message's lock until it is answered, so
-        nobody else changed it meanwhile: a message no longer in its source
-        state means the child had written the change before it died."""
-        return self.spool.record(change).addErrback(_written_already)
+        nobody else changed it meanwhile: a move or removal whose message is no
+        longer in its source state was written by the child before it died (an
+        update leaves its message where it was, so its ENOENT stands)."""
+        redone = self.spool.record(change)
+        if change.doing == "update":
+            return redone
+        return redone.addErrback(_written_already)
 
     def _restart(self, index: int) -> None:
         if self.running and self._protocols[index] is None:
@@ -298,9 +305,13 @@ class SpoolWorkerService(Service):
         Without a worker to send it to (stopping, restarting), the daemon's pool writes it."""
         if not self.running or self._protocols[self._index(change.queue_id)] is None:
             return self.spool.record(change)
+        try:
+            frame = change_frame(change)
+        except (TypeError, ValueError) as e:  # a route holding something JSON cannot say
+            return defer.fail(SpoolError(errno.EIO, f"cannot serialise the envelope of {change.queue_id}: {e}"))
         d: defer.Deferred = defer.Deferred()
         self._changes.setdefault(change.queue_id, []).append((d, change))
-        self.send(b"B", change.queue_id, change_frame(change))
+        self.send(b"B", change.queue_id, frame)
         return d
 
     def deliver(self, queue_ids: list[str]) -> defer.Deferred:

@@ -439,6 +439,7 @@ class QueueStore:
         self._apply_one(Change(queue_id, state), durable)
 
     def _apply_one(self, change: Change, durable: bool) -> None:
+        _check_change(change)  # a bad ID or state is the caller's ValueError, as everywhere in the store
         error = self.apply([change], durable=durable)[0]
         if error is not None:
             raise error
@@ -457,14 +458,15 @@ class QueueStore:
         results: list[OSError | None] = [None] * len(changes)
         envelopes: list[bytes | None] = []
         for i, change in enumerate(changes):
-            _check_id(change.queue_id)
-            _check_state(change.source)
-            if change.target is not None:
-                _check_state(change.target)
+            envelopes.append(None)
             try:
-                envelopes.append(None if change.envelope is None else change.envelope.to_bytes())
+                _check_change(change)
+            except ValueError as e:
+                results[i] = StoreError(errno.EINVAL, str(e))
+                continue
+            try:
+                envelopes[i] = None if change.envelope is None else change.envelope.to_bytes()
             except (TypeError, ValueError) as e:  # a route holding something JSON cannot say
-                envelopes.append(None)
                 results[i] = StoreError(errno.EIO, f"cannot serialise the envelope of {change.queue_id}: {e}")
         removed_large: list[str] = []
         left_for_full: list[int] = []
@@ -496,7 +498,11 @@ class QueueStore:
             error = store_error(e, doing)
             return [result or error for result in results]
         for queue_id in removed_large:
-            unlink_if_present(self.large / queue_id)
+            try:
+                unlink_if_present(self.large / queue_id)
+            except OSError as e:  # the removal is committed: what is left is sweep()'s debris
+                log.warn("{queue_id}: removed, but not its file ({error}); the next start removes it",
+                         queue_id=queue_id, error=e)
         if left_for_full:
             for i, result in zip(left_for_full, self.apply([changes[i] for i in left_for_full], durable=True)):
                 results[i] = result
@@ -615,6 +621,13 @@ def _check_id(queue_id: str) -> str:
     if not isinstance(queue_id, str) or not QUEUE_ID.fullmatch(queue_id):
         raise ValueError(f"bad queue id {queue_id!r}")
     return queue_id
+
+
+def _check_change(change: Change) -> None:
+    _check_id(change.queue_id)
+    _check_state(change.source)
+    if change.target is not None:
+        _check_state(change.target)
 
 
 def _check_state(state: str) -> None:

@@ -237,3 +237,17 @@ class BatchBookkeepingTests(unittest.SynchronousTestCase):
         assert verdicts == {done: DONE, passed: PASSED, gone: RETRY}
         assert self.spool.queued_ids("incoming") == [passed]
         assert self.spool.load(passed).recipients[0].state == "delivered"
+
+
+    def test_a_store_that_cannot_write_the_batch_makes_every_verdict_retry(self):
+        from epost.queue.runner import RETRY, deliver_local_batch
+
+        ids = [self.put(local("alice@example.jp")), self.put(local("carol@example.jp"))]
+
+        def broken(changes, *, durable=True):
+            raise OSError(5, "Input/output error")
+
+        self.patch(self.spool.store, "apply", broken)
+        verdicts = deliver_local_batch(self.spool, ids, "mx.example.jp", self.root / "mailboxes")
+        assert verdicts == dict.fromkeys(ids, RETRY)
+        assert self.spool.queued_ids("incoming") == ids

@@ -23,7 +23,7 @@ from epost.store.group_commit import GroupCommit
 from epost.store.spool import MessageWriter, Spool
 from epost.queue.worker import Worker
 from epost.queue.worker_client import RemoteMessageWriter, SpoolWorkerService
-from fakes import ClockReactor, SynchronousThreadPool
+from fakes import ClockReactor, HeldThreadPool, SynchronousThreadPool
 
 
 def envelope(queue_id: str, *mailboxes: str) -> Envelope:
@@ -123,9 +123,8 @@ class WorkerLoopTests(unittest.SynchronousTestCase):
         store = self.worker.spool.store
         apply = store.apply
         self.patch(store, "apply", lambda changes, **kw: (transactions.append((len(changes), kw)), apply(changes, **kw))[1])
-        self.worker.work()
-        assert self.replies[-1] == f"C {ids[3]}\n".encode()  # the commit first
-        self.worker.work()
+        self.worker.work()  # one step: the commit first, then the bookkeeping
+        assert self.replies[-2] == f"C {ids[3]}\n".encode()
         assert transactions == [(3, {"durable": False})]
         assert self.replies[-1].decode().splitlines() == [
             f"S {ids[0]}", f"S {ids[1]}", f"E {ids[2]} {errno.ENOENT} {ids[2]}: not in incoming"]
@@ -133,11 +132,27 @@ class WorkerLoopTests(unittest.SynchronousTestCase):
         assert self.spool.load(ids[1], "deferred") == later
         assert not self.worker.busy
 
+    def test_bookkeeping_is_not_held_off_by_commits_that_keep_coming(self):
+        from epost.queue.worker import change_frame
+
+        first = self.spool.new_queue_id()
+        self.worker.handle(b"C", first, envelope(first, "example.test/bob").to_bytes())
+        self.worker.work()
+        self.worker.handle(b"B", first, change_frame(Change(first, "incoming")))
+        for _ in range(3):
+            queue_id = self.spool.new_queue_id()
+            self.worker.handle(b"C", queue_id, envelope(queue_id, "example.test/bob").to_bytes())
+            self.worker.work()
+        assert f"S {first}\n".encode() in self.replies and self.spool.state_of(first) is None
+
     def test_a_bookkeeping_frame_that_cannot_be_read_is_answered_with_an_error(self):
         queue_id = self.spool.new_queue_id()
-        self.worker.handle(b"B", queue_id, b"incoming -\n{not json")
-        assert self.replies == [f"E {queue_id} {errno.EINVAL} ".encode() + self.replies[0].split(b" ", 3)[3]]
-        assert not self.worker.busy
+        for bad in (b"incoming -\n{not json", b"bogus -\n", b"incoming nowhere\n", b"incoming\n"):
+            self.worker.handle(b"B", queue_id, bad)
+        assert all(r.startswith(f"E {queue_id} {errno.EINVAL} ".encode()) for r in self.replies), self.replies
+        assert len(self.replies) == 4 and not self.worker.busy
+        self.worker.handle(b"B", "not-an-id", b"incoming -\n")
+        assert self.replies[-1].startswith(f"E not-an-id {errno.EINVAL} ".encode()) and not self.worker.busy
 
 
 class RecordingService:
@@ -302,6 +317,47 @@ class DeadWorkerTests(unittest.SynchronousTestCase):
         self.died()
         assert self.successResultOf(first) is None and self.successResultOf(second) is None
         assert self.spool.state_of(done) is None and self.spool.state_of(pending) is None
+
+    def committed(self, queue_id: str, state: str = "incoming") -> None:
+        content = MessageWriter(self.spool, queue_id)
+        content.write(b"x\r\n")
+        assert self.spool.commit_batch([(content, envelope(queue_id, "example.test/carol"))]) == [None]
+        if state != "incoming":
+            self.spool.move(envelope(queue_id, "example.test/carol"), "incoming", state)
+
+    def test_a_change_that_cannot_be_sent_fails_alone_and_the_next_gets_its_own_answer(self):
+        queue_id = self.spool.new_queue_id()
+        unsayable = replace(envelope(queue_id, "example.test/carol"), retries={"x": {"when": object()}})
+        failed = self.service.record(Change(queue_id, "incoming", unsayable))
+        assert self.failureResultOf(failed, SpoolError).value.errno == errno.EIO
+        assert self.service._changes == {}
+        answered = self.record(Change(queue_id, "incoming"))
+        self.service.reply_received(f"S {queue_id}")
+        assert self.successResultOf(answered) is None
+
+    def test_a_dead_worker_s_update_that_finds_no_message_is_an_error_not_written_already(self):
+        queue_id = self.spool.new_queue_id()  # never queued: someone else took it
+        self.spool._changes = GroupCommit(self.clock, SynchronousThreadPool(), self.spool._changes._run_batch)
+        updated = self.record(Change(queue_id, "incoming", envelope(queue_id, "example.test/carol")))
+        moved = self.record(Change(queue_id, "incoming", envelope(queue_id, "example.test/carol"), "deferred"))
+        self.died()
+        self.failureResultOf(updated, FileNotFoundError)
+        assert self.successResultOf(moved) is None  # a move the child made before it died
+
+    def test_the_stop_waits_for_the_bookkeeping_a_dead_worker_left(self):
+        queue_id = self.spool.new_queue_id()
+        self.committed(queue_id)
+        pool = HeldThreadPool()
+        self.spool._changes = GroupCommit(self.clock, pool, self.spool._changes._run_batch)
+        saved = self.record(Change(queue_id, "incoming"))
+        stopped = defer.Deferred()
+        self.service._stopping.append(stopped)
+        self.service.running = False
+        self.service.worker_ended(0, Failure(ProcessTerminated(signal=9)))
+        self.assertNoResult(stopped)  # the pool (stopped next) still has the change to write
+        pool.run_all()
+        assert self.successResultOf(saved) is None and self.spool.state_of(queue_id) is None
+        assert self.successResultOf(stopped) is None
 
     def test_without_a_running_worker_bookkeeping_is_written_in_the_pool(self):
         queue_id = self.spool.new_queue_id()

@@ -456,6 +456,32 @@ def test_apply_leaves_a_large_removal_to_a_full_transaction_of_its_own(tmp_path,
     assert store.ids("incoming") == [] and not (large / qid(1)).exists()
 
 
+def test_a_bad_change_fails_alone_in_a_batch_and_raises_alone(store):
+    store.put_batch([(envelope_for(qid(1)), b"x")])
+    results = store.apply([Change("not-an-id", "incoming"), Change(qid(2), "nowhere"), Change(qid(1), "incoming")])
+    assert [r.errno if r else None for r in results] == [errno.EINVAL, errno.EINVAL, None]
+    assert store.state_of(qid(1)) is None
+    with pytest.raises(ValueError):
+        store.remove("not-an-id", "incoming")
+
+
+def test_a_large_file_that_cannot_be_unlinked_after_the_commit_is_left_to_the_sweep(tmp_path, store, monkeypatch):
+    large = tmp_path / "queue" / "large"
+    put_one(store, envelope_for(qid(1)), large_file(large, qid(1), b"big"), "incoming")
+
+    def refused(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(database, "unlink_if_present", refused)
+    with capturedLogs() as events:
+        assert store.apply([Change(qid(1), "incoming")], durable=False) == [None]
+    assert store.state_of(qid(1)) is None and (large / qid(1)).exists()
+    assert any("not its file" in formatEvent(e) for e in events)
+    monkeypatch.undo()
+    store.sweep()
+    assert not (large / qid(1)).exists()
+
+
 def test_a_store_error_fails_every_change_of_the_batch(store, monkeypatch):
     store.put_batch([(envelope_for(qid(n)), b"x") for n in (1, 2)])
 
