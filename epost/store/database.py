@@ -265,6 +265,9 @@ class QueueStore:
         try:
             conn.execute("PRAGMA journal_size_limit = 67108864")
             conn.execute("PRAGMA synchronous = FULL")
+            # The savepoint per message needs a statement journal: in memory, not a
+            # temporary file opened, written, unlinked and closed at every commit.
+            conn.execute("PRAGMA temp_store = MEMORY")
         except BaseException:
             conn.close()
             raise

@@ -64,6 +64,7 @@ def test_open_creates_folders_and_a_wal_database(tmp_path, store):
     assert conn.execute("PRAGMA page_size").fetchone()[0] == 16384
     assert conn.execute("PRAGMA user_version").fetchone()[0] == database.SCHEMA_VERSION
     conn.close()
+    assert store._conn().execute("PRAGMA temp_store").fetchone()[0] == 2  # statement journals in memory
 
 
 def test_a_reopened_store_keeps_its_messages(tmp_path, store):
