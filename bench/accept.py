@@ -1,7 +1,7 @@
 """Accept-rate benchmark: epost (with local delivery running) beside Postfix.
 
     .venv/bin/python bench/accept.py [--messages 2000] [--sizes 4096,102400]
-                                     [--concurrency 1,10,50] [--no-postfix]
+                                     [--concurrency 1,10,50] [--rounds 1] [--no-postfix]
 
 For each message size and client concurrency, Postfix's smtp-source sends N
 messages to each server in turn; prints messages/s, the server's CPU
@@ -10,12 +10,17 @@ a Maildir; Postfix: all its processes, receiving and relaying into
 smtp-sink), the disk's write requests and cache flushes per message (the
 disk that holds each server's spool; everything on it counts, so keep the
 machine quiet) and epost's rate as a ratio of Postfix's, measured in one run.
+With --rounds N each size and concurrency is measured N times, epost and
+Postfix in turn, and the medians are printed with the lowest and highest
+rate ratio of one round: on a shared machine Postfix's own rate moves by
+half from one run to the next.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 
 from common import DiskCounters, Epost, Postfix, disk_columns, smtp_source
 
@@ -31,11 +36,18 @@ def measure(server, name: str, messages: int, size: int, sessions: int, to: str,
     return {"name": name, "rate": messages / seconds, "cpu_ms": 1000 * cpu / messages, "device": device}
 
 
+def median_of(rounds: list[dict]) -> dict:
+    """The median round by rate (its CPU and disk columns with it)."""
+    ordered = sorted(rounds, key=lambda r: r["rate"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--sizes", default="4096,102400")
     parser.add_argument("--concurrency", default="1,10,50")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat each measurement; medians are printed")
     parser.add_argument("--no-postfix", action="store_true")
     args = parser.parse_args()
 
@@ -50,12 +62,20 @@ def main() -> None:
               f"  {'postfix msg/s':>13} {'CPU-ms/msg':>10} {'wr/msg':>6} {'fl/msg':>6}  {'ratio':>5}")
         for size in (int(s) for s in args.sizes.split(",")):
             for sessions in (int(c) for c in args.concurrency.split(",")):
-                ours = measure(epost, "epost", args.messages, size, sessions, "sink@bench.test", ours_disk)
-                line = f"{size:>7} {sessions:>3}  {ours['rate']:>11.0f} {ours['cpu_ms']:>10.2f} {ours['device']}"
+                ours, theirs = [], []
+                for _ in range(args.rounds):  # each round: epost, then Postfix
+                    ours.append(measure(epost, "epost", args.messages, size, sessions, "sink@bench.test", ours_disk))
+                    if postfix:
+                        theirs.append(measure(postfix, "postfix", args.messages, size, sessions, "sink@remote.test", theirs_disk))
+                o = median_of(ours)
+                line = f"{size:>7} {sessions:>3}  {o['rate']:>11.0f} {o['cpu_ms']:>10.2f} {o['device']}"
                 if postfix:
-                    theirs = measure(postfix, "postfix", args.messages, size, sessions, "sink@remote.test", theirs_disk)
-                    line += (f"  {theirs['rate']:>13.0f} {theirs['cpu_ms']:>10.2f} {theirs['device']}"
-                             f"  {ours['rate'] / theirs['rate']:>5.2f}")
+                    t = median_of(theirs)
+                    ratios = [a["rate"] / b["rate"] for a, b in zip(ours, theirs)]
+                    line += (f"  {t['rate']:>13.0f} {t['cpu_ms']:>10.2f} {t['device']}"
+                             f"  {statistics.median(ratios):>5.2f}")
+                    if len(ratios) > 1:
+                        line += f"  (rounds {min(ratios):.2f}–{max(ratios):.2f})"
                 print(line, flush=True)
         print(f"epost resident memory after the run: {epost.rss_kib() / 1024:.0f} MiB")
     finally:
