@@ -101,3 +101,16 @@ def damage_envelope(spool, queue_id: str, data: bytes = b"{not json") -> None:
     with sqlite3.connect(spool / "queue" / "queue.db") as db:
         assert db.execute("UPDATE message SET envelope = ? WHERE id = ?", (data, queue_id)).rowcount == 1
     db.close()
+
+
+def qid(n: int) -> str:
+    """The n-th queue ID (17 hex digits)."""
+    return f"{n:017X}"
+
+
+def relay_envelope(queue_id: str, domain: str = "example.jp", attempts: int = 0):
+    """One pending relay recipient, alice@`domain`, from bob@example.org."""
+    from epost.store.envelope import Envelope, Recipient
+
+    route = {"kind": "relay"}
+    return Envelope(queue_id, "bob@example.org", (Recipient(f"alice@{domain}", route, attempts=attempts),), 1.0, 10)

@@ -1,27 +1,8 @@
 """Queue surgery over a real spool."""
 
-import pytest
-
 from epost.queue.surgery import waiting_for
-from epost.store.envelope import Envelope, Recipient
-from epost.store.spool import Spool
-from fakes import put_one
-
-
-def envelope_for(queue_id: str, domain: str) -> Envelope:
-    return Envelope(queue_id, "bob@example.org", (Recipient(f"alice@{domain}", {"kind": "relay"}),), 1.0, 10)
-
-
-def qid(n: int) -> str:
-    return f"{n:017X}"
-
-
-@pytest.fixture
-def spool(tmp_path):
-    spool = Spool(tmp_path, reactor=None, threadpool=None)
-    spool.open()
-    yield spool
-    spool.close()
+from fakes import put_one, qid
+from fakes import relay_envelope as envelope_for
 
 
 def test_waiting_for_picks_pending_relay_recipients(spool):

@@ -20,18 +20,10 @@ from hypothesis import strategies as st
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 import epost.store.database as database
-from epost.store.envelope import Envelope, EnvelopeError, Recipient
+from epost.store.envelope import Envelope, EnvelopeError
 from epost.store.database import QUEUES, Change, QueueStore, SpoolError, StoreError, StoreUnavailable
-from fakes import put_one
-
-
-def envelope_for(queue_id: str, domain: str = "example.jp", attempts: int = 0) -> Envelope:
-    route = {"kind": "relay"}
-    return Envelope(queue_id, "bob@example.org", (Recipient(f"alice@{domain}", route, attempts=attempts),), 1.0, 10)
-
-
-def qid(n: int) -> str:
-    return f"{n:017X}"
+from fakes import put_one, qid
+from fakes import relay_envelope as envelope_for
 
 
 @pytest.fixture

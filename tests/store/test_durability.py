@@ -17,14 +17,6 @@ QUEUE_ID = f"{1:017X}"
 
 
 @pytest.fixture
-def spool(tmp_path):
-    spool = Spool(tmp_path, reactor=None, threadpool=None)
-    spool.open()
-    yield spool
-    spool.close()
-
-
-@pytest.fixture
 def levels(spool, monkeypatch):
     """(durable, PRAGMA synchronous at commit) of each write transaction, in order."""
     seen = []
