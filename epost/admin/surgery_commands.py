@@ -113,7 +113,7 @@ def on_the_store(config: Config, action: str, ids: list[str], domain: str | None
             elif action == "delete":
                 surgery.delete(spool, queue_id)
             else:
-                _, problems = surgery.reroute(spool, queue_id, route_final)
+                _, _, problems = surgery.reroute(spool, queue_id, route_final)
                 errors.extend(problems)
         except (LookupError, ValueError) as error:
             errors.append(str(error).strip("'\""))

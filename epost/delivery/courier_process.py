@@ -12,13 +12,13 @@ the logs) stays with the delivery manager in the daemon.
 
 One JSON object per line on stdin, one per line back on stdout:
   {"id": N, "route": {...}, "sender": s, "recipients": [...],
-   "queue_id": q, "queue": "incoming", "prefix": p, "size": n, "body_8bit": b[, "per_connection": n]}
+   "queue_id": q, "prefix": p, "size": n, "body_8bit": b[, "per_connection": n]}
       (p: header lines sent before the content, the message's DKIM signature)
       -> {"id": N, "outcomes": {recipient: [code, text, stage]}, "host": h, "tls": b, "mx": [names]}
       or {"id": N, "error": text}  when no attempt could be made
   {"close_idle": true}    QUIT every cached connection (no answer)
 The content is opened here before the attempt, from the queue store (its
-bytes, or a descriptor of its large file; the "queue" field is informative):
+bytes, or a descriptor of its large file, found by its ID alone):
 the daemon's manager never lets a message go while an attempt for it runs. When stdin closes, the process ends at once,
 abandoning the attempts in progress (see `readConnectionLost`). Log lines go
 to stderr, which the daemon relays into its own log.
@@ -87,7 +87,7 @@ class CourierServer(LineOnlyReceiver):
                 return
             request_id = request["id"]
             arguments = [request[key] for key in ("route", "sender", "recipients")]
-            content = SpooledContent(self.spool, request["queue_id"], request["queue"], request.get("prefix", "").encode("ascii"))
+            content = SpooledContent(self.spool, request["queue_id"], request.get("prefix", "").encode("ascii"))
             size, body_8bit = request["size"], request["body_8bit"]
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             log.error("courier process: unreadable request ({error}): {line!r}", error=error, line=line[:200])

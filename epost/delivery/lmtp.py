@@ -67,23 +67,13 @@ def lmtp_endpoint(reactor: Any, transport: str) -> Any:
 
 def deliver_lmtp(
     reactor: Any, endpoint: Any, hostname: str, sender: str, recipients: list[str],
-    content: bytes | Callable[[], Iterable[bytes]], timeouts: dict[str, float] | None = None,
-    size: int | None = None,
+    chunks: Callable[[], Iterable[bytes]], size: int, timeouts: dict[str, float] | None = None,
 ) -> defer.Deferred[TransactionResult]:
     """One LMTP transaction; fires with every recipient's Outcome. Never fails: a refused
     connection is an Outcome with code None for everyone (deferred, nothing lost).
 
-    `content`: the bytes, or a callable giving its chunks (a fresh pass each call)
-    with `size`, so a large message is streamed, never held whole."""
-    if isinstance(content, bytes):
-        data = content
-        chunks: Callable[[], Iterable[bytes]] = lambda: [data]
-        size = len(data)
-    elif size is None:
-        raise ValueError("deliver_lmtp: the size of streamed content is needed")
-    else:
-        chunks = content
-
+    `chunks` gives the content's chunks (a fresh pass each call) and `size` its
+    length, so a large message is streamed, never held whole."""
     client = LMTPClient(hostname, sender, recipients, chunks, size, True, reactor, timeouts=timeouts)
 
     def not_connected(failure: Any) -> TransactionResult:
@@ -119,12 +109,13 @@ def deliver_lmtp_batch(
 
 async def _lmtp_batch(spool, queue_ids, reactor, threadpool, endpoint, hostname, give_up_after, now):
     from epost.store.envelope import EnvelopeError
-    from epost.queue.runner import DONE, record_pass, settle_recipient
+    from epost.queue.runner import DONE, record_passes, settle_recipient
 
     def in_thread(f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         return deferToThreadPool(reactor, threadpool, f, *args)
 
     verdicts = dict.fromkeys(queue_ids, DONE)
+    passes = []
     for queue_id in queue_ids:
         try:
             envelope = await in_thread(spool.load, queue_id)
@@ -141,7 +132,7 @@ async def _lmtp_batch(spool, queue_ids, reactor, threadpool, endpoint, hostname,
             content = await in_thread(spool.open_content, queue_id)
             try:
                 result = await deliver_lmtp(reactor, endpoint, hostname, envelope.sender,
-                                            sorted(set(rcpt.values())), content.chunks, size=envelope.size)
+                                            sorted(set(rcpt.values())), content.chunks, envelope.size)
             finally:
                 content.close()
             for index in local:
@@ -151,7 +142,8 @@ async def _lmtp_batch(spool, queue_ids, reactor, threadpool, endpoint, hostname,
                 envelope, retry = settle_recipient(envelope, index, f"lmtp: {reply}", delivered=klass == 2,
                                                    permanent=klass == 5, give_up_after=give_up_after, now=now)
                 failed = failed or retry
-        verdicts[envelope.queue_id] = await in_thread(record_pass, spool, envelope, bool(local), failed)
+        passes.append((envelope, bool(local), failed))
+    verdicts.update(await in_thread(record_passes, spool, passes))  # one transaction for the batch
     return verdicts
 
 

@@ -103,7 +103,6 @@ class RemoteCourier(Service):
             "sender": sender,
             "recipients": list(recipients),
             "queue_id": content.queue_id,
-            "queue": content.queue,
             "prefix": content.prefix.decode("ascii"),
             "size": size,
             "body_8bit": body_8bit,

@@ -20,7 +20,7 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from epost.headers import from_domain  # also signing.from_domain, for the queue worker
+from epost.headers import from_domain
 
 def _openssl_rsa_sign(hash, private_key, _cache={}):
     """dkimpy's RSA is pure Python (~6 ms for 2048 bits); the same PKCS#1 v1.5
@@ -256,9 +256,14 @@ def signing_keys(*, trusted: bool, leaves_over_smtp: bool, from_domain: str | No
     client, relay_networks, or epost itself) and some recipient leaves over
     SMTP; then every key of the From: domain's closest configured domain.
     Mail epost forwards for others and local deliveries get none."""
-    if not (trusted and leaves_over_smtp and from_domain):
+    if not (may_sign(trusted=trusted, leaves_over_smtp=leaves_over_smtp, keys=keys) and from_domain):
         return ()
     return keys_for(from_domain, keys)
+
+
+def may_sign(*, trusted: bool, leaves_over_smtp: bool, keys: tuple[DkimKey, ...]) -> bool:
+    """The facts of `signing_keys` that cost nothing: when False, From: need not be parsed."""
+    return bool(keys and trusted and leaves_over_smtp)
 
 
 def commit_signature(message: bytes, chosen: tuple[DkimKey, ...]) -> bytes:

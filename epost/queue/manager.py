@@ -377,7 +377,7 @@ class DeliveryManager(Service):
         else:
             route = self._current_route(envelope.recipients[indexes[0]])
             # The DKIM signature made at commit: over SMTP only, the same bytes every attempt.
-            content = SpooledContent(self.spool, queue_id, message.queue, envelope.dkim.encode("ascii"))
+            content = SpooledContent(self.spool, queue_id, envelope.dkim.encode("ascii"))
             try:
                 per_connection = self.destinations and self.destinations.messages_per_connection(destination)
                 attempt = await self.courier.deliver(
@@ -708,10 +708,9 @@ class DeliveryManager(Service):
         self.scheduler.flush(lambda job: job.queue_id == queue_id)  # a dead destination may be probed now
 
     async def _reroute_one(self, queue_id: str, message: _Message) -> list[str]:
-        envelope, problems = await message.lock.run(
+        queue, envelope, problems = await message.lock.run(
             deferToThreadPool, self.reactor, self.pool, surgery.reroute, self.spool, queue_id, self.route_final
         )
-        queue = surgery.locate(self.spool, queue_id)
         if queue == "deferred":
             self._schedule_deferred(envelope, self.reactor.seconds())
         elif queue == "incoming" and has_local_pending(envelope):

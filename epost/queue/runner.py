@@ -259,11 +259,6 @@ def settle_recipient(
     return envelope.with_recipient(index, attempts=attempts, last_reply=reply), True
 
 
-def record_pass(spool: Spool, envelope: Envelope, touched: bool, failed: bool) -> str:
-    """`record_passes` for one message (LMTP)."""
-    return record_passes(spool, [(envelope, touched, failed)])[envelope.queue_id]
-
-
 def record_passes(spool: Spool, passes: list[tuple[Envelope, bool, bool]]) -> dict[str, str]:
     """Write what a local pass (Maildir, LMTP) did to these messages, in one
     transaction, and return each one's verdict (blocking).
@@ -273,21 +268,21 @@ def record_passes(spool: Spool, passes: list[tuple[Envelope, bool, bool]]) -> di
     Delivery bookkeeping: no flush of its own (docs/queue.md). A write that
     fails makes the verdict RETRY."""
     changes: dict[str, Change] = {}
+    passed: set[str] = set()
     for envelope, touched, _ in passes:
-        if not (envelope.pending() or needs_manager(envelope)):
+        if needs_manager(envelope):
+            passed.add(envelope.queue_id)
+        if not (envelope.pending() or envelope.queue_id in passed):
             changes[envelope.queue_id] = Change(envelope.queue_id, "incoming")
         elif touched:
             changes[envelope.queue_id] = Change(envelope.queue_id, "incoming", envelope)
-    try:
-        errors = dict(zip(changes, spool.store.apply(list(changes.values()), durable=False))) if changes else {}
-    except OSError as error:  # whatever the store could not do: retried, never a dead worker
-        errors = dict.fromkeys(changes, error)
+    errors = dict(zip(changes, spool.store.apply(list(changes.values()), durable=False))) if changes else {}
     verdicts = {}
     for envelope, _, failed in passes:
         error = errors.get(envelope.queue_id)
         if error is not None:
             log.error("{queue_id}: cannot record delivery: {error}", queue_id=envelope.queue_id, error=error)
-        verdicts[envelope.queue_id] = RETRY if failed or error else PASSED if needs_manager(envelope) else DONE
+        verdicts[envelope.queue_id] = RETRY if failed or error else PASSED if envelope.queue_id in passed else DONE
     return verdicts
 
 

@@ -19,11 +19,6 @@ from epost.routing.resolver import Route
 from epost.address import AddressError, parse_mailbox
 
 
-def locate(spool: Spool, queue_id: str) -> str:
-    """The queue holding the message; LookupError when it is in none (or the ID is malformed)."""
-    return find(spool, queue_id)[0]
-
-
 def find(spool: Spool, queue_id: str) -> tuple[str, Envelope]:
     """The queue holding the message and its envelope, read together; LookupError when it is
     in none (or the ID is malformed)."""
@@ -77,12 +72,12 @@ def make_due(spool: Spool, queue_id: str, now: float) -> Envelope:
     return envelope
 
 
-def reroute(spool: Spool, queue_id: str, route_final: Callable[[object], Route]) -> tuple[Envelope, list[str]]:
+def reroute(spool: Spool, queue_id: str, route_final: Callable[[object], Route]) -> tuple[str, Envelope, list[str]]:
     """Recompute the routes of pending relay recipients after a table edit.
 
     A recipient whose new route is no longer SMTP (now local, or refused)
     keeps its route and is reported: moving it between delivery agents is
-    a job for re-sending, not for surgery. Returns the envelope and the reports."""
+    a job for re-sending, not for surgery. Returns the message's queue, its envelope and the reports."""
     queue, envelope = find(spool, queue_id)
     problems = []
     for index in envelope.pending():
@@ -99,7 +94,7 @@ def reroute(spool: Spool, queue_id: str, route_final: Callable[[object], Route])
             continue
         envelope = envelope.with_recipient(index, route=route.to_dict())
     spool.update(envelope, queue)
-    return envelope, problems
+    return queue, envelope, problems
 
 
 def _due_now(envelope: Envelope, now: float) -> Envelope:

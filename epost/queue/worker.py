@@ -48,9 +48,11 @@ from pathlib import Path
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
 from epost.delivery import signing
+from epost.headers import from_domain
 
-from epost.store.database import QUEUE_ID, QUEUES, Change
+from epost.store.database import QUEUE_ID, QUEUES, Change, envelope_bytes
 from epost.store.envelope import RELAY, Envelope
+from epost.queue.outcomes import has_local_pending
 from epost.queue.runner import deliver_local_batch
 from epost.store.spool import MessageWriter, Spool
 
@@ -65,7 +67,7 @@ log = Logger()
 def change_frame(change: Change) -> bytes:
     """A `B` frame's payload: "SOURCE TARGET" (`-`: it stays), a newline, the new envelope (none: removed)."""
     head = f"{change.source} {change.target or '-'}\n".encode("ascii")
-    return head + (change.envelope.to_bytes() if change.envelope is not None else b"")
+    return head + (envelope_bytes(change.envelope) if change.envelope is not None else b"")
 
 
 def change_from_frame(queue_id: str, payload: bytes) -> Change:
@@ -74,8 +76,9 @@ def change_from_frame(queue_id: str, payload: bytes) -> Change:
     source, target = head.decode("ascii").split(" ")
     if source not in QUEUES or target not in (*QUEUES, "-") or not QUEUE_ID.fullmatch(queue_id):
         raise ValueError(f"not a change: {head!r} for {queue_id!r}")
-    envelope = Envelope.from_bytes(data, queue_id) if data else None
-    return Change(queue_id, source, envelope, None if target == "-" else target)
+    if data:
+        Envelope.from_bytes(data, queue_id)  # checked, then stored as the daemon wrote it
+    return Change(queue_id, source, data or None, None if target == "-" else target)
 
 
 class Worker:
@@ -129,7 +132,7 @@ class Worker:
             try:
                 self.changes.append(change_from_frame(queue_id, payload))
             except ValueError as error:
-                self.reply(f"E {queue_id} {errno.EINVAL} {' '.join(str(error).split())}\n".encode())
+                self.reply(error_line("E", queue_id, errno.EINVAL, str(error)).encode())
         elif op == b"K":
             self.dkim_keys = signing.keys_from_json(payload)
 
@@ -138,10 +141,10 @@ class Worker:
         if writer.error is not None:  # its commit fails anyway
             return ()
         leaves = any((r.route or {}).get("kind") == RELAY for r in envelope.recipients)
-        if not (self.dkim_keys and envelope.trusted and leaves):
-            return ()  # nothing could sign it: From: is not parsed (~60 us a message)
-        return signing.signing_keys(trusted=True, leaves_over_smtp=True,
-                                    from_domain=signing.from_domain(writer.head()), keys=self.dkim_keys)
+        if not signing.may_sign(trusted=envelope.trusted, leaves_over_smtp=leaves, keys=self.dkim_keys):
+            return ()  # From: is not parsed (~60 us a message)
+        return signing.signing_keys(trusted=envelope.trusted, leaves_over_smtp=leaves,
+                                    from_domain=from_domain(writer.head()), keys=self.dkim_keys)
 
     def _signed(self, writer: MessageWriter, envelope: Envelope, chosen: tuple) -> Envelope:
         """DKIM-sign before the commit (SPEC §9): here the content is final, and
@@ -160,7 +163,7 @@ class Worker:
 
     def _queue_commit(self, writer: MessageWriter, envelope: Envelope) -> None:
         self.commits.append((writer, envelope))
-        if writer.in_memory:
+        if writer.in_memory and has_local_pending(envelope):  # the others never come back for delivery here
             self._remember(writer.queue_id, envelope, writer.content())
 
     def work(self) -> None:
@@ -202,8 +205,7 @@ class Worker:
                 lines.append(f"C {writer.queue_id}{signature}\n")
             else:
                 self._forget(writer.queue_id)
-                text = " ".join(str(error.strerror).split())
-                lines.append(f"F {writer.queue_id} {error.errno} {text}\n")
+                lines.append(error_line("F", writer.queue_id, error.errno, str(error.strerror)))
         self.reply("".join(lines).encode())
 
     def _remember(self, queue_id: str, envelope: Envelope, content: bytes) -> None:
@@ -229,8 +231,18 @@ def _change_reply(queue_id: str, error: OSError | None) -> str:
     if error is None:
         return f"S {queue_id}\n"
     code = errno.ENOENT if isinstance(error, FileNotFoundError) else error.errno or errno.EIO
-    text = " ".join(str(error.strerror or error).split())
-    return f"E {queue_id} {code} {text}\n"
+    return error_line("E", queue_id, code, str(error.strerror or error))
+
+
+def error_line(kind: str, queue_id: str, code: int, text: str) -> str:
+    """A failure reply, `KIND ID ERRNO TEXT` on one line (`read_error` reads it back)."""
+    return f"{kind} {queue_id} {code} {' '.join(text.split())}\n"
+
+
+def read_error(detail: str) -> tuple[int, str]:
+    """The errno and text of a failure reply's `ERRNO TEXT` (EIO when the number is missing)."""
+    code, _, text = detail.partition(" ")
+    return (int(code) if code.isdigit() else errno.EIO), text
 
 
 def _write_all(fd: int, data: bytes) -> None:

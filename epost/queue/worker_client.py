@@ -28,7 +28,7 @@ from epost.delivery.signing import keys_to_json
 from epost.store.envelope import Envelope
 from epost.store.database import Change, SpoolError
 from epost.store.spool import Spool, SpoolStopping
-from epost.queue.worker import FRAME, change_frame
+from epost.queue.worker import FRAME, change_frame, read_error
 
 log = Logger()
 
@@ -307,8 +307,8 @@ class SpoolWorkerService(Service):
             return self.spool.record(change)
         try:
             frame = change_frame(change)
-        except (TypeError, ValueError) as e:  # a route holding something JSON cannot say
-            return defer.fail(SpoolError(errno.EIO, f"cannot serialise the envelope of {change.queue_id}: {e}"))
+        except SpoolError as e:  # an envelope JSON cannot say
+            return defer.fail(e)
         d: defer.Deferred = defer.Deferred()
         self._changes.setdefault(change.queue_id, []).append((d, change))
         self.send(b"B", change.queue_id, frame)
@@ -337,8 +337,7 @@ class SpoolWorkerService(Service):
             self.spool.notify_committed(queue_id, envelope)
             d.callback(queue_id)
         elif kind == "F" and queue_id in self._commits:
-            code, _, text = detail.partition(" ")
-            self._commits.pop(queue_id)[0].errback(SpoolError(int(code) if code.isdigit() else errno.EIO, text))
+            self._commits.pop(queue_id)[0].errback(SpoolError(*read_error(detail)))
         elif kind in ("S", "E") and queue_id in self._changes:
             waiting = self._changes[queue_id]
             d, _ = waiting.pop(0)
@@ -347,8 +346,7 @@ class SpoolWorkerService(Service):
             if kind == "S":
                 d.callback(None)
             else:
-                code, _, text = detail.partition(" ")
-                number = int(code) if code.isdigit() else errno.EIO
+                number, text = read_error(detail)
                 d.errback(FileNotFoundError(text) if number == errno.ENOENT else SpoolError(number, text))
         elif kind in ("D", "R", "P") and queue_id in self._deliveries:
             d, waiting, verdicts = self._deliveries.pop(queue_id)

@@ -70,16 +70,28 @@ class StoreError(SpoolError):
 @dataclass(frozen=True)
 class Change:
     """One message's bookkeeping for ``QueueStore.apply``: its new `envelope`,
-    in `target` if it moves, or its removal when `envelope` is None."""
+    in `target` if it moves, or its removal when `envelope` is None. The
+    envelope may come already serialised (the spool worker passes on the
+    daemon's bytes, checked but not encoded twice)."""
 
     queue_id: str
     source: str  # the state it must be in
-    envelope: Envelope | None = None
+    envelope: Envelope | bytes | None = None
     target: str | None = None
 
     @property
     def doing(self) -> str:
         return "remove" if self.envelope is None else f"move to {self.target}" if self.target else "update"
+
+
+def envelope_bytes(envelope: Envelope | bytes) -> bytes:
+    """The stored form of an envelope; StoreError (EIO) when it cannot be said in JSON."""
+    if isinstance(envelope, bytes):
+        return envelope
+    try:
+        return envelope.to_bytes()
+    except (TypeError, ValueError) as e:  # a route holding something JSON cannot say
+        raise StoreError(errno.EIO, f"cannot serialise the envelope of {envelope.queue_id}: {e}") from None
 
 
 class StoreUnavailable(Exception):
@@ -245,12 +257,8 @@ class QueueStore:
 
     def close(self) -> None:
         """Close every thread's connection (they are idle by now: the daemon is stopping)."""
-        with self._lock:
-            connections, self._connections = self._connections, []
-            self._local = threading.local()
-            self._open = False
-        for conn in connections:
-            conn.close()
+        self._open = False
+        self.drop_connections()
 
     def _conn(self) -> sqlite3.Connection:
         """This thread's connection; an sqlite3 connection must not be shared while in use."""
@@ -314,10 +322,10 @@ class QueueStore:
         envelopes: list[bytes] = []
         for i, (envelope, _) in enumerate(items):
             try:
-                envelopes.append(envelope.to_bytes())
-            except (TypeError, ValueError) as e:  # a route holding something JSON cannot say
+                envelopes.append(envelope_bytes(envelope))
+            except StoreError as e:
                 envelopes.append(b"")
-                results[i] = StoreError(errno.EIO, f"cannot serialise the envelope of {envelope.queue_id}: {e}")
+                results[i] = e
         moved = self._place_large_files(items, results)
         if any(result is None for result in results):
             try:
@@ -468,9 +476,9 @@ class QueueStore:
                 results[i] = StoreError(errno.EINVAL, str(e))
                 continue
             try:
-                envelopes[i] = None if change.envelope is None else change.envelope.to_bytes()
-            except (TypeError, ValueError) as e:  # a route holding something JSON cannot say
-                results[i] = StoreError(errno.EIO, f"cannot serialise the envelope of {change.queue_id}: {e}")
+                envelopes[i] = None if change.envelope is None else envelope_bytes(change.envelope)
+            except StoreError as e:
+                results[i] = e
         removed_large: list[str] = []
         left_for_full: list[int] = []
         try:

@@ -324,14 +324,15 @@ class Spool:
         self.store.move(envelope, source, target, durable=durable)
 
     def remove(self, queue_id: str, queue: str = "incoming", *, durable: bool = True) -> None:
-        """Take a message out of the queue, envelope and content in one transaction.
+        """Take a message out of the queue, envelope and content in one transaction (operator surgery).
 
-        Delivery passes durable=False, as Postfix does not fsync a removal: a
-        power cut may bring the message back (delivered again), never lose one."""
+        Delivery's removals go through `record`, not flushed on their own, as
+        Postfix does not fsync a removal: a power cut may bring the message
+        back (delivered again), never lose one."""
         self.store.remove(queue_id, queue, durable=durable)
 
     def record(self, change: Change) -> Deferred[None]:
-        """Delivery bookkeeping (durable=False, as `remove` says), in a thread and in one
+        """Delivery bookkeeping (durable=False, see `remove`), in a thread and in one
         transaction with every change recorded meanwhile; fails with that change's error."""
         return self._changes.submit(change)
 
@@ -383,17 +384,16 @@ class ContentHandle:
 
 class SpooledContent:
     """A queued message's content as the courier takes it: callable for its
-    chunks (a fresh pass each time, one per SMTP session), and naming where
-    it is queued, so a courier in another process can open it itself.
+    chunks (a fresh pass each time, one per SMTP session), and naming its
+    queue ID, so a courier in another process can open it itself.
 
     The content is opened at the first pass; `close` releases it."""
 
     chunk_size = 64 * 1024
 
-    def __init__(self, spool: Spool, queue_id: str, queue: str, prefix: bytes = b"") -> None:
+    def __init__(self, spool: Spool, queue_id: str, prefix: bytes = b"") -> None:
         self.spool = spool
         self.queue_id = queue_id
-        self.queue = queue
         self.prefix = prefix  # header lines sent before the stored content: the DKIM signature
         self._handle: ContentHandle | None = None
 

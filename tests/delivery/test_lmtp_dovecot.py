@@ -42,8 +42,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def message(subject: str, size: int = 0) -> bytes:
-    return f"From: <x@example.org>\r\nSubject: {subject}\r\n\r\nhello\r\n{'x' * size}\r\n".encode()
+def message(subject: str, size: int = 0) -> tuple:
+    """A small message as deliver_lmtp takes content: its chunks and its size."""
+    data = f"From: <x@example.org>\r\nSubject: {subject}\r\n\r\nhello\r\n{'x' * size}\r\n".encode()
+    return lambda: [data], len(data)
 
 
 class LMTPToDovecotTests(unittest.TestCase):
@@ -101,7 +103,7 @@ class LMTPToDovecotTests(unittest.TestCase):
     def test_each_recipient_gets_its_own_reply_after_data_and_sieve_files_into_a_folder(self):
         result = yield deliver_lmtp(reactor, self.endpoint(), "mx.example.test", "x@example.org",
                                     ["alice@example.test", "dave@example.test", "carol@example.test"],
-                                    message("invoice 42"))
+                                    *message("invoice 42"))
         outcomes = result.recipients
         self.assertEqual((outcomes["alice@example.test"].code, outcomes["alice@example.test"].stage), (250, "data"))
         self.assertEqual((outcomes["carol@example.test"].code, outcomes["carol@example.test"].stage), (250, "data"))
@@ -114,9 +116,9 @@ class LMTPToDovecotTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_over_quota_recipient_gets_552_while_the_other_is_delivered(self):
         yield deliver_lmtp(reactor, self.endpoint(), "mx.example.test", "x@example.org",
-                           ["carol@example.test"], message("filler", 15000))
+                           ["carol@example.test"], *message("filler", 15000))
         result = yield deliver_lmtp(reactor, self.endpoint(), "mx.example.test", "x@example.org",
-                                    ["carol@example.test", "alice@example.test"], message("big", 10000))
+                                    ["carol@example.test", "alice@example.test"], *message("big", 10000))
         carol, alice = result.recipients["carol@example.test"], result.recipients["alice@example.test"]
         self.assertEqual(alice.code, 250)
         self.assertEqual(carol.code // 100, 5, carol)
@@ -127,7 +129,7 @@ class LMTPToDovecotTests(unittest.TestCase):
         self._stop()
         self.proc.wait()
         result = yield deliver_lmtp(reactor, self.endpoint(), "mx.example.test", "x@example.org",
-                                    ["alice@example.test"], message("later"))
+                                    ["alice@example.test"], *message("later"))
         self.assertIsNone(result.recipients["alice@example.test"].code)
         self.proc = subprocess.Popen(["true"])  # for the cleanup
 

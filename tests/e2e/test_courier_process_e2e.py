@@ -63,7 +63,7 @@ class RemoteCourierTests(unittest.TestCase):
 
     def deliver(self, sink: Sink, recipients=("b@there.test",)):
         route = Route("relay", "gateway.dat:1", hosts=(HostPort("127.0.0.1", sink.port),))
-        content = SpooledContent(self.spool, QUEUE_ID, "incoming")
+        content = SpooledContent(self.spool, QUEUE_ID)
         return self.service.deliver(route, "a@here.test", recipients, content, len(CONTENT), False)
 
     @defer.inlineCallbacks

@@ -31,9 +31,9 @@ def envelope(queue_id: str, *mailboxes: str) -> Envelope:
     return Envelope(queue_id, "a@example.org", recipients, arrival=time.time(), size=0)
 
 
-def make_spool() -> Spool:
+def make_spool(reactor=None, threadpool=None) -> Spool:
     root = Path(tempfile.mkdtemp(prefix="epost-worker-test-"))
-    spool = Spool(root, reactor=None, threadpool=None)
+    spool = Spool(root, reactor=reactor, threadpool=threadpool)
     spool.open()
     return spool
 
@@ -66,6 +66,16 @@ class WorkerLoopTests(unittest.SynchronousTestCase):
         assert mail.endswith(b"Subject: a\n\nbody\n") and b"Delivered-To: alice@example.test" in mail
         assert self.spool.queued_ids("incoming") == []
         assert self.worker.recent == {}
+
+    def test_a_message_with_no_local_recipient_is_not_kept_in_memory(self):
+        """Only local delivery reads it back here; relayed mail would fill RECENT_BYTES for nothing."""
+        queue_id = self.spool.new_queue_id()
+        relayed = Envelope(queue_id, "a@example.org", (Recipient("b@far.test", {"kind": "relay"}),), time.time(), 0)
+        self.worker.handle(b"W", queue_id, b"Subject: a\r\n\r\nbody\r\n")
+        self.worker.handle(b"C", queue_id, relayed.to_bytes())
+        self.worker.work()
+        assert self.replies == [f"C {queue_id}\n".encode()]
+        assert self.worker.recent == {} and self.worker.recent_bytes == 0
 
     def test_content_kept_in_memory_is_bounded_by_bytes(self):
         import epost.queue.worker as worker_module
@@ -222,10 +232,10 @@ class DeadWorkerTests(unittest.SynchronousTestCase):
     """A worker killed (kill -9, OOM) between its batch's durable COMMIT and its `C ID` lines."""
 
     def setUp(self):
-        self.spool = make_spool()
+        self.clock = ClockReactor()
+        self.spool = make_spool(self.clock, SynchronousThreadPool())  # its pool writes what the dead worker left
         self.addCleanup(shutil.rmtree, self.spool.root)
         self.addCleanup(self.spool.close)
-        self.clock = ClockReactor()
         self.service = SpoolWorkerService(self.spool, "mx.test", self.clock, threadpool=SynchronousThreadPool())
         self.service.running = True  # started, without spawning a child
         self.service._protocols = [_Child()]
@@ -308,22 +318,17 @@ class DeadWorkerTests(unittest.SynchronousTestCase):
     def test_bookkeeping_the_dead_worker_never_answered_is_written_by_the_daemon(self):
         done, pending = self.spool.new_queue_id(), self.spool.new_queue_id()
         for queue_id in (done, pending):
-            content = MessageWriter(self.spool, queue_id)
-            content.write(b"x\r\n")
-            assert self.spool.commit_batch([(content, envelope(queue_id, "example.test/carol"))]) == [None]
-        self.spool._changes = GroupCommit(self.clock, SynchronousThreadPool(), self.spool._changes._run_batch)
+            self.committed(queue_id)
         first, second = self.record(Change(done, "incoming")), self.record(Change(pending, "incoming"))
         self.spool.store.remove(done, "incoming", durable=False)  # the child wrote this one, then died
         self.died()
         assert self.successResultOf(first) is None and self.successResultOf(second) is None
         assert self.spool.state_of(done) is None and self.spool.state_of(pending) is None
 
-    def committed(self, queue_id: str, state: str = "incoming") -> None:
+    def committed(self, queue_id: str) -> None:
         content = MessageWriter(self.spool, queue_id)
         content.write(b"x\r\n")
         assert self.spool.commit_batch([(content, envelope(queue_id, "example.test/carol"))]) == [None]
-        if state != "incoming":
-            self.spool.move(envelope(queue_id, "example.test/carol"), "incoming", state)
 
     def test_a_change_that_cannot_be_sent_fails_alone_and_the_next_gets_its_own_answer(self):
         queue_id = self.spool.new_queue_id()
@@ -337,7 +342,6 @@ class DeadWorkerTests(unittest.SynchronousTestCase):
 
     def test_a_dead_worker_s_update_that_finds_no_message_is_an_error_not_written_already(self):
         queue_id = self.spool.new_queue_id()  # never queued: someone else took it
-        self.spool._changes = GroupCommit(self.clock, SynchronousThreadPool(), self.spool._changes._run_batch)
         updated = self.record(Change(queue_id, "incoming", envelope(queue_id, "example.test/carol")))
         moved = self.record(Change(queue_id, "incoming", envelope(queue_id, "example.test/carol"), "deferred"))
         self.died()
@@ -348,7 +352,7 @@ class DeadWorkerTests(unittest.SynchronousTestCase):
         queue_id = self.spool.new_queue_id()
         self.committed(queue_id)
         pool = HeldThreadPool()
-        self.spool._changes = GroupCommit(self.clock, pool, self.spool._changes._run_batch)
+        self.spool._changes = GroupCommit(self.clock, pool, self.spool._changes._run_batch)  # its writes wait
         saved = self.record(Change(queue_id, "incoming"))
         stopped = defer.Deferred()
         self.service._stopping.append(stopped)
@@ -361,10 +365,7 @@ class DeadWorkerTests(unittest.SynchronousTestCase):
 
     def test_without_a_running_worker_bookkeeping_is_written_in_the_pool(self):
         queue_id = self.spool.new_queue_id()
-        content = MessageWriter(self.spool, queue_id)
-        content.write(b"x\r\n")
-        self.spool.commit_batch([(content, envelope(queue_id, "example.test/carol"))])
-        self.spool._changes = GroupCommit(self.clock, SynchronousThreadPool(), self.spool._changes._run_batch)
+        self.committed(queue_id)
         self.service._protocols = [None]
         assert self.successResultOf(self.service.record(Change(queue_id, "incoming"))) is None
         assert self.spool.state_of(queue_id) is None

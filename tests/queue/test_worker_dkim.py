@@ -196,13 +196,13 @@ def test_an_smtp_attempt_sends_the_stored_signature_before_the_content(spool):
     from epost.store.spool import SpooledContent
 
     queue_id, _ = commit(Worker(spool.root, "mx.test", reply=lambda line: None), spool, CONTENT, False, RELAY)
-    content = SpooledContent(spool, queue_id, "incoming", b"DKIM-Signature: v=1; x\r\n")
+    content = SpooledContent(spool, queue_id, b"DKIM-Signature: v=1; x\r\n")
     try:
         for _ in range(2):  # every pass (one per session) starts with it
             assert b"".join(content()) == b"DKIM-Signature: v=1; x\r\n" + CONTENT
     finally:
         content.close()
-    plain = SpooledContent(spool, queue_id, "incoming")
+    plain = SpooledContent(spool, queue_id)
     assert b"".join(plain()) == CONTENT
     plain.close()
 
