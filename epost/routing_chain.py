@@ -26,11 +26,11 @@ class Routing(NamedTuple):
     gateway: LiveTable
     resolver: Resolver
     policy: RecipientPolicy
-    relay_recipients: LiveTable | None = None
+    relay_recipients: LiveTable
 
     @property
     def tables(self) -> list[LiveTable]:
-        return [self.users, self.aliases, self.gateway, *([self.relay_recipients] if self.relay_recipients else [])]
+        return [self.users, self.aliases, self.gateway, self.relay_recipients]
 
 
 def build_routing(config: Config) -> Routing:

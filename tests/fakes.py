@@ -103,6 +103,28 @@ def damage_envelope(spool, queue_id: str, data: bytes = b"{not json") -> None:
     db.close()
 
 
+def record_write_levels(store, monkeypatch) -> list[tuple[bool, int]]:
+    """(durable, PRAGMA synchronous at commit) of each write transaction `store` begins, in order.
+
+    An entry is made as the transaction begins (so one that writes nothing or fails
+    counts too) and its level re-read at commit."""
+    from contextlib import contextmanager
+
+    seen = []
+    write = store._write
+
+    @contextmanager
+    def recording(durable):
+        with write(durable) as conn:
+            seen.append((durable, conn.execute("PRAGMA synchronous").fetchone()[0]))
+            at = len(seen) - 1
+            yield conn
+            seen[at] = (durable, conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    monkeypatch.setattr(store, "_write", recording)
+    return seen
+
+
 def qid(n: int) -> str:
     """The n-th queue ID (17 hex digits)."""
     return f"{n:017X}"

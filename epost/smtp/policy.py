@@ -1,9 +1,10 @@
 """Which recipients a listener accepts (SPEC §3.4), and their routes.
 
-`may_relay` is a pure function of plain values: it is the open-relay guard,
-property-tested against every address form. `RecipientPolicy` only fetches
-the current tables (a reload may swap them at any time) and asks the
-resolver for the routes of what it accepts.
+The open-relay guard is `RecipientPolicy.route_for`: a trusted client
+(`trusted`) or an open destination (`open_destination`, on the canonical
+domain only), property-tested against every address form. The policy
+fetches the current tables (a reload may swap them at any time) and asks
+the resolver for the routes of what it accepts.
 """
 
 from __future__ import annotations
@@ -44,27 +45,6 @@ def in_networks(ip: str, networks: Iterable) -> bool:
     `networks`? False for a peer without an IP address (a UNIX socket)."""
     address = client_address(ip)
     return address is not None and any(address in network for network in networks)
-
-
-def may_relay(
-    recipient: Address,
-    *,
-    client_ip: str,
-    authenticated: bool,
-    relay_networks: Iterable,
-    open_destination: Callable[[Address], bool],
-) -> bool:
-    """True when this client may send to this recipient.
-
-    Anyone may send to an open destination (a local, alias, operated or
-    relay domain); trusted networks and authenticated clients may send
-    anywhere. `open_destination` sees only the canonical domain, so no
-    address form (%, !, source route, quoting, literal, trailing dot, case)
-    can make a foreign domain look local.
-    """
-    if authenticated or open_destination(recipient):
-        return True
-    return in_networks(client_ip, relay_networks)
 
 
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by user")
@@ -108,18 +88,18 @@ class RecipientPolicy:
 
     def trusted(self, session: Session) -> bool:
         """The client authenticated or is in relay_networks: its mail is our
-        users' own (verification skipped, DKIM-signed when it leaves)."""
+        users' own (verification skipped, DKIM-signed when it leaves), and it
+        may relay anywhere. relay_networks vouch for no client that is
+        unknown (the balancer's own address, a PROXY header naming no client)."""
         if session.user is not None:
             return True
-        return in_networks(session.client_ip, self.vouching_networks(session))
-
-    def vouching_networks(self, session: Session) -> tuple:
-        """The networks whose clients are trusted for this session: none when
-        the client is unknown (the balancer's own address, a PROXY header
-        naming no client), else relay_networks."""
-        return self.relay_networks if session.client_known else ()
+        return session.client_known and in_networks(session.client_ip, self.relay_networks)
 
     def open_destination(self, recipient: Address) -> bool:
+        """Anyone may send here: a local, relay, operated or alias domain.
+        It sees only the canonical domain, so no address form (%, !, source
+        route, quoting, literal, trailing dot, case) can make a foreign
+        domain look local."""
         domain = recipient.domain
         return (
             domain in self.local_domains
@@ -132,13 +112,7 @@ class RecipientPolicy:
         """The final recipients with their routes (stored in the envelope);
         raises Rejected when the client may not relay or nothing can be
         delivered."""
-        if not may_relay(
-            recipient,
-            client_ip=session.client_ip,
-            authenticated=session.user is not None,
-            relay_networks=self.vouching_networks(session),
-            open_destination=self.open_destination,
-        ):
+        if not (self.trusted(session) or self.open_destination(recipient)):
             raise Rejected(RELAY_DENIED)
         try:
             resolution = self.resolver.resolve(recipient)

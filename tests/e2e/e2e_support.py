@@ -51,6 +51,15 @@ def queued(spool: Path, state: str = "incoming") -> list[str]:
     return queued_ids(Path(spool))[state]
 
 
+def children(pid: int) -> dict[int, str]:
+    """{pid: command line} of the child processes of `pid` (the daemon's spool worker, courier)."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found[int(child)] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return found
+
+
 QUEUED = re.compile(r"2\.0\.0 Ok: queued as ([0-9A-F]+)\Z")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_support import QUEUED, REPO, TWISTD, kill9, maildir_messages, queued, restart, wait_for
+from e2e_support import QUEUED, REPO, TWISTD, children, kill9, maildir_messages, queued, restart, wait_for
 
 ALICE, BOB = "alice@example.test", "bob@example.test"
 SENDER = "x@example.org"
@@ -407,11 +407,9 @@ def test_fifty_megabyte_message_is_streamed_not_buffered(daemon):
 def child_peaks(pid: int) -> dict[int, tuple[str, int]]:
     """{child pid: (its command line, its VmHWM in kB)} for the daemon's child processes."""
     peaks = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            command = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            status = Path(f"/proc/{child}/status").read_text()
-            peaks[int(child)] = (command, int(status.split("VmHWM:")[1].split()[0]))
+    for child, command in children(pid).items():
+        status = Path(f"/proc/{child}/status").read_text()
+        peaks[child] = (command, int(status.split("VmHWM:")[1].split()[0]))
     return peaks
 
 

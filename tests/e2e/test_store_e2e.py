@@ -17,19 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from e2e_support import REPO, TWISTD, free_port, maildir_messages, port_answers, queued, wait_for, write_config
+from e2e_support import REPO, TWISTD, children, free_port, maildir_messages, port_answers, queued, wait_for, write_config
 from test_daemon import _RUN_TWISTD, ALICE, SENDER, Senders, message, message_ids
 
 NOBODY = 65534  # nobody / nogroup
-
-
-def children(pid: int) -> dict[int, str]:
-    """{pid: command line} of the daemon's child processes (spool worker, courier)."""
-    found = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            found[int(child)] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    return found
 
 
 def spool_worker(pid: int) -> int | None:

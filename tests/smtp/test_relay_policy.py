@@ -20,7 +20,8 @@ from epost.routing.gateway import parse_gateway_table
 from epost.routing.resolver import GatewayRouter, LocalRouter, MXRouter, Resolver
 from epost.routing.users import load_users
 from epost.address import parse_path
-from epost.smtp.policy import RecipientPolicy, may_relay
+from epost.smtp.interfaces import Session
+from epost.smtp.policy import RecipientPolicy
 from epost.smtp.server import ServerSettings, SMTPServer
 
 LOCAL = frozenset({"victim.test", "xn--bcher-kva.test"})
@@ -154,13 +155,9 @@ def test_trusted_network_relays_anywhere(policy):
 
 
 def test_ipv4_mapped_loopback_is_trusted(policy):
-    assert may_relay(
-        parse_path("<u@ext.example>", allow_null=False),
-        client_ip="::ffff:127.0.0.1",
-        authenticated=False,
-        relay_networks=TRUSTED,
-        open_destination=lambda a: False,
-    )
+    recipient = parse_path("<u@ext.example>", allow_null=False)
+    assert not policy.open_destination(recipient)
+    assert policy.trusted(Session("relay", "::ffff:127.0.0.1", 40000, "client", True, None, None))
 
 
 fragments = st.sampled_from(["u", "ext.example", "victim.test", "@", "%", "!", '"', ".", ":", ",", "[192.0.2.1]", "EXT.EXAMPLE", "operated.test", "a.", "xn--bcher-kva.test", "partner.test", " "])

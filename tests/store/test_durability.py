@@ -5,31 +5,20 @@ word, NORMAL only for delivery bookkeeping (docs/queue.md)."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
 
 from epost.queue import surgery
 from epost.store.envelope import Envelope, Recipient
 from epost.store.spool import MessageWriter, Spool
+from fakes import qid, record_write_levels
 
-QUEUE_ID = f"{1:017X}"
+QUEUE_ID = qid(1)
 
 
 @pytest.fixture
 def levels(spool, monkeypatch):
     """(durable, PRAGMA synchronous at commit) of each write transaction, in order."""
-    seen = []
-    write = spool.store._write
-
-    @contextmanager
-    def recording(durable):
-        with write(durable) as conn:
-            yield conn
-            seen.append((durable, conn.execute("PRAGMA synchronous").fetchone()[0]))
-
-    monkeypatch.setattr(spool.store, "_write", recording)
-    return seen
+    return record_write_levels(spool.store, monkeypatch)
 
 
 def queue_one(spool: Spool) -> Envelope:

@@ -16,7 +16,7 @@ import epost.store.database as database_module
 from epost.store.envelope import Envelope, Recipient
 from epost.store.database import SpoolError
 from epost.store.spool import Spool
-from fakes import put_one
+from fakes import put_one, queued_ids
 
 LARGE = b"Subject: large\r\n\r\n" + b"x" * (300 * 1024)  # past MessageWriter.spill_size: spilled to tmp/
 
@@ -42,10 +42,6 @@ class SpoolTestCase(unittest.TestCase):
 
     def files(self, folder: str) -> list[str]:
         return sorted(os.listdir(self.root / folder))
-
-    def queued(self) -> dict[str, list[str]]:
-        """Every queued ID by state, as the store has them."""
-        return {queue: self.spool.queued_ids(queue) for queue in ("incoming", "deferred", "hold")}
 
     def write_and_commit(self, content: bytes = b"Subject: hi\r\n\r\nbody\r\n"):
         writer = self.spool.open_message()
@@ -89,7 +85,7 @@ class CommitTests(SpoolTestCase):
     @inlineCallbacks
     def test_commit_puts_content_and_envelope_in_incoming_and_nothing_in_tmp(self):
         queue_id = yield self.write_and_commit(b"Subject: hi\r\n\r\nbody\r\n")
-        assert self.queued() == {"incoming": [queue_id], "deferred": [], "hold": []}
+        assert queued_ids(self.root) == {"incoming": [queue_id], "deferred": [], "hold": []}
         assert self.files("tmp") == []
         assert self.spool.content(queue_id) == b"Subject: hi\r\n\r\nbody\r\n"  # small: inline
         assert self.files("queue/large") == []
@@ -106,7 +102,7 @@ class CommitTests(SpoolTestCase):
         assert stored == self.root / "queue" / "large" / queue_id
         assert stored.read_bytes() == LARGE
         assert self.files("tmp") == []
-        assert self.queued()["incoming"] == [queue_id]
+        assert queued_ids(self.root)["incoming"] == [queue_id]
 
     @inlineCallbacks
     def test_commit_tells_subscribers_after_the_message_is_stored(self):
@@ -125,7 +121,7 @@ class CommitTests(SpoolTestCase):
         assert self.files("tmp") == [f"{large.queue_id}.msg"]
         large.abort()
         assert self.files("tmp") == []
-        assert self.queued() == {"incoming": [], "deferred": [], "hold": []}
+        assert queued_ids(self.root) == {"incoming": [], "deferred": [], "hold": []}
 
     @inlineCallbacks
     def test_group_commit_of_many_concurrent_messages(self):
@@ -134,7 +130,7 @@ class CommitTests(SpoolTestCase):
         self.patch(self.spool.store, "put_batch", lambda items: (transactions.append(len(items)), real_put_batch(items))[1])
         ids = yield gatherResults([self.write_and_commit(b"m%d\r\n" % i) for i in range(50)])
         assert len(set(ids)) == 50
-        assert self.queued()["incoming"] == sorted(ids)
+        assert queued_ids(self.root)["incoming"] == sorted(ids)
         assert [self.spool.content(q) for q in sorted(ids)] == [b"m%d\r\n" % ids.index(q) for q in sorted(ids)]
         assert self.files("tmp") == []
         assert sum(transactions) == 50 and len(transactions) < 50
@@ -146,7 +142,7 @@ class CommitFailureTests(SpoolTestCase):
         d = writer.commit(envelope_for(writer.queue_id))
         error = yield self.assertFailure(d, SpoolError)
         assert error.disk_full is disk_full
-        assert self.queued() == {"incoming": [], "deferred": [], "hold": []}
+        assert queued_ids(self.root) == {"incoming": [], "deferred": [], "hold": []}
         self.assertRaises(FileNotFoundError, self.spool.content, writer.queue_id)
         assert self.files("tmp") == []
         assert self.files("queue/large") == []
@@ -176,7 +172,7 @@ class CommitFailureTests(SpoolTestCase):
     def test_small_message_touches_the_disk_only_at_commit(self):
         writer = self.spool.open_message()
         writer.write(b"small")
-        assert self.files("tmp") == [] and self.queued()["incoming"] == []
+        assert self.files("tmp") == [] and queued_ids(self.root)["incoming"] == []
         queue_id = yield writer.commit(envelope_for(writer.queue_id, 5))
         assert self.spool.content(queue_id) == b"small" and self.files("tmp") == []
 
@@ -295,7 +291,7 @@ class QueuedMessageTests(SpoolTestCase):
         queue_id = yield self.write_and_commit()
         moved = self.spool.load(queue_id).with_recipient(0, attempts=1)
         self.spool.move(moved, "incoming", "deferred", durable=False)
-        assert self.queued() == {"incoming": [], "deferred": [queue_id], "hold": []}
+        assert queued_ids(self.root) == {"incoming": [], "deferred": [queue_id], "hold": []}
         assert self.spool.load(queue_id, "deferred") == moved
         self.assertRaises(FileNotFoundError, self.spool.load, queue_id, "incoming")
         self.assertRaises(FileNotFoundError, self.spool.move, moved, "incoming", "hold")
@@ -306,7 +302,7 @@ class QueuedMessageTests(SpoolTestCase):
         large = yield self.write_and_commit(LARGE)
         self.spool.remove(small, durable=False)
         self.spool.remove(large)
-        assert self.queued()["incoming"] == []
+        assert queued_ids(self.root)["incoming"] == []
         self.assertRaises(FileNotFoundError, self.spool.content, small)
         assert self.files("queue/large") == []
 

@@ -255,6 +255,20 @@ def test_messages_are_committed_in_transactions_of_500(root, store):
     assert len(store.ids("deferred")) == 1001
 
 
+def test_a_transaction_also_ends_at_batch_bytes_of_inline_content(root, store, monkeypatch):
+    """BATCH_BYTES bounds the inline content held in memory per transaction; a large content (a file) does not count."""
+    monkeypatch.setattr(upgrade, "BATCH_BYTES", 1000)
+    for n in range(11):
+        content = LARGE if n == 2 else b"m" * 298 + b"\r\n"  # 300 bytes inline
+        write_old(root, "deferred", envelope(f"{n + 1:017X}"), content)
+    counting = FullAfterFirst(store, fail=False)
+
+    assert import_file_spool(root, counting) == {"incoming": 0, "deferred": 11, "hold": 0}
+    assert counting.batches == [5, 4, 2]  # 300+300+(file)+300+300 >= 1000, then 4 x 300, then the rest
+    assert len(store.ids("deferred")) == 11
+    assert stored_content(store, f"{3:017X}") == LARGE
+
+
 queue_ids = st.integers(1, 2**68 - 1).map(lambda n: f"{n:017X}")
 old_messages = st.dictionaries(queue_ids, st.tuples(st.sampled_from(["incoming", "deferred", "hold"]), st.binary(max_size=300) | st.just(LARGE), st.text(max_size=20)), max_size=20)
 
