@@ -3,7 +3,8 @@
 Each check is a function of plain values and one lookup seam (`Lookup`: name
 and record type in, plain values out), so the verdicts and the records
 proposed as fixes are tested without a DNS server, and the same functions
-serve the command and Mail Control's dashboard (which runs them in a thread).
+serve the command and Mail Control's dashboard (which runs them in a thread),
+both through `DnsRun`: one run of the checks, its DNS answers kept for it alone.
 SPF is evaluated by pyspf (RFC 7208, with its 10-lookup and void-lookup
 limits), asking through the same seam instead of its own module-wide resolver.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -356,9 +358,8 @@ def public_addresses(config_addresses: Sequence, hostname: str, lookup: Lookup) 
 
 def run_checks(domain: str, hostname: str, config_addresses: Sequence, dkim_specs: Sequence,
                lookup: Lookup) -> list[Finding]:
-    """Every check for `domain`, in report order. Blocking (DNS, key files): run it off the reactor."""
-    lookup = memoized(lookup)
-    return domain_checks(domain, hostname, dkim_specs, lookup, lambda: shared_checks(config_addresses, hostname, lookup))
+    """Every check for `domain`, in report order: one run of its own. Blocking (DNS, key files): run it off the reactor."""
+    return DnsRun(hostname, config_addresses, dkim_specs, lookup)(domain)
 
 
 def shared_checks(config_addresses: Sequence, hostname: str, lookup: Lookup) -> tuple[list[str], list[Finding], list[Finding]]:
@@ -388,48 +389,42 @@ def domain_checks(domain: str, hostname: str, dkim_specs: Sequence, lookup: Look
     ]
 
 
-def check_config_domain(config, domain: str, lifetime: float = 4.0) -> list[Finding]:
-    """run_checks with the config's hostname, public addresses, DKIM keys and DNS servers."""
-    from epost.routing.dns import make_resolver
+class DnsRun:
+    """One run of the checks: `run(domain)` for each domain of it, from any thread.
 
-    lookup = DnspythonLookup(make_resolver(config.routing.dns_servers), lifetime)
-    return run_checks(domain, config.server.hostname, config.server.public_addresses, config.dkim.keys, lookup)
+    `epost check-dns` is a run of one domain; the dashboard starts one run per
+    `DnsChecks.start` (every domain due, or all of them on **Check DNS now**).
+    Within a run each (name, type) is asked once (`memoized`), and the public
+    addresses, their reverse DNS and the DKIM key files are done once; nothing
+    is kept from one run to the next, so a new run sees the DNS as it is now."""
 
-
-RUN_SECONDS = 60.0  # the dashboard starts every domain's check at once: one run
-
-
-class ConfigDnsChecks:
-    """check_config_domain for the dashboard, one domain a call from a thread pool: one
-    resolver whose answers are kept for their TTL, and per run (calls within RUN_SECONDS
-    of its first) the public addresses, their reverse DNS and the DKIM key files done once."""
-
-    def __init__(self, config, seconds: Callable[[], float], lifetime: float = 4.0, lookup: Lookup | None = None) -> None:
-        import threading
-
-        from epost.routing.dns import make_resolver
-
-        self._config = config
-        self._seconds = seconds  # the reactor's clock (IReactorTime.seconds)
-        self._lookup = lookup or DnspythonLookup(make_resolver(config.routing.dns_servers, cache=True), lifetime)
+    def __init__(self, hostname: str, config_addresses: Sequence, dkim_specs: Sequence, lookup: Lookup) -> None:
+        self._hostname = hostname
+        self._config_addresses = config_addresses
+        self._dkim_specs = dkim_specs
+        self._lookup = memoized(lookup)
         self._lock = threading.Lock()
-        self._run_at: float | None = None
-        self._shared = None
+        self._shared: tuple | None = None
         self._keys: dict = {}
 
+    @classmethod
+    def of_config(cls, config, lifetime: float = 4.0, lookup: Lookup | None = None) -> DnsRun:
+        """A run with the config's hostname, public addresses, DKIM keys and DNS servers
+        (a resolver of its own, without a TTL cache: `memoized` is the run's only memory)."""
+        from epost.routing.dns import make_resolver
+
+        if lookup is None:
+            lookup = DnspythonLookup(make_resolver(config.routing.dns_servers), lifetime)
+        server = config.server
+        return cls(server.hostname, server.public_addresses, config.dkim.keys, lookup)
+
     def __call__(self, domain: str) -> list[Finding]:
-        with self._lock:
-            now = self._seconds()
-            if self._run_at is None or now - self._run_at >= RUN_SECONDS:
-                self._run_at, self._keys, self._shared = now, {}, None
-        server = self._config.server
-        return domain_checks(domain, server.hostname, self._config.dkim.keys, self._lookup, self._shared_checks, self._load_key)
+        return domain_checks(domain, self._hostname, self._dkim_specs, self._lookup, self._shared_checks, self._load_key)
 
     def _shared_checks(self) -> tuple:
         with self._lock:  # the other domains of the run wait for it rather than ask the same
             if self._shared is None:
-                server = self._config.server
-                self._shared = shared_checks(server.public_addresses, server.hostname, self._lookup)
+                self._shared = shared_checks(self._config_addresses, self._hostname, self._lookup)
             return self._shared
 
     def _load_key(self, domain: str, selector: str, path):
@@ -446,3 +441,8 @@ class ConfigDnsChecks:
         if isinstance(found, DkimKeyError):
             raise found
         return found
+
+
+def check_config_domain(config, domain: str, lifetime: float = 4.0) -> list[Finding]:
+    """`epost check-dns DOMAIN`: a run of one domain with the config (DnsRun.of_config)."""
+    return DnsRun.of_config(config, lifetime)(domain)

@@ -9,6 +9,7 @@ evaluation asking through a `Lookup` instead of pyspf's module-wide resolver.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import dns.exception
@@ -62,14 +63,22 @@ class DnspythonLookup:
 
 
 def memoized(lookup: Lookup) -> Lookup:
-    """One answer per (name, type) for one run of the checks (failures are asked again)."""
+    """One answer per (name, type) for one run of the checks (failures are asked again).
+
+    Safe to share between threads: a (name, type) being asked by one thread is
+    waited for by the others rather than asked again; different ones go in parallel."""
     answers: dict[tuple[str, str], list] = {}
+    asking: dict[tuple[str, str], threading.Lock] = {}
+    guard = threading.Lock()
 
     def cached(name: str, rdtype: str) -> list:
         key = (name.rstrip(".").lower(), rdtype)
-        if key not in answers:
-            answers[key] = lookup(*key)
-        return list(answers[key])
+        with guard:
+            lock = asking.setdefault(key, threading.Lock())
+        with lock:
+            if key not in answers:
+                answers[key] = lookup(*key)
+            return list(answers[key])
 
     return cached
 

@@ -4,7 +4,9 @@ The checks are blocking (dnspython, key files): they run in a thread pool
 of their own (`epost-dnscheck`, apart from the queue's file threads), never
 on the reactor, and the page never waits for them. A result is kept for CACHE_SECONDS; the page shows what is
 known and starts the checks that are missing or stale; **Check DNS now**
-starts them all again.
+starts them all again. The checks started together are one run
+(`epost.admin.dns_check.DnsRun`): they share its DNS answers, reverse DNS and
+key files, and nothing of it is kept for the next run.
 """
 
 from __future__ import annotations
@@ -31,17 +33,19 @@ class Result:
 
 
 class DnsChecks:
-    """Results by domain, each run once at a time in `threadpool` with `check(domain) -> [Finding]`."""
+    """Results by domain, each checked once at a time in `threadpool`: each `start` asks
+    `new_run()` for one run, `check(domain) -> [Finding]` for the domains it starts."""
 
-    def __init__(self, reactor, threadpool, check: Callable[[str], list[Finding]]) -> None:
+    def __init__(self, reactor, threadpool, new_run: Callable[[], Callable[[str], list[Finding]]]) -> None:
         self._reactor = reactor
         self._threadpool = threadpool
-        self._check = check
+        self._new_run = new_run
         self._results: dict[str, Result] = {}
         self._running: set[str] = set()
 
     def start(self, domains: Iterable[str], force: bool = False) -> None:
-        """Check each domain whose result is missing or older than CACHE_SECONDS (every one with `force`).
+        """Check each domain whose result is missing or older than CACHE_SECONDS (every one with `force`),
+        all of them in one new run: nothing is reused from an earlier call.
 
         Results of domains no longer asked for are dropped: the cache holds at
         most the domains of the last call (MAX_DOMAINS from the dashboard) and
@@ -50,12 +54,14 @@ class DnsChecks:
         domains = list(domains)
         wanted = set(domains)
         self._results = {d: r for d, r in self._results.items() if d in wanted}
+        check = None
         for domain in domains:
             result = self._results.get(domain)
             if domain in self._running or (not force and result and now - result.checked_at < CACHE_SECONDS):
                 continue
             self._running.add(domain)
-            d = deferToThreadPool(self._reactor, self._threadpool, self._check, domain)
+            check = check or self._new_run()
+            d = deferToThreadPool(self._reactor, self._threadpool, check, domain)
             d.addErrback(self._failed, domain)
             d.addCallback(self._done, domain)
 

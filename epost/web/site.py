@@ -10,6 +10,7 @@ are mounted as they are, without the login check (they decide themselves).
 
 from __future__ import annotations
 
+from functools import partial
 
 from twisted.application import service, strports
 from twisted.logger import Logger
@@ -17,7 +18,7 @@ from twisted.web.resource import Resource
 from twisted.protocols.policies import WrappingFactory
 from twisted.web.server import Request, Site
 
-from epost.admin.dns_check import ConfigDnsChecks
+from epost.admin.dns_check import DnsRun
 from epost.listening import default_backlog, with_backlog
 from epost.smtp.throttle import AuthThrottle
 from epost.web.base import Context
@@ -91,9 +92,9 @@ def make_admin_site(
     dns_threadpool=None, dns_check=None,
 ) -> Site:
     """The Mail Control site; file reads run in `threadpool`, password checks in
-    `auth_threadpool`, the dashboard's DNS checks (`dns_check(domain)`, default: `epost check-dns`
-    with this config) in `dns_threadpool` (default: `threadpool`); `extra` maps more top-level
-    path segments to resources (e.g. b"metrics")."""
+    `auth_threadpool`, the dashboard's DNS checks (`dns_check()` a new run, `run(domain)` its
+    checks; default: `epost check-dns` with this config, DnsRun.of_config) in `dns_threadpool`
+    (default: `threadpool`); `extra` maps more top-level path segments to resources (e.g. b"metrics")."""
     context = Context(
         config=config,
         manager=manager,
@@ -103,7 +104,7 @@ def make_admin_site(
         auth_threadpool=auth_threadpool,
         sessions=SessionStore(reactor),
         throttle=AuthThrottle(reactor, cutoff=config.server.auth_failures_before_cutoff),
-        dns_checks=DnsChecks(reactor, dns_threadpool or threadpool, dns_check or ConfigDnsChecks(config, reactor.seconds)),
+        dns_checks=DnsChecks(reactor, dns_threadpool or threadpool, dns_check or partial(DnsRun.of_config, config)),
     )
     root = Resource()
     root.putChild(b"", Dashboard(context))

@@ -10,8 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epost.admin.dns_check import (
-    RUN_SECONDS,
-    ConfigDnsChecks,
+    DnsRun,
     DnsUnavailable,
     Finding,
     check_dmarc,
@@ -392,12 +391,10 @@ def test_the_dashboards_checks_do_the_domain_independent_part_once_per_run(tmp_p
     dns = FakeDns({(HOST, "A"): ["192.0.2.25"]})
     loaded, real = [], signing.load_key
     monkeypatch.setattr(signing, "load_key", lambda *args: loaded.append(args) or real(*args))
-    now = [0.0]
-    checks = ConfigDnsChecks(config, lambda: now[0], lookup=dns)
+    run = DnsRun.of_config(config, lookup=dns)
     shared = lambda findings: [f for f in findings if f.check in ("addresses", "rdns")]
-    first, other = checks(DOMAIN), checks("sub." + DOMAIN)
+    first, other = run(DOMAIN), run("sub." + DOMAIN)
     assert [f.check for f in shared(first)] == ["addresses", "rdns"] and shared(other) == shared(first)
     assert dns.asked.count((HOST, "A")) == 1 and len(loaded) == 1  # sub. signs with the parent's key: read once
-    now[0] += RUN_SECONDS
-    checks(DOMAIN)
+    DnsRun.of_config(config, lookup=dns)(DOMAIN)
     assert dns.asked.count((HOST, "A")) == 2 and len(loaded) == 2  # a new run reads again

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from epost.admin.dns_check import Finding, check_config_domain
+from epost.admin.dns_check import DnsRun, Finding
 from epost.config import load_config
 from epost.routing.users import Users, parse_user_line
 from epost.web.dns_panel import CACHE_SECONDS, MAX_DOMAINS, DnsChecks, dashboard_domains
@@ -25,7 +25,7 @@ def test_the_dashboard_shows_the_real_checks_of_each_local_domain(world, admin, 
     try:
         toml = tmp_path / "checks.toml"
         toml.write_text(f'[server]\nhostname = "mx.example.test"\n[routing]\ndns_servers = ["127.0.0.1:{dns.port}"]\n')
-        checks = DnsChecks(world.clock, SynchronousThreadPool(), partial(check_config_domain, load_config(toml, {})))
+        checks = DnsChecks(world.clock, SynchronousThreadPool(), partial(DnsRun.of_config, load_config(toml, {})))
         world.site.context.dns_checks = checks
         page = admin.get("/")
     finally:
@@ -42,7 +42,7 @@ def test_the_dashboard_shows_the_real_checks_of_each_local_domain(world, admin, 
 
 
 def test_results_are_kept_for_some_minutes_and_check_dns_now_runs_them_again(world, admin):
-    runs = world.site.context.dns_checks._check.runs
+    runs = world.site.context.dns_checks._new_run.runs
     assert "example.test: checked by the test" in admin.get("/").body
     admin.get("/")
     assert runs == ["example.test"]  # the second view used the kept result
@@ -57,7 +57,7 @@ def test_results_are_kept_for_some_minutes_and_check_dns_now_runs_them_again(wor
 
 
 def test_the_refresh_needs_the_csrf_token(world, admin):
-    runs = world.site.context.dns_checks._check.runs
+    runs = world.site.context.dns_checks._new_run.runs
     admin.get("/")
     assert admin.post("/", {"action": "dns-refresh"}).code == 403
     assert runs == ["example.test"]
@@ -76,7 +76,7 @@ class HeldPool:
 def test_the_page_never_waits_for_a_check_and_one_check_runs_at_a_time_per_domain(world, admin):
     pool = HeldPool()
     runs = []
-    world.site.context.dns_checks = DnsChecks(world.clock, pool, lambda domain: runs.append(domain) or [])
+    world.site.context.dns_checks = DnsChecks(world.clock, pool, lambda: lambda domain: runs.append(domain) or [])
     page = admin.get("/")
     assert page.code == 200 and "Checking; reload the page in a few seconds." in page.body
     admin.post("/", {"csrf": page.csrf(), "action": "dns-refresh"})
@@ -89,7 +89,7 @@ def test_a_check_that_raises_shows_as_a_fail_line(world, admin):
     def broken(domain):
         raise RuntimeError("boom")
 
-    world.site.context.dns_checks = DnsChecks(world.clock, SynchronousThreadPool(), broken)
+    world.site.context.dns_checks = DnsChecks(world.clock, SynchronousThreadPool(), lambda: broken)
     body = admin.get("/").body
     assert "the check itself failed (boom)" in body
 
@@ -103,7 +103,7 @@ def test_dashboard_domains_are_the_local_domains_and_the_users_tables_by_name():
 
 def test_record_text_with_escapes_and_stray_bytes_renders_escaped(world, admin):
     finding = Finding("fail", "spf", "example.test: v=spf1 \x1b[2J \udcff -all <b>", 'publish "\x1b[31m"')
-    world.site.context.dns_checks = DnsChecks(world.clock, SynchronousThreadPool(), lambda domain: [finding])
+    world.site.context.dns_checks = DnsChecks(world.clock, SynchronousThreadPool(), lambda: lambda domain: [finding])
     page = admin.get("/")
     assert page.code == 200
     assert "example.test: v=spf1 \\x1b[2J \\udcff -all &lt;b&gt;" in page.body
@@ -114,9 +114,43 @@ def test_results_of_domains_no_longer_local_are_dropped():
     """The cache's bound: the domains last asked for (and those in flight), not every domain ever seen."""
     from fakes import ClockReactor
 
-    checks = DnsChecks(ClockReactor(), SynchronousThreadPool(), lambda domain: [Finding("ok", "mx", domain)])
+    checks = DnsChecks(ClockReactor(), SynchronousThreadPool(), lambda: lambda domain: [Finding("ok", "mx", domain)])
     checks.start([f"d{n}.test" for n in range(MAX_DOMAINS)])
     checks.start(["d0.test", "new.test"])
     assert checks.result("d0.test") is not None and checks.result("new.test") is not None
     assert checks.result("d1.test") is None
     assert len(checks._results) == 2
+
+
+def test_one_start_is_one_run_asking_each_name_once_and_check_dns_now_asks_the_dns_again():
+    """The checks started together share their DNS answers, the public addresses' reverse DNS and
+    the key files; a forced refresh (or any later start) keeps nothing of them: a record just
+    fixed is seen at once, whatever its TTL or how soon the refresh comes."""
+    from types import SimpleNamespace
+
+    from fakes import ClockReactor
+
+    host = "mx.example.test"
+    records = {("example.test", "MX"): [(10, host)], ("other.test", "MX"): [(10, host)],
+               (host, "A"): ["192.0.2.25"], ("25.2.0.192.in-addr.arpa", "PTR"): [host]}
+    asked = []
+
+    def lookup(name, rdtype):
+        asked.append((name, rdtype))
+        return list(records.get((name, rdtype), []))
+
+    config = SimpleNamespace(server=SimpleNamespace(hostname=host, public_addresses=()), dkim=SimpleNamespace(keys=()))
+    clock = ClockReactor()
+    checks = DnsChecks(clock, SynchronousThreadPool(), lambda: DnsRun.of_config(config, lookup=lookup))
+    checks.start(["example.test", "other.test"])
+    assert asked and len(asked) == len(set(asked))  # within the run, each (name, type) asked once
+    assert asked.count((host, "A")) == 1
+    before = [f for f in checks.result("example.test").findings if f.check == "dmarc"]
+    assert [f.status for f in before] == ["fail"]
+    records["_dmarc.example.test", "TXT"] = ["v=DMARC1; p=reject"]  # the operator fixes it
+    first = list(asked)
+    clock.advance(1)  # well within any TTL, and within a minute
+    checks.start(["example.test", "other.test"], force=True)
+    again = asked[len(first):]
+    assert sorted(again) == sorted(first)  # everything asked again, once
+    assert [f.status for f in checks.result("example.test").findings if f.check == "dmarc"] == ["ok"]
