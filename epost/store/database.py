@@ -139,6 +139,10 @@ class QueueStore:
         try:
             if create:
                 self.large.mkdir(parents=True, exist_ok=True)
+                if not self.path.exists() or self.path.stat().st_size == 0:
+                    # Before any connection: SQLite's first read deletes a WAL
+                    # beside a missing or empty database, committed mail with it.
+                    self._refuse_if_it_was_lost()
             elif not self.path.exists():
                 raise StoreUnavailable(f"{self.path}: no queue database here")
         except OSError as e:

@@ -752,11 +752,6 @@ def test_a_lost_database_beside_large_contents_is_refused_not_made_anew(tmp_path
     assert not (tmp_path / "queue" / "queue.db").exists() or (tmp_path / "queue" / "queue.db").stat().st_size == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: open() reads the database before _refuse_if_it_was_lost(), and SQLite deletes "
-    "a WAL beside a missing or zero-size database on that first read, so the check never sees it",
-)
 @pytest.mark.parametrize("empty_db", [False, True], ids=["missing", "empty"])
 def test_a_lost_database_beside_a_non_empty_wal_is_refused_not_made_anew(tmp_path, empty_db):
     """The WAL may hold committed messages not yet checkpointed: a new database would drop them."""
