@@ -234,8 +234,9 @@ def list_queue(args: argparse.Namespace, now: float) -> int:
 
 
 def show_message(args: argparse.Namespace, now: float) -> int:
-    """SPEC §4: the envelope as `key: value` lines, a blank line, the content as stored; 1 when not queued."""
-    from epost.admin.show import envelope_lines, open_queued
+    """SPEC §4: the envelope as `key: value` lines, a blank line, the content as stored; 1 when not queued.
+    A queued message whose content is lost: its envelope alone, a line on stderr, and 1."""
+    from epost.admin.show import envelope_lines, lost_content, open_queued
     from epost.logs import printable
     from epost.store.envelope import EnvelopeError
     from epost.store.database import QUEUE_ID, StoreUnavailable
@@ -254,6 +255,11 @@ def show_message(args: argparse.Namespace, now: float) -> int:
         return 1
     except (EnvelopeError, OSError, StoreUnavailable) as error:
         print(printable(f"epost show: {queue_id}: {error}", join_lines=False), file=sys.stderr)
+        return 1
+    if content is None:  # queued, but its large file is missing: the envelope, and say so
+        sys.stdout.write("\n".join(envelope_lines(queue, envelope)) + "\n")
+        sys.stdout.flush()
+        print(printable(f"epost show: {lost_content(spool, queue_id)}", join_lines=False), file=sys.stderr)
         return 1
     try:
         sys.stdout.write("\n".join(envelope_lines(queue, envelope)) + "\n\n")

@@ -179,6 +179,24 @@ def test_content_that_leaves_the_queue_while_shown_is_still_shown_whole(tmp_path
     assert out.split(b"\n\n", 1)[1] == large
 
 
+def test_a_queued_message_whose_large_file_is_missing_shows_its_envelope_and_says_its_content_is_lost(
+        tmp_path, capsysbinary):
+    """docs/queue.md: the row of a message whose content is lost stays for the operator to see with
+    `epost show`: its envelope is printed as usual, stderr names the missing file, and the exit is 1
+    (what is printed is not the message)."""
+    (tmp_path / "spilled.msg").write_bytes(b"Subject: big\r\n\r\n" + b"x" * 300_000)
+    queue(tmp_path, "deferred", make_envelope(), tmp_path / "spilled.msg")
+    large = tmp_path / "queue" / "large" / QUEUE_ID
+    large.unlink()
+
+    status, out, err = run(capsysbinary, tmp_path, QUEUE_ID)
+
+    assert status == 1
+    assert out.decode() == "\n".join(show.envelope_lines("deferred", make_envelope())) + "\n"
+    assert out.startswith(f"queue-id: {QUEUE_ID}\nqueue: deferred\n".encode()) and b"\n\n" not in out
+    assert err == f"epost show: {QUEUE_ID}: content lost: {large} is missing (the envelope above is all that is left)\n"
+
+
 def test_a_corrupt_envelope_is_named_and_nothing_is_printed(tmp_path, capsysbinary):
     queue(tmp_path, "deferred", make_envelope())
     damage_envelope(tmp_path, QUEUE_ID, b"{not json\n")
