@@ -240,6 +240,14 @@ def test_a_corrupt_envelope_is_named_and_nothing_is_printed(tmp_path, capsysbina
     assert err.startswith(f"epost show: {QUEUE_ID}: {tmp_path}/queue/queue.db:{QUEUE_ID}: corrupt envelope:")
 
 
+def test_on_a_spool_with_no_queue_store_yet_nothing_is_queued_and_no_store_is_made(tmp_path, capsysbinary):
+    assert run(capsysbinary, tmp_path, "0190000000000B000") == (
+        1, b"", "epost show: 0190000000000B000: not queued (the spool has no queue yet)\n")
+    assert run(capsysbinary, tmp_path, "../x") == (
+        1, b"", "epost show: ../x: not a queue ID (17 hex digits, as `epost queue` shows)\n")
+    assert not (tmp_path / "queue").exists()
+
+
 def test_show_needs_a_spool_folder(tmp_path, capsysbinary):
     assert run(capsysbinary, tmp_path / "nowhere", QUEUE_ID) == (
         1, b"", f"epost: {tmp_path}/nowhere: no spool folder (give --spool or --config)\n")
