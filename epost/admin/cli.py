@@ -219,7 +219,8 @@ def list_queue(args: argparse.Namespace, now: float) -> int:
     domain = args.domain.strip().rstrip(".").lower() if args.domain else None
     try:
         spool = open_store(config)
-        messages = [m for m in read_queue(spool) if matches(m, domain, args.state)]
+        queued = [] if spool is None else read_queue(spool)  # no queue store yet: an empty queue
+        messages = [m for m in queued if matches(m, domain, args.state)]
     except (StoreUnavailable, OSError) as error:
         print(f"epost queue: {error}", file=sys.stderr)
         return 1

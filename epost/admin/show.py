@@ -23,17 +23,17 @@ from epost.store.database import QUEUE_ID
 from epost.store.spool import ContentHandle, Spool
 
 
-def open_queued(spool: Spool, queue_id: str) -> tuple[str, Envelope, ContentHandle | None]:
+def open_queued(spool: Spool | None, queue_id: str) -> tuple[str, Envelope, ContentHandle | None]:
     """The queue holding `queue_id`, its envelope and its content, open for reading;
     None for the content when the message is queued but its large file is missing
-    (`lost_content` names it).
+    (`lost_content` names it). `spool` None: no queue store yet (`open_store`).
 
     LookupError when it is not queued (the queue and envelope are read by
     one query, so a message being moved is found in one queue or the
     other); EnvelopeError when its envelope cannot be read."""
     if not QUEUE_ID.fullmatch(queue_id):
         raise LookupError(f"{queue_id}: not a queue ID (17 hex digits, as `epost queue` shows)")
-    if not spool.exists():
+    if spool is None:
         raise LookupError(f"{queue_id}: not queued (the spool has no queue yet)")
     gone = LookupError(f"{queue_id}: not queued (delivered, deleted, or never here)")
     found = spool.find(queue_id)
