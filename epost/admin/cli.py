@@ -25,7 +25,7 @@ from epost.routing.explain import route_lines
 from epost.routing.relay_recipients import load_relay_recipients
 from epost.routing.tables import TableError
 from epost.routing.users import load_users, parse_user_line
-from epost.address import Address, parse_mailbox
+from epost.address import parse_mailbox
 
 # Config key under [routing] -> parser, or None while that table has no parser yet
 # (its file is still checked for existence).
