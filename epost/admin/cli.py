@@ -25,7 +25,7 @@ from epost.routing.explain import route_lines
 from epost.routing.relay_recipients import load_relay_recipients
 from epost.routing.tables import TableError
 from epost.routing.users import load_users, parse_user_line
-from epost.address import Address, parse_mailbox
+from epost.address import parse_mailbox
 
 # Config key under [routing] -> parser, or None while that table has no parser yet
 # (its file is still checked for existence).
@@ -219,7 +219,8 @@ def list_queue(args: argparse.Namespace, now: float) -> int:
     domain = args.domain.strip().rstrip(".").lower() if args.domain else None
     try:
         spool = open_store(config)
-        messages = [m for m in read_queue(spool) if matches(m, domain, args.state)]
+        queued = [] if spool is None else read_queue(spool)  # no queue store yet: an empty queue
+        messages = [m for m in queued if matches(m, domain, args.state)]
     except (StoreUnavailable, OSError) as error:
         print(f"epost queue: {error}", file=sys.stderr)
         return 1
@@ -234,8 +235,9 @@ def list_queue(args: argparse.Namespace, now: float) -> int:
 
 
 def show_message(args: argparse.Namespace, now: float) -> int:
-    """SPEC §4: the envelope as `key: value` lines, a blank line, the content as stored; 1 when not queued."""
-    from epost.admin.show import envelope_lines, open_queued
+    """SPEC §4: the envelope as `key: value` lines, a blank line, the content as stored; 1 when not queued.
+    A queued message whose content is lost: its envelope alone, a line on stderr, and 1."""
+    from epost.admin.show import envelope_lines, lost_content, open_queued
     from epost.logs import printable
     from epost.store.envelope import EnvelopeError
     from epost.store.database import QUEUE_ID, StoreUnavailable
@@ -254,6 +256,11 @@ def show_message(args: argparse.Namespace, now: float) -> int:
         return 1
     except (EnvelopeError, OSError, StoreUnavailable) as error:
         print(printable(f"epost show: {queue_id}: {error}", join_lines=False), file=sys.stderr)
+        return 1
+    if content is None:  # queued, but its large file is missing: the envelope, and say so
+        sys.stdout.write("\n".join(envelope_lines(queue, envelope)) + "\n")
+        sys.stdout.flush()
+        print(printable(f"epost show: {lost_content(spool, queue_id)}", join_lines=False), file=sys.stderr)
         return 1
     try:
         sys.stdout.write("\n".join(envelope_lines(queue, envelope)) + "\n\n")

@@ -42,10 +42,8 @@ def read_queue(spool: Spool) -> list[QueuedMessage]:
     """Every message in incoming, deferred and hold, sorted by queue ID.
 
     A message seen in two states (moved while we listed) is shown once, from
-    the state read last. A spool with no queue store yet is an empty queue.
+    the state read last.
     """
-    if not spool.exists():
-        return []
     found: dict[str, QueuedMessage] = {}
     for queue in QUEUES:
         for message in _read_state(spool, queue):

@@ -5,6 +5,8 @@ queue store gives a reader a consistent snapshot. The envelope is read first,
 in one query with its queue, then the content is opened (a move leaves the
 content as it is; a message finished in between is not queued). Once open, the content stays readable to the end even if the message
 leaves the queue meanwhile (a large message's file is unlinked, never reused).
+A message still queued whose large file is missing (docs/queue.md: its content is
+lost) is shown all the same: its envelope, and a line on stderr naming the file.
 """
 
 from __future__ import annotations
@@ -21,15 +23,17 @@ from epost.store.database import QUEUE_ID
 from epost.store.spool import ContentHandle, Spool
 
 
-def open_queued(spool: Spool, queue_id: str) -> tuple[str, Envelope, ContentHandle]:
-    """The queue holding `queue_id`, its envelope and its content, open for reading.
+def open_queued(spool: Spool | None, queue_id: str) -> tuple[str, Envelope, ContentHandle | None]:
+    """The queue holding `queue_id`, its envelope and its content, open for reading;
+    None for the content when the message is queued but its large file is missing
+    (`lost_content` names it). `spool` None: no queue store yet (`open_store`).
 
     LookupError when it is not queued (the queue and envelope are read by
     one query, so a message being moved is found in one queue or the
     other); EnvelopeError when its envelope cannot be read."""
     if not QUEUE_ID.fullmatch(queue_id):
         raise LookupError(f"{queue_id}: not a queue ID (17 hex digits, as `epost queue` shows)")
-    if not spool.exists():
+    if spool is None:
         raise LookupError(f"{queue_id}: not queued (the spool has no queue yet)")
     gone = LookupError(f"{queue_id}: not queued (delivered, deleted, or never here)")
     found = spool.find(queue_id)
@@ -38,8 +42,15 @@ def open_queued(spool: Spool, queue_id: str) -> tuple[str, Envelope, ContentHand
     try:
         content = spool.open_content(queue_id)  # it retries once itself
     except FileNotFoundError:
-        raise gone from None
+        if spool.state_of(queue_id) is None:  # finished since `find`
+            raise gone from None
+        return *found, None  # still queued: its large file is missing
     return *found, content
+
+
+def lost_content(spool: Spool, queue_id: str) -> str:
+    """What `epost show` says of a queued message whose large file is missing."""
+    return f"{queue_id}: content lost: {spool.store.large / queue_id} is missing (the envelope above is all that is left)"
 
 
 def envelope_lines(queue: str, envelope: Envelope) -> list[str]:

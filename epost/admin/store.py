@@ -6,11 +6,13 @@ from epost.config import Config
 from epost.store.spool import Spool
 
 
-def open_store(config: Config) -> Spool:
-    """The configured spool, its queue store opened for the command (never created):
-    a spool with no queue store yet is returned unopened (`exists()` is false) and
-    reads as an empty queue. Raises StoreUnavailable or OSError when it cannot be opened."""
+def open_store(config: Config) -> Spool | None:
+    """The configured spool, its queue store opened for the command (never created);
+    None when the spool has no queue store yet (each command says what that means to it:
+    an empty queue, a message not queued). Raises StoreUnavailable or OSError when it
+    cannot be opened."""
     spool = Spool(config.server.spool, reactor=None, threadpool=None)
-    if spool.exists():
-        spool.open(create=False)
+    if not spool.exists():
+        return None
+    spool.open(create=False)
     return spool

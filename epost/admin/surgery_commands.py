@@ -90,7 +90,7 @@ def _on_the_store_if_no_daemon(config: Config, action: str, ids, domain, now: fl
 def on_the_store(config: Config, action: str, ids: list[str], domain: str | None, now: float) -> dict:
     """The same actions with no daemon running: straight on the queue store (each change durable)."""
     spool = open_store(config)
-    if not spool.exists():
+    if spool is None:  # no queue store yet: nothing is queued
         return {"done": [], "errors": [f"{queue_id}: not queued" for queue_id in ids]}
     queues = ("hold",) if action == "release" else tuple(q for q in QUEUES if q != "hold")
     chosen = list(dict.fromkeys([*ids, *(surgery.waiting_for(spool, domain, queues) if domain else [])]))

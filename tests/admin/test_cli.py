@@ -194,15 +194,36 @@ def test_queue_reports_a_corrupt_envelope_and_lists_the_rest(tmp_path, capsys):
 
 
 def test_queue_skips_a_message_that_vanishes_while_listing(tmp_path, capsys, monkeypatch):
+    """The listing reads each state a page per query (`load_many`); a message the daemon finishes
+    between two pages is simply not listed (a damaged one before it still is)."""
+    from epost.store import database
+    from epost.store.spool import Spool
+
     spool = tmp_path / "spool"
     make_spool(spool)
     queue_message(spool, "deferred", Envelope("0190000000000C000", "a@b.test", (Recipient("c@d.test"),), NOW, 1))
-    damage_envelope(spool, "0190000000000C000")  # the listing then looks up the IDs its pages did not yield
-    real_ids = QueueStore.ids
-    monkeypatch.setattr(QueueStore, "ids", lambda self, state: [*real_ids(self, state), "0190000000000D000"])
+    queue_message(spool, "deferred", Envelope("0190000000000D000", "a@b.test", (Recipient("c@d.test"),), NOW, 1))
+    damage_envelope(spool, "0190000000000C000")
+    monkeypatch.setattr(database, "PAGE", 1)  # one envelope a page: C, then D
+    real_read, delivered = QueueStore._read, []
+
+    def read_then_deliver(self, sql, parameters):
+        rows = real_read(self, sql, parameters)
+        if not delivered and parameters[:1] == ("deferred",) and [row[0] for row in rows] == ["0190000000000C000"]:
+            delivered.append("0190000000000D000")  # the daemon, between the two pages
+            daemon = Spool(spool, reactor=None, threadpool=None)
+            daemon.open(create=False)
+            try:
+                daemon.remove("0190000000000D000", "deferred")
+            finally:
+                daemon.close()
+        return rows
+
+    monkeypatch.setattr(QueueStore, "_read", read_then_deliver)
 
     status, out, _ = run(capsys, "queue", "--spool", "spool")
 
+    assert delivered == ["0190000000000D000"]  # it was queued when the listing began
     assert status == 0
     assert [line.split()[0] for line in out] == [FIRST, SECOND, "0190000000000C000:", "3"]
 

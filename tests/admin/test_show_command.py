@@ -8,6 +8,7 @@ import pytest
 
 from epost.admin import show
 from epost.admin.cli import main
+from epost.store.database import QueueStore
 from epost.store.envelope import Envelope, Recipient
 from epost.store.spool import ContentHandle, Spool
 from fakes import damage_envelope, queue_message
@@ -134,24 +135,56 @@ def test_an_unknown_id_is_one_line_on_stderr_and_exit_1(tmp_path, capsysbinary, 
     assert run(capsysbinary, tmp_path, asked) == (1, b"", said)
 
 
-def test_a_message_moved_during_the_first_look_is_found_in_its_new_queue(tmp_path, capsysbinary, monkeypatch):
-    """hold -> incoming (a release) while `show` looks: it was in hold when `show` began, and its
-    queue and envelope are read together (one query), so it is shown in incoming."""
+def daemon_move(spool: Path, source: str, target: str) -> None:
+    """What the daemon does meanwhile, on its own connection: move the message to `target`."""
+    daemon = Spool(spool, reactor=None, threadpool=None)
+    daemon.open(create=False)
+    try:
+        daemon.move(daemon.load(QUEUE_ID, source), source, target)
+    finally:
+        daemon.close()
+
+
+def test_a_message_moved_just_before_show_s_one_query_is_found_in_its_new_queue(tmp_path, capsysbinary, monkeypatch):
+    """hold -> incoming (a release) once `show` has begun its lookup: `find` reads the queue and the
+    envelope in one statement, so nothing can happen in the middle of it; the move is made inside the
+    real `find`, right before that statement, and the message is shown in incoming."""
     queue(tmp_path, "hold", make_envelope())
-    original, looks = Spool.find, []
+    real_read, looks = QueueStore._read, []
 
-    def find_while_released(self, queue_id):
-        looks.append(self.state_of(queue_id))
-        self.move(self.load(queue_id, "hold"), "hold", "incoming")  # the daemon, meanwhile
-        found = original(self, queue_id)
-        looks.append(found[0])
-        return found
+    def read_after_a_release(self, sql, parameters):
+        if not looks and sql.startswith("SELECT state, envelope FROM message"):  # find's one query
+            looks.append(real_read(self, "SELECT state FROM message WHERE id = ?", (QUEUE_ID,))[0][0])
+            daemon_move(tmp_path, "hold", "incoming")
+            rows = real_read(self, sql, parameters)
+            looks.append(rows[0][0])
+            return rows
+        return real_read(self, sql, parameters)
 
-    monkeypatch.setattr(Spool, "find", find_while_released)
+    monkeypatch.setattr(QueueStore, "_read", read_after_a_release)
     status, out, err = run(capsysbinary, tmp_path, QUEUE_ID)
 
     assert (status, err, looks) == (0, "", ["hold", "incoming"])
     assert b"queue: incoming\n" in out and out.endswith(b"\n\n" + CONTENT)
+
+
+def test_a_message_moved_between_its_envelope_and_its_content_is_shown_whole(tmp_path, capsysbinary, monkeypatch):
+    """hold -> incoming after `find` read it in hold and before its content is opened: a move leaves
+    the content as it is, so the message is shown whole, in the queue it was read from."""
+    queue(tmp_path, "hold", make_envelope())
+    real_find, moved = Spool.find, []
+
+    def find_then_release(self, queue_id):
+        found = real_find(self, queue_id)
+        daemon_move(tmp_path, "hold", "incoming")
+        moved.append(self.state_of(queue_id))
+        return found
+
+    monkeypatch.setattr(Spool, "find", find_then_release)
+    status, out, err = run(capsysbinary, tmp_path, QUEUE_ID)
+
+    assert (status, err, moved) == (0, "", ["incoming"])
+    assert b"queue: hold\n" in out and out.endswith(b"\n\n" + CONTENT)
 
 
 def test_content_that_leaves_the_queue_while_shown_is_still_shown_whole(tmp_path, capsysbinary, monkeypatch):
@@ -179,6 +212,24 @@ def test_content_that_leaves_the_queue_while_shown_is_still_shown_whole(tmp_path
     assert out.split(b"\n\n", 1)[1] == large
 
 
+def test_a_queued_message_whose_large_file_is_missing_shows_its_envelope_and_says_its_content_is_lost(
+        tmp_path, capsysbinary):
+    """docs/queue.md: the row of a message whose content is lost stays for the operator to see with
+    `epost show`: its envelope is printed as usual, stderr names the missing file, and the exit is 1
+    (what is printed is not the message)."""
+    (tmp_path / "spilled.msg").write_bytes(b"Subject: big\r\n\r\n" + b"x" * 300_000)
+    queue(tmp_path, "deferred", make_envelope(), tmp_path / "spilled.msg")
+    large = tmp_path / "queue" / "large" / QUEUE_ID
+    large.unlink()
+
+    status, out, err = run(capsysbinary, tmp_path, QUEUE_ID)
+
+    assert status == 1
+    assert out.decode() == "\n".join(show.envelope_lines("deferred", make_envelope())) + "\n"
+    assert out.startswith(f"queue-id: {QUEUE_ID}\nqueue: deferred\n".encode()) and b"\n\n" not in out
+    assert err == f"epost show: {QUEUE_ID}: content lost: {large} is missing (the envelope above is all that is left)\n"
+
+
 def test_a_corrupt_envelope_is_named_and_nothing_is_printed(tmp_path, capsysbinary):
     queue(tmp_path, "deferred", make_envelope())
     damage_envelope(tmp_path, QUEUE_ID, b"{not json\n")
@@ -187,6 +238,14 @@ def test_a_corrupt_envelope_is_named_and_nothing_is_printed(tmp_path, capsysbina
 
     assert (status, out) == (1, b"")
     assert err.startswith(f"epost show: {QUEUE_ID}: {tmp_path}/queue/queue.db:{QUEUE_ID}: corrupt envelope:")
+
+
+def test_on_a_spool_with_no_queue_store_yet_nothing_is_queued_and_no_store_is_made(tmp_path, capsysbinary):
+    assert run(capsysbinary, tmp_path, "0190000000000B000") == (
+        1, b"", "epost show: 0190000000000B000: not queued (the spool has no queue yet)\n")
+    assert run(capsysbinary, tmp_path, "../x") == (
+        1, b"", "epost show: ../x: not a queue ID (17 hex digits, as `epost queue` shows)\n")
+    assert not (tmp_path / "queue").exists()
 
 
 def test_show_needs_a_spool_folder(tmp_path, capsysbinary):

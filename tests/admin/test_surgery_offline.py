@@ -85,3 +85,12 @@ def test_an_action_needs_ids_or_a_domain(tmp_path, capsys):
     (tmp_path / "spool" / "deferred").mkdir(parents=True)
     status, _, err = run(capsys, "hold", "--spool", "spool")
     assert status == 2 and err == ["epost hold: give queue IDs or --domain"]
+
+
+def test_on_a_spool_with_no_queue_store_yet_every_id_is_not_queued_and_no_store_is_made(tmp_path, capsys):
+    (tmp_path / "spool").mkdir()
+
+    status, out, err = run(capsys, "delete", SLOW, "--spool", "spool")
+
+    assert (status, out, err) == (1, [], [f"epost delete: {SLOW}: not queued"])
+    assert not (tmp_path / "spool" / "queue").exists()
