@@ -66,6 +66,7 @@ def import_file_spool(root: Path, store: QueueStore) -> dict[str, int]:
         else:
             log.error("{path} has no content; left for the operator", path=files[0])
     counts = {state: _import_state(root, store, state, plan[state]) for state in QUEUES}
+    _remove_empty_folders(root)
     if total := sum(counts.values()):
         log.info(
             "imported {total} messages from the file spool (incoming {incoming}, deferred {deferred}, hold {hold})",
@@ -174,6 +175,19 @@ def _remove(files: list[Path]) -> None:
     """Envelopes before contents (`files` lists them so): a crash half-way leaves only a lone .msg."""
     for path in files:
         unlink_if_present(path)
+
+
+def _remove_empty_folders(root: Path) -> None:
+    """The old layout's folders go once empty, so the spool shows only what is in use;
+    one still holding a file the import left (logged) stays for the operator."""
+    for name in (*QUEUES, "free"):
+        try:
+            os.rmdir(root / name)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                log.warn("{path}: old spool folder not removed: {error}", path=root / name, error=e.strerror)
 
 
 def _empty_pool(folder: Path) -> None:

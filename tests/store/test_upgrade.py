@@ -90,7 +90,7 @@ def test_every_message_moves_into_the_store_with_its_state_envelope_and_exact_co
             assert stored_content(store, env.queue_id) == content
     assert isinstance(store.content("00000000000000004"), Path)  # the large one is a file of its own
     assert old_files(root) == []
-    assert all((root / folder).is_dir() for folder in ("incoming", "deferred", "hold", "free"))  # left, empty
+    assert not any((root / folder).exists() for folder in ("incoming", "deferred", "hold", "free"))  # gone once empty
     assert not (root / "tmp").exists() or os.listdir(root / "tmp") == []
     assert logged == [(LogLevel.info, "imported 4 messages from the file spool (incoming 2, deferred 1, hold 1)")]
 
@@ -136,6 +136,7 @@ def test_crash_debris_is_resolved_as_the_file_spool_recovered_it(root, store):
     assert store.load(stays.queue_id, "deferred") == stays
     assert stored_content(store, stays.queue_id) == b"stays\r\n"
     assert old_files(root) == ["hold/00000000000000005.env"]
+    assert [folder for folder in ("incoming", "deferred", "hold") if (root / folder).exists()] == ["hold"]  # kept while not empty
     assert (LogLevel.error, f"{root}/hold/00000000000000005.env has no content; left for the operator") in logged
 
 
@@ -301,3 +302,20 @@ def test_the_removal_of_each_batch_s_old_files_is_made_durable_by_a_folder_fsync
     monkeypatch.setattr(upgrade, "fsync_dir", lambda folder: synced.append(Path(folder)))
     import_file_spool(root, store)
     assert set(synced) == {root / "incoming", root / "hold"}
+
+
+def test_an_old_folder_that_cannot_be_removed_is_logged_and_the_start_goes_on(root, store, monkeypatch):
+    write_old(root, "deferred", envelope("00000000000000001"), b"hello\r\n")
+    real_rmdir = os.rmdir
+
+    def refuse(path):
+        if Path(path).name == "deferred":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        real_rmdir(path)
+
+    monkeypatch.setattr(os, "rmdir", refuse)
+    counts, logged = run(root, store)
+
+    assert counts == {"incoming": 0, "deferred": 1, "hold": 0}
+    assert (root / "deferred").is_dir() and old_files(root) == []
+    assert (LogLevel.warn, f"{root}/deferred: old spool folder not removed: Permission denied") in logged
