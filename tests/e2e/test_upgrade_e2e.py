@@ -29,6 +29,7 @@ def test_a_file_spool_is_imported_with_its_states_at_start_and_its_mail_delivere
     wait_for(lambda: maildir_messages(d.spool, "example.test/alice"), 10, message="the imported message delivered")
     assert queued(d.spool, "hold") == ["0190000000000B000"]  # held stays held
     assert d.log.read_text().count("imported 2 messages from the file spool") == 1
+    assert not (d.spool / "incoming").exists() and not (d.spool / "hold").exists()  # the old layout is gone
     restart(d)
     assert queued(d.spool, "hold") == ["0190000000000B000"]
     assert d.log.read_text().count("imported 2 messages from the file spool") == 1  # once
