@@ -25,3 +25,21 @@ def spool(tmp_path):
     spool.open()
     yield spool
     spool.close()
+
+
+LOG_LINES = 80  # of each daemon's log, added to a failed test's report
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that started real daemons (tests/e2e, tests/stress) reports
+    the end of each one's log: a CI failure then says what the daemon saw."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for daemon in getattr(item, "epost_daemons", ()):
+            try:
+                lines = daemon.log.read_text(errors="replace").splitlines()[-LOG_LINES:]
+            except OSError as e:
+                lines = [f"(unreadable: {e})"]
+            report.sections.append((f"daemon log {daemon.log}", "\n".join(lines)))

@@ -6,6 +6,6 @@ from e2e_support import daemons
 
 
 @pytest.fixture
-def daemon(tmp_path):
+def daemon(tmp_path, request):
     """daemon(server="key = value lines for [server]", toml="more sections", args=[...], start=True) -> Daemon."""
-    yield from daemons(tmp_path)
+    yield from daemons(tmp_path, request.node)

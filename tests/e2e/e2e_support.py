@@ -188,10 +188,13 @@ users = "users"
     return config
 
 
-def daemons(tmp_path: Path):
+def daemons(tmp_path: Path, node=None):
     """The body of the `daemon` fixture (tests/e2e and tests/stress): yields a
-    maker of started daemons, each in a folder of its own, and stops them all."""
+    maker of started daemons, each in a folder of its own, and stops them all.
+    With the test's `node`, a failure's report ends with their logs (tests/conftest.py)."""
     started: list[Daemon] = []
+    if node is not None:
+        node.epost_daemons = started
 
     def make(server: str = "", toml: str = "", args: list[str] = (), start: bool = True, **kwargs) -> Daemon:
         folder = tmp_path / f"d{len(started)}" if started else tmp_path

@@ -19,6 +19,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def daemon(tmp_path):
+def daemon(tmp_path, request):
     """As in tests/e2e: daemon(server=..., toml=..., args=[...]) -> a started Daemon."""
-    yield from daemons(tmp_path)
+    yield from daemons(tmp_path, request.node)
