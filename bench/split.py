@@ -1,7 +1,7 @@
 """Split benchmark: one epost daemon against two that share the same load, beside Postfix.
 
     .venv/bin/python bench/split.py [--messages 3000] [--sizes 4096,102400]
-                                    [--concurrency 10,50] [--rounds 3] [--no-postfix]
+                                    [--concurrency 10,50] [--rounds 3] [--relay] [--no-postfix]
 
 What N receiving processes could at most give on this machine: two whole
 `twistd -n epost` daemons (each its own spool, spool worker and Maildir, as
@@ -13,7 +13,9 @@ that share one queue can only do worse. Prints, per size and concurrency,
 the median msg/s of one daemon, of the two together and of Postfix
 (relaying into smtp-sink, as in accept.py), the two-daemon rate as a
 ratio of one and each as a ratio of Postfix, and the lowest and highest
-two/one ratio of a round.
+two/one ratio of a round. With --relay every daemon relays to an
+smtp-sink of its own instead (relay.py's set-up), and a rate runs until
+the sinks have counted every message.
 """
 
 from __future__ import annotations
@@ -23,23 +25,24 @@ import statistics
 import threading
 import time
 
-from common import Epost, Postfix, smtp_source
+from common import Epost, Postfix, Sink, smtp_source
+from relay import RelayingEpost
 
-LOCAL = "sink@bench.test"
 
-
-def together(daemons: list[Epost], messages: int, size: int, sessions: int) -> float:
-    """msg/s of the daemons taking an equal share of `messages` and `sessions` at the same time."""
-    threads = [
-        threading.Thread(target=smtp_source, args=(d.port, messages // len(daemons), size, max(1, sessions // len(daemons)), LOCAL))
-        for d in daemons
-    ]
+def rate(servers: list, messages: int, size: int, sessions: int, to: str, end_to_end: bool) -> float:
+    """msg/s of `servers` taking an equal share of `messages` and `sessions` at the same time:
+    until each has accepted its share, or with `end_to_end` until each one's sink has it."""
+    share = messages // len(servers)
+    bases = [server.sink.received() for server in servers] if end_to_end else []
+    threads = [threading.Thread(target=smtp_source, args=(server.port, share, size, max(1, sessions // len(servers)), to))
+               for server in servers]
     start = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return messages // len(daemons) * len(daemons) / (time.monotonic() - start)
+    end = max([server.sink.wait_for(base + share) for server, base in zip(servers, bases)], default=time.monotonic())
+    return share * len(servers) / (end - start)
 
 
 def main() -> None:
@@ -48,14 +51,16 @@ def main() -> None:
     parser.add_argument("--sizes", default="4096,102400")
     parser.add_argument("--concurrency", default="10,50")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--relay", action="store_true", help="relay to smtp-sink instead of delivering into a Maildir")
     parser.add_argument("--no-postfix", action="store_true")
     args = parser.parse_args()
 
-    daemons = [Epost(), Epost()]
+    to = "sink@remote.test" if args.relay else "sink@bench.test"
+    daemons = [RelayingEpost(Sink()), RelayingEpost(Sink())] if args.relay else [Epost(), Epost()]
     postfix = None if args.no_postfix else Postfix()
     try:
         for d in daemons:  # warm-up: imports, first Maildir, page cache
-            smtp_source(d.port, 200, 4096, 10, LOCAL)
+            smtp_source(d.port, 200, 4096, 10, to)
         if postfix:
             smtp_source(postfix.port, 200, 4096, 10, "sink@remote.test")
         print(f"{'size':>7} {'C':>3}  {'one msg/s':>9} {'two msg/s':>9} {'two/one':>7}"
@@ -66,12 +71,12 @@ def main() -> None:
                 for _ in range(args.rounds):  # each round: one daemon, both, then Postfix
                     for d in daemons:
                         d.wait_until_drained()
-                    one.append(args.messages / smtp_source(daemons[0].port, args.messages, size, sessions, LOCAL))
+                    one.append(rate(daemons[:1], args.messages, size, sessions, to, args.relay))
                     daemons[0].wait_until_drained()
-                    two.append(together(daemons, args.messages, size, sessions))
+                    two.append(rate(daemons, args.messages, size, sessions, to, args.relay))
                     if postfix:
                         postfix.wait_until_drained()
-                        theirs.append(args.messages / smtp_source(postfix.port, args.messages, size, sessions, "sink@remote.test"))
+                        theirs.append(rate([postfix], args.messages, size, sessions, "sink@remote.test", args.relay))
                 split = [b / a for a, b in zip(one, two)]
                 line = (f"{size:>7} {sessions:>3}  {statistics.median(one):>9.0f} {statistics.median(two):>9.0f}"
                         f" {statistics.median(split):>7.2f}")
@@ -82,6 +87,8 @@ def main() -> None:
     finally:
         for d in daemons:
             d.stop()
+            if args.relay:
+                d.sink.stop()
         if postfix:
             postfix.stop()
 
