@@ -114,17 +114,35 @@ class Daemon:
         return [*self.command, "-n", "--pidfile=", "epost", "--config", str(self.config), *self.args]
 
     def start(self, timeout: float = 10.0) -> Daemon:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv(), cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env
-            )
-        deadline = time.monotonic() + timeout
-        while not port_answers(self.relay_port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
+        """Started once both listeners answer. free_port() only found the ports
+        free: until the daemon binds them, any connection on the machine may
+        take one as its own (ephemeral) port. A first start that lost a port
+        that way moves to fresh ones and tries again; a restart keeps its ports."""
+        first = self.proc is None
+        for attempt in range(3):
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen(
+                    self.argv(), cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env
+                )
+            deadline = time.monotonic() + timeout
+            while not (port_answers(self.relay_port) and port_answers(self.submission_port)):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            else:
+                return self
+            self.stop()
+            if not (first and attempt < 2 and "epost: cannot listen on 127.0.0.1:" in self.log.read_text()):
                 pytest.fail(f"daemon did not start (exit {self.proc.returncode}):\n{self.log.read_text()}")
-            time.sleep(0.05)
-        return self
+            self._move_to_free_ports()
+
+    def _move_to_free_ports(self) -> None:
+        text = self.config.read_text()
+        for name in ("relay_port", "submission_port"):
+            old, new = getattr(self, name), free_port()
+            text = text.replace(f'"tcp:{old}:', f'"tcp:{new}:')
+            setattr(self, name, new)
+        self.config.write_text(text)
 
     def stop(self, grace: float = 5.0) -> int | None:
         """SIGTERM, then SIGKILL after `grace` seconds; the exit status."""
