@@ -145,6 +145,8 @@ class QueueStore:
                     self._refuse_if_it_was_lost()
             elif not self.path.exists():
                 raise StoreUnavailable(f"{self.path}: no queue database here")
+            elif self.path.stat().st_size == 0:  # refused before connecting, for the same reason
+                raise StoreUnavailable(f"{self.path}: empty, no queue created in it yet")
         except OSError as e:
             raise StoreUnavailable(f"{self.path}: cannot create its folder: {e}") from None
         self._open = True

@@ -752,6 +752,29 @@ def test_a_lost_database_beside_large_contents_is_refused_not_made_anew(tmp_path
     assert not (tmp_path / "queue" / "queue.db").exists() or (tmp_path / "queue" / "queue.db").stat().st_size == 0
 
 
+def test_a_command_reading_an_empty_database_leaves_the_wal_beside_it(tmp_path):
+    """`epost queue` (open(create=False)) on an emptied queue.db must not let SQLite
+    delete the WAL's committed mail before refusing: the daemon's next start would
+    then find nothing to refuse and begin on an empty queue."""
+    store = QueueStore(tmp_path)
+    store.open()
+    store._conn().execute("PRAGMA wal_autocheckpoint = 0")  # the message stays in the WAL
+    assert put_one(store, envelope_for(qid(1)), b"committed, not checkpointed\r\n", "incoming")
+    queue = tmp_path / "queue"
+    wal = (queue / "queue.db-wal").read_bytes()
+    store.close()
+    (queue / "queue.db").write_bytes(b"")
+    (queue / "queue.db-shm").unlink(missing_ok=True)
+    (queue / "queue.db-wal").write_bytes(wal)
+
+    with pytest.raises(StoreUnavailable, match="empty, no queue created in it yet"):
+        QueueStore(tmp_path).open(create=False)
+
+    assert (queue / "queue.db-wal").read_bytes() == wal
+    with pytest.raises(StoreUnavailable, match="missing or empty, but a non-empty queue.db-wal remain"):
+        QueueStore(tmp_path).open()  # so the daemon still refuses to start
+
+
 @pytest.mark.parametrize("empty_db", [False, True], ids=["missing", "empty"])
 def test_a_lost_database_beside_a_non_empty_wal_is_refused_not_made_anew(tmp_path, empty_db):
     """The WAL may hold committed messages not yet checkpointed: a new database would drop them."""
