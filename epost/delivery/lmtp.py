@@ -102,6 +102,9 @@ def deliver_lmtp_batch(
     2xx: delivered. 5xx: failed (the manager bounces it). 4xx or no answer
     (Dovecot down): pending, retried by the runner until `give_up_after`
     (E-Post's 4xx period), then failed. Spool reads and writes run in `threadpool`.
+    What the batch did is written in one transaction at its end (runner.record_passes),
+    as for Maildir: a message whose content cannot be read is RETRY, the others are
+    still recorded; a crash before that write delivers the batch again.
     """
     return defer.ensureDeferred(_lmtp_batch(spool, queue_ids, reactor, threadpool, endpoint, hostname,
                                             give_up_after, now))
@@ -129,7 +132,14 @@ async def _lmtp_batch(spool, queue_ids, reactor, threadpool, endpoint, hostname,
         if local:
             rcpt = {i: _lmtp_address(envelope.recipients[i]) for i in local}
             # Streamed from the store a chunk at a time: a large message never sits whole in the daemon.
-            content = await in_thread(spool.open_content, queue_id)
+            try:
+                content = await in_thread(spool.open_content, queue_id)
+            except FileNotFoundError:
+                continue  # gone meanwhile (deleted by the operator)
+            except OSError:  # the store could not read it: this one waits, the batch's others are still recorded
+                log.failure("{queue_id}: cannot read its content", queue_id=queue_id)
+                passes.append((envelope, False, True))
+                continue
             try:
                 result = await deliver_lmtp(reactor, endpoint, hostname, envelope.sender,
                                             sorted(set(rcpt.values())), content.chunks, envelope.size)

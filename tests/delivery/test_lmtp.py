@@ -129,6 +129,29 @@ class LMTPBatchTests(unittest.TestCase):
         # The handle on its large file is closed once the attempt is over.
         assert not [fd for fd in os.listdir("/proc/self/fd") if str(large) in _link(fd)]
 
+    @defer.inlineCallbacks
+    def test_a_content_that_cannot_be_read_waits_and_the_batch_before_it_is_still_recorded(self):
+        from epost.store.database import StoreError
+
+        delivered, unreadable = self.queue(b"Subject: one\r\n\r\nfirst\r\n"), self.queue(b"Subject: two\r\n\r\nsecond\r\n")
+        open_content = self.spool.open_content
+
+        def failing(queue_id):
+            if queue_id == unreadable:
+                raise StoreError(5, "disk I/O error")
+            return open_content(queue_id)
+
+        self.patch(self.spool, "open_content", failing)
+        verdicts = yield lmtp.deliver_lmtp_batch(self.spool, [delivered, unreadable], reactor=reactor,
+                                                 threadpool=SynchronousThreadPool(), endpoint=self.endpoint,
+                                                 hostname="mx.example.test")
+        yield self.closed
+        self.flushLoggedErrors(StoreError)
+        assert verdicts == {delivered: "D", unreadable: "R"}
+        assert self.messages == [b"Subject: one\r\n\r\nfirst\r\n"]
+        assert self.spool.state_of(delivered) is None  # its delivery is recorded: never sent twice
+        assert self.spool.state_of(unreadable) == "incoming"
+
 
 def _link(fd: str) -> str:
     try:
