@@ -56,7 +56,10 @@ def children(pid: int) -> dict[int, str]:
     found = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         for child in (task / "children").read_text().split():
-            found[int(child)] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            try:
+                found[int(child)] = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:  # ended in between (a restarting spool worker)
+                continue
     return found
 
 
@@ -116,10 +119,11 @@ class Daemon:
     def start(self, timeout: float = 10.0) -> Daemon:
         """Started once both listeners answer. free_port() only found the ports
         free: until the daemon binds them, any connection on the machine may
-        take one as its own (ephemeral) port. A first start that lost a port
-        that way moves to fresh ones and tries again; a restart keeps its ports."""
+        take one as its own (ephemeral) port. A first start that lost one of
+        them that way moves both to fresh ones and tries again; a restart keeps its ports."""
         first = self.proc is None
         for attempt in range(3):
+            logged = self.log.stat().st_size if self.log.exists() else 0
             with open(self.log, "ab") as log:
                 self.proc = subprocess.Popen(
                     self.argv(), cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env
@@ -132,15 +136,21 @@ class Daemon:
             else:
                 return self
             self.stop()
-            if not (first and attempt < 2 and "epost: cannot listen on 127.0.0.1:" in self.log.read_text()):
+            with open(self.log, "rb") as log:
+                said = log.read()[logged:].decode(errors="replace")  # this attempt's lines only
+            lost = any(f"epost: cannot listen on 127.0.0.1:{port}:" in said for port in (self.relay_port, self.submission_port))
+            if not (first and attempt < 2 and lost):
                 pytest.fail(f"daemon did not start (exit {self.proc.returncode}):\n{self.log.read_text()}")
             self._move_to_free_ports()
 
     def _move_to_free_ports(self) -> None:
+        """Both listeners' ports, wherever the config names them (`tcp:PORT:`, also inside `haproxy:tcp:PORT:`)."""
         text = self.config.read_text()
         for name in ("relay_port", "submission_port"):
             old, new = getattr(self, name), free_port()
-            text = text.replace(f'"tcp:{old}:', f'"tcp:{new}:')
+            text, moved = re.subn(rf"(?<=tcp:){old}(?=:)", str(new), text)
+            if not moved:
+                pytest.fail(f"{self.config} does not name the {name} {old}: cannot move it")
             setattr(self, name, new)
         self.config.write_text(text)
 

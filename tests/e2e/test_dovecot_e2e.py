@@ -61,7 +61,7 @@ def world():
     folder = Path(tempfile.mkdtemp(prefix="epost-dovecot-"))
     os.chmod(folder, 0o711)
     nobody = pwd.getpwnam("nobody")
-    make = daemons(folder)
+    make = daemons(folder, request.node)
     started = []
     try:
         d = next(make)(server="allow_plaintext_auth = true", start=False)
@@ -231,7 +231,7 @@ SIEVE = b'require ["fileinto", "mailbox"];\nif header :contains "subject" "invoi
 
 
 @pytest.fixture
-def lmtp_world():
+def lmtp_world(request):
     """(daemon with local_transport = lmtp:tcp:..., a function starting Dovecot with LMTP on that port)."""
     folder = Path(tempfile.mkdtemp(prefix="epost-lmtp-e2e-"))
     os.chmod(folder, 0o711)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import base64
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import dkim
 import pytest
 
 from epost.delivery import signing
 from epost.store.envelope import Envelope, Recipient
-from epost.store.spool import MessageWriter, Spool
+from epost.store.spool import MessageWriter
 from epost.queue.worker import Worker
 
 CONTENT = (
@@ -30,15 +27,6 @@ def keys(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dkim")
     return (signing.keygen("example.test", folder, "r1", "rsa")[1],
             signing.keygen("example.test", folder, "e1", "ed25519")[1])
-
-
-@pytest.fixture
-def spool():
-    root = Path(tempfile.mkdtemp(prefix="epost-worker-dkim-"))
-    spool = Spool(root, reactor=None, threadpool=None)
-    spool.open()
-    yield spool
-    shutil.rmtree(root)
 
 
 def make_worker(spool, keys):

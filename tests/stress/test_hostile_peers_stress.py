@@ -11,12 +11,11 @@ prints the figures (baseline, peak, after, connections); STRESS=1 runs it 45 s.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from stress_support import scale
-from e2e_support import queued, submit, wait_for
+from e2e_support import children, queued, submit, wait_for
 from epost.logs import parse_senderlog_line
 from sinks import HostileSink
 
@@ -25,31 +24,9 @@ SENDER = "x@example.org"
 MB = 1024  # kB
 
 
-def children(pid: int) -> list[int]:
-    """PIDs whose parent is `pid` (from /proc/*/stat)."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{name}/stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rpartition(")")[2].split()[1]) == pid:
-            found.append(int(name))
-    return found
-
-
 def courier_pid(daemon_pid: int) -> int | None:
     """The daemon's courier process (`python -m epost.delivery.courier_process`)."""
-    for pid in children(daemon_pid):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"epost.delivery.courier_process" in argv:
-            return pid
-    return None
+    return next((pid for pid, command in children(daemon_pid).items() if "epost.delivery.courier_process" in command), None)
 
 
 def rss_kb(pid: int) -> int:

@@ -86,7 +86,7 @@ def browser(tmp_path):
 
 
 @pytest.fixture
-def mail_control(tmp_path):
+def mail_control(tmp_path, request):
     """The real daemon with --admin on a loopback port and gateway.dat sending *.sink.test to a closed port."""
     folder = tmp_path / "daemon"
     folder.mkdir()
@@ -101,6 +101,7 @@ def mail_control(tmp_path):
     )
     (folder / "users").write_text(f"alice@example.test\n{ADMIN}:{hash_password(PASSWORD)}\n")
     daemon = Daemon(folder, config, relay, submission, [])
+    request.node.epost_daemons = [daemon]  # its log in a failure's report (tests/conftest.py)
     daemon.start()
     daemon.admin_url = f"http://127.0.0.1:{admin}"
     daemon.first_gateway = first_gateway
