@@ -22,7 +22,7 @@ import argparse
 import math
 import statistics
 
-from common import DiskCounters, Epost, Postfix, disk_columns, smtp_source
+from common import DiskCounters, Epost, Postfix, disk_columns, smtp_source, spread
 
 
 def measure(server, name: str, messages: int, size: int, sessions: int, to: str, disk: DiskCounters | None = None) -> dict:
@@ -37,7 +37,9 @@ def measure(server, name: str, messages: int, size: int, sessions: int, to: str,
 
 
 def median_of(rounds: list[dict]) -> dict:
-    """The median round by rate (its CPU and disk columns with it)."""
+    """The middle round by rate, the lower of the two for an even count (its CPU and
+    disk columns with it, which cannot be averaged); the ratio column is the
+    median of the per-round ratios."""
     ordered = sorted(rounds, key=lambda r: r["rate"])
     return ordered[(len(ordered) - 1) // 2]
 
@@ -74,8 +76,7 @@ def main() -> None:
                     ratios = [a["rate"] / b["rate"] for a, b in zip(ours, theirs)]
                     line += (f"  {t['rate']:>13.0f} {t['cpu_ms']:>10.2f} {t['device']}"
                              f"  {statistics.median(ratios):>5.2f}")
-                    if len(ratios) > 1:
-                        line += f"  (rounds {min(ratios):.2f}–{max(ratios):.2f})"
+                    line += spread(ratios)
                 print(line, flush=True)
         print(f"epost resident memory after the run: {epost.rss_kib() / 1024:.0f} MiB")
     finally:

@@ -96,6 +96,11 @@ class DiskCounters:
         return writes, flushes
 
 
+def spread(ratios: list[float]) -> str:
+    """` (rounds LOW–HIGH)`: the lowest and highest one-round ratio of a run; empty for one round."""
+    return f" (rounds {min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
+
+
 def disk_columns(writes: float, flushes: float) -> str:
     """The `wr/msg fl/msg` columns of a benchmark line; `-` where the disk was not counted."""
     return " ".join(f"{'-':>6}" if math.isnan(v) else f"{v:>6.1f}" for v in (writes, flushes))

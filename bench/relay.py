@@ -63,7 +63,7 @@ from pathlib import Path
 
 import dkim_sign
 from common import (DiskCounters, Epost, OpenDkim, Postfix, Sink, disk_columns, postfix_cpu,
-                    smtp_source, wait_for_port)
+                    smtp_source, spread, wait_for_port)
 
 
 def measure(server, messages: int, size: int, sessions: int, to: str) -> dict:
@@ -245,10 +245,9 @@ def medians(rounds: list[dict]) -> dict:
     return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
 
 
-def spread(ours: list[dict], theirs: list[dict]) -> str:
+def rate_spread(ours: list[dict], theirs: list[dict]) -> str:
     """Each round's rate ratio (a round against the other side's next to it): the spread of one run."""
-    ratios = [a["rate"] / b["rate"] for a, b in zip(ours, theirs)]
-    return f" (rounds {min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
+    return spread([a["rate"] / b["rate"] for a, b in zip(ours, theirs)])
 
 
 def main() -> None:
@@ -333,11 +332,11 @@ def main() -> None:
                           + " ".join(f"{r['rate']:.0f}" for r in runs[name]) + split, flush=True)
                 if postfix:
                     print(f"{'':>7}  ratios (msg/s; CPU-ms/msg): epost / Postfix {o['rate'] / t['rate']:.2f}; "
-                          f"{o['cpu_ms'] / t['cpu_ms']:.2f}{spread(ours, theirs)}; "
+                          f"{o['cpu_ms'] / t['cpu_ms']:.2f}{rate_spread(ours, theirs)}; "
                           f"epost signing / Postfix unsigned {g['rate'] / t['rate']:.2f}; {g['cpu_ms'] / t['cpu_ms']:.2f}"
-                          f"{spread(runs['epost signing'], theirs)}"
+                          f"{rate_spread(runs['epost signing'], theirs)}"
                           + (f"; epost signing / Postfix+OpenDKIM {g['rate'] / d['rate']:.2f}; {g['cpu_ms'] / d['cpu_ms']:.2f}"
-                             f"{spread(runs['epost signing'], runs['Postfix+OpenDKIM'])}" if d else ""), flush=True)
+                             f"{rate_spread(runs['epost signing'], runs['Postfix+OpenDKIM'])}" if d else ""), flush=True)
         print(f"epost resident memory after the run: {epost.rss_kib() / 1024:.0f} MiB (daemon)")
     finally:
         for server in (epost, signed):
