@@ -270,9 +270,7 @@ class SpoolWorkerService(Service):
         longer in its source state was written by the child before it died (an
         update leaves its message where it was, so its ENOENT stands)."""
         redone = self.spool.record(change)
-        if change.doing == "update":
-            return redone
-        return redone.addErrback(_written_already)
+        return redone.addErrback(_written_already) if change.leaves_source else redone
 
     def _restart(self, index: int) -> None:
         if self.running and self._protocols[index] is None:

@@ -80,6 +80,11 @@ class Change:
     target: str | None = None
 
     @property
+    def leaves_source(self) -> bool:
+        """A move or a removal: once written, the message is no longer in `source`."""
+        return self.envelope is None or self.target is not None
+
+    @property
     def doing(self) -> str:
         return "remove" if self.envelope is None else f"move to {self.target}" if self.target else "update"
 

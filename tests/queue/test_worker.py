@@ -163,6 +163,9 @@ class WorkerLoopTests(unittest.SynchronousTestCase):
         assert len(self.replies) == 4 and not self.worker.busy
         self.worker.handle(b"B", "not-an-id", b"incoming -\n")
         assert self.replies[-1].startswith(f"E not-an-id {errno.EINVAL} ".encode()) and not self.worker.busy
+        other = self.spool.new_queue_id()  # another message's envelope is not this one's
+        self.worker.handle(b"B", queue_id, b"incoming -\n" + envelope(other, "example.test/bob").to_bytes())
+        assert self.replies[-1].startswith(f"E {queue_id} {errno.EINVAL} ".encode()) and not self.worker.busy
 
 
 class RecordingService:
