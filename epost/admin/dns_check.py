@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -275,6 +276,12 @@ def dmarc_problems(record: str) -> tuple[dict[str, str], list[str]]:
     return tags, problems
 
 
+def _near_dmarc(text: str) -> bool:
+    """A record meant as DMARC that receivers ignore: first tag v, value DMARC-something in any case."""
+    name, equals, value = text.split(";", 1)[0].partition("=")
+    return bool(equals) and name.strip().lower() == "v" and value.strip().lower().startswith("dmarc")
+
+
 def dmarc_record(policy: str, tags: dict[str, str], domain: str) -> str:
     rua = tags.get("rua") or f"mailto:postmaster@{domain}"
     return f"v=DMARC1; p={policy}; rua={rua}"
@@ -283,9 +290,12 @@ def dmarc_record(policy: str, tags: dict[str, str], domain: str) -> str:
 def check_dmarc(domain: str, lookup: Lookup) -> list[Finding]:
     name = f"_dmarc.{domain}"
     try:
-        records = [t for t in lookup(name, "TXT") if is_dmarc_record(t)]
+        texts = lookup(name, "TXT")
     except DnsUnavailable as error:
         return [Finding("warn", "dmarc", f"{name}: lookup failed ({error}); run again")]
+    # Receivers take only precise v=DMARC1 records; a near miss (v=dmarc1, v=DMARC10) is
+    # shown with what is wrong in it rather than as no record at all.
+    records = [t for t in texts if is_dmarc_record(t)] or [t for t in texts if _near_dmarc(t)]
     if not records:
         return [Finding("fail", "dmarc", f"{name}: no record",
                         f"publish {zone_txt(name, dmarc_record('none', {}, domain))}")]
@@ -406,6 +416,7 @@ class DnsRun:
         self._lock = threading.Lock()
         self._shared: tuple | None = None
         self._keys: dict = {}
+        self._keys_lock = threading.Lock()
 
     @classmethod
     def of_config(cls, config, lifetime: float = 4.0, lookup: Lookup | None = None) -> DnsRun:
@@ -414,7 +425,11 @@ class DnsRun:
         from epost.routing.dns import make_resolver
 
         if lookup is None:
-            lookup = DnspythonLookup(make_resolver(config.routing.dns_servers), lifetime)
+            servers = config.routing.dns_servers
+            resolver = functools.cache(lambda: DnspythonLookup(make_resolver(servers), lifetime))
+
+            def lookup(name: str, rdtype: str):  # the resolver (resolv.conf read) is made in the pool, not on the reactor
+                return resolver()(name, rdtype)
         server = config.server
         return cls(server.hostname, server.public_addresses, config.dkim.keys, lookup)
 
@@ -431,13 +446,14 @@ class DnsRun:
         from epost.delivery.signing import DkimKeyError, load_key
 
         name = (domain, selector, str(path))
-        found = self._keys.get(name)
-        if found is None:
-            try:
-                found = load_key(domain, selector, path)
-            except DkimKeyError as error:
-                found = error
-            self._keys[name] = found  # a dict item set: safe from the pool's threads
+        with self._keys_lock:  # two domains sharing a key read its file once
+            found = self._keys.get(name)
+            if found is None:
+                try:
+                    found = load_key(domain, selector, path)
+                except DkimKeyError as error:
+                    found = error
+                self._keys[name] = found
         if isinstance(found, DkimKeyError):
             raise found
         return found

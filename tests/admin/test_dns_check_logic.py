@@ -310,6 +310,9 @@ def test_dkim_verdicts():
     (["v=DMARC1; p=reject; pct=150"], "fail", "pct= must be 0..100"),
     (["v=DMARC1; p=reject; rua=d@example.test"], "fail", "rua= needs URIs"),
     (["v=DMARC1; p=reject; sp=maybe"], "fail", "sp= must be"),
+    (["v=dmarc1; p=reject"], "fail", "must start with v=DMARC1"),  # receivers ignore it: said so, not "no record"
+    (["v=DMARC10; p=reject"], "fail", "must start with v=DMARC1"),
+    (["v=dmarc1; p=none", "v=DMARC1; p=reject"], "ok", "p=reject"),  # the precise one is the record
 ])
 def test_dmarc_verdicts(records, status, words):
     dns = FakeDns({(f"_dmarc.{DOMAIN}", "TXT"): [*records, "some other text"]})
