@@ -107,7 +107,10 @@ def _has_line_over(data: bytes, limit: int) -> bool:
     time per 100 KiB message). Only a window without an LF needs the exact count.
     """
     half = max(1, limit // 2)
-    for start in range(0, len(data), half):
+    last = data.rfind(b"\n")
+    # Windows up to the last LF only: a chunk's short tail window rarely holds one,
+    # and the piece after it is measured directly.
+    for start in range(0, last + 1, half):
         if data.find(b"\n", start, start + half) < 0:
             return max(map(len, data.split(b"\n"))) + 1 > limit
-    return False
+    return len(data) - last > limit
