@@ -9,7 +9,7 @@ from epost.admin.dns_check import DnsRun, Finding
 from epost.config import load_config
 from epost.routing.users import Users, parse_user_line
 from epost.web.dns_panel import CACHE_SECONDS, MAX_DOMAINS, DnsChecks, dashboard_domains
-from fakes import SynchronousThreadPool
+from fakes import HeldThreadPool, SynchronousThreadPool
 from tests.routing.dnsmasq import Dnsmasq
 
 
@@ -63,25 +63,15 @@ def test_the_refresh_needs_the_csrf_token(world, admin):
     assert runs == ["example.test"]
 
 
-class HeldPool:
-    """A thread pool whose work waits until the test runs it."""
-
-    def __init__(self) -> None:
-        self.held = []
-
-    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
-        self.held.append(lambda: on_result(True, f(*args, **kwargs)))
-
-
 def test_the_page_never_waits_for_a_check_and_one_check_runs_at_a_time_per_domain(world, admin):
-    pool = HeldPool()
+    pool = HeldThreadPool()
     runs = []
     world.site.context.dns_checks = DnsChecks(world.clock, pool, lambda: lambda domain: runs.append(domain) or [])
     page = admin.get("/")
     assert page.code == 200 and "Checking; reload the page in a few seconds." in page.body
     admin.post("/", {"csrf": page.csrf(), "action": "dns-refresh"})
-    assert len(pool.held) == 1  # still running: not started twice
-    pool.held.pop()()
+    assert len(pool.calls) == 1  # still running: not started twice
+    pool.run_one()
     assert runs == ["example.test"] and "Checking" not in admin.get("/").body
 
 
