@@ -327,8 +327,8 @@ def make_delivery_manager(config: Config, reactor, pool, courier, spool: Spool, 
         handle_signals=True,
         delay_warning=delivery.delay_warning,
         receivers=receiver_settings(delivery),
+        record=store.record,  # bookkeeping in the spool worker's transactions, not the daemon's threads
     )
-    manager.record = store.record  # bookkeeping in the spool worker's transactions, not the daemon's threads
     return manager
 
 

@@ -257,14 +257,12 @@ def show_message(args: argparse.Namespace, now: float) -> int:
     except (EnvelopeError, OSError, StoreUnavailable) as error:
         print(printable(f"epost show: {queue_id}: {error}", join_lines=False), file=sys.stderr)
         return 1
+    sys.stdout.write("\n".join(envelope_lines(queue, envelope)) + ("\n" if content is None else "\n\n"))
+    sys.stdout.flush()
     if content is None:  # queued, but its large file is missing: the envelope, and say so
-        sys.stdout.write("\n".join(envelope_lines(queue, envelope)) + "\n")
-        sys.stdout.flush()
         print(printable(f"epost show: {lost_content(spool, queue_id)}", join_lines=False), file=sys.stderr)
         return 1
     try:
-        sys.stdout.write("\n".join(envelope_lines(queue, envelope)) + "\n\n")
-        sys.stdout.flush()
         for chunk in content.chunks():
             sys.stdout.buffer.write(chunk)
         sys.stdout.buffer.flush()

@@ -115,9 +115,10 @@ class DeliveryManager(Service):
         handle_signals: bool = False,
         delay_warning: float = 0,
         receivers: ReceiverSettings | None = None,
+        record: Callable[[Change], defer.Deferred] | None = None,
     ) -> None:
         self.spool = spool
-        self.record: Callable[[Change], defer.Deferred] = spool.record  # the daemon: the spool worker's (service.py)
+        self.record = record or spool.record  # the daemon passes the spool worker's (service.py)
         self.reactor = reactor
         self.pool = pool
         self.courier = courier
