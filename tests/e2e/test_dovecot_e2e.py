@@ -56,7 +56,7 @@ class Dovecot:
 
 
 @pytest.fixture
-def world():
+def world(request):
     """(daemon, dovecot): both on one spool in a folder `nobody` can traverse (tmp_path is root-only)."""
     folder = Path(tempfile.mkdtemp(prefix="epost-dovecot-"))
     os.chmod(folder, 0o711)
@@ -237,7 +237,7 @@ def lmtp_world(request):
     os.chmod(folder, 0o711)
     nobody = pwd.getpwnam("nobody")
     lmtp = free_port()
-    make = daemons(folder)
+    make = daemons(folder, request.node)
     started = []
     try:
         d = next(make)(toml=f'[delivery]\nlocal_transport = "lmtp:tcp:127.0.0.1:{lmtp}"\n', start=False)
